@@ -1,0 +1,20 @@
+//! Provenance for Kiln: tree hashing, securesystemslib canonical JSON, ed25519
+//! keys, in-toto v0.9 links and layouts, DSSE envelopes, and a verifier that
+//! implements the subset of `in-toto-verify` Kiln relies on.
+//!
+//! Pure library: no sandbox, no gRPC, no async runtime.
+#![forbid(unsafe_code)]
+
+pub mod cjson;
+pub mod dsse;
+mod error;
+pub mod fnmatch;
+pub mod hash;
+pub mod keys;
+pub mod layout;
+pub mod link;
+pub mod verify;
+
+pub use error::ProvenanceError;
+pub use keys::{PublicKey, SigningKey};
+pub use link::Link;
