@@ -1,0 +1,539 @@
+//! Code that runs inside the new namespaces: the sandbox's pid 1 (root filesystem, then
+//! reaper) and the step process (credentials, capabilities, no_new_privs, Landlock,
+//! seccomp, exec). Runs in a copy of the single-threaded supervisor, so allocating is fine;
+//! it never returns or unwinds into the supervisor's code: every path ends in `_exit`.
+
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::path::{Component, Path};
+
+use nix::errno::Errno;
+use nix::fcntl::{openat, OFlag};
+use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use nix::sys::stat::{fstat, mkdirat, Mode};
+use nix::sys::wait::{waitpid, WaitStatus};
+use nix::unistd::{ForkResult, Gid, Pid, Uid};
+
+use crate::landlock_rules;
+use crate::protocol::{self, Report};
+use crate::supervisor::{fail, Failure, OrLayer, Plan, Prepared};
+use crate::sys;
+
+/// Host device nodes bound into the sandbox's /dev (mknod is not allowed in a user namespace).
+pub(crate) const DEV_NODES: [&str; 6] = ["null", "zero", "full", "random", "urandom", "tty"];
+
+/// Where pid 1 assembles the new root before pivot_root. Any directory of the (private)
+/// mount namespace will do; everything mounted there comes from fds, not host paths.
+const STAGING: &str = "/tmp";
+
+/// Entry of the cloned child; never returns.
+pub(crate) fn sandbox_init(plan: &Plan, err: OwnedFd, sync: OwnedFd) -> ! {
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| pid1(plan, &err, sync)));
+    let code = match outcome {
+        Ok(Ok(report)) => {
+            let code = match report {
+                Report::Exited { code } => code,
+                Report::Signaled { signal } => 128 + signal,
+                _ => 1,
+            };
+            protocol::send(&err, &report);
+            code
+        }
+        Ok(Err(f)) => {
+            protocol::send(
+                &err,
+                &Report::Setup {
+                    layer: f.layer.to_string(),
+                    message: f.message,
+                },
+            );
+            1
+        }
+        Err(_) => {
+            protocol::send(
+                &err,
+                &Report::Setup {
+                    layer: "init".to_string(),
+                    message: "sandbox init panicked".to_string(),
+                },
+            );
+            1
+        }
+    };
+    sys::exit_now(code)
+}
+
+fn pid1(plan: &Plan, err: &OwnedFd, sync: OwnedFd) -> Result<Report, Failure> {
+    // The control pipe (0) and the status pipe (3) are the supervisor's alone: the step must
+    // neither see cancel requests nor forge an outcome.
+    for fd in [0, 3] {
+        let _ = nix::unistd::close(fd);
+    }
+    // Wait until the supervisor has written our id maps.
+    let mut byte = [0u8; 1];
+    loop {
+        match nix::unistd::read(sync.as_fd(), &mut byte) {
+            Err(Errno::EINTR) => continue,
+            Ok(1) => break,
+            _ => return Err(fail("uid-map", "supervisor did not release the sandbox")),
+        }
+    }
+    drop(sync);
+    // Until now our ids are the host's root ids; become sandbox root (host_uid_base).
+    let root_g = Gid::from_raw(0);
+    let root_u = Uid::from_raw(0);
+    nix::unistd::setresgid(root_g, root_g, root_g).layer("uid-map", "setresgid to sandbox root")?;
+    nix::unistd::setresuid(root_u, root_u, root_u).layer("uid-map", "setresuid to sandbox root")?;
+
+    build_root(plan)?;
+    nix::unistd::sethostname(&plan.spec.hostname).layer("uts", "sethostname")?;
+    // Nobody in the sandbox may ptrace pid 1 or read its memory.
+    nix::sys::prctl::set_dumpable(false).layer("credentials", "PR_SET_DUMPABLE")?;
+
+    let step = match sys::fork().layer("exec", "fork of the step process")? {
+        ForkResult::Child => {
+            let f = match step(plan, err) {
+                Err(f) => f,
+                Ok(never) => match never {},
+            };
+            protocol::send(
+                err,
+                &Report::Setup {
+                    layer: f.layer.to_string(),
+                    message: f.message,
+                },
+            );
+            sys::exit_now(126)
+        }
+        ForkResult::Parent { child } => child,
+    };
+    // pid 1 keeps only the report pipe: no tree fds, no stdio of the step.
+    let e = u32::try_from(err.as_raw_fd()).unwrap_or(u32::MAX);
+    if e > 0 {
+        let _ = sys::close_range(0, e - 1);
+    }
+    let _ = sys::close_range(e.saturating_add(1), u32::MAX);
+    reap_until(step)
+}
+
+/// Reaps every orphan of the namespace until the step itself exits.
+fn reap_until(step: Pid) -> Result<Report, Failure> {
+    loop {
+        match waitpid(None::<Pid>, None) {
+            Ok(WaitStatus::Exited(pid, code)) if pid == step => return Ok(Report::Exited { code }),
+            Ok(WaitStatus::Signaled(pid, sig, _)) if pid == step => {
+                return Ok(Report::Signaled { signal: sig as i32 })
+            }
+            Ok(_) | Err(Errno::EINTR) => continue,
+            Err(e) => return Err(fail("init", format!("waiting for the step: {e}"))),
+        }
+    }
+}
+
+/// Opens (creating as needed) each directory of `rel` below `dir`, never following a symlink,
+/// so no root entry can redirect a later mount outside the new root.
+fn walk_dirs(dir: &OwnedFd, rel: &[&std::ffi::OsStr]) -> Result<OwnedFd, Errno> {
+    let mut cur = nix::unistd::dup(dir)?;
+    for c in rel {
+        match mkdirat(cur.as_fd(), *c, Mode::from_bits_truncate(0o755)) {
+            Ok(()) | Err(Errno::EEXIST) => {}
+            Err(e) => return Err(e),
+        }
+        cur = openat(
+            cur.as_fd(),
+            *c,
+            OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )?;
+    }
+    Ok(cur)
+}
+
+fn components(p: &Path) -> Vec<&std::ffi::OsStr> {
+    p.components()
+        .filter_map(|c| match c {
+            Component::Normal(s) => Some(s),
+            _ => None,
+        })
+        .collect()
+}
+
+enum Leaf<'a> {
+    Dir,
+    File,
+    Symlink(&'a Path),
+}
+
+/// Creates `path` (absolute in the sandbox) below `root`; returns an O_PATH fd of it
+/// (None for a symlink).
+fn create(root: &OwnedFd, path: &Path, leaf: Leaf<'_>) -> Result<Option<OwnedFd>, Errno> {
+    let comps = components(path);
+    let Some((last, parents)) = comps.split_last() else {
+        return Err(Errno::EINVAL);
+    };
+    let parent = walk_dirs(root, parents)?;
+    let path_flags = OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+    match leaf {
+        Leaf::Dir => {
+            match mkdirat(parent.as_fd(), *last, Mode::from_bits_truncate(0o755)) {
+                Ok(()) | Err(Errno::EEXIST) => {}
+                Err(e) => return Err(e),
+            }
+            openat(
+                parent.as_fd(),
+                *last,
+                path_flags | OFlag::O_DIRECTORY,
+                Mode::empty(),
+            )
+            .map(Some)
+        }
+        Leaf::File => {
+            match openat(
+                parent.as_fd(),
+                *last,
+                OFlag::O_CREAT | OFlag::O_WRONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+                Mode::from_bits_truncate(0o644),
+            ) {
+                // Read-only (e.g. inside an earlier bind): it must already exist.
+                Ok(_) | Err(Errno::EROFS) | Err(Errno::EEXIST) => {}
+                Err(e) => return Err(e),
+            }
+            openat(parent.as_fd(), *last, path_flags, Mode::empty()).map(Some)
+        }
+        Leaf::Symlink(to) => {
+            nix::unistd::symlinkat(to, parent.as_fd(), *last)?;
+            Ok(None)
+        }
+    }
+}
+
+fn mount_fs(fstype: &str, target: &str, flags: MsFlags, data: &str) -> Result<(), Errno> {
+    mount(Some(fstype), target, Some(fstype), flags, Some(data))
+}
+
+/// Steps 5-8 of DESIGN.md "Order of setup": private propagation, the new root, pivot_root,
+/// the workspace as cwd.
+fn build_root(plan: &Plan) -> Result<(), Failure> {
+    let spec = &plan.spec;
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .layer("mount", "making mount propagation private")?;
+    mount_fs(
+        "tmpfs",
+        STAGING,
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        "size=1m,mode=0755",
+    )
+    .layer("mount", "mounting the root skeleton")?;
+    // Relative paths below resolve inside the skeleton from here on.
+    nix::unistd::chdir(STAGING).layer("mount", "entering the root skeleton")?;
+    let root = openat(
+        nix::fcntl::AT_FDCWD,
+        ".",
+        OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .layer("mount", "opening the root skeleton")?;
+
+    for entry in &plan.entries {
+        match entry {
+            Prepared::Bind {
+                target,
+                tree,
+                is_dir,
+            } => {
+                let what = format!("bind at {}", target.display());
+                let leaf = if *is_dir { Leaf::Dir } else { Leaf::File };
+                let point = create(&root, target, leaf).layer("mount", &what)?;
+                let point =
+                    point.ok_or_else(|| fail("mount", format!("{what}: no mount point")))?;
+                sys::move_mount(tree.as_fd(), point.as_fd()).layer("mount", &what)?;
+            }
+            Prepared::Symlink { path, points_to } => {
+                create(&root, path, Leaf::Symlink(points_to))
+                    .layer("mount", &format!("symlink {}", path.display()))?;
+            }
+            Prepared::Dir { path } => {
+                create(&root, path, Leaf::Dir)
+                    .layer("mount", &format!("directory {}", path.display()))?;
+            }
+        }
+    }
+
+    let ws = create(&root, Path::new("/workspace"), Leaf::Dir)
+        .layer("workspace", "creating /workspace")?
+        .ok_or_else(|| fail("workspace", "no mount point"))?;
+    sys::move_mount(plan.workspace.as_fd(), ws.as_fd())
+        .layer("workspace", "mounting the workspace")?;
+
+    create(&root, Path::new("/proc"), Leaf::Dir).layer("proc", "creating /proc")?;
+    mount_fs(
+        "proc",
+        "proc",
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        "",
+    )
+    .layer("proc", "mounting proc")?;
+
+    build_dev(plan, &root)?;
+
+    create(&root, Path::new("/tmp"), Leaf::Dir).layer("mount", "creating /tmp")?;
+    mount_fs(
+        "tmpfs",
+        "tmp",
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        &format!("mode=1777,size={}", spec.tmp_size_bytes),
+    )
+    .layer("mount", "mounting /tmp")?;
+
+    mount(
+        None::<&str>,
+        ".",
+        None::<&str>,
+        MsFlags::MS_REMOUNT
+            | MsFlags::MS_BIND
+            | MsFlags::MS_RDONLY
+            | MsFlags::MS_NOSUID
+            | MsFlags::MS_NODEV,
+        None::<&str>,
+    )
+    .layer("mount", "remounting the root read-only")?;
+
+    // pivot_root(".", ".") stacks the old root on top of the new one; detaching it leaves
+    // only the new root (never a bare chroot, which can be escaped).
+    nix::unistd::pivot_root(".", ".").layer("pivot-root", "pivot_root")?;
+    umount2(".", MntFlags::MNT_DETACH).layer("pivot-root", "detaching the old root")?;
+    nix::unistd::chdir("/").layer("pivot-root", "chdir /")?;
+
+    nix::unistd::chdir("/workspace").layer("workspace", "chdir /workspace")?;
+    let cwd = nix::unistd::getcwd().layer("workspace", "getcwd")?;
+    let here = fstat(
+        openat(
+            nix::fcntl::AT_FDCWD,
+            ".",
+            OFlag::O_PATH | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )
+        .layer("workspace", "opening cwd")?
+        .as_fd(),
+    )
+    .layer("workspace", "stat cwd")?;
+    if cwd != Path::new("/workspace") || (here.st_dev, here.st_ino) != plan.workspace_id {
+        return Err(fail(
+            "workspace",
+            format!(
+                "cwd {} is not the workspace inside the new root",
+                cwd.display()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn build_dev(plan: &Plan, root: &OwnedFd) -> Result<(), Failure> {
+    create(root, Path::new("/dev"), Leaf::Dir).layer("dev", "creating /dev")?;
+    mount_fs(
+        "tmpfs",
+        "dev",
+        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        "mode=0755,size=64k",
+    )
+    .layer("dev", "mounting /dev")?;
+    let dev = openat(
+        root.as_fd(),
+        "dev",
+        OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .layer("dev", "opening /dev")?;
+    for (name, tree) in &plan.dev_nodes {
+        let point = create(&dev, Path::new("/").join(name).as_path(), Leaf::File)
+            .layer("dev", &format!("creating /dev/{name}"))?
+            .ok_or_else(|| fail("dev", "no mount point"))?;
+        sys::move_mount(tree.as_fd(), point.as_fd())
+            .layer("dev", &format!("binding /dev/{name}"))?;
+    }
+    create(&dev, Path::new("/pts"), Leaf::Dir).layer("dev", "creating /dev/pts")?;
+    mount_fs(
+        "devpts",
+        "dev/pts",
+        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        "newinstance,ptmxmode=0666,mode=0620",
+    )
+    .layer("dev", "mounting /dev/pts")?;
+    create(&dev, Path::new("/shm"), Leaf::Dir).layer("dev", "creating /dev/shm")?;
+    mount_fs(
+        "tmpfs",
+        "dev/shm",
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        &format!("mode=1777,size={}", plan.spec.tmp_size_bytes),
+    )
+    .layer("dev", "mounting /dev/shm")?;
+    for (link, to) in [
+        ("/ptmx", "pts/ptmx"),
+        ("/fd", "/proc/self/fd"),
+        ("/stdin", "/proc/self/fd/0"),
+        ("/stdout", "/proc/self/fd/1"),
+        ("/stderr", "/proc/self/fd/2"),
+    ] {
+        create(&dev, Path::new(link), Leaf::Symlink(Path::new(to)))
+            .layer("dev", &format!("symlink /dev{link}"))?;
+    }
+    mount(
+        None::<&str>,
+        "dev",
+        None::<&str>,
+        MsFlags::MS_REMOUNT
+            | MsFlags::MS_BIND
+            | MsFlags::MS_RDONLY
+            | MsFlags::MS_NOSUID
+            | MsFlags::MS_NOEXEC,
+        None::<&str>,
+    )
+    .layer("dev", "remounting /dev read-only")?;
+    Ok(())
+}
+
+/// Steps 9-15 of DESIGN.md "Order of setup", then exec. Returns only on failure.
+fn step(plan: &Plan, err: &OwnedFd) -> Result<std::convert::Infallible, Failure> {
+    let spec = &plan.spec;
+    let id = spec.step_uid;
+    let (uid, gid) = (Uid::from_raw(id), Gid::from_raw(id));
+
+    // 9. credentials. Keep the permitted set across the uid change so step 11 can still drop
+    // the bounding set (that needs CAP_SETPCAP); everything is cleared there.
+    nix::sys::prctl::set_keepcaps(true).layer("credentials", "PR_SET_KEEPCAPS")?;
+    // setgroups(2) is denied in this user namespace (setgroups=deny); the supervisor cleared
+    // the list before clone, so check it is empty rather than trusting it.
+    let groups = nix::unistd::getgroups().layer("credentials", "getgroups")?;
+    if !groups.is_empty() {
+        return Err(fail(
+            "credentials",
+            format!("supplementary groups present: {groups:?}"),
+        ));
+    }
+    nix::unistd::setresgid(gid, gid, gid).layer("credentials", "setresgid")?;
+    nix::unistd::setresuid(uid, uid, uid).layer("credentials", "setresuid")?;
+
+    // 10. only stdio and the error pipe survive; stdin is /dev/null.
+    let e = u32::try_from(err.as_raw_fd()).unwrap_or(u32::MAX);
+    if e > 3 {
+        sys::close_range(3, e - 1).layer("fds", "close_range")?;
+    }
+    sys::close_range(e.saturating_add(1), u32::MAX).layer("fds", "close_range")?;
+    let null = nix::fcntl::open("/dev/null", OFlag::O_RDONLY, Mode::empty())
+        .layer("fds", "opening /dev/null")?;
+    if null.as_raw_fd() != 0 {
+        nix::unistd::dup2_stdin(&null).layer("fds", "stdin = /dev/null")?;
+    } else {
+        // It already is fd 0: keep it open past this scope.
+        std::mem::forget(null);
+    }
+
+    // 11. capabilities: bounding set first (needs CAP_SETPCAP), then the other sets.
+    drop_capabilities(plan.cap_last)?;
+
+    // 12.
+    nix::sys::prctl::set_no_new_privs().layer("no-new-privs", "PR_SET_NO_NEW_PRIVS")?;
+
+    // 13. Landlock after the last mount.
+    landlock_rules::enforce(plan.landlock_abi).map_err(|m| fail("landlock", m))?;
+
+    // 14. after the last credential change; and pid 1 must still be there to reap us.
+    nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
+        .layer("credentials", "PR_SET_PDEATHSIG")?;
+    if nix::unistd::getppid() != Pid::from_raw(1) {
+        return Err(fail("credentials", "sandbox init died during setup"));
+    }
+    let no_core = nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_CORE, 0, 0);
+    no_core.layer("credentials", "RLIMIT_CORE")?;
+
+    // A clean start: default signal actions (the supervisor ignores SIGPIPE, which execve
+    // would pass on) and a fixed umask, so builds do not depend on the daemon's.
+    sys::reset_signals().layer("exec", "resetting signal dispositions")?;
+    nix::sys::stat::umask(Mode::from_bits_truncate(0o022));
+
+    // 15. seccomp last, then exec.
+    seccompiler::apply_filter(&plan.seccomp).layer("seccomp", "installing the filter")?;
+    exec(plan, err)
+}
+
+fn drop_capabilities(cap_last: u32) -> Result<(), Failure> {
+    use caps::{CapSet, Capability};
+    caps::raise(None, CapSet::Effective, Capability::CAP_SETPCAP).layer(
+        "capabilities",
+        "raising CAP_SETPCAP to drop the bounding set",
+    )?;
+    for cap in 0..=cap_last {
+        sys::capbset_drop(cap).layer(
+            "capabilities",
+            &format!("dropping capability {cap} from the bounding set"),
+        )?;
+    }
+    for cap in 0..64u32 {
+        match sys::capbset_read(cap) {
+            Ok(false) | Err(Errno::EINVAL) => {}
+            Ok(true) => {
+                return Err(fail(
+                    "capabilities",
+                    format!("capability {cap} still in the bounding set"),
+                ))
+            }
+            Err(e) => {
+                return Err(fail(
+                    "capabilities",
+                    format!("reading the bounding set: {e}"),
+                ))
+            }
+        }
+    }
+    sys::ambient_clear_all().layer("capabilities", "clearing the ambient set")?;
+    for set in [CapSet::Inheritable, CapSet::Effective, CapSet::Permitted] {
+        caps::clear(None, set).layer("capabilities", &format!("clearing {set:?}"))?;
+        let left = caps::read(None, set).layer("capabilities", &format!("reading {set:?}"))?;
+        if !left.is_empty() {
+            return Err(fail("capabilities", format!("{set:?} not empty: {left:?}")));
+        }
+    }
+    nix::sys::prctl::set_keepcaps(false).layer("capabilities", "PR_SET_KEEPCAPS off")?;
+    Ok(())
+}
+
+/// execve each candidate like execvp: go on past ENOENT/ENOTDIR/EACCES, report the most
+/// telling error (EACCES over ENOENT) when none works.
+fn exec(plan: &Plan, err: &OwnedFd) -> Result<std::convert::Infallible, Failure> {
+    let mut saw_eacces = false;
+    let mut last = Errno::ENOENT;
+    for path in &plan.exec_candidates {
+        let Err(e) = nix::unistd::execve(path.as_c_str(), &plan.argv, &plan.env);
+        last = e;
+        match e {
+            Errno::EACCES => saw_eacces = true,
+            Errno::ENOENT | Errno::ENOTDIR | Errno::ELOOP | Errno::ENAMETOOLONG => {}
+            _ => break,
+        }
+    }
+    let errno = if saw_eacces && last == Errno::ENOENT {
+        Errno::EACCES
+    } else {
+        last
+    };
+    let arg0 = plan
+        .spec
+        .argv
+        .first()
+        .map(String::as_str)
+        .unwrap_or_default();
+    protocol::send(
+        err,
+        &Report::Exec {
+            errno: errno as i32,
+            message: format!("{arg0}: {}", errno.desc()),
+        },
+    );
+    sys::exit_now(127)
+}

@@ -1,0 +1,559 @@
+//! Linux isolation for one Kiln build step.
+//!
+//! The multi-threaded daemon never sets up namespaces itself: [`Sandbox::spawn`] re-executes
+//! the Kiln binary (which calls [`init_main`] when its argv[1] is [`INIT_ARG`]). That fresh,
+//! single-threaded process (the *supervisor*) stays in the host namespaces, reads the
+//! [`StepSpec`] from its stdin (the control pipe), prepares every fd and the seccomp program,
+//! clones the sandbox's pid 1 into new user/mount/pid/net/ipc/uts/cgroup namespaces, enforces
+//! the timeout and cancellation, and reports one [`StepOutcome`] as JSON on fd 3.
+//!
+//! Layers are never skipped: a layer that cannot be set up makes the step `SetupFailed`
+//! naming the layer.
+
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::{Component, Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::{Arc, Mutex};
+
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+mod child;
+mod landlock_rules;
+mod protocol;
+pub mod seccomp;
+mod supervisor;
+mod sys;
+
+/// argv[1] of the re-executed Kiln binary that runs the sandbox supervisor.
+pub const INIT_ARG: &str = "__kiln-sandbox-init";
+
+/// Everything the sandbox needs to run one step.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StepSpec {
+    pub argv: Vec<String>,
+    /// The step's complete environment.
+    pub env: Vec<(String, String)>,
+    /// Composes the read-only root filesystem, applied in order.
+    pub root: Vec<RootEntry>,
+    /// Host directory, bound read-write at /workspace, the cwd.
+    pub workspace: PathBuf,
+    /// First host uid (and gid) of this sandbox's id range.
+    pub host_uid_base: u32,
+    /// Size of the range, e.g. 65536.
+    pub id_range: u32,
+    /// uid = gid inside the sandbox the step runs as, e.g. 1000.
+    pub step_uid: u32,
+    pub timeout_ms: u64,
+    pub hostname: String,
+    pub tmp_size_bytes: u64,
+}
+
+/// One element of the sandbox's root filesystem.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum RootEntry {
+    /// read-only, nosuid, nodev bind of a host path (file or dir) at an absolute path in the sandbox
+    Bind { source: PathBuf, target: PathBuf },
+    /// a symlink at `path` in the sandbox pointing to `points_to`
+    Symlink { path: PathBuf, points_to: PathBuf },
+    /// an empty directory
+    Dir { path: PathBuf },
+}
+
+/// Errors of the daemon-side API.
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    #[error("invalid step spec: {0}")]
+    InvalidSpec(String),
+    #[error("host cannot provide sandbox layer {layer}: {reason}")]
+    Unsupported { layer: String, reason: String },
+    #[error("seccomp policy: {0}")]
+    Seccomp(String),
+    #[error("starting the sandbox supervisor {exe}: {source}")]
+    Spawn {
+        exe: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("sandbox supervisor: {0}")]
+    Supervisor(String),
+    #[error("I/O with the sandbox supervisor: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("encoding the step spec: {0}")]
+    Json(#[from] serde_json::Error),
+}
+
+/// What the host offers, as found by [`Sandbox::probe`].
+#[derive(Debug, Clone, Serialize)]
+pub struct HostSupport {
+    /// Landlock ABI version of the running kernel (>= 1).
+    pub landlock_abi: i32,
+    /// Namespaces created together in one clone (probed for real).
+    pub namespaces: Vec<String>,
+    /// seccomp return actions the kernel offers.
+    pub seccomp_actions: Vec<String>,
+    /// `uname -r`.
+    pub kernel_release: String,
+}
+
+/// How a step ended.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StepOutcome {
+    pub status: StepStatus,
+    pub duration_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum StepStatus {
+    Exited {
+        code: i32,
+    },
+    Signaled {
+        signal: i32,
+    },
+    TimedOut,
+    Cancelled,
+    /// The runner maps ENOENT -> 127, else 126.
+    ExecFailed {
+        errno: i32,
+        message: String,
+    },
+    SetupFailed {
+        layer: String,
+        message: String,
+    },
+}
+
+/// The namespaces of a sandbox, created in one clone.
+pub(crate) const NAMESPACES: [(&str, libc::c_int); 7] = [
+    ("user", libc::CLONE_NEWUSER),
+    ("mount", libc::CLONE_NEWNS),
+    ("pid", libc::CLONE_NEWPID),
+    ("net", libc::CLONE_NEWNET),
+    ("ipc", libc::CLONE_NEWIPC),
+    ("uts", libc::CLONE_NEWUTS),
+    ("cgroup", libc::CLONE_NEWCGROUP),
+];
+
+pub(crate) fn namespace_flags() -> libc::c_int {
+    NAMESPACES.iter().fold(0, |acc, (_, f)| acc | f)
+}
+
+/// Paths the sandbox itself mounts; root entries must stay clear of them.
+pub(crate) const RESERVED: [&str; 4] = ["/proc", "/dev", "/tmp", "/workspace"];
+
+/// Starts sandboxed steps by re-executing the Kiln binary as the supervisor.
+#[derive(Debug, Clone)]
+pub struct Sandbox {
+    init_exe: PathBuf,
+}
+
+impl Sandbox {
+    pub fn new(init_exe: PathBuf) -> Self {
+        Self { init_exe }
+    }
+
+    /// Checks the host can set up every layer (user namespaces, seccomp, Landlock ABI);
+    /// the error names the missing layer.
+    pub fn probe() -> Result<HostSupport, SandboxError> {
+        let unsupported = |layer: &str, reason: String| SandboxError::Unsupported {
+            layer: layer.to_string(),
+            reason,
+        };
+        sys::probe_namespaces(namespace_flags()).map_err(|e| {
+            unsupported(
+                "user-namespace",
+                format!(
+                    "clone with user, mount, pid, net, ipc, uts and cgroup namespaces failed: {e}"
+                ),
+            )
+        })?;
+        let actions = std::fs::read_to_string("/proc/sys/kernel/seccomp/actions_avail")
+            .map_err(|e| unsupported("seccomp", format!("seccomp filters unavailable: {e}")))?;
+        let seccomp_actions: Vec<String> = actions.split_whitespace().map(String::from).collect();
+        for needed in ["allow", "errno", "kill_process"] {
+            if !seccomp_actions.iter().any(|a| a == needed) {
+                return Err(unsupported(
+                    "seccomp",
+                    format!("kernel lacks seccomp action {needed}"),
+                ));
+            }
+        }
+        seccomp::compile()?;
+        let landlock_abi = sys::landlock_abi_version();
+        if landlock_abi < 1 {
+            return Err(unsupported(
+                "landlock",
+                "the kernel does not support Landlock or it is not enabled (lsm=)".to_string(),
+            ));
+        }
+        sys::open_tree(None, c"/", 0).map_err(|e| {
+            unsupported(
+                "mount",
+                format!("new mount API (open_tree) unavailable: {e}"),
+            )
+        })?;
+        let kernel_release = nix::sys::utsname::uname()
+            .map(|u| u.release().to_string_lossy().into_owned())
+            .unwrap_or_default();
+        Ok(HostSupport {
+            landlock_abi,
+            namespaces: NAMESPACES.iter().map(|(n, _)| n.to_string()).collect(),
+            seccomp_actions,
+            kernel_release,
+        })
+    }
+
+    /// Starts the step; returns once the supervisor has the spec.
+    pub fn spawn(&self, spec: &StepSpec) -> Result<RunningStep, SandboxError> {
+        validate(spec)?;
+        let mut payload = serde_json::to_vec(spec)?;
+        payload.push(b'\n');
+
+        let cloexec = nix::fcntl::OFlag::O_CLOEXEC;
+        let (out_r, out_w) = nix::unistd::pipe2(cloexec).map_err(std::io::Error::from)?;
+        let (err_r, err_w) = nix::unistd::pipe2(cloexec).map_err(std::io::Error::from)?;
+        let (status_r, status_w_low) = nix::unistd::pipe2(cloexec).map_err(std::io::Error::from)?;
+        // Above 9 so that the dup2 to 3 in the child never hits stdio or 3 itself.
+        let status_w = sys::dup_cloexec_above(&status_w_low, 10).map_err(std::io::Error::from)?;
+        drop(status_w_low);
+
+        let mut cmd = Command::new(&self.init_exe);
+        cmd.arg(INIT_ARG)
+            .env_clear()
+            .stdin(Stdio::piped())
+            .stdout(Stdio::from(out_w))
+            .stderr(Stdio::from(err_w));
+        sys::pass_as_fd3(&mut cmd, status_w.as_raw_fd());
+        let spawned = cmd.spawn();
+        // The Command holds our copies of the pipes' write ends: close them now so the
+        // readers see EOF when the sandbox is gone.
+        drop(cmd);
+        drop(status_w);
+        let mut child = spawned.map_err(|source| SandboxError::Spawn {
+            exe: self.init_exe.clone(),
+            source,
+        })?;
+        let Some(mut control) = child.stdin.take() else {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(SandboxError::Supervisor("no control pipe".to_string()));
+        };
+        if let Err(e) = control.write_all(&payload) {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(SandboxError::Supervisor(format!(
+                "writing the step spec: {e}"
+            )));
+        }
+        Ok(RunningStep {
+            child: Some(child),
+            control: Arc::new(Mutex::new(Some(control))),
+            stdout: Some(out_r),
+            stderr: Some(err_r),
+            status: Some(status_r),
+        })
+    }
+}
+
+/// A started step.
+pub struct RunningStep {
+    child: Option<Child>,
+    control: Arc<Mutex<Option<ChildStdin>>>,
+    stdout: Option<OwnedFd>,
+    stderr: Option<OwnedFd>,
+    status: Option<OwnedFd>,
+}
+
+impl std::fmt::Debug for RunningStep {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RunningStep")
+            .field("supervisor_pid", &self.child.as_ref().map(Child::id))
+            .finish_non_exhaustive()
+    }
+}
+
+/// Cancels a running step from any thread: kills every process of the sandbox.
+#[derive(Clone)]
+pub struct Canceller {
+    control: Arc<Mutex<Option<ChildStdin>>>,
+}
+
+impl std::fmt::Debug for Canceller {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Canceller").finish_non_exhaustive()
+    }
+}
+
+fn cancel_control(control: &Mutex<Option<ChildStdin>>) {
+    // A poisoned lock still holds a usable pipe; cancelling must always work.
+    let mut guard = match control.lock() {
+        Ok(g) => g,
+        Err(poisoned) => poisoned.into_inner(),
+    };
+    if let Some(mut pipe) = guard.take() {
+        // Any byte, or EOF when the pipe is dropped right after, means "cancel".
+        let _ = pipe.write_all(b"c");
+    }
+}
+
+impl Canceller {
+    pub fn cancel(&self) {
+        cancel_control(&self.control);
+    }
+}
+
+impl RunningStep {
+    pub fn take_stdout(&mut self) -> Option<OwnedFd> {
+        self.stdout.take()
+    }
+
+    pub fn take_stderr(&mut self) -> Option<OwnedFd> {
+        self.stderr.take()
+    }
+
+    /// A handle the caller can clone to another thread to cancel the step (kills every
+    /// process of the sandbox).
+    pub fn canceller(&self) -> Canceller {
+        Canceller {
+            control: Arc::clone(&self.control),
+        }
+    }
+
+    /// The supervisor's pid (for logs and tests).
+    pub fn supervisor_pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Blocks until the supervisor reports.
+    pub fn wait(mut self) -> Result<StepOutcome, SandboxError> {
+        let mut report = Vec::new();
+        if let Some(status) = self.status.take() {
+            std::fs::File::from(status).read_to_end(&mut report)?;
+        }
+        let Some(mut child) = self.child.take() else {
+            return Err(SandboxError::Supervisor("already waited".to_string()));
+        };
+        let exit = child.wait()?;
+        // The supervisor is gone; closing the control pipe now cancels nothing.
+        drop(self.control.lock().map(|mut g| g.take()));
+        if report.is_empty() {
+            return Err(SandboxError::Supervisor(format!(
+                "exited ({exit}) without reporting an outcome"
+            )));
+        }
+        serde_json::from_slice(&report).map_err(|e| {
+            SandboxError::Supervisor(format!("unreadable outcome report ({exit}): {e}"))
+        })
+    }
+}
+
+impl Drop for RunningStep {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // Dropped without wait: cancel, and reap the supervisor off-thread so no zombie
+            // stays behind and the caller is not blocked.
+            cancel_control(&self.control);
+            if !matches!(child.try_wait(), Ok(Some(_))) {
+                let _ = std::thread::Builder::new()
+                    .name("kiln-sandbox-reap".to_string())
+                    .spawn(move || {
+                        let _ = child.wait();
+                    });
+            }
+        }
+    }
+}
+
+/// Entry point of the re-executed init; never returns.
+pub fn init_main() -> ! {
+    let code = supervisor::run();
+    std::process::exit(code)
+}
+
+fn invalid(msg: impl Into<String>) -> SandboxError {
+    SandboxError::InvalidSpec(msg.into())
+}
+
+/// An absolute path made only of normal components (no `.`, `..`, `//` tricks).
+fn check_sandbox_path(what: &str, p: &Path) -> Result<(), SandboxError> {
+    let s = p.as_os_str().as_encoded_bytes();
+    if !p.is_absolute() || s.contains(&0) {
+        return Err(invalid(format!(
+            "{what} {} must be an absolute path",
+            p.display()
+        )));
+    }
+    let normal = p
+        .components()
+        .skip(1)
+        .all(|c| matches!(c, Component::Normal(_)));
+    let clean = PathBuf::from("/").join(p.components().skip(1).collect::<PathBuf>());
+    if !normal || clean.as_os_str() != p.as_os_str() {
+        return Err(invalid(format!(
+            "{what} {} must be normalised (no '.', '..', repeated or trailing '/')",
+            p.display()
+        )));
+    }
+    Ok(())
+}
+
+fn under_reserved(p: &Path) -> Option<&'static str> {
+    RESERVED.iter().copied().find(|r| p.starts_with(r))
+}
+
+/// Checks a spec before anything is started; the supervisor checks again.
+pub fn validate(spec: &StepSpec) -> Result<(), SandboxError> {
+    if spec.argv.is_empty() || spec.argv[0].is_empty() {
+        return Err(invalid("argv must not be empty"));
+    }
+    if spec.argv.iter().any(|a| a.contains('\0')) {
+        return Err(invalid("argv must not contain NUL bytes"));
+    }
+    for (k, v) in &spec.env {
+        if k.is_empty() || k.contains('=') || k.contains('\0') || v.contains('\0') {
+            return Err(invalid(format!(
+                "bad environment variable name or value: {k:?}"
+            )));
+        }
+    }
+    for entry in &spec.root {
+        let (what, target) = match entry {
+            RootEntry::Bind { source, target } => {
+                if !source.is_absolute() || source.as_os_str().as_encoded_bytes().contains(&0) {
+                    return Err(invalid(format!(
+                        "bind source {} must be an absolute path",
+                        source.display()
+                    )));
+                }
+                ("bind target", target)
+            }
+            RootEntry::Symlink { path, points_to } => {
+                if points_to.as_os_str().is_empty()
+                    || points_to.as_os_str().as_encoded_bytes().contains(&0)
+                {
+                    return Err(invalid(format!(
+                        "bad symlink target for {}",
+                        path.display()
+                    )));
+                }
+                ("symlink path", path)
+            }
+            RootEntry::Dir { path } => ("directory", path),
+        };
+        check_sandbox_path(what, target)?;
+        if target == Path::new("/") {
+            return Err(invalid(format!(
+                "{what} / is not supported: the root is a read-only skeleton; bind the image's top-level directories"
+            )));
+        }
+        if let Some(r) = under_reserved(target) {
+            return Err(invalid(format!(
+                "{what} {} is inside {r}, which the sandbox provides itself",
+                target.display()
+            )));
+        }
+    }
+    if !spec.workspace.is_absolute() {
+        return Err(invalid("workspace must be an absolute host path"));
+    }
+    if spec.host_uid_base == 0 {
+        return Err(invalid(
+            "host_uid_base must not be 0: host root is never mapped",
+        ));
+    }
+    if spec.id_range == 0 || spec.host_uid_base.checked_add(spec.id_range).is_none() {
+        return Err(invalid("id range is empty or overflows"));
+    }
+    if spec.step_uid == 0 || spec.step_uid >= spec.id_range {
+        return Err(invalid(
+            "step_uid must be non-zero (pid 1 runs as 0) and inside the id range",
+        ));
+    }
+    if spec.timeout_ms == 0 {
+        return Err(invalid("timeout_ms must be positive"));
+    }
+    if spec.tmp_size_bytes == 0 {
+        return Err(invalid("tmp_size_bytes must be positive"));
+    }
+    if spec.hostname.is_empty() || spec.hostname.len() > 64 || spec.hostname.contains('\0') {
+        return Err(invalid("hostname must be 1 to 64 bytes"));
+    }
+    Ok(())
+}
+
+/// A canonical JSON description of the isolation applied to a step with this spec
+/// (namespaces, mounts, seccomp policy, Landlock ABI and rules, ids, timeout), to be hashed
+/// into the profile digest recorded in provenance. Object keys are sorted (serde_json's
+/// default map). The host path of the workspace is left out: it differs per job while the
+/// isolation does not.
+pub fn profile(spec: &StepSpec, host: &HostSupport) -> Value {
+    let ro = ["ro", "nosuid", "nodev"];
+    let root: Vec<Value> = spec
+        .root
+        .iter()
+        .map(|e| match e {
+            RootEntry::Bind { source, target } => json!({"bind": {
+                "source": source, "target": target, "recursive": true, "flags": ro}}),
+            RootEntry::Symlink { path, points_to } => {
+                json!({"symlink": {"path": path, "points_to": points_to}})
+            }
+            RootEntry::Dir { path } => json!({"dir": {"path": path}}),
+        })
+        .collect();
+    json!({
+        "profile_version": 1,
+        "namespaces": NAMESPACES.iter().map(|(n, _)| *n).collect::<Vec<_>>(),
+        "ids": {
+            "uid_map": [0, spec.host_uid_base, spec.id_range],
+            "gid_map": [0, spec.host_uid_base, spec.id_range],
+            "setgroups": "deny",
+            "supplementary_groups": [],
+            "init_uid": 0,
+            "step_uid": spec.step_uid,
+            "step_gid": spec.step_uid,
+        },
+        "filesystem": {
+            "root": {"fs": "tmpfs", "flags": ro, "pivot_root": true, "old_root": "detached"},
+            "entries": root,
+            "workspace": {"target": "/workspace", "flags": ["rw", "nosuid", "nodev"], "cwd": true},
+            "proc": {"target": "/proc", "fresh": true, "flags": ["nosuid", "nodev", "noexec"]},
+            "dev": {
+                "fs": "tmpfs", "flags": ["ro", "nosuid", "noexec"],
+                "host_nodes": child::DEV_NODES,
+                "pts": "devpts newinstance", "shm": {"fs": "tmpfs", "size_bytes": spec.tmp_size_bytes},
+            },
+            "tmp": {"fs": "tmpfs", "flags": ["nosuid", "nodev"], "mode": "1777", "size_bytes": spec.tmp_size_bytes},
+        },
+        "hostname": spec.hostname,
+        "capabilities": {"bounding": [], "permitted": [], "effective": [], "inheritable": [], "ambient": []},
+        "no_new_privs": true,
+        "landlock": landlock_rules::describe(host.landlock_abi),
+        "seccomp": seccomp::describe(),
+        "rlimits": {"core": 0},
+        "umask": "0022",
+        "signals": "default dispositions, none blocked",
+        "parent_death_signal": "SIGKILL",
+        "init": {"pid": 1, "dumpable": false, "kills_namespace_on_step_exit": true},
+        "timeout_ms": spec.timeout_ms,
+    })
+}
+
+/// The env value of `key` in a spec environment (last one wins, as in execve users).
+pub(crate) fn env_get<'a>(env: &'a [(String, String)], key: &str) -> Option<&'a str> {
+    env.iter()
+        .rev()
+        .find(|(k, _)| k == key)
+        .map(|(_, v)| v.as_str())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn canceller_is_send_sync_clone() {
+        fn is<T: Send + Sync + Clone>() {}
+        is::<Canceller>();
+    }
+}

@@ -1,0 +1,494 @@
+//! The supervisor: the re-executed, single-threaded Kiln process that stays in the host
+//! namespaces (out of the step's reach), prepares the sandbox, clones its pid 1, enforces the
+//! timeout and cancellation, and reports the outcome on fd 3.
+
+use std::ffi::CString;
+use std::io::Write;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use nix::errno::Errno;
+use nix::fcntl::OFlag;
+use nix::poll::{PollFd, PollFlags, PollTimeout};
+use nix::sys::signal::{kill, Signal};
+use nix::sys::stat::{fstat, SFlag};
+use nix::sys::wait::{waitpid, WaitStatus};
+use nix::unistd::Pid;
+use seccompiler::BpfProgram;
+
+use crate::child::{self, DEV_NODES};
+use crate::protocol::{self, Report};
+use crate::sys::{self, Cloned};
+use crate::{seccomp, RootEntry, StepOutcome, StepSpec, StepStatus};
+
+/// The largest spec accepted on the control pipe.
+const MAX_SPEC_BYTES: usize = 64 << 20;
+
+/// A failed setup step: the layer it belongs to and what happened.
+#[derive(Debug)]
+pub(crate) struct Failure {
+    pub layer: &'static str,
+    pub message: String,
+}
+
+pub(crate) fn fail(layer: &'static str, message: impl Into<String>) -> Failure {
+    Failure {
+        layer,
+        message: message.into(),
+    }
+}
+
+/// `.layer("mount", "what")?` turns any displayable error into a [`Failure`].
+pub(crate) trait OrLayer<T> {
+    fn layer(self, layer: &'static str, what: &str) -> Result<T, Failure>;
+}
+
+impl<T, E: std::fmt::Display> OrLayer<T> for Result<T, E> {
+    fn layer(self, layer: &'static str, what: &str) -> Result<T, Failure> {
+        self.map_err(|e| fail(layer, format!("{what}: {e}")))
+    }
+}
+
+/// A root entry with its host side already opened.
+pub(crate) enum Prepared {
+    /// A detached, read-only, nosuid, nodev copy of the source's mount tree.
+    Bind {
+        target: PathBuf,
+        tree: OwnedFd,
+        is_dir: bool,
+    },
+    Symlink {
+        path: PathBuf,
+        points_to: PathBuf,
+    },
+    Dir {
+        path: PathBuf,
+    },
+}
+
+/// Everything the sandbox needs, prepared before clone (as host root, with host paths).
+pub(crate) struct Plan {
+    pub spec: StepSpec,
+    pub entries: Vec<Prepared>,
+    pub workspace: OwnedFd,
+    pub workspace_id: (u64, u64),
+    pub dev_nodes: Vec<(&'static str, OwnedFd)>,
+    pub seccomp: BpfProgram,
+    pub landlock_abi: i32,
+    pub cap_last: u32,
+    pub argv: Vec<CString>,
+    pub env: Vec<CString>,
+    /// Paths execve tries in order (argv[0] resolved through the spec's PATH).
+    pub exec_candidates: Vec<CString>,
+}
+
+pub(crate) fn run() -> i32 {
+    // A panic message would land in the step's stderr log; the outcome report says enough.
+    std::panic::set_hook(Box::new(|_| {}));
+    let Some(status_pipe) = sys::take_inherited_fd(3) else {
+        return 2;
+    };
+    let outcome = match sys::take_inherited_fd(0) {
+        Some(control) => supervise(&control),
+        None => setup_failed(fail("spec", "no control pipe on stdin"), 0),
+    };
+    let mut report = match serde_json::to_vec(&outcome) {
+        Ok(r) => r,
+        Err(_) => return 3,
+    };
+    report.push(b'\n');
+    let mut f = std::fs::File::from(status_pipe);
+    if f.write_all(&report).is_err() {
+        return 4;
+    }
+    0
+}
+
+fn setup_failed(f: Failure, duration_ms: u64) -> StepOutcome {
+    StepOutcome {
+        status: StepStatus::SetupFailed {
+            layer: f.layer.to_string(),
+            message: f.message,
+        },
+        duration_ms,
+    }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Reads the spec line; `true` when more bytes followed it (a cancel already arrived).
+fn read_spec(control: &OwnedFd) -> Result<(StepSpec, bool), Failure> {
+    let mut buf = Vec::with_capacity(8192);
+    let mut chunk = [0u8; 16384];
+    loop {
+        let n = match nix::unistd::read(control.as_fd(), &mut chunk) {
+            Err(Errno::EINTR) => continue,
+            r => r.layer("spec", "reading the control pipe")?,
+        };
+        if n == 0 {
+            return Err(fail(
+                "spec",
+                "control pipe closed before the spec was complete",
+            ));
+        }
+        let start = buf.len();
+        buf.extend_from_slice(&chunk[..n]);
+        if let Some(pos) = buf[start..].iter().position(|b| *b == b'\n') {
+            let end = start + pos;
+            let extra = buf.len() > end + 1;
+            let spec =
+                serde_json::from_slice(&buf[..end]).layer("spec", "decoding the step spec")?;
+            return Ok((spec, extra));
+        }
+        if buf.len() > MAX_SPEC_BYTES {
+            return Err(fail("spec", "step spec too large"));
+        }
+    }
+}
+
+fn cstring(layer: &'static str, s: impl Into<Vec<u8>>) -> Result<CString, Failure> {
+    CString::new(s).layer(layer, "string with a NUL byte")
+}
+
+fn detached_tree(
+    layer: &'static str,
+    source: &std::path::Path,
+    recursive: bool,
+    set: u64,
+) -> Result<(OwnedFd, nix::sys::stat::FileStat), Failure> {
+    let path = cstring(layer, source.as_os_str().as_bytes())?;
+    let flags = sys::OPEN_TREE_CLONE | if recursive { sys::AT_RECURSIVE } else { 0 };
+    let what = format!("open_tree {}", source.display());
+    let tree = sys::open_tree(None, &path, flags).layer(layer, &what)?;
+    // Flags are only ever added, so the source mount's own restrictions (e.g. noexec) stay.
+    sys::mount_setattr(tree.as_fd(), set, 0, recursive)
+        .layer(layer, &format!("mount_setattr {}", source.display()))?;
+    let st = fstat(tree.as_fd()).layer(layer, &format!("stat {}", source.display()))?;
+    Ok((tree, st))
+}
+
+fn prepare(spec: StepSpec) -> Result<Plan, Failure> {
+    let seccomp = seccomp::compile().layer("seccomp", "compiling the policy")?;
+    let landlock_abi = sys::landlock_abi_version();
+    if landlock_abi < 1 {
+        return Err(fail(
+            "landlock",
+            "the kernel does not support Landlock or it is disabled",
+        ));
+    }
+    let cap_last = std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
+        .layer("capabilities", "reading cap_last_cap")?
+        .trim()
+        .parse::<u32>()
+        .layer("capabilities", "parsing cap_last_cap")?;
+
+    let ro = sys::MOUNT_ATTR_RDONLY | sys::MOUNT_ATTR_NOSUID | sys::MOUNT_ATTR_NODEV;
+    let mut entries = Vec::with_capacity(spec.root.len());
+    for e in &spec.root {
+        entries.push(match e {
+            RootEntry::Bind { source, target } => {
+                let (tree, st) = detached_tree("mount", source, true, ro)?;
+                let is_dir =
+                    SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT == SFlag::S_IFDIR;
+                Prepared::Bind {
+                    target: target.clone(),
+                    tree,
+                    is_dir,
+                }
+            }
+            RootEntry::Symlink { path, points_to } => Prepared::Symlink {
+                path: path.clone(),
+                points_to: points_to.clone(),
+            },
+            RootEntry::Dir { path } => Prepared::Dir { path: path.clone() },
+        });
+    }
+
+    let (workspace, st) = detached_tree(
+        "workspace",
+        &spec.workspace,
+        false,
+        sys::MOUNT_ATTR_NOSUID | sys::MOUNT_ATTR_NODEV,
+    )?;
+    if SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT != SFlag::S_IFDIR {
+        return Err(fail(
+            "workspace",
+            format!("{} is not a directory", spec.workspace.display()),
+        ));
+    }
+    let workspace_id = (st.st_dev, st.st_ino);
+
+    let mut dev_nodes = Vec::with_capacity(DEV_NODES.len());
+    for name in DEV_NODES {
+        let host = PathBuf::from("/dev").join(name);
+        let (tree, st) = detached_tree(
+            "dev",
+            &host,
+            false,
+            sys::MOUNT_ATTR_NOSUID | sys::MOUNT_ATTR_NOEXEC,
+        )?;
+        if SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT != SFlag::S_IFCHR {
+            return Err(fail(
+                "dev",
+                format!("{} is not a character device", host.display()),
+            ));
+        }
+        dev_nodes.push((name, tree));
+    }
+
+    let argv = spec
+        .argv
+        .iter()
+        .map(|a| cstring("exec", a.as_bytes()))
+        .collect::<Result<Vec<_>, _>>()?;
+    let env = spec
+        .env
+        .iter()
+        .map(|(k, v)| cstring("exec", format!("{k}={v}")))
+        .collect::<Result<Vec<_>, _>>()?;
+    let exec_candidates = exec_candidates(&spec)?;
+    Ok(Plan {
+        spec,
+        entries,
+        workspace,
+        workspace_id,
+        dev_nodes,
+        seccomp,
+        landlock_abi,
+        cap_last,
+        argv,
+        env,
+        exec_candidates,
+    })
+}
+
+/// argv[0] itself when it has a '/', else each PATH entry of the step's environment joined
+/// with it (glibc's default PATH when the environment has none), as execvp would try them.
+fn exec_candidates(spec: &StepSpec) -> Result<Vec<CString>, Failure> {
+    let arg0 = spec.argv.first().map(String::as_str).unwrap_or_default();
+    if arg0.contains('/') {
+        return Ok(vec![cstring("exec", arg0)?]);
+    }
+    let path = crate::env_get(&spec.env, "PATH").unwrap_or("/bin:/usr/bin");
+    path.split(':')
+        .map(|dir| {
+            let dir = if dir.is_empty() { "." } else { dir };
+            cstring("exec", format!("{}/{arg0}", dir.trim_end_matches('/')))
+        })
+        .collect()
+}
+
+/// Writes setgroups=deny, then the uid and gid maps of the sandbox's user namespace.
+fn write_id_maps(pid: Pid, spec: &StepSpec) -> Result<(), Failure> {
+    let dir = PathBuf::from(format!("/proc/{pid}"));
+    let map = format!("0 {} {}\n", spec.host_uid_base, spec.id_range);
+    std::fs::write(dir.join("setgroups"), "deny").layer("uid-map", "writing setgroups")?;
+    std::fs::write(dir.join("uid_map"), &map).layer("uid-map", "writing uid_map")?;
+    std::fs::write(dir.join("gid_map"), &map).layer("uid-map", "writing gid_map")?;
+    Ok(())
+}
+
+fn reap(pid: Pid) -> Result<WaitStatus, Errno> {
+    loop {
+        match waitpid(pid, None) {
+            Err(Errno::EINTR) => continue,
+            r => return r,
+        }
+    }
+}
+
+fn kill_and_reap(pid: Pid) -> Result<WaitStatus, Errno> {
+    // pid 1 of the pid namespace: the kernel kills every process of the sandbox with it.
+    let _ = kill(pid, Signal::SIGKILL);
+    reap(pid)
+}
+
+enum Ended {
+    Exited,
+    TimedOut,
+    Cancelled,
+}
+
+fn supervise(control: &OwnedFd) -> StepOutcome {
+    let (spec, cancel_queued) = match read_spec(control) {
+        Ok(s) => s,
+        Err(f) => return setup_failed(f, 0),
+    };
+    if cancel_queued {
+        return StepOutcome {
+            status: StepStatus::Cancelled,
+            duration_ms: 0,
+        };
+    }
+    if let Err(e) = crate::validate(&spec) {
+        return setup_failed(fail("spec", e.to_string()), 0);
+    }
+    // The daemon's supplementary groups would follow the step into the sandbox, and
+    // setgroups=deny makes them impossible to drop there: drop them here, as host root.
+    if let Err(e) = nix::unistd::setgroups(&[]) {
+        return setup_failed(
+            fail("credentials", format!("clearing supplementary groups: {e}")),
+            0,
+        );
+    }
+    let plan = match prepare(spec) {
+        Ok(p) => p,
+        Err(f) => return setup_failed(f, 0),
+    };
+    match launch(&plan, control) {
+        Ok(o) => o,
+        Err(f) => setup_failed(f, 0),
+    }
+}
+
+fn launch(plan: &Plan, control: &OwnedFd) -> Result<StepOutcome, Failure> {
+    let (err_r, err_w) =
+        nix::unistd::pipe2(OFlag::O_CLOEXEC).layer("user-namespace", "error pipe")?;
+    let (sync_r, sync_w) =
+        nix::unistd::pipe2(OFlag::O_CLOEXEC).layer("user-namespace", "sync pipe")?;
+
+    let pid = match sys::clone_with_namespaces(crate::namespace_flags())
+        .layer("user-namespace", "clone")?
+    {
+        Cloned::Child => {
+            drop(sync_w);
+            drop(err_r);
+            child::sandbox_init(plan, err_w, sync_r)
+        }
+        Cloned::Parent(pid) => pid,
+    };
+    drop(sync_r);
+    drop(err_w);
+
+    if let Err(f) = write_id_maps(pid, &plan.spec) {
+        let _ = kill_and_reap(pid);
+        return Err(f);
+    }
+    let pidfd = match sys::pidfd_open(pid) {
+        Ok(fd) => fd,
+        Err(e) => {
+            let _ = kill_and_reap(pid);
+            return Err(fail("user-namespace", format!("pidfd_open: {e}")));
+        }
+    };
+    // Release pid 1: its ids now map.
+    let started = Instant::now();
+    if let Err(e) = nix::unistd::write(sync_w.as_fd(), b"1") {
+        let _ = kill_and_reap(pid);
+        return Err(fail(
+            "user-namespace",
+            format!("releasing the sandbox: {e}"),
+        ));
+    }
+    drop(sync_w);
+
+    let deadline = started.checked_add(Duration::from_millis(plan.spec.timeout_ms));
+    let ended = wait_for_end(&pidfd, control, deadline);
+    let status = match ended {
+        Ended::Exited => reap(pid),
+        Ended::TimedOut | Ended::Cancelled => kill_and_reap(pid),
+    };
+    let duration_ms = millis(started.elapsed());
+
+    // Every write end is closed now (the kernel has killed the namespace with its pid 1),
+    // so reading cannot block; non-blocking anyway, to be sure.
+    let mut bytes = Vec::new();
+    let _ = nix::fcntl::fcntl(
+        err_r.as_fd(),
+        nix::fcntl::FcntlArg::F_SETFL(OFlag::O_NONBLOCK),
+    );
+    let mut chunk = [0u8; 4096];
+    loop {
+        match nix::unistd::read(err_r.as_fd(), &mut chunk) {
+            Ok(0) => break,
+            Ok(n) => bytes.extend_from_slice(&chunk[..n]),
+            Err(Errno::EINTR) => continue,
+            Err(_) => break,
+        }
+    }
+    let reports = protocol::parse(&bytes);
+    Ok(StepOutcome {
+        status: decide(&reports, ended, status),
+        duration_ms,
+    })
+}
+
+/// Waits for pid 1 to exit, the deadline, or anything on the control pipe (cancel).
+fn wait_for_end(pidfd: &OwnedFd, control: &OwnedFd, deadline: Option<Instant>) -> Ended {
+    loop {
+        let timeout = match deadline {
+            None => PollTimeout::NONE,
+            Some(d) => {
+                let left = d.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Ended::TimedOut;
+                }
+                // Round up so we never wake just before the deadline and spin.
+                let ms = left.as_millis().saturating_add(1).min(i32::MAX as u128);
+                PollTimeout::try_from(i32::try_from(ms).unwrap_or(i32::MAX))
+                    .unwrap_or(PollTimeout::MAX)
+            }
+        };
+        let mut fds = [
+            PollFd::new(pidfd.as_fd(), PollFlags::POLLIN),
+            PollFd::new(control.as_fd(), PollFlags::POLLIN),
+        ];
+        match nix::poll::poll(&mut fds, timeout) {
+            Err(Errno::EINTR) | Ok(0) => continue,
+            // poll on two valid fds cannot fail otherwise; if it does, do not leave the
+            // sandbox running unobserved.
+            Err(_) => return Ended::Cancelled,
+            Ok(_) => {}
+        }
+        if fds[0].revents().is_some_and(|r| !r.is_empty()) {
+            return Ended::Exited;
+        }
+        if fds[1].revents().is_some_and(|r| !r.is_empty()) {
+            // A byte, EOF or an error on the control pipe all mean "cancel".
+            return Ended::Cancelled;
+        }
+    }
+}
+
+fn decide(reports: &[Report], ended: Ended, init_status: Result<WaitStatus, Errno>) -> StepStatus {
+    for r in reports {
+        if let Report::Setup { layer, message } = r {
+            return StepStatus::SetupFailed {
+                layer: layer.clone(),
+                message: message.clone(),
+            };
+        }
+    }
+    for r in reports {
+        if let Report::Exec { errno, message } = r {
+            return StepStatus::ExecFailed {
+                errno: *errno,
+                message: message.clone(),
+            };
+        }
+    }
+    match ended {
+        Ended::TimedOut => return StepStatus::TimedOut,
+        Ended::Cancelled => return StepStatus::Cancelled,
+        Ended::Exited => {}
+    }
+    for r in reports {
+        match r {
+            Report::Exited { code } => return StepStatus::Exited { code: *code },
+            Report::Signaled { signal } => return StepStatus::Signaled { signal: *signal },
+            _ => {}
+        }
+    }
+    // pid 1 always reports before exiting; anything else is a failure of the sandbox itself,
+    // never passed off as the step's exit.
+    StepStatus::SetupFailed {
+        layer: "init".to_string(),
+        message: format!(
+            "sandbox init ended ({init_status:?}) without reporting the step's status"
+        ),
+    }
+}

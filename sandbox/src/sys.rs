@@ -1,0 +1,288 @@
+//! The only module with `unsafe`: thin wrappers over syscalls that nix does not wrap (or wraps
+//! as `unsafe`). Each wrapper returns `Errno` and never panics, so it is usable between clone
+//! and exec.
+
+use std::ffi::CStr;
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::process::CommandExt;
+use std::process::Command;
+
+use nix::errno::Errno;
+use nix::unistd::{ForkResult, Pid};
+
+// Constants of the new mount API (linux/mount.h), not all exported by libc.
+pub(crate) const OPEN_TREE_CLONE: u32 = 1;
+pub(crate) const AT_RECURSIVE: u32 = 0x8000;
+const AT_EMPTY_PATH: u32 = 0x1000;
+const MOVE_MOUNT_F_EMPTY_PATH: u32 = 0x4;
+const MOVE_MOUNT_T_EMPTY_PATH: u32 = 0x40;
+pub(crate) const MOUNT_ATTR_RDONLY: u64 = 0x1;
+pub(crate) const MOUNT_ATTR_NOSUID: u64 = 0x2;
+pub(crate) const MOUNT_ATTR_NODEV: u64 = 0x4;
+pub(crate) const MOUNT_ATTR_NOEXEC: u64 = 0x8;
+
+#[repr(C)]
+struct MountAttr {
+    attr_set: u64,
+    attr_clr: u64,
+    propagation: u64,
+    userns_fd: u64,
+}
+
+fn check(ret: libc::c_long) -> Result<libc::c_long, Errno> {
+    if ret < 0 {
+        Err(Errno::last())
+    } else {
+        Ok(ret)
+    }
+}
+
+fn owned_fd(ret: libc::c_long) -> Result<OwnedFd, Errno> {
+    let fd = RawFd::try_from(check(ret)?).map_err(|_| Errno::EBADF)?;
+    // SAFETY: the kernel just returned this fd to us; nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Takes ownership of an fd inherited at exec (the control pipe on 0, the status pipe on 3),
+/// if it is open.
+pub(crate) fn take_inherited_fd(fd: RawFd) -> Option<OwnedFd> {
+    // SAFETY: F_GETFD only queries the descriptor table.
+    if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+        return None;
+    }
+    // SAFETY: the fd is open, was inherited at exec and is taken exactly once, at startup,
+    // before any other code of this process could have claimed it.
+    Some(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+pub(crate) enum Cloned {
+    Child,
+    Parent(Pid),
+}
+
+/// clone(2) in fork mode (no new stack: the child continues on a copy of this stack) with
+/// namespace flags, so the user namespace and the others are created in one step.
+pub(crate) fn clone_with_namespaces(ns_flags: libc::c_int) -> Result<Cloned, Errno> {
+    let flags = libc::c_ulong::from((ns_flags | libc::SIGCHLD).unsigned_abs());
+    // SAFETY: with a null stack clone behaves like fork: the child gets a copy of the address
+    // space. Callers are the single-threaded init (so no lock can be held by a vanished
+    // thread) or `probe_namespaces`, whose child only calls _exit.
+    let ret = unsafe { libc::syscall(libc::SYS_clone, flags, 0usize, 0usize, 0usize, 0usize) };
+    match check(ret)? {
+        0 => Ok(Cloned::Child),
+        pid => Ok(Cloned::Parent(Pid::from_raw(
+            i32::try_from(pid).map_err(|_| Errno::EINVAL)?,
+        ))),
+    }
+}
+
+/// Creates the namespaces in a throw-away child that exits at once: a real test, usable from
+/// the multi-threaded daemon because the child runs no code but `_exit`.
+pub(crate) fn probe_namespaces(ns_flags: libc::c_int) -> Result<(), Errno> {
+    match clone_with_namespaces(ns_flags)? {
+        Cloned::Child => exit_now(0),
+        Cloned::Parent(pid) => loop {
+            match nix::sys::wait::waitpid(pid, None) {
+                Err(Errno::EINTR) => continue,
+                Err(e) => return Err(e),
+                Ok(_) => return Ok(()),
+            }
+        },
+    }
+}
+
+/// fork(2) from the single-threaded sandbox init.
+pub(crate) fn fork() -> Result<ForkResult, Errno> {
+    // SAFETY: only called in the sandbox's pid 1, a single-threaded process, so the child
+    // cannot inherit a lock held by another thread.
+    unsafe { nix::unistd::fork() }
+}
+
+/// Exits at once, without running atexit handlers or unwinding (between clone and exec).
+pub(crate) fn exit_now(code: i32) -> ! {
+    // SAFETY: _exit is always safe to call; it does not return.
+    unsafe { libc::_exit(code) }
+}
+
+pub(crate) fn pidfd_open(pid: Pid) -> Result<OwnedFd, Errno> {
+    // SAFETY: plain syscall with integer arguments.
+    owned_fd(unsafe { libc::syscall(libc::SYS_pidfd_open, pid.as_raw(), 0u32) })
+}
+
+/// open_tree(2): with OPEN_TREE_CLONE, a detached copy of the mount tree at `dirfd`/`path`.
+pub(crate) fn open_tree(
+    dirfd: Option<BorrowedFd<'_>>,
+    path: &CStr,
+    flags: u32,
+) -> Result<OwnedFd, Errno> {
+    let (dfd, extra) = match dirfd {
+        Some(fd) => (fd.as_raw_fd(), AT_EMPTY_PATH),
+        None => (libc::AT_FDCWD, 0),
+    };
+    let flags = flags | extra | libc::O_CLOEXEC.unsigned_abs();
+    // SAFETY: `path` is a valid NUL-terminated string that outlives the call.
+    owned_fd(unsafe { libc::syscall(libc::SYS_open_tree, dfd, path.as_ptr(), flags) })
+}
+
+/// mount_setattr(2) on the mount (tree) referred to by `fd`.
+pub(crate) fn mount_setattr(
+    fd: BorrowedFd<'_>,
+    set: u64,
+    clr: u64,
+    recursive: bool,
+) -> Result<(), Errno> {
+    let attr = MountAttr {
+        attr_set: set,
+        attr_clr: clr,
+        propagation: 0,
+        userns_fd: 0,
+    };
+    let flags = AT_EMPTY_PATH | if recursive { AT_RECURSIVE } else { 0 };
+    // SAFETY: `attr` is a valid mount_attr of the size we pass; the path is a static empty
+    // string.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            fd.as_raw_fd(),
+            c"".as_ptr(),
+            flags,
+            &attr as *const MountAttr,
+            std::mem::size_of::<MountAttr>(),
+        )
+    };
+    check(ret).map(drop)
+}
+
+/// move_mount(2) of the detached tree `from` onto the mount point `to` (both fds).
+pub(crate) fn move_mount(from: BorrowedFd<'_>, to: BorrowedFd<'_>) -> Result<(), Errno> {
+    // SAFETY: integer fds and static empty paths.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_move_mount,
+            from.as_raw_fd(),
+            c"".as_ptr(),
+            to.as_raw_fd(),
+            c"".as_ptr(),
+            MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH,
+        )
+    };
+    check(ret).map(drop)
+}
+
+pub(crate) fn close_range(first: u32, last: u32) -> Result<(), Errno> {
+    // SAFETY: closing descriptors affects no memory; callers own every fd in the range.
+    check(unsafe { libc::syscall(libc::SYS_close_range, first, last, 0u32) }).map(drop)
+}
+
+pub(crate) fn capbset_drop(cap: u32) -> Result<(), Errno> {
+    // SAFETY: prctl with integer arguments.
+    check(libc::c_long::from(unsafe {
+        libc::prctl(libc::PR_CAPBSET_DROP, libc::c_ulong::from(cap), 0, 0, 0)
+    }))
+    .map(drop)
+}
+
+pub(crate) fn capbset_read(cap: u32) -> Result<bool, Errno> {
+    // SAFETY: prctl with integer arguments.
+    check(libc::c_long::from(unsafe {
+        libc::prctl(libc::PR_CAPBSET_READ, libc::c_ulong::from(cap), 0, 0, 0)
+    }))
+    .map(|v| v == 1)
+}
+
+pub(crate) fn ambient_clear_all() -> Result<(), Errno> {
+    // SAFETY: prctl with integer arguments.
+    check(libc::c_long::from(unsafe {
+        libc::prctl(
+            libc::PR_CAP_AMBIENT,
+            libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong,
+            0,
+            0,
+            0,
+        )
+    }))
+    .map(drop)
+}
+
+/// The kernel's Landlock ABI version (<= 0 when unsupported or disabled).
+pub(crate) fn landlock_abi_version() -> i32 {
+    const LANDLOCK_CREATE_RULESET_VERSION: u32 = 1;
+    // SAFETY: with a null attr, size 0 and the VERSION flag the call only returns a number.
+    let v = unsafe {
+        libc::syscall(
+            libc::SYS_landlock_create_ruleset,
+            std::ptr::null::<libc::c_void>(),
+            0usize,
+            LANDLOCK_CREATE_RULESET_VERSION,
+        )
+    };
+    i32::try_from(v).unwrap_or(-1)
+}
+
+/// Makes `fd` the child's fd 3 at exec. `fd` must not be 0..=3 (callers dup it above 9).
+pub(crate) fn pass_as_fd3(cmd: &mut Command, fd: RawFd) {
+    let hook = move || {
+        // SAFETY: dup2 is async-signal-safe and touches no memory; `fd` is open in the child
+        // (it is a copy of the parent's table) and is not 3, so dup2 clears CLOEXEC on 3.
+        if unsafe { libc::dup2(fd, 3) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    };
+    // SAFETY: the hook runs between fork and exec in the daemon's child and only calls the
+    // async-signal-safe dup2: no allocation, no locks, no panics.
+    unsafe {
+        cmd.pre_exec(hook);
+    }
+}
+
+/// A CLOEXEC duplicate of `fd` numbered `min` or above.
+pub(crate) fn dup_cloexec_above(fd: &OwnedFd, min: RawFd) -> Result<OwnedFd, Errno> {
+    // SAFETY: F_DUPFD_CLOEXEC only creates a new descriptor.
+    let ret = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, min) };
+    owned_fd(libc::c_long::from(ret))
+}
+
+/// Restores every signal (1..=64, real-time ones included) to its default action and
+/// unblocks all: dispositions set to "ignore" survive execve (Rust runtimes ignore SIGPIPE,
+/// and a caller may ignore others), and the step must start clean. The raw syscall is used
+/// because glibc refuses to touch the two signals it reserves for itself (32, 33).
+pub(crate) fn reset_signals() -> Result<(), Errno> {
+    /// struct sigaction as the kernel takes it (not glibc's layout).
+    #[repr(C)]
+    struct KernelSigaction {
+        handler: usize,
+        flags: libc::c_ulong,
+        restorer: usize,
+        mask: u64,
+    }
+    let default = KernelSigaction {
+        handler: libc::SIG_DFL,
+        flags: 0,
+        restorer: 0,
+        mask: 0,
+    };
+    for sig in 1..=64 {
+        if sig == libc::SIGKILL || sig == libc::SIGSTOP {
+            continue;
+        }
+        // SAFETY: `default` is a valid kernel sigaction that installs SIG_DFL (no handler
+        // code, so no restorer is needed); the old action is not requested.
+        let ret = unsafe {
+            libc::syscall(
+                libc::SYS_rt_sigaction,
+                sig,
+                &default as *const KernelSigaction,
+                std::ptr::null_mut::<KernelSigaction>(),
+                std::mem::size_of::<u64>(),
+            )
+        };
+        check(ret)?;
+    }
+    nix::sys::signal::sigprocmask(
+        nix::sys::signal::SigmaskHow::SIG_SETMASK,
+        Some(&nix::sys::signal::SigSet::empty()),
+        None,
+    )
+}

@@ -1,0 +1,616 @@
+//! Real sandboxes, driven as the runner drives them. They need root; without it they print
+//! "SKIPPED" (and fail when CI=true, so CI can never pass by skipping).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is the failure report
+
+use std::io::Read;
+use std::os::fd::OwnedFd;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use sandbox::{RootEntry, Sandbox, StepOutcome, StepSpec, StepStatus};
+
+const STEP_UID: u32 = 1000;
+
+fn is_root(test: &str) -> bool {
+    if nix::unistd::geteuid().is_root() {
+        return true;
+    }
+    assert!(
+        std::env::var("CI").as_deref() != Ok("true"),
+        "{test} needs root, and CI=true forbids skipping"
+    );
+    println!("SKIPPED: {test} needs root");
+    false
+}
+
+/// A root built from the host's /usr, a workspace owned by the step's host uid, and a
+/// small /etc. Each test passes its own `base` so parallel tests never share host uids.
+struct Fixture {
+    _dirs: Vec<tempfile::TempDir>,
+    spec: StepSpec,
+}
+
+fn fixture(base: u32, script: &str) -> Fixture {
+    let etc = tempfile::tempdir().unwrap();
+    std::fs::write(
+        etc.path().join("passwd"),
+        "root:x:0:0:root:/root:/bin/sh\nbuilder:x:1000:1000::/workspace:/bin/sh\n",
+    )
+    .unwrap();
+    std::fs::write(etc.path().join("group"), "root:x:0:\nbuilder:x:1000:\n").unwrap();
+    let ws = tempfile::tempdir().unwrap();
+    let owner = Some(nix::unistd::Uid::from_raw(base + STEP_UID));
+    let group = Some(nix::unistd::Gid::from_raw(base + STEP_UID));
+    nix::unistd::chown(ws.path(), owner, group).unwrap();
+    let spec = StepSpec {
+        argv: vec!["/bin/sh".into(), "-c".into(), script.into()],
+        env: vec![
+            ("PATH".into(), "/usr/bin:/bin".into()),
+            ("HOME".into(), "/workspace".into()),
+            ("LC_ALL".into(), "C".into()),
+        ],
+        root: vec![
+            RootEntry::Bind {
+                source: "/usr".into(),
+                target: "/usr".into(),
+            },
+            RootEntry::Symlink {
+                path: "/bin".into(),
+                points_to: "usr/bin".into(),
+            },
+            RootEntry::Symlink {
+                path: "/lib".into(),
+                points_to: "usr/lib".into(),
+            },
+            RootEntry::Symlink {
+                path: "/lib64".into(),
+                points_to: "usr/lib64".into(),
+            },
+            RootEntry::Symlink {
+                path: "/sbin".into(),
+                points_to: "usr/sbin".into(),
+            },
+            RootEntry::Bind {
+                source: etc.path().to_path_buf(),
+                target: "/etc".into(),
+            },
+            RootEntry::Dir {
+                path: "/var/empty".into(),
+            },
+        ],
+        workspace: ws.path().to_path_buf(),
+        host_uid_base: base,
+        id_range: 65536,
+        step_uid: STEP_UID,
+        timeout_ms: 20_000,
+        hostname: "kiln-test".into(),
+        tmp_size_bytes: 16 << 20,
+    };
+    Fixture {
+        _dirs: vec![etc, ws],
+        spec,
+    }
+}
+
+fn sandbox() -> Sandbox {
+    Sandbox::new(PathBuf::from(env!("CARGO_BIN_EXE_kiln-sandbox-init")))
+}
+
+fn drain(fd: Option<OwnedFd>) -> std::thread::JoinHandle<String> {
+    std::thread::spawn(move || {
+        let mut s = String::new();
+        if let Some(fd) = fd {
+            let _ = std::fs::File::from(fd).read_to_string(&mut s);
+        }
+        s
+    })
+}
+
+struct Ran {
+    outcome: StepOutcome,
+    stdout: String,
+    stderr: String,
+}
+
+fn run(spec: &StepSpec) -> Ran {
+    let mut step = sandbox().spawn(spec).unwrap();
+    let out = drain(step.take_stdout());
+    let err = drain(step.take_stderr());
+    let outcome = step.wait().unwrap();
+    Ran {
+        outcome,
+        stdout: out.join().unwrap(),
+        stderr: err.join().unwrap(),
+    }
+}
+
+fn run_script(base: u32, script: &str) -> Ran {
+    let f = fixture(base, script);
+    let r = run(&f.spec);
+    println!(
+        "outcome {:?}\n--- stdout\n{}--- stderr\n{}",
+        r.outcome, r.stdout, r.stderr
+    );
+    r
+}
+
+fn exited(r: &Ran, code: i32) {
+    assert_eq!(
+        r.outcome.status,
+        StepStatus::Exited { code },
+        "stderr: {}",
+        r.stderr
+    );
+}
+
+/// Host pids whose real uid is `uid`.
+fn host_processes_of(uid: u32) -> Vec<u32> {
+    let mut found = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(status) = std::fs::read_to_string(e.path().join("status")) else {
+            continue;
+        };
+        let uid_line = status.lines().find(|l| l.starts_with("Uid:"));
+        if let Some(l) = uid_line {
+            if l.split_whitespace().nth(1) == Some(&uid.to_string()) {
+                found.push(pid);
+            }
+        }
+    }
+    found
+}
+
+#[test]
+fn echo_stdout_stderr_and_exit_code() {
+    if !is_root("echo_stdout_stderr_and_exit_code") {
+        return;
+    }
+    let r = run_script(210_000, "echo hello; echo oops >&2; exit 7");
+    exited(&r, 7);
+    assert_eq!(r.stdout, "hello\n");
+    assert_eq!(r.stderr, "oops\n");
+}
+
+#[test]
+fn signal_is_reported() {
+    if !is_root("signal_is_reported") {
+        return;
+    }
+    let r = run_script(220_000, "kill -TERM $$");
+    assert_eq!(r.outcome.status, StepStatus::Signaled { signal: 15 });
+}
+
+#[test]
+fn cannot_read_host_files_outside_image_and_workspace() {
+    if !is_root("cannot_read_host_files_outside_image_and_workspace") {
+        return;
+    }
+    let secret_dir = tempfile::tempdir().unwrap();
+    let secret = secret_dir.path().join("secret");
+    std::fs::write(&secret, "TOPSECRET").unwrap();
+    let script = format!(
+        "for p in {} /root /var/lib /home /etc/shadow /run; do \
+           if cat \"$p\" 2>/dev/null || ls \"$p\" 2>/dev/null; then echo LEAK \"$p\"; fi; \
+         done; echo checked",
+        secret.display()
+    );
+    let r = run_script(230_000, &script);
+    exited(&r, 0);
+    assert_eq!(r.stdout, "checked\n");
+    assert!(!r.stdout.contains("TOPSECRET"));
+}
+
+#[test]
+fn no_capabilities_no_new_privs_seccomp_and_ids() {
+    if !is_root("no_capabilities_no_new_privs_seccomp_and_ids") {
+        return;
+    }
+    let r = run_script(
+        240_000,
+        "cat /proc/self/status; id -u; id -g; id -G; hostname",
+    );
+    exited(&r, 0);
+    let field = |name: &str| {
+        r.stdout
+            .lines()
+            .find(|l| l.starts_with(&format!("{name}:")))
+            .map(|l| l.split_whitespace().skip(1).collect::<Vec<_>>().join(" "))
+            .unwrap_or_else(|| panic!("{name} missing"))
+    };
+    for cap in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
+        assert_eq!(field(cap), "0000000000000000", "{cap}");
+    }
+    assert_eq!(field("NoNewPrivs"), "1");
+    // nothing ignored or blocked is inherited from the Rust supervisor (SIGPIPE!)
+    assert_eq!(field("SigIgn"), "0000000000000000");
+    assert_eq!(field("SigBlk"), "0000000000000000");
+    assert_eq!(field("Seccomp"), "2");
+    assert_eq!(field("Uid"), "1000 1000 1000 1000");
+    assert_eq!(field("Gid"), "1000 1000 1000 1000");
+    assert_eq!(field("Groups"), "");
+    let tail: Vec<&str> = r.stdout.lines().rev().take(4).collect();
+    assert_eq!(tail, vec!["kiln-test", "1000", "1000", "1000"]);
+}
+
+#[test]
+fn only_loopback_and_no_host_tcp() {
+    if !is_root("only_loopback_and_no_host_tcp") {
+        return;
+    }
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let script = format!(
+        "tail -n +3 /proc/self/net/dev | cut -d: -f1 | tr -d ' '; \
+         if bash -c 'echo x > /dev/tcp/127.0.0.1/{port}' 2>/dev/null; then echo CONNECTED; fi"
+    );
+    let r = run_script(250_000, &script);
+    exited(&r, 0);
+    assert_eq!(r.stdout, "lo\n");
+    match listener.accept() {
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+        other => panic!("host listener got a connection: {other:?}"),
+    }
+}
+
+#[test]
+fn cannot_mount_or_unshare() {
+    if !is_root("cannot_mount_or_unshare") {
+        return;
+    }
+    let r = run_script(
+        260_000,
+        "if mount -t tmpfs none /tmp 2>/dev/null; then echo MOUNTED; fi; \
+         if unshare -r true 2>/dev/null; then echo UNSHARED; fi; \
+         if chroot / true 2>/dev/null; then echo CHROOTED; fi; \
+         echo done",
+    );
+    exited(&r, 0);
+    assert_eq!(r.stdout, "done\n");
+}
+
+/// `unshare -U` needs no privilege (nested user namespaces are allowed to uid 1000), so only
+/// the seccomp filter makes it fail with EPERM.
+#[test]
+fn seccomp_denies_unshare_and_namespace_clone() {
+    if !is_root("seccomp_denies_unshare_and_namespace_clone") {
+        return;
+    }
+    let r = run_script(270_000, "unshare -U true; echo rc=$?");
+    exited(&r, 0);
+    assert!(r.stdout.contains("rc=1"), "{}", r.stdout);
+    assert!(r.stderr.contains("Operation not permitted"), "{}", r.stderr);
+    // The argument-checking rules and the hand-written prefix, probed with raw syscalls.
+    if Path::new("/usr/bin/python3").exists() {
+        let r = run_script(270_100, &format!("python3 -c '{SECCOMP_PROBE}'"));
+        exited(&r, 0);
+        assert_eq!(
+            r.stdout,
+            "packet 1\nnetlink 1\nunix+inet6 ok\nclone newuser 1\nfork ok\nclone3 38\npersonality 1\nquery ok\n"
+        );
+        // The x32 ABI (syscall number | 0x40000000) kills the process.
+        #[cfg(target_arch = "x86_64")]
+        {
+            let r = run_script(
+                270_200,
+                "exec python3 -c 'import ctypes; ctypes.CDLL(None).syscall(0x40000000 + 39); print(\"alive\")'",
+            );
+            assert_eq!(
+                r.outcome.status,
+                StepStatus::Signaled {
+                    signal: libc::SIGSYS
+                }
+            );
+            assert_eq!(r.stdout, "");
+        }
+    }
+}
+
+/// Python run in the sandbox; prints one line per probe (errno numbers where denied).
+const SECCOMP_PROBE: &str = r#"
+import ctypes, os, socket
+libc = ctypes.CDLL(None, use_errno=True)
+for name, fam in (("packet", socket.AF_PACKET), ("netlink", socket.AF_NETLINK)):
+    try:
+        socket.socket(fam, socket.SOCK_RAW); print(name, "ALLOWED")
+    except OSError as e:
+        print(name, e.errno)
+socket.socket(socket.AF_UNIX).close(); socket.socket(socket.AF_INET6).close(); print("unix+inet6 ok")
+r = libc.syscall(56, 0x10000000 | 17, 0, 0, 0, 0)
+if r == 0:
+    os._exit(0)
+print("clone newuser", ctypes.get_errno() if r < 0 else "ALLOWED")
+if r > 0:
+    os.waitpid(r, 0)
+pid = os.fork()
+if pid == 0:
+    os._exit(0)
+os.waitpid(pid, 0); print("fork ok")
+r = libc.syscall(435, 0, 0)
+print("clone3", ctypes.get_errno() if r < 0 else "ALLOWED")
+r = libc.personality(0x0040000)
+print("personality", ctypes.get_errno() if r < 0 else "ALLOWED")
+print("query", "ok" if libc.personality(0xffffffff) >= 0 else "FAILED")
+"#;
+
+#[test]
+fn files_created_belong_to_the_step_host_uid() {
+    if !is_root("files_created_belong_to_the_step_host_uid") {
+        return;
+    }
+    let base = 280_000;
+    let f = fixture(
+        base,
+        "echo data > /workspace/made && mkdir sub && touch sub/x",
+    );
+    let r = run(&f.spec);
+    exited(&r, 0);
+    for p in ["made", "sub", "sub/x"] {
+        let md = std::fs::metadata(f.spec.workspace.join(p)).unwrap();
+        assert_eq!(md.uid(), base + STEP_UID, "{p}");
+        assert_eq!(md.gid(), base + STEP_UID, "{p}");
+    }
+}
+
+#[test]
+fn root_and_usr_are_read_only_tmp_and_workspace_writable() {
+    if !is_root("root_and_usr_are_read_only_tmp_and_workspace_writable") {
+        return;
+    }
+    let r = run_script(
+        290_000,
+        "for p in /newfile /usr/newfile /etc/newfile /var/empty/x /dev/newfile; do \
+           if touch $p 2>/dev/null; then echo WROTE $p; fi; done; \
+         touch /tmp/ok /workspace/ok /dev/shm/ok && echo writable; \
+         echo x > /dev/null && head -c 4 /dev/urandom | wc -c; \
+         pwd; grep -E ' / | /usr ' /proc/self/mounts | cut -d' ' -f2,4 | cut -d, -f1 | sort",
+    );
+    exited(&r, 0);
+    assert_eq!(r.stdout, "writable\n4\n/workspace\n/ ro\n/usr ro\n");
+}
+
+#[test]
+fn pid_namespace_shows_only_the_sandbox() {
+    if !is_root("pid_namespace_shows_only_the_sandbox") {
+        return;
+    }
+    let r = run_script(
+        300_000,
+        "echo $$; ls /proc | grep -c '^[0-9]'; kill -9 1; echo kill=$?",
+    );
+    exited(&r, 0);
+    let lines: Vec<&str> = r.stdout.lines().collect();
+    assert_eq!(lines[0], "2", "the step is the first child of pid 1");
+    let n: u32 = lines[1].parse().unwrap();
+    assert!(n <= 4, "step sees {n} processes");
+    assert_eq!(
+        lines[2], "kill=1",
+        "the step must not be able to kill pid 1"
+    );
+}
+
+#[test]
+fn landlock_denies_writes_the_mounts_would_allow() {
+    if !is_root("landlock_denies_writes_the_mounts_would_allow") {
+        return;
+    }
+    // /proc is mounted read-write and a process may rename itself, so only Landlock stops
+    // this write; the control write to /workspace shows writes work at all.
+    let r = run_script(
+        310_000,
+        "echo renamed > /proc/self/comm; echo rc=$?; echo ok > /workspace/f; echo ws=$?",
+    );
+    exited(&r, 0);
+    assert_eq!(r.stdout, "rc=2\nws=0\n"); // dash: 2 = redirection failed
+    assert!(r.stderr.contains("Permission denied"), "{}", r.stderr);
+}
+
+#[test]
+fn timeout_kills_every_process_including_daemonized() {
+    if !is_root("timeout_kills_every_process_including_daemonized") {
+        return;
+    }
+    let base = 320_000;
+    let mut f = fixture(
+        base,
+        "setsid sh -c 'sleep 1000' </dev/null >/dev/null 2>&1 & sleep 1000",
+    );
+    f.spec.timeout_ms = 1500;
+    let start = Instant::now();
+    let r = run(&f.spec);
+    assert_eq!(r.outcome.status, StepStatus::TimedOut);
+    assert!(start.elapsed() < Duration::from_secs(10));
+    assert!(r.outcome.duration_ms >= 1500);
+    assert_eq!(host_processes_of(base + STEP_UID), Vec::<u32>::new());
+    assert_eq!(host_processes_of(base), Vec::<u32>::new());
+}
+
+#[test]
+fn step_exit_kills_daemonized_leftovers() {
+    if !is_root("step_exit_kills_daemonized_leftovers") {
+        return;
+    }
+    let base = 330_000;
+    let f = fixture(
+        base,
+        "setsid sh -c 'sleep 1000' </dev/null >/dev/null 2>&1 & exit 0",
+    );
+    let r = run(&f.spec);
+    exited(&r, 0);
+    assert_eq!(host_processes_of(base + STEP_UID), Vec::<u32>::new());
+}
+
+#[test]
+fn cancel_kills_the_sandbox() {
+    if !is_root("cancel_kills_the_sandbox") {
+        return;
+    }
+    let base = 340_000;
+    let f = fixture(base, "echo started; sleep 1000");
+    let mut step = sandbox().spawn(&f.spec).unwrap();
+    let out = drain(step.take_stdout());
+    let _err = drain(step.take_stderr());
+    let canceller = step.canceller();
+    let t = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(500));
+        canceller.cancel();
+    });
+    let start = Instant::now();
+    let outcome = step.wait().unwrap();
+    t.join().unwrap();
+    assert_eq!(outcome.status, StepStatus::Cancelled);
+    assert!(start.elapsed() < Duration::from_secs(10));
+    assert_eq!(out.join().unwrap(), "started\n");
+    assert_eq!(host_processes_of(base + STEP_UID), Vec::<u32>::new());
+}
+
+#[test]
+fn dropping_the_step_cancels_it() {
+    if !is_root("dropping_the_step_cancels_it") {
+        return;
+    }
+    let base = 350_000;
+    let f = fixture(base, "sleep 1000");
+    let mut step = sandbox().spawn(&f.spec).unwrap();
+    let out = drain(step.take_stdout());
+    std::thread::sleep(Duration::from_millis(300));
+    drop(step);
+    // The log pipe reaches EOF once every process of the sandbox is gone.
+    out.join().unwrap();
+    assert_eq!(host_processes_of(base + STEP_UID), Vec::<u32>::new());
+}
+
+#[test]
+fn missing_command_is_exec_failed_enoent() {
+    if !is_root("missing_command_is_exec_failed_enoent") {
+        return;
+    }
+    let mut f = fixture(360_000, "");
+    f.spec.argv = vec!["no-such-command-kiln".into()];
+    let r = run(&f.spec);
+    match r.outcome.status {
+        StepStatus::ExecFailed { errno, .. } => assert_eq!(errno, libc::ENOENT),
+        other => panic!("{other:?}"),
+    }
+    f.spec.argv = vec!["/etc/passwd".into()];
+    let r = run(&f.spec);
+    match r.outcome.status {
+        StepStatus::ExecFailed { errno, .. } => assert_eq!(errno, libc::EACCES),
+        other => panic!("{other:?}"),
+    }
+    // PATH lookup happens in the sandbox's view with the step's PATH.
+    f.spec.argv = vec!["true".into()];
+    let r = run(&f.spec);
+    exited(&r, 0);
+}
+
+#[test]
+fn setup_failure_names_the_layer() {
+    if !is_root("setup_failure_names_the_layer") {
+        return;
+    }
+    let mut f = fixture(370_000, "true");
+    f.spec.root.push(RootEntry::Bind {
+        source: "/nonexistent/kiln".into(),
+        target: "/opt/x".into(),
+    });
+    let r = run(&f.spec);
+    match r.outcome.status {
+        StepStatus::SetupFailed { layer, message } => {
+            assert_eq!(layer, "mount");
+            assert!(message.contains("/nonexistent/kiln"), "{message}");
+        }
+        other => panic!("{other:?}"),
+    }
+    // A symlink in the root must not redirect a later mount point.
+    let mut f = fixture(370_100, "true");
+    f.spec.root.push(RootEntry::Bind {
+        source: "/usr/share".into(),
+        target: "/bin/escape".into(),
+    });
+    let r = run(&f.spec);
+    assert!(
+        matches!(&r.outcome.status, StepStatus::SetupFailed { layer, .. } if layer == "mount"),
+        "{:?}",
+        r.outcome.status
+    );
+}
+
+#[test]
+fn invalid_specs_are_refused_before_start() {
+    let f = fixture_no_chown();
+    let bad = |edit: &dyn Fn(&mut StepSpec)| {
+        let mut s = f.clone();
+        edit(&mut s);
+        assert!(matches!(
+            sandbox().spawn(&s),
+            Err(sandbox::SandboxError::InvalidSpec(_))
+        ));
+    };
+    bad(&|s| s.argv.clear());
+    bad(&|s| s.host_uid_base = 0);
+    bad(&|s| s.step_uid = 0);
+    bad(&|s| s.step_uid = s.id_range);
+    bad(&|s| s.timeout_ms = 0);
+    bad(&|s| {
+        s.root.push(RootEntry::Dir {
+            path: "/proc/x".into(),
+        })
+    });
+    bad(&|s| {
+        s.root.push(RootEntry::Dir {
+            path: "/a/../b".into(),
+        })
+    });
+    bad(&|s| {
+        s.root.push(RootEntry::Bind {
+            source: "/usr".into(),
+            target: "/".into(),
+        })
+    });
+}
+
+fn fixture_no_chown() -> StepSpec {
+    StepSpec {
+        argv: vec!["true".into()],
+        env: vec![],
+        root: vec![],
+        workspace: "/nonexistent".into(),
+        host_uid_base: 400_000,
+        id_range: 65536,
+        step_uid: 1000,
+        timeout_ms: 1000,
+        hostname: "h".into(),
+        tmp_size_bytes: 1 << 20,
+    }
+}
+
+#[test]
+fn probe_and_profile() {
+    if !is_root("probe_and_profile") {
+        return;
+    }
+    let host = Sandbox::probe().unwrap();
+    assert!(host.landlock_abi >= 1);
+    let spec = fixture_no_chown();
+    let p = sandbox::profile(&spec, &host);
+    assert_eq!(p, sandbox::profile(&spec, &host));
+    let text = serde_json::to_string(&p).unwrap();
+    for needle in [
+        "\"pivot_root\":true",
+        "\"no_new_privs\":true",
+        "\"syscall\":\"ptrace\"",
+        "\"required_status\":\"fully_enforced\"",
+    ] {
+        assert!(text.contains(needle), "{needle} missing from {text}");
+    }
+    assert!(
+        !text.contains("/nonexistent"),
+        "the workspace host path is not part of the profile"
+    );
+}
