@@ -1,0 +1,416 @@
+//! The client side of the `kiln` CLI: connects to the daemon's socket, uploads
+//! inputs, submits a job, streams its output and downloads links and outputs.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::{Read, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use agent_proto::v1::attestations_client::AttestationsClient;
+use agent_proto::v1::content_store_client::ContentStoreClient;
+use agent_proto::v1::jobs_client::JobsClient;
+use agent_proto::v1::{
+    job_event, write_request, FindMissingRequest, GetPublicKeyRequest, Input, Job, JobSpec,
+    JobState, ListLinksRequest, OutputStream, ReadRequest, StepState, SubmitRequest, WatchRequest,
+    WriteHeader, WriteRequest,
+};
+use anyhow::{bail, Context};
+use hyper_util::rt::TokioIo;
+use sha2::{Digest, Sha256};
+use tonic::transport::{Channel, Endpoint, Uri};
+
+pub const EXIT_KILN_ERROR: i32 = 125;
+
+#[derive(Clone)]
+pub struct Client {
+    channel: Channel,
+}
+
+impl Client {
+    pub async fn connect(socket: &Path) -> anyhow::Result<Self> {
+        let socket = socket.to_path_buf();
+        let display = socket.display().to_string();
+        // The URI is required by the API but unused: every connection goes to the socket.
+        let channel = Endpoint::try_from("http://kiln.invalid")?
+            .connect_with_connector(tower::service_fn(move |_: Uri| {
+                let socket = socket.clone();
+                async move {
+                    Ok::<_, std::io::Error>(TokioIo::new(
+                        tokio::net::UnixStream::connect(socket).await?,
+                    ))
+                }
+            }))
+            .await
+            .with_context(|| format!("connecting to the kiln daemon at {display}"))?;
+        Ok(Self { channel })
+    }
+
+    pub fn jobs(&self) -> JobsClient<Channel> {
+        JobsClient::new(self.channel.clone())
+    }
+
+    pub fn store(&self) -> ContentStoreClient<Channel> {
+        ContentStoreClient::new(self.channel.clone()).max_decoding_message_size(8 * 1024 * 1024)
+    }
+
+    pub fn attestations(&self) -> AttestationsClient<Channel> {
+        AttestationsClient::new(self.channel.clone()).max_decoding_message_size(256 * 1024 * 1024)
+    }
+
+    /// Uploads the files the store does not have yet.
+    pub async fn upload(&self, files: &[LocalInput]) -> anyhow::Result<()> {
+        let digests: Vec<String> = files.iter().map(|f| f.digest.clone()).collect();
+        let missing = self
+            .store()
+            .find_missing(FindMissingRequest { digests })
+            .await?
+            .into_inner()
+            .missing;
+        let missing: std::collections::BTreeSet<String> = missing.into_iter().collect();
+        let mut done = std::collections::BTreeSet::new();
+        for file in files {
+            if !missing.contains(&file.digest) || !done.insert(file.digest.clone()) {
+                continue;
+            }
+            let data = fs::read(&file.source)
+                .with_context(|| format!("reading {}", file.source.display()))?;
+            let header = WriteRequest {
+                part: Some(write_request::Part::Header(WriteHeader {
+                    digest: file.digest.clone(),
+                    size: data.len() as u64,
+                })),
+            };
+            let mut messages = vec![header];
+            for chunk in data.chunks(1024 * 1024) {
+                messages.push(WriteRequest {
+                    part: Some(write_request::Part::Data(chunk.to_vec())),
+                });
+            }
+            self.store()
+                .write(tokio_stream::iter(messages))
+                .await
+                .with_context(|| format!("uploading {}", file.source.display()))?;
+        }
+        Ok(())
+    }
+
+    pub async fn submit(&self, spec: JobSpec) -> anyhow::Result<String> {
+        Ok(self
+            .jobs()
+            .submit(SubmitRequest {
+                spec: Some(spec),
+                idempotency_key: String::new(),
+            })
+            .await?
+            .into_inner()
+            .job_id)
+    }
+
+    /// Follows a job to its end, copying step output to our stdout/stderr as it comes.
+    pub async fn follow(&self, job_id: &str, quiet: bool) -> anyhow::Result<Job> {
+        let mut stream = self
+            .jobs()
+            .watch(WatchRequest {
+                job_id: job_id.to_string(),
+            })
+            .await?
+            .into_inner();
+        while let Some(event) = stream.message().await? {
+            match event.event {
+                Some(job_event::Event::Output(out)) if !quiet => {
+                    if out.stream == OutputStream::Stderr as i32 {
+                        let mut err = std::io::stderr().lock();
+                        err.write_all(&out.data)?;
+                        err.flush()?;
+                    } else {
+                        let mut o = std::io::stdout().lock();
+                        o.write_all(&out.data)?;
+                        o.flush()?;
+                    }
+                }
+                Some(job_event::Event::StepStarted(s)) => {
+                    tracing::info!(step = %s.name, "step started");
+                }
+                Some(job_event::Event::JobFinished(job)) => return Ok(job),
+                _ => {}
+            }
+        }
+        // The stream ended without a final event: ask for the record.
+        self.get(job_id).await
+    }
+
+    pub async fn read_blob(&self, digest: &str) -> anyhow::Result<Vec<u8>> {
+        let mut stream = self
+            .store()
+            .read(ReadRequest {
+                digest: digest.to_string(),
+            })
+            .await?
+            .into_inner();
+        let mut data = Vec::new();
+        while let Some(chunk) = stream.message().await? {
+            data.extend_from_slice(&chunk.data);
+        }
+        let actual = hex::encode(Sha256::digest(&data));
+        if actual != digest {
+            bail!("blob {digest} arrived with content hashing to {actual}");
+        }
+        Ok(data)
+    }
+
+    /// Writes the job's links into `dir`, named as in-toto expects.
+    pub async fn download_links(&self, job_id: &str, dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
+        fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let links = self
+            .attestations()
+            .list_links(ListLinksRequest {
+                job_id: job_id.to_string(),
+            })
+            .await?
+            .into_inner()
+            .links;
+        let mut written = Vec::new();
+        for link in links {
+            let name = Path::new(&link.file_name);
+            if name.components().count() != 1 || link.file_name.starts_with('.') {
+                bail!(
+                    "the daemon sent a link with a bad file name {:?}",
+                    link.file_name
+                );
+            }
+            if hex::encode(Sha256::digest(&link.content)) != link.digest {
+                bail!("link {} does not match its digest", link.file_name);
+            }
+            let path = dir.join(name);
+            fs::write(&path, &link.content)
+                .with_context(|| format!("writing {}", path.display()))?;
+            written.push(path);
+        }
+        Ok(written)
+    }
+
+    /// Writes the job's outputs into `dir`, each hash-checked.
+    pub async fn download_outputs(&self, job: &Job, dir: &Path) -> anyhow::Result<()> {
+        for output in &job.outputs {
+            if output
+                .path
+                .split('/')
+                .any(|c| c.is_empty() || c == "." || c == "..")
+                || output.path.starts_with('/')
+            {
+                bail!(
+                    "the daemon sent an output with a bad path {:?}",
+                    output.path
+                );
+            }
+            let data = self.read_blob(&output.digest).await?;
+            let path = dir.join(&output.path);
+            if let Some(parent) = path.parent() {
+                fs::create_dir_all(parent)?;
+            }
+            let mode = if output.executable { 0o755 } else { 0o644 };
+            let _ = fs::remove_file(&path);
+            let mut file = fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(mode)
+                .open(&path)
+                .with_context(|| format!("writing {}", path.display()))?;
+            file.write_all(&data)?;
+            fs::set_permissions(&path, fs::Permissions::from_mode(mode))?;
+        }
+        Ok(())
+    }
+
+    pub async fn get(&self, job_id: &str) -> anyhow::Result<Job> {
+        Ok(self
+            .jobs()
+            .get(agent_proto::v1::GetRequest {
+                job_id: job_id.to_string(),
+            })
+            .await?
+            .into_inner())
+    }
+
+    pub async fn cancel(&self, job_id: &str) -> anyhow::Result<i32> {
+        Ok(self
+            .jobs()
+            .cancel(agent_proto::v1::CancelRequest {
+                job_id: job_id.to_string(),
+            })
+            .await?
+            .into_inner()
+            .state)
+    }
+
+    pub async fn public_key(&self) -> anyhow::Result<agent_proto::v1::PublicKey> {
+        Ok(self
+            .attestations()
+            .get_public_key(GetPublicKeyRequest {})
+            .await?
+            .into_inner())
+    }
+}
+
+/// A file of the client to be placed in the workspace.
+#[derive(Debug, Clone)]
+pub struct LocalInput {
+    pub source: PathBuf,
+    pub workspace_path: String,
+    pub digest: String,
+    pub executable: bool,
+}
+
+impl LocalInput {
+    pub fn to_input(&self) -> Input {
+        Input {
+            path: self.workspace_path.clone(),
+            digest: self.digest.clone(),
+            executable: self.executable,
+        }
+    }
+}
+
+fn sha256_file(path: &Path) -> anyhow::Result<String> {
+    let mut file = fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(hex::encode(hasher.finalize()))
+}
+
+/// Expands a host file or directory into workspace inputs under `workspace_path`.
+pub fn collect_inputs(source: &Path, workspace_path: &str) -> anyhow::Result<Vec<LocalInput>> {
+    let meta = fs::metadata(source).with_context(|| format!("reading {}", source.display()))?;
+    let mut found = BTreeMap::new();
+    if meta.is_dir() {
+        walk(source, workspace_path, &mut found)?;
+    } else if meta.is_file() {
+        found.insert(workspace_path.to_string(), source.to_path_buf());
+    } else {
+        bail!("{} is neither a file nor a directory", source.display());
+    }
+    let mut inputs = Vec::new();
+    for (path, source) in found {
+        let meta = fs::metadata(&source)?;
+        inputs.push(LocalInput {
+            digest: sha256_file(&source)?,
+            executable: meta.permissions().mode() & 0o111 != 0,
+            workspace_path: path,
+            source,
+        });
+    }
+    Ok(inputs)
+}
+
+fn walk(dir: &Path, prefix: &str, found: &mut BTreeMap<String, PathBuf>) -> anyhow::Result<()> {
+    for entry in fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+        let entry = entry?;
+        let name = entry
+            .file_name()
+            .into_string()
+            .map_err(|n| anyhow::anyhow!("{n:?} in {} is not UTF-8", dir.display()))?;
+        let path = format!("{prefix}/{name}");
+        let meta = fs::metadata(entry.path())?;
+        if meta.is_dir() {
+            walk(&entry.path(), &path, found)?;
+        } else if meta.is_file() {
+            found.insert(path, entry.path());
+        }
+    }
+    Ok(())
+}
+
+/// The process-style exit code for a finished job: that of its last step that ran.
+pub fn exit_code(job: &Job) -> i32 {
+    if job.state == JobState::Succeeded as i32 {
+        return 0;
+    }
+    let last = job
+        .steps
+        .iter()
+        .rev()
+        .find(|s| s.state != StepState::Pending as i32);
+    match last {
+        Some(step) if step.state != StepState::Error as i32 && step.exit_code != 0 => {
+            step.exit_code
+        }
+        _ => EXIT_KILN_ERROR,
+    }
+}
+
+pub fn state_name(state: i32) -> String {
+    JobState::try_from(state)
+        .map(|s| {
+            s.as_str_name()
+                .trim_start_matches("JOB_STATE_")
+                .to_lowercase()
+        })
+        .unwrap_or_else(|_| format!("unknown({state})"))
+}
+
+fn step_state_name(state: i32) -> String {
+    StepState::try_from(state)
+        .map(|s| {
+            s.as_str_name()
+                .trim_start_matches("STEP_STATE_")
+                .to_lowercase()
+        })
+        .unwrap_or_else(|_| format!("unknown({state})"))
+}
+
+/// A job record as JSON, for scripts.
+pub fn job_json(job: &Job) -> serde_json::Value {
+    serde_json::json!({
+        "job_id": job.job_id,
+        "state": state_name(job.state),
+        "message": job.message,
+        "created_unix_ms": job.created_unix_ms,
+        "finished_unix_ms": job.finished_unix_ms,
+        "steps": job.steps.iter().map(|s| serde_json::json!({
+            "name": s.name,
+            "state": step_state_name(s.state),
+            "exit_code": s.exit_code,
+            "signal": s.signal,
+            "message": s.message,
+            "duration_ms": s.duration_ms,
+            "link_name": s.link_name,
+            "link_digest": s.link_digest,
+        })).collect::<Vec<_>>(),
+        "outputs": job.outputs.iter().map(|o| serde_json::json!({
+            "path": o.path, "digest": o.digest, "size": o.size, "executable": o.executable,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+/// One line per step, for people.
+pub fn summary(job: &Job) -> String {
+    let mut out = String::new();
+    for step in &job.steps {
+        let state = step_state_name(step.state);
+        out.push_str(&format!(
+            "  step {:<12} {:<10} exit {:<4} {:>6} ms  {}\n",
+            step.name,
+            state,
+            step.exit_code,
+            step.duration_ms,
+            if step.message.is_empty() {
+                step.link_name.clone()
+            } else {
+                step.message.clone()
+            }
+        ));
+    }
+    out.push_str(&format!("  job {} {}", job.job_id, state_name(job.state)));
+    if !job.message.is_empty() {
+        out.push_str(&format!(": {}", job.message));
+    }
+    out
+}

@@ -1,0 +1,73 @@
+//! The runner's error type and its single conversion to a gRPC status.
+
+use std::path::Path;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunnerError {
+    #[error("invalid {field}: {reason}")]
+    InvalidArgument { field: String, reason: String },
+    #[error("{0}")]
+    FailedPrecondition(String),
+    #[error("{0} not found")]
+    NotFound(String),
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("{0}")]
+    DigestMismatch(String),
+    #[error("sandbox: {0}")]
+    Sandbox(#[from] sandbox::SandboxError),
+    #[error("provenance: {0}")]
+    Provenance(#[from] provenance::ProvenanceError),
+    #[error("database: {0}")]
+    Database(#[from] rusqlite::Error),
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl RunnerError {
+    pub fn invalid(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        RunnerError::InvalidArgument {
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+
+    pub fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> Self {
+        let context = context.into();
+        move |source| RunnerError::Io { context, source }
+    }
+
+    pub fn io_path(what: &str, path: &Path) -> impl FnOnce(std::io::Error) -> Self {
+        Self::io(format!("{what} {}", path.display()))
+    }
+}
+
+pub type Result<T, E = RunnerError> = std::result::Result<T, E>;
+
+impl From<RunnerError> for tonic::Status {
+    fn from(err: RunnerError) -> Self {
+        let message = err.to_string();
+        match err {
+            RunnerError::InvalidArgument { .. } | RunnerError::DigestMismatch(_) => {
+                tonic::Status::invalid_argument(message)
+            }
+            RunnerError::FailedPrecondition(_) => tonic::Status::failed_precondition(message),
+            RunnerError::NotFound(_) => tonic::Status::not_found(message),
+            RunnerError::Unavailable(_) => tonic::Status::unavailable(message),
+            RunnerError::Sandbox(_)
+            | RunnerError::Provenance(_)
+            | RunnerError::Database(_)
+            | RunnerError::Io { .. }
+            | RunnerError::Internal(_) => {
+                tracing::error!(error = %message, "internal error answered to a client");
+                tonic::Status::internal(message)
+            }
+        }
+    }
+}

@@ -1,0 +1,137 @@
+//! The job file of `kiln submit`: TOML describing inputs, steps and outputs.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use agent_proto::v1::{JobSpec, ResourceLimits, Step};
+use anyhow::Context;
+use serde::Deserialize;
+
+use crate::client::{collect_inputs, LocalInput};
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobFile {
+    #[serde(default)]
+    pub name: String,
+    #[serde(default = "default_image")]
+    pub image: String,
+    #[serde(default)]
+    pub inputs: Vec<InputEntry>,
+    pub steps: Vec<StepEntry>,
+    #[serde(default)]
+    pub outputs: Vec<OutputEntry>,
+}
+
+fn default_image() -> String {
+    crate::images::HOST_IMAGE.to_string()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InputEntry {
+    /// Where it lands in the workspace.
+    pub path: String,
+    /// A file or directory on the client, relative to the job file.
+    pub from: PathBuf,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StepEntry {
+    pub name: String,
+    pub run: Vec<String>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Seconds; 0 or absent means the daemon's default.
+    #[serde(default)]
+    pub timeout: u32,
+    #[serde(default)]
+    pub network: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutputEntry {
+    pub path: String,
+}
+
+/// Reads a job file; returns the spec and the local files to upload.
+pub fn load(path: &Path) -> anyhow::Result<(JobSpec, Vec<LocalInput>)> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let file: JobFile =
+        toml::from_str(&text).with_context(|| format!("parsing job file {}", path.display()))?;
+    let base = path.parent().unwrap_or_else(|| Path::new("."));
+    let mut locals = Vec::new();
+    for input in &file.inputs {
+        let source = base.join(&input.from);
+        locals.extend(
+            collect_inputs(&source, input.path.trim_end_matches('/'))
+                .with_context(|| format!("input {:?}", input.path))?,
+        );
+    }
+    let spec = JobSpec {
+        name: file.name,
+        image: file.image,
+        inputs: locals.iter().map(LocalInput::to_input).collect(),
+        steps: file
+            .steps
+            .into_iter()
+            .map(|s| Step {
+                name: s.name,
+                argv: s.run,
+                env: s.env.into_iter().collect(),
+                timeout_seconds: s.timeout,
+                limits: Some(ResourceLimits::default()),
+                allow_net: s.network,
+            })
+            .collect(),
+        outputs: file.outputs.into_iter().map(|o| o.path).collect(),
+    };
+    Ok((spec, locals))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn parses_the_documented_shape() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("src")).unwrap();
+        std::fs::write(dir.path().join("src/hello.c"), "int main(){return 0;}").unwrap();
+        let job = dir.path().join("job.toml");
+        std::fs::write(
+            &job,
+            r#"
+name = "hello"
+image = "host"
+[[inputs]]
+path = "hello.c"
+from = "./src/hello.c"
+[[steps]]
+name = "compile"
+run = ["cc", "-O2", "-o", "hello", "hello.c"]
+[[steps]]
+name = "test"
+run = ["/bin/sh", "-c", "./hello > result.txt"]
+timeout = 30
+env = { LC_ALL = "C" }
+[[outputs]]
+path = "hello"
+"#,
+        )
+        .unwrap();
+        let (spec, locals) = load(&job).unwrap();
+        assert_eq!(spec.steps.len(), 2);
+        assert_eq!(spec.steps[1].timeout_seconds, 30);
+        assert_eq!(spec.inputs[0].path, "hello.c");
+        assert_eq!(locals.len(), 1);
+        assert_eq!(spec.outputs, vec!["hello".to_string()]);
+
+        std::fs::write(&job, "[[steps]]\nname='a'\nrun=['x']\nbogus=1\n").unwrap();
+        assert!(format!("{:#}", load(&job).unwrap_err()).contains("bogus"));
+    }
+}

@@ -1,0 +1,888 @@
+//! The job scheduler and executor: queues accepted jobs, runs their steps in
+//! sandboxes one after another in a fresh workspace, hashes materials and products,
+//! signs a link per step, collects outputs, and keeps every state change durable
+//! before announcing it.
+
+use std::collections::HashMap;
+use std::fs;
+use std::io::Read;
+use std::os::fd::OwnedFd;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use agent_proto::v1::{
+    job_event, Job, JobEvent, JobSpec, JobState, OutputFile, OutputStream, StepOutput, StepResult,
+    StepStarted, StepState,
+};
+use provenance::keys::SigningKey;
+use sandbox::{Canceller, HostSupport, Sandbox, StepSpec, StepStatus};
+use sha2::{Digest, Sha256};
+use tokio::sync::{mpsc, watch, Semaphore};
+
+use crate::cas::ContentStore;
+use crate::config::Config;
+use crate::db::Database;
+use crate::error::{Result, RunnerError};
+use crate::images::{Images, ResolvedImage, BUILD_UID};
+
+pub const RUNNER_VERSION: &str = env!("CARGO_PKG_VERSION");
+const EVENT_CHUNK: usize = 32 * 1024;
+/// Finished jobs whose events stay in memory for Watch; older ones answer from the database.
+const KEEP_FINISHED: usize = 64;
+
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// The in-memory side of one job: its event log for Watch, and cancellation.
+pub struct JobHandle {
+    events: Mutex<Vec<JobEvent>>,
+    version: watch::Sender<u64>,
+    finished: AtomicBool,
+    cancelled: AtomicBool,
+    canceller: Mutex<Option<Canceller>>,
+}
+
+impl JobHandle {
+    fn new() -> Self {
+        Self {
+            events: Mutex::new(Vec::new()),
+            version: watch::channel(0).0,
+            finished: AtomicBool::new(false),
+            cancelled: AtomicBool::new(false),
+            canceller: Mutex::new(None),
+        }
+    }
+
+    /// Events from index `from` on, and whether the job has finished.
+    pub fn events_from(&self, from: usize) -> (Vec<JobEvent>, bool) {
+        // Read `finished` before the events: a finished job has all its events logged.
+        let finished = self.finished.load(Ordering::SeqCst);
+        let events = self
+            .events
+            .lock()
+            .map(|e| e.get(from..).map(<[_]>::to_vec).unwrap_or_default())
+            .unwrap_or_default();
+        (events, finished)
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.version.subscribe()
+    }
+}
+
+pub struct Runner {
+    pub config: Config,
+    pub db: Database,
+    pub cas: ContentStore,
+    pub images: Images,
+    pub key: SigningKey,
+    sandbox: Sandbox,
+    host: HostSupport,
+    handles: Mutex<HashMap<String, Arc<JobHandle>>>,
+    finished_order: Mutex<Vec<String>>,
+    queue: mpsc::UnboundedSender<String>,
+    slots: Mutex<Vec<u32>>,
+    permits: Arc<Semaphore>,
+    draining: AtomicBool,
+    work_dir: PathBuf,
+}
+
+impl Runner {
+    pub fn new(
+        config: Config,
+        db: Database,
+        cas: ContentStore,
+        images: Images,
+        key: SigningKey,
+        sandbox: Sandbox,
+        host: HostSupport,
+    ) -> Result<(Arc<Self>, mpsc::UnboundedReceiver<String>)> {
+        let work_dir = config.state_dir.join("work");
+        if work_dir.exists() {
+            // Workspaces of jobs interrupted by a crash: their jobs are failed below.
+            fs::remove_dir_all(&work_dir).map_err(RunnerError::io_path("cleaning", &work_dir))?;
+        }
+        fs::create_dir_all(&work_dir).map_err(RunnerError::io_path("creating", &work_dir))?;
+        fs::set_permissions(&work_dir, fs::Permissions::from_mode(0o711))
+            .map_err(RunnerError::io_path("chmod", &work_dir))?;
+        let (queue, rx) = mpsc::unbounded_channel();
+        let slots = (0..config.max_concurrent_jobs).rev().collect();
+        let permits = Arc::new(Semaphore::new(config.max_concurrent_jobs as usize));
+        let runner = Arc::new(Self {
+            config,
+            db,
+            cas,
+            images,
+            key,
+            sandbox,
+            host,
+            handles: Mutex::new(HashMap::new()),
+            finished_order: Mutex::new(Vec::new()),
+            queue,
+            slots: Mutex::new(slots),
+            permits,
+            draining: AtomicBool::new(false),
+            work_dir,
+        });
+        runner.recover()?;
+        Ok((runner, rx))
+    }
+
+    /// After a restart: a job that was running cannot be resumed halfway (its
+    /// workspace is gone), so it fails with a clear message; queued jobs run again.
+    fn recover(&self) -> Result<()> {
+        for mut job in self.db.jobs_in_state(JobState::Running)? {
+            job.state = JobState::Error as i32;
+            job.message = "interrupted: the daemon stopped while the job was running".into();
+            job.finished_unix_ms = now_ms();
+            self.db.update_job(&job)?;
+            tracing::warn!(job = %job.job_id, "job interrupted by a daemon restart");
+        }
+        for job in self.db.jobs_in_state(JobState::Queued)? {
+            tracing::info!(job = %job.job_id, "requeueing job accepted before a restart");
+            self.handle(&job.job_id);
+            self.enqueue(&job.job_id)?;
+        }
+        Ok(())
+    }
+
+    pub fn handle(&self, id: &str) -> Arc<JobHandle> {
+        let mut handles = match self.handles.lock() {
+            Ok(h) => h,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        handles
+            .entry(id.to_string())
+            .or_insert_with(|| Arc::new(JobHandle::new()))
+            .clone()
+    }
+
+    pub fn existing_handle(&self, id: &str) -> Option<Arc<JobHandle>> {
+        self.handles.lock().ok().and_then(|h| h.get(id).cloned())
+    }
+
+    fn enqueue(&self, id: &str) -> Result<()> {
+        self.queue
+            .send(id.to_string())
+            .map_err(|_| RunnerError::Unavailable("the daemon is shutting down".into()))
+    }
+
+    fn emit(&self, id: &str, event: job_event::Event) {
+        let handle = self.handle(id);
+        if let Ok(mut events) = handle.events.lock() {
+            let sequence = events.len() as u64;
+            events.push(JobEvent {
+                job_id: id.to_string(),
+                sequence,
+                event: Some(event),
+            });
+        }
+        handle.version.send_modify(|v| *v += 1);
+    }
+
+    /// Records and queues a validated job; answers with its id.
+    pub fn submit(
+        &self,
+        spec: JobSpec,
+        idempotency_key: Option<&str>,
+        peer_uid: Option<u32>,
+    ) -> Result<String> {
+        if self.draining.load(Ordering::SeqCst) {
+            return Err(RunnerError::Unavailable(
+                "the daemon is shutting down".into(),
+            ));
+        }
+        let steps = spec
+            .steps
+            .iter()
+            .map(|s| StepResult {
+                name: s.name.clone(),
+                state: StepState::Pending as i32,
+                ..Default::default()
+            })
+            .collect();
+        let job = Job {
+            job_id: uuid::Uuid::new_v4().to_string(),
+            spec: Some(spec),
+            state: JobState::Queued as i32,
+            steps,
+            created_unix_ms: now_ms(),
+            ..Default::default()
+        };
+        let id = self.db.insert_job(&job, idempotency_key, peer_uid)?;
+        if id == job.job_id {
+            self.emit(&id, job_event::Event::Queued(Default::default()));
+            self.enqueue(&id)?;
+            tracing::info!(job = %id, peer_uid, "job accepted");
+        }
+        Ok(id)
+    }
+
+    pub fn get(&self, id: &str) -> Result<Job> {
+        self.db
+            .get_job(id)?
+            .ok_or_else(|| RunnerError::NotFound(format!("job {id}")))
+    }
+
+    pub fn cancel(&self, id: &str) -> Result<JobState> {
+        let mut job = self.get(id)?;
+        let state = JobState::try_from(job.state).unwrap_or(JobState::Unspecified);
+        match state {
+            JobState::Queued => {
+                // The scheduler skips a job that is no longer queued.
+                job.state = JobState::Cancelled as i32;
+                job.message = "cancelled before it started".into();
+                job.finished_unix_ms = now_ms();
+                if self.db.update_job_if_state(&job, JobState::Queued)? {
+                    self.finish_handle(id, job);
+                    return Ok(JobState::Cancelled);
+                }
+                // The scheduler started it meanwhile: cancel it as a running job.
+                self.cancel_running(id);
+                Ok(JobState::Running)
+            }
+            JobState::Running => {
+                self.cancel_running(id);
+                Ok(JobState::Running)
+            }
+            other => Ok(other),
+        }
+    }
+
+    fn cancel_running(&self, id: &str) {
+        let handle = self.handle(id);
+        handle.cancelled.store(true, Ordering::SeqCst);
+        let canceller = handle.canceller.lock().ok().and_then(|c| c.clone());
+        if let Some(canceller) = canceller {
+            canceller.cancel();
+        }
+    }
+
+    fn finish_handle(&self, id: &str, job: Job) {
+        self.emit(id, job_event::Event::JobFinished(job));
+        let handle = self.handle(id);
+        handle.finished.store(true, Ordering::SeqCst);
+        handle.version.send_modify(|v| *v += 1);
+        if let (Ok(mut order), Ok(mut handles)) = (self.finished_order.lock(), self.handles.lock())
+        {
+            order.push(id.to_string());
+            while order.len() > KEEP_FINISHED {
+                let old = order.remove(0);
+                handles.remove(&old);
+            }
+        }
+    }
+
+    /// Runs queued jobs, at most `max_concurrent_jobs` at a time, until the queue
+    /// closes or the daemon drains.
+    pub async fn schedule(self: Arc<Self>, mut queue: mpsc::UnboundedReceiver<String>) {
+        while let Some(id) = queue.recv().await {
+            if self.draining.load(Ordering::SeqCst) {
+                break;
+            }
+            let Ok(permit) = self.permits.clone().acquire_owned().await else {
+                break;
+            };
+            if self.draining.load(Ordering::SeqCst) {
+                break;
+            }
+            let slot = match self.slots.lock().ok().and_then(|mut s| s.pop()) {
+                Some(slot) => slot,
+                None => {
+                    tracing::error!("no free id slot although a permit was granted");
+                    continue;
+                }
+            };
+            let runner = self.clone();
+            tokio::spawn(async move {
+                if let Err(err) = runner.clone().run_job(&id, slot).await {
+                    tracing::error!(job = %id, error = %err, "job failed in Kiln");
+                    runner.fail_job(&id, &err.to_string());
+                }
+                if let Ok(mut slots) = runner.slots.lock() {
+                    slots.push(slot);
+                }
+                drop(permit);
+            });
+        }
+    }
+
+    /// Stops starting jobs and waits for running ones to finish. Jobs still queued
+    /// stay recorded as queued and run after the next start.
+    pub async fn drain(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+        let _all = self
+            .permits
+            .acquire_many(self.config.max_concurrent_jobs)
+            .await;
+    }
+
+    fn fail_job(&self, id: &str, message: &str) {
+        if let Ok(Some(mut job)) = self.db.get_job(id) {
+            job.state = JobState::Error as i32;
+            job.message = message.to_string();
+            job.finished_unix_ms = now_ms();
+            if let Err(err) = self.db.update_job(&job) {
+                tracing::error!(job = %id, error = %err, "could not record job failure");
+            }
+            self.finish_handle(id, job);
+        }
+    }
+
+    async fn run_job(self: Arc<Self>, id: &str, slot: u32) -> Result<()> {
+        let mut job = self.get(id)?;
+        let spec = job
+            .spec
+            .clone()
+            .ok_or_else(|| RunnerError::Internal(format!("job {id} has no spec")))?;
+        job.state = JobState::Running as i32;
+        if !self.db.update_job_if_state(&job, JobState::Queued)? {
+            return Ok(()); // cancelled while queued
+        }
+        self.emit(id, job_event::Event::Started(Default::default()));
+
+        let workspace = self.work_dir.join(id);
+        let host_uid_base = self.config.slot_uid_base(slot);
+        let outcome = self
+            .clone()
+            .run_steps(id, &mut job, &spec, &workspace, host_uid_base)
+            .await;
+        if workspace.exists() {
+            if let Err(err) = fs::remove_dir_all(&workspace) {
+                tracing::warn!(job = %id, error = %err, "could not remove workspace");
+            }
+        }
+        let (state, message) = match outcome {
+            Ok(()) => (JobState::Succeeded, String::new()),
+            Err(JobEnd::StepFailed(message)) => (JobState::Failed, message),
+            Err(JobEnd::Cancelled) => (JobState::Cancelled, "cancelled".into()),
+            Err(JobEnd::Error(err)) => (JobState::Error, err.to_string()),
+        };
+        job.state = state as i32;
+        job.message = message;
+        job.finished_unix_ms = now_ms();
+        self.db.update_job(&job)?;
+        tracing::info!(job = %id, state = ?state, "job finished");
+        self.finish_handle(id, job);
+        Ok(())
+    }
+
+    async fn run_steps(
+        self: Arc<Self>,
+        id: &str,
+        job: &mut Job,
+        spec: &JobSpec,
+        workspace: &Path,
+        host_uid_base: u32,
+    ) -> Result<(), JobEnd> {
+        let step_host_id = host_uid_base + BUILD_UID;
+        let image = {
+            let runner = self.clone();
+            let name = spec.image.clone();
+            blocking(move || runner.images.resolve(&name)).await?
+        };
+        {
+            let runner = self.clone();
+            let spec = spec.clone();
+            let workspace = workspace.to_path_buf();
+            blocking(move || runner.prepare_workspace(&spec, &workspace, step_host_id)).await?;
+        }
+        for (index, step) in spec.steps.iter().enumerate() {
+            if self.handle(id).cancelled.load(Ordering::SeqCst) {
+                return Err(JobEnd::Cancelled);
+            }
+            if let Some(result) = job.steps.get_mut(index) {
+                result.state = StepState::Running as i32;
+            }
+            self.db.update_job(job)?;
+            self.emit(
+                id,
+                job_event::Event::StepStarted(StepStarted {
+                    name: step.name.clone(),
+                }),
+            );
+            let result = self
+                .clone()
+                .run_step(id, step, &image, workspace, host_uid_base)
+                .await?;
+            let state = StepState::try_from(result.state).unwrap_or(StepState::Error);
+            let message = result.message.clone();
+            if let Some(slot) = job.steps.get_mut(index) {
+                *slot = result.clone();
+            }
+            self.db.update_job(job)?;
+            self.emit(id, job_event::Event::StepFinished(result));
+            match state {
+                StepState::Succeeded => {}
+                StepState::Cancelled => return Err(JobEnd::Cancelled),
+                _ => {
+                    return Err(JobEnd::StepFailed(format!(
+                        "step {:?} did not succeed: {message}",
+                        step.name
+                    )))
+                }
+            }
+        }
+        let outputs = {
+            let runner = self.clone();
+            let outputs = spec.outputs.clone();
+            let workspace = workspace.to_path_buf();
+            blocking(move || runner.collect_outputs(&workspace, &outputs)).await
+        };
+        match outputs {
+            Ok(outputs) => job.outputs = outputs,
+            Err(JobEnd::Error(RunnerError::InvalidArgument { field, reason })) => {
+                return Err(JobEnd::StepFailed(format!("{field}: {reason}")))
+            }
+            Err(other) => return Err(other),
+        }
+        Ok(())
+    }
+
+    /// A fresh workspace owned by the step's host uid, holding the inputs copied out
+    /// of the content store (each copy hash-checked).
+    fn prepare_workspace(&self, spec: &JobSpec, workspace: &Path, owner: u32) -> Result<()> {
+        fs::create_dir(workspace).map_err(RunnerError::io_path("creating", workspace))?;
+        for input in &spec.inputs {
+            let dest = workspace.join(&input.path);
+            if let Some(parent) = dest.parent() {
+                fs::create_dir_all(parent).map_err(RunnerError::io_path("creating", parent))?;
+            }
+            let mode = if input.executable { 0o755 } else { 0o644 };
+            self.cas
+                .copy_out(&input.digest, &dest, mode)
+                .map_err(|e| match e {
+                    RunnerError::NotFound(_) => RunnerError::FailedPrecondition(format!(
+                        "input {:?}: blob {} is not in the content store (upload it first)",
+                        input.path, input.digest
+                    )),
+                    other => other,
+                })?;
+        }
+        chown_tree(workspace, owner)?;
+        Ok(())
+    }
+
+    fn step_env(step: &agent_proto::v1::Step) -> Vec<(String, String)> {
+        let mut env: std::collections::BTreeMap<String, String> = [
+            ("PATH", "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin"),
+            ("HOME", "/workspace"),
+            ("TMPDIR", "/tmp"),
+            ("LANG", "C.UTF-8"),
+            ("USER", "build"),
+            ("LOGNAME", "build"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        for (k, v) in &step.env {
+            env.insert(k.clone(), v.clone());
+        }
+        env.into_iter().collect()
+    }
+
+    async fn run_step(
+        self: Arc<Self>,
+        id: &str,
+        step: &agent_proto::v1::Step,
+        image: &ResolvedImage,
+        workspace: &Path,
+        host_uid_base: u32,
+    ) -> Result<StepResult, JobEnd> {
+        let started = Instant::now();
+        let materials = hash_workspace(workspace.to_path_buf()).await?;
+        let timeout_seconds = if step.timeout_seconds == 0 {
+            self.config.default_timeout_seconds
+        } else {
+            step.timeout_seconds
+        };
+        let step_spec = StepSpec {
+            argv: step.argv.clone(),
+            env: Self::step_env(step),
+            root: image.root.clone(),
+            workspace: workspace.to_path_buf(),
+            host_uid_base,
+            id_range: self.config.id_range,
+            step_uid: BUILD_UID,
+            timeout_ms: u64::from(timeout_seconds) * 1000,
+            hostname: "kiln".into(),
+            tmp_size_bytes: self.config.tmp_size_mib * 1024 * 1024,
+        };
+        let profile = sandbox::profile(&step_spec, &self.host);
+        let profile_digest = hex::encode(Sha256::digest(
+            provenance::cjson::to_canonical(&profile).map_err(RunnerError::from)?,
+        ));
+
+        let mut running = self.sandbox.spawn(&step_spec).map_err(RunnerError::from)?;
+        let handle = self.handle(id);
+        if let Ok(mut c) = handle.canceller.lock() {
+            *c = Some(running.canceller());
+        }
+        // A cancel that arrived between the check and the spawn still counts.
+        if handle.cancelled.load(Ordering::SeqCst) {
+            running.canceller().cancel();
+        }
+        let readers: Vec<_> = [
+            (running.take_stdout(), OutputStream::Stdout),
+            (running.take_stderr(), OutputStream::Stderr),
+        ]
+        .into_iter()
+        .filter_map(|(fd, stream)| fd.map(|fd| (fd, stream)))
+        .map(|(fd, stream)| {
+            let runner = self.clone();
+            let id = id.to_string();
+            let step_name = step.name.clone();
+            std::thread::spawn(move || runner.pump_log(fd, &id, &step_name, stream))
+        })
+        .collect();
+        let outcome = tokio::task::spawn_blocking(move || running.wait())
+            .await
+            .map_err(|e| RunnerError::Internal(format!("waiting for the sandbox: {e}")))?
+            .map_err(RunnerError::from);
+        let mut logs = Vec::new();
+        for reader in readers {
+            let log = tokio::task::spawn_blocking(move || reader.join())
+                .await
+                .map_err(|e| RunnerError::Internal(format!("log reader: {e}")))?
+                .map_err(|_| RunnerError::Internal("log reader panicked".into()))?;
+            logs.push(log);
+        }
+        if let Ok(mut c) = handle.canceller.lock() {
+            *c = None;
+        }
+        let outcome = outcome?;
+        let stdout = logs.first().cloned().unwrap_or_default();
+        let stderr = logs.get(1).cloned().unwrap_or_default();
+
+        let mut result = StepResult {
+            name: step.name.clone(),
+            duration_ms: started.elapsed().as_millis() as u64,
+            ..Default::default()
+        };
+        let (state, exit_code, signal, message) = match &outcome.status {
+            StepStatus::Exited { code } => (
+                if *code == 0 {
+                    StepState::Succeeded
+                } else {
+                    StepState::Failed
+                },
+                *code,
+                0,
+                if *code == 0 {
+                    String::new()
+                } else {
+                    format!("exited with code {code}")
+                },
+            ),
+            StepStatus::Signaled { signal } => (
+                StepState::Failed,
+                128 + signal,
+                *signal,
+                format!("killed by signal {signal}"),
+            ),
+            StepStatus::TimedOut => (
+                StepState::TimedOut,
+                128 + libc::SIGKILL,
+                libc::SIGKILL,
+                format!(
+                    "timed out after {timeout_seconds} s; every process of the step was killed"
+                ),
+            ),
+            StepStatus::Cancelled => (
+                StepState::Cancelled,
+                128 + libc::SIGKILL,
+                libc::SIGKILL,
+                "cancelled; every process of the step was killed".into(),
+            ),
+            StepStatus::ExecFailed { errno, message } => (
+                StepState::Failed,
+                if *errno == libc::ENOENT { 127 } else { 126 },
+                0,
+                format!("cannot execute {:?}: {message}", step.argv[0]),
+            ),
+            StepStatus::SetupFailed { layer, message } => {
+                // The step never ran: nothing to attest.
+                result.state = StepState::Error as i32;
+                result.exit_code = 125;
+                result.message = format!("sandbox layer {layer:?} could not be set up: {message}");
+                return Ok(result);
+            }
+        };
+        result.state = state as i32;
+        result.exit_code = exit_code;
+        result.signal = signal;
+        result.message = message.clone();
+
+        let products = hash_workspace(workspace.to_path_buf()).await?;
+        let byproducts = serde_json::json!({
+            "return-value": exit_code,
+            "stdout": stdout.text(),
+            "stderr": stderr.text(),
+            "kiln": {
+                "status": status_name(&outcome.status),
+                "message": message,
+                "signal": signal,
+                "duration_ms": outcome.duration_ms,
+                "stdout_bytes": stdout.total,
+                "stdout_sha256": stdout.digest,
+                "stdout_truncated": stdout.truncated_in_link(),
+                "stderr_bytes": stderr.total,
+                "stderr_sha256": stderr.digest,
+                "stderr_truncated": stderr.truncated_in_link(),
+                "network": [],
+            },
+        });
+        let environment = serde_json::json!({
+            "image": image.describe(),
+            "sandbox_profile": {"sha256": profile_digest},
+            "runner": {"name": "kiln", "version": RUNNER_VERSION},
+            "timeout_seconds": timeout_seconds,
+        });
+        let link = provenance::link::Link {
+            name: step.name.clone(),
+            command: step.argv.clone(),
+            materials,
+            products,
+            byproducts,
+            environment,
+        };
+        let bytes = provenance::link::sign_metablock(&link.to_signed(), &self.key)
+            .map_err(RunnerError::from)?;
+        let digest = self.cas.put_bytes(&bytes)?;
+        result.link_name = provenance::link::link_file_name(&step.name, &self.key.keyid());
+        result.link_digest = digest;
+        Ok(result)
+    }
+
+    /// Streams one of the step's output pipes to Watch subscribers, keeps the head
+    /// for the link and hashes the whole stream.
+    fn pump_log(&self, fd: OwnedFd, id: &str, step: &str, stream: OutputStream) -> CapturedLog {
+        let mut file = fs::File::from(fd);
+        let mut log = CapturedLog::new(self.config.link_log_bytes);
+        let mut hasher = Sha256::new();
+        let mut buf = vec![0u8; EVENT_CHUNK];
+        loop {
+            let n = match file.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    tracing::warn!(job = %id, error = %e, "reading step output");
+                    break;
+                }
+            };
+            let chunk = &buf[..n];
+            hasher.update(chunk);
+            log.push(chunk);
+            // Past the volume cap the stream is still drained (so the step never
+            // blocks on a full pipe) and hashed, but no longer forwarded.
+            if log.total <= self.config.max_log_bytes {
+                self.emit(
+                    id,
+                    job_event::Event::Output(StepOutput {
+                        step: step.to_string(),
+                        stream: stream as i32,
+                        data: chunk.to_vec(),
+                    }),
+                );
+            }
+        }
+        log.digest = hex::encode(hasher.finalize());
+        log
+    }
+
+    /// Stores the declared outputs. The step is over (every process of its sandbox
+    /// is dead), so the tree cannot change under us; still, no symlink is followed
+    /// and only regular files are taken.
+    fn collect_outputs(&self, workspace: &Path, outputs: &[String]) -> Result<Vec<OutputFile>> {
+        let mut files = Vec::new();
+        for output in outputs {
+            let path = resolve_in_workspace(workspace, output)?;
+            let meta = fs::symlink_metadata(&path).map_err(|_| {
+                RunnerError::invalid(
+                    format!("output {output:?}"),
+                    "was not produced by the steps",
+                )
+            })?;
+            if meta.is_dir() {
+                collect_dir(&self.cas, workspace, &path, &mut files)?;
+            } else {
+                files.push(store_output(&self.cas, workspace, &path)?);
+            }
+        }
+        files.sort_by(|a, b| a.path.cmp(&b.path));
+        files.dedup_by(|a, b| a.path == b.path);
+        Ok(files)
+    }
+}
+
+/// Why a job stopped early.
+enum JobEnd {
+    StepFailed(String),
+    Cancelled,
+    Error(RunnerError),
+}
+
+impl From<RunnerError> for JobEnd {
+    fn from(err: RunnerError) -> Self {
+        JobEnd::Error(err)
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T, JobEnd> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| JobEnd::Error(RunnerError::Internal(format!("worker: {e}"))))?
+        .map_err(JobEnd::Error)
+}
+
+async fn hash_workspace(
+    workspace: PathBuf,
+) -> Result<std::collections::BTreeMap<String, String>, JobEnd> {
+    blocking(move || Ok(provenance::hash::hash_tree(&workspace)?)).await
+}
+
+fn status_name(status: &StepStatus) -> &'static str {
+    match status {
+        StepStatus::Exited { .. } => "exited",
+        StepStatus::Signaled { .. } => "signaled",
+        StepStatus::TimedOut => "timed-out",
+        StepStatus::Cancelled => "cancelled",
+        StepStatus::ExecFailed { .. } => "exec-failed",
+        StepStatus::SetupFailed { .. } => "setup-failed",
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+struct CapturedLog {
+    head: Vec<u8>,
+    cap: usize,
+    total: u64,
+    digest: String,
+}
+
+impl CapturedLog {
+    fn new(cap: usize) -> Self {
+        Self {
+            cap,
+            ..Default::default()
+        }
+    }
+
+    fn push(&mut self, chunk: &[u8]) {
+        self.total += chunk.len() as u64;
+        let room = self.cap.saturating_sub(self.head.len());
+        self.head.extend_from_slice(&chunk[..room.min(chunk.len())]);
+    }
+
+    fn truncated_in_link(&self) -> bool {
+        self.total > self.head.len() as u64
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.head).into_owned()
+    }
+}
+
+/// Joins a validated workspace path to the workspace, refusing any symlink on the way.
+fn resolve_in_workspace(workspace: &Path, relative: &str) -> Result<PathBuf> {
+    crate::spec::check_workspace_path("output", relative)?;
+    let mut path = workspace.to_path_buf();
+    let components: Vec<&str> = relative.split('/').collect();
+    for (i, component) in components.iter().enumerate() {
+        path.push(component);
+        if i + 1 < components.len() {
+            match fs::symlink_metadata(&path) {
+                Ok(meta) if meta.file_type().is_symlink() => {
+                    return Err(RunnerError::invalid(
+                        format!("output {relative:?}"),
+                        "a directory on its path is a symlink; outputs never follow links",
+                    ))
+                }
+                _ => {}
+            }
+        }
+    }
+    Ok(path)
+}
+
+fn relative_path(workspace: &Path, path: &Path) -> Result<String> {
+    path.strip_prefix(workspace)
+        .ok()
+        .and_then(|p| p.to_str())
+        .map(str::to_string)
+        .ok_or_else(|| {
+            RunnerError::invalid(
+                "outputs",
+                format!("{} has a name that is not UTF-8", path.display()),
+            )
+        })
+}
+
+fn store_output(cas: &ContentStore, workspace: &Path, path: &Path) -> Result<OutputFile> {
+    let rel = relative_path(workspace, path)?;
+    let meta = fs::symlink_metadata(path).map_err(RunnerError::io_path("reading", path))?;
+    if !meta.file_type().is_file() {
+        let kind = if meta.file_type().is_symlink() {
+            "a symlink"
+        } else {
+            "not a regular file"
+        };
+        return Err(RunnerError::invalid(
+            format!("output {rel:?}"),
+            format!("is {kind}; outputs must be regular files"),
+        ));
+    }
+    let (digest, size) = cas.put_file(path)?;
+    Ok(OutputFile {
+        path: rel,
+        digest,
+        size,
+        executable: meta.mode() & 0o111 != 0,
+    })
+}
+
+fn collect_dir(
+    cas: &ContentStore,
+    workspace: &Path,
+    dir: &Path,
+    files: &mut Vec<OutputFile>,
+) -> Result<()> {
+    let mut entries: Vec<_> = fs::read_dir(dir)
+        .map_err(RunnerError::io_path("reading", dir))?
+        .collect::<std::io::Result<_>>()
+        .map_err(RunnerError::io_path("reading", dir))?;
+    entries.sort_by_key(|e| e.file_name());
+    for entry in entries {
+        let path = entry.path();
+        let meta = fs::symlink_metadata(&path).map_err(RunnerError::io_path("reading", &path))?;
+        if meta.is_dir() {
+            collect_dir(cas, workspace, &path, files)?;
+        } else {
+            files.push(store_output(cas, workspace, &path)?);
+        }
+    }
+    Ok(())
+}
+
+fn chown_tree(path: &Path, id: u32) -> Result<()> {
+    std::os::unix::fs::lchown(path, Some(id), Some(id))
+        .map_err(RunnerError::io_path("chown", path))?;
+    let meta = fs::symlink_metadata(path).map_err(RunnerError::io_path("reading", path))?;
+    if meta.is_dir() {
+        for entry in fs::read_dir(path).map_err(RunnerError::io_path("reading", path))? {
+            let entry = entry.map_err(RunnerError::io_path("reading", path))?;
+            chown_tree(&entry.path(), id)?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,419 @@
+//! `kiln`: the Kiln daemon (`kiln serve`) and its command-line client.
+
+mod cas;
+mod client;
+mod config;
+mod db;
+mod demo;
+mod error;
+mod images;
+mod jobfile;
+mod jobs;
+mod server;
+mod service;
+mod spec;
+mod verify;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use agent_proto::v1::{JobSpec, ResourceLimits, Step};
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::client::{Client, EXIT_KILN_ERROR};
+
+#[derive(Parser)]
+#[command(
+    name = "kiln",
+    version,
+    about = "Kiln: a hardened, hermetic build runner"
+)]
+struct Cli {
+    /// The daemon's socket [default: /run/kiln/kiln.sock].
+    #[arg(long, global = true, env = "KILN_SOCKET")]
+    socket: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the daemon.
+    Serve {
+        /// TOML configuration file (see README).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// State directory (overrides the config).
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+        /// Jobs run at once (overrides the config).
+        #[arg(long)]
+        max_jobs: Option<u32>,
+    },
+    /// Run one command as a single-step job and stream its output.
+    Run {
+        #[arg(long, default_value = images::HOST_IMAGE)]
+        image: String,
+        /// HOSTPATH[:WORKSPACEPATH], a file or directory; repeatable.
+        #[arg(long = "input", value_name = "HOSTPATH[:WORKSPACEPATH]")]
+        inputs: Vec<String>,
+        /// Workspace path to collect after the step; repeatable.
+        #[arg(long = "output", value_name = "PATH")]
+        outputs: Vec<String>,
+        /// Step timeout in seconds (default: the daemon's).
+        #[arg(long)]
+        timeout: Option<u32>,
+        /// Step name (names its link).
+        #[arg(long, default_value = "run")]
+        step: String,
+        /// NAME=VALUE added to the step's environment; repeatable.
+        #[arg(long = "env", value_name = "NAME=VALUE")]
+        env: Vec<String>,
+        /// Where to write the step's signed link.
+        #[arg(long)]
+        attest_dir: Option<PathBuf>,
+        /// Where to write the outputs.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        #[arg(required = true, last = true)]
+        argv: Vec<String>,
+    },
+    /// Submit a multi-step job described by a TOML file and follow it.
+    Submit {
+        job_file: PathBuf,
+        #[arg(long)]
+        attest_dir: Option<PathBuf>,
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Print the job id and return at once instead of following the job.
+        #[arg(long, conflicts_with_all = ["attest_dir", "out"])]
+        detach: bool,
+    },
+    /// Show a job's record.
+    Status {
+        job_id: String,
+        /// The whole record as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Cancel a queued or running job; every process of its running step is killed.
+    Cancel { job_id: String },
+    /// The runner's signing key.
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
+    /// Verify links against an in-toto layout, as in-toto-verify does.
+    Verify {
+        #[arg(long)]
+        layout: PathBuf,
+        /// PEM public key(s) of the layout owner; repeatable.
+        #[arg(long = "layout-key", required = true)]
+        layout_keys: Vec<PathBuf>,
+        /// Directory holding the links.
+        #[arg(long)]
+        links: PathBuf,
+        /// Directory of artifacts to check against the final step's products.
+        #[arg(long)]
+        artifacts: Option<PathBuf>,
+    },
+    /// Build and list images.
+    Image {
+        /// State directory of the daemon.
+        #[arg(long, global = true, default_value = config::DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+        #[command(subcommand)]
+        command: ImageCommand,
+    },
+    /// Start a daemon on a temporary socket, build and run a C program in the
+    /// sandbox, and verify the signed links.
+    Demo {
+        /// Keep the temporary directory (links, layout, outputs) for inspection.
+        #[arg(long)]
+        keep: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Print the runner's public key.
+    Public {
+        #[arg(long, value_enum, default_value = "pem")]
+        format: KeyFormat,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum KeyFormat {
+    Pem,
+    Securesystemslib,
+}
+
+#[derive(Subcommand)]
+enum ImageCommand {
+    /// Build an image from a recipe directory (e.g. images/busybox).
+    Build { recipe: PathBuf },
+    /// List installed images.
+    List,
+}
+
+fn main() -> ExitCode {
+    // The sandbox init is this same binary, re-executed by the daemon: it must
+    // start single-threaded, before any runtime exists.
+    if std::env::args_os().nth(1).as_deref() == Some(std::ffi::OsStr::new(sandbox::INIT_ARG)) {
+        sandbox::init_main();
+    }
+    let cli = Cli::parse();
+    // The daemon logs what it does; the client stays quiet unless asked (KILN_LOG).
+    let default_filter = match cli.command {
+        Command::Serve { .. } => "warn,kiln=info",
+        _ => "warn",
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("KILN_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter)),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(err) => {
+            eprintln!("kiln: starting the runtime: {err}");
+            return ExitCode::from(EXIT_KILN_ERROR as u8);
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
+        Err(err) => {
+            eprintln!("kiln: {}", describe_error(&err));
+            ExitCode::from(EXIT_KILN_ERROR as u8)
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<i32> {
+    let socket_flag = cli.socket;
+    let socket = socket_flag
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(config::DEFAULT_SOCKET));
+    match cli.command {
+        Command::Serve {
+            config,
+            state_dir,
+            max_jobs,
+        } => {
+            let mut cfg = config::Config::load(config.as_deref())?;
+            if let Some(socket) = socket_flag {
+                cfg.socket = absolute(&socket)?;
+            }
+            if let Some(dir) = state_dir {
+                cfg.state_dir = absolute(&dir)?;
+            }
+            if let Some(n) = max_jobs {
+                cfg.max_concurrent_jobs = n;
+            }
+            server::serve(cfg).await?;
+            Ok(0)
+        }
+        Command::Run {
+            image,
+            inputs,
+            outputs,
+            timeout,
+            step,
+            env,
+            attest_dir,
+            out,
+            argv,
+        } => {
+            let mut locals = Vec::new();
+            for input in &inputs {
+                let (host, ws) = match input.split_once(':') {
+                    Some((host, ws)) => (PathBuf::from(host), ws.to_string()),
+                    None => {
+                        let host = PathBuf::from(input);
+                        let name = host
+                            .file_name()
+                            .and_then(|n| n.to_str())
+                            .with_context(|| format!("--input {input}: no file name"))?
+                            .to_string();
+                        (host, name)
+                    }
+                };
+                locals.extend(client::collect_inputs(&host, ws.trim_end_matches('/'))?);
+            }
+            let mut step_env = std::collections::HashMap::new();
+            for pair in env {
+                let (k, v) = pair
+                    .split_once('=')
+                    .with_context(|| format!("--env {pair}: expected NAME=VALUE"))?;
+                step_env.insert(k.to_string(), v.to_string());
+            }
+            let spec = JobSpec {
+                name: step.clone(),
+                image,
+                inputs: locals.iter().map(client::LocalInput::to_input).collect(),
+                steps: vec![Step {
+                    name: step,
+                    argv,
+                    env: step_env,
+                    timeout_seconds: timeout.unwrap_or(0),
+                    limits: Some(ResourceLimits::default()),
+                    allow_net: vec![],
+                }],
+                outputs,
+            };
+            run_job(
+                &socket,
+                spec,
+                &locals,
+                attest_dir.as_deref(),
+                out.as_deref(),
+                false,
+            )
+            .await
+        }
+        Command::Submit {
+            job_file,
+            attest_dir,
+            out,
+            detach,
+        } => {
+            let (spec, locals) = jobfile::load(&job_file)?;
+            if detach {
+                let client = Client::connect(&socket).await?;
+                client.upload(&locals).await?;
+                println!("{}", client.submit(spec).await?);
+                return Ok(0);
+            }
+            run_job(
+                &socket,
+                spec,
+                &locals,
+                attest_dir.as_deref(),
+                out.as_deref(),
+                true,
+            )
+            .await
+        }
+        Command::Status { job_id, json } => {
+            let client = Client::connect(&socket).await?;
+            let job = client.get(&job_id).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&client::job_json(&job))?);
+            } else {
+                println!("{}", client::summary(&job));
+            }
+            Ok(0)
+        }
+        Command::Cancel { job_id } => {
+            let client = Client::connect(&socket).await?;
+            let state = client.cancel(&job_id).await?;
+            println!("{}", client::state_name(state));
+            Ok(0)
+        }
+        Command::Keys {
+            command: KeysCommand::Public { format },
+        } => {
+            let client = Client::connect(&socket).await?;
+            let key = client.public_key().await?;
+            match format {
+                KeyFormat::Pem => print!("{}", key.pem),
+                KeyFormat::Securesystemslib => println!("{}", key.securesystemslib_json),
+            }
+            Ok(0)
+        }
+        Command::Verify {
+            layout,
+            layout_keys,
+            links,
+            artifacts,
+        } => verify::run(&layout, &layout_keys, &links, artifacts.as_deref()),
+        Command::Image { state_dir, command } => {
+            let images = images::Images::open(&state_dir)?;
+            match command {
+                ImageCommand::Build { recipe } => {
+                    let record = images.build(&recipe)?;
+                    println!(
+                        "built image {} tree sha256:{} from {}",
+                        record.name, record.tree_digest, record.source
+                    );
+                }
+                ImageCommand::List => {
+                    println!("{:<12} {:<72} SOURCE", "NAME", "TREE DIGEST");
+                    println!(
+                        "{:<12} {:<72} host /usr (unpinned)",
+                        images::HOST_IMAGE,
+                        "-"
+                    );
+                    for record in images.list()? {
+                        println!(
+                            "{:<12} sha256:{:<65} {}",
+                            record.name, record.tree_digest, record.source
+                        );
+                    }
+                }
+            }
+            Ok(0)
+        }
+        Command::Demo { keep } => demo::run(keep).await,
+    }
+}
+
+/// A gRPC status reads as "Code: message"; anything else as its context chain.
+fn describe_error(err: &anyhow::Error) -> String {
+    match err.chain().find_map(|e| e.downcast_ref::<tonic::Status>()) {
+        Some(status) => {
+            let context: Vec<String> = err
+                .chain()
+                .take_while(|e| e.downcast_ref::<tonic::Status>().is_none())
+                .map(ToString::to_string)
+                .collect();
+            let mut text = context.join(": ");
+            if !text.is_empty() {
+                text.push_str(": ");
+            }
+            format!("{text}{:?}: {}", status.code(), status.message())
+        }
+        None => format!("{err:#}"),
+    }
+}
+
+fn absolute(path: &Path) -> anyhow::Result<PathBuf> {
+    Ok(if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        std::env::current_dir()?.join(path)
+    })
+}
+
+/// Uploads, submits, follows, downloads; returns the process-style exit code.
+async fn run_job(
+    socket: &Path,
+    spec: JobSpec,
+    locals: &[client::LocalInput],
+    attest_dir: Option<&Path>,
+    out: Option<&Path>,
+    print_summary: bool,
+) -> anyhow::Result<i32> {
+    let client = Client::connect(socket).await?;
+    client.upload(locals).await?;
+    let job_id = client.submit(spec).await?;
+    let job = client.follow(&job_id, false).await?;
+    if let Some(dir) = attest_dir {
+        client.download_links(&job_id, dir).await?;
+    }
+    if let Some(dir) = out {
+        client.download_outputs(&job, dir).await?;
+    }
+    let code = client::exit_code(&job);
+    if print_summary || code != 0 {
+        eprintln!("{}", client::summary(&job));
+    }
+    Ok(code)
+}

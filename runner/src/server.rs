@@ -1,0 +1,146 @@
+//! `kiln serve`: the daemon. Checks the host can sandbox, opens the state
+//! directory, and serves kiln.v1 (plus health and reflection) on a Unix socket.
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+
+use agent_proto::v1::attestations_server::AttestationsServer;
+use agent_proto::v1::content_store_server::ContentStoreServer;
+use agent_proto::v1::jobs_server::JobsServer;
+use anyhow::{bail, Context};
+use sandbox::Sandbox;
+use tokio::net::UnixListener;
+use tokio_stream::wrappers::UnixListenerStream;
+
+use crate::cas::ContentStore;
+use crate::config::Config;
+use crate::db::Database;
+use crate::images::Images;
+use crate::jobs::Runner;
+use crate::service::Service;
+
+pub async fn serve(config: Config) -> anyhow::Result<()> {
+    config.validate()?;
+    if !nix::unistd::geteuid().is_root() {
+        bail!("kiln serve must run as root: it creates user namespaces with mapped id ranges and mounts");
+    }
+    // Fail closed: a host that cannot set up every sandbox layer runs no job.
+    let host = Sandbox::probe().context("this host cannot sandbox steps")?;
+    let init_exe = std::env::current_exe().context("locating the kiln binary")?;
+    let sandbox = Sandbox::new(init_exe);
+
+    let state = &config.state_dir;
+    fs::create_dir_all(state).with_context(|| format!("creating {}", state.display()))?;
+    // Traversable but not listable: sandbox bind sources live below it.
+    fs::set_permissions(state, fs::Permissions::from_mode(0o711))?;
+    let keys_dir = state.join("keys");
+    fs::create_dir_all(&keys_dir)?;
+    fs::set_permissions(&keys_dir, fs::Permissions::from_mode(0o700))?;
+    let key = provenance::keys::SigningKey::load_or_create(&keys_dir.join("runner.pem"))
+        .context("loading the signing key")?;
+    let db = Database::open(&state.join("kiln.db")).context("opening the job database")?;
+    let cas = ContentStore::open(state.join("cas")).context("opening the content store")?;
+    let images = Images::open(state).context("preparing images")?;
+
+    let (runner, queue) = Runner::new(config.clone(), db, cas, images, key, sandbox, host.clone())?;
+    tracing::info!(
+        keyid = %runner.key.keyid(),
+        landlock_abi = host.landlock_abi,
+        state_dir = %state.display(),
+        "kiln daemon starting"
+    );
+    let scheduler = tokio::spawn(runner.clone().schedule(queue));
+
+    let listener = bind_socket(&config)?;
+    let service = Service {
+        runner: runner.clone(),
+    };
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter.set_serving::<JobsServer<Service>>().await;
+    health_reporter
+        .set_serving::<ContentStoreServer<Service>>()
+        .await;
+    health_reporter
+        .set_serving::<AttestationsServer<Service>>()
+        .await;
+    // Reflection in both versions clients speak today (grpcurl: v1; grpcio: v1alpha).
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(agent_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection()
+        .build_v1()
+        .context("building the reflection service")?;
+    let reflection_v1alpha = reflection()
+        .build_v1alpha()
+        .context("building the reflection service")?;
+
+    tracing::info!(socket = %config.socket.display(), "listening");
+    let result = tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(JobsServer::new(service.clone()))
+        .add_service(ContentStoreServer::new(service.clone()))
+        .add_service(AttestationsServer::new(service))
+        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown_signal())
+        .await;
+    health_reporter
+        .set_not_serving::<JobsServer<Service>>()
+        .await;
+    tracing::info!("draining: waiting for running jobs to finish");
+    runner.drain().await;
+    scheduler.abort();
+    let _ = fs::remove_file(&config.socket);
+    tracing::info!("stopped");
+    result.context("serving gRPC")
+}
+
+fn bind_socket(config: &Config) -> anyhow::Result<UnixListener> {
+    let socket = &config.socket;
+    if let Some(dir) = socket.parent() {
+        fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    remove_stale_socket(socket)?;
+    let listener =
+        UnixListener::bind(socket).with_context(|| format!("binding {}", socket.display()))?;
+    fs::set_permissions(socket, fs::Permissions::from_mode(0o660))?;
+    if let Some(gid) = config.socket_gid {
+        std::os::unix::fs::chown(socket, None, Some(gid))?;
+    }
+    Ok(listener)
+}
+
+/// A socket file left by a daemon that died is replaced; one that answers is not.
+fn remove_stale_socket(socket: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    match fs::symlink_metadata(socket) {
+        Ok(meta) if meta.file_type().is_socket() => {
+            if std::os::unix::net::UnixStream::connect(socket).is_ok() {
+                bail!("another daemon is listening on {}", socket.display());
+            }
+            fs::remove_file(socket)?;
+            Ok(())
+        }
+        Ok(_) => bail!("{} exists and is not a socket", socket.display()),
+        Err(_) => Ok(()),
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(err) => {
+            tracing::error!(error = %err, "cannot watch SIGTERM");
+            std::future::pending::<()>().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("interrupt received"),
+    }
+}

@@ -1,0 +1,308 @@
+//! The gRPC services of `kiln.v1`, thin adapters over the Runner.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use agent_proto::v1::attestations_server::Attestations;
+use agent_proto::v1::content_store_server::ContentStore as ContentStoreApi;
+use agent_proto::v1::jobs_server::Jobs;
+use agent_proto::v1::{
+    job_event, write_request, CancelRequest, CancelResponse, FindMissingRequest,
+    FindMissingResponse, GetPublicKeyRequest, GetRequest, Job, JobEvent, Link, ListLinksRequest,
+    ListLinksResponse, PublicKey, ReadRequest, ReadResponse, SubmitRequest, SubmitResponse,
+    WatchRequest, WriteRequest, WriteResponse,
+};
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::cas::{check_digest, CHUNK_SIZE};
+use crate::error::RunnerError;
+use crate::jobs::Runner;
+use crate::spec::{validate, SpecLimits};
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<JobEvent, Status>> + Send>>;
+type ReadStream = Pin<Box<dyn Stream<Item = Result<ReadResponse, Status>> + Send>>;
+
+#[derive(Clone)]
+pub struct Service {
+    pub runner: Arc<Runner>,
+}
+
+fn peer_uid<T>(request: &Request<T>) -> Option<u32> {
+    request
+        .extensions()
+        .get::<tonic::transport::server::UdsConnectInfo>()
+        .and_then(|info| info.peer_cred)
+        .map(|cred| cred.uid())
+}
+
+fn check_job_id(id: &str) -> Result<(), RunnerError> {
+    if id.is_empty() || id.len() > 64 || !id.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-') {
+        return Err(RunnerError::invalid(
+            "job_id",
+            format!("{id:?} is not a job id"),
+        ));
+    }
+    Ok(())
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, RunnerError> + Send + 'static,
+) -> Result<T, Status> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Status::internal(format!("worker: {e}")))?
+        .map_err(Status::from)
+}
+
+#[tonic::async_trait]
+impl Jobs for Service {
+    async fn submit(
+        &self,
+        request: Request<SubmitRequest>,
+    ) -> Result<Response<SubmitResponse>, Status> {
+        let peer = peer_uid(&request);
+        let req = request.into_inner();
+        let spec = req
+            .spec
+            .ok_or_else(|| RunnerError::invalid("spec", "missing"))?;
+        let limits = SpecLimits {
+            max_timeout_seconds: self.runner.config.max_timeout_seconds,
+        };
+        validate(&spec, &limits)?;
+        let key = (!req.idempotency_key.is_empty()).then_some(req.idempotency_key);
+        if key.as_ref().is_some_and(|k| k.len() > 256) {
+            return Err(RunnerError::invalid("idempotency_key", "longer than 256 bytes").into());
+        }
+        let runner = self.runner.clone();
+        let job_id = blocking(move || runner.submit(spec, key.as_deref(), peer)).await?;
+        Ok(Response::new(SubmitResponse { job_id }))
+    }
+
+    type WatchStream = EventStream;
+
+    async fn watch(
+        &self,
+        request: Request<WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let id = request.into_inner().job_id;
+        check_job_id(&id)?;
+        let runner = self.runner.clone();
+        let Some(handle) = runner.existing_handle(&id) else {
+            // Not in memory: a job that finished long ago (or before a restart).
+            let lookup = id.clone();
+            let job = blocking(move || runner.get(&lookup)).await?;
+            let event = JobEvent {
+                job_id: id,
+                sequence: 0,
+                event: Some(job_event::Event::JobFinished(job)),
+            };
+            return Ok(Response::new(Box::pin(tokio_stream::iter([Ok(event)]))));
+        };
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        tokio::spawn(async move {
+            let mut changes = handle.subscribe();
+            let mut next = 0usize;
+            loop {
+                let (events, finished) = handle.events_from(next);
+                next += events.len();
+                for event in events {
+                    if tx.send(Ok(event)).await.is_err() {
+                        return;
+                    }
+                }
+                if finished {
+                    let (rest, _) = handle.events_from(next);
+                    if rest.is_empty() {
+                        return;
+                    }
+                    continue;
+                }
+                if changes.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+
+    async fn get(&self, request: Request<GetRequest>) -> Result<Response<Job>, Status> {
+        let id = request.into_inner().job_id;
+        check_job_id(&id)?;
+        let runner = self.runner.clone();
+        Ok(Response::new(blocking(move || runner.get(&id)).await?))
+    }
+
+    async fn cancel(
+        &self,
+        request: Request<CancelRequest>,
+    ) -> Result<Response<CancelResponse>, Status> {
+        let id = request.into_inner().job_id;
+        check_job_id(&id)?;
+        let runner = self.runner.clone();
+        let state = blocking(move || runner.cancel(&id)).await?;
+        Ok(Response::new(CancelResponse {
+            state: state as i32,
+        }))
+    }
+}
+
+#[tonic::async_trait]
+impl ContentStoreApi for Service {
+    async fn find_missing(
+        &self,
+        request: Request<FindMissingRequest>,
+    ) -> Result<Response<FindMissingResponse>, Status> {
+        let digests = request.into_inner().digests;
+        if digests.len() > 100_000 {
+            return Err(RunnerError::invalid("digests", "too many").into());
+        }
+        let runner = self.runner.clone();
+        let missing = blocking(move || {
+            let mut missing = Vec::new();
+            for (i, digest) in digests.iter().enumerate() {
+                check_digest(&format!("digests[{i}]"), digest)?;
+                if !runner.cas.contains(digest)? {
+                    missing.push(digest.clone());
+                }
+            }
+            Ok(missing)
+        })
+        .await?;
+        Ok(Response::new(FindMissingResponse { missing }))
+    }
+
+    async fn write(
+        &self,
+        request: Request<Streaming<WriteRequest>>,
+    ) -> Result<Response<WriteResponse>, Status> {
+        let mut stream = request.into_inner();
+        let header = match stream.message().await? {
+            Some(WriteRequest {
+                part: Some(write_request::Part::Header(header)),
+            }) => header,
+            _ => {
+                return Err(
+                    RunnerError::invalid("header", "the first message must be a header").into(),
+                )
+            }
+        };
+        check_digest("header.digest", &header.digest)?;
+        let mut writer = self.runner.cas.writer()?;
+        while let Some(message) = stream.message().await? {
+            match message.part {
+                Some(write_request::Part::Data(data)) => {
+                    if writer.size() + data.len() as u64 > header.size {
+                        return Err(RunnerError::invalid(
+                            "data",
+                            format!("more than the declared {} bytes", header.size),
+                        )
+                        .into());
+                    }
+                    writer = tokio::task::spawn_blocking(move || -> Result<_, RunnerError> {
+                        writer.write(&data)?;
+                        Ok(writer)
+                    })
+                    .await
+                    .map_err(|e| Status::internal(format!("worker: {e}")))??;
+                }
+                _ => return Err(RunnerError::invalid("data", "a second header").into()),
+            }
+        }
+        if writer.size() != header.size {
+            return Err(RunnerError::invalid(
+                "data",
+                format!("{} bytes received, {} declared", writer.size(), header.size),
+            )
+            .into());
+        }
+        let size = writer.size();
+        let expected = header.digest.clone();
+        let digest = blocking(move || writer.commit(Some(&expected))).await?;
+        Ok(Response::new(WriteResponse { digest, size }))
+    }
+
+    type ReadStream = ReadStream;
+
+    async fn read(
+        &self,
+        request: Request<ReadRequest>,
+    ) -> Result<Response<Self::ReadStream>, Status> {
+        let digest = request.into_inner().digest;
+        check_digest("digest", &digest)?;
+        let runner = self.runner.clone();
+        let file = blocking(move || runner.cas.open_blob(&digest)).await?;
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tokio::task::spawn_blocking(move || {
+            use std::io::Read;
+            let mut file = file;
+            loop {
+                let mut buf = vec![0u8; CHUNK_SIZE];
+                match file.read(&mut buf) {
+                    Ok(0) => return,
+                    Ok(n) => {
+                        buf.truncate(n);
+                        if tx.blocking_send(Ok(ReadResponse { data: buf })).is_err() {
+                            return;
+                        }
+                    }
+                    Err(e) => {
+                        let _ =
+                            tx.blocking_send(Err(Status::internal(format!("reading blob: {e}"))));
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+}
+
+#[tonic::async_trait]
+impl Attestations for Service {
+    async fn list_links(
+        &self,
+        request: Request<ListLinksRequest>,
+    ) -> Result<Response<ListLinksResponse>, Status> {
+        let id = request.into_inner().job_id;
+        check_job_id(&id)?;
+        let runner = self.runner.clone();
+        let links = blocking(move || {
+            let job = runner.get(&id)?;
+            let mut links = Vec::new();
+            for step in job.steps {
+                if step.link_digest.is_empty() {
+                    continue;
+                }
+                let content = runner.cas.read_all(&step.link_digest)?;
+                links.push(Link {
+                    step: step.name,
+                    file_name: step.link_name,
+                    digest: step.link_digest,
+                    content,
+                });
+            }
+            Ok(links)
+        })
+        .await?;
+        Ok(Response::new(ListLinksResponse { links }))
+    }
+
+    async fn get_public_key(
+        &self,
+        _request: Request<GetPublicKeyRequest>,
+    ) -> Result<Response<PublicKey>, Status> {
+        let public = self.runner.key.public_key();
+        let json = serde_json::to_string(&public.to_securesystemslib())
+            .map_err(|e| Status::internal(format!("encoding key: {e}")))?;
+        Ok(Response::new(PublicKey {
+            keyid: public.keyid(),
+            pem: public.to_spki_pem(),
+            securesystemslib_json: json,
+        }))
+    }
+}

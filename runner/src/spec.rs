@@ -1,0 +1,354 @@
+//! Validation of a submitted JobSpec. Everything a client sends is checked here,
+//! before the job is recorded, and a bad field is named in the error.
+
+use std::collections::BTreeSet;
+
+use agent_proto::v1::JobSpec;
+
+use crate::cas::check_digest;
+use crate::error::{Result, RunnerError};
+
+pub const MAX_NAME_BYTES: usize = 256;
+pub const MAX_PATH_BYTES: usize = 4096;
+pub const MAX_INPUTS: usize = 100_000;
+pub const MAX_OUTPUTS: usize = 10_000;
+pub const MAX_STEPS: usize = 256;
+pub const MAX_ARG_BYTES: usize = 128 * 1024;
+pub const MAX_ARGV_TOTAL_BYTES: usize = 1024 * 1024;
+pub const MAX_ENV_VARS: usize = 1024;
+
+/// Limits the operator's config sets on what a job may ask for.
+#[derive(Debug, Clone)]
+pub struct SpecLimits {
+    pub max_timeout_seconds: u32,
+}
+
+/// A relative, '/'-separated path inside the workspace, without "." or ".."
+/// components: the only shape that cannot name anything outside the workspace.
+pub fn check_workspace_path(field: &str, path: &str) -> Result<()> {
+    let bad = |reason: &str| Err(RunnerError::invalid(field, format!("{path:?}: {reason}")));
+    if path.is_empty() {
+        return bad("empty path");
+    }
+    if path.len() > MAX_PATH_BYTES {
+        return bad("path too long");
+    }
+    if path.contains('\0') {
+        return bad("contains a NUL byte");
+    }
+    if path.starts_with('/') {
+        return bad("absolute paths are not allowed");
+    }
+    for component in path.split('/') {
+        match component {
+            "" => return bad("empty path component"),
+            "." | ".." => return bad("\".\" and \"..\" components are not allowed"),
+            c if c.len() > 255 => return bad("path component longer than 255 bytes"),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// Step names name link files (`<step>.<keyid>.link`), so they must be plain file names.
+pub fn check_step_name(field: &str, name: &str) -> Result<()> {
+    if name.is_empty() || name.len() > 64 {
+        return Err(RunnerError::invalid(field, "must be 1 to 64 characters"));
+    }
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
+        return Err(RunnerError::invalid(
+            field,
+            format!("{name:?} may contain only ASCII letters, digits, '-' and '_'"),
+        ));
+    }
+    Ok(())
+}
+
+pub fn check_image_name(name: &str) -> Result<()> {
+    if name.is_empty() || name.len() > 64 {
+        return Err(RunnerError::invalid("image", "must be 1 to 64 characters"));
+    }
+    if !name.bytes().all(|b| {
+        b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_' || b == b'.'
+    }) || name.starts_with('.')
+    {
+        return Err(RunnerError::invalid(
+            "image",
+            format!("{name:?} is not an image name (a-z, 0-9, '-', '_', '.')"),
+        ));
+    }
+    Ok(())
+}
+
+pub fn validate(spec: &JobSpec, limits: &SpecLimits) -> Result<()> {
+    if spec.name.len() > MAX_NAME_BYTES || spec.name.contains('\0') {
+        return Err(RunnerError::invalid(
+            "name",
+            "must be at most 256 bytes without NUL",
+        ));
+    }
+    check_image_name(&spec.image)?;
+
+    if spec.inputs.len() > MAX_INPUTS {
+        return Err(RunnerError::invalid("inputs", "too many inputs"));
+    }
+    let mut input_paths = BTreeSet::new();
+    for (i, input) in spec.inputs.iter().enumerate() {
+        let field = format!("inputs[{i}].path");
+        check_workspace_path(&field, &input.path)?;
+        check_digest(&format!("inputs[{i}].digest"), &input.digest)?;
+        if !input_paths.insert(input.path.as_str()) {
+            return Err(RunnerError::invalid(
+                field,
+                format!("{:?} is given twice", input.path),
+            ));
+        }
+    }
+    // A path that is both a file and a directory prefix of another input cannot exist.
+    for path in &input_paths {
+        let mut prefix = String::new();
+        for component in path.split('/') {
+            if !prefix.is_empty() && input_paths.contains(prefix.as_str()) {
+                return Err(RunnerError::invalid(
+                    "inputs",
+                    format!("{prefix:?} is a file but {path:?} needs it to be a directory"),
+                ));
+            }
+            if !prefix.is_empty() {
+                prefix.push('/');
+            }
+            prefix.push_str(component);
+        }
+    }
+
+    if spec.steps.is_empty() {
+        return Err(RunnerError::invalid(
+            "steps",
+            "a job needs at least one step",
+        ));
+    }
+    if spec.steps.len() > MAX_STEPS {
+        return Err(RunnerError::invalid("steps", "too many steps"));
+    }
+    let mut step_names = BTreeSet::new();
+    for (i, step) in spec.steps.iter().enumerate() {
+        let field = |f: &str| format!("steps[{i}].{f}");
+        check_step_name(&field("name"), &step.name)?;
+        if !step_names.insert(step.name.as_str()) {
+            return Err(RunnerError::invalid(
+                field("name"),
+                format!("duplicate step name {:?}", step.name),
+            ));
+        }
+        if step.argv.is_empty() || step.argv[0].is_empty() {
+            return Err(RunnerError::invalid(
+                field("argv"),
+                "argv must not be empty",
+            ));
+        }
+        let mut total = 0;
+        for (j, arg) in step.argv.iter().enumerate() {
+            if arg.contains('\0') {
+                return Err(RunnerError::invalid(
+                    format!("steps[{i}].argv[{j}]"),
+                    "contains a NUL byte",
+                ));
+            }
+            if arg.len() > MAX_ARG_BYTES {
+                return Err(RunnerError::invalid(
+                    format!("steps[{i}].argv[{j}]"),
+                    "argument too long",
+                ));
+            }
+            total += arg.len();
+        }
+        if total > MAX_ARGV_TOTAL_BYTES {
+            return Err(RunnerError::invalid(
+                field("argv"),
+                "arguments too long in total",
+            ));
+        }
+        if step.env.len() > MAX_ENV_VARS {
+            return Err(RunnerError::invalid(field("env"), "too many variables"));
+        }
+        for (key, value) in &step.env {
+            if key.is_empty() || key.contains('=') || key.contains('\0') || key.len() > 1024 {
+                return Err(RunnerError::invalid(
+                    field("env"),
+                    format!("{key:?} is not a variable name"),
+                ));
+            }
+            if value.contains('\0') || value.len() > MAX_ARG_BYTES {
+                return Err(RunnerError::invalid(
+                    field("env"),
+                    format!("value of {key:?} contains NUL or is too long"),
+                ));
+            }
+        }
+        if step.timeout_seconds > limits.max_timeout_seconds {
+            return Err(RunnerError::invalid(
+                field("timeout_seconds"),
+                format!(
+                    "{} exceeds the runner's maximum of {}",
+                    step.timeout_seconds, limits.max_timeout_seconds
+                ),
+            ));
+        }
+        // Limits the runner cannot enforce yet are refused, never silently ignored.
+        if step.limits.as_ref().is_some_and(|l| {
+            l.memory_bytes != 0 || l.pids != 0 || l.cpu_millis != 0 || l.disk_bytes != 0
+        }) {
+            return Err(RunnerError::FailedPrecondition(format!(
+                "steps[{i}].limits: per-step resource limits are not supported yet"
+            )));
+        }
+        if !step.allow_net.is_empty() {
+            return Err(RunnerError::FailedPrecondition(format!(
+                "steps[{i}].allow_net: network allow-lists are not supported yet"
+            )));
+        }
+    }
+
+    if spec.outputs.len() > MAX_OUTPUTS {
+        return Err(RunnerError::invalid("outputs", "too many outputs"));
+    }
+    let mut outputs = BTreeSet::new();
+    for (i, output) in spec.outputs.iter().enumerate() {
+        let field = format!("outputs[{i}]");
+        check_workspace_path(&field, output)?;
+        if !outputs.insert(output.as_str()) {
+            return Err(RunnerError::invalid(
+                field,
+                format!("{output:?} is given twice"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use agent_proto::v1::{Input, Step};
+
+    fn limits() -> SpecLimits {
+        SpecLimits {
+            max_timeout_seconds: 3600,
+        }
+    }
+
+    fn good() -> JobSpec {
+        JobSpec {
+            name: "j".into(),
+            image: "host".into(),
+            inputs: vec![Input {
+                path: "src/a.c".into(),
+                digest: "a".repeat(64),
+                executable: false,
+            }],
+            steps: vec![Step {
+                name: "build".into(),
+                argv: vec!["cc".into()],
+                ..Default::default()
+            }],
+            outputs: vec!["out/a".into()],
+        }
+    }
+
+    fn err_of(spec: &JobSpec) -> String {
+        validate(spec, &limits()).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn accepts_a_good_spec() {
+        validate(&good(), &limits()).unwrap();
+    }
+
+    #[test]
+    fn rejects_paths_that_could_escape() {
+        for bad in [
+            "../x",
+            "a/../../x",
+            "/etc/passwd",
+            "a//b",
+            "./a",
+            "a\0b",
+            "",
+        ] {
+            let mut spec = good();
+            spec.inputs[0].path = bad.into();
+            assert!(err_of(&spec).contains("inputs[0].path"), "{bad:?}");
+            let mut spec = good();
+            spec.outputs[0] = bad.into();
+            assert!(err_of(&spec).contains("outputs[0]"), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn names_the_bad_field() {
+        let mut spec = good();
+        spec.steps[0].argv.clear();
+        assert!(err_of(&spec).contains("steps[0].argv"));
+
+        let mut spec = good();
+        spec.steps.push(spec.steps[0].clone());
+        assert!(err_of(&spec).contains("duplicate step name"));
+
+        let mut spec = good();
+        spec.steps[0].name = "a/b".into();
+        assert!(err_of(&spec).contains("steps[0].name"));
+
+        let mut spec = good();
+        spec.steps[0].argv.push("x\0y".into());
+        assert!(err_of(&spec).contains("steps[0].argv[1]"));
+
+        let mut spec = good();
+        spec.steps[0].argv[0] = "x".repeat(MAX_ARG_BYTES + 1);
+        assert!(err_of(&spec).contains("too long"));
+
+        let mut spec = good();
+        spec.inputs[0].digest = "zz".into();
+        assert!(err_of(&spec).contains("inputs[0].digest"));
+
+        let mut spec = good();
+        spec.image = "../etc".into();
+        assert!(err_of(&spec).contains("image"));
+
+        let mut spec = good();
+        spec.steps[0].timeout_seconds = 7200;
+        assert!(err_of(&spec).contains("timeout_seconds"));
+
+        let mut spec = good();
+        spec.inputs.push(Input {
+            path: "src".into(),
+            digest: "b".repeat(64),
+            executable: false,
+        });
+        assert!(err_of(&spec).contains("needs it to be a directory"));
+    }
+
+    #[test]
+    fn refuses_resource_limits_it_cannot_enforce() {
+        let mut spec = good();
+        spec.steps[0].limits = Some(agent_proto::v1::ResourceLimits {
+            memory_bytes: 1 << 30,
+            ..Default::default()
+        });
+        let err = validate(&spec, &limits()).unwrap_err();
+        assert!(matches!(err, RunnerError::FailedPrecondition(_)));
+        assert!(err.to_string().contains("steps[0].limits"));
+    }
+
+    #[test]
+    fn refuses_network_allow_lists_explicitly() {
+        let mut spec = good();
+        spec.steps[0].allow_net = vec!["example.org:443".into()];
+        let err = validate(&spec, &limits()).unwrap_err();
+        assert!(matches!(err, RunnerError::FailedPrecondition(_)));
+        assert!(err.to_string().contains("not supported yet"));
+    }
+}

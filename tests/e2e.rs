@@ -1,0 +1,646 @@
+//! End-to-end: a real `kiln serve` driven by the `kiln` CLI and by reference
+//! clients (in-toto-verify, grpcio's health and reflection stubs).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+
+use serde_json::json;
+use support::*;
+
+const HELLO_C: &str =
+    "#include <stdio.h>\nint main(void) { printf(\"hello, kiln\\n\"); return 0; }\n";
+
+fn write_runner_pub(daemon: &Daemon) -> std::path::PathBuf {
+    let out = daemon.kiln(&["keys", "public"]);
+    assert!(out.status.success(), "{}", describe(&out));
+    let path = daemon.path("runner.pub");
+    std::fs::write(&path, &out.stdout).unwrap();
+    assert!(text(&out.stdout).starts_with("-----BEGIN PUBLIC KEY-----"));
+    path
+}
+
+fn kiln_verify(
+    daemon: &Daemon,
+    layout: &Path,
+    owner: &Path,
+    links: &Path,
+    artifacts: &Path,
+) -> std::process::Output {
+    daemon.kiln(&[
+        "verify",
+        "--layout",
+        layout.to_str().unwrap(),
+        "--layout-key",
+        owner.to_str().unwrap(),
+        "--links",
+        links.to_str().unwrap(),
+        "--artifacts",
+        artifacts.to_str().unwrap(),
+    ])
+}
+
+#[test]
+fn run_streams_output_writes_link_and_outputs_that_in_toto_verify_accepts() {
+    if !require_root("run_streams_output_writes_link_and_outputs_that_in_toto_verify_accepts") {
+        return;
+    }
+    let daemon = Daemon::start();
+    std::fs::create_dir_all(daemon.path("src")).unwrap();
+    std::fs::write(daemon.path("src/hello.c"), HELLO_C).unwrap();
+    let out = daemon.kiln(&[
+        "run",
+        "--input",
+        "src/hello.c",
+        "--output",
+        "hello",
+        "--attest-dir",
+        "links",
+        "--out",
+        "out",
+        "--",
+        "/bin/sh",
+        "-c",
+        "cc -O2 -o hello hello.c && ./hello",
+    ]);
+    assert!(out.status.success(), "{}\n{}", describe(&out), daemon.log());
+    assert_eq!(text(&out.stdout), "hello, kiln\n");
+    let hello = daemon.path("out/hello");
+    assert!(std::fs::metadata(&hello).unwrap().permissions().mode() & 0o111 != 0);
+    let program = std::process::Command::new(&hello).output().unwrap();
+    assert_eq!(text(&program.stdout), "hello, kiln\n");
+
+    let links: Vec<_> = std::fs::read_dir(daemon.path("links"))
+        .unwrap()
+        .flatten()
+        .collect();
+    assert_eq!(links.len(), 1);
+    let name = links[0].file_name().into_string().unwrap();
+    assert!(
+        name.starts_with("run.") && name.ends_with(".link"),
+        "{name}"
+    );
+    let link: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(links[0].path()).unwrap()).unwrap();
+    let signed = &link["signed"];
+    assert_eq!(signed["_type"], "link");
+    assert!(signed["environment"].is_object());
+    assert!(signed["environment"]["sandbox_profile"]["sha256"].is_string());
+    assert_eq!(signed["environment"]["image"]["pinned"], false);
+    assert_eq!(signed["byproducts"]["return-value"], 0);
+    assert_eq!(signed["byproducts"]["stdout"], "hello, kiln\n");
+    assert!(signed["materials"]["hello.c"]["sha256"].is_string());
+    assert!(signed["products"]["hello"]["sha256"].is_string());
+
+    let (Some(python), Some(verifier)) = (python("run/in-toto"), in_toto_verify("run/in-toto"))
+    else {
+        return;
+    };
+    let runner_pub = write_runner_pub(&daemon);
+    let (layout, owner) = make_layout(
+        &python,
+        daemon.dir.path(),
+        &runner_pub,
+        json!({
+            "steps": [{
+                "name": "run",
+                "expected_command": ["/bin/sh", "-c", "cc -O2 -o hello hello.c && ./hello"],
+                "expected_materials": [["ALLOW", "hello.c"], ["DISALLOW", "*"]],
+                "expected_products": [["CREATE", "hello"], ["ALLOW", "hello.c"], ["DISALLOW", "*"]],
+            }],
+            "inspect": [{
+                "name": "outputs",
+                "run": ["true"],
+                "expected_materials": [["MATCH", "hello", "WITH", "PRODUCTS", "FROM", "run"], ["DISALLOW", "*"]],
+            }],
+        }),
+    );
+    let links_dir = daemon.path("links");
+    let out_dir = daemon.path("out");
+    let verdict = run_in_toto_verify(&verifier, &layout, &owner, &links_dir, &out_dir);
+    assert!(
+        verdict.status.success(),
+        "in-toto-verify: {}",
+        describe(&verdict)
+    );
+    let ours = kiln_verify(&daemon, &layout, &owner, &links_dir, &out_dir);
+    assert!(ours.status.success(), "kiln verify: {}", describe(&ours));
+
+    flip_byte(&hello);
+    let verdict = run_in_toto_verify(&verifier, &layout, &owner, &links_dir, &out_dir);
+    assert!(
+        !verdict.status.success(),
+        "in-toto-verify accepted a tampered output"
+    );
+    let ours = kiln_verify(&daemon, &layout, &owner, &links_dir, &out_dir);
+    assert!(
+        !ours.status.success(),
+        "kiln verify accepted a tampered output"
+    );
+}
+
+#[test]
+fn submit_runs_a_multi_step_job_and_tampering_fails_every_verifier() {
+    if !require_root("submit_runs_a_multi_step_job_and_tampering_fails_every_verifier") {
+        return;
+    }
+    let daemon = Daemon::start();
+    let job_dir = daemon.path("job");
+    std::fs::create_dir_all(job_dir.join("src")).unwrap();
+    std::fs::write(job_dir.join("src/hello.c"), HELLO_C).unwrap();
+    std::fs::write(
+        job_dir.join("job.toml"),
+        r#"
+name = "hello"
+image = "host"
+[[inputs]]
+path = "hello.c"
+from = "./src/hello.c"
+[[steps]]
+name = "compile"
+run = ["cc", "-O2", "-o", "hello", "hello.c"]
+[[steps]]
+name = "test"
+run = ["/bin/sh", "-c", "./hello > result.txt"]
+timeout = 60
+[[outputs]]
+path = "hello"
+[[outputs]]
+path = "result.txt"
+"#,
+    )
+    .unwrap();
+    let out = daemon.kiln(&[
+        "submit",
+        job_dir.join("job.toml").to_str().unwrap(),
+        "--attest-dir",
+        "links",
+        "--out",
+        "out",
+    ]);
+    assert!(out.status.success(), "{}\n{}", describe(&out), daemon.log());
+    assert_eq!(
+        std::fs::read_to_string(daemon.path("out/result.txt")).unwrap(),
+        "hello, kiln\n"
+    );
+    let summary = text(&out.stderr);
+    assert!(
+        summary.contains("compile") && summary.contains("succeeded"),
+        "{summary}"
+    );
+
+    let (Some(python), Some(verifier)) =
+        (python("submit/in-toto"), in_toto_verify("submit/in-toto"))
+    else {
+        return;
+    };
+    let runner_pub = write_runner_pub(&daemon);
+    let (layout, owner) = make_layout(
+        &python,
+        daemon.dir.path(),
+        &runner_pub,
+        json!({
+            "steps": [
+                {
+                    "name": "compile",
+                    "expected_command": ["cc", "-O2", "-o", "hello", "hello.c"],
+                    "expected_materials": [["ALLOW", "hello.c"], ["DISALLOW", "*"]],
+                    "expected_products": [["MATCH", "hello.c", "WITH", "MATERIALS", "FROM", "compile"], ["CREATE", "hello"], ["DISALLOW", "*"]],
+                },
+                {
+                    "name": "test",
+                    "expected_command": ["/bin/sh", "-c", "./hello > result.txt"],
+                    "expected_materials": [["MATCH", "*", "WITH", "PRODUCTS", "FROM", "compile"], ["DISALLOW", "*"]],
+                    "expected_products": [["CREATE", "result.txt"], ["MATCH", "*", "WITH", "PRODUCTS", "FROM", "compile"], ["DISALLOW", "*"]],
+                },
+            ],
+            "inspect": [{
+                "name": "outputs",
+                "run": ["true"],
+                "expected_materials": [
+                    ["MATCH", "hello", "WITH", "PRODUCTS", "FROM", "compile"],
+                    ["MATCH", "result.txt", "WITH", "PRODUCTS", "FROM", "test"],
+                    ["DISALLOW", "*"],
+                ],
+            }],
+        }),
+    );
+    let links = daemon.path("links");
+    let artifacts = daemon.path("out");
+    let verdict = run_in_toto_verify(&verifier, &layout, &owner, &links, &artifacts);
+    assert!(
+        verdict.status.success(),
+        "in-toto-verify: {}",
+        describe(&verdict)
+    );
+    let ours = kiln_verify(&daemon, &layout, &owner, &links, &artifacts);
+    assert!(ours.status.success(), "kiln verify: {}", describe(&ours));
+
+    // One flipped byte of an output.
+    let result = artifacts.join("result.txt");
+    let original = std::fs::read(&result).unwrap();
+    flip_byte(&result);
+    let verdict = run_in_toto_verify(&verifier, &layout, &owner, &links, &artifacts);
+    assert!(
+        !verdict.status.success(),
+        "in-toto-verify accepted a tampered output"
+    );
+    let ours = kiln_verify(&daemon, &layout, &owner, &links, &artifacts);
+    assert!(
+        !ours.status.success(),
+        "kiln verify accepted a tampered output"
+    );
+    std::fs::write(&result, original).unwrap();
+
+    // A link whose recorded product was edited no longer carries a valid signature.
+    let link_path = std::fs::read_dir(&links)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .unwrap()
+                .to_str()
+                .unwrap()
+                .starts_with("compile.")
+        })
+        .unwrap();
+    let mut link: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&link_path).unwrap()).unwrap();
+    let digest = link["signed"]["products"]["hello"]["sha256"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let forged = format!(
+        "{}{}",
+        if digest.starts_with('0') { "1" } else { "0" },
+        &digest[1..]
+    );
+    link["signed"]["products"]["hello"]["sha256"] = json!(forged);
+    std::fs::write(&link_path, serde_json::to_vec(&link).unwrap()).unwrap();
+    let verdict = run_in_toto_verify(&verifier, &layout, &owner, &links, &artifacts);
+    assert!(
+        !verdict.status.success(),
+        "in-toto-verify accepted a forged link"
+    );
+    let ours = kiln_verify(&daemon, &layout, &owner, &links, &artifacts);
+    assert!(!ours.status.success(), "kiln verify accepted a forged link");
+}
+
+#[test]
+fn exit_codes_follow_the_process_convention() {
+    if !require_root("exit_codes_follow_the_process_convention") {
+        return;
+    }
+    let daemon = Daemon::start();
+    let out = daemon.kiln(&[
+        "run",
+        "--",
+        "/bin/sh",
+        "-c",
+        "echo to-out; echo to-err >&2; exit 3",
+    ]);
+    assert_eq!(out.status.code(), Some(3), "{}", describe(&out));
+    assert!(text(&out.stdout).contains("to-out"));
+    assert!(text(&out.stderr).contains("to-err"));
+
+    let out = daemon.kiln(&["run", "--", "/no/such/program"]);
+    assert_eq!(out.status.code(), Some(127), "{}", describe(&out));
+
+    let out = daemon.kiln(&["run", "--", "/etc/passwd"]);
+    assert_eq!(out.status.code(), Some(126), "{}", describe(&out));
+
+    let out = daemon.kiln(&["run", "--", "/bin/sh", "-c", "kill -TERM $$"]);
+    assert_eq!(out.status.code(), Some(128 + 15), "{}", describe(&out));
+
+    let out = daemon.kiln(&["run", "--timeout", "1", "--", "/bin/sh", "-c", "sleep 60"]);
+    assert_eq!(out.status.code(), Some(128 + 9), "{}", describe(&out));
+    assert!(
+        text(&out.stderr).contains("timed out"),
+        "{}",
+        describe(&out)
+    );
+}
+
+#[test]
+fn bad_specs_are_refused_with_the_field_named() {
+    if !require_root("bad_specs_are_refused_with_the_field_named") {
+        return;
+    }
+    let daemon = Daemon::start();
+    let out = daemon.kiln(&["run", "--output", "../escape", "--", "true"]);
+    assert_eq!(out.status.code(), Some(125), "{}", describe(&out));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("outputs[0]") && err.contains("\"..\""),
+        "{err}"
+    );
+
+    let out = daemon.kiln(&["run", "--step", "a/b", "--", "true"]);
+    assert_eq!(out.status.code(), Some(125));
+    assert!(
+        text(&out.stderr).contains("steps[0].name"),
+        "{}",
+        describe(&out)
+    );
+
+    let out = daemon.kiln(&["run", "--image", "nonexistent", "--", "true"]);
+    assert_eq!(out.status.code(), Some(125));
+    assert!(
+        text(&out.stderr).contains("not installed"),
+        "{}",
+        describe(&out)
+    );
+
+    std::fs::write(
+        daemon.path("net.toml"),
+        "[[steps]]\nname = \"fetch\"\nrun = [\"true\"]\nnetwork = [\"example.org:443\"]\n",
+    )
+    .unwrap();
+    let out = daemon.kiln(&["submit", "net.toml"]);
+    assert_eq!(out.status.code(), Some(125));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("not supported yet") && err.contains("FailedPrecondition"),
+        "{err}"
+    );
+
+    // A declared output that is a symlink is never followed.
+    let out = daemon.kiln(&[
+        "run",
+        "--output",
+        "link",
+        "--",
+        "/bin/sh",
+        "-c",
+        "ln -s /etc/shadow link",
+    ]);
+    assert_eq!(out.status.code(), Some(125), "{}", describe(&out));
+    assert!(text(&out.stderr).contains("symlink"), "{}", describe(&out));
+}
+
+#[test]
+fn demo_builds_runs_and_verifies() {
+    if !require_root("demo_builds_runs_and_verifies") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = std::process::Command::new(KILN);
+    cmd.arg("demo").current_dir(dir.path());
+    if let Some(verifier) = in_toto_verify("demo/in-toto") {
+        cmd.env("KILN_IN_TOTO_VERIFY", verifier);
+    }
+    let out = cmd.output().unwrap();
+    assert!(out.status.success(), "{}", describe(&out));
+    let stdout = text(&out.stdout);
+    assert!(stdout.contains("PASSED"), "{stdout}");
+    assert!(stdout.contains("Hello from a Kiln sandbox."), "{stdout}");
+    if std::env::var_os("KILN_IN_TOTO_VERIFY").is_some() {
+        assert!(
+            stdout.contains("in-toto-verify") && !stdout.contains("FAILED"),
+            "{stdout}"
+        );
+    }
+}
+
+#[test]
+fn health_and_reflection_answer_reference_clients() {
+    if !require_root("health_and_reflection_answer_reference_clients") {
+        return;
+    }
+    let Some(python) = python("health_and_reflection") else {
+        return;
+    };
+    let daemon = Daemon::start();
+    let out = std::process::Command::new(python)
+        .arg(repo_root().join("tests/py/grpc_probe.py"))
+        .arg(&daemon.socket)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", describe(&out));
+    let seen: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    for service in [
+        "",
+        "kiln.v1.Jobs",
+        "kiln.v1.ContentStore",
+        "kiln.v1.Attestations",
+    ] {
+        assert_eq!(seen["health"][service], "SERVING", "{seen}");
+    }
+    let services: Vec<&str> = seen["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|s| s.as_str())
+        .collect();
+    for service in [
+        "kiln.v1.Jobs",
+        "kiln.v1.ContentStore",
+        "kiln.v1.Attestations",
+        "grpc.health.v1.Health",
+    ] {
+        assert!(services.contains(&service), "{services:?}");
+    }
+}
+
+#[test]
+fn busybox_image_is_pinned_and_a_modified_tree_is_refused() {
+    if !require_root("busybox_image_is_pinned_and_a_modified_tree_is_refused") {
+        return;
+    }
+    let daemon = Daemon::start();
+    let state = daemon.state.to_str().unwrap().to_string();
+    let recipe = repo_root().join("images/busybox");
+    let out = daemon.kiln(&[
+        "image",
+        "build",
+        "--state-dir",
+        &state,
+        recipe.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", describe(&out));
+    let out = daemon.kiln(&["image", "list", "--state-dir", &state]);
+    assert!(text(&out.stdout).contains("busybox"), "{}", describe(&out));
+
+    let out = daemon.kiln(&[
+        "run",
+        "--image",
+        "busybox",
+        "--attest-dir",
+        "links",
+        "--",
+        "sh",
+        "-c",
+        "echo from busybox; test ! -e /usr/bin/cc && echo no-host-usr",
+    ]);
+    assert!(out.status.success(), "{}\n{}", describe(&out), daemon.log());
+    assert_eq!(text(&out.stdout), "from busybox\nno-host-usr\n");
+    let link = std::fs::read_dir(daemon.path("links"))
+        .unwrap()
+        .flatten()
+        .next()
+        .unwrap();
+    let link: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(link.path()).unwrap()).unwrap();
+    let image = &link["signed"]["environment"]["image"];
+    assert_eq!(image["name"], "busybox");
+    assert!(
+        image["digest"]["sha256"].as_str().unwrap().len() == 64,
+        "{image}"
+    );
+
+    // Modify the stored tree behind the record's back: the daemon refuses the image.
+    let images = daemon.state.join("images/busybox");
+    let tree = std::fs::read_dir(&images)
+        .unwrap()
+        .flatten()
+        .find(|e| e.path().join("rootfs").is_dir())
+        .unwrap()
+        .path();
+    std::fs::write(tree.join("rootfs/etc/hosts"), "10.0.0.1 evil\n").unwrap();
+    let out = daemon.kiln(&["run", "--image", "busybox", "--", "true"]);
+    assert_eq!(out.status.code(), Some(125), "{}", describe(&out));
+    assert!(text(&out.stderr).contains("modified"), "{}", describe(&out));
+}
+
+#[test]
+fn queued_jobs_survive_a_restart_and_sigterm_drains() {
+    if !require_root("queued_jobs_survive_a_restart_and_sigterm_drains") {
+        return;
+    }
+    let mut daemon = Daemon::start();
+    let out = daemon.kiln(&["run", "--", "/bin/sh", "-c", "echo first"]);
+    assert!(out.status.success(), "{}", describe(&out));
+    let status = daemon.stop();
+    assert!(status.success(), "daemon exit {status:?}\n{}", daemon.log());
+    assert!(!daemon.socket.exists(), "socket left behind");
+    daemon.spawn(&[]);
+    let out = daemon.kiln(&["run", "--", "/bin/sh", "-c", "echo second"]);
+    assert!(out.status.success(), "{}", describe(&out));
+    assert_eq!(text(&out.stdout), "second\n");
+    assert!(daemon.state.join("kiln.db").is_file());
+    let key = daemon.state.join("keys/runner.pem");
+    let mode = std::fs::metadata(&key).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "signing key mode {mode:o}");
+}
+
+fn status_json(daemon: &Daemon, id: &str) -> serde_json::Value {
+    let out = daemon.kiln(&["status", "--json", id]);
+    assert!(out.status.success(), "{}", describe(&out));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// Host processes running as `uid` (real uid).
+fn processes_of_uid(uid: u32) -> Vec<String> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(status) = std::fs::read_to_string(entry.path().join("status")) else {
+            continue;
+        };
+        let real = status
+            .lines()
+            .find(|l| l.starts_with("Uid:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|u| u.parse::<u32>().ok());
+        if real == Some(uid) {
+            found.push(entry.file_name().to_string_lossy().into_owned());
+        }
+    }
+    found
+}
+
+fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !done() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn cancel_kills_every_process_of_the_running_step() {
+    if !require_root("cancel_kills_every_process_of_the_running_step") {
+        return;
+    }
+    // A uid range of its own, so no other test's sandbox shares it.
+    let uid_base = 310_000_000u32;
+    let config = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(config.path(), format!("uid_base = {uid_base}\n")).unwrap();
+    let daemon = Daemon::start_with(&["--config", config.path().to_str().unwrap()]);
+    std::fs::write(
+        daemon.path("sleepy.toml"),
+        "[[steps]]\nname = \"sleepy\"\nrun = [\"/bin/sh\", \"-c\", \"setsid sleep 300 & sleep 300\"]\n",
+    )
+    .unwrap();
+    let out = daemon.kiln(&["submit", "--detach", "sleepy.toml"]);
+    assert!(out.status.success(), "{}", describe(&out));
+    let id = text(&out.stdout).trim().to_string();
+    let step_uid = uid_base + 1000;
+    wait_until("the step's processes", || {
+        processes_of_uid(step_uid).len() >= 2
+    });
+
+    let out = daemon.kiln(&["cancel", &id]);
+    assert!(out.status.success(), "{}", describe(&out));
+    wait_until("the job to be cancelled", || {
+        status_json(&daemon, &id)["state"] == "cancelled"
+    });
+    let job = status_json(&daemon, &id);
+    assert_eq!(job["steps"][0]["state"], "cancelled", "{job}");
+    wait_until("every process of the step to die", || {
+        processes_of_uid(step_uid).is_empty()
+    });
+}
+
+#[test]
+fn concurrent_sandboxes_get_disjoint_host_id_ranges() {
+    if !require_root("concurrent_sandboxes_get_disjoint_host_id_ranges") {
+        return;
+    }
+    let config = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(
+        config.path(),
+        "uid_base = 320000000\nmax_concurrent_jobs = 2\n",
+    )
+    .unwrap();
+    let daemon = Daemon::start_with(&["--config", config.path().to_str().unwrap()]);
+    let spawn = || {
+        std::process::Command::new(KILN)
+            .env("KILN_SOCKET", &daemon.socket)
+            .args([
+                "run",
+                "--",
+                "/bin/sh",
+                "-c",
+                "cat /proc/self/uid_map; sleep 2",
+            ])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let (a, b) = (spawn(), spawn());
+    let (a, b) = (a.wait_with_output().unwrap(), b.wait_with_output().unwrap());
+    assert!(a.status.success() && b.status.success());
+    let host_base = |out: &std::process::Output| -> u32 {
+        text(&out.stdout)
+            .split_whitespace()
+            .nth(1)
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let (base_a, base_b) = (host_base(&a), host_base(&b));
+    assert_ne!(base_a, base_b, "two concurrent sandboxes share host ids");
+    assert!(base_a.abs_diff(base_b) >= 65536, "{base_a} {base_b}");
+    for base in [base_a, base_b] {
+        assert!(
+            base >= 320_000_000,
+            "host id base {base} is not from the configured range"
+        );
+    }
+}

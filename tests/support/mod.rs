@@ -1,0 +1,244 @@
+//! Helpers for the end-to-end tests: a real `kiln serve` on a private socket and
+//! state directory, the `kiln` CLI as a client, and the reference in-toto tools.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub const KILN: &str = env!("CARGO_BIN_EXE_kiln");
+
+fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true")
+}
+
+/// Root is needed to run the daemon. Outside CI a test without it is skipped
+/// (and says so); in CI a missing privilege is a failure.
+pub fn require_root(test: &str) -> bool {
+    if nix::unistd::geteuid().is_root() {
+        return true;
+    }
+    assert!(!in_ci(), "{test}: CI=true but not running as root");
+    eprintln!("SKIPPED: {test} needs root");
+    false
+}
+
+/// The reference verifier from the venv the test command creates.
+pub fn in_toto_verify(test: &str) -> Option<PathBuf> {
+    reference_tool(test, "KILN_IN_TOTO_VERIFY")
+}
+
+/// Python of that venv (in-toto, securesystemslib, grpcio).
+pub fn python(test: &str) -> Option<PathBuf> {
+    reference_tool(test, "KILN_PYTHON")
+}
+
+fn reference_tool(test: &str, var: &str) -> Option<PathBuf> {
+    match std::env::var_os(var) {
+        Some(path) if Path::new(&path).is_file() => Some(path.into()),
+        _ => {
+            assert!(
+                !in_ci(),
+                "{test}: CI=true but {var} is not set to an existing file"
+            );
+            eprintln!("SKIPPED: {test} needs {var} (run scripts/test)");
+            None
+        }
+    }
+}
+
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+pub struct Daemon {
+    pub dir: tempfile::TempDir,
+    pub socket: PathBuf,
+    pub state: PathBuf,
+    child: Option<Child>,
+}
+
+impl Daemon {
+    pub fn start() -> Daemon {
+        Self::start_with(&[])
+    }
+
+    pub fn start_with(extra: &[&str]) -> Daemon {
+        let dir = tempfile::Builder::new()
+            .prefix("kiln-e2e-")
+            .tempdir()
+            .unwrap();
+        let socket = dir.path().join("kiln.sock");
+        let state = dir.path().join("state");
+        let mut daemon = Daemon {
+            socket,
+            state,
+            child: None,
+            dir,
+        };
+        daemon.spawn(extra);
+        daemon
+    }
+
+    pub fn spawn(&mut self, extra: &[&str]) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("daemon.log"))
+            .unwrap();
+        let child = Command::new(KILN)
+            .arg("--socket")
+            .arg(&self.socket)
+            .arg("serve")
+            .arg("--state-dir")
+            .arg(&self.state)
+            .args(extra)
+            .env("KILN_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("daemon exited early ({status}):\n{}", self.log());
+            }
+            if std::os::unix::net::UnixStream::connect(&self.socket).is_ok() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "daemon did not start:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("daemon.log")).unwrap_or_default()
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Runs the `kiln` CLI against this daemon.
+    pub fn kiln(&self, args: &[&str]) -> Output {
+        self.kiln_in(args, self.dir.path())
+    }
+
+    pub fn kiln_in(&self, args: &[&str], cwd: &Path) -> Output {
+        Command::new(KILN)
+            .args(args)
+            .env("KILN_SOCKET", &self.socket)
+            .current_dir(cwd)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    }
+
+    /// SIGTERM, then wait: the daemon must drain and exit 0.
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("daemon running");
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("daemon did not stop after SIGTERM:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+pub fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+pub fn describe(output: &Output) -> String {
+    format!(
+        "status {:?}\n--- stdout\n{}\n--- stderr\n{}",
+        output.status.code(),
+        text(&output.stdout),
+        text(&output.stderr)
+    )
+}
+
+/// Writes a layout with the reference implementation (a fresh owner key) and
+/// returns (layout path, owner public key path).
+pub fn make_layout(
+    python: &Path,
+    dir: &Path,
+    runner_pub: &Path,
+    spec: serde_json::Value,
+) -> (PathBuf, PathBuf) {
+    let mut spec = spec;
+    spec["functionary_pub"] = serde_json::json!(runner_pub);
+    let spec_path = dir.join("layout-spec.json");
+    std::fs::write(&spec_path, serde_json::to_vec(&spec).unwrap()).unwrap();
+    let layout = dir.join("root.layout");
+    let owner_pub = dir.join("owner.pub");
+    let output = Command::new(python)
+        .arg(repo_root().join("tests/py/make_layout.py"))
+        .arg(&spec_path)
+        .arg(&layout)
+        .arg(&owner_pub)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "make_layout: {}",
+        describe(&output)
+    );
+    (layout, owner_pub)
+}
+
+/// Runs the reference `in-toto-verify`; `cwd` is where inspections run.
+pub fn run_in_toto_verify(
+    tool: &Path,
+    layout: &Path,
+    owner_pub: &Path,
+    links: &Path,
+    cwd: &Path,
+) -> Output {
+    Command::new(tool)
+        .arg("--layout")
+        .arg(layout)
+        .arg("--verification-keys")
+        .arg(owner_pub)
+        .arg("--link-dir")
+        .arg(links)
+        .current_dir(cwd)
+        .output()
+        .unwrap()
+}
+
+/// Flips one bit of the file's first byte.
+pub fn flip_byte(path: &Path) {
+    let mut bytes = std::fs::read(path).unwrap();
+    bytes[0] ^= 0x01;
+    std::fs::write(path, bytes).unwrap();
+}
