@@ -16,6 +16,7 @@ pub const MAX_STEPS: usize = 256;
 pub const MAX_ARG_BYTES: usize = 128 * 1024;
 pub const MAX_ARGV_TOTAL_BYTES: usize = 1024 * 1024;
 pub const MAX_ENV_VARS: usize = 1024;
+pub const MAX_ALLOW_NET: usize = 256;
 
 /// Limits the operator's config sets on what a job may ask for.
 #[derive(Debug, Clone)]
@@ -205,6 +206,14 @@ pub fn validate(spec: &JobSpec, limits: &SpecLimits) -> Result<()> {
                 "steps[{i}].limits: per-step resource limits are not supported yet"
             )));
         }
+        if step.allow_net.len() > MAX_ALLOW_NET {
+            return Err(RunnerError::invalid(field("allow_net"), "too many entries"));
+        }
+        for (j, entry) in step.allow_net.iter().enumerate() {
+            crate::netpolicy::Entry::parse(entry).map_err(|e| {
+                RunnerError::invalid(format!("steps[{i}].allow_net[{j}]"), e.to_string())
+            })?;
+        }
         if !step.allow_net.is_empty() {
             return Err(RunnerError::FailedPrecondition(format!(
                 "steps[{i}].allow_net: network allow-lists are not supported yet"
@@ -350,5 +359,10 @@ mod tests {
         let err = validate(&spec, &limits()).unwrap_err();
         assert!(matches!(err, RunnerError::FailedPrecondition(_)));
         assert!(err.to_string().contains("not supported yet"));
+        // A malformed entry is a bad argument, named, before anything else.
+        spec.steps[0].allow_net = vec!["example.org:443".into(), "example.org".into()];
+        let err = validate(&spec, &limits()).unwrap_err();
+        assert!(matches!(err, RunnerError::InvalidArgument { .. }));
+        assert!(err.to_string().contains("steps[0].allow_net[1]"), "{err}");
     }
 }

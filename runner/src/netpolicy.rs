@@ -1,0 +1,455 @@
+//! Network allow-lists of steps: parsing, matching, and the address classes that a
+//! name may not resolve to unless the list names the address itself.
+//!
+//! Entries: `host:port`, `*.domain:port` (subdomains only, not the apex),
+//! `IP:port`, `[IPv6]:port`, `CIDR:port`, `[IPv6 CIDR]:port`; the port is a
+//! number or an explicit `*`.
+
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+/// A port or any port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PortMatch {
+    Any,
+    Exact(u16),
+}
+
+impl PortMatch {
+    fn matches(self, port: u16) -> bool {
+        match self {
+            PortMatch::Any => true,
+            PortMatch::Exact(p) => p == port,
+        }
+    }
+}
+
+/// What an entry names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// An exact DNS name, lower-case.
+    Host(String),
+    /// Every strict subdomain of this name (lower-case, without the `*.`).
+    Subdomains(String),
+    /// A literal address or range.
+    Cidr { network: IpAddr, prefix: u8 },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    pub target: Target,
+    pub port: PortMatch,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParseError {
+    pub entry: String,
+    pub reason: String,
+}
+
+impl fmt::Display for ParseError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}: {}", self.entry, self.reason)
+    }
+}
+
+impl std::error::Error for ParseError {}
+
+impl Entry {
+    pub fn parse(text: &str) -> Result<Entry, ParseError> {
+        let bad = |reason: &str| ParseError {
+            entry: text.to_string(),
+            reason: reason.to_string(),
+        };
+        if text.len() > 300 || text.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(bad(
+                "too long, or contains whitespace or control characters",
+            ));
+        }
+        let (host, port) = if let Some(rest) = text.strip_prefix('[') {
+            let (inside, after) = rest
+                .split_once(']')
+                .ok_or_else(|| bad("unclosed '[' around an IPv6 address"))?;
+            let port = after
+                .strip_prefix(':')
+                .ok_or_else(|| bad("a port is required: [ADDRESS]:PORT"))?;
+            (inside, port)
+        } else {
+            let (host, port) = text
+                .rsplit_once(':')
+                .ok_or_else(|| bad("a port is required: HOST:PORT (or HOST:* for any port)"))?;
+            if host.contains(':') {
+                return Err(bad("an IPv6 address needs brackets: [ADDRESS]:PORT"));
+            }
+            (host, port)
+        };
+        let port = match port {
+            "*" => PortMatch::Any,
+            p => match p.parse::<u16>() {
+                Ok(n) if n > 0 && !p.starts_with('+') => PortMatch::Exact(n),
+                _ => return Err(bad("the port must be 1-65535 or *")),
+            },
+        };
+        let target = if let Some((addr, prefix)) = host.split_once('/') {
+            let network: IpAddr = addr
+                .parse()
+                .map_err(|_| bad("a range must be an IP address with /PREFIX"))?;
+            let max = if network.is_ipv4() { 32 } else { 128 };
+            let prefix = prefix
+                .parse::<u8>()
+                .ok()
+                .filter(|p| *p <= max)
+                .ok_or_else(|| bad("the prefix length is out of range"))?;
+            if mask(network, prefix) != network {
+                return Err(bad("the range has bits set below its prefix length"));
+            }
+            Target::Cidr { network, prefix }
+        } else if let Ok(ip) = host.parse::<IpAddr>() {
+            let prefix = if ip.is_ipv4() { 32 } else { 128 };
+            Target::Cidr {
+                network: ip,
+                prefix,
+            }
+        } else if let Some(domain) = host.strip_prefix("*.") {
+            check_dns_name(domain).map_err(|r| bad(&r))?;
+            Target::Subdomains(domain.to_ascii_lowercase())
+        } else {
+            check_dns_name(host).map_err(|r| bad(&r))?;
+            Target::Host(host.to_ascii_lowercase())
+        };
+        Ok(Entry { target, port })
+    }
+}
+
+/// A plain ASCII DNS name: labels of letters, digits and '-', no wildcard elsewhere.
+fn check_dns_name(name: &str) -> Result<(), String> {
+    let name = name.strip_suffix('.').unwrap_or(name);
+    if name.is_empty() || name.len() > 253 {
+        return Err("not a host name".into());
+    }
+    for label in name.split('.') {
+        let ok = !label.is_empty()
+            && label.len() <= 63
+            && !label.starts_with('-')
+            && !label.ends_with('-')
+            && label
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-');
+        if !ok {
+            return Err(format!(
+                "{label:?} is not a host name label (ASCII letters, digits, '-'; '*' only as a leading '*.')"
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn mask(ip: IpAddr, prefix: u8) -> IpAddr {
+    match ip {
+        IpAddr::V4(v4) => {
+            let bits = u32::from(v4);
+            let m = if prefix == 0 {
+                0
+            } else {
+                u32::MAX << (32 - u32::from(prefix))
+            };
+            IpAddr::V4(Ipv4Addr::from(bits & m))
+        }
+        IpAddr::V6(v6) => {
+            let bits = u128::from(v6);
+            let m = if prefix == 0 {
+                0
+            } else {
+                u128::MAX << (128 - u32::from(prefix))
+            };
+            IpAddr::V6(Ipv6Addr::from(bits & m))
+        }
+    }
+}
+
+/// IPv4-mapped IPv6 addresses are judged as the IPv4 address they carry, so
+/// `::ffff:127.0.0.1` is loopback too.
+fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6
+            .to_ipv4_mapped()
+            .map(IpAddr::V4)
+            .unwrap_or(IpAddr::V6(v6)),
+        v4 => v4,
+    }
+}
+
+fn cidr_contains(network: IpAddr, prefix: u8, ip: IpAddr) -> bool {
+    let ip = canonical(ip);
+    let network = canonical(network);
+    let prefix = match (network, ip) {
+        // A mapped network kept its IPv6 prefix length; convert it.
+        (IpAddr::V4(_), IpAddr::V4(_)) if prefix > 32 => prefix.saturating_sub(96),
+        _ => prefix,
+    };
+    network.is_ipv4() == ip.is_ipv4() && mask(ip, prefix) == network
+}
+
+/// Why an address must not be reached through a name: it points inside the host,
+/// the local network or a cloud metadata service. `None` for ordinary addresses.
+pub fn special_class(ip: IpAddr) -> Option<&'static str> {
+    match canonical(ip) {
+        IpAddr::V4(v4) => {
+            let o = v4.octets();
+            if v4.is_loopback() {
+                Some("loopback")
+            } else if v4.is_unspecified() || o[0] == 0 {
+                Some("unspecified")
+            } else if v4.is_private() {
+                Some("private")
+            } else if v4 == Ipv4Addr::new(169, 254, 169, 254)
+                || v4 == Ipv4Addr::new(100, 100, 100, 200)
+            {
+                Some("cloud metadata")
+            } else if v4.is_link_local() {
+                Some("link-local")
+            } else if o[0] == 100 && (64..128).contains(&o[1]) {
+                Some("shared address space (CGNAT)")
+            } else if v4.is_multicast() || v4.is_broadcast() || o[0] >= 240 {
+                Some("multicast, broadcast or reserved")
+            } else if o[0] == 192 && o[1] == 0 && o[2] == 0 {
+                Some("IETF protocol assignments")
+            } else if o[0] == 198 && (o[1] & 0xfe) == 18 {
+                Some("benchmarking")
+            } else {
+                None
+            }
+        }
+        IpAddr::V6(v6) => {
+            let s = v6.segments();
+            if v6.is_loopback() {
+                Some("loopback")
+            } else if v6.is_unspecified() {
+                Some("unspecified")
+            } else if v6 == Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254) {
+                Some("cloud metadata")
+            } else if (s[0] & 0xfe00) == 0xfc00 {
+                Some("private (unique local)")
+            } else if (s[0] & 0xffc0) == 0xfe80 {
+                Some("link-local")
+            } else if (s[0] & 0xff00) == 0xff00 {
+                Some("multicast")
+            } else if s[0] == 0x64 && s[1] == 0xff9b {
+                // NAT64 can embed any IPv4 address, private ones included.
+                Some("NAT64")
+            } else if s[0] == 0x2002 || (s[0] == 0x2001 && s[1] == 0) {
+                // 6to4 and Teredo tunnel to embedded IPv4 addresses.
+                Some("IPv4 tunnel")
+            } else {
+                None
+            }
+        }
+    }
+}
+
+/// A step's parsed allow-list.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AllowList {
+    pub entries: Vec<Entry>,
+}
+
+/// The verdict on one destination.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    Allow,
+    Deny(String),
+}
+
+// Used by the egress proxy, which the daemon does not start yet.
+#[allow(dead_code)]
+impl AllowList {
+    pub fn parse<S: AsRef<str>>(entries: &[S]) -> Result<AllowList, ParseError> {
+        Ok(AllowList {
+            entries: entries
+                .iter()
+                .map(|e| Entry::parse(e.as_ref()))
+                .collect::<Result<_, _>>()?,
+        })
+    }
+
+    /// Whether a host name (as the client sent it) on this port is listed.
+    pub fn allows_name(&self, host: &str, port: u16) -> bool {
+        let host = host.strip_suffix('.').unwrap_or(host).to_ascii_lowercase();
+        self.entries.iter().any(|e| {
+            e.port.matches(port)
+                && match &e.target {
+                    Target::Host(h) => *h == host,
+                    Target::Subdomains(d) => host
+                        .strip_suffix(d.as_str())
+                        .is_some_and(|rest| rest.len() > 1 && rest.ends_with('.')),
+                    Target::Cidr { .. } => false,
+                }
+        })
+    }
+
+    /// Whether an address on this port is named by a literal address or range.
+    pub fn names_address(&self, ip: IpAddr, port: u16) -> bool {
+        self.entries.iter().any(|e| {
+            e.port.matches(port)
+                && matches!(e.target, Target::Cidr { network, prefix } if cidr_contains(network, prefix, ip))
+        })
+    }
+
+    /// A literal-address destination: listed, or refused.
+    pub fn decide_address(&self, ip: IpAddr, port: u16) -> Decision {
+        if self.names_address(ip, port) {
+            Decision::Allow
+        } else {
+            Decision::Deny(format!("{ip} port {port} is not on the step's allow-list"))
+        }
+    }
+
+    /// An address a listed name resolved to: ordinary addresses pass; special
+    /// ones only when the list names them as literals (so a name cannot be
+    /// pointed at the host, the LAN or a metadata service).
+    pub fn decide_resolved(&self, host: &str, ip: IpAddr, port: u16) -> Decision {
+        match special_class(ip) {
+            None => Decision::Allow,
+            Some(_) if self.names_address(ip, port) => Decision::Allow,
+            Some(class) => Decision::Deny(format!(
+                "{host} resolved to {ip}, a {class} address, which the allow-list does not name"
+            )),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn list(entries: &[&str]) -> AllowList {
+        AllowList::parse(entries).unwrap()
+    }
+
+    #[test]
+    fn parses_every_form_and_rejects_bad_entries() {
+        for good in [
+            "example.org:443",
+            "*.example.org:443",
+            "example.org:*",
+            "10.1.2.3:80",
+            "10.0.0.0/8:443",
+            "[::1]:8080",
+            "[2001:db8::/32]:443",
+            "EXAMPLE.org.:443",
+        ] {
+            Entry::parse(good).unwrap();
+        }
+        for bad in [
+            "example.org",
+            "example.org:0",
+            "example.org:65536",
+            "example.org:+1",
+            "ex ample.org:1",
+            "*:443",
+            "a.*.org:443",
+            "10.0.0.1/8:443",
+            "10.0.0.0/33:443",
+            "[::1:80",
+            "::1:80",
+            "-a.org:1",
+            "a_b.org:1",
+            ":443",
+        ] {
+            assert!(Entry::parse(bad).is_err(), "{bad:?} parsed");
+        }
+    }
+
+    #[test]
+    fn names_match_exactly_and_wildcards_only_subdomains() {
+        let l = list(&["example.org:443", "*.cdn.net:443"]);
+        assert!(l.allows_name("example.org", 443));
+        assert!(l.allows_name("EXAMPLE.ORG.", 443));
+        assert!(!l.allows_name("example.org", 80));
+        assert!(!l.allows_name("www.example.org", 443));
+        assert!(!l.allows_name("evilexample.org", 443));
+        assert!(l.allows_name("a.cdn.net", 443));
+        assert!(l.allows_name("a.b.cdn.net", 443));
+        assert!(!l.allows_name("cdn.net", 443));
+        assert!(!l.allows_name("evilcdn.net", 443));
+        assert!(!l.allows_name("a.cdn.net.evil.com", 443));
+    }
+
+    #[test]
+    fn literal_addresses_and_ranges() {
+        let l = list(&["127.0.0.1:8080", "10.0.0.0/8:*", "[fd00::/8]:443"]);
+        assert_eq!(
+            l.decide_address("127.0.0.1".parse().unwrap(), 8080),
+            Decision::Allow
+        );
+        assert!(matches!(
+            l.decide_address("127.0.0.1".parse().unwrap(), 8081),
+            Decision::Deny(_)
+        ));
+        assert_eq!(
+            l.decide_address("10.9.8.7".parse().unwrap(), 22),
+            Decision::Allow
+        );
+        assert_eq!(
+            l.decide_address("::ffff:10.9.8.7".parse().unwrap(), 22),
+            Decision::Allow
+        );
+        assert_eq!(
+            l.decide_address("fd12::1".parse().unwrap(), 443),
+            Decision::Allow
+        );
+        assert!(matches!(
+            l.decide_address("11.0.0.1".parse().unwrap(), 22),
+            Decision::Deny(_)
+        ));
+        // A name never matches an address entry.
+        assert!(!l.allows_name("127.0.0.1", 8080));
+    }
+
+    #[test]
+    fn names_resolving_to_special_addresses_are_refused_unless_listed() {
+        let l = list(&["example.org:443"]);
+        for special in [
+            "127.0.0.1",
+            "127.5.5.5",
+            "10.0.0.1",
+            "172.16.0.1",
+            "192.168.1.1",
+            "169.254.169.254",
+            "169.254.1.1",
+            "100.64.0.1",
+            "0.0.0.0",
+            "224.0.0.1",
+            "255.255.255.255",
+            "::1",
+            "::",
+            "::ffff:127.0.0.1",
+            "fd00:ec2::254",
+            "fc00::1",
+            "fe80::1",
+            "ff02::1",
+            "64:ff9b::a00:1",
+            "2002:a00:1::",
+        ] {
+            let ip: IpAddr = special.parse().unwrap();
+            assert!(
+                matches!(l.decide_resolved("example.org", ip, 443), Decision::Deny(_)),
+                "{special} allowed"
+            );
+        }
+        assert_eq!(
+            l.decide_resolved("example.org", "93.184.216.34".parse().unwrap(), 443),
+            Decision::Allow
+        );
+        let with_literal = list(&["example.org:443", "10.1.0.0/16:443"]);
+        assert_eq!(
+            with_literal.decide_resolved("example.org", "10.1.2.3".parse().unwrap(), 443),
+            Decision::Allow
+        );
+        assert!(matches!(
+            with_literal.decide_resolved("example.org", "10.1.2.3".parse().unwrap(), 80),
+            Decision::Deny(_)
+        ));
+    }
+}
