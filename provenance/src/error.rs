@@ -29,6 +29,9 @@ pub enum ProvenanceError {
     /// A private key file readable by group or others.
     #[error("{path}: private key file mode {mode:04o} is too permissive (must be 0600 or stricter); fix with `chmod 600 {}`", path.display())]
     KeyFileMode { path: PathBuf, mode: u32 },
+    /// A private key file owned by another user than the one loading it.
+    #[error("{path}: private key file is owned by uid {uid}, not by this process's effective uid {euid}")]
+    KeyFileOwner { path: PathBuf, uid: u32, euid: u32 },
     /// Metadata that is not of the expected shape.
     #[error("invalid metadata: {0}")]
     Format(String),

@@ -1,13 +1,14 @@
 //! SHA-256 of files and whole trees, as recorded in link materials/products.
 
-use std::collections::BTreeMap;
-use std::fs::{self, OpenOptions};
+use std::collections::{BTreeMap, HashMap};
+use std::fs::{self, File, OpenOptions};
 use std::io::Read;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use sha2::{Digest, Sha256};
 
@@ -33,9 +34,15 @@ pub fn sha256_file(path: &Path) -> Result<String, ProvenanceError> {
 }
 
 fn hash_regular_file(path: &Path, buf: &mut [u8]) -> Result<String, ProvenanceError> {
+    let (mut f, _) = open_regular(path)?;
+    hash_open_file(&mut f, path, buf).map(hex::encode)
+}
+
+/// Open a regular file for hashing, refusing symlinks and special files.
+fn open_regular(path: &Path) -> Result<(File, fs::Metadata), ProvenanceError> {
     // O_NONBLOCK so that a fifo swapped in after the walk cannot block the
     // open; the fstat below then rejects it.
-    let mut f = OpenOptions::new()
+    let f = OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY)
         .open(path)
@@ -44,6 +51,11 @@ fn hash_regular_file(path: &Path, buf: &mut [u8]) -> Result<String, ProvenanceEr
     if !meta.is_file() {
         return Err(special(path, meta.file_type()));
     }
+    Ok((f, meta))
+}
+
+/// Stream `f` through SHA-256 with the caller's buffer (bounded memory).
+fn hash_open_file(f: &mut File, path: &Path, buf: &mut [u8]) -> Result<[u8; 32], ProvenanceError> {
     let mut hasher = Sha256::new();
     loop {
         match f.read(buf) {
@@ -53,7 +65,7 @@ fn hash_regular_file(path: &Path, buf: &mut [u8]) -> Result<String, ProvenanceEr
             Err(e) => return Err(ProvenanceError::io(path, e)),
         }
     }
-    Ok(hex::encode(hasher.finalize()))
+    Ok(hasher.finalize().into())
 }
 
 fn special(path: &Path, ft: fs::FileType) -> ProvenanceError {
@@ -233,9 +245,23 @@ fn resolve_inside(link: &Path, root: &Path) -> Result<PathBuf, ProvenanceError> 
     Ok(target)
 }
 
-/// Hash regular files on up to `MAX_THREADS` threads; each thread pulls the
-/// next index from a shared counter, so big and small files balance out.
+/// Hash regular files on up to `MAX_THREADS` threads.
 fn hash_files(files: Vec<(String, PathBuf)>) -> Result<Vec<(String, String)>, ProvenanceError> {
+    parallel_map(files, hash_regular_file)
+}
+
+/// Apply `work` to every file on up to `MAX_THREADS` threads, each with its
+/// own `BUF_SIZE` buffer; each thread pulls the next index from a shared
+/// counter, so big and small files balance out. The first error stops all
+/// workers.
+fn parallel_map<R, F>(
+    files: Vec<(String, PathBuf)>,
+    work: F,
+) -> Result<Vec<(String, R)>, ProvenanceError>
+where
+    R: Send,
+    F: Fn(&Path, &mut [u8]) -> Result<R, ProvenanceError> + Sync,
+{
     let threads = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1)
@@ -245,11 +271,11 @@ fn hash_files(files: Vec<(String, PathBuf)>) -> Result<Vec<(String, String)>, Pr
         let mut buf = vec![0u8; BUF_SIZE];
         return files
             .into_iter()
-            .map(|(rel, path)| hash_regular_file(&path, &mut buf).map(|d| (rel, d)))
+            .map(|(rel, path)| work(&path, &mut buf).map(|d| (rel, d)))
             .collect();
     }
     let next = AtomicUsize::new(0);
-    let results: Mutex<Vec<(String, String)>> = Mutex::new(Vec::with_capacity(files.len()));
+    let results: Mutex<Vec<(String, R)>> = Mutex::new(Vec::with_capacity(files.len()));
     let first_error: Mutex<Option<ProvenanceError>> = Mutex::new(None);
     std::thread::scope(|s| {
         for _ in 0..threads {
@@ -261,7 +287,7 @@ fn hash_files(files: Vec<(String, PathBuf)>) -> Result<Vec<(String, String)>, Pr
                     let Some((rel, path)) = files.get(i) else {
                         break;
                     };
-                    match hash_regular_file(path, &mut buf) {
+                    match work(path, &mut buf) {
                         Ok(d) => local.push((rel.clone(), d)),
                         Err(e) => {
                             // Stop every worker early: the whole tree fails anyway.
@@ -293,6 +319,282 @@ fn hash_files(files: Vec<(String, PathBuf)>) -> Result<Vec<(String, String)>, Pr
     Ok(results)
 }
 
+/// Identity of a file's content as the kernel reports it, without reading it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct FileKey {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime_ns: i128,
+    ctime_ns: i128,
+}
+
+impl FileKey {
+    fn of(meta: &fs::Metadata) -> Self {
+        FileKey {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            size: meta.size(),
+            mtime_ns: i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec()),
+            ctime_ns: i128::from(meta.ctime()) * 1_000_000_000 + i128::from(meta.ctime_nsec()),
+        }
+    }
+}
+
+/// Filesystems whose files may be cached by [`TreeHasher`]: local
+/// filesystems that update mtime/ctime on every way of changing content,
+/// including the first write through a shared mapping to each page
+/// (`page_mkwrite` calls `file_update_time`). tmpfs is NOT one of them:
+/// measured on Linux 6.18, a page read through a `MAP_SHARED` mapping and
+/// then written changes the file with ctime and mtime unchanged. overlayfs,
+/// FUSE and network filesystems report times their backend controls.
+pub const CACHEABLE_FILESYSTEMS: [&str; 3] = ["ext4", "xfs", "btrfs"];
+
+/// A file whose ctime is this close to (or after) the start of a hash is
+/// not cached: the kernel stamps ctime from a coarse clock that lags the
+/// fine clock by up to one tick (10 ms at HZ=100), so a write made after
+/// the read could otherwise carry the same ctime as the cached entry (git's
+/// "racy clean" problem). The margin also covers a backward clock step
+/// smaller than [`CLOCK_STEP_TOLERANCE_NS`].
+const RACY_MARGIN_NS: i128 = 20_000_000;
+
+/// A backward step of the realtime clock (relative to the monotonic clock)
+/// larger than this between two hashes empties the cache.
+const CLOCK_STEP_TOLERANCE_NS: i128 = 1_000_000;
+
+/// Counters of the last [`TreeHasher::hash_tree`] call.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CacheStats {
+    /// Regular files whose digest came from the cache (not read).
+    pub hits: usize,
+    /// Regular files read and hashed.
+    pub misses: usize,
+    /// Of the misses, files that were not cached afterwards (filesystem not
+    /// in [`CACHEABLE_FILESYSTEMS`], changed while read, or too recent).
+    pub not_cached: usize,
+}
+
+/// Tree hashing with a cache, for hashing one workspace before and after
+/// every step: a regular file whose (device, inode, size, mtime ns, ctime ns)
+/// is unchanged since the previous hash is not read again. Output is
+/// identical to [`hash_tree`] (same walk, same errors, symlinks recorded by
+/// target path); reading stays parallel and streaming with bounded memory.
+///
+/// Why the key is safe against a step that edits a file and resets its
+/// mtime (e.g. `touch -d`, `utimensat`, `File::set_times`):
+/// - ctime cannot be set from user space. Every content change (write,
+///   truncate, fallocate, copy_file_range/clone, the first write through a
+///   shared mapping on the filesystems in [`CACHEABLE_FILESYSTEMS`]) and
+///   every `utimensat` sets ctime to the current time, so resetting mtime
+///   itself moves ctime forward and the key misses.
+/// - The only way to put ctime back is to move the clock back, and a step
+///   cannot: `settimeofday`/`clock_settime`/`adjtimex` need CAP_SYS_TIME in
+///   the initial user namespace, which a step (unprivileged uid, own user
+///   namespace) never has, and Kiln's seccomp filter denies them anyway. A
+///   backward step of the host clock itself is detected (the realtime clock
+///   is compared with the monotonic one between hashes) and empties the
+///   cache.
+/// - Writes landing in the same coarse clock tick as the cached ctime are
+///   excluded by not caching files whose ctime is within [`RACY_MARGIN_NS`]
+///   of the start of the hash.
+/// - Inode reuse (delete, recreate with the same inode number and size)
+///   gets the creation time as ctime, later than the cached one; the device
+///   number separates filesystems.
+/// - Other ways around ctime need privileges a step lacks: writing the
+///   block device, debugfs, XFS "invisible I/O" by handle (CAP_SYS_ADMIN).
+/// - Filesystems where a write can leave ctime alone (tmpfs via mmap) or
+///   whose times come from elsewhere are never cached: the filesystem type
+///   of each device is read from `/proc/self/mountinfo`; when it cannot be
+///   determined, nothing is cached.
+///
+/// Entries of files absent from the latest hash are dropped, so memory is
+/// bounded by the size of the tree. Use one `TreeHasher` per workspace.
+#[derive(Debug)]
+pub struct TreeHasher {
+    cache: HashMap<FileKey, [u8; 32]>,
+    /// Monotonic origin for the clock-step check.
+    origin: Instant,
+    /// realtime - monotonic (ns) at the previous hash.
+    clock_offset: Option<i128>,
+    stats: CacheStats,
+    /// Tests on a tmpfs /tmp still need to exercise the cache.
+    trust_all_filesystems: bool,
+}
+
+impl Default for TreeHasher {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// What a worker found for one regular file.
+enum Outcome {
+    Hit(FileKey, [u8; 32]),
+    Miss([u8; 32], Option<FileKey>),
+}
+
+impl TreeHasher {
+    pub fn new() -> Self {
+        TreeHasher {
+            cache: HashMap::new(),
+            origin: Instant::now(),
+            clock_offset: None,
+            stats: CacheStats::default(),
+            trust_all_filesystems: false,
+        }
+    }
+
+    /// Counters of the last [`TreeHasher::hash_tree`] call.
+    pub fn last_stats(&self) -> CacheStats {
+        self.stats
+    }
+
+    /// Number of cached files.
+    pub fn len(&self) -> usize {
+        self.cache.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.cache.is_empty()
+    }
+
+    pub fn clear(&mut self) {
+        self.cache.clear();
+    }
+
+    /// Same result as [`hash_tree`]; unchanged regular files come from the cache.
+    pub fn hash_tree(&mut self, root: &Path) -> Result<BTreeMap<String, String>, ProvenanceError> {
+        let (now_ns, offset) = self.clock_sample();
+        if let Some(prev) = self.clock_offset {
+            if offset < prev - CLOCK_STEP_TOLERANCE_NS {
+                // The realtime clock stepped back: ctimes may repeat.
+                self.cache.clear();
+            }
+        }
+        self.clock_offset = Some(offset);
+        let cutoff = now_ns - RACY_MARGIN_NS;
+
+        let meta = fs::symlink_metadata(root).map_err(|e| ProvenanceError::io(root, e))?;
+        if !meta.is_dir() {
+            return Err(ProvenanceError::NotADirectory {
+                path: root.to_path_buf(),
+            });
+        }
+        let mut out = BTreeMap::new();
+        let mut files: Vec<(String, PathBuf)> = Vec::new();
+        walk(root, "", Mode::Kiln, &mut out, &mut files)?;
+
+        let cacheable_devs = if self.trust_all_filesystems {
+            None
+        } else {
+            Some(cacheable_devices())
+        };
+        let cacheable = |dev: u64| match &cacheable_devs {
+            None => true,
+            Some(devs) => devs.get(&dev).copied().unwrap_or(false),
+        };
+        let cache = &self.cache;
+        let results = parallel_map(files, |path, buf| {
+            // lstat: the walk saw a regular file; a swap to a symlink misses
+            // and is then refused by the O_NOFOLLOW open.
+            let lkey = fs::symlink_metadata(path).map_err(|e| ProvenanceError::io(path, e))?;
+            if lkey.is_file() {
+                let key = FileKey::of(&lkey);
+                if let Some(d) = cache.get(&key) {
+                    return Ok(Outcome::Hit(key, *d));
+                }
+            }
+            let (mut f, before) = open_regular(path)?;
+            let digest = hash_open_file(&mut f, path, buf)?;
+            let after = f.metadata().map_err(|e| ProvenanceError::io(path, e))?;
+            let key = FileKey::of(&before);
+            // Cache only what provably did not change while it was read.
+            let keep = key == FileKey::of(&after) && key.ctime_ns <= cutoff && cacheable(key.dev);
+            Ok(Outcome::Miss(digest, keep.then_some(key)))
+        })?;
+
+        let mut stats = CacheStats::default();
+        let mut fresh = HashMap::with_capacity(results.len());
+        for (rel, outcome) in results {
+            let digest = match outcome {
+                Outcome::Hit(k, d) => {
+                    stats.hits += 1;
+                    fresh.insert(k, d);
+                    d
+                }
+                Outcome::Miss(d, key) => {
+                    stats.misses += 1;
+                    match key {
+                        Some(k) => {
+                            fresh.insert(k, d);
+                        }
+                        None => stats.not_cached += 1,
+                    }
+                    d
+                }
+            };
+            out.insert(rel, hex::encode(digest));
+        }
+        // Only files seen in this tree stay cached: memory follows the tree.
+        self.cache = fresh;
+        self.stats = stats;
+        Ok(out)
+    }
+
+    /// (realtime ns since the epoch, realtime - monotonic ns).
+    fn clock_sample(&self) -> (i128, i128) {
+        let mono = self.origin.elapsed().as_nanos() as i128;
+        let real = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos() as i128)
+            .unwrap_or(0);
+        (real, real - mono)
+    }
+}
+
+/// Device numbers (as in `st_dev`) of mounted filesystems, mapped to whether
+/// their type is in [`CACHEABLE_FILESYSTEMS`], from `/proc/self/mountinfo`.
+/// Empty when it cannot be read: then nothing is cached.
+fn cacheable_devices() -> HashMap<u64, bool> {
+    let Ok(text) = fs::read_to_string("/proc/self/mountinfo") else {
+        return HashMap::new();
+    };
+    parse_mountinfo(&text)
+}
+
+fn parse_mountinfo(text: &str) -> HashMap<u64, bool> {
+    let mut devs: HashMap<u64, bool> = HashMap::new();
+    for line in text.lines() {
+        // "36 35 98:0 /mnt1 /mnt2 rw,noatime master:1 - ext3 /dev/root rw"
+        let mut fields = line.split(' ');
+        let Some(majmin) = fields.nth(2) else {
+            continue;
+        };
+        let Some(fstype) = line.split(" - ").nth(1).and_then(|r| r.split(' ').next()) else {
+            continue;
+        };
+        let Some((maj, min)) = majmin.split_once(':') else {
+            continue;
+        };
+        let (Ok(maj), Ok(min)) = (maj.parse::<u64>(), min.parse::<u64>()) else {
+            continue;
+        };
+        let ok = CACHEABLE_FILESYSTEMS.contains(&fstype);
+        // One device mounted twice with different types cannot happen; if a
+        // parse ever says so, distrust it.
+        let entry = devs.entry(makedev(maj, min)).or_insert(ok);
+        *entry &= ok;
+    }
+    devs
+}
+
+/// glibc's `makedev`: the `st_dev` encoding of major:minor.
+fn makedev(major: u64, minor: u64) -> u64 {
+    ((major & 0xffff_f000) << 32)
+        | ((major & 0x0000_0fff) << 8)
+        | ((minor & 0xffff_ff00) << 12)
+        | (minor & 0x0000_00ff)
+}
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -400,5 +702,195 @@ mod tests {
         assert!(hash_tree(&d.path().join("self")).is_err());
         assert!(sha256_file(&d.path().join("self")).is_err());
         assert!(hash_tree(&d.path().join("missing")).is_err());
+    }
+    fn cached_hasher() -> TreeHasher {
+        let mut h = TreeHasher::new();
+        // The test tree may sit on a tmpfs /tmp; the filesystem gate has its
+        // own tests.
+        h.trust_all_filesystems = true;
+        h
+    }
+
+    /// Let files written so far fall outside the racy margin.
+    fn age(_dir: &Path) {
+        std::thread::sleep(std::time::Duration::from_millis(30));
+    }
+
+    #[test]
+    fn tree_hasher_matches_hash_tree_and_hits_when_unchanged() {
+        let d = tempfile::tempdir().unwrap();
+        for i in 0..50 {
+            let sub = d.path().join(format!("d{}", i % 3));
+            fs::create_dir_all(&sub).unwrap();
+            fs::write(sub.join(format!("f{i}")), format!("content {i}")).unwrap();
+        }
+        symlink("d0/f0", d.path().join("link")).unwrap();
+        age(d.path());
+        let mut h = cached_hasher();
+        let first = h.hash_tree(d.path()).unwrap();
+        assert_eq!(first, hash_tree(d.path()).unwrap());
+        assert_eq!(
+            h.last_stats(),
+            CacheStats {
+                hits: 0,
+                misses: 50,
+                not_cached: 0
+            }
+        );
+        assert_eq!(h.len(), 50);
+        let second = h.hash_tree(d.path()).unwrap();
+        assert_eq!(second, first);
+        assert_eq!(
+            h.last_stats(),
+            CacheStats {
+                hits: 50,
+                misses: 0,
+                not_cached: 0
+            }
+        );
+        // A removed file leaves the cache; a new one is hashed.
+        fs::remove_file(d.path().join("d1/f1")).unwrap();
+        fs::write(d.path().join("new"), b"new").unwrap();
+        let third = h.hash_tree(d.path()).unwrap();
+        assert_eq!(third, hash_tree(d.path()).unwrap());
+        assert_eq!(h.last_stats().hits, 49);
+        assert_eq!(h.last_stats().misses, 1);
+        // "new" is too recent to be cached (racy margin).
+        assert_eq!(h.last_stats().not_cached, 1);
+        assert_eq!(h.len(), 49);
+    }
+
+    #[test]
+    fn edit_with_mtime_reset_is_rehashed() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("f");
+        fs::write(&p, b"original").unwrap();
+        age(d.path());
+        let mut h = cached_hasher();
+        assert_eq!(
+            h.hash_tree(d.path()).unwrap()["f"],
+            sha256_bytes(b"original")
+        );
+        let before = fs::metadata(&p).unwrap();
+        // Same size, new content, then put mtime (and atime) back.
+        fs::write(&p, b"modified").unwrap();
+        let f = fs::File::options().write(true).open(&p).unwrap();
+        f.set_times(
+            fs::FileTimes::new()
+                .set_modified(before.modified().unwrap())
+                .set_accessed(before.accessed().unwrap()),
+        )
+        .unwrap();
+        drop(f);
+        let after = fs::metadata(&p).unwrap();
+        assert_eq!(after.mtime(), before.mtime());
+        assert_eq!(after.mtime_nsec(), before.mtime_nsec());
+        assert_eq!(after.size(), before.size());
+        assert_eq!(after.ino(), before.ino());
+        let t = h.hash_tree(d.path()).unwrap();
+        assert_eq!(t["f"], sha256_bytes(b"modified"));
+        assert_eq!(h.last_stats().hits, 0);
+    }
+
+    #[test]
+    fn inode_reuse_and_replace_by_rename_are_rehashed() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("f");
+        fs::write(&p, b"one").unwrap();
+        age(d.path());
+        let mut h = cached_hasher();
+        h.hash_tree(d.path()).unwrap();
+        let m = fs::metadata(&p).unwrap();
+        fs::remove_file(&p).unwrap();
+        fs::write(d.path().join(".tmp"), b"two").unwrap();
+        fs::rename(d.path().join(".tmp"), &p).unwrap();
+        let f = fs::File::options().write(true).open(&p).unwrap();
+        f.set_modified(m.modified().unwrap()).unwrap();
+        drop(f);
+        assert_eq!(h.hash_tree(d.path()).unwrap()["f"], sha256_bytes(b"two"));
+    }
+
+    #[test]
+    fn cache_preserves_errors_and_symlink_rules() {
+        let d = tempfile::tempdir().unwrap();
+        fs::write(d.path().join("a"), b"a").unwrap();
+        age(d.path());
+        let mut h = cached_hasher();
+        h.hash_tree(d.path()).unwrap();
+        // A regular file replaced by a symlink is recorded as a symlink.
+        fs::remove_file(d.path().join("a")).unwrap();
+        symlink("/etc/passwd", d.path().join("a")).unwrap();
+        let t = h.hash_tree(d.path()).unwrap();
+        assert_eq!(t["a"], sha256_bytes(b"/etc/passwd"));
+        let fifo = d.path().join("pipe");
+        assert!(std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap()
+            .success());
+        assert!(h.hash_tree(d.path()).is_err());
+        assert!(h.hash_tree(&d.path().join("a")).is_err());
+    }
+
+    #[test]
+    fn mountinfo_gate() {
+        let text = "22 27 0:21 / /proc rw,relatime - proc proc rw\n\
+                    25 24 0:23 / /dev/shm rw,relatime - tmpfs tmpfs rw\n\
+                    27 1 254:0 / / rw,relatime - ext4 /dev/vda rw\n\
+                    28 1 259:65536 / /big rw shared:1 - xfs /dev/nvme rw\n";
+        let devs = parse_mountinfo(text);
+        assert_eq!(devs.get(&makedev(254, 0)), Some(&true));
+        assert_eq!(devs.get(&makedev(0, 23)), Some(&false));
+        assert_eq!(devs.get(&makedev(259, 65536)), Some(&true));
+        assert_eq!(makedev(254, 0), 0xfe00);
+        // The real table agrees with stat for the root filesystem.
+        let real = cacheable_devices();
+        let root_dev = fs::metadata("/").unwrap().dev();
+        assert!(
+            real.contains_key(&root_dev),
+            "/ (dev {root_dev:#x}) not in mountinfo"
+        );
+    }
+
+    #[test]
+    fn tmpfs_is_never_cached() {
+        // tmpfs does not update ctime on every mmap write, so it must not be cached.
+        let shm = Path::new("/dev/shm");
+        let is_tmpfs = fs::read_to_string("/proc/self/mountinfo")
+            .unwrap()
+            .lines()
+            .any(|l| l.split(' ').nth(4) == Some("/dev/shm") && l.contains(" - tmpfs "));
+        if !is_tmpfs {
+            eprintln!("/dev/shm is not a tmpfs here: skipped");
+            return;
+        }
+        let d = tempfile::tempdir_in(shm).unwrap();
+        fs::write(d.path().join("f"), b"x").unwrap();
+        age(d.path());
+        let mut h = TreeHasher::new();
+        h.hash_tree(d.path()).unwrap();
+        h.hash_tree(d.path()).unwrap();
+        assert_eq!(
+            h.last_stats(),
+            CacheStats {
+                hits: 0,
+                misses: 1,
+                not_cached: 1
+            }
+        );
+        assert!(h.is_empty());
+    }
+
+    #[test]
+    fn real_filesystem_gate_caches_on_ext4_like_tmp() {
+        let d = tempfile::tempdir().unwrap();
+        let dev = fs::metadata(d.path()).unwrap().dev();
+        let cacheable = cacheable_devices().get(&dev).copied().unwrap_or(false);
+        fs::write(d.path().join("f"), b"x").unwrap();
+        age(d.path());
+        let mut h = TreeHasher::new();
+        h.hash_tree(d.path()).unwrap();
+        h.hash_tree(d.path()).unwrap();
+        assert_eq!(h.last_stats().hits, usize::from(cacheable));
     }
 }

@@ -81,8 +81,8 @@ impl SigningKey {
     /// Creation writes a temporary file with mode 0600 in the same directory,
     /// fsyncs it and links it into place without overwriting, so a crash never
     /// leaves a partial key and two racing creators end up using one key.
-    /// Loading refuses a symlink and a file readable or writable by group or
-    /// others.
+    /// Loading refuses a symlink, a file readable or writable by group or
+    /// others, and a file not owned by the effective uid.
     pub fn load_or_create(path: &Path) -> Result<Self, ProvenanceError> {
         match Self::load(path) {
             Ok(k) => return Ok(k),
@@ -136,7 +136,9 @@ impl SigningKey {
         }
     }
 
-    fn load(path: &Path) -> Result<Self, ProvenanceError> {
+    /// Load an existing key file: a regular file (not a symlink), mode 0600
+    /// or stricter, owned by the effective uid.
+    pub fn load(path: &Path) -> Result<Self, ProvenanceError> {
         let mut f = OpenOptions::new()
             .read(true)
             .custom_flags(libc::O_NOFOLLOW)
@@ -149,6 +151,8 @@ impl SigningKey {
                 path.display()
             )));
         }
+        // Another user's file could have been planted or read by them.
+        crate::keyring::check_owner(path, &meta)?;
         let mode = meta.permissions().mode() & 0o7777;
         if mode & 0o077 != 0 {
             return Err(ProvenanceError::KeyFileMode {

@@ -10,9 +10,11 @@ pub mod dsse;
 mod error;
 pub mod fnmatch;
 pub mod hash;
+pub mod keyring;
 pub mod keys;
 pub mod layout;
 pub mod link;
+pub mod slsa;
 pub mod verify;
 
 pub use error::ProvenanceError;

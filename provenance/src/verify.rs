@@ -18,6 +18,8 @@
 //! - metadata with fields the in-toto model does not have is rejected (the
 //!   reference drops them, which breaks metablock signatures anyway).
 
+pub mod provenance;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
