@@ -88,6 +88,12 @@ fn run_streams_output_writes_link_and_outputs_that_in_toto_verify_accepts() {
     assert_eq!(signed["_type"], "link");
     assert!(signed["environment"].is_object());
     assert!(signed["environment"]["sandbox_profile"]["sha256"].is_string());
+    // Every layer applied on this host: nothing waived.
+    assert_eq!(
+        signed["environment"]["waived_layers"],
+        serde_json::json!([])
+    );
+    assert!(signed["byproducts"]["kiln"]["seccomp_denials"].is_object());
     assert_eq!(signed["environment"]["image"]["pinned"], false);
     assert_eq!(signed["byproducts"]["return-value"], 0);
     assert_eq!(signed["byproducts"]["stdout"], "hello, kiln\n");
@@ -643,4 +649,223 @@ fn concurrent_sandboxes_get_disjoint_host_id_ranges() {
             "host id base {base} is not from the configured range"
         );
     }
+}
+
+/// The link `kiln run --attest-dir` wrote for `step` (its `signed` part).
+fn signed_link(dir: &Path, step: &str) -> serde_json::Value {
+    let entry = std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .find(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            name.starts_with(&format!("{step}.")) && name.ends_with(".link")
+        })
+        .unwrap_or_else(|| panic!("no link for step {step} in {}", dir.display()));
+    let link: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(entry.path()).unwrap()).unwrap();
+    link["signed"].clone()
+}
+
+#[test]
+fn resource_limits_are_enforced_capped_and_reported() {
+    if !require_root("resource_limits_are_enforced_capped_and_reported") {
+        return;
+    }
+    // A uid range of its own: the fork bomb's host processes are looked for below.
+    let uid_base = 330_000_000u32;
+    let config = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(
+        config.path(),
+        format!(
+            "uid_base = {uid_base}\n\
+             default_memory = \"512M\"\nmax_memory = \"1G\"\n\
+             default_pids = 256\nmax_pids = 512\n\
+             default_cpus = 1\nmax_cpus = 2\n\
+             default_disk = \"64M\"\nmax_disk = \"256M\"\n\
+             max_outputs_size = \"1M\"\n"
+        ),
+    )
+    .unwrap();
+    let daemon = Daemon::start_with(&["--config", config.path().to_str().unwrap()]);
+    let links = daemon.path("links");
+
+    // Memory: dd's 256 MiB buffer against a 64 MiB limit.
+    let out = daemon.kiln(&[
+        "run",
+        "--memory",
+        "64M",
+        "--step",
+        "hog",
+        "--attest-dir",
+        links.to_str().unwrap(),
+        "--",
+        "/bin/sh",
+        "-c",
+        "dd if=/dev/zero of=/dev/null bs=256M count=1",
+    ]);
+    assert_eq!(out.status.code(), Some(137), "{}", describe(&out));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("[oom]") && err.contains("memory limit of 64 MiB"),
+        "{err}"
+    );
+    let link = signed_link(&links, "hog");
+    let kiln = &link["byproducts"]["kiln"];
+    assert_eq!(kiln["limit_reason"], "oom", "{kiln}");
+    assert_eq!(kiln["oom_killed"], true, "{kiln}");
+    assert!(
+        kiln["peak_memory_bytes"].as_u64().unwrap() > 32 << 20,
+        "{kiln}"
+    );
+    assert!(kiln["cpu_time_ms"].is_u64(), "{kiln}");
+    let limits = &link["environment"]["limits"];
+    assert_eq!(limits["memory_bytes"], 64u64 << 20, "{link}");
+    assert_eq!(limits["pids"], 256, "{link}");
+    assert_eq!(limits["cpu_millis"], 1000, "{link}");
+
+    // Disk: 20 MiB written into an 8 MiB workspace quota.
+    let out = daemon.kiln(&[
+        "run",
+        "--disk",
+        "8M",
+        "--",
+        "/bin/sh",
+        "-c",
+        "dd if=/dev/zero of=big bs=1M count=20",
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("No space left on device")
+            && err.contains("[disk-quota]")
+            && err.contains("workspace quota of 8 MiB"),
+        "{err}"
+    );
+
+    // pids: a fork bomb under --pids 32; the host is unaffected and nothing survives.
+    let out = daemon.kiln(&[
+        "run",
+        "--pids",
+        "32",
+        "--",
+        "/bin/sh",
+        "-c",
+        "sleep 2 & s=$!; b() { while :; do b & done; }; b 2>/dev/null & wait $s; kill -9 -1; exit 3",
+    ]);
+    assert_eq!(out.status.code(), Some(3), "{}", describe(&out));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("[pids]") && err.contains("pids limit of 32"),
+        "{err}"
+    );
+    wait_until("every process of the bomb to die", || {
+        processes_of_uid(uid_base + 1000).is_empty()
+    });
+    let out = daemon.kiln(&["run", "--", "/bin/sh", "-c", "echo alive"]);
+    assert!(out.status.success(), "{}", describe(&out));
+    assert_eq!(text(&out.stdout).trim(), "alive");
+
+    // Above the operator's caps: refused before anything runs, the field named.
+    for (flag, value, field) in [
+        ("--memory", "2G", "steps[0].limits.memory_bytes"),
+        ("--pids", "1000", "steps[0].limits.pids"),
+        ("--cpus", "2.5", "steps[0].limits.cpu_millis"),
+        ("--disk", "1G", "steps[0].limits.disk_bytes"),
+    ] {
+        let out = daemon.kiln(&["run", flag, value, "--", "true"]);
+        assert_eq!(out.status.code(), Some(125), "{}", describe(&out));
+        let err = text(&out.stderr);
+        assert!(
+            err.contains("InvalidArgument") && err.contains(field) && err.contains("maximum"),
+            "{err}"
+        );
+    }
+    let out = daemon.kiln(&["run", "--memory", "lots", "--", "true"]);
+    assert_eq!(out.status.code(), Some(2), "{}", describe(&out));
+
+    // Outputs above max_outputs_size are refused, nothing stored.
+    let out = daemon.kiln(&[
+        "run",
+        "--output",
+        "big",
+        "--",
+        "/bin/sh",
+        "-c",
+        "head -c 2000000 /dev/zero > big",
+    ]);
+    assert_eq!(out.status.code(), Some(125), "{}", describe(&out));
+    assert!(
+        text(&out.stderr).contains("max_outputs_size"),
+        "{}",
+        describe(&out)
+    );
+
+    // A job file with limits per step; a timeout is reported as such too.
+    std::fs::write(
+        daemon.path("limits.toml"),
+        "[[steps]]\nname = \"small\"\nrun = [\"/bin/sh\", \"-c\", \"ulimit -n\"]\n\
+         memory = \"96M\"\npids = 16\ncpus = 0.5\ndisk = \"4M\"\n\
+         [[steps]]\nname = \"slow\"\nrun = [\"sleep\", \"30\"]\ntimeout = 1\n",
+    )
+    .unwrap();
+    let job_links = daemon.path("job-links");
+    let out = daemon.kiln(&[
+        "submit",
+        "limits.toml",
+        "--attest-dir",
+        job_links.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(137), "{}", describe(&out));
+    let err = text(&out.stderr);
+    assert!(err.contains("[timeout]"), "{err}");
+    let small = signed_link(&job_links, "small");
+    assert_eq!(
+        small["environment"]["limits"],
+        json!({
+            "memory_bytes": 96u64 << 20, "pids": 16, "cpu_millis": 500,
+            "disk_bytes": 4u64 << 20, "nofile": 4096,
+            // The larger of the workspace quota and /tmp (512 MiB), below max_file_size.
+            "fsize_bytes": 512u64 << 20,
+        }),
+        "{small}"
+    );
+    assert_eq!(small["byproducts"]["kiln"]["limit_reason"], "");
+    let slow = signed_link(&job_links, "slow");
+    assert_eq!(
+        slow["byproducts"]["kiln"]["limit_reason"], "timeout",
+        "{slow}"
+    );
+    assert_eq!(slow["byproducts"]["kiln"]["timed_out"], true, "{slow}");
+}
+
+#[test]
+fn seccomp_denials_are_counted_in_the_signed_link() {
+    if !require_root("seccomp_denials_are_counted_in_the_signed_link") {
+        return;
+    }
+    let daemon = Daemon::start();
+    let links = daemon.path("links");
+    // unshare(2) is denied (EPERM) by the filter; each attempt is counted.
+    let out = daemon.kiln(&[
+        "run",
+        "--step",
+        "deny",
+        "--attest-dir",
+        links.to_str().unwrap(),
+        "--",
+        "/bin/sh",
+        "-c",
+        "unshare -U true; unshare -U true; exit 0",
+    ]);
+    assert!(out.status.success(), "{}\n{}", describe(&out), daemon.log());
+    assert!(text(&out.stderr).contains("Operation not permitted"));
+    let signed = signed_link(&links, "deny");
+    assert_eq!(
+        signed["byproducts"]["kiln"]["seccomp_denials"],
+        serde_json::json!({"unshare": 2})
+    );
+    assert_eq!(
+        signed["environment"]["waived_layers"],
+        serde_json::json!([])
+    );
 }

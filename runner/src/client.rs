@@ -383,6 +383,9 @@ pub fn job_json(job: &Job) -> serde_json::Value {
             "duration_ms": s.duration_ms,
             "link_name": s.link_name,
             "link_digest": s.link_digest,
+            "cpu_time_ms": s.cpu_time_ms,
+            "peak_memory_bytes": s.peak_memory_bytes,
+            "limit_reason": s.limit_reason,
         })).collect::<Vec<_>>(),
         "outputs": job.outputs.iter().map(|o| serde_json::json!({
             "path": o.path, "digest": o.digest, "size": o.size, "executable": o.executable,
@@ -395,12 +398,21 @@ pub fn summary(job: &Job) -> String {
     let mut out = String::new();
     for step in &job.steps {
         let state = step_state_name(step.state);
+        // A limit the step ran into leads the message, as [oom], [pids], [timeout] or
+        // [disk-quota].
+        let reason = if step.limit_reason.is_empty() {
+            String::new()
+        } else {
+            format!("[{}] ", step.limit_reason)
+        };
         out.push_str(&format!(
-            "  step {:<12} {:<10} exit {:<4} {:>6} ms  {}\n",
+            "  step {:<12} {:<10} exit {:<4} {:>6} ms  cpu {} ms  peak {}  {reason}{}\n",
             step.name,
             state,
             step.exit_code,
             step.duration_ms,
+            step.cpu_time_ms,
+            crate::limits::format_size(step.peak_memory_bytes),
             if step.message.is_empty() {
                 step.link_name.clone()
             } else {

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::error::{Result, RunnerError};
+use crate::limits::{format_cpus, host_cpu_millis, Cpus, Size};
 
 pub const DEFAULT_SOCKET: &str = "/run/kiln/kiln.sock";
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/kiln";
@@ -36,6 +37,30 @@ pub struct Config {
     pub max_log_bytes: u64,
     /// Group allowed to use the socket (numeric gid); none keeps it root-only.
     pub socket_gid: Option<u32>,
+    /// Memory of a step when the job gives none (cgroup limit, no swap), e.g. "4G".
+    pub default_memory: Size,
+    /// The most memory a job may ask for.
+    pub max_memory: Size,
+    /// Tasks (processes and threads) of a step when the job gives none.
+    pub default_pids: u32,
+    pub max_pids: u32,
+    /// CPUs of a step when the job gives none (e.g. 1.5); default: the host's CPU count.
+    pub default_cpus: Cpus,
+    pub max_cpus: Cpus,
+    /// Workspace quota while a step runs when the job gives none, e.g. "4G". The
+    /// workspace is a tmpfs: it lives in RAM (and swap).
+    pub default_disk: Size,
+    pub max_disk: Size,
+    /// RLIMIT_NOFILE of every step.
+    pub nofile: u64,
+    /// RLIMIT_FSIZE of every step: the largest file a step may write.
+    pub max_file_size: Size,
+    /// Total bytes of a job's declared outputs; a job producing more fails.
+    pub max_outputs_size: Size,
+    /// Sandbox layers steps may run without when this host lacks them (only
+    /// `"landlock"`). Without a waiver such a host makes `kiln serve` refuse to start; a
+    /// waived layer is skipped only where missing and named in every signed link.
+    pub waive: Vec<String>,
 }
 
 impl Default for Config {
@@ -52,6 +77,18 @@ impl Default for Config {
             link_log_bytes: 64 * 1024,
             max_log_bytes: 64 * 1024 * 1024,
             socket_gid: None,
+            default_memory: Size(4 << 30),
+            max_memory: Size(8 << 30),
+            default_pids: 1024,
+            max_pids: 4096,
+            default_cpus: Cpus(host_cpu_millis()),
+            max_cpus: Cpus(host_cpu_millis()),
+            default_disk: Size(4 << 30),
+            max_disk: Size(10 << 30),
+            nofile: 4096,
+            max_file_size: Size(10 << 30),
+            max_outputs_size: Size(2 << 30),
+            waive: Vec::new(),
         }
     }
 }
@@ -105,6 +142,87 @@ impl Config {
         if !self.state_dir.is_absolute() {
             return bad("state_dir", "must be an absolute path");
         }
+        self.validate_waivers()?;
+        self.validate_limits()
+    }
+
+    fn validate_waivers(&self) -> Result<()> {
+        for (i, layer) in self.waive.iter().enumerate() {
+            if !sandbox::WAIVABLE_LAYERS.contains(&layer.as_str()) {
+                return Err(RunnerError::invalid(
+                    "waive",
+                    format!(
+                        "{layer:?} is not a layer that can be waived (known: {})",
+                        sandbox::WAIVABLE_LAYERS.join(", ")
+                    ),
+                ));
+            }
+            if self.waive[..i].contains(layer) {
+                return Err(RunnerError::invalid(
+                    "waive",
+                    format!("{layer:?} listed twice"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn validate_limits(&self) -> Result<()> {
+        let bad = |field: &str, reason: String| Err(RunnerError::invalid(field, reason));
+        let pairs: [(&str, &str, u64, u64, u64, String); 4] = [
+            (
+                "default_memory",
+                "max_memory",
+                self.default_memory.0,
+                self.max_memory.0,
+                sandbox::MIN_MEMORY_BYTES,
+                crate::limits::format_size(sandbox::MIN_MEMORY_BYTES),
+            ),
+            (
+                "default_pids",
+                "max_pids",
+                u64::from(self.default_pids),
+                u64::from(self.max_pids),
+                u64::from(sandbox::MIN_PIDS),
+                sandbox::MIN_PIDS.to_string(),
+            ),
+            (
+                "default_cpus",
+                "max_cpus",
+                u64::from(self.default_cpus.0),
+                u64::from(self.max_cpus.0),
+                u64::from(sandbox::MIN_CPU_MILLIS),
+                format_cpus(sandbox::MIN_CPU_MILLIS),
+            ),
+            (
+                "default_disk",
+                "max_disk",
+                self.default_disk.0,
+                self.max_disk.0,
+                crate::limits::MIN_DISK_BYTES,
+                crate::limits::format_size(crate::limits::MIN_DISK_BYTES),
+            ),
+        ];
+        for (default, max, d, m, min, min_text) in pairs {
+            if d < min {
+                return bad(default, format!("must be at least {min_text}"));
+            }
+            if d > m {
+                return bad(default, format!("must not exceed {max}"));
+            }
+        }
+        if self.nofile < sandbox::MIN_NOFILE {
+            return bad(
+                "nofile",
+                format!("must be at least {}", sandbox::MIN_NOFILE),
+            );
+        }
+        if self.max_file_size.0 == 0 {
+            return bad("max_file_size", "must be positive".into());
+        }
+        if self.max_outputs_size.0 == 0 {
+            return bad("max_outputs_size", "must be positive".into());
+        }
         Ok(())
     }
 
@@ -136,5 +254,50 @@ mod tests {
             .contains("max_concurrent_jobs"));
 
         Config::default().validate().unwrap();
+    }
+
+    #[test]
+    fn waive_accepts_only_known_layers() {
+        let cfg: Config = toml::from_str("waive = [\"landlock\"]\n").unwrap();
+        assert_eq!(cfg.waive, ["landlock"]);
+        cfg.validate().unwrap();
+        assert!(Config::default().waive.is_empty());
+        for bad in [
+            "waive = [\"seccomp\"]\n",
+            "waive = [\"namespaces\"]\n",
+            "waive = [\"\"]\n",
+            "waive = [\"landlock\", \"landlock\"]\n",
+        ] {
+            let cfg: Config = toml::from_str(bad).unwrap();
+            let err = cfg.validate().unwrap_err().to_string();
+            assert!(err.contains("waive"), "{bad}: {err}");
+        }
+        assert!(toml::from_str::<Config>("waive = \"landlock\"\n").is_err());
+    }
+
+    #[test]
+    fn limit_keys_take_sizes_and_cpus_and_are_checked() {
+        let cfg: Config = toml::from_str(
+            "default_memory = \"512M\"\nmax_memory = \"2G\"\ndefault_cpus = 0.5\nmax_cpus = \"1.5\"\nmax_disk = 1073741824\ndefault_disk = \"64M\"\n",
+        )
+        .unwrap();
+        assert_eq!(cfg.default_memory.0, 512 << 20);
+        assert_eq!(cfg.max_cpus.0, 1500);
+        assert_eq!(cfg.max_disk.0, 1 << 30);
+        cfg.validate().unwrap();
+
+        let cfg: Config = toml::from_str("default_pids = 5000\n").unwrap();
+        let err = cfg.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("default_pids") && err.contains("max_pids"),
+            "{err}"
+        );
+        let cfg: Config = toml::from_str("default_memory = \"1M\"\n").unwrap();
+        assert!(cfg
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("default_memory"));
+        assert!(toml::from_str::<Config>("max_memory = \"lots\"\n").is_err());
     }
 }

@@ -48,6 +48,14 @@ pub struct StepEntry {
     pub timeout: u32,
     #[serde(default)]
     pub network: Vec<String>,
+    /// Memory limit, e.g. "512M"; absent means the daemon's default.
+    pub memory: Option<String>,
+    /// Most processes and threads.
+    pub pids: Option<u32>,
+    /// CPUs, e.g. 1.5 or "1.5".
+    pub cpus: Option<crate::limits::Cpus>,
+    /// Workspace quota, e.g. "1G".
+    pub disk: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -78,15 +86,30 @@ pub fn load(path: &Path) -> anyhow::Result<(JobSpec, Vec<LocalInput>)> {
         steps: file
             .steps
             .into_iter()
-            .map(|s| Step {
-                name: s.name,
-                argv: s.run,
-                env: s.env.into_iter().collect(),
-                timeout_seconds: s.timeout,
-                limits: Some(ResourceLimits::default()),
-                allow_net: s.network,
+            .map(|s| {
+                let size = |what: &str, v: &Option<String>| -> anyhow::Result<u64> {
+                    v.as_deref()
+                        .map(crate::limits::parse_size)
+                        .transpose()
+                        .map_err(|e| anyhow::anyhow!("step {:?}: {what}: {e}", s.name))
+                        .map(Option::unwrap_or_default)
+                };
+                let limits = ResourceLimits {
+                    memory_bytes: size("memory", &s.memory)?,
+                    pids: s.pids.unwrap_or(0),
+                    cpu_millis: s.cpus.map(|c| c.0).unwrap_or(0),
+                    disk_bytes: size("disk", &s.disk)?,
+                };
+                Ok(Step {
+                    name: s.name,
+                    argv: s.run,
+                    env: s.env.into_iter().collect(),
+                    timeout_seconds: s.timeout,
+                    limits: Some(limits),
+                    allow_net: s.network,
+                })
             })
-            .collect(),
+            .collect::<anyhow::Result<_>>()?,
         outputs: file.outputs.into_iter().map(|o| o.path).collect(),
     };
     Ok((spec, locals))
@@ -130,6 +153,21 @@ path = "hello"
         assert_eq!(spec.inputs[0].path, "hello.c");
         assert_eq!(locals.len(), 1);
         assert_eq!(spec.outputs, vec!["hello".to_string()]);
+        assert_eq!(spec.steps[0].limits, Some(ResourceLimits::default()));
+
+        std::fs::write(
+            &job,
+            "[[steps]]\nname='a'\nrun=['x']\nmemory='512M'\npids=64\ncpus=1.5\ndisk='1G'\n",
+        )
+        .unwrap();
+        let (spec, _) = load(&job).unwrap();
+        let l = spec.steps[0].limits.unwrap();
+        assert_eq!(
+            (l.memory_bytes, l.pids, l.cpu_millis, l.disk_bytes),
+            (512 << 20, 64, 1500, 1 << 30)
+        );
+        std::fs::write(&job, "[[steps]]\nname='a'\nrun=['x']\nmemory='lots'\n").unwrap();
+        assert!(format!("{:#}", load(&job).unwrap_err()).contains("memory"));
 
         std::fs::write(&job, "[[steps]]\nname='a'\nrun=['x']\nbogus=1\n").unwrap();
         assert!(format!("{:#}", load(&job).unwrap_err()).contains("bogus"));

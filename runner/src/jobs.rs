@@ -106,7 +106,13 @@ impl Runner {
     ) -> Result<(Arc<Self>, mpsc::UnboundedReceiver<String>)> {
         let work_dir = config.state_dir.join("work");
         if work_dir.exists() {
-            // Workspaces of jobs interrupted by a crash: their jobs are failed below.
+            // Workspaces of jobs interrupted by a crash: their jobs are failed below. Each
+            // may still have its quota tmpfs mounted.
+            if let Ok(entries) = fs::read_dir(&work_dir) {
+                for entry in entries.flatten() {
+                    let _ = crate::limits::unmount_workspace(&entry.path());
+                }
+            }
             fs::remove_dir_all(&work_dir).map_err(RunnerError::io_path("cleaning", &work_dir))?;
         }
         fs::create_dir_all(&work_dir).map_err(RunnerError::io_path("creating", &work_dir))?;
@@ -355,6 +361,13 @@ impl Runner {
             .run_steps(id, &mut job, &spec, &workspace, host_uid_base)
             .await;
         if workspace.exists() {
+            // EINVAL: the quota was never mounted (the job failed before).
+            match crate::limits::unmount_workspace(&workspace) {
+                Ok(()) | Err(nix::errno::Errno::EINVAL) => {}
+                Err(err) => {
+                    tracing::warn!(job = %id, error = %err, "could not unmount the workspace quota")
+                }
+            }
             if let Err(err) = fs::remove_dir_all(&workspace) {
                 tracing::warn!(job = %id, error = %err, "could not remove workspace");
             }
@@ -450,6 +463,14 @@ impl Runner {
     /// of the content store (each copy hash-checked).
     fn prepare_workspace(&self, spec: &JobSpec, workspace: &Path, owner: u32) -> Result<()> {
         fs::create_dir(workspace).map_err(RunnerError::io_path("creating", workspace))?;
+        // The job's quota is its largest step's; each step then gets its own (run_steps).
+        let quota = spec
+            .steps
+            .iter()
+            .map(|s| crate::limits::Effective::of(&self.config, s.limits.as_ref()).disk_bytes)
+            .max()
+            .unwrap_or(self.config.default_disk.0);
+        crate::limits::mount_workspace(workspace, quota, owner)?;
         for input in &spec.inputs {
             let dest = workspace.join(&input.path);
             if let Some(parent) = dest.parent() {
@@ -463,6 +484,12 @@ impl Runner {
                         "input {:?}: blob {} is not in the content store (upload it first)",
                         input.path, input.digest
                     )),
+                    other if crate::limits::workspace_usage(workspace).is_some_and(|u| u.1) => {
+                        RunnerError::FailedPrecondition(format!(
+                            "the inputs do not fit in the workspace quota of {} ({other})",
+                            crate::limits::format_size(quota)
+                        ))
+                    }
                     other => other,
                 })?;
         }
@@ -497,6 +524,23 @@ impl Runner {
         host_uid_base: u32,
     ) -> Result<StepResult, JobEnd> {
         let started = Instant::now();
+        let limits = crate::limits::Effective::of(&self.config, step.limits.as_ref());
+        // This step's workspace quota; the tmpfs refuses to shrink below what it holds.
+        if let Err(err) = crate::limits::resize_workspace(workspace, limits.disk_bytes) {
+            let held = crate::limits::workspace_usage(workspace)
+                .map(|(used, _)| crate::limits::format_size(used))
+                .unwrap_or_else(|| "?".into());
+            return Ok(StepResult {
+                name: step.name.clone(),
+                state: StepState::Error as i32,
+                exit_code: 125,
+                message: format!(
+                    "the workspace already holds {held}, more than this step's disk limit of {} ({err})",
+                    crate::limits::format_size(limits.disk_bytes)
+                ),
+                ..Default::default()
+            });
+        }
         let materials = hash_workspace(workspace.to_path_buf()).await?;
         let timeout_seconds = if step.timeout_seconds == 0 {
             self.config.default_timeout_seconds
@@ -514,6 +558,10 @@ impl Runner {
             timeout_ms: u64::from(timeout_seconds) * 1000,
             hostname: "kiln".into(),
             tmp_size_bytes: self.config.tmp_size_mib * 1024 * 1024,
+            limits: limits.sandbox(),
+            // No TCP for steps until the egress proxy hands its port here.
+            tcp_connect_ports: vec![],
+            waived_layers: self.host.waived_layers.clone(),
         };
         let profile = sandbox::profile(&step_spec, &self.host);
         let profile_digest = hex::encode(Sha256::digest(
@@ -615,11 +663,72 @@ impl Runner {
                 return Ok(result);
             }
         };
+        // Which limits the step ran into; the first one named is the reason reported.
+        let usage = &outcome.usage;
+        let quota_hit = crate::limits::workspace_usage(workspace).is_some_and(|(_, full)| full);
+        let timed_out = outcome.status == StepStatus::TimedOut;
+        let limit_reason = [
+            (timed_out, "timeout"),
+            (usage.oom_killed, "oom"),
+            (usage.pids_limit_hit, "pids"),
+            (quota_hit, "disk-quota"),
+        ]
+        .iter()
+        .find(|(hit, _)| *hit)
+        .map(|(_, name)| *name)
+        .unwrap_or_default();
+        let size = crate::limits::format_size;
+        let mut notes = vec![message];
+        if usage.oom_killed {
+            notes.push(format!(
+                "the memory limit of {} was reached: the OOM killer killed a process of the step",
+                size(limits.memory_bytes)
+            ));
+        }
+        if usage.pids_limit_hit {
+            notes.push(format!(
+                "the pids limit of {} was reached: a fork failed",
+                limits.pids
+            ));
+        }
+        if quota_hit {
+            notes.push(format!(
+                "the workspace quota of {} was reached: writes failed with ENOSPC",
+                size(limits.disk_bytes)
+            ));
+        }
+        notes.retain(|n| !n.is_empty());
+        let message = notes.join("; ");
         result.state = state as i32;
         result.exit_code = exit_code;
         result.signal = signal;
         result.message = message.clone();
+        result.cpu_time_ms = usage.cpu_time_ms;
+        result.peak_memory_bytes = usage.peak_memory_bytes;
+        result.limit_reason = limit_reason.to_string();
+        result.seccomp_denials = outcome
+            .seccomp_denials
+            .iter()
+            .map(|(k, v)| (k.clone(), *v))
+            .collect();
 
+        // Real data is bounded by the quota, but sparse files are not: their
+        // apparent size is what hashing reads, so it is bounded here.
+        let apparent = {
+            let workspace = workspace.to_path_buf();
+            blocking(move || apparent_size(&workspace)).await?
+        };
+        if apparent > limits.disk_bytes {
+            result.state = StepState::Failed as i32;
+            result.exit_code = if exit_code == 0 { 1 } else { exit_code };
+            result.limit_reason = "disk-quota".into();
+            result.message = format!(
+                "the workspace's files add up to {} (sparse files count at their apparent size), more than the disk limit of {}; they are not hashed or attested",
+                size(apparent),
+                size(limits.disk_bytes)
+            );
+            return Ok(result);
+        }
         let products = hash_workspace(workspace.to_path_buf()).await?;
         let byproducts = serde_json::json!({
             "return-value": exit_code,
@@ -637,6 +746,15 @@ impl Runner {
                 "stderr_sha256": stderr.digest,
                 "stderr_truncated": stderr.truncated_in_link(),
                 "network": [],
+                "limit_reason": limit_reason,
+                "timed_out": timed_out,
+                "oom_killed": usage.oom_killed,
+                "pids_limit_hit": usage.pids_limit_hit,
+                "disk_quota_hit": quota_hit,
+                "cpu_time_ms": usage.cpu_time_ms,
+                "peak_memory_bytes": usage.peak_memory_bytes,
+                // syscall name -> times the seccomp filter denied it (EPERM)
+                "seccomp_denials": outcome.seccomp_denials,
             },
         });
         let environment = serde_json::json!({
@@ -644,6 +762,9 @@ impl Runner {
             "sandbox_profile": {"sha256": profile_digest},
             "runner": {"name": "kiln", "version": RUNNER_VERSION},
             "timeout_seconds": timeout_seconds,
+            "limits": limits.describe(),
+            // sandbox layers skipped on this host by the operator's explicit waiver
+            "waived_layers": self.host.waived_layers,
         });
         let link = provenance::link::Link {
             name: step.name.clone(),
@@ -702,6 +823,23 @@ impl Runner {
     /// is dead), so the tree cannot change under us; still, no symlink is followed
     /// and only regular files are taken.
     fn collect_outputs(&self, workspace: &Path, outputs: &[String]) -> Result<Vec<OutputFile>> {
+        // The cap on the job's total output size is checked before anything is stored.
+        let mut total = 0u64;
+        for output in outputs {
+            let path = resolve_in_workspace(workspace, output)?;
+            total = total.saturating_add(tree_size(&path));
+        }
+        let cap = self.config.max_outputs_size.0;
+        if total > cap {
+            return Err(RunnerError::invalid(
+                "outputs",
+                format!(
+                    "the declared outputs total {}, more than the runner's max_outputs_size of {}; nothing was stored",
+                    crate::limits::format_size(total),
+                    crate::limits::format_size(cap)
+                ),
+            ));
+        }
         let mut files = Vec::new();
         for output in outputs {
             let path = resolve_in_workspace(workspace, output)?;
@@ -743,6 +881,26 @@ async fn blocking<T: Send + 'static>(
         .await
         .map_err(|e| JobEnd::Error(RunnerError::Internal(format!("worker: {e}"))))?
         .map_err(JobEnd::Error)
+}
+
+/// The sum of the apparent sizes of the tree's regular files, never following links.
+fn apparent_size(root: &Path) -> Result<u64> {
+    let mut total = 0u64;
+    let mut dirs = vec![root.to_path_buf()];
+    while let Some(dir) = dirs.pop() {
+        for entry in fs::read_dir(&dir).map_err(RunnerError::io_path("reading", &dir))? {
+            let entry = entry.map_err(RunnerError::io_path("reading", &dir))?;
+            let meta = entry
+                .metadata()
+                .map_err(RunnerError::io_path("reading", &entry.path()))?;
+            if meta.is_dir() {
+                dirs.push(entry.path());
+            } else if meta.is_file() {
+                total = total.saturating_add(meta.len());
+            }
+        }
+    }
+    Ok(total)
 }
 
 async fn hash_workspace(
@@ -872,6 +1030,28 @@ fn collect_dir(
         }
     }
     Ok(())
+}
+
+/// Bytes of the regular files at or below `path`, never following a symlink (as the
+/// collector does); what cannot be read counts 0 and fails later, when it is stored.
+fn tree_size(path: &Path) -> u64 {
+    let Ok(meta) = fs::symlink_metadata(path) else {
+        return 0;
+    };
+    if meta.is_file() {
+        return meta.len();
+    }
+    if !meta.is_dir() {
+        return 0;
+    }
+    fs::read_dir(path)
+        .map(|entries| {
+            entries
+                .flatten()
+                .map(|e| tree_size(&e.path()))
+                .fold(0u64, u64::saturating_add)
+        })
+        .unwrap_or(0)
 }
 
 fn chown_tree(path: &Path, id: u32) -> Result<()> {

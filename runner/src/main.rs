@@ -9,6 +9,7 @@ mod error;
 mod images;
 mod jobfile;
 mod jobs;
+mod limits;
 // The allow-listed network: the policy already validates allow-lists at Submit;
 // the egress proxy is tested on its own until the sandbox hands the daemon each
 // step's network namespace.
@@ -82,6 +83,18 @@ enum Command {
         /// Where to write the outputs.
         #[arg(long)]
         out: Option<PathBuf>,
+        /// Memory limit of the step, e.g. 512M, 2G (default: the daemon's).
+        #[arg(long, value_name = "SIZE", value_parser = limits::parse_size)]
+        memory: Option<u64>,
+        /// Most processes and threads of the step (default: the daemon's).
+        #[arg(long, value_name = "N")]
+        pids: Option<u32>,
+        /// CPUs of the step, may be fractional, e.g. 1.5 (default: the daemon's).
+        #[arg(long, value_name = "N", value_parser = limits::parse_cpus)]
+        cpus: Option<u32>,
+        /// Workspace quota of the step, e.g. 1G (default: the daemon's).
+        #[arg(long, value_name = "SIZE", value_parser = limits::parse_size)]
+        disk: Option<u64>,
         #[arg(required = true, last = true)]
         argv: Vec<String>,
     },
@@ -235,6 +248,10 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             env,
             attest_dir,
             out,
+            memory,
+            pids,
+            cpus,
+            disk,
             argv,
         } => {
             let mut locals = Vec::new();
@@ -269,7 +286,12 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                     argv,
                     env: step_env,
                     timeout_seconds: timeout.unwrap_or(0),
-                    limits: Some(ResourceLimits::default()),
+                    limits: Some(ResourceLimits {
+                        memory_bytes: memory.unwrap_or(0),
+                        pids: pids.unwrap_or(0),
+                        cpu_millis: cpus.unwrap_or(0),
+                        disk_bytes: disk.unwrap_or(0),
+                    }),
                     allow_net: vec![],
                 }],
                 outputs,

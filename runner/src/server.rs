@@ -25,8 +25,20 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     if !nix::unistd::geteuid().is_root() {
         bail!("kiln serve must run as root: it creates user namespaces with mapped id ranges and mounts");
     }
-    // Fail closed: a host that cannot set up every sandbox layer runs no job.
-    let host = Sandbox::probe().context("this host cannot sandbox steps")?;
+    // Fail closed: a host that cannot set up every sandbox layer runs no job, unless the
+    // config explicitly waives that layer. This also compiles the seccomp policy, once.
+    let host =
+        Sandbox::probe_with_waivers(&config.waive).context("this host cannot sandbox steps")?;
+    for layer in &host.waived_layers {
+        tracing::warn!(layer = %layer, "host lacks a sandbox layer; waived by the config, recorded in every link");
+    }
+    for layer in config
+        .waive
+        .iter()
+        .filter(|l| !host.waived_layers.contains(l))
+    {
+        tracing::info!(layer = %layer, "waiver not needed: the host has this layer, which is applied");
+    }
     let init_exe = std::env::current_exe().context("locating the kiln binary")?;
     let sandbox = Sandbox::new(init_exe);
 
@@ -47,6 +59,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     tracing::info!(
         keyid = %runner.key.keyid(),
         landlock_abi = host.landlock_abi,
+        cgroup = %host.cgroup.mode,
         state_dir = %state.display(),
         "kiln daemon starting"
     );

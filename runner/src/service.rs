@@ -66,8 +66,13 @@ impl Jobs for Service {
         let spec = req
             .spec
             .ok_or_else(|| RunnerError::invalid("spec", "missing"))?;
+        let config = &self.runner.config;
         let limits = SpecLimits {
-            max_timeout_seconds: self.runner.config.max_timeout_seconds,
+            max_timeout_seconds: config.max_timeout_seconds,
+            max_memory_bytes: config.max_memory.0,
+            max_pids: config.max_pids,
+            max_cpu_millis: config.max_cpus.0,
+            max_disk_bytes: config.max_disk.0,
         };
         validate(&spec, &limits)?;
         let key = (!req.idempotency_key.is_empty()).then_some(req.idempotency_key);

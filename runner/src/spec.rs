@@ -22,6 +22,78 @@ pub const MAX_ALLOW_NET: usize = 256;
 #[derive(Debug, Clone)]
 pub struct SpecLimits {
     pub max_timeout_seconds: u32,
+    pub max_memory_bytes: u64,
+    pub max_pids: u32,
+    pub max_cpu_millis: u32,
+    pub max_disk_bytes: u64,
+}
+
+/// Checks a step's resource limits against the smallest workable values and the
+/// operator's caps (0 = the daemon's default, always within the caps).
+fn check_resource_limits(
+    i: usize,
+    l: &agent_proto::v1::ResourceLimits,
+    caps: &SpecLimits,
+) -> Result<()> {
+    use crate::limits::{format_cpus, format_size};
+    let field = |f: &str| format!("steps[{i}].limits.{f}");
+    let check = |name: &str, value: u64, min: u64, max: u64, show: &dyn Fn(u64) -> String| {
+        if value == 0 {
+            return Ok(());
+        }
+        if value < min {
+            return Err(RunnerError::invalid(
+                field(name),
+                format!(
+                    "{} is below the smallest workable {}",
+                    show(value),
+                    show(min)
+                ),
+            ));
+        }
+        if value > max {
+            return Err(RunnerError::invalid(
+                field(name),
+                format!(
+                    "{} exceeds the runner's maximum of {}",
+                    show(value),
+                    show(max)
+                ),
+            ));
+        }
+        Ok(())
+    };
+    let size = |v: u64| format_size(v);
+    let plain = |v: u64| v.to_string();
+    let cpus = |v: u64| format!("{} CPUs", format_cpus(u32::try_from(v).unwrap_or(u32::MAX)));
+    check(
+        "memory_bytes",
+        l.memory_bytes,
+        sandbox::MIN_MEMORY_BYTES,
+        caps.max_memory_bytes,
+        &size,
+    )?;
+    check(
+        "pids",
+        u64::from(l.pids),
+        u64::from(sandbox::MIN_PIDS),
+        u64::from(caps.max_pids),
+        &plain,
+    )?;
+    check(
+        "cpu_millis",
+        u64::from(l.cpu_millis),
+        u64::from(sandbox::MIN_CPU_MILLIS),
+        u64::from(caps.max_cpu_millis),
+        &cpus,
+    )?;
+    check(
+        "disk_bytes",
+        l.disk_bytes,
+        crate::limits::MIN_DISK_BYTES,
+        caps.max_disk_bytes,
+        &size,
+    )
 }
 
 /// A relative, '/'-separated path inside the workspace, without "." or ".."
@@ -198,13 +270,8 @@ pub fn validate(spec: &JobSpec, limits: &SpecLimits) -> Result<()> {
                 ),
             ));
         }
-        // Limits the runner cannot enforce yet are refused, never silently ignored.
-        if step.limits.as_ref().is_some_and(|l| {
-            l.memory_bytes != 0 || l.pids != 0 || l.cpu_millis != 0 || l.disk_bytes != 0
-        }) {
-            return Err(RunnerError::FailedPrecondition(format!(
-                "steps[{i}].limits: per-step resource limits are not supported yet"
-            )));
+        if let Some(l) = &step.limits {
+            check_resource_limits(i, l, limits)?;
         }
         if step.allow_net.len() > MAX_ALLOW_NET {
             return Err(RunnerError::invalid(field("allow_net"), "too many entries"));
@@ -247,6 +314,10 @@ mod tests {
     fn limits() -> SpecLimits {
         SpecLimits {
             max_timeout_seconds: 3600,
+            max_memory_bytes: 1 << 30,
+            max_pids: 100,
+            max_cpu_millis: 2000,
+            max_disk_bytes: 1 << 30,
         }
     }
 
@@ -341,15 +412,58 @@ mod tests {
     }
 
     #[test]
-    fn refuses_resource_limits_it_cannot_enforce() {
+    fn resource_limits_are_checked_against_the_caps() {
+        use agent_proto::v1::ResourceLimits;
         let mut spec = good();
-        spec.steps[0].limits = Some(agent_proto::v1::ResourceLimits {
+        spec.steps[0].limits = Some(ResourceLimits {
             memory_bytes: 1 << 30,
-            ..Default::default()
+            pids: 100,
+            cpu_millis: 1500,
+            disk_bytes: 64 << 20,
         });
-        let err = validate(&spec, &limits()).unwrap_err();
-        assert!(matches!(err, RunnerError::FailedPrecondition(_)));
-        assert!(err.to_string().contains("steps[0].limits"));
+        validate(&spec, &limits()).unwrap();
+        for (l, field) in [
+            (
+                ResourceLimits {
+                    memory_bytes: 2 << 30,
+                    ..Default::default()
+                },
+                "steps[0].limits.memory_bytes",
+            ),
+            (
+                ResourceLimits {
+                    memory_bytes: 1 << 20,
+                    ..Default::default()
+                },
+                "steps[0].limits.memory_bytes",
+            ),
+            (
+                ResourceLimits {
+                    pids: 101,
+                    ..Default::default()
+                },
+                "steps[0].limits.pids",
+            ),
+            (
+                ResourceLimits {
+                    cpu_millis: 2500,
+                    ..Default::default()
+                },
+                "steps[0].limits.cpu_millis",
+            ),
+            (
+                ResourceLimits {
+                    disk_bytes: 2 << 30,
+                    ..Default::default()
+                },
+                "steps[0].limits.disk_bytes",
+            ),
+        ] {
+            spec.steps[0].limits = Some(l);
+            let err = validate(&spec, &limits()).unwrap_err();
+            assert!(matches!(err, RunnerError::InvalidArgument { .. }), "{err}");
+            assert!(err.to_string().contains(field), "{err}");
+        }
     }
 
     #[test]

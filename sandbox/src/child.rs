@@ -9,14 +9,14 @@ use std::path::{Component, Path};
 use nix::errno::Errno;
 use nix::fcntl::{openat, OFlag};
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
-use nix::sys::stat::{fstat, mkdirat, Mode};
+use nix::sys::stat::{fstat, mkdirat, Mode, SFlag};
 use nix::sys::wait::{waitpid, WaitStatus};
 use nix::unistd::{ForkResult, Gid, Pid, Uid};
 
-use crate::landlock_rules;
 use crate::protocol::{self, Report};
 use crate::supervisor::{fail, Failure, OrLayer, Plan, Prepared};
 use crate::sys;
+use crate::{landlock_rules, notify};
 
 /// Host device nodes bound into the sandbox's /dev (mknod is not allowed in a user namespace).
 pub(crate) const DEV_NODES: [&str; 6] = ["null", "zero", "full", "random", "urandom", "tty"];
@@ -26,8 +26,10 @@ pub(crate) const DEV_NODES: [&str; 6] = ["null", "zero", "full", "random", "uran
 const STAGING: &str = "/tmp";
 
 /// Entry of the cloned child; never returns.
-pub(crate) fn sandbox_init(plan: &Plan, err: OwnedFd, sync: OwnedFd) -> ! {
-    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| pid1(plan, &err, sync)));
+pub(crate) fn sandbox_init(plan: &Plan, err: OwnedFd, sync: OwnedFd, notify: OwnedFd) -> ! {
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        pid1(plan, &err, sync, &notify)
+    }));
     let code = match outcome {
         Ok(Ok(report)) => {
             let code = match report {
@@ -62,12 +64,15 @@ pub(crate) fn sandbox_init(plan: &Plan, err: OwnedFd, sync: OwnedFd) -> ! {
     sys::exit_now(code)
 }
 
-fn pid1(plan: &Plan, err: &OwnedFd, sync: OwnedFd) -> Result<Report, Failure> {
+fn pid1(plan: &Plan, err: &OwnedFd, sync: OwnedFd, notify: &OwnedFd) -> Result<Report, Failure> {
     // The control pipe (0) and the status pipe (3) are the supervisor's alone: the step must
     // neither see cancel requests nor forge an outcome.
     for fd in [0, 3] {
         let _ = nix::unistd::close(fd);
     }
+    // A session of our own, without a controlling terminal: the daemon's terminal (if it
+    // has one) must not be reachable as /dev/tty (TIOCSTI, job-control signals).
+    nix::unistd::setsid().layer("dev", "setsid (dropping the controlling terminal)")?;
     // Wait until the supervisor has written our id maps.
     let mut byte = [0u8; 1];
     loop {
@@ -91,7 +96,7 @@ fn pid1(plan: &Plan, err: &OwnedFd, sync: OwnedFd) -> Result<Report, Failure> {
 
     let step = match sys::fork().layer("exec", "fork of the step process")? {
         ForkResult::Child => {
-            let f = match step(plan, err) {
+            let f = match step(plan, err, notify) {
                 Err(f) => f,
                 Ok(never) => match never {},
             };
@@ -280,6 +285,8 @@ fn build_root(plan: &Plan) -> Result<(), Failure> {
     .layer("proc", "mounting proc")?;
 
     build_dev(plan, &root)?;
+    // Needs the sandbox's /dev/null, which masks files.
+    mask_proc()?;
 
     create(&root, Path::new("/tmp"), Leaf::Dir).layer("mount", "creating /tmp")?;
     mount_fs(
@@ -330,6 +337,87 @@ fn build_root(plan: &Plan) -> Result<(), Failure> {
                 cwd.display()
             ),
         ));
+    }
+    Ok(())
+}
+
+/// Entries of the step's /proc made read-only: kernel tunables and triggers. (The user
+/// namespace already refuses most writes there, and Landlock all of them; this holds
+/// without either.)
+pub(crate) const PROC_READ_ONLY: [&str; 5] = ["sys", "sysrq-trigger", "irq", "bus", "fs"];
+
+/// Entries of the step's /proc hidden: files get /dev/null bound over them, directories an
+/// empty read-only tmpfs. Kernel memory and symbols, keyrings, timers and scheduler
+/// internals (host-wide, and useful to attackers), hardware details, the kernel config.
+pub(crate) const PROC_MASKED: [&str; 9] = [
+    "kcore",
+    "keys",
+    "timer_list",
+    "sched_debug",
+    "kallsyms",
+    "acpi",
+    "scsi",
+    "latency_stats",
+    "config.gz",
+];
+
+/// `Some(is_dir)` when `path` exists (not following symlinks).
+fn existing(path: &str) -> Result<Option<bool>, Failure> {
+    match nix::sys::stat::lstat(path) {
+        Ok(st) => Ok(Some(
+            SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT == SFlag::S_IFDIR,
+        )),
+        Err(Errno::ENOENT) => Ok(None),
+        Err(e) => Err(fail("proc", format!("stat /{path}: {e}"))),
+    }
+}
+
+/// Applies [`PROC_READ_ONLY`] and [`PROC_MASKED`] to the new /proc (cwd: the staged root).
+/// Entries this kernel does not have are skipped; any other failure fails the setup.
+fn mask_proc() -> Result<(), Failure> {
+    let hardening = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    for name in PROC_READ_ONLY {
+        let path = format!("proc/{name}");
+        if existing(&path)?.is_none() {
+            continue;
+        }
+        // A bind ignores MS_RDONLY on the first call: bind, then remount.
+        mount(
+            Some(path.as_str()),
+            path.as_str(),
+            None::<&str>,
+            MsFlags::MS_BIND | MsFlags::MS_REC,
+            None::<&str>,
+        )
+        .layer("proc", &format!("binding /{path}"))?;
+        mount(
+            None::<&str>,
+            path.as_str(),
+            None::<&str>,
+            MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_RDONLY | hardening,
+            None::<&str>,
+        )
+        .layer("proc", &format!("remounting /{path} read-only"))?;
+    }
+    for name in PROC_MASKED {
+        let path = format!("proc/{name}");
+        let masked = match existing(&path)? {
+            None => continue,
+            Some(true) => mount_fs(
+                "tmpfs",
+                &path,
+                MsFlags::MS_RDONLY | hardening,
+                "size=4k,mode=0555",
+            ),
+            Some(false) => mount(
+                Some("dev/null"),
+                path.as_str(),
+                None::<&str>,
+                MsFlags::MS_BIND,
+                None::<&str>,
+            ),
+        };
+        masked.layer("proc", &format!("masking /{path}"))?;
     }
     Ok(())
 }
@@ -399,7 +487,7 @@ fn build_dev(plan: &Plan, root: &OwnedFd) -> Result<(), Failure> {
 }
 
 /// Steps 9-15 of DESIGN.md "Order of setup", then exec. Returns only on failure.
-fn step(plan: &Plan, err: &OwnedFd) -> Result<std::convert::Infallible, Failure> {
+fn step(plan: &Plan, err: &OwnedFd, notify: &OwnedFd) -> Result<std::convert::Infallible, Failure> {
     let spec = &plan.spec;
     let id = spec.step_uid;
     let (uid, gid) = (Uid::from_raw(id), Gid::from_raw(id));
@@ -419,12 +507,9 @@ fn step(plan: &Plan, err: &OwnedFd) -> Result<std::convert::Infallible, Failure>
     nix::unistd::setresgid(gid, gid, gid).layer("credentials", "setresgid")?;
     nix::unistd::setresuid(uid, uid, uid).layer("credentials", "setresuid")?;
 
-    // 10. only stdio and the error pipe survive; stdin is /dev/null.
-    let e = u32::try_from(err.as_raw_fd()).unwrap_or(u32::MAX);
-    if e > 3 {
-        sys::close_range(3, e - 1).layer("fds", "close_range")?;
-    }
-    sys::close_range(e.saturating_add(1), u32::MAX).layer("fds", "close_range")?;
+    // 10. only stdio, the error pipe and the listener socket (both CLOEXEC) survive; stdin
+    // is /dev/null.
+    close_fds_except(&[err.as_raw_fd(), notify.as_raw_fd()]).layer("fds", "close_range")?;
     let null = nix::fcntl::open("/dev/null", OFlag::O_RDONLY, Mode::empty())
         .layer("fds", "opening /dev/null")?;
     if null.as_raw_fd() != 0 {
@@ -440,8 +525,14 @@ fn step(plan: &Plan, err: &OwnedFd) -> Result<std::convert::Infallible, Failure>
     // 12.
     nix::sys::prctl::set_no_new_privs().layer("no-new-privs", "PR_SET_NO_NEW_PRIVS")?;
 
-    // 13. Landlock after the last mount.
-    landlock_rules::enforce(plan.landlock_abi).map_err(|m| fail("landlock", m))?;
+    // 13. Landlock after the last mount. ABI 0 only reaches here when the operator waived
+    // Landlock for a host without it (checked again: never skipped silently).
+    if plan.landlock_abi >= 1 {
+        landlock_rules::enforce(plan.landlock_abi, &spec.tcp_connect_ports)
+            .map_err(|m| fail("landlock", m))?;
+    } else if !spec.waived_layers.iter().any(|l| l == "landlock") {
+        return Err(fail("landlock", "Landlock unavailable and not waived"));
+    }
 
     // 14. after the last credential change; and pid 1 must still be there to reap us.
     nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
@@ -449,17 +540,59 @@ fn step(plan: &Plan, err: &OwnedFd) -> Result<std::convert::Infallible, Failure>
     if nix::unistd::getppid() != Pid::from_raw(1) {
         return Err(fail("credentials", "sandbox init died during setup"));
     }
-    let no_core = nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_CORE, 0, 0);
-    no_core.layer("credentials", "RLIMIT_CORE")?;
+    set_rlimits(&spec.limits)?;
 
     // A clean start: default signal actions (the supervisor ignores SIGPIPE, which execve
     // would pass on) and a fixed umask, so builds do not depend on the daemon's.
     sys::reset_signals().layer("exec", "resetting signal dispositions")?;
     nix::sys::stat::umask(Mode::from_bits_truncate(0o022));
 
-    // 15. seccomp last, then exec.
-    seccompiler::apply_filter(&plan.seccomp).layer("seccomp", "installing the filter")?;
+    // 15. seccomp last, then exec. The listener goes to the supervisor, which answers and
+    // counts every denial; our copy is closed before exec so nothing in the sandbox can
+    // answer a notification. Without a working listener the step does not run.
+    let listener = sys::seccomp_filter_with_listener(&plan.seccomp)
+        .layer("seccomp", "installing the filter")?;
+    notify::send_listener(notify, &listener).layer(
+        "seccomp",
+        "handing the notification listener to the supervisor",
+    )?;
+    drop(listener);
     exec(plan, err)
+}
+
+/// rlimits of the step: no core dumps (they could hold secrets and fill the workspace),
+/// bounded open files, and the largest file it may write (SIGXFSZ / EFBIG beyond).
+/// Soft = hard, so the step cannot raise them.
+fn set_rlimits(limits: &crate::Limits) -> Result<(), Failure> {
+    use nix::sys::resource::{setrlimit, Resource};
+    setrlimit(Resource::RLIMIT_CORE, 0, 0).layer("rlimits", "RLIMIT_CORE")?;
+    setrlimit(Resource::RLIMIT_NOFILE, limits.nofile, limits.nofile)
+        .layer("rlimits", "RLIMIT_NOFILE")?;
+    setrlimit(
+        Resource::RLIMIT_FSIZE,
+        limits.fsize_bytes,
+        limits.fsize_bytes,
+    )
+    .layer("rlimits", "RLIMIT_FSIZE")?;
+    Ok(())
+}
+
+/// Closes every fd from 3 up except `keep`.
+fn close_fds_except(keep: &[std::os::fd::RawFd]) -> Result<(), Errno> {
+    let mut keep: Vec<u32> = keep
+        .iter()
+        .filter_map(|f| u32::try_from(*f).ok())
+        .filter(|f| *f >= 3)
+        .collect();
+    keep.sort_unstable();
+    let mut from = 3u32;
+    for k in keep {
+        if k > from {
+            sys::close_range(from, k - 1)?;
+        }
+        from = from.max(k.saturating_add(1));
+    }
+    sys::close_range(from, u32::MAX)
 }
 
 fn drop_capabilities(cap_last: u32) -> Result<(), Failure> {

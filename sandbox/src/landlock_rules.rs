@@ -1,10 +1,16 @@
 //! The step's Landlock policy: read and execute everywhere in the (read-only) root, read-write
 //! only where the mounts are writable and meant to be (/workspace, /tmp, /dev/shm), and
 //! read-write on the few character devices a build uses.
+//!
+//! Network (ABI >= 4): TCP bind and connect are handled; the only rules are connects to
+//! `StepSpec::tcp_connect_ports` (the egress proxy's port on the step's loopback, once it
+//! exists). A step without them can neither bind nor connect any TCP port, loopback
+//! included; AF_UNIX sockets and UDP on loopback are untouched (Landlock has no UDP rules;
+//! the network namespace holds only loopback).
 
 use landlock::{
-    Access, AccessFs, BitFlags, PathBeneath, PathFd, Ruleset, RulesetAttr, RulesetCreatedAttr,
-    RulesetStatus, Scope, ABI,
+    Access, AccessFs, AccessNet, BitFlags, NetPort, PathBeneath, PathFd, Ruleset, RulesetAttr,
+    RulesetCreatedAttr, RulesetStatus, Scope, ABI,
 };
 use serde_json::{json, Value};
 
@@ -54,6 +60,15 @@ fn scopes(abi: ABI) -> BitFlags<Scope> {
     }
 }
 
+/// TCP rights handled at this ABI (empty before ABI 4).
+fn net_handled(abi: ABI) -> BitFlags<AccessNet> {
+    AccessNet::from_all(abi)
+}
+
+fn net_names(flags: BitFlags<AccessNet>) -> Vec<String> {
+    flags.iter().map(|f| format!("{f:?}")).collect()
+}
+
 fn fs_names(flags: BitFlags<AccessFs>) -> Vec<String> {
     flags.iter().map(|f| format!("{f:?}")).collect()
 }
@@ -65,7 +80,7 @@ fn scope_names(flags: BitFlags<Scope>) -> Vec<String> {
 /// Restricts the calling (step) process. Requests every filesystem right of the kernel's ABI
 /// (capped at the newest ABI the landlock crate knows) and fails unless the kernel reports
 /// the ruleset fully enforced: the step never runs with a partial policy.
-pub(crate) fn enforce(kernel_abi: i32) -> Result<(), String> {
+pub(crate) fn enforce(kernel_abi: i32, tcp_connect_ports: &[u16]) -> Result<(), String> {
     let abi = ABI::from(kernel_abi);
     if abi == ABI::Unsupported {
         return Err(format!(
@@ -75,6 +90,10 @@ pub(crate) fn enforce(kernel_abi: i32) -> Result<(), String> {
     let mut ruleset = Ruleset::default()
         .handle_access(AccessFs::from_all(abi))
         .map_err(|e| e.to_string())?;
+    let net = net_handled(abi);
+    if !net.is_empty() {
+        ruleset = ruleset.handle_access(net).map_err(|e| e.to_string())?;
+    }
     let sc = scopes(abi);
     if !sc.is_empty() {
         ruleset = ruleset.scope(sc).map_err(|e| e.to_string())?;
@@ -86,6 +105,13 @@ pub(crate) fn enforce(kernel_abi: i32) -> Result<(), String> {
             .add_rule(PathBeneath::new(fd, access(grant, abi)))
             .map_err(|e| format!("rule for {path}: {e}"))?;
     }
+    if net.contains(AccessNet::ConnectTcp) {
+        for port in tcp_connect_ports {
+            created = created
+                .add_rule(NetPort::new(*port, AccessNet::ConnectTcp))
+                .map_err(|e| format!("rule for TCP port {port}: {e}"))?;
+        }
+    }
     let status = created.restrict_self().map_err(|e| e.to_string())?;
     if status.ruleset != RulesetStatus::FullyEnforced {
         return Err(format!(
@@ -96,8 +122,20 @@ pub(crate) fn enforce(kernel_abi: i32) -> Result<(), String> {
     Ok(())
 }
 
-pub(crate) fn describe(kernel_abi: i32) -> Value {
+pub(crate) fn describe(kernel_abi: i32, tcp_connect_ports: &[u16], waived: bool) -> Value {
+    if kernel_abi < 1 && waived {
+        return json!({"abi": kernel_abi, "waived": true});
+    }
     let abi = ABI::from(kernel_abi);
+    let net = net_handled(abi);
+    let net_rules: Vec<Value> = if net.contains(AccessNet::ConnectTcp) {
+        tcp_connect_ports
+            .iter()
+            .map(|p| json!({"port": p, "access": ["ConnectTcp"]}))
+            .collect()
+    } else {
+        vec![]
+    };
     let rules: Vec<Value> = RULES
         .iter()
         .map(|(path, grant)| json!({"path": path, "access": fs_names(access(*grant, abi))}))
@@ -105,7 +143,8 @@ pub(crate) fn describe(kernel_abi: i32) -> Value {
     json!({
         "abi": kernel_abi,
         "handled_access_fs": fs_names(AccessFs::from_all(abi)),
-        "handled_access_net": [],
+        "handled_access_net": net_names(net),
+        "net_rules": net_rules,
         "scopes": scope_names(scopes(abi)),
         "rules": rules,
         "required_status": "fully_enforced",

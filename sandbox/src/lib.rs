@@ -10,6 +10,7 @@
 //! Layers are never skipped: a layer that cannot be set up makes the step `SetupFailed`
 //! naming the layer.
 
+use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Component, Path, PathBuf};
@@ -19,8 +20,10 @@ use std::sync::{Arc, Mutex};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
+pub mod cgroup;
 mod child;
 mod landlock_rules;
+mod notify;
 mod protocol;
 pub mod seccomp;
 mod supervisor;
@@ -48,6 +51,64 @@ pub struct StepSpec {
     pub timeout_ms: u64,
     pub hostname: String,
     pub tmp_size_bytes: u64,
+    /// TCP ports on the step's loopback it may connect to (the hook for the egress proxy,
+    /// which listens there). Empty: no TCP connect and no TCP bind at all where Landlock
+    /// has network rules (ABI >= 4), so loopback TCP is unavailable; AF_UNIX works.
+    #[serde(default)]
+    pub tcp_connect_ports: Vec<u16>,
+    /// Layers the operator's config waived and this host lacks (see [`decide_waivers`]);
+    /// only these are skipped, every other layer stays mandatory.
+    #[serde(default)]
+    pub waived_layers: Vec<String>,
+    /// cgroup limits and rlimits of the step; every one is enforced.
+    pub limits: Limits,
+}
+
+/// Resource limits of one step. All are required: a limit is never "off".
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Limits {
+    /// cgroup memory limit (swap included where the host accounts it).
+    pub memory_bytes: u64,
+    /// Tasks (processes and threads) in the sandbox, its init (pid 1) included.
+    pub pids: u32,
+    /// CPU bandwidth in thousandths of a CPU (1500 = 1.5 CPUs), over a 100 ms period.
+    pub cpu_millis: u32,
+    /// RLIMIT_NOFILE of the step.
+    pub nofile: u64,
+    /// RLIMIT_FSIZE of the step: the largest file it may write.
+    pub fsize_bytes: u64,
+}
+
+impl Default for Limits {
+    /// Conservative values for callers (tests, probes) that do not choose.
+    fn default() -> Self {
+        Self {
+            memory_bytes: 1 << 30,
+            pids: 512,
+            cpu_millis: 1000,
+            nofile: 1024,
+            fsize_bytes: 1 << 30,
+        }
+    }
+}
+
+/// Smallest limits that still let a step start (init + step, a libc program).
+pub const MIN_MEMORY_BYTES: u64 = 8 << 20;
+pub const MIN_PIDS: u32 = 2;
+/// 1% of a CPU: the kernel's smallest quota is 1 ms per 100 ms period.
+pub const MIN_CPU_MILLIS: u32 = 10;
+pub const MIN_NOFILE: u64 = 16;
+
+/// What a step used, read from its cgroup after it ended.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResourceUsage {
+    pub peak_memory_bytes: u64,
+    /// User + system CPU time of every process of the sandbox.
+    pub cpu_time_ms: u64,
+    /// The kernel's OOM killer killed a process of the sandbox (memory limit reached).
+    pub oom_killed: bool,
+    /// A fork or clone failed because the pids limit was reached.
+    pub pids_limit_hit: bool,
 }
 
 /// One element of the sandbox's root filesystem.
@@ -94,6 +155,12 @@ pub struct HostSupport {
     pub seccomp_actions: Vec<String>,
     /// `uname -r`.
     pub kernel_release: String,
+    /// SHA-256 of the seccomp program, compiled once by the probe (see [`seccomp::compiled`]).
+    pub seccomp_policy_sha256: String,
+    /// Layers the host lacks and the operator's config waived; recorded in provenance.
+    pub waived_layers: Vec<String>,
+    /// The cgroup interface used for the limits (probed for real).
+    pub cgroup: cgroup::CgroupSupport,
 }
 
 /// How a step ended.
@@ -101,6 +168,13 @@ pub struct HostSupport {
 pub struct StepOutcome {
     pub status: StepStatus,
     pub duration_ms: u64,
+    /// Syscalls the seccomp filter denied (EPERM), per syscall name, over every process of
+    /// the step.
+    #[serde(default)]
+    pub seccomp_denials: BTreeMap<String, u64>,
+    /// Zero when the step never started.
+    #[serde(default)]
+    pub usage: ResourceUsage,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -142,6 +216,43 @@ pub(crate) fn namespace_flags() -> libc::c_int {
 /// Paths the sandbox itself mounts; root entries must stay clear of them.
 pub(crate) const RESERVED: [&str; 4] = ["/proc", "/dev", "/tmp", "/workspace"];
 
+/// Layers an operator may waive (config `waive`) for a host that lacks them; every other
+/// layer is mandatory.
+pub const WAIVABLE_LAYERS: [&str; 1] = ["landlock"];
+
+/// The layers steps run without: those the host lacks (`landlock_abi` < 1) and `waive` names.
+/// A waived layer the host has is still applied (a waiver permits running without a layer,
+/// it never weakens a host that has it). Unknown or repeated names are errors, as is a
+/// missing layer that is not waived.
+pub fn decide_waivers(landlock_abi: i32, waive: &[String]) -> Result<Vec<String>, SandboxError> {
+    for (i, w) in waive.iter().enumerate() {
+        if !WAIVABLE_LAYERS.contains(&w.as_str()) {
+            return Err(SandboxError::InvalidSpec(format!(
+                "layer {w:?} cannot be waived (waivable: {})",
+                WAIVABLE_LAYERS.join(", ")
+            )));
+        }
+        if waive[..i].contains(w) {
+            return Err(SandboxError::InvalidSpec(format!(
+                "layer {w:?} waived twice"
+            )));
+        }
+    }
+    let mut waived = Vec::new();
+    if landlock_abi < 1 {
+        if !waive.iter().any(|w| w == "landlock") {
+            return Err(SandboxError::Unsupported {
+                layer: "landlock".to_string(),
+                reason: "the kernel does not support Landlock or it is not enabled (lsm=); \
+                         `waive = [\"landlock\"]` in the config runs steps without it"
+                    .to_string(),
+            });
+        }
+        waived.push("landlock".to_string());
+    }
+    Ok(waived)
+}
+
 /// Starts sandboxed steps by re-executing the Kiln binary as the supervisor.
 #[derive(Debug, Clone)]
 pub struct Sandbox {
@@ -156,6 +267,12 @@ impl Sandbox {
     /// Checks the host can set up every layer (user namespaces, seccomp, Landlock ABI);
     /// the error names the missing layer.
     pub fn probe() -> Result<HostSupport, SandboxError> {
+        Self::probe_with_waivers(&[])
+    }
+
+    /// [`Sandbox::probe`], except that a layer the host lacks is accepted when `waive`
+    /// (the operator's config) names it; see [`decide_waivers`].
+    pub fn probe_with_waivers(waive: &[String]) -> Result<HostSupport, SandboxError> {
         let unsupported = |layer: &str, reason: String| SandboxError::Unsupported {
             layer: layer.to_string(),
             reason,
@@ -171,7 +288,7 @@ impl Sandbox {
         let actions = std::fs::read_to_string("/proc/sys/kernel/seccomp/actions_avail")
             .map_err(|e| unsupported("seccomp", format!("seccomp filters unavailable: {e}")))?;
         let seccomp_actions: Vec<String> = actions.split_whitespace().map(String::from).collect();
-        for needed in ["allow", "errno", "kill_process"] {
+        for needed in ["allow", "errno", "kill_process", "user_notif"] {
             if !seccomp_actions.iter().any(|a| a == needed) {
                 return Err(unsupported(
                     "seccomp",
@@ -179,18 +296,20 @@ impl Sandbox {
                 ));
             }
         }
-        seccomp::compile()?;
-        let landlock_abi = sys::landlock_abi_version();
-        if landlock_abi < 1 {
-            return Err(unsupported(
-                "landlock",
-                "the kernel does not support Landlock or it is not enabled (lsm=)".to_string(),
-            ));
-        }
+        // Compiled here, once per process; every step reuses it.
+        let seccomp_policy_sha256 = seccomp::compiled()?.sha256().to_string();
+        let landlock_abi = sys::landlock_abi_version().max(0);
+        let waived_layers = decide_waivers(landlock_abi, waive)?;
         sys::open_tree(None, c"/", 0).map_err(|e| {
             unsupported(
                 "mount",
                 format!("new mount API (open_tree) unavailable: {e}"),
+            )
+        })?;
+        let cgroup = cgroup::probe().map_err(|(controller, reason)| {
+            unsupported(
+                "cgroup",
+                format!("cannot enforce limits with the {controller} controller: {reason}"),
             )
         })?;
         let kernel_release = nix::sys::utsname::uname()
@@ -201,14 +320,16 @@ impl Sandbox {
             namespaces: NAMESPACES.iter().map(|(n, _)| n.to_string()).collect(),
             seccomp_actions,
             kernel_release,
+            seccomp_policy_sha256,
+            waived_layers,
+            cgroup,
         })
     }
 
     /// Starts the step; returns once the supervisor has the spec.
     pub fn spawn(&self, spec: &StepSpec) -> Result<RunningStep, SandboxError> {
         validate(spec)?;
-        let mut payload = serde_json::to_vec(spec)?;
-        payload.push(b'\n');
+        let payload = protocol::control_message(spec, seccomp::compiled()?)?;
 
         let cloexec = nix::fcntl::OFlag::O_CLOEXEC;
         let (out_r, out_w) = nix::unistd::pipe2(cloexec).map_err(std::io::Error::from)?;
@@ -479,6 +600,30 @@ pub fn validate(spec: &StepSpec) -> Result<(), SandboxError> {
     if spec.hostname.is_empty() || spec.hostname.len() > 64 || spec.hostname.contains('\0') {
         return Err(invalid("hostname must be 1 to 64 bytes"));
     }
+    let l = &spec.limits;
+    if l.memory_bytes < MIN_MEMORY_BYTES {
+        return Err(invalid(format!(
+            "memory limit must be at least {MIN_MEMORY_BYTES} bytes"
+        )));
+    }
+    if l.pids < MIN_PIDS {
+        return Err(invalid(format!(
+            "pids limit must be at least {MIN_PIDS} (init and the step)"
+        )));
+    }
+    if l.cpu_millis < MIN_CPU_MILLIS {
+        return Err(invalid(format!(
+            "cpu limit must be at least {MIN_CPU_MILLIS} millicpus"
+        )));
+    }
+    if l.nofile < MIN_NOFILE {
+        return Err(invalid(format!(
+            "nofile limit must be at least {MIN_NOFILE}"
+        )));
+    }
+    if l.fsize_bytes == 0 {
+        return Err(invalid("fsize limit must be positive"));
+    }
     Ok(())
 }
 
@@ -502,7 +647,7 @@ pub fn profile(spec: &StepSpec, host: &HostSupport) -> Value {
         })
         .collect();
     json!({
-        "profile_version": 1,
+        "profile_version": 2,
         "namespaces": NAMESPACES.iter().map(|(n, _)| *n).collect::<Vec<_>>(),
         "ids": {
             "uid_map": [0, spec.host_uid_base, spec.id_range],
@@ -517,24 +662,55 @@ pub fn profile(spec: &StepSpec, host: &HostSupport) -> Value {
             "root": {"fs": "tmpfs", "flags": ro, "pivot_root": true, "old_root": "detached"},
             "entries": root,
             "workspace": {"target": "/workspace", "flags": ["rw", "nosuid", "nodev"], "cwd": true},
-            "proc": {"target": "/proc", "fresh": true, "flags": ["nosuid", "nodev", "noexec"]},
+            "proc": {
+                "target": "/proc", "fresh": true, "pid_namespace": "the step's own",
+                "flags": ["nosuid", "nodev", "noexec"],
+                "read_only": {"paths": child::PROC_READ_ONLY, "flags": ["ro", "nosuid", "nodev", "noexec"]},
+                "masked": {
+                    "paths": child::PROC_MASKED,
+                    "files": "bind of /dev/null", "directories": "empty tmpfs, ro",
+                    "absent_entries": "skipped",
+                },
+            },
+            "sys": "absent",
             "dev": {
                 "fs": "tmpfs", "flags": ["ro", "nosuid", "noexec"],
                 "host_nodes": child::DEV_NODES,
-                "pts": "devpts newinstance", "shm": {"fs": "tmpfs", "size_bytes": spec.tmp_size_bytes},
+                "host_node_flags": ["nosuid", "noexec"],
+                "symlinks": {"ptmx": "pts/ptmx", "fd": "/proc/self/fd", "stdin": "/proc/self/fd/0",
+                             "stdout": "/proc/self/fd/1", "stderr": "/proc/self/fd/2"},
+                "pts": {"fs": "devpts", "options": "newinstance,ptmxmode=0666,mode=0620", "flags": ["nosuid", "noexec"]},
+                "shm": {"fs": "tmpfs", "flags": ["nosuid", "nodev"], "mode": "1777", "size_bytes": spec.tmp_size_bytes},
             },
             "tmp": {"fs": "tmpfs", "flags": ["nosuid", "nodev"], "mode": "1777", "size_bytes": spec.tmp_size_bytes},
         },
         "hostname": spec.hostname,
         "capabilities": {"bounding": [], "permitted": [], "effective": [], "inheritable": [], "ambient": []},
         "no_new_privs": true,
-        "landlock": landlock_rules::describe(host.landlock_abi),
-        "seccomp": seccomp::describe(),
-        "rlimits": {"core": 0},
+        "landlock": landlock_rules::describe(
+            host.landlock_abi,
+            &spec.tcp_connect_ports,
+            spec.waived_layers.iter().any(|l| l == "landlock"),
+        ),
+        "network": {"namespace": "new, loopback only", "tcp_connect_ports": spec.tcp_connect_ports},
+        "waived_layers": spec.waived_layers,
+        "seccomp": seccomp::describe(&host.seccomp_policy_sha256),
+        "rlimits": {"core": 0, "nofile": spec.limits.nofile, "fsize": spec.limits.fsize_bytes},
+        "cgroup": {
+            "mode": host.cgroup.mode,
+            "controllers": host.cgroup.controllers,
+            "namespace": "rooted at the step's own cgroup",
+            "memory_bytes": spec.limits.memory_bytes,
+            "swap": "none",
+            "pids": spec.limits.pids,
+            "cpu_millis": spec.limits.cpu_millis,
+            "cpu_period_us": 100_000,
+        },
         "umask": "0022",
         "signals": "default dispositions, none blocked",
         "parent_death_signal": "SIGKILL",
-        "init": {"pid": 1, "dumpable": false, "kills_namespace_on_step_exit": true},
+        "init": {"pid": 1, "dumpable": false, "kills_namespace_on_step_exit": true,
+                 "session": "new, no controlling terminal"},
         "timeout_ms": spec.timeout_ms,
     })
 }
@@ -550,6 +726,62 @@ pub(crate) fn env_get<'a>(env: &'a [(String, String)], key: &str) -> Option<&'a 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn waiver_decision() {
+        let none: Vec<String> = vec![];
+        let landlock = vec!["landlock".to_string()];
+        // Host with Landlock: nothing waived, whatever the config says.
+        assert_eq!(decide_waivers(7, &none).ok(), Some(vec![]));
+        assert_eq!(decide_waivers(1, &landlock).ok(), Some(vec![]));
+        // Host without: refused unless waived, and then exactly that layer.
+        match decide_waivers(0, &none) {
+            Err(SandboxError::Unsupported { layer, .. }) => assert_eq!(layer, "landlock"),
+            other => panic!("{other:?}"),
+        }
+        assert!(decide_waivers(-1, &none).is_err());
+        assert_eq!(decide_waivers(0, &landlock).ok(), Some(landlock.clone()));
+        // Only known layers, once each.
+        for bad in [
+            vec!["seccomp".to_string()],
+            vec!["Landlock".to_string()],
+            vec!["landlock".to_string(), "landlock".to_string()],
+        ] {
+            assert!(matches!(
+                decide_waivers(0, &bad),
+                Err(SandboxError::InvalidSpec(_))
+            ));
+            assert!(decide_waivers(7, &bad).is_err());
+        }
+    }
+
+    #[test]
+    fn control_message_carries_the_compiled_program() -> Result<(), SandboxError> {
+        let spec = StepSpec {
+            argv: vec!["true".into()],
+            env: vec![],
+            root: vec![],
+            workspace: "/w".into(),
+            host_uid_base: 100_000,
+            id_range: 65536,
+            step_uid: 1000,
+            timeout_ms: 1000,
+            hostname: "h".into(),
+            tmp_size_bytes: 1 << 20,
+            limits: Limits::default(),
+            tcp_connect_ports: vec![],
+            waived_layers: vec![],
+        };
+        let policy = seccomp::compiled()?;
+        let line = protocol::control_message(&spec, policy)?;
+        assert_eq!(line.last(), Some(&b'\n'));
+        let msg: protocol::ControlMessage = serde_json::from_slice(&line)?;
+        assert_eq!(msg.spec.argv, spec.argv);
+        let received =
+            seccomp::CompiledPolicy::decode(&msg.seccomp_bpf).map_err(SandboxError::Seccomp)?;
+        assert_eq!(&received, policy);
+        Ok(())
+    }
 
     #[test]
     fn canceller_is_send_sync_clone() {

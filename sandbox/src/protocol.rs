@@ -6,6 +6,36 @@ use std::os::fd::{AsFd, OwnedFd};
 
 use serde::{Deserialize, Serialize};
 
+use crate::seccomp::CompiledPolicy;
+use crate::StepSpec;
+
+/// What the daemon sends the supervisor on the control pipe (one JSON line): the spec and
+/// the seccomp program the daemon compiled once at start-up, so no step compiles it.
+#[derive(Debug, Deserialize)]
+pub(crate) struct ControlMessage {
+    pub spec: StepSpec,
+    /// The program, one packed instruction per element (see `CompiledPolicy::encoded`).
+    pub seccomp_bpf: Vec<u64>,
+}
+
+/// Encodes a [`ControlMessage`], newline-terminated.
+pub(crate) fn control_message(
+    spec: &StepSpec,
+    policy: &CompiledPolicy,
+) -> Result<Vec<u8>, serde_json::Error> {
+    #[derive(Serialize)]
+    struct Out<'a> {
+        spec: &'a StepSpec,
+        seccomp_bpf: Vec<u64>,
+    }
+    let mut line = serde_json::to_vec(&Out {
+        spec,
+        seccomp_bpf: policy.encoded(),
+    })?;
+    line.push(b'\n');
+    Ok(line)
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub(crate) enum Report {
     /// A layer could not be set up.

@@ -13,15 +13,19 @@ use nix::errno::Errno;
 use nix::fcntl::OFlag;
 use nix::poll::{PollFd, PollFlags, PollTimeout};
 use nix::sys::signal::{kill, Signal};
+use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
 use nix::sys::stat::{fstat, SFlag};
 use nix::sys::wait::{waitpid, WaitStatus};
 use nix::unistd::Pid;
 use seccompiler::BpfProgram;
 
+use crate::cgroup::StepCgroup;
 use crate::child::{self, DEV_NODES};
-use crate::protocol::{self, Report};
+use crate::notify::Denials;
+use crate::protocol::{self, ControlMessage, Report};
+use crate::seccomp::CompiledPolicy;
 use crate::sys::{self, Cloned};
-use crate::{seccomp, RootEntry, StepOutcome, StepSpec, StepStatus};
+use crate::{RootEntry, StepOutcome, StepSpec, StepStatus};
 
 /// The largest spec accepted on the control pipe.
 const MAX_SPEC_BYTES: usize = 64 << 20;
@@ -113,6 +117,8 @@ fn setup_failed(f: Failure, duration_ms: u64) -> StepOutcome {
             message: f.message,
         },
         duration_ms,
+        usage: Default::default(),
+        seccomp_denials: Default::default(),
     }
 }
 
@@ -120,8 +126,9 @@ fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
-/// Reads the spec line; `true` when more bytes followed it (a cancel already arrived).
-fn read_spec(control: &OwnedFd) -> Result<(StepSpec, bool), Failure> {
+/// Reads the control message line; `true` when more bytes followed it (a cancel already
+/// arrived).
+fn read_spec(control: &OwnedFd) -> Result<(ControlMessage, bool), Failure> {
     let mut buf = Vec::with_capacity(8192);
     let mut chunk = [0u8; 16384];
     loop {
@@ -140,9 +147,9 @@ fn read_spec(control: &OwnedFd) -> Result<(StepSpec, bool), Failure> {
         if let Some(pos) = buf[start..].iter().position(|b| *b == b'\n') {
             let end = start + pos;
             let extra = buf.len() > end + 1;
-            let spec =
+            let msg =
                 serde_json::from_slice(&buf[..end]).layer("spec", "decoding the step spec")?;
-            return Ok((spec, extra));
+            return Ok((msg, extra));
         }
         if buf.len() > MAX_SPEC_BYTES {
             return Err(fail("spec", "step spec too large"));
@@ -171,10 +178,16 @@ fn detached_tree(
     Ok((tree, st))
 }
 
-fn prepare(spec: StepSpec) -> Result<Plan, Failure> {
-    let seccomp = seccomp::compile().layer("seccomp", "compiling the policy")?;
-    let landlock_abi = sys::landlock_abi_version();
-    if landlock_abi < 1 {
+fn prepare(spec: StepSpec, seccomp_bpf: &[u64]) -> Result<Plan, Failure> {
+    // Compiled once by the daemon; here only decoded.
+    let seccomp = CompiledPolicy::decode(seccomp_bpf)
+        .layer("seccomp", "the program from the daemon")?
+        .instructions()
+        .to_vec();
+    // 0 only when the host lacks Landlock and the operator waived it: then the step runs
+    // without that one layer (recorded in its link), never silently.
+    let landlock_abi = sys::landlock_abi_version().max(0);
+    if landlock_abi < 1 && !spec.waived_layers.iter().any(|l| l == "landlock") {
         return Err(fail(
             "landlock",
             "the kernel does not support Landlock or it is disabled",
@@ -314,7 +327,7 @@ enum Ended {
 }
 
 fn supervise(control: &OwnedFd) -> StepOutcome {
-    let (spec, cancel_queued) = match read_spec(control) {
+    let (ControlMessage { spec, seccomp_bpf }, cancel_queued) = match read_spec(control) {
         Ok(s) => s,
         Err(f) => return setup_failed(f, 0),
     };
@@ -322,6 +335,8 @@ fn supervise(control: &OwnedFd) -> StepOutcome {
         return StepOutcome {
             status: StepStatus::Cancelled,
             duration_ms: 0,
+            usage: Default::default(),
+            seccomp_denials: Default::default(),
         };
     }
     if let Err(e) = crate::validate(&spec) {
@@ -335,34 +350,78 @@ fn supervise(control: &OwnedFd) -> StepOutcome {
             0,
         );
     }
-    let plan = match prepare(spec) {
+    let plan = match prepare(spec, &seccomp_bpf) {
         Ok(p) => p,
         Err(f) => return setup_failed(f, 0),
     };
-    match launch(&plan, control) {
+    if let Err(f) = raise_hard_nofile(plan.spec.limits.nofile) {
+        return setup_failed(f, 0);
+    }
+    // Dropped (removed) when the step is over, on every path.
+    let mut cgroup = match StepCgroup::create(&plan.spec.limits) {
+        Ok(c) => c,
+        Err(f) => return setup_failed(f, 0),
+    };
+    match launch(&plan, control, &mut cgroup) {
         Ok(o) => o,
         Err(f) => setup_failed(f, 0),
     }
 }
 
-fn launch(plan: &Plan, control: &OwnedFd) -> Result<StepOutcome, Failure> {
+/// The step sets RLIMIT_NOFILE itself, but inside its user namespace it cannot raise the
+/// hard limit above the one it inherits: raise it here, as host root, when the daemon's is
+/// lower than the step's limit.
+fn raise_hard_nofile(want: u64) -> Result<(), Failure> {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let (soft, hard) =
+        getrlimit(Resource::RLIMIT_NOFILE).layer("rlimits", "reading RLIMIT_NOFILE")?;
+    if hard < want {
+        setrlimit(Resource::RLIMIT_NOFILE, soft, want).layer(
+            "rlimits",
+            &format!("raising the RLIMIT_NOFILE hard limit to {want}"),
+        )?;
+    }
+    Ok(())
+}
+
+fn launch(plan: &Plan, control: &OwnedFd, cgroup: &mut StepCgroup) -> Result<StepOutcome, Failure> {
     let (err_r, err_w) =
         nix::unistd::pipe2(OFlag::O_CLOEXEC).layer("user-namespace", "error pipe")?;
     let (sync_r, sync_w) =
         nix::unistd::pipe2(OFlag::O_CLOEXEC).layer("user-namespace", "sync pipe")?;
 
+    // DESIGN step 1: in the step cgroup before the cgroup namespace is created, so pid 1
+    // is born inside and the namespace is rooted there.
+    // The step sends its seccomp notification listener on this pair (see notify.rs).
+    let (notify_r, notify_w) = socketpair(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        None,
+        SockFlag::SOCK_CLOEXEC,
+    )
+    .layer("seccomp", "socketpair for the notification listener")?;
+    cgroup.join()?;
     let pid = match sys::clone_with_namespaces(crate::namespace_flags())
         .layer("user-namespace", "clone")?
     {
         Cloned::Child => {
             drop(sync_w);
             drop(err_r);
-            child::sandbox_init(plan, err_w, sync_r)
+            drop(notify_r);
+            child::sandbox_init(plan, err_w, sync_r, notify_w)
         }
         Cloned::Parent(pid) => pid,
     };
     drop(sync_r);
     drop(err_w);
+    drop(notify_w);
+    let mut denials = Denials::new(notify_r);
+    // Out again before pid 1 runs: the supervisor must count neither against the step's
+    // limits nor be a candidate for its OOM killer.
+    if let Err(f) = cgroup.leave() {
+        let _ = kill_and_reap(pid);
+        return Err(f);
+    }
 
     if let Err(f) = write_id_maps(pid, &plan.spec) {
         let _ = kill_and_reap(pid);
@@ -387,11 +446,14 @@ fn launch(plan: &Plan, control: &OwnedFd) -> Result<StepOutcome, Failure> {
     drop(sync_w);
 
     let deadline = started.checked_add(Duration::from_millis(plan.spec.timeout_ms));
-    let ended = wait_for_end(&pidfd, control, deadline);
+    let ended = wait_for_end(&pidfd, control, deadline, &mut denials);
     let status = match ended {
         Ended::Exited => reap(pid),
         Ended::TimedOut | Ended::Cancelled => kill_and_reap(pid),
     };
+    if let Some(m) = denials.failure.take() {
+        return Err(fail("seccomp", m));
+    }
     let duration_ms = millis(started.elapsed());
 
     // Every write end is closed now (the kernel has killed the namespace with its pid 1),
@@ -411,14 +473,24 @@ fn launch(plan: &Plan, control: &OwnedFd) -> Result<StepOutcome, Failure> {
         }
     }
     let reports = protocol::parse(&bytes);
+    // Every process of the sandbox is gone: the counters are final.
+    let usage = cgroup.usage();
     Ok(StepOutcome {
-        status: decide(&reports, ended, status),
+        status: decide(&reports, ended, status, usage.oom_killed),
         duration_ms,
+        usage,
+        seccomp_denials: denials.into_counts(),
     })
 }
 
-/// Waits for pid 1 to exit, the deadline, or anything on the control pipe (cancel).
-fn wait_for_end(pidfd: &OwnedFd, control: &OwnedFd, deadline: Option<Instant>) -> Ended {
+/// Waits for pid 1 to exit, the deadline, or anything on the control pipe (cancel), while
+/// answering (and counting) the step's seccomp denials.
+fn wait_for_end(
+    pidfd: &OwnedFd,
+    control: &OwnedFd,
+    deadline: Option<Instant>,
+    denials: &mut Denials,
+) -> Ended {
     loop {
         let timeout = match deadline {
             None => PollTimeout::NONE,
@@ -433,28 +505,47 @@ fn wait_for_end(pidfd: &OwnedFd, control: &OwnedFd, deadline: Option<Instant>) -
                     .unwrap_or(PollTimeout::MAX)
             }
         };
-        let mut fds = [
+        let mut fds = vec![
             PollFd::new(pidfd.as_fd(), PollFlags::POLLIN),
             PollFd::new(control.as_fd(), PollFlags::POLLIN),
         ];
+        if let Some(fd) = denials.fd() {
+            fds.push(PollFd::new(fd, PollFlags::POLLIN));
+        }
         match nix::poll::poll(&mut fds, timeout) {
             Err(Errno::EINTR) | Ok(0) => continue,
-            // poll on two valid fds cannot fail otherwise; if it does, do not leave the
+            // poll on valid fds cannot fail otherwise; if it does, do not leave the
             // sandbox running unobserved.
             Err(_) => return Ended::Cancelled,
             Ok(_) => {}
         }
-        if fds[0].revents().is_some_and(|r| !r.is_empty()) {
+        // Denials first: a step blocked in a denied syscall waits for this answer.
+        let notify = fds
+            .get(2)
+            .and_then(|f| f.revents())
+            .unwrap_or(PollFlags::empty());
+        let (pid1, ctl) = (fds[0].revents(), fds[1].revents());
+        drop(fds);
+        if !notify.is_empty() && !denials.ready(notify) {
+            return Ended::Cancelled;
+        }
+        let fds = [pid1, ctl];
+        if fds[0].is_some_and(|r| !r.is_empty()) {
             return Ended::Exited;
         }
-        if fds[1].revents().is_some_and(|r| !r.is_empty()) {
+        if fds[1].is_some_and(|r| !r.is_empty()) {
             // A byte, EOF or an error on the control pipe all mean "cancel".
             return Ended::Cancelled;
         }
     }
 }
 
-fn decide(reports: &[Report], ended: Ended, init_status: Result<WaitStatus, Errno>) -> StepStatus {
+fn decide(
+    reports: &[Report],
+    ended: Ended,
+    init_status: Result<WaitStatus, Errno>,
+    oom_killed: bool,
+) -> StepStatus {
     for r in reports {
         if let Report::Setup { layer, message } = r {
             return StepStatus::SetupFailed {
@@ -482,6 +573,12 @@ fn decide(reports: &[Report], ended: Ended, init_status: Result<WaitStatus, Errn
             Report::Signaled { signal } => return StepStatus::Signaled { signal: *signal },
             _ => {}
         }
+    }
+    // The OOM killer may pick pid 1 (rarely: it is small); then the step died with it.
+    if oom_killed && matches!(init_status, Ok(WaitStatus::Signaled(_, Signal::SIGKILL, _))) {
+        return StepStatus::Signaled {
+            signal: libc::SIGKILL,
+        };
     }
     // pid 1 always reports before exiting; anything else is a failure of the sandbox itself,
     // never passed off as the step's exit.

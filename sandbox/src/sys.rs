@@ -286,3 +286,105 @@ pub(crate) fn reset_signals() -> Result<(), Errno> {
         None,
     )
 }
+
+/// Installs `program` as the calling thread's seccomp filter and returns its notification
+/// listener (SECCOMP_FILTER_FLAG_NEW_LISTENER; the kernel opens it O_CLOEXEC). Needs
+/// no_new_privs (set before).
+pub(crate) fn seccomp_filter_with_listener(
+    program: &[seccompiler::sock_filter],
+) -> Result<OwnedFd, Errno> {
+    let mut insns: Vec<libc::sock_filter> = program
+        .iter()
+        .map(|i| libc::sock_filter {
+            code: i.code,
+            jt: i.jt,
+            jf: i.jf,
+            k: i.k,
+        })
+        .collect();
+    let prog = libc::sock_fprog {
+        len: u16::try_from(insns.len()).map_err(|_| Errno::E2BIG)?,
+        filter: insns.as_mut_ptr(),
+    };
+    // SAFETY: `prog` points at `insns`, which outlives the call; the kernel copies the
+    // program and only reads it.
+    owned_fd(unsafe {
+        libc::syscall(
+            libc::SYS_seccomp,
+            libc::SECCOMP_SET_MODE_FILTER,
+            libc::SECCOMP_FILTER_FLAG_NEW_LISTENER,
+            &prog as *const libc::sock_fprog,
+        )
+    })
+}
+
+/// Receives one fd sent with SCM_RIGHTS on `sock` (CLOEXEC). `Ok(None)`: the peer closed
+/// the socket without sending one.
+pub(crate) fn recv_fd(sock: BorrowedFd<'_>) -> Result<Option<OwnedFd>, Errno> {
+    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
+    let mut byte = [0u8; 1];
+    let mut iov = [std::io::IoSliceMut::new(&mut byte)];
+    let mut space = nix::cmsg_space!([RawFd; 1]);
+    let msg = recvmsg::<()>(
+        sock.as_raw_fd(),
+        &mut iov,
+        Some(&mut space),
+        MsgFlags::MSG_CMSG_CLOEXEC,
+    )?;
+    let mut received = Vec::new();
+    for c in msg.cmsgs()? {
+        if let ControlMessageOwned::ScmRights(fds) = c {
+            received.extend(fds);
+        }
+    }
+    // SAFETY: SCM_RIGHTS just installed these fds in our table; nothing else owns them.
+    let mut owned: Vec<OwnedFd> = received
+        .into_iter()
+        .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) })
+        .collect();
+    if msg.bytes == 0 && owned.is_empty() {
+        return Ok(None);
+    }
+    // Exactly one fd per message; anything else is not from our step setup.
+    match (owned.pop(), owned.is_empty()) {
+        (Some(fd), true) => Ok(Some(fd)),
+        _ => Err(Errno::EPROTO),
+    }
+}
+
+/// Receives one pending seccomp notification. Does not block after poll reported the
+/// listener readable: a notification whose task went away meanwhile gives ENOENT.
+pub(crate) fn notif_recv(listener: BorrowedFd<'_>) -> Result<libc::seccomp_notif, Errno> {
+    // SAFETY: seccomp_notif is plain integers; all-zero is a valid value (and the kernel
+    // requires the buffer zeroed).
+    let mut n: libc::seccomp_notif = unsafe { std::mem::zeroed() };
+    // SAFETY: the ioctl writes one seccomp_notif into `n`, which is that size.
+    let ret = unsafe {
+        libc::ioctl(
+            listener.as_raw_fd(),
+            libc::SECCOMP_IOCTL_NOTIF_RECV,
+            &mut n as *mut libc::seccomp_notif,
+        )
+    };
+    check(libc::c_long::from(ret))?;
+    Ok(n)
+}
+
+/// Fails the notified syscall `id` with `errno` (never "continue": the syscall never runs).
+pub(crate) fn notif_deny(listener: BorrowedFd<'_>, id: u64, errno: Errno) -> Result<(), Errno> {
+    let mut resp = libc::seccomp_notif_resp {
+        id,
+        val: 0,
+        error: -(errno as i32),
+        flags: 0,
+    };
+    // SAFETY: the ioctl reads one seccomp_notif_resp from `resp`, which is that size.
+    let ret = unsafe {
+        libc::ioctl(
+            listener.as_raw_fd(),
+            libc::SECCOMP_IOCTL_NOTIF_SEND,
+            &mut resp as *mut libc::seccomp_notif_resp,
+        )
+    };
+    check(libc::c_long::from(ret)).map(drop)
+}

@@ -87,6 +87,9 @@ fn fixture(base: u32, script: &str) -> Fixture {
         timeout_ms: 20_000,
         hostname: "kiln-test".into(),
         tmp_size_bytes: 16 << 20,
+        limits: sandbox::Limits::default(),
+        tcp_connect_ports: vec![],
+        waived_layers: vec![],
     };
     Fixture {
         _dirs: vec![etc, ws],
@@ -587,6 +590,9 @@ fn fixture_no_chown() -> StepSpec {
         timeout_ms: 1000,
         hostname: "h".into(),
         tmp_size_bytes: 1 << 20,
+        limits: sandbox::Limits::default(),
+        tcp_connect_ports: vec![],
+        waived_layers: vec![],
     }
 }
 
@@ -606,6 +612,12 @@ fn probe_and_profile() {
         "\"no_new_privs\":true",
         "\"syscall\":\"ptrace\"",
         "\"required_status\":\"fully_enforced\"",
+        "\"handled_access_net\":[\"BindTcp\",\"ConnectTcp\"]",
+        "\"masked\":",
+        "\"sysrq-trigger\"",
+        "\"sys\":\"absent\"",
+        "\"waived_layers\":[]",
+        "\"action\":\"user_notif:EPERM\"",
     ] {
         assert!(text.contains(needle), "{needle} missing from {text}");
     }
@@ -613,4 +625,235 @@ fn probe_and_profile() {
         !text.contains("/nonexistent"),
         "the workspace host path is not part of the profile"
     );
+    // The seccomp program digest of the probe's compilation is in the profile.
+    assert_eq!(host.seccomp_policy_sha256.len(), 64);
+    assert_eq!(
+        p["seccomp"]["program_sha256"],
+        host.seccomp_policy_sha256.as_str()
+    );
+    assert_eq!(
+        host.seccomp_policy_sha256,
+        sandbox::seccomp::compiled().unwrap().sha256()
+    );
+}
+
+fn python3(test: &str) {
+    assert!(
+        Path::new("/usr/bin/python3").exists(),
+        "{test} needs /usr/bin/python3 on the host"
+    );
+}
+
+/// Each denied syscall is answered EPERM by the supervisor and counted per name, across
+/// every process of the step (here a forked child too).
+#[test]
+fn seccomp_denials_are_counted_per_syscall() {
+    if !is_root("seccomp_denials_are_counted_per_syscall") {
+        return;
+    }
+    python3("seccomp_denials_are_counted_per_syscall");
+    let probe = r#"
+import ctypes, os
+libc = ctypes.CDLL(None, use_errno=True)
+def deny(nr, n, *args):
+    for _ in range(n):
+        r = libc.syscall(nr, *args)
+        print(nr, r, ctypes.get_errno(), flush=True)
+deny(250, 5, 0, 0)          # keyctl
+deny(165, 2, 0, 0, 0, 0, 0) # mount
+deny(272, 3, 0x10000000)    # unshare(CLONE_NEWUSER)
+pid = os.fork()
+if pid == 0:
+    deny(101, 1, 0, 0, 0, 0) # ptrace
+    os._exit(0)
+os.waitpid(pid, 0)
+"#;
+    let r = run_script(500_000, &format!("python3 -c '{probe}'"));
+    exited(&r, 0);
+    // every call failed with EPERM (1)
+    assert_eq!(r.stdout.lines().count(), 11, "{}", r.stdout);
+    assert!(
+        r.stdout.lines().all(|l| l.ends_with(" -1 1")),
+        "{}",
+        r.stdout
+    );
+    let want: std::collections::BTreeMap<String, u64> =
+        [("keyctl", 5), ("mount", 2), ("unshare", 3), ("ptrace", 1)]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect();
+    assert_eq!(r.outcome.seccomp_denials, want);
+    // A step with no denial reports none.
+    let r = run_script(500_100, "true");
+    exited(&r, 0);
+    assert!(r.outcome.seccomp_denials.is_empty());
+}
+
+/// The 32-bit entry point (int 0x80, AUDIT_ARCH_I386) from a 64-bit process: killed by the
+/// architecture check before any table lookup, even for getpid.
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn int80_from_a_64_bit_process_is_killed() {
+    if !is_root("int80_from_a_64_bit_process_is_killed") {
+        return;
+    }
+    python3("int80_from_a_64_bit_process_is_killed");
+    // mov eax, 20 (i386 getpid); int 0x80; ret
+    let probe = r#"
+import ctypes, mmap, sys
+code = bytes([0xb8, 20, 0, 0, 0, 0xcd, 0x80, 0xc3])
+m = mmap.mmap(-1, 4096, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
+m.write(code)
+f = ctypes.CFUNCTYPE(ctypes.c_int)(ctypes.addressof(ctypes.c_char.from_buffer(m)))
+print("calling", flush=True)
+print("returned", f(), flush=True)
+"#;
+    let r = run_script(510_000, &format!("exec python3 -c '{probe}'"));
+    assert_eq!(
+        r.outcome.status,
+        StepStatus::Signaled {
+            signal: libc::SIGSYS
+        }
+    );
+    assert_eq!(r.stdout, "calling\n");
+}
+
+const NET_PROBE: &str = r#"
+import errno, socket, sys, os
+port = int(sys.argv[1])
+def tcp(what, fam, addr):
+    s = socket.socket(fam, socket.SOCK_STREAM)
+    try:
+        getattr(s, what)(addr); print(what, fam.name, "ok")
+    except OSError as e:
+        print(what, fam.name, errno.errorcode[e.errno])
+tcp("bind", socket.AF_INET, ("127.0.0.1", 0))
+tcp("bind", socket.AF_INET6, ("::1", 0))
+tcp("connect", socket.AF_INET, ("127.0.0.1", port))
+tcp("connect", socket.AF_INET6, ("::1", port))
+a, b = socket.socketpair(); a.send(b"x"); print("unix", b.recv(1).decode())
+u = socket.socket(socket.AF_UNIX); u.bind("/tmp/s"); u.listen(); print("unix bind ok")
+"#;
+
+/// Landlock's TCP rules: no bind, no connect, loopback included; AF_UNIX works. With the
+/// proxy hook (`tcp_connect_ports`) a connect to that port passes Landlock and reaches the
+/// network stack (which fails it: nothing listens, and the namespace's loopback is down)
+/// while other ports stay denied.
+#[test]
+fn loopback_tcp_bind_and_connect_are_denied() {
+    if !is_root("loopback_tcp_bind_and_connect_are_denied") {
+        return;
+    }
+    python3("loopback_tcp_bind_and_connect_are_denied");
+    let host = Sandbox::probe().unwrap();
+    assert!(host.landlock_abi >= 4, "Landlock network rules need ABI 4");
+    let script = format!("python3 -c '{NET_PROBE}' 8080");
+    let r = run_script(520_000, &script);
+    exited(&r, 0);
+    assert_eq!(
+        r.stdout,
+        "bind AF_INET EACCES\nbind AF_INET6 EACCES\nconnect AF_INET EACCES\n\
+         connect AF_INET6 EACCES\nunix x\nunix bind ok\n"
+    );
+    let mut f = fixture(520_100, &script);
+    f.spec.tcp_connect_ports = vec![8080];
+    let r = run(&f.spec);
+    exited(&r, 0);
+    let lines: Vec<&str> = r.stdout.lines().collect();
+    assert_eq!(lines.len(), 6, "{}", r.stdout);
+    assert_eq!(lines[..2], ["bind AF_INET EACCES", "bind AF_INET6 EACCES"]);
+    for l in &lines[2..4] {
+        assert!(l.starts_with("connect ") && !l.ends_with("EACCES"), "{l}");
+    }
+    let mut f = fixture(520_200, &format!("python3 -c '{NET_PROBE}' 8081"));
+    f.spec.tcp_connect_ports = vec![8080];
+    let r = run(&f.spec);
+    exited(&r, 0);
+    assert!(
+        r.stdout.contains("connect AF_INET EACCES\n"),
+        "{}",
+        r.stdout
+    );
+}
+
+/// Masked /proc entries read empty, read-only ones are mounted ro, /sys is absent and /dev
+/// holds only the minimal set.
+#[test]
+fn proc_masks_sys_absent_and_minimal_dev() {
+    if !is_root("proc_masks_sys_absent_and_minimal_dev") {
+        return;
+    }
+    let masked_files = [
+        "kcore",
+        "keys",
+        "timer_list",
+        "sched_debug",
+        "kallsyms",
+        "latency_stats",
+        "config.gz",
+    ];
+    let masked_dirs = ["acpi", "scsi"];
+    let read_only = ["sys", "sysrq-trigger", "irq", "bus", "fs"];
+    let script = "for f in kcore keys timer_list sched_debug kallsyms latency_stats config.gz; do \
+           if [ -e /proc/$f ]; then echo \"$f $(cat /proc/$f | wc -c)\"; fi; done; \
+         for d in acpi scsi; do if [ -e /proc/$d ]; then echo \"$d $(ls -A /proc/$d | wc -l)\"; fi; done; \
+         if echo x > /proc/sys/kernel/hostname; then echo WROTE; fi 2>/dev/null; \
+         if [ -e /sys ]; then echo SYS; fi; \
+         echo dev $(ls -A /dev | sort); \
+         echo pts $(ls -A /dev/pts | sort); \
+         echo ---; cat /proc/self/mountinfo";
+    let r = run_script(530_000, script);
+    exited(&r, 0);
+    let (head, mountinfo) = r.stdout.split_once("---\n").unwrap();
+    let host_has = |name: &str| Path::new("/proc").join(name).exists();
+    let mut want = String::new();
+    for f in masked_files.iter().filter(|f| host_has(f)) {
+        want.push_str(&format!("{f} 0\n"));
+    }
+    for d in masked_dirs.iter().filter(|d| host_has(d)) {
+        want.push_str(&format!("{d} 0\n"));
+    }
+    want.push_str("dev fd full null ptmx pts random shm stderr stdin stdout tty urandom zero\n");
+    want.push_str("pts ptmx\n");
+    assert_eq!(head, want);
+    // mountinfo: mount point is field 5, per-mount options field 6.
+    let mounts: Vec<(&str, &str)> = mountinfo
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split(' ').collect();
+            Some((*f.get(4)?, *f.get(5)?))
+        })
+        .collect();
+    let opts =
+        |p: &str| -> Option<&str> { mounts.iter().rev().find(|(m, _)| *m == p).map(|(_, o)| *o) };
+    for name in read_only.iter().filter(|n| host_has(n)) {
+        let o =
+            opts(&format!("/proc/{name}")).unwrap_or_else(|| panic!("/proc/{name} not mounted"));
+        assert!(o.split(',').any(|x| x == "ro"), "/proc/{name}: {o}");
+    }
+    for name in masked_files
+        .iter()
+        .chain(&masked_dirs)
+        .filter(|n| host_has(n))
+    {
+        assert!(
+            opts(&format!("/proc/{name}")).is_some(),
+            "/proc/{name} not masked"
+        );
+    }
+    assert!(!mounts.iter().any(|(m, _)| m.starts_with("/sys")));
+}
+
+/// A Landlock waiver only takes effect on a host without Landlock: here the layer still
+/// applies.
+#[test]
+fn landlock_waiver_never_weakens_a_host_that_has_it() {
+    if !is_root("landlock_waiver_never_weakens_a_host_that_has_it") {
+        return;
+    }
+    let mut f = fixture(540_000, "echo renamed > /proc/self/comm; echo rc=$?");
+    f.spec.waived_layers = vec!["landlock".into()];
+    let r = run(&f.spec);
+    exited(&r, 0);
+    assert_eq!(r.stdout, "rc=2\n");
 }

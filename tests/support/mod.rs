@@ -171,6 +171,13 @@ impl Drop for Daemon {
             let _ = child.kill();
             let _ = child.wait();
         }
+        // A daemon killed mid-job leaves its workspace quotas (tmpfs) mounted; a restarted
+        // daemon would unmount them, a test's temporary directory would leak them.
+        if let Ok(entries) = std::fs::read_dir(self.state.join("work")) {
+            for entry in entries.flatten() {
+                let _ = nix::mount::umount2(&entry.path(), nix::mount::MntFlags::MNT_DETACH);
+            }
+        }
     }
 }
 
@@ -241,4 +248,120 @@ pub fn flip_byte(path: &Path) {
     let mut bytes = std::fs::read(path).unwrap();
     bytes[0] ^= 0x01;
     std::fs::write(path, bytes).unwrap();
+}
+
+// ---- Added for the escape suite (tests/escape.rs).
+
+impl Daemon {
+    /// Whether the daemon process is still alive (not exited).
+    pub fn is_running(&mut self) -> bool {
+        match self.child.as_mut() {
+            Some(child) => child.try_wait().map(|s| s.is_none()).unwrap_or(false),
+            None => false,
+        }
+    }
+
+    /// The daemon's host pid.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Like `start_with`, but the daemon runs in a session of its own whose controlling
+    /// terminal is a fresh pseudo-terminal, as when an operator starts `kiln serve` (or
+    /// `kiln demo`) in a terminal. Returns the daemon and the terminal's master side.
+    pub fn start_in_terminal(extra: &[&str]) -> (Daemon, std::os::fd::OwnedFd) {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::process::CommandExt;
+        let pty = nix::pty::openpty(None, None).unwrap();
+        let dir = tempfile::Builder::new()
+            .prefix("kiln-e2e-")
+            .tempdir()
+            .unwrap();
+        let socket = dir.path().join("kiln.sock");
+        let state = dir.path().join("state");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.path().join("daemon.log"))
+            .unwrap();
+        let slave = pty.slave.as_raw_fd();
+        let mut command = Command::new(KILN);
+        command
+            .arg("--socket")
+            .arg(&socket)
+            .arg("serve")
+            .arg("--state-dir")
+            .arg(&state)
+            .args(extra)
+            .env("KILN_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log);
+        // SAFETY: only async-signal-safe calls between fork and exec.
+        unsafe {
+            command.pre_exec(move || {
+                if libc::setsid() < 0 || libc::ioctl(slave, libc::TIOCSCTTY, 0) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = command.spawn().unwrap();
+        drop(pty.slave);
+        let mut daemon = Daemon {
+            dir,
+            socket,
+            state,
+            child: Some(child),
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::os::unix::net::UnixStream::connect(&daemon.socket).is_err() {
+            assert!(
+                daemon.is_running(),
+                "daemon exited early:\n{}",
+                daemon.log()
+            );
+            assert!(
+                Instant::now() < deadline,
+                "daemon did not start:\n{}",
+                daemon.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        (daemon, pty.master)
+    }
+}
+
+/// Host processes whose real uid is in `[first, first + count)`, as "pid uid comm".
+pub fn host_processes_in_uid_range(first: u32, count: u32) -> Vec<String> {
+    let mut found = Vec::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return found;
+    };
+    for entry in entries.flatten() {
+        let Ok(status) = std::fs::read_to_string(entry.path().join("status")) else {
+            continue;
+        };
+        let real = status
+            .lines()
+            .find(|l| l.starts_with("Uid:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|u| u.parse::<u32>().ok());
+        if let Some(uid) = real {
+            if uid >= first && uid - first < count {
+                let name = status
+                    .lines()
+                    .next()
+                    .unwrap_or_default()
+                    .trim_start_matches("Name:")
+                    .trim()
+                    .to_string();
+                found.push(format!(
+                    "{} {uid} {name}",
+                    entry.file_name().to_string_lossy()
+                ));
+            }
+        }
+    }
+    found
 }

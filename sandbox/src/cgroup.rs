@@ -1,0 +1,598 @@
+//! Per-step cgroups: memory, pids and CPU limits, and the usage read back after the step.
+//!
+//! cgroup v2 is used when the unified hierarchy offers the memory, pids and cpu controllers;
+//! otherwise (a hybrid host) the v1 controllers memory, pids, cpu and cpuacct. A controller
+//! that is neither is an error naming it: limits are never silently skipped.
+//!
+//! Layout: v1 nests `kiln/<step>` below the supervisor's own cgroup in each hierarchy, so
+//! whatever limits the operator set on the daemon's service still bound every step. v2
+//! forbids enabling controllers below a cgroup that holds processes (the daemon's), so
+//! there the parent is `kiln/` at the root of the unified hierarchy (like Docker's cgroupfs
+//! driver).
+//!
+//! The supervisor (host root, single-threaded) creates the step cgroup, sets the limits,
+//! writes its own pid into it just before the clone (so the cgroup namespace is rooted there
+//! and pid 1 is born inside), and moves itself back out right after the clone, before pid 1
+//! is released. `pids.max` is therefore the step's limit + 1 during that window (the
+//! supervisor counts once) and exactly the step's limit afterwards.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+use crate::supervisor::{fail, Failure};
+use crate::{Limits, ResourceUsage};
+
+/// CFS period for the CPU quota: 100 ms, the kernel's default.
+const CPU_PERIOD_US: u64 = 100_000;
+/// The v1 controllers Kiln needs, in the order they are set up.
+const V1_CONTROLLERS: [&str; 4] = ["memory", "pids", "cpu", "cpuacct"];
+const V2_CONTROLLERS: [&str; 3] = ["memory", "pids", "cpu"];
+/// Name of the parent cgroup of every step.
+const PARENT: &str = "kiln";
+
+/// Which cgroup interface the host offers, as reported by [`crate::Sandbox::probe`].
+#[derive(Debug, Clone, Serialize)]
+pub struct CgroupSupport {
+    /// "v2" or "v1".
+    pub mode: String,
+    /// Controllers Kiln sets up for every step.
+    pub controllers: Vec<String>,
+    /// The parent cgroup directories steps are created in (one per v1 hierarchy).
+    pub parents: Vec<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    V1,
+    V2,
+}
+
+/// Where each controller lives on this host.
+#[derive(Debug, Clone)]
+struct Layout {
+    mode: Mode,
+    /// (controller, parent directory `.../kiln`, the supervisor's own cgroup directory)
+    controllers: Vec<(&'static str, PathBuf, PathBuf)>,
+}
+
+struct MountEntry {
+    /// The cgroup path the mount exposes (normally "/").
+    root: String,
+    mount_point: PathBuf,
+    fstype: String,
+    super_options: Vec<String>,
+}
+
+fn mounts() -> Result<Vec<MountEntry>, String> {
+    let text = fs::read_to_string("/proc/self/mountinfo")
+        .map_err(|e| format!("reading /proc/self/mountinfo: {e}"))?;
+    let mut out = Vec::new();
+    for line in text.lines() {
+        // id parent major:minor root mount-point options [optional...] - fstype source super
+        let Some((left, right)) = line.split_once(" - ") else {
+            continue;
+        };
+        let l: Vec<&str> = left.split(' ').collect();
+        let r: Vec<&str> = right.split(' ').collect();
+        if l.len() < 5 || r.len() < 3 {
+            continue;
+        }
+        out.push(MountEntry {
+            root: unescape(l[3]),
+            mount_point: PathBuf::from(unescape(l[4])),
+            fstype: r[0].to_string(),
+            super_options: r[2].split(',').map(String::from).collect(),
+        });
+    }
+    Ok(out)
+}
+
+/// mountinfo escapes space, tab, newline and backslash as octal.
+fn unescape(s: &str) -> String {
+    s.replace("\\040", " ")
+        .replace("\\011", "\t")
+        .replace("\\012", "\n")
+        .replace("\\134", "\\")
+}
+
+/// The supervisor's own cgroup path per hierarchy: (v1 controllers of the line, path).
+fn own_cgroups() -> Result<Vec<(Vec<String>, String)>, String> {
+    let text = fs::read_to_string("/proc/self/cgroup")
+        .map_err(|e| format!("reading /proc/self/cgroup: {e}"))?;
+    Ok(text
+        .lines()
+        .filter_map(|l| {
+            let mut parts = l.splitn(3, ':');
+            let _id = parts.next()?;
+            let ctrls = parts.next()?;
+            let path = parts.next()?;
+            let ctrls = ctrls
+                .split(',')
+                .filter(|c| !c.is_empty())
+                .map(String::from)
+                .collect();
+            Some((ctrls, path.to_string()))
+        })
+        .collect())
+}
+
+/// The directory of cgroup `path` in a hierarchy mounted at `m`.
+fn dir_of(m: &MountEntry, path: &str) -> PathBuf {
+    let rel = path
+        .strip_prefix(m.root.trim_end_matches('/'))
+        .unwrap_or(path)
+        .trim_start_matches('/');
+    if rel.is_empty() {
+        m.mount_point.clone()
+    } else {
+        m.mount_point.join(rel)
+    }
+}
+
+/// Finds the interface and directories; the error names the missing controller.
+fn detect() -> Result<Layout, (String, String)> {
+    let general = |e: String| ("cgroup".to_string(), e);
+    let mounts = mounts().map_err(general)?;
+    let own = own_cgroups().map_err(general)?;
+    detect_from(&mounts, &own, |p| fs::read_to_string(p).unwrap_or_default())
+}
+
+/// [`detect`] over given mounts and own cgroups; `read` reads a cgroup file.
+fn detect_from(
+    mounts: &[MountEntry],
+    own: &[(Vec<String>, String)],
+    read: impl Fn(&Path) -> String,
+) -> Result<Layout, (String, String)> {
+    let v2 = mounts.iter().find(|m| m.fstype == "cgroup2");
+    if let Some(m) = v2 {
+        let offered = read(&m.mount_point.join("cgroup.controllers"));
+        let offered: Vec<&str> = offered.split_whitespace().collect();
+        if V2_CONTROLLERS.iter().all(|c| offered.contains(c)) {
+            let root = dir_of(m, "/");
+            let own_path = own
+                .iter()
+                .find(|(c, _)| c.is_empty())
+                .map(|(_, p)| p.as_str())
+                .unwrap_or("/");
+            let own_dir = dir_of(m, own_path);
+            return Ok(Layout {
+                mode: Mode::V2,
+                controllers: V2_CONTROLLERS
+                    .iter()
+                    .map(|c| (*c, root.join(PARENT), own_dir.clone()))
+                    .collect(),
+            });
+        }
+    }
+
+    let mut controllers = Vec::new();
+    for c in V1_CONTROLLERS {
+        let Some(m) = mounts
+            .iter()
+            .find(|m| m.fstype == "cgroup" && m.super_options.iter().any(|o| o == c))
+        else {
+            let v2_note = match v2 {
+                Some(m) => format!(
+                    "and the cgroup2 hierarchy at {} does not offer it",
+                    m.mount_point.display()
+                ),
+                None => "and there is no cgroup2 hierarchy".to_string(),
+            };
+            return Err((
+                c.to_string(),
+                format!("the cgroup v1 controller {c} is not mounted {v2_note}"),
+            ));
+        };
+        let own_path = own
+            .iter()
+            .find(|(ctrls, _)| ctrls.iter().any(|x| x == c))
+            .map(|(_, p)| p.as_str())
+            .ok_or_else(|| {
+                (
+                    c.to_string(),
+                    format!("/proc/self/cgroup has no line for the {c} controller"),
+                )
+            })?;
+        let own_dir = dir_of(m, own_path);
+        controllers.push((c, own_dir.join(PARENT), own_dir));
+    }
+    Ok(Layout {
+        mode: Mode::V1,
+        controllers,
+    })
+}
+
+fn write(controller: &str, dir: &Path, file: &str, value: &str) -> Result<(), (String, String)> {
+    let path = dir.join(file);
+    fs::write(&path, value).map_err(|e| {
+        (
+            controller.to_string(),
+            format!("writing {value:?} to {}: {e}", path.display()),
+        )
+    })
+}
+
+fn mkdir(controller: &str, dir: &Path) -> Result<(), (String, String)> {
+    match fs::create_dir(dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err((
+            controller.to_string(),
+            format!("creating {}: {e}", dir.display()),
+        )),
+    }
+}
+
+/// Removes an empty cgroup; tasks that just died may still be leaving it, so EBUSY is
+/// retried for a moment.
+fn rmdir(dir: &Path) -> std::io::Result<()> {
+    let mut tries = 0;
+    loop {
+        match fs::remove_dir(dir) {
+            Ok(()) => return Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) && tries < 200 => {
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// `<prefix>-<pid>-<n>-<ns>`: unique among live supervisors (pid), among probes of one
+/// process (counter), and against leftovers of a crashed one (clock).
+fn unique_name(prefix: &str) -> String {
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    format!("{prefix}-{}-{n}-{nanos}", std::process::id())
+}
+
+/// The parent directories, created (and for v2 with the controllers delegated to them).
+fn prepare_parents(layout: &Layout) -> Result<(), (String, String)> {
+    let mut done: Vec<&Path> = Vec::new();
+    for (c, parent, _) in &layout.controllers {
+        if done.contains(&parent.as_path()) {
+            continue;
+        }
+        if layout.mode == Mode::V2 {
+            let root = parent.parent().unwrap_or(parent);
+            let enable = V2_CONTROLLERS
+                .iter()
+                .map(|c| format!("+{c}"))
+                .collect::<Vec<_>>()
+                .join(" ");
+            write(c, root, "cgroup.subtree_control", &enable)?;
+            mkdir(c, parent)?;
+            write(c, parent, "cgroup.subtree_control", &enable)?;
+        } else {
+            mkdir(c, parent)?;
+        }
+        done.push(parent);
+    }
+    Ok(())
+}
+
+/// Checks the limits can really be set: creates a throw-away step cgroup, sets every limit,
+/// removes it.
+pub(crate) fn probe() -> Result<CgroupSupport, (String, String)> {
+    let layout = detect()?;
+    let limits = Limits::default();
+    let step = StepCgroup::create_in(&layout, &unique_name("probe"), &limits)?;
+    drop(step);
+    let mut parents: Vec<PathBuf> = layout
+        .controllers
+        .iter()
+        .map(|(_, p, _)| p.clone())
+        .collect();
+    parents.dedup();
+    Ok(CgroupSupport {
+        mode: match layout.mode {
+            Mode::V1 => "v1",
+            Mode::V2 => "v2",
+        }
+        .to_string(),
+        controllers: layout
+            .controllers
+            .iter()
+            .map(|(c, _, _)| c.to_string())
+            .collect(),
+        parents,
+    })
+}
+
+/// The step's cgroup (one directory per v1 hierarchy, one for v2). Dropping it moves the
+/// supervisor out if needed and removes the directories.
+pub(crate) struct StepCgroup {
+    mode: Mode,
+    /// (controller, step directory, the supervisor's original cgroup directory)
+    dirs: Vec<(&'static str, PathBuf, PathBuf)>,
+    pids: u32,
+    joined: bool,
+}
+
+fn to_failure((controller, message): (String, String)) -> Failure {
+    fail("cgroup", format!("{controller}: {message}"))
+}
+
+impl StepCgroup {
+    /// Creates the step cgroup with every limit set; the error names the controller.
+    pub(crate) fn create(limits: &Limits) -> Result<Self, Failure> {
+        let layout = detect().map_err(to_failure)?;
+        Self::create_in(&layout, &unique_name("step"), limits).map_err(to_failure)
+    }
+
+    fn create_in(layout: &Layout, name: &str, limits: &Limits) -> Result<Self, (String, String)> {
+        prepare_parents(layout)?;
+        let mut cg = StepCgroup {
+            mode: layout.mode,
+            dirs: Vec::new(),
+            pids: limits.pids,
+            joined: false,
+        };
+        for (c, parent, own) in &layout.controllers {
+            let dir = parent.join(name);
+            // Co-mounted v1 controllers (e.g. "cpu,cpuacct") and v2 share one directory.
+            if !cg.dirs.iter().any(|(_, d, _)| *d == dir) {
+                // Strict: an existing directory would be another step's. On error, Drop
+                // removes only the directories created so far.
+                fs::create_dir(&dir)
+                    .map_err(|e| (c.to_string(), format!("creating {}: {e}", dir.display())))?;
+            }
+            cg.dirs.push((c, dir, own.clone()));
+        }
+        cg.set_limits(limits)?;
+        Ok(cg)
+    }
+
+    fn dir(&self, controller: &str) -> Option<&Path> {
+        self.dirs
+            .iter()
+            .find(|(c, _, _)| *c == controller)
+            .map(|(_, d, _)| d.as_path())
+    }
+
+    fn set_limits(&self, limits: &Limits) -> Result<(), (String, String)> {
+        let need = |c: &str| {
+            self.dir(c)
+                .ok_or_else(|| (c.to_string(), "controller missing".to_string()))
+        };
+        let memory = limits.memory_bytes.to_string();
+        // +1: the supervisor is in the cgroup while it clones pid 1 (see the module docs).
+        let pids_with_supervisor = u64::from(limits.pids).saturating_add(1).to_string();
+        let quota = u64::from(limits.cpu_millis).saturating_mul(CPU_PERIOD_US) / 1000;
+        match self.mode {
+            Mode::V2 => {
+                let d = need("memory")?;
+                write("memory", d, "memory.max", &memory)?;
+                // No swap: the memory limit is the whole budget.
+                if d.join("memory.swap.max").exists() {
+                    write("memory", d, "memory.swap.max", "0")?;
+                }
+                write("pids", need("pids")?, "pids.max", &pids_with_supervisor)?;
+                write(
+                    "cpu",
+                    need("cpu")?,
+                    "cpu.max",
+                    &format!("{quota} {CPU_PERIOD_US}"),
+                )?;
+            }
+            Mode::V1 => {
+                let d = need("memory")?;
+                // memory first: memsw must never be below it.
+                write("memory", d, "memory.limit_in_bytes", &memory)?;
+                if d.join("memory.memsw.limit_in_bytes").exists() {
+                    write("memory", d, "memory.memsw.limit_in_bytes", &memory)?;
+                }
+                write("pids", need("pids")?, "pids.max", &pids_with_supervisor)?;
+                let d = need("cpu")?;
+                write("cpu", d, "cpu.cfs_period_us", &CPU_PERIOD_US.to_string())?;
+                write("cpu", d, "cpu.cfs_quota_us", &quota.to_string())?;
+                need("cpuacct")?;
+            }
+        }
+        Ok(())
+    }
+
+    fn move_self(&self, to_step: bool) -> Result<(), Failure> {
+        let pid = std::process::id().to_string();
+        let mut done: Vec<&Path> = Vec::new();
+        for (c, step, own) in &self.dirs {
+            let target = if to_step { step } else { own };
+            if done.contains(&target.as_path()) {
+                continue;
+            }
+            write(c, target, "cgroup.procs", &pid).map_err(to_failure)?;
+            done.push(target);
+        }
+        Ok(())
+    }
+
+    /// Puts the supervisor into the step cgroup (DESIGN step 1, before the clone).
+    pub(crate) fn join(&mut self) -> Result<(), Failure> {
+        self.joined = true;
+        self.move_self(true)
+    }
+
+    /// Moves the supervisor back out (after the clone) and sets pids.max to the step's own
+    /// limit now that the supervisor no longer counts.
+    pub(crate) fn leave(&mut self) -> Result<(), Failure> {
+        self.move_self(false)?;
+        self.joined = false;
+        if let Some(d) = self.dir("pids") {
+            write("pids", d, "pids.max", &self.pids.to_string()).map_err(to_failure)?;
+        }
+        Ok(())
+    }
+
+    /// What the step used; fields that cannot be read stay 0 / false.
+    pub(crate) fn usage(&self) -> ResourceUsage {
+        let read = |c: &str, file: &str| -> Option<String> {
+            fs::read_to_string(self.dir(c)?.join(file)).ok()
+        };
+        let number = |c: &str, file: &str| -> u64 {
+            read(c, file)
+                .and_then(|s| s.trim().parse().ok())
+                .unwrap_or(0)
+        };
+        let key = |c: &str, file: &str, key: &str| -> u64 {
+            read(c, file)
+                .and_then(|s| {
+                    s.lines().find_map(|l| {
+                        let (k, v) = l.split_once(' ')?;
+                        (k == key).then(|| v.trim().parse().ok()).flatten()
+                    })
+                })
+                .unwrap_or(0)
+        };
+        match self.mode {
+            Mode::V2 => ResourceUsage {
+                peak_memory_bytes: number("memory", "memory.peak"),
+                cpu_time_ms: key("cpu", "cpu.stat", "usage_usec") / 1000,
+                oom_killed: key("memory", "memory.events", "oom_kill") > 0,
+                pids_limit_hit: key("pids", "pids.events", "max") > 0,
+            },
+            Mode::V1 => ResourceUsage {
+                peak_memory_bytes: number("memory", "memory.max_usage_in_bytes"),
+                cpu_time_ms: number("cpuacct", "cpuacct.usage") / 1_000_000,
+                oom_killed: key("memory", "memory.oom_control", "oom_kill") > 0,
+                pids_limit_hit: key("pids", "pids.events", "max") > 0,
+            },
+        }
+    }
+}
+
+impl Drop for StepCgroup {
+    fn drop(&mut self) {
+        if self.joined {
+            let _ = self.move_self(false);
+        }
+        let mut done: Vec<PathBuf> = Vec::new();
+        for (_, dir, _) in &self.dirs {
+            if done.contains(dir) {
+                continue;
+            }
+            // Nothing to report to: a leftover empty cgroup is harmless and visible.
+            let _ = rmdir(dir);
+            done.push(dir.clone());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn mount(point: &str, fstype: &str, opts: &str) -> MountEntry {
+        MountEntry {
+            root: "/".into(),
+            mount_point: point.into(),
+            fstype: fstype.into(),
+            super_options: opts.split(',').map(String::from).collect(),
+        }
+    }
+
+    fn own(lines: &[(&str, &str)]) -> Vec<(Vec<String>, String)> {
+        lines
+            .iter()
+            .map(|(c, p)| {
+                (
+                    c.split(',')
+                        .filter(|c| !c.is_empty())
+                        .map(String::from)
+                        .collect(),
+                    p.to_string(),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn hybrid_host_uses_v1_below_its_own_cgroup() {
+        let mounts = vec![
+            mount("/sys/fs/cgroup/memory", "cgroup", "rw,memory"),
+            mount("/sys/fs/cgroup/pids", "cgroup", "rw,pids"),
+            mount("/sys/fs/cgroup/cpu,cpuacct", "cgroup", "rw,cpu,cpuacct"),
+            mount("/sys/fs/cgroup/unified", "cgroup2", "rw"),
+        ];
+        let own = own(&[
+            ("memory", "/svc"),
+            ("pids", "/"),
+            ("cpu,cpuacct", "/"),
+            ("", "/"),
+        ]);
+        let layout = detect_from(&mounts, &own, |_| String::new()).unwrap();
+        assert_eq!(layout.mode, Mode::V1);
+        let dirs: Vec<_> = layout
+            .controllers
+            .iter()
+            .map(|(c, p, _)| (*c, p.clone()))
+            .collect();
+        assert_eq!(
+            dirs,
+            vec![
+                ("memory", PathBuf::from("/sys/fs/cgroup/memory/svc/kiln")),
+                ("pids", PathBuf::from("/sys/fs/cgroup/pids/kiln")),
+                ("cpu", PathBuf::from("/sys/fs/cgroup/cpu,cpuacct/kiln")),
+                ("cpuacct", PathBuf::from("/sys/fs/cgroup/cpu,cpuacct/kiln")),
+            ]
+        );
+    }
+
+    #[test]
+    fn unified_host_with_controllers_uses_v2() {
+        let mounts = vec![mount("/sys/fs/cgroup", "cgroup2", "rw")];
+        let layout = detect_from(&mounts, &own(&[("", "/system.slice/kiln.service")]), |_| {
+            "cpuset cpu io memory pids".into()
+        })
+        .unwrap();
+        assert_eq!(layout.mode, Mode::V2);
+        assert!(layout
+            .controllers
+            .iter()
+            .all(|(_, p, _)| p == Path::new("/sys/fs/cgroup/kiln")));
+    }
+
+    #[test]
+    fn a_missing_controller_is_named() {
+        let mounts = vec![
+            mount("/sys/fs/cgroup/memory", "cgroup", "rw,memory"),
+            mount("/sys/fs/cgroup/cpu", "cgroup", "rw,cpu"),
+            mount("/sys/fs/cgroup/unified", "cgroup2", "rw"),
+        ];
+        let own = own(&[("memory", "/"), ("cpu", "/"), ("", "/")]);
+        let (controller, reason) = detect_from(&mounts, &own, |_| "memory".into()).unwrap_err();
+        assert_eq!(controller, "pids");
+        assert!(
+            reason.contains("not mounted") && reason.contains("does not offer it"),
+            "{reason}"
+        );
+    }
+
+    #[test]
+    fn dir_of_strips_the_mount_root() {
+        let m = MountEntry {
+            root: "/".into(),
+            mount_point: "/sys/fs/cgroup/memory".into(),
+            fstype: "cgroup".into(),
+            super_options: vec!["rw".into(), "memory".into()],
+        };
+        assert_eq!(dir_of(&m, "/"), PathBuf::from("/sys/fs/cgroup/memory"));
+        assert_eq!(
+            dir_of(&m, "/a/b"),
+            PathBuf::from("/sys/fs/cgroup/memory/a/b")
+        );
+        let m = MountEntry {
+            root: "/a".into(),
+            ..m
+        };
+        assert_eq!(dir_of(&m, "/a/b"), PathBuf::from("/sys/fs/cgroup/memory/b"));
+    }
+}
