@@ -373,6 +373,14 @@ fn bad_specs_are_refused_with_the_field_named() {
         "{err}"
     );
 
+    // A fifo left in the workspace cannot be attested: the step fails, and the
+    // message names it as the step saw it, not by the daemon's state path.
+    let out = daemon.kiln(&["run", "--", "/bin/sh", "-c", "mkfifo pipe"]);
+    assert_ne!(out.status.code(), Some(0), "{}", describe(&out));
+    let err = text(&out.stderr);
+    assert!(err.contains("/workspace/pipe"), "{err}");
+    assert!(!err.contains(daemon.state.to_str().unwrap()), "{err}");
+
     // A declared output that is a symlink is never followed.
     let out = daemon.kiln(&[
         "run",

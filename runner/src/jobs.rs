@@ -729,7 +729,23 @@ impl Runner {
             );
             return Ok(result);
         }
-        let products = hash_workspace(workspace.to_path_buf()).await?;
+        let products = match hash_workspace(workspace.to_path_buf()).await {
+            Ok(products) => products,
+            // What the step left cannot be attested (e.g. a fifo or a socket):
+            // the step fails, and the message names the path as the step saw it.
+            Err(JobEnd::Error(RunnerError::Provenance(err))) => {
+                result.state = StepState::Failed as i32;
+                result.exit_code = if exit_code == 0 { 1 } else { exit_code };
+                result.message = format!(
+                    "the workspace cannot be attested: {}",
+                    err.to_string()
+                        .replace(&format!("{}/", workspace.display()), "/workspace/")
+                        .replace(&workspace.display().to_string(), "/workspace")
+                );
+                return Ok(result);
+            }
+            Err(other) => return Err(other),
+        };
         let byproducts = serde_json::json!({
             "return-value": exit_code,
             "stdout": stdout.text(),

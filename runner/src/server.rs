@@ -39,7 +39,13 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     {
         tracing::info!(layer = %layer, "waiver not needed: the host has this layer, which is applied");
     }
-    let init_exe = std::env::current_exe().context("locating the kiln binary")?;
+    // Re-executing /proc/self/exe runs this daemon's own binary even after the
+    // file on disk is replaced by an upgrade, so steps never run a newer init
+    // that speaks another protocol.
+    let init_exe = std::path::PathBuf::from("/proc/self/exe");
+    if !init_exe.exists() {
+        bail!("/proc/self/exe is missing: /proc must be mounted to start sandboxes");
+    }
     let sandbox = Sandbox::new(init_exe);
 
     let state = &config.state_dir;
