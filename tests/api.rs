@@ -5,11 +5,12 @@
 
 mod support;
 
+use agent_proto::v1::attestations_client::AttestationsClient;
 use agent_proto::v1::content_store_client::ContentStoreClient;
 use agent_proto::v1::jobs_client::JobsClient;
 use agent_proto::v1::{
-    job_event, write_request, GetRequest, JobSpec, JobState, ReadRequest, Step, SubmitRequest,
-    WatchRequest, WriteHeader, WriteRequest,
+    job_event, write_request, GetProvenanceRequest, GetRequest, JobSpec, JobState, ReadRequest,
+    Step, SubmitRequest, WatchRequest, WriteHeader, WriteRequest,
 };
 use hyper_util::rt::TokioIo;
 use sha2::{Digest, Sha256};
@@ -213,4 +214,12 @@ async fn submission_is_idempotent_and_watch_streams_every_event() {
         ]
     );
     assert_eq!(output, b"streamed\n");
+
+    // A job without outputs has nothing to attest in SLSA provenance.
+    let mut attestations = AttestationsClient::new(channel(&daemon).await);
+    let err = attestations
+        .get_provenance(GetProvenanceRequest { job_id: first })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "{err}");
 }

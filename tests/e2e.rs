@@ -72,11 +72,18 @@ fn run_streams_output_writes_link_and_outputs_that_in_toto_verify_accepts() {
     let program = std::process::Command::new(&hello).output().unwrap();
     assert_eq!(text(&program.stdout), "hello, kiln\n");
 
-    let links: Vec<_> = std::fs::read_dir(daemon.path("links"))
+    let (links, others): (Vec<_>, Vec<_>) = std::fs::read_dir(daemon.path("links"))
         .unwrap()
         .flatten()
-        .collect();
+        .partition(|e| e.file_name().to_str().unwrap().ends_with(".link"));
     assert_eq!(links.len(), 1);
+    // Besides the link: the job's SLSA provenance.
+    assert_eq!(others.len(), 1);
+    assert!(others[0]
+        .file_name()
+        .to_str()
+        .unwrap()
+        .ends_with(".provenance.json"));
     let name = links[0].file_name().into_string().unwrap();
     assert!(
         name.starts_with("run.") && name.ends_with(".link"),
@@ -244,8 +251,43 @@ path = "result.txt"
     let ours = kiln_verify(&daemon, &layout, &owner, &links, &artifacts);
     assert!(ours.status.success(), "kiln verify: {}", describe(&ours));
 
-    // One flipped byte of an output.
+    // The job's SLSA provenance, checked by independent code: signature by the
+    // runner key, types, and both outputs as subjects.
+    let envelope = std::fs::read_dir(&links)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.to_str().unwrap().ends_with(".provenance.json"))
+        .expect("kiln submit --attest-dir wrote no provenance");
+    let check_slsa = |artifacts: &[&std::path::Path]| {
+        let mut cmd = std::process::Command::new(&python);
+        cmd.arg(repo_root().join("tests/py/check_slsa.py"))
+            .arg(&envelope)
+            .arg(&runner_pub)
+            .args(artifacts);
+        cmd.output().unwrap()
+    };
+    let hello = artifacts.join("hello");
     let result = artifacts.join("result.txt");
+    let out = check_slsa(&[&hello, &result]);
+    assert!(out.status.success(), "SLSA check: {}", describe(&out));
+    let seen: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(seen["subjects"], json!(["hello", "result.txt"]), "{seen}");
+    assert_eq!(seen["build_type"], "https://kiln.dev/buildtypes/job/v1");
+    assert!(
+        seen["builder"].as_str().unwrap().starts_with("kiln://"),
+        "{seen}"
+    );
+    assert!(
+        seen["dependencies"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("hello.c")),
+        "{seen}"
+    );
+    assert_eq!(seen["byproducts"].as_array().unwrap().len(), 2, "{seen}");
+
+    // One flipped byte of an output.
     let original = std::fs::read(&result).unwrap();
     flip_byte(&result);
     let verdict = run_in_toto_verify(&verifier, &layout, &owner, &links, &artifacts);
@@ -257,6 +299,11 @@ path = "result.txt"
     assert!(
         !ours.status.success(),
         "kiln verify accepted a tampered output"
+    );
+    let slsa = check_slsa(&[&hello, &result]);
+    assert!(
+        !slsa.status.success(),
+        "the SLSA check accepted a tampered output"
     );
     std::fs::write(&result, original).unwrap();
 

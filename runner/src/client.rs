@@ -190,6 +190,23 @@ impl Client {
         Ok(written)
     }
 
+    /// Writes the job's SLSA provenance (a DSSE envelope) into `dir` as
+    /// `<job id>.provenance.json`, if the job has one.
+    pub async fn download_provenance(
+        &self,
+        job: &Job,
+        dir: &Path,
+    ) -> anyhow::Result<Option<PathBuf>> {
+        if job.provenance_digest.is_empty() {
+            return Ok(None);
+        }
+        fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let envelope = self.read_blob(&job.provenance_digest).await?;
+        let path = dir.join(format!("{}.provenance.json", job.job_id));
+        fs::write(&path, envelope).with_context(|| format!("writing {}", path.display()))?;
+        Ok(Some(path))
+    }
+
     /// Writes the job's outputs into `dir`, each hash-checked.
     pub async fn download_outputs(&self, job: &Job, dir: &Path) -> anyhow::Result<()> {
         for output in &job.outputs {

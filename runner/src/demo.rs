@@ -102,6 +102,7 @@ pub async fn run(keep: bool) -> anyhow::Result<i32> {
     let links = root.join("links");
     let out = root.join("out");
     let written = client.download_links(&job_id, &links).await?;
+    let provenance = client.download_provenance(&job, &links).await?;
     client.download_outputs(&job, &out).await?;
     let greeting = std::fs::read_to_string(out.join("greeting.txt"))?;
     println!(
@@ -110,6 +111,9 @@ pub async fn run(keep: bool) -> anyhow::Result<i32> {
         links.display(),
         greeting.trim()
     );
+    if let Some(path) = provenance {
+        println!("   SLSA v1 provenance (DSSE): {}", path.display());
+    }
 
     // The layout says what the supply chain must look like; its owner signs it.
     let runner_key = client.public_key().await?;

@@ -349,6 +349,7 @@ impl Runner {
             .clone()
             .ok_or_else(|| RunnerError::Internal(format!("job {id} has no spec")))?;
         job.state = JobState::Running as i32;
+        job.started_unix_ms = now_ms();
         if !self.db.update_job_if_state(&job, JobState::Queued)? {
             return Ok(()); // cancelled while queued
         }
@@ -356,9 +357,17 @@ impl Runner {
 
         let workspace = self.work_dir.join(id);
         let host_uid_base = self.config.slot_uid_base(slot);
+        let mut image_digest = None;
         let outcome = self
             .clone()
-            .run_steps(id, &mut job, &spec, &workspace, host_uid_base)
+            .run_steps(
+                id,
+                &mut job,
+                &spec,
+                &workspace,
+                host_uid_base,
+                &mut image_digest,
+            )
             .await;
         if workspace.exists() {
             // EINVAL: the quota was never mounted (the job failed before).
@@ -381,6 +390,28 @@ impl Runner {
         job.state = state as i32;
         job.message = message;
         job.finished_unix_ms = now_ms();
+        if state == JobState::Succeeded {
+            let builder_id = self
+                .config
+                .builder_id
+                .clone()
+                .unwrap_or_else(provenance::slsa::default_builder_id);
+            match crate::attest::job_provenance(
+                &job,
+                &spec,
+                image_digest.as_deref(),
+                &builder_id,
+                &self.key,
+            ) {
+                Ok(Some(envelope)) => job.provenance_digest = self.cas.put_bytes(&envelope)?,
+                Ok(None) => {}
+                Err(err) => {
+                    // Unattested outputs are not a success.
+                    job.state = JobState::Error as i32;
+                    job.message = format!("could not sign the job's provenance: {err}");
+                }
+            }
+        }
         self.db.update_job(&job)?;
         tracing::info!(job = %id, state = ?state, "job finished");
         self.finish_handle(id, job);
@@ -394,6 +425,7 @@ impl Runner {
         spec: &JobSpec,
         workspace: &Path,
         host_uid_base: u32,
+        image_digest: &mut Option<String>,
     ) -> Result<(), JobEnd> {
         let step_host_id = host_uid_base + BUILD_UID;
         let image = {
@@ -401,6 +433,7 @@ impl Runner {
             let name = spec.image.clone();
             blocking(move || runner.images.resolve(&name)).await?
         };
+        image_digest.clone_from(&image.digest);
         {
             let runner = self.clone();
             let spec = spec.clone();

@@ -1,5 +1,6 @@
 //! `kiln`: the Kiln daemon (`kiln serve`) and its command-line client.
 
+mod attest;
 mod cas;
 mod client;
 mod config;
@@ -435,6 +436,7 @@ async fn run_job(
     let job = client.follow(&job_id, false).await?;
     if let Some(dir) = attest_dir {
         client.download_links(&job_id, dir).await?;
+        client.download_provenance(&job, dir).await?;
     }
     if let Some(dir) = out {
         client.download_outputs(&job, dir).await?;

@@ -8,9 +8,9 @@ use agent_proto::v1::content_store_server::ContentStore as ContentStoreApi;
 use agent_proto::v1::jobs_server::Jobs;
 use agent_proto::v1::{
     job_event, write_request, CancelRequest, CancelResponse, FindMissingRequest,
-    FindMissingResponse, GetPublicKeyRequest, GetRequest, Job, JobEvent, Link, ListLinksRequest,
-    ListLinksResponse, PublicKey, ReadRequest, ReadResponse, SubmitRequest, SubmitResponse,
-    WatchRequest, WriteRequest, WriteResponse,
+    FindMissingResponse, GetProvenanceRequest, GetPublicKeyRequest, GetRequest, Job, JobEvent,
+    Link, ListLinksRequest, ListLinksResponse, Provenance, PublicKey, ReadRequest, ReadResponse,
+    SubmitRequest, SubmitResponse, WatchRequest, WriteRequest, WriteResponse,
 };
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
@@ -295,6 +295,29 @@ impl Attestations for Service {
         })
         .await?;
         Ok(Response::new(ListLinksResponse { links }))
+    }
+
+    async fn get_provenance(
+        &self,
+        request: Request<GetProvenanceRequest>,
+    ) -> Result<Response<Provenance>, Status> {
+        let id = request.into_inner().job_id;
+        check_job_id(&id)?;
+        let runner = self.runner.clone();
+        let provenance = blocking(move || {
+            let job = runner.get(&id)?;
+            if job.provenance_digest.is_empty() {
+                return Err(RunnerError::NotFound(format!(
+                    "provenance of job {id} (written when a job succeeds with outputs)"
+                )));
+            }
+            Ok(Provenance {
+                envelope: runner.cas.read_all(&job.provenance_digest)?,
+                digest: job.provenance_digest,
+            })
+        })
+        .await?;
+        Ok(Response::new(provenance))
     }
 
     async fn get_public_key(
