@@ -267,7 +267,13 @@ impl KeyRing {
     pub fn open(dir: &Path) -> Result<Self, ProvenanceError> {
         check_dir(dir)?;
         let ring_path = dir.join(KEYRING_FILE);
-        let bytes = read_owned_file(&ring_path, 0o022)?;
+        let (bytes, mode) = read_owned_file(&ring_path)?;
+        if mode & 0o022 != 0 {
+            return Err(ProvenanceError::Key(format!(
+                "{}: mode {mode:04o} lets others write it",
+                ring_path.display()
+            )));
+        }
         let public = PublicKeyRing::from_json_bytes(&bytes)
             .map_err(|e| ProvenanceError::Key(format!("{}: {e}", ring_path.display())))?;
         let key_path = private_key_path(dir, &public.current);
@@ -457,9 +463,9 @@ pub(crate) fn check_owner(path: &Path, meta: &fs::Metadata) -> Result<(), Proven
     Ok(())
 }
 
-/// Read a regular file (no symlink) that we own and whose mode has none of
-/// `forbidden` bits.
-fn read_owned_file(path: &Path, forbidden: u32) -> Result<Vec<u8>, ProvenanceError> {
+/// Reads a regular file, never through a symlink, that the effective uid owns;
+/// returns its content and permission bits for the caller's mode rule.
+pub(crate) fn read_owned_file(path: &Path) -> Result<(Vec<u8>, u32), ProvenanceError> {
     let mut f = OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NOFOLLOW)
@@ -472,18 +478,12 @@ fn read_owned_file(path: &Path, forbidden: u32) -> Result<Vec<u8>, ProvenanceErr
             path.display()
         )));
     }
+    // Another user's file could have been planted or read by them.
     check_owner(path, &meta)?;
-    let mode = meta.permissions().mode() & 0o7777;
-    if mode & forbidden != 0 {
-        return Err(ProvenanceError::Key(format!(
-            "{}: mode {mode:04o} lets others write it",
-            path.display()
-        )));
-    }
     let mut out = Vec::new();
     f.read_to_end(&mut out)
         .map_err(|e| ProvenanceError::io(path, e))?;
-    Ok(out)
+    Ok((out, meta.permissions().mode() & 0o7777))
 }
 
 /// Write `dir/name` atomically: a temporary file created with `mode`,

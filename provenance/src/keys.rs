@@ -18,8 +18,8 @@
 //!   both forms are read.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{Read, Write};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 use ed25519_dalek::pkcs8::spki::der::pem::LineEnding;
@@ -139,30 +139,15 @@ impl SigningKey {
     /// Load an existing key file: a regular file (not a symlink), mode 0600
     /// or stricter, owned by the effective uid.
     pub fn load(path: &Path) -> Result<Self, ProvenanceError> {
-        let mut f = OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(path)
-            .map_err(|e| ProvenanceError::io(path, e))?;
-        let meta = f.metadata().map_err(|e| ProvenanceError::io(path, e))?;
-        if !meta.is_file() {
-            return Err(ProvenanceError::Key(format!(
-                "{}: not a regular file",
-                path.display()
-            )));
-        }
-        // Another user's file could have been planted or read by them.
-        crate::keyring::check_owner(path, &meta)?;
-        let mode = meta.permissions().mode() & 0o7777;
+        let (bytes, mode) = crate::keyring::read_owned_file(path)?;
         if mode & 0o077 != 0 {
             return Err(ProvenanceError::KeyFileMode {
                 path: path.to_path_buf(),
                 mode,
             });
         }
-        let mut pem = String::new();
-        f.read_to_string(&mut pem)
-            .map_err(|e| ProvenanceError::io(path, e))?;
+        let pem = String::from_utf8(bytes)
+            .map_err(|_| ProvenanceError::Key(format!("{}: not PEM text", path.display())))?;
         Self::from_pkcs8_pem(&pem)
             .map_err(|e| ProvenanceError::Key(format!("{}: {e}", path.display())))
     }
@@ -315,6 +300,7 @@ impl PublicKey {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     #[test]
     fn pem_roundtrip_and_sign() {
