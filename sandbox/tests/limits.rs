@@ -4,116 +4,40 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is the failure report
 
-use std::io::Read;
-use std::os::fd::OwnedFd;
-use std::path::PathBuf;
+use sandbox::{Limits, Sandbox, StepSpec, StepStatus};
 
-use sandbox::{Limits, RootEntry, Sandbox, StepOutcome, StepSpec, StepStatus};
+mod common;
+use common::*;
 
-const STEP_UID: u32 = 1000;
+/// The common fixture with `limits`, and the workspace kept for inspection.
+struct Limited {
+    ran: Ran,
+    fixture: Fixture,
+}
 
-fn is_root(test: &str) -> bool {
-    if nix::unistd::geteuid().is_root() {
-        return true;
+impl std::ops::Deref for Limited {
+    type Target = Ran;
+    fn deref(&self) -> &Ran {
+        &self.ran
     }
-    assert!(
-        std::env::var("CI").as_deref() != Ok("true"),
-        "{test} needs root, and CI=true forbids skipping"
-    );
-    println!("SKIPPED: {test} needs root");
-    false
 }
 
-struct Ran {
-    outcome: StepOutcome,
-    stdout: String,
-    stderr: String,
-    _ws: tempfile::TempDir,
-    ws: PathBuf,
+impl Limited {
+    fn ws(&self) -> &std::path::Path {
+        &self.fixture.spec.workspace
+    }
 }
 
-fn drain(fd: Option<OwnedFd>) -> std::thread::JoinHandle<String> {
-    std::thread::spawn(move || {
-        let mut s = String::new();
-        if let Some(fd) = fd {
-            let _ = std::fs::File::from(fd).read_to_string(&mut s);
-        }
-        s
-    })
-}
-
-fn run(base: u32, script: &str, limits: Limits) -> Ran {
-    let ws = tempfile::tempdir().unwrap();
-    let id = Some(nix::unistd::Uid::from_raw(base + STEP_UID));
-    let gid = Some(nix::unistd::Gid::from_raw(base + STEP_UID));
-    nix::unistd::chown(ws.path(), id, gid).unwrap();
-    let spec = StepSpec {
-        argv: vec!["/bin/sh".into(), "-c".into(), script.into()],
-        env: vec![("PATH".into(), "/usr/bin:/bin".into())],
-        root: vec![
-            RootEntry::Bind {
-                source: "/usr".into(),
-                target: "/usr".into(),
-            },
-            RootEntry::Symlink {
-                path: "/bin".into(),
-                points_to: "usr/bin".into(),
-            },
-            RootEntry::Symlink {
-                path: "/lib".into(),
-                points_to: "usr/lib".into(),
-            },
-            RootEntry::Symlink {
-                path: "/lib64".into(),
-                points_to: "usr/lib64".into(),
-            },
-        ],
-        workspace: ws.path().to_path_buf(),
-        host_uid_base: base,
-        id_range: 65536,
-        step_uid: STEP_UID,
-        timeout_ms: 60_000,
-        hostname: "kiln-test".into(),
-        tmp_size_bytes: 16 << 20,
-        limits,
-        tcp_connect_ports: vec![],
-        waived_layers: vec![],
-    };
-    let sb = Sandbox::new(PathBuf::from(env!("CARGO_BIN_EXE_kiln-sandbox-init")));
-    let mut step = sb.spawn(&spec).unwrap();
-    let out = drain(step.take_stdout());
-    let err = drain(step.take_stderr());
-    let outcome = step.wait().unwrap();
-    let ran = Ran {
-        outcome,
-        stdout: out.join().unwrap(),
-        stderr: err.join().unwrap(),
-        ws: ws.path().to_path_buf(),
-        _ws: ws,
-    };
+fn run_limited(base: u32, script: &str, limits: Limits) -> Limited {
+    let mut fixture = fixture(base, script);
+    fixture.spec.limits = limits;
+    fixture.spec.timeout_ms = 60_000;
+    let ran = run(&fixture.spec);
     println!(
         "outcome {:?}\n--- stdout\n{}--- stderr\n{}",
         ran.outcome, ran.stdout, ran.stderr
     );
-    ran
-}
-
-fn host_processes_of(uid: u32) -> usize {
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .flatten()
-        .filter(|e| e.file_name().to_string_lossy().parse::<u32>().is_ok())
-        .filter(|e| {
-            std::fs::read_to_string(e.path().join("status"))
-                .map(|s| {
-                    s.lines().any(|l| {
-                        l.starts_with("Uid:")
-                            && l.split_whitespace().nth(1) == Some(&uid.to_string())
-                    })
-                })
-                .unwrap_or(false)
-        })
-        .count()
+    Limited { ran, fixture }
 }
 
 #[test]
@@ -126,7 +50,7 @@ fn memory_bomb_is_oom_killed_and_reported() {
         ..Limits::default()
     };
     // dd's 256 MiB buffer is filled by the read from /dev/zero: far above the limit.
-    let r = run(
+    let r = run_limited(
         600_000,
         "dd if=/dev/zero of=/dev/null bs=256M count=1; echo dd=$?",
         limits,
@@ -151,7 +75,7 @@ fn fork_bomb_hits_the_pids_limit_and_the_host_is_unaffected() {
     // sleep is forked before the bomb (later forks may all fail); every bomb process forks
     // forever. After 2 s the step counts the namespace's processes with builtins only,
     // kills the bomb and exits; pid 1's exit would kill whatever is left anyway.
-    let r = run(
+    let r = run_limited(
         base,
         "sleep 2 & s=$!\n\
          b() { while :; do b & done; }\n\
@@ -173,7 +97,7 @@ fn fork_bomb_hits_the_pids_limit_and_the_host_is_unaffected() {
         .status()
         .unwrap()
         .success());
-    assert_eq!(host_processes_of(base + STEP_UID), 0);
+    assert!(host_processes_of(base + STEP_UID).is_empty());
 }
 
 #[test]
@@ -186,7 +110,7 @@ fn cpu_time_is_reported_and_the_quota_throttles() {
         ..Limits::default()
     };
     // A busy loop for 1.2 s of wall time at a quarter CPU.
-    let r = run(
+    let r = run_limited(
         620_000,
         "end=$(( $(date +%s%N) + 1200000000 )); while [ $(date +%s%N) -lt $end ]; do :; done",
         limits,
@@ -208,7 +132,7 @@ fn fsize_rlimit_stops_big_files() {
         nofile: 64,
         ..Limits::default()
     };
-    let r = run(
+    let r = run_limited(
         630_000,
         "dd if=/dev/zero of=big bs=64k count=64 2>/dev/null; echo dd=$?; ulimit -n; ulimit -c",
         limits,
@@ -219,7 +143,10 @@ fn fsize_rlimit_stops_big_files() {
     let lines: Vec<&str> = r.stdout.lines().collect();
     assert_eq!(lines.get(1).copied(), Some("64"), "{}", r.stdout);
     assert_eq!(lines.get(2).copied(), Some("0"), "{}", r.stdout);
-    assert_eq!(std::fs::metadata(r.ws.join("big")).unwrap().len(), 1 << 20);
+    assert_eq!(
+        std::fs::metadata(r.ws().join("big")).unwrap().len(),
+        1 << 20
+    );
 }
 
 #[test]
