@@ -287,6 +287,50 @@ path = "result.txt"
     );
     assert_eq!(seen["byproducts"].as_array().unwrap().len(), 2, "{seen}");
 
+    // kiln verify's provenance mode gives the same verdict, under a policy.
+    let policy = daemon.path("policy.toml");
+    let write_policy = |unpinned: bool| {
+        std::fs::write(
+            &policy,
+            format!(
+                "allowed_builder_ids = [{:?}]\nallow_unpinned_images = {unpinned}\nrequired_steps = [\"compile\", \"test\"]\n",
+                seen["builder"].as_str().unwrap()
+            ),
+        )
+        .unwrap();
+    };
+    let kiln_verify_provenance = |json: bool| {
+        let mut args = vec![
+            "verify",
+            "--provenance",
+            envelope.to_str().unwrap(),
+            "--key",
+            runner_pub.to_str().unwrap(),
+            "--policy",
+            policy.to_str().unwrap(),
+        ];
+        if json {
+            args.push("--json");
+        }
+        args.extend([hello.to_str().unwrap(), result.to_str().unwrap()]);
+        daemon.kiln(&args)
+    };
+    write_policy(true);
+    let ours = kiln_verify_provenance(false);
+    assert!(ours.status.success(), "{}", describe(&ours));
+    assert!(
+        text(&ours.stdout).starts_with("PASS"),
+        "{}",
+        describe(&ours)
+    );
+    // The host image is unpinned: a policy that forbids that fails the build.
+    write_policy(false);
+    let ours = kiln_verify_provenance(true);
+    assert_eq!(ours.status.code(), Some(1), "{}", describe(&ours));
+    let verdict: serde_json::Value = serde_json::from_slice(&ours.stdout).unwrap();
+    assert_eq!(verdict["passed"], false, "{verdict}");
+    write_policy(true);
+
     // One flipped byte of an output.
     let original = std::fs::read(&result).unwrap();
     flip_byte(&result);
@@ -298,6 +342,12 @@ path = "result.txt"
     let ours = kiln_verify(&daemon, &layout, &owner, &links, &artifacts);
     assert!(
         !ours.status.success(),
+        "kiln verify accepted a tampered output"
+    );
+    let ours = kiln_verify_provenance(false);
+    assert_eq!(
+        ours.status.code(),
+        Some(1),
         "kiln verify accepted a tampered output"
     );
     let slsa = check_slsa(&[&hello, &result]);

@@ -125,18 +125,36 @@ enum Command {
         command: KeysCommand,
     },
     /// Verify links against an in-toto layout, as in-toto-verify does.
+    ///
+    /// Layout mode: --layout, --layout-key, --links [--artifacts].
+    /// Provenance mode: --provenance ENVELOPE --key KEY... --policy POLICY [--json] FILE...
     Verify {
-        #[arg(long)]
-        layout: PathBuf,
+        /// An in-toto layout (metablock).
+        #[arg(long, required_unless_present = "provenance", requires_all = ["layout_keys", "links"])]
+        layout: Option<PathBuf>,
         /// PEM public key(s) of the layout owner; repeatable.
-        #[arg(long = "layout-key", required = true)]
+        #[arg(long = "layout-key")]
         layout_keys: Vec<PathBuf>,
         /// Directory holding the links.
         #[arg(long)]
-        links: PathBuf,
+        links: Option<PathBuf>,
         /// Directory of artifacts to check against the final step's products.
         #[arg(long)]
         artifacts: Option<PathBuf>,
+        /// A job's SLSA provenance (DSSE envelope) to check instead of a layout.
+        #[arg(long, conflicts_with = "layout", requires_all = ["keys", "policy"])]
+        provenance: Option<PathBuf>,
+        /// Runner public key(s): SPKI PEM, or a key ring export (JSON, with validity windows).
+        #[arg(long = "key")]
+        keys: Vec<PathBuf>,
+        /// Verification policy (TOML; see README).
+        #[arg(long)]
+        policy: Option<PathBuf>,
+        /// Print the verdict as JSON.
+        #[arg(long)]
+        json: bool,
+        /// Artifact files whose SHA-256 must be subjects of the provenance.
+        files: Vec<PathBuf>,
     },
     /// Build and list images.
     Image {
@@ -362,7 +380,22 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             layout_keys,
             links,
             artifacts,
-        } => verify::run(&layout, &layout_keys, &links, artifacts.as_deref()),
+            provenance,
+            keys,
+            policy,
+            json,
+            files,
+        } => match (provenance, policy, layout, links) {
+            (Some(envelope), Some(policy), _, _) => {
+                verify::run_provenance(&envelope, &keys, &policy, &files, json)
+            }
+            (None, _, Some(layout), Some(links)) => {
+                verify::run(&layout, &layout_keys, &links, artifacts.as_deref())
+            }
+            _ => anyhow::bail!(
+                "kiln verify needs --layout, --layout-key and --links, or --provenance, --key and --policy"
+            ),
+        },
         Command::Image { state_dir, command } => {
             let images = images::Images::open(&state_dir)?;
             match command {

@@ -1,4 +1,5 @@
-//! `kiln verify`: in-toto layout verification with Kiln's own verifier.
+//! `kiln verify`: in-toto layout verification, and SLSA provenance checked
+//! against artifacts and a policy, with Kiln's own verifiers.
 
 use std::path::{Path, PathBuf};
 
@@ -67,4 +68,52 @@ pub fn run(
     }
     println!("PASSED: the links satisfy the layout");
     Ok(0)
+}
+
+/// Checks SLSA provenance: signature by one of `keys` (valid at the build's
+/// finish), every file a subject, and the policy. Exit code 0 only on a pass.
+pub fn run_provenance(
+    envelope: &Path,
+    keys: &[PathBuf],
+    policy: &Path,
+    files: &[PathBuf],
+    json: bool,
+) -> anyhow::Result<i32> {
+    use provenance::keyring::{PublicKeyRing, TrustedKey};
+    use provenance::verify::provenance::{verify_provenance, Artifact, Policy};
+
+    let envelope_bytes =
+        std::fs::read(envelope).with_context(|| format!("reading {}", envelope.display()))?;
+    let mut trusted = Vec::new();
+    for path in keys {
+        let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+        if bytes.starts_with(b"-----BEGIN") {
+            let pem = String::from_utf8_lossy(&bytes);
+            trusted.push(TrustedKey::unbounded(
+                PublicKey::from_spki_pem(&pem)
+                    .with_context(|| format!("key {}", path.display()))?,
+            ));
+        } else {
+            let ring = PublicKeyRing::from_json_bytes(&bytes)
+                .with_context(|| format!("key ring {}", path.display()))?;
+            trusted.extend(ring.keys);
+        }
+    }
+    let policy_text =
+        std::fs::read_to_string(policy).with_context(|| format!("reading {}", policy.display()))?;
+    let policy =
+        Policy::from_toml(&policy_text).with_context(|| format!("policy {}", policy.display()))?;
+    let mut artifacts = Vec::new();
+    for file in files {
+        artifacts.push(
+            Artifact::from_path(file).with_context(|| format!("artifact {}", file.display()))?,
+        );
+    }
+    let verdict = verify_provenance(&envelope_bytes, &trusted, &artifacts, &policy);
+    if json {
+        println!("{}", serde_json::to_string_pretty(&verdict.to_json())?);
+    } else {
+        println!("{}", verdict.summary());
+    }
+    Ok(if verdict.passed { 0 } else { 1 })
 }
