@@ -148,10 +148,11 @@ enum Mode<'a> {
     InToto { root: &'a Path },
 }
 
-fn hash_tree_with(
-    root: &Path,
-    mode: Mode<'_>,
-) -> Result<BTreeMap<String, String>, ProvenanceError> {
+/// A tree's listing: symlinks already recorded in the map, regular files still
+/// to be hashed. The root itself must be a real directory, never a link.
+type Listing = (BTreeMap<String, String>, Vec<(String, PathBuf)>);
+
+fn list_tree(root: &Path, mode: Mode<'_>) -> Result<Listing, ProvenanceError> {
     let meta = fs::symlink_metadata(root).map_err(|e| ProvenanceError::io(root, e))?;
     if !meta.is_dir() {
         return Err(ProvenanceError::NotADirectory {
@@ -159,8 +160,16 @@ fn hash_tree_with(
         });
     }
     let mut out = BTreeMap::new();
-    let mut files: Vec<(String, PathBuf)> = Vec::new();
+    let mut files = Vec::new();
     walk(root, "", mode, &mut out, &mut files)?;
+    Ok((out, files))
+}
+
+fn hash_tree_with(
+    root: &Path,
+    mode: Mode<'_>,
+) -> Result<BTreeMap<String, String>, ProvenanceError> {
+    let (mut out, files) = list_tree(root, mode)?;
     for (rel, digest) in hash_files(files)? {
         out.insert(rel, digest);
     }
@@ -474,15 +483,7 @@ impl TreeHasher {
         self.clock_offset = Some(offset);
         let cutoff = now_ns - RACY_MARGIN_NS;
 
-        let meta = fs::symlink_metadata(root).map_err(|e| ProvenanceError::io(root, e))?;
-        if !meta.is_dir() {
-            return Err(ProvenanceError::NotADirectory {
-                path: root.to_path_buf(),
-            });
-        }
-        let mut out = BTreeMap::new();
-        let mut files: Vec<(String, PathBuf)> = Vec::new();
-        walk(root, "", Mode::Kiln, &mut out, &mut files)?;
+        let (mut out, files) = list_tree(root, Mode::Kiln)?;
 
         let cacheable_devs = if self.trust_all_filesystems {
             None

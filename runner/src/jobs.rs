@@ -413,6 +413,7 @@ impl Runner {
             }
         }
         self.db.update_job(&job)?;
+        let state = JobState::try_from(job.state).unwrap_or(state);
         tracing::info!(job = %id, state = ?state, "job finished");
         self.finish_handle(id, job);
         Ok(())
