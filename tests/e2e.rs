@@ -637,6 +637,79 @@ fn queued_jobs_survive_a_restart_and_sigterm_drains() {
     assert_eq!(mode, 0o600, "signing key mode {mode:o}");
 }
 
+#[test]
+fn step_start_latency_is_reported_and_cgroup_moves_are_made_cheap() {
+    if !require_root("step_start_latency_is_reported_and_cgroup_moves_are_made_cheap") {
+        return;
+    }
+    let cgroup2 = || {
+        std::fs::read_to_string("/proc/self/mountinfo")
+            .unwrap()
+            .lines()
+            .find(|l| l.contains(" - cgroup2 "))
+            .map(|l| {
+                let (left, right) = l.split_once(" - ").unwrap();
+                let mount_options = left.split(' ').nth(5).unwrap().to_string();
+                let super_options: Vec<String> = right
+                    .split(' ')
+                    .nth(2)
+                    .unwrap()
+                    .split(',')
+                    .map(String::from)
+                    .collect();
+                (mount_options, super_options)
+            })
+    };
+    let before = cgroup2();
+    let daemon = Daemon::start();
+    let out = daemon.kiln(&["run", "--", "/bin/true"]);
+    assert!(out.status.success(), "{}", describe(&out));
+    let log = daemon.log();
+    let id = log
+        .lines()
+        .find(|l| l.contains("job accepted"))
+        .and_then(|l| l.split("job=").nth(1))
+        .and_then(|rest| rest.split_whitespace().next())
+        .map(String::from)
+        .unwrap_or_else(|| panic!("job id in the daemon log:\n{log}"));
+    let job = status_json(&daemon, &id);
+    let latency = job["steps"][0]["start_latency_us"].as_u64().unwrap();
+    // Measured from the daemon scheduling the step to the step's own execve: it cannot be
+    // zero, and a step that started must have started within its duration.
+    assert!(latency > 0, "{job}");
+    assert!(
+        latency <= job["steps"][0]["duration_ms"].as_u64().unwrap() * 1000 + 1000,
+        "{job}"
+    );
+    assert!(
+        daemon.log().contains("start_latency_us="),
+        "{}",
+        daemon.log()
+    );
+
+    // The daemon turns on favordynmods (default config) and changes nothing else of the
+    // host's cgroup2 mount.
+    if let (Some((mount_before, super_before)), Some((mount_after, super_after))) =
+        (before, cgroup2())
+    {
+        if daemon.log().contains("could not turn on favordynmods") {
+            eprintln!("this kernel refuses favordynmods: {}", daemon.log());
+        } else {
+            assert!(
+                super_after.iter().any(|o| o == "favordynmods"),
+                "{super_after:?}"
+            );
+        }
+        assert_eq!(mount_before, mount_after);
+        for option in super_before {
+            assert!(
+                super_after.contains(&option),
+                "{option} lost: {super_after:?}"
+            );
+        }
+    }
+}
+
 fn status_json(daemon: &Daemon, id: &str) -> serde_json::Value {
     let out = daemon.kiln(&["status", "--json", id]);
     assert!(out.status.success(), "{}", describe(&out));

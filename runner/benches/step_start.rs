@@ -4,6 +4,9 @@
 //!
 //!     cargo bench -p runner --bench step_start [-- RUNS]
 //!
+//! Also the in-daemon step start: from the daemon scheduling the step to the step's execve
+//! (`start_latency_us` of the daemon's "step finished" log lines).
+//!
 //! Needs root and bwrap. Prints medians and the ratio.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -31,6 +34,16 @@ fn time_runs(runs: usize, mut command: impl FnMut() -> Command) -> Duration {
     median(samples)
 }
 
+/// `start_latency_us=N` of every "step finished" line.
+fn start_latencies(log: &str) -> Vec<Duration> {
+    log.lines()
+        .filter(|l| l.contains("step finished"))
+        .filter_map(|l| l.split("start_latency_us=").nth(1))
+        .filter_map(|rest| rest.split_whitespace().next()?.parse().ok())
+        .map(Duration::from_micros)
+        .collect()
+}
+
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
@@ -46,13 +59,16 @@ fn main() {
     }
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("kiln.sock");
+    let log_path = dir.path().join("daemon.log");
+    let log = std::fs::File::create(&log_path).unwrap();
     let mut daemon = Command::new(KILN)
         .arg("--socket")
         .arg(&socket)
         .arg("serve")
         .arg("--state-dir")
         .arg(dir.path().join("state"))
-        .stderr(Stdio::null())
+        .env("KILN_LOG", "info")
+        .stderr(log)
         .spawn()
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -100,11 +116,22 @@ fn main() {
         nix::sys::signal::Signal::SIGTERM,
     );
     let _ = daemon.wait();
+    let in_daemon = start_latencies(&std::fs::read_to_string(&log_path).unwrap());
+    assert!(
+        in_daemon.len() > runs,
+        "expected a start latency per kiln run in the daemon log, found {}",
+        in_daemon.len()
+    );
+    let in_daemon = median(in_daemon);
 
     println!("medians of {runs} runs each, same run:");
     println!("  /bin/true                  {:8.2} ms", ms(true_alone));
     println!("  bwrap --unshare-all ...    {:8.2} ms", ms(bwrap));
     println!("  kiln run -- /bin/true      {:8.2} ms", ms(kiln));
+    println!(
+        "  in the daemon: step scheduled -> execve {:8.2} ms   (target: under 2 ms)",
+        ms(in_daemon)
+    );
     println!(
         "  ratio kiln / bwrap         {:8.2}x   (target: at most 2x)",
         kiln.as_secs_f64() / bwrap.as_secs_f64()

@@ -403,6 +403,8 @@ pub fn job_json(job: &Job) -> serde_json::Value {
             "cpu_time_ms": s.cpu_time_ms,
             "peak_memory_bytes": s.peak_memory_bytes,
             "limit_reason": s.limit_reason,
+            "start_latency_us": s.start_latency_us,
+            "seccomp_denials": s.seccomp_denials,
         })).collect::<Vec<_>>(),
         "outputs": job.outputs.iter().map(|o| serde_json::json!({
             "path": o.path, "digest": o.digest, "size": o.size, "executable": o.executable,

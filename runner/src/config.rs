@@ -63,6 +63,10 @@ pub struct Config {
     /// `"landlock"`). Without a waiver such a host makes `kiln serve` refuse to start; a
     /// waived layer is skipped only where missing and named in every signed link.
     pub waive: Vec<String>,
+    /// Turn on the cgroup2 mount option `favordynmods` at start-up (host-wide, Linux
+    /// 6.0+): moving a process between cgroups then no longer waits for an RCU grace
+    /// period, which otherwise adds 7-17 ms to a step's start on an idle host.
+    pub cgroup_favordynmods: bool,
 }
 
 impl Default for Config {
@@ -91,6 +95,7 @@ impl Default for Config {
             nofile: 4096,
             max_file_size: Size(10 << 30),
             max_outputs_size: Size(2 << 30),
+            cgroup_favordynmods: true,
             waive: Vec::new(),
         }
     }

@@ -93,6 +93,27 @@ impl Database {
 
     /// Writes the record only if the stored state is still `expected`; the
     /// compare-and-set keeps a cancel and the scheduler from both claiming a job.
+    /// A step's progress within a running job, committed without waiting for the disk
+    /// (WAL with synchronous=NORMAL for this one transaction). A process crash loses
+    /// nothing; a power loss can lose only these progress records, which the job's next
+    /// state change (synchronous=FULL, which syncs every earlier commit of the WAL)
+    /// would have made durable. A job interrupted that way is marked interrupted at the
+    /// restart either way, since its state says running.
+    pub fn update_progress(&self, job: &Job) -> Result<()> {
+        let conn = self.lock()?;
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        let changed = conn.execute(
+            "UPDATE jobs SET state = ?2, record = ?3 WHERE id = ?1",
+            params![job.job_id, job.state, job.encode_to_vec()],
+        );
+        // Back to FULL before anything else can commit on this connection.
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        if changed? == 0 {
+            return Err(RunnerError::NotFound(format!("job {}", job.job_id)));
+        }
+        Ok(())
+    }
+
     pub fn update_job_if_state(&self, job: &Job, expected: JobState) -> Result<bool> {
         let conn = self.lock()?;
         let changed = conn.execute(

@@ -448,7 +448,7 @@ impl Runner {
             if let Some(result) = job.steps.get_mut(index) {
                 result.state = StepState::Running as i32;
             }
-            self.db.update_job(job)?;
+            self.db.update_progress(job)?;
             self.emit(
                 id,
                 job_event::Event::StepStarted(StepStarted {
@@ -461,10 +461,18 @@ impl Runner {
                 .await?;
             let state = StepState::try_from(result.state).unwrap_or(StepState::Error);
             let message = result.message.clone();
+            tracing::info!(
+                job = %id,
+                step = %step.name,
+                state = ?state,
+                start_latency_us = result.start_latency_us,
+                duration_ms = result.duration_ms,
+                "step finished"
+            );
             if let Some(slot) = job.steps.get_mut(index) {
                 *slot = result.clone();
             }
-            self.db.update_job(job)?;
+            self.db.update_progress(job)?;
             self.emit(id, job_event::Event::StepFinished(result));
             match state {
                 StepState::Succeeded => {}
@@ -558,6 +566,7 @@ impl Runner {
         host_uid_base: u32,
     ) -> Result<StepResult, JobEnd> {
         let started = Instant::now();
+        let scheduled_ns = sandbox::monotonic_now_ns();
         let limits = crate::limits::Effective::of(&self.config, step.limits.as_ref());
         // This step's workspace quota; the tmpfs refuses to shrink below what it holds.
         if let Err(err) = crate::limits::resize_workspace(workspace, limits.disk_bytes) {
@@ -646,6 +655,10 @@ impl Runner {
         let mut result = StepResult {
             name: step.name.clone(),
             duration_ms: started.elapsed().as_millis() as u64,
+            start_latency_us: outcome
+                .exec_monotonic_ns
+                .map(|exec| exec.saturating_sub(scheduled_ns) / 1000)
+                .unwrap_or(0),
             ..Default::default()
         };
         let (state, exit_code, signal, message) = match &outcome.status {

@@ -39,6 +39,23 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     {
         tracing::info!(layer = %layer, "waiver not needed: the host has this layer, which is applied");
     }
+    if config.cgroup_favordynmods {
+        // Speed only, not isolation: a host where it cannot be set still runs steps.
+        match sandbox::cgroup::favor_dynamic_migrations() {
+            Ok(sandbox::cgroup::Favordynmods::Enabled(at)) => tracing::info!(
+                mount = %at.display(),
+                "turned on the cgroup2 option favordynmods (cgroup_favordynmods in the config)"
+            ),
+            Ok(sandbox::cgroup::Favordynmods::AlreadyOn) => {}
+            Ok(sandbox::cgroup::Favordynmods::NoCgroup2) => tracing::warn!(
+                "no cgroup2 mount to set favordynmods on: each step start may wait for an RCU grace period"
+            ),
+            Err(err) => tracing::warn!(
+                error = %err,
+                "could not turn on favordynmods: each step start may wait for an RCU grace period"
+            ),
+        }
+    }
     // Re-executing /proc/self/exe runs this daemon's own binary even after the
     // file on disk is replaced by an upgrade, so steps never run a newer init
     // that speaks another protocol.

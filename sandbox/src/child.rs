@@ -65,11 +65,9 @@ pub(crate) fn sandbox_init(plan: &Plan, err: OwnedFd, sync: OwnedFd, notify: Own
 }
 
 fn pid1(plan: &Plan, err: &OwnedFd, sync: OwnedFd, notify: &OwnedFd) -> Result<Report, Failure> {
-    // The control pipe (0) and the status pipe (3) are the supervisor's alone: the step must
-    // neither see cancel requests nor forge an outcome.
-    for fd in [0, 3] {
-        let _ = nix::unistd::close(fd);
-    }
+    // The control socket (0) is the supervisor's alone: the step must neither see cancel
+    // requests nor forge an outcome.
+    let _ = nix::unistd::close(0);
     // A session of our own, without a controlling terminal: the daemon's terminal (if it
     // has one) must not be reachable as /dev/tty (TIOCSTI, job-control signals).
     nix::unistd::setsid().layer("dev", "setsid (dropping the controlling terminal)")?;
@@ -557,6 +555,12 @@ fn step(plan: &Plan, err: &OwnedFd, notify: &OwnedFd) -> Result<std::convert::In
         "handing the notification listener to the supervisor",
     )?;
     drop(listener);
+    protocol::send(
+        err,
+        &Report::Execing {
+            monotonic_ns: crate::monotonic_now_ns(),
+        },
+    );
     exec(plan, err)
 }
 

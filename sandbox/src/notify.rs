@@ -1,6 +1,6 @@
 //! Denial counting, in the supervisor: the step installs its seccomp filter with a
 //! notification listener and hands the listener over a socketpair (SCM_RIGHTS) before it
-//! execs; the supervisor polls it with the pidfd and the control pipe, answers every denied
+//! execs; the supervisor polls it with the pidfd and the control socket, answers every denied
 //! syscall with EPERM and counts it per syscall name. The step keeps no copy of the
 //! listener, so nothing in the sandbox can answer a notification itself.
 

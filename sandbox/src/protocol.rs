@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use crate::seccomp::CompiledPolicy;
 use crate::StepSpec;
 
-/// What the daemon sends the supervisor on the control pipe (one JSON line): the spec and
+/// What the daemon sends the supervisor on the control socket (one JSON line): the spec and
 /// the seccomp program the daemon compiled once at start-up, so no step compiles it.
 #[derive(Debug, Deserialize)]
 pub(crate) struct ControlMessage {
@@ -40,6 +40,9 @@ pub(crate) fn control_message(
 pub(crate) enum Report {
     /// A layer could not be set up.
     Setup { layer: String, message: String },
+    /// The step is about to execve (CLOCK_MONOTONIC, ns): the end of the sandbox's
+    /// start-up, for the daemon's step-start latency.
+    Execing { monotonic_ns: u64 },
     /// execve failed.
     Exec { errno: i32, message: String },
     /// pid 1 saw the step exit with this code.

@@ -286,8 +286,8 @@ impl CompiledPolicy {
         self.program.iter().map(encode).collect()
     }
 
-    /// Rebuilds a program received on the control pipe, checking only its shape (the
-    /// daemon compiled it; the control pipe is root-to-root).
+    /// Rebuilds a program received on the control socket, checking only its shape (the
+    /// daemon compiled it; the control socket is root-to-root).
     pub(crate) fn decode(words: &[u64]) -> Result<Self, String> {
         if words.is_empty() || words.len() > BPF_MAXINSNS {
             return Err(format!(

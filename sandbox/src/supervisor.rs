@@ -1,6 +1,6 @@
 //! The supervisor: the re-executed, single-threaded Kiln process that stays in the host
 //! namespaces (out of the step's reach), prepares the sandbox, clones its pid 1, enforces the
-//! timeout and cancellation, and reports the outcome on fd 3.
+//! timeout and cancellation, and reports the outcome on its control socket (stdin).
 
 use std::ffi::CString;
 use std::io::Write;
@@ -27,7 +27,7 @@ use crate::seccomp::CompiledPolicy;
 use crate::sys::{self, Cloned};
 use crate::{RootEntry, StepOutcome, StepSpec, StepStatus};
 
-/// The largest spec accepted on the control pipe.
+/// The largest spec accepted on the control socket.
 const MAX_SPEC_BYTES: usize = 64 << 20;
 
 /// A failed setup step: the layer it belongs to and what happened.
@@ -91,20 +91,21 @@ pub(crate) struct Plan {
 pub(crate) fn run() -> i32 {
     // A panic message would land in the step's stderr log; the outcome report says enough.
     std::panic::set_hook(Box::new(|_| {}));
-    let Some(status_pipe) = sys::take_inherited_fd(3) else {
+    // stdin is the control socket: the spec and cancel come in, the outcome goes out.
+    let Some(control) = sys::take_inherited_fd(0) else {
         return 2;
     };
-    let outcome = match sys::take_inherited_fd(0) {
-        Some(control) => supervise(&control),
-        None => setup_failed(fail("spec", "no control pipe on stdin"), 0),
-    };
+    let outcome = supervise(&control);
     let mut report = match serde_json::to_vec(&outcome) {
         Ok(r) => r,
         Err(_) => return 3,
     };
     report.push(b'\n');
-    let mut f = std::fs::File::from(status_pipe);
-    if f.write_all(&report).is_err() {
+    // Unread bytes (a cancel) would make closing the socket reset the connection, and the
+    // daemon would read an error instead of the outcome: drain them first.
+    drain_nonblocking(&control);
+    let mut socket = std::fs::File::from(control);
+    if socket.write_all(&report).is_err() {
         return 4;
     }
     0
@@ -119,6 +120,7 @@ fn setup_failed(f: Failure, duration_ms: u64) -> StepOutcome {
         duration_ms,
         usage: Default::default(),
         seccomp_denials: Default::default(),
+        exec_monotonic_ns: None,
     }
 }
 
@@ -128,18 +130,27 @@ fn millis(d: Duration) -> u64 {
 
 /// Reads the control message line; `true` when more bytes followed it (a cancel already
 /// arrived).
+fn drain_nonblocking(fd: &OwnedFd) {
+    if nix::fcntl::fcntl(fd.as_fd(), nix::fcntl::FcntlArg::F_SETFL(OFlag::O_NONBLOCK)).is_err() {
+        return;
+    }
+    let mut chunk = [0u8; 256];
+    while let Ok(1..) = nix::unistd::read(fd.as_fd(), &mut chunk) {}
+    let _ = nix::fcntl::fcntl(fd.as_fd(), nix::fcntl::FcntlArg::F_SETFL(OFlag::empty()));
+}
+
 fn read_spec(control: &OwnedFd) -> Result<(ControlMessage, bool), Failure> {
     let mut buf = Vec::with_capacity(8192);
     let mut chunk = [0u8; 16384];
     loop {
         let n = match nix::unistd::read(control.as_fd(), &mut chunk) {
             Err(Errno::EINTR) => continue,
-            r => r.layer("spec", "reading the control pipe")?,
+            r => r.layer("spec", "reading the control socket")?,
         };
         if n == 0 {
             return Err(fail(
                 "spec",
-                "control pipe closed before the spec was complete",
+                "control socket closed before the spec was complete",
             ));
         }
         let start = buf.len();
@@ -337,6 +348,7 @@ fn supervise(control: &OwnedFd) -> StepOutcome {
             duration_ms: 0,
             usage: Default::default(),
             seccomp_denials: Default::default(),
+            exec_monotonic_ns: None,
         };
     }
     if let Err(e) = crate::validate(&spec) {
@@ -475,15 +487,20 @@ fn launch(plan: &Plan, control: &OwnedFd, cgroup: &mut StepCgroup) -> Result<Ste
     let reports = protocol::parse(&bytes);
     // Every process of the sandbox is gone: the counters are final.
     let usage = cgroup.usage();
+    let exec_monotonic_ns = reports.iter().find_map(|r| match r {
+        Report::Execing { monotonic_ns } => Some(*monotonic_ns),
+        _ => None,
+    });
     Ok(StepOutcome {
         status: decide(&reports, ended, status, usage.oom_killed),
         duration_ms,
         usage,
         seccomp_denials: denials.into_counts(),
+        exec_monotonic_ns,
     })
 }
 
-/// Waits for pid 1 to exit, the deadline, or anything on the control pipe (cancel), while
+/// Waits for pid 1 to exit, the deadline, or anything on the control socket (cancel), while
 /// answering (and counting) the step's seccomp denials.
 fn wait_for_end(
     pidfd: &OwnedFd,
@@ -534,7 +551,7 @@ fn wait_for_end(
             return Ended::Exited;
         }
         if fds[1].is_some_and(|r| !r.is_empty()) {
-            // A byte, EOF or an error on the control pipe all mean "cancel".
+            // A byte, EOF or an error on the control socket all mean "cancel".
             return Ended::Cancelled;
         }
     }

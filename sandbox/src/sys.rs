@@ -3,10 +3,7 @@
 //! and exec.
 
 use std::ffi::CStr;
-use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::process::CommandExt;
-use std::process::Command;
 
 use nix::errno::Errno;
 use nix::unistd::{ForkResult, Pid};
@@ -44,8 +41,7 @@ fn owned_fd(ret: libc::c_long) -> Result<OwnedFd, Errno> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-/// Takes ownership of an fd inherited at exec (the control pipe on 0, the status pipe on 3),
-/// if it is open.
+/// Takes ownership of an fd inherited at exec (the control socket on 0), if it is open.
 pub(crate) fn take_inherited_fd(fd: RawFd) -> Option<OwnedFd> {
     // SAFETY: F_GETFD only queries the descriptor table.
     if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
@@ -218,30 +214,6 @@ pub(crate) fn landlock_abi_version() -> i32 {
         )
     };
     i32::try_from(v).unwrap_or(-1)
-}
-
-/// Makes `fd` the child's fd 3 at exec. `fd` must not be 0..=3 (callers dup it above 9).
-pub(crate) fn pass_as_fd3(cmd: &mut Command, fd: RawFd) {
-    let hook = move || {
-        // SAFETY: dup2 is async-signal-safe and touches no memory; `fd` is open in the child
-        // (it is a copy of the parent's table) and is not 3, so dup2 clears CLOEXEC on 3.
-        if unsafe { libc::dup2(fd, 3) } < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(())
-    };
-    // SAFETY: the hook runs between fork and exec in the daemon's child and only calls the
-    // async-signal-safe dup2: no allocation, no locks, no panics.
-    unsafe {
-        cmd.pre_exec(hook);
-    }
-}
-
-/// A CLOEXEC duplicate of `fd` numbered `min` or above.
-pub(crate) fn dup_cloexec_above(fd: &OwnedFd, min: RawFd) -> Result<OwnedFd, Errno> {
-    // SAFETY: F_DUPFD_CLOEXEC only creates a new descriptor.
-    let ret = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, min) };
-    owned_fd(libc::c_long::from(ret))
 }
 
 /// Restores every signal (1..=64, real-time ones included) to its default action and
