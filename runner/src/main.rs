@@ -19,6 +19,7 @@ mod netpolicy;
 mod proxy;
 mod server;
 mod service;
+mod signer;
 mod spec;
 mod verify;
 
@@ -119,7 +120,7 @@ enum Command {
     },
     /// Cancel a queued or running job; every process of its running step is killed.
     Cancel { job_id: String },
-    /// The runner's signing key.
+    /// The runner's signing keys: create, rotate, export.
     Keys {
         #[command(subcommand)]
         command: KeysCommand,
@@ -175,17 +176,36 @@ enum Command {
 
 #[derive(Subcommand)]
 enum KeysCommand {
-    /// Print the runner's public key.
+    /// Print the runner's public key (asks the daemon).
     Public {
         #[arg(long, value_enum, default_value = "pem")]
         format: KeyFormat,
+    },
+    /// Create the key ring in the state directory if it has none; print the current key id.
+    Generate {
+        /// State directory of the daemon.
+        #[arg(long, default_value = config::DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+    },
+    /// Replace the current key by a new one; the old public key stays in the
+    /// ring with its window closed, its private key is deleted. A running
+    /// daemon signs with the new key from its next signature on.
+    Rotate {
+        /// State directory of the daemon.
+        #[arg(long, default_value = config::DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
     },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
 enum KeyFormat {
+    /// The current key, SPKI PEM.
     Pem,
+    /// The current key as in-toto layouts embed it.
     Securesystemslib,
+    /// Every key the runner signed with and its validity window (JSON), for
+    /// `kiln verify --provenance --key`.
+    Ring,
 }
 
 #[derive(Subcommand)]
@@ -372,9 +392,19 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             match format {
                 KeyFormat::Pem => print!("{}", key.pem),
                 KeyFormat::Securesystemslib => println!("{}", key.securesystemslib_json),
+                KeyFormat::Ring if key.keyring_json.is_empty() => {
+                    anyhow::bail!("the daemon sent no key ring (it predates key rings)")
+                }
+                KeyFormat::Ring => print!("{}", key.keyring_json),
             }
             Ok(0)
         }
+        Command::Keys {
+            command: KeysCommand::Generate { state_dir },
+        } => keys_generate(&state_dir),
+        Command::Keys {
+            command: KeysCommand::Rotate { state_dir },
+        } => keys_rotate(&state_dir),
         Command::Verify {
             layout,
             layout_keys,
@@ -444,6 +474,48 @@ fn describe_error(err: &anyhow::Error) -> String {
         }
         None => format!("{err:#}"),
     }
+}
+
+/// `kiln keys generate`: the key id on stdout, what happened on stderr.
+fn keys_generate(state_dir: &Path) -> anyhow::Result<i32> {
+    use signer::RingOrigin;
+    // The daemon makes the state directory traversable (0711) when it starts.
+    std::fs::create_dir_all(state_dir)
+        .with_context(|| format!("creating {}", state_dir.display()))?;
+    let dir = state_dir.join("keys");
+    let (ring, origin) =
+        signer::open_ring(&dir, true).with_context(|| format!("key ring in {}", dir.display()))?;
+    let keyid = &ring.public().current;
+    match origin {
+        RingOrigin::Created => eprintln!("created a key ring in {}", dir.display()),
+        RingOrigin::Migrated => eprintln!(
+            "moved {} into a key ring in {}, keeping its key id",
+            signer::LEGACY_KEY_FILE,
+            dir.display()
+        ),
+        RingOrigin::Existing => eprintln!(
+            "a key ring already exists in {}; nothing changed",
+            dir.display()
+        ),
+    }
+    println!("{keyid}");
+    Ok(0)
+}
+
+/// `kiln keys rotate`: the new key id on stdout.
+fn keys_rotate(state_dir: &Path) -> anyhow::Result<i32> {
+    let dir = state_dir.join("keys");
+    let (mut ring, _) =
+        signer::open_ring(&dir, false).with_context(|| format!("key ring in {}", dir.display()))?;
+    let old = ring.public().current.clone();
+    ring.rotate()
+        .with_context(|| format!("rotating the key ring in {}", dir.display()))?;
+    let new = &ring.public().current;
+    eprintln!(
+        "retired key {old} (its window is closed, its private key deleted); signing key is now {new}"
+    );
+    println!("{new}");
+    Ok(0)
 }
 
 fn absolute(path: &Path) -> anyhow::Result<PathBuf> {
