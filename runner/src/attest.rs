@@ -1,7 +1,7 @@
 //! SLSA v1 provenance for a finished job: the outputs as subjects, the job spec
 //! as submitted as external parameters, the image and inputs as resolved
 //! dependencies, the step links as byproducts; signed as a DSSE envelope with
-//! the runner key.
+//! the runner key. And the two forms of a step's link, signed by one key.
 
 use std::collections::BTreeMap;
 
@@ -94,6 +94,23 @@ pub fn job_provenance(
             .collect(),
     };
     Ok(Some(input.sign(&current.key)?))
+}
+
+/// A step's link in both forms, signed by the same (current) key.
+pub struct SignedLink {
+    /// `<step>.<first 8 hex of keyid>.link`: in-toto looks both forms up by it.
+    pub file_name: String,
+    pub metablock: Vec<u8>,
+    pub dsse: Vec<u8>,
+}
+
+pub fn sign_link(link: &provenance::Link, signer: &Signer) -> Result<SignedLink> {
+    let key = signer.current()?.key;
+    Ok(SignedLink {
+        file_name: provenance::link::link_file_name(&link.name, &key.keyid()),
+        metablock: link.sign(&key)?,
+        dsse: link.sign_dsse(&key)?,
+    })
 }
 
 #[cfg(test)]

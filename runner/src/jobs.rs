@@ -824,13 +824,10 @@ impl Runner {
             byproducts,
             environment,
         };
-        // The ring's current key, reopened if `kiln keys rotate` changed it.
-        let key = self.key.current().map_err(RunnerError::from)?.key;
-        let bytes =
-            provenance::link::sign_metablock(&link.to_signed(), &key).map_err(RunnerError::from)?;
-        let digest = self.cas.put_bytes(&bytes)?;
-        result.link_name = provenance::link::link_file_name(&step.name, &key.keyid());
-        result.link_digest = digest;
+        let signed = crate::attest::sign_link(&link, &self.key)?;
+        result.link_digest = self.cas.put_bytes(&signed.metablock)?;
+        result.link_dsse_digest = self.cas.put_bytes(&signed.dsse)?;
+        result.link_name = signed.file_name;
         Ok(result)
     }
 

@@ -82,6 +82,9 @@ enum Command {
         /// Where to write the step's signed link.
         #[arg(long)]
         attest_dir: Option<PathBuf>,
+        /// Form of the link files written to --attest-dir.
+        #[arg(long, value_enum, default_value = "metablock")]
+        link_format: LinkFormat,
         /// Where to write the outputs.
         #[arg(long)]
         out: Option<PathBuf>,
@@ -105,6 +108,9 @@ enum Command {
         job_file: PathBuf,
         #[arg(long)]
         attest_dir: Option<PathBuf>,
+        /// Form of the link files written to --attest-dir.
+        #[arg(long, value_enum, default_value = "metablock")]
+        link_format: LinkFormat,
         #[arg(long)]
         out: Option<PathBuf>,
         /// Print the job id and return at once instead of following the job.
@@ -208,6 +214,15 @@ enum KeyFormat {
     Ring,
 }
 
+/// How `--attest-dir` writes each step's link (same file name either way).
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LinkFormat {
+    /// An in-toto metablock (`signed` + `signatures`).
+    Metablock,
+    /// A DSSE envelope (payloadType application/vnd.in-toto+json).
+    Dsse,
+}
+
 #[derive(Subcommand)]
 enum ImageCommand {
     /// Build an image from a recipe directory (e.g. images/busybox).
@@ -286,6 +301,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             step,
             env,
             attest_dir,
+            link_format,
             out,
             memory,
             pids,
@@ -340,6 +356,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                 spec,
                 &locals,
                 attest_dir.as_deref(),
+                link_format,
                 out.as_deref(),
                 false,
             )
@@ -348,6 +365,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Submit {
             job_file,
             attest_dir,
+            link_format,
             out,
             detach,
         } => {
@@ -363,6 +381,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                 spec,
                 &locals,
                 attest_dir.as_deref(),
+                link_format,
                 out.as_deref(),
                 true,
             )
@@ -532,6 +551,7 @@ async fn run_job(
     spec: JobSpec,
     locals: &[client::LocalInput],
     attest_dir: Option<&Path>,
+    link_format: LinkFormat,
     out: Option<&Path>,
     print_summary: bool,
 ) -> anyhow::Result<i32> {
@@ -540,7 +560,7 @@ async fn run_job(
     let job_id = client.submit(spec).await?;
     let job = client.follow(&job_id, false).await?;
     if let Some(dir) = attest_dir {
-        client.download_links(&job_id, dir).await?;
+        client.download_links(&job_id, dir, link_format).await?;
         client.download_provenance(&job, dir).await?;
     }
     if let Some(dir) = out {

@@ -284,11 +284,18 @@ impl Attestations for Service {
                     continue;
                 }
                 let content = runner.cas.read_all(&step.link_digest)?;
+                let dsse_content = if step.link_dsse_digest.is_empty() {
+                    Vec::new()
+                } else {
+                    runner.cas.read_all(&step.link_dsse_digest)?
+                };
                 links.push(Link {
                     step: step.name,
                     file_name: step.link_name,
                     digest: step.link_digest,
                     content,
+                    dsse_content,
+                    dsse_digest: step.link_dsse_digest,
                 });
             }
             Ok(links)
