@@ -632,7 +632,13 @@ fn queued_jobs_survive_a_restart_and_sigterm_drains() {
     assert!(out.status.success(), "{}", describe(&out));
     assert_eq!(text(&out.stdout), "second\n");
     assert!(daemon.state.join("kiln.db").is_file());
-    let key = daemon.state.join("keys/runner.pem");
+    // The ring's current private key, keys/<keyid>.pem.
+    let ring: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(daemon.state.join("keys/keyring.json")).unwrap())
+            .unwrap();
+    let key = daemon
+        .state
+        .join(format!("keys/{}.pem", ring["current"].as_str().unwrap()));
     let mode = std::fs::metadata(&key).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600, "signing key mode {mode:o}");
 }

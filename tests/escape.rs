@@ -301,7 +301,14 @@ fn read_the_signing_key() {
     let Some(mut lab) = Lab::start("read_the_signing_key", "") else {
         return;
     };
-    let key = lab.daemon.state.join("keys/runner.pem");
+    // The ring's current private key, keys/<keyid>.pem.
+    let ring: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(lab.daemon.state.join("keys/keyring.json")).unwrap())
+            .unwrap();
+    let key = lab
+        .daemon
+        .state
+        .join(format!("keys/{}.pem", ring["current"].as_str().unwrap()));
     let pem = std::fs::read_to_string(&key).unwrap();
     let body = pem.lines().nth(1).unwrap().to_string();
     lab.contained(&[

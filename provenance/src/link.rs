@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 
 use serde_json::{json, Map, Value};
 
+use crate::dsse::{sign_envelope, IN_TOTO_PAYLOAD_TYPE};
 use crate::keys::SigningKey;
 use crate::{cjson, ProvenanceError};
 
@@ -120,6 +121,22 @@ impl Link {
     pub fn sign(&self, key: &SigningKey) -> Result<Vec<u8>, ProvenanceError> {
         sign_metablock(&self.to_signed(), key)
     }
+
+    /// Sign as a DSSE envelope with `key`; returns the file bytes.
+    ///
+    /// in-toto 3.1 loads a link file holding `payload` and payloadType
+    /// `application/vnd.in-toto+json` as an envelope and reads the payload
+    /// with `json.loads` into its Link model, so the payload is the same
+    /// `signed` object in ordinary JSON (control characters escaped, which
+    /// `json.loads` requires); the signature covers the payload bytes as sent
+    /// (PAE), so no canonical form is involved.
+    pub fn sign_dsse(&self, key: &SigningKey) -> Result<Vec<u8>, ProvenanceError> {
+        let payload = serde_json::to_vec(&self.to_signed())?;
+        let envelope = sign_envelope(IN_TOTO_PAYLOAD_TYPE, &payload, key);
+        let mut bytes = serde_json::to_vec_pretty(&envelope)?;
+        bytes.push(b'\n');
+        Ok(bytes)
+    }
 }
 
 /// `{"signatures":[{"keyid":..,"sig":hex}],"signed":..}` with the signature
@@ -193,6 +210,24 @@ mod tests {
         let canon = cjson::to_canonical(&v["signed"]).unwrap();
         assert!(k.public_key().verify(&canon, &sig));
         assert_eq!(Link::from_signed(&v["signed"]).unwrap().name, "compile");
+    }
+
+    #[test]
+    fn dsse_envelope_carries_the_signed_link_and_keyid() {
+        let k = SigningKey::generate();
+        let bytes = sample().sign_dsse(&k).unwrap();
+        // Readable by Python's json (no raw control characters).
+        assert!(!bytes.contains(&1u8));
+        let env: Value = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(env["payloadType"], IN_TOTO_PAYLOAD_TYPE);
+        assert_eq!(env["signatures"][0]["keyid"], k.keyid());
+        let verified = crate::dsse::verify_envelope(&env, &[k.public_key()]).unwrap();
+        assert_eq!(verified.signed_by, vec![k.keyid()]);
+        let payload: Value = serde_json::from_slice(&verified.payload).unwrap();
+        assert_eq!(payload, sample().to_signed());
+        assert!(
+            crate::dsse::verify_envelope(&env, &[SigningKey::generate().public_key()]).is_err()
+        );
     }
 
     #[test]

@@ -20,6 +20,8 @@ use hyper_util::rt::TokioIo;
 use sha2::{Digest, Sha256};
 use tonic::transport::{Channel, Endpoint, Uri};
 
+use crate::LinkFormat;
+
 pub const EXIT_KILN_ERROR: i32 = 125;
 
 #[derive(Clone)]
@@ -159,8 +161,13 @@ impl Client {
         Ok(data)
     }
 
-    /// Writes the job's links into `dir`, named as in-toto expects.
-    pub async fn download_links(&self, job_id: &str, dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    /// Writes the job's links into `dir` in `format`, named as in-toto expects.
+    pub async fn download_links(
+        &self,
+        job_id: &str,
+        dir: &Path,
+        format: LinkFormat,
+    ) -> anyhow::Result<Vec<PathBuf>> {
         fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let links = self
             .attestations()
@@ -179,12 +186,19 @@ impl Client {
                     link.file_name
                 );
             }
-            if hex::encode(Sha256::digest(&link.content)) != link.digest {
+            let (content, digest) = match format {
+                LinkFormat::Metablock => (&link.content, &link.digest),
+                LinkFormat::Dsse if link.dsse_digest.is_empty() => bail!(
+                    "link {} has no DSSE form (the step was recorded before the daemon wrote envelopes); use --link-format metablock",
+                    link.file_name
+                ),
+                LinkFormat::Dsse => (&link.dsse_content, &link.dsse_digest),
+            };
+            if hex::encode(Sha256::digest(content)) != *digest {
                 bail!("link {} does not match its digest", link.file_name);
             }
             let path = dir.join(name);
-            fs::write(&path, &link.content)
-                .with_context(|| format!("writing {}", path.display()))?;
+            fs::write(&path, content).with_context(|| format!("writing {}", path.display()))?;
             written.push(path);
         }
         Ok(written)
@@ -400,6 +414,7 @@ pub fn job_json(job: &Job) -> serde_json::Value {
             "duration_ms": s.duration_ms,
             "link_name": s.link_name,
             "link_digest": s.link_digest,
+            "link_dsse_digest": s.link_dsse_digest,
             "cpu_time_ms": s.cpu_time_ms,
             "peak_memory_bytes": s.peak_memory_bytes,
             "limit_reason": s.limit_reason,

@@ -101,7 +101,9 @@ pub async fn run(keep: bool) -> anyhow::Result<i32> {
 
     let links = root.join("links");
     let out = root.join("out");
-    let written = client.download_links(&job_id, &links).await?;
+    let written = client
+        .download_links(&job_id, &links, crate::LinkFormat::Metablock)
+        .await?;
     let provenance = client.download_provenance(&job, &links).await?;
     client.download_outputs(&job, &out).await?;
     let greeting = std::fs::read_to_string(out.join("greeting.txt"))?;

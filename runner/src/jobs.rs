@@ -17,7 +17,6 @@ use agent_proto::v1::{
     job_event, Job, JobEvent, JobSpec, JobState, OutputFile, OutputStream, StepOutput, StepResult,
     StepStarted, StepState,
 };
-use provenance::keys::SigningKey;
 use sandbox::{Canceller, HostSupport, Sandbox, StepSpec, StepStatus};
 use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, watch, Semaphore};
@@ -27,6 +26,7 @@ use crate::config::Config;
 use crate::db::Database;
 use crate::error::{Result, RunnerError};
 use crate::images::{Images, ResolvedImage, BUILD_UID};
+use crate::signer::Signer;
 
 pub const RUNNER_VERSION: &str = env!("CARGO_PKG_VERSION");
 const EVENT_CHUNK: usize = 32 * 1024;
@@ -82,7 +82,7 @@ pub struct Runner {
     pub db: Database,
     pub cas: ContentStore,
     pub images: Images,
-    pub key: SigningKey,
+    pub key: Signer,
     sandbox: Sandbox,
     host: HostSupport,
     handles: Mutex<HashMap<String, Arc<JobHandle>>>,
@@ -100,7 +100,7 @@ impl Runner {
         db: Database,
         cas: ContentStore,
         images: Images,
-        key: SigningKey,
+        key: Signer,
         sandbox: Sandbox,
         host: HostSupport,
     ) -> Result<(Arc<Self>, mpsc::UnboundedReceiver<String>)> {
@@ -837,11 +837,10 @@ impl Runner {
             byproducts,
             environment,
         };
-        let bytes = provenance::link::sign_metablock(&link.to_signed(), &self.key)
-            .map_err(RunnerError::from)?;
-        let digest = self.cas.put_bytes(&bytes)?;
-        result.link_name = provenance::link::link_file_name(&step.name, &self.key.keyid());
-        result.link_digest = digest;
+        let signed = crate::attest::sign_link(&link, &self.key)?;
+        result.link_digest = self.cas.put_bytes(&signed.metablock)?;
+        result.link_dsse_digest = self.cas.put_bytes(&signed.dsse)?;
+        result.link_name = signed.file_name;
         Ok(result)
     }
 

@@ -19,6 +19,7 @@ mod netpolicy;
 mod proxy;
 mod server;
 mod service;
+mod signer;
 mod spec;
 mod verify;
 
@@ -81,6 +82,9 @@ enum Command {
         /// Where to write the step's signed link.
         #[arg(long)]
         attest_dir: Option<PathBuf>,
+        /// Form of the link files written to --attest-dir.
+        #[arg(long, value_enum, default_value = "metablock")]
+        link_format: LinkFormat,
         /// Where to write the outputs.
         #[arg(long)]
         out: Option<PathBuf>,
@@ -104,6 +108,9 @@ enum Command {
         job_file: PathBuf,
         #[arg(long)]
         attest_dir: Option<PathBuf>,
+        /// Form of the link files written to --attest-dir.
+        #[arg(long, value_enum, default_value = "metablock")]
+        link_format: LinkFormat,
         #[arg(long)]
         out: Option<PathBuf>,
         /// Print the job id and return at once instead of following the job.
@@ -119,7 +126,7 @@ enum Command {
     },
     /// Cancel a queued or running job; every process of its running step is killed.
     Cancel { job_id: String },
-    /// The runner's signing key.
+    /// The runner's signing keys: create, rotate, export.
     Keys {
         #[command(subcommand)]
         command: KeysCommand,
@@ -175,17 +182,45 @@ enum Command {
 
 #[derive(Subcommand)]
 enum KeysCommand {
-    /// Print the runner's public key.
+    /// Print the runner's public key (asks the daemon).
     Public {
         #[arg(long, value_enum, default_value = "pem")]
         format: KeyFormat,
+    },
+    /// Create the key ring in the state directory if it has none; print the current key id.
+    Generate {
+        /// State directory of the daemon.
+        #[arg(long, default_value = config::DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+    },
+    /// Replace the current key by a new one; the old public key stays in the
+    /// ring with its window closed, its private key is deleted. A running
+    /// daemon signs with the new key from its next signature on.
+    Rotate {
+        /// State directory of the daemon.
+        #[arg(long, default_value = config::DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
     },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
 enum KeyFormat {
+    /// The current key, SPKI PEM.
     Pem,
+    /// The current key as in-toto layouts embed it.
     Securesystemslib,
+    /// Every key the runner signed with and its validity window (JSON), for
+    /// `kiln verify --provenance --key`.
+    Ring,
+}
+
+/// How `--attest-dir` writes each step's link (same file name either way).
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LinkFormat {
+    /// An in-toto metablock (`signed` + `signatures`).
+    Metablock,
+    /// A DSSE envelope (payloadType application/vnd.in-toto+json).
+    Dsse,
 }
 
 #[derive(Subcommand)]
@@ -268,6 +303,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             step,
             env,
             attest_dir,
+            link_format,
             out,
             memory,
             pids,
@@ -322,6 +358,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                 spec,
                 &locals,
                 attest_dir.as_deref(),
+                link_format,
                 out.as_deref(),
                 false,
             )
@@ -330,6 +367,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Submit {
             job_file,
             attest_dir,
+            link_format,
             out,
             detach,
         } => {
@@ -345,6 +383,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                 spec,
                 &locals,
                 attest_dir.as_deref(),
+                link_format,
                 out.as_deref(),
                 true,
             )
@@ -374,9 +413,19 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             match format {
                 KeyFormat::Pem => print!("{}", key.pem),
                 KeyFormat::Securesystemslib => println!("{}", key.securesystemslib_json),
+                KeyFormat::Ring if key.keyring_json.is_empty() => {
+                    anyhow::bail!("the daemon sent no key ring (it predates key rings)")
+                }
+                KeyFormat::Ring => print!("{}", key.keyring_json),
             }
             Ok(0)
         }
+        Command::Keys {
+            command: KeysCommand::Generate { state_dir },
+        } => keys_generate(&state_dir),
+        Command::Keys {
+            command: KeysCommand::Rotate { state_dir },
+        } => keys_rotate(&state_dir),
         Command::Verify {
             layout,
             layout_keys,
@@ -448,6 +497,48 @@ fn describe_error(err: &anyhow::Error) -> String {
     }
 }
 
+/// `kiln keys generate`: the key id on stdout, what happened on stderr.
+fn keys_generate(state_dir: &Path) -> anyhow::Result<i32> {
+    use signer::RingOrigin;
+    // The daemon makes the state directory traversable (0711) when it starts.
+    std::fs::create_dir_all(state_dir)
+        .with_context(|| format!("creating {}", state_dir.display()))?;
+    let dir = state_dir.join("keys");
+    let (ring, origin) =
+        signer::open_ring(&dir, true).with_context(|| format!("key ring in {}", dir.display()))?;
+    let keyid = &ring.public().current;
+    match origin {
+        RingOrigin::Created => eprintln!("created a key ring in {}", dir.display()),
+        RingOrigin::Migrated => eprintln!(
+            "moved {} into a key ring in {}, keeping its key id",
+            signer::LEGACY_KEY_FILE,
+            dir.display()
+        ),
+        RingOrigin::Existing => eprintln!(
+            "a key ring already exists in {}; nothing changed",
+            dir.display()
+        ),
+    }
+    println!("{keyid}");
+    Ok(0)
+}
+
+/// `kiln keys rotate`: the new key id on stdout.
+fn keys_rotate(state_dir: &Path) -> anyhow::Result<i32> {
+    let dir = state_dir.join("keys");
+    let (mut ring, _) =
+        signer::open_ring(&dir, false).with_context(|| format!("key ring in {}", dir.display()))?;
+    let old = ring.public().current.clone();
+    ring.rotate()
+        .with_context(|| format!("rotating the key ring in {}", dir.display()))?;
+    let new = &ring.public().current;
+    eprintln!(
+        "retired key {old} (its window is closed, its private key deleted); signing key is now {new}"
+    );
+    println!("{new}");
+    Ok(0)
+}
+
 fn absolute(path: &Path) -> anyhow::Result<PathBuf> {
     Ok(if path.is_absolute() {
         path.to_path_buf()
@@ -462,6 +553,7 @@ async fn run_job(
     spec: JobSpec,
     locals: &[client::LocalInput],
     attest_dir: Option<&Path>,
+    link_format: LinkFormat,
     out: Option<&Path>,
     print_summary: bool,
 ) -> anyhow::Result<i32> {
@@ -470,7 +562,7 @@ async fn run_job(
     let job_id = client.submit(spec).await?;
     let job = client.follow(&job_id, false).await?;
     if let Some(dir) = attest_dir {
-        client.download_links(&job_id, dir).await?;
+        client.download_links(&job_id, dir, link_format).await?;
         client.download_provenance(&job, dir).await?;
     }
     if let Some(dir) = out {

@@ -19,6 +19,7 @@ use crate::db::Database;
 use crate::images::Images;
 use crate::jobs::Runner;
 use crate::service::Service;
+use crate::signer::{RingOrigin, Signer};
 
 pub async fn serve(config: Config) -> anyhow::Result<()> {
     config.validate()?;
@@ -70,17 +71,24 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     // Traversable but not listable: sandbox bind sources live below it.
     fs::set_permissions(state, fs::Permissions::from_mode(0o711))?;
     let keys_dir = state.join("keys");
-    fs::create_dir_all(&keys_dir)?;
-    fs::set_permissions(&keys_dir, fs::Permissions::from_mode(0o700))?;
-    let key = provenance::keys::SigningKey::load_or_create(&keys_dir.join("runner.pem"))
-        .context("loading the signing key")?;
+    // The ring refuses key files another user owns or could read, naming the file.
+    let (key, origin) = Signer::open(&keys_dir)
+        .with_context(|| format!("opening the signing key ring in {}", keys_dir.display()))?;
+    let keyid = key.current().context("the signing key")?.key.keyid();
+    match origin {
+        RingOrigin::Created => tracing::info!(%keyid, "created a key ring"),
+        RingOrigin::Migrated => {
+            tracing::info!(%keyid, "moved keys/runner.pem into a key ring, keeping its key id")
+        }
+        RingOrigin::Existing => {}
+    }
     let db = Database::open(&state.join("kiln.db")).context("opening the job database")?;
     let cas = ContentStore::open(state.join("cas")).context("opening the content store")?;
     let images = Images::open(state).context("preparing images")?;
 
     let (runner, queue) = Runner::new(config.clone(), db, cas, images, key, sandbox, host.clone())?;
     tracing::info!(
-        keyid = %runner.key.keyid(),
+        %keyid,
         landlock_abi = host.landlock_abi,
         cgroup = %host.cgroup.mode,
         state_dir = %state.display(),

@@ -284,11 +284,18 @@ impl Attestations for Service {
                     continue;
                 }
                 let content = runner.cas.read_all(&step.link_digest)?;
+                let dsse_content = if step.link_dsse_digest.is_empty() {
+                    Vec::new()
+                } else {
+                    runner.cas.read_all(&step.link_dsse_digest)?
+                };
                 links.push(Link {
                     step: step.name,
                     file_name: step.link_name,
                     digest: step.link_digest,
                     content,
+                    dsse_content,
+                    dsse_digest: step.link_dsse_digest,
                 });
             }
             Ok(links)
@@ -324,13 +331,19 @@ impl Attestations for Service {
         &self,
         _request: Request<GetPublicKeyRequest>,
     ) -> Result<Response<PublicKey>, Status> {
-        let public = self.runner.key.public_key();
+        let runner = self.runner.clone();
+        // Both from one look at the ring, so the key is the ring's current one.
+        let (current, ring) = blocking(move || Ok(runner.key.current_and_ring()?)).await?;
+        let public = current.key.public_key();
         let json = serde_json::to_string(&public.to_securesystemslib())
             .map_err(|e| Status::internal(format!("encoding key: {e}")))?;
+        let keyring_json = String::from_utf8(ring.to_json_bytes())
+            .map_err(|e| Status::internal(format!("encoding key ring: {e}")))?;
         Ok(Response::new(PublicKey {
             keyid: public.keyid(),
             pem: public.to_spki_pem(),
             securesystemslib_json: json,
+            keyring_json,
         }))
     }
 }

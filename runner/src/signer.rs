@@ -1,0 +1,288 @@
+//! The daemon's signing key: the current key of the key ring in `<state>/keys/`.
+//!
+//! `kiln keys rotate` rewrites `keyring.json` while the daemon runs. Before
+//! every signature (link, provenance) and every GetPublicKey the [`Signer`]
+//! reads that small file and compares it with the bytes it loaded; when they
+//! differ it reopens the ring (all owner and mode checks again). A byte
+//! comparison, not mtime or inode, so neither a coarse timestamp nor a reused
+//! inode can hide a rotation. A ring that changed but cannot be opened fails
+//! the signature: the old key may be retired, so it is never used as a fallback.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
+
+use provenance::keyring::{fmt_time, KeyRing, PublicKeyRing, KEYRING_FILE};
+use provenance::keys::SigningKey;
+use provenance::ProvenanceError;
+use time::OffsetDateTime;
+
+/// The single key file of Kiln before key rings; imported once, then removed.
+pub const LEGACY_KEY_FILE: &str = "runner.pem";
+
+/// How [`open_ring`] found the ring.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RingOrigin {
+    Existing,
+    /// A fresh ring with a new key.
+    Created,
+    /// A ring made from a pre-ring `runner.pem`, keeping its key id.
+    Migrated,
+}
+
+/// Opens the ring in `dir`. Without `keyring.json`: imports a legacy
+/// `runner.pem` (then deletes it: the ring holds the key now, and a rotation
+/// must leave no copy of the retired private key), or else creates a fresh
+/// ring when `create`, or fails.
+pub fn open_ring(dir: &Path, create: bool) -> Result<(KeyRing, RingOrigin), ProvenanceError> {
+    let legacy = dir.join(LEGACY_KEY_FILE);
+    if exists(&dir.join(KEYRING_FILE)) {
+        let ring = KeyRing::open(dir)?;
+        remove_imported_legacy(&ring, &legacy)?;
+        return Ok((ring, RingOrigin::Existing));
+    }
+    if exists(&legacy) {
+        let key = SigningKey::load(&legacy)?;
+        let (ring, _) = KeyRing::import(dir, key)?;
+        remove_imported_legacy(&ring, &legacy)?;
+        return Ok((ring, RingOrigin::Migrated));
+    }
+    if !create {
+        return Err(ProvenanceError::Key(format!(
+            "{}: no key ring (create one with `kiln keys generate` or by starting the daemon)",
+            dir.display()
+        )));
+    }
+    let (ring, created) = KeyRing::generate(dir)?;
+    let origin = if created {
+        RingOrigin::Created
+    } else {
+        RingOrigin::Existing
+    };
+    Ok((ring, origin))
+}
+
+fn exists(path: &Path) -> bool {
+    fs::symlink_metadata(path).is_ok()
+}
+
+/// A `runner.pem` left next to a ring that lists its key (a migration that
+/// stopped before the delete) is a stale copy: delete it. One the ring does
+/// not list is not ours to judge, so it stays.
+fn remove_imported_legacy(ring: &KeyRing, legacy: &Path) -> Result<(), ProvenanceError> {
+    if !exists(legacy) {
+        return Ok(());
+    }
+    let Ok(key) = SigningKey::load(legacy) else {
+        return Ok(());
+    };
+    let id = key.keyid();
+    if ring.public().keys.iter().any(|k| k.keyid() == id) {
+        fs::remove_file(legacy).map_err(|source| ProvenanceError::Io {
+            path: legacy.to_path_buf(),
+            source,
+        })?;
+    }
+    Ok(())
+}
+
+/// The key to sign with now and the start of its validity window.
+#[derive(Debug, Clone)]
+pub struct CurrentKey {
+    pub key: SigningKey,
+    pub not_before: OffsetDateTime,
+}
+
+struct Loaded {
+    /// `keyring.json` as read before the ring was (re)opened.
+    ring_bytes: Vec<u8>,
+    public: PublicKeyRing,
+    current: CurrentKey,
+}
+
+impl Loaded {
+    fn from_ring(ring: &KeyRing, ring_bytes: Vec<u8>) -> Result<Self, ProvenanceError> {
+        let public = ring.public().clone();
+        let window = public.current_key().ok_or_else(|| {
+            ProvenanceError::Key(format!(
+                "the ring's current key {} is not listed",
+                public.current
+            ))
+        })?;
+        Ok(Loaded {
+            current: CurrentKey {
+                key: ring.signing_key().clone(),
+                not_before: window.not_before,
+            },
+            ring_bytes,
+            public,
+        })
+    }
+}
+
+/// The shared handle on the ring: signs with its current key, reopening it
+/// when `keyring.json` changed.
+pub struct Signer {
+    dir: PathBuf,
+    loaded: Mutex<Loaded>,
+}
+
+impl Signer {
+    /// Opens (creating or migrating, see [`open_ring`]) the ring in `dir`.
+    pub fn open(dir: &Path) -> Result<(Self, RingOrigin), ProvenanceError> {
+        let (ring, origin) = open_ring(dir, true)?;
+        let bytes = read_ring_file(dir)?;
+        let loaded = Loaded::from_ring(&ring, bytes)?;
+        Ok((
+            Signer {
+                dir: dir.to_path_buf(),
+                loaded: Mutex::new(loaded),
+            },
+            origin,
+        ))
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Loaded> {
+        // The state is replaced whole, never left half-written: a panic
+        // elsewhere cannot make it inconsistent.
+        self.loaded.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Reopens the ring if `keyring.json` changed since it was loaded.
+    fn refreshed(&self) -> Result<MutexGuard<'_, Loaded>, ProvenanceError> {
+        let bytes = read_ring_file(&self.dir)?;
+        let mut loaded = self.lock();
+        if bytes != loaded.ring_bytes {
+            // Compared with the bytes read before the open: a rotation racing
+            // with it only causes one more reopen on the next call.
+            let ring = KeyRing::open(&self.dir)?;
+            let fresh = Loaded::from_ring(&ring, bytes)?;
+            if fresh.public.current != loaded.public.current {
+                tracing::info!(
+                    old = %loaded.public.current,
+                    new = %fresh.public.current,
+                    "key ring changed: signing with its new current key"
+                );
+            }
+            *loaded = fresh;
+        }
+        Ok(loaded)
+    }
+
+    /// The key to sign with now. Never a key whose window does not contain
+    /// the present: a ring's current key has an open window (the ring file
+    /// refuses anything else), and one that starts in the future is refused.
+    pub fn current(&self) -> Result<CurrentKey, ProvenanceError> {
+        let loaded = self.refreshed()?;
+        self.check_window(&loaded)?;
+        Ok(loaded.current.clone())
+    }
+
+    /// [`Signer::current`] and every public key of the ring, from one look
+    /// at the ring.
+    pub fn current_and_ring(&self) -> Result<(CurrentKey, PublicKeyRing), ProvenanceError> {
+        let loaded = self.refreshed()?;
+        self.check_window(&loaded)?;
+        Ok((loaded.current.clone(), loaded.public.clone()))
+    }
+
+    fn check_window(&self, loaded: &Loaded) -> Result<(), ProvenanceError> {
+        let now = OffsetDateTime::now_utc();
+        if loaded.public.current_key().is_some_and(|k| k.valid_at(now)) {
+            return Ok(());
+        }
+        Err(ProvenanceError::Key(format!(
+            "{}: the current key {} is valid only from {} (is the clock behind?)",
+            self.dir.join(KEYRING_FILE).display(),
+            loaded.public.current,
+            fmt_time(loaded.current.not_before)
+        )))
+    }
+}
+
+fn read_ring_file(dir: &Path) -> Result<Vec<u8>, ProvenanceError> {
+    let path = dir.join(KEYRING_FILE);
+    fs::read(&path).map_err(|source| ProvenanceError::Io { path, source })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn keys_dir() -> (tempfile::TempDir, PathBuf) {
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path().join("keys");
+        (d, dir)
+    }
+
+    #[test]
+    fn picks_up_a_rotation_by_another_process() {
+        let (_d, dir) = keys_dir();
+        let (signer, origin) = Signer::open(&dir).unwrap();
+        assert_eq!(origin, RingOrigin::Created);
+        let first = signer.current().unwrap().key.keyid();
+        // What `kiln keys rotate` does, on its own handle.
+        let mut ring = KeyRing::open(&dir).unwrap();
+        ring.rotate().unwrap();
+        let second = signer.current().unwrap();
+        assert_ne!(second.key.keyid(), first);
+        assert_eq!(second.key.keyid(), ring.public().current);
+        let (_, public) = signer.current_and_ring().unwrap();
+        assert_eq!(public.keys.len(), 2);
+        assert!(public.keys[0].not_after.is_some());
+        assert_eq!(public.keys[1].not_before, second.not_before);
+        // Unchanged ring: the same key, no reopen needed.
+        assert_eq!(signer.current().unwrap().key.keyid(), second.key.keyid());
+    }
+
+    #[test]
+    fn a_changed_ring_that_cannot_be_opened_is_not_signed_around() {
+        let (_d, dir) = keys_dir();
+        let (signer, _) = Signer::open(&dir).unwrap();
+        let mut ring = KeyRing::open(&dir).unwrap();
+        ring.rotate().unwrap();
+        let key = dir.join(format!("{}.pem", ring.public().current));
+        fs::set_permissions(&key, fs::Permissions::from_mode(0o644)).unwrap();
+        let err = signer.current().unwrap_err().to_string();
+        assert!(
+            err.contains(&key.display().to_string()) && err.contains("0644"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn migrates_a_legacy_key_and_removes_it() {
+        let (_d, dir) = keys_dir();
+        fs::create_dir(&dir).unwrap();
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o700)).unwrap();
+        let legacy = SigningKey::load_or_create(&dir.join(LEGACY_KEY_FILE)).unwrap();
+        let (signer, origin) = Signer::open(&dir).unwrap();
+        assert_eq!(origin, RingOrigin::Migrated);
+        assert_eq!(signer.current().unwrap().key.keyid(), legacy.keyid());
+        assert!(!dir.join(LEGACY_KEY_FILE).exists());
+        let (_, origin) = open_ring(&dir, false).unwrap();
+        assert_eq!(origin, RingOrigin::Existing);
+    }
+
+    #[test]
+    fn a_loose_legacy_key_is_refused_by_name() {
+        let (_d, dir) = keys_dir();
+        fs::create_dir(&dir).unwrap();
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o700)).unwrap();
+        let path = dir.join(LEGACY_KEY_FILE);
+        SigningKey::load_or_create(&path).unwrap();
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
+        let err = Signer::open(&dir).err().unwrap().to_string();
+        assert!(err.contains(&path.display().to_string()), "{err}");
+        assert!(!dir.join(KEYRING_FILE).exists());
+    }
+
+    #[test]
+    fn without_create_a_missing_ring_is_an_error() {
+        let (_d, dir) = keys_dir();
+        assert!(open_ring(&dir, false).is_err());
+        assert!(!dir.exists());
+    }
+}

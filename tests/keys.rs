@@ -1,0 +1,513 @@
+//! Key lifecycle end to end: the daemon's key ring (creation, migration of a
+//! pre-ring `runner.pem`, rotation picked up by a running daemon, refusal of
+//! unsafe key files) and step links as DSSE envelopes checked by the reference
+//! `in-toto-verify`.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine;
+use serde_json::{json, Value};
+use support::*;
+
+const HELLO_C: &str =
+    "#include <stdio.h>\nint main(void) { printf(\"hello, kiln\\n\"); return 0; }\n";
+
+fn read_json(path: &Path) -> Value {
+    serde_json::from_slice(&std::fs::read(path).unwrap())
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// The key id the daemon signs with now, as GetPublicKey reports it.
+fn daemon_keyid(daemon: &Daemon) -> String {
+    let out = daemon.kiln(&["keys", "public", "--format", "securesystemslib"]);
+    assert!(out.status.success(), "{}", describe(&out));
+    let key: Value = serde_json::from_slice(&out.stdout).unwrap();
+    key["keyid"].as_str().unwrap().to_string()
+}
+
+/// The one file of `dir` whose name ends with `suffix`.
+fn only_file(dir: &Path, suffix: &str) -> PathBuf {
+    let found: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.to_str().unwrap().ends_with(suffix))
+        .collect();
+    assert_eq!(found.len(), 1, "{suffix} in {}: {found:?}", dir.display());
+    found.into_iter().next().unwrap()
+}
+
+/// Decoded payload and signature key ids of a DSSE envelope.
+fn open_envelope(envelope: &Value) -> (Value, Vec<String>) {
+    let payload = STANDARD
+        .decode(envelope["payload"].as_str().unwrap())
+        .unwrap();
+    let keyids = envelope["signatures"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["keyid"].as_str().unwrap().to_string())
+        .collect();
+    (serde_json::from_slice(&payload).unwrap(), keyids)
+}
+
+/// Starts `kiln serve` on the daemon's state directory and expects it to
+/// refuse to start; returns its stderr.
+fn serve_must_fail(daemon: &Daemon) -> String {
+    let mut child = Command::new(KILN)
+        .arg("--socket")
+        .arg(&daemon.socket)
+        .arg("serve")
+        .arg("--state-dir")
+        .arg(&daemon.state)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            let out = child.wait_with_output().unwrap();
+            assert!(!status.success(), "kiln serve exited 0");
+            return text(&out.stderr);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("kiln serve started although its key file is unsafe");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn current_keyid_on_disk(state: &Path) -> String {
+    read_json(&state.join("keys/keyring.json"))["current"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+fn mode(path: &Path) -> u32 {
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+}
+
+#[test]
+fn dsse_links_of_a_real_run_pass_in_toto_verify_and_a_tampered_payload_fails() {
+    let test = "dsse_links_of_a_real_run_pass_in_toto_verify_and_a_tampered_payload_fails";
+    if !require_root(test) {
+        return;
+    }
+    let daemon = Daemon::start();
+    std::fs::create_dir_all(daemon.path("src")).unwrap();
+    std::fs::write(daemon.path("src/hello.c"), HELLO_C).unwrap();
+    let out = daemon.kiln(&[
+        "run",
+        "--input",
+        "src/hello.c",
+        "--output",
+        "hello",
+        "--attest-dir",
+        "links",
+        "--link-format",
+        "dsse",
+        "--out",
+        "out",
+        "--",
+        "/bin/sh",
+        "-c",
+        "cc -O2 -o hello hello.c && ./hello",
+    ]);
+    assert!(out.status.success(), "{}\n{}", describe(&out), daemon.log());
+
+    let keyid = daemon_keyid(&daemon);
+    let links = daemon.path("links");
+    // The same file name as a metablock: in-toto finds links by it.
+    let link_path = only_file(&links, ".link");
+    assert_eq!(
+        link_path.file_name().unwrap().to_str().unwrap(),
+        format!("run.{}.link", &keyid[..8])
+    );
+    let envelope = read_json(&link_path);
+    assert_eq!(envelope["payloadType"], "application/vnd.in-toto+json");
+    assert!(envelope.get("signed").is_none(), "{envelope}");
+    let (payload, signers) = open_envelope(&envelope);
+    assert_eq!(signers, vec![keyid.clone()]);
+    assert_eq!(payload["_type"], "link");
+    assert_eq!(payload["name"], "run");
+    assert_eq!(payload["byproducts"]["stdout"], "hello, kiln\n");
+    assert!(payload["products"]["hello"]["sha256"].is_string());
+
+    let (Some(python), Some(verifier)) = (python(test), in_toto_verify(test)) else {
+        return;
+    };
+    let pem = daemon.kiln(&["keys", "public"]);
+    assert!(pem.status.success(), "{}", describe(&pem));
+    let runner_pub = daemon.path("runner.pub");
+    std::fs::write(&runner_pub, &pem.stdout).unwrap();
+    let (layout, owner) = make_layout(
+        &python,
+        daemon.dir.path(),
+        &runner_pub,
+        json!({
+            "steps": [{
+                "name": "run",
+                "expected_command": ["/bin/sh", "-c", "cc -O2 -o hello hello.c && ./hello"],
+                "expected_materials": [["ALLOW", "hello.c"], ["DISALLOW", "*"]],
+                "expected_products": [["CREATE", "hello"], ["ALLOW", "hello.c"], ["DISALLOW", "*"]],
+            }],
+            "inspect": [{
+                "name": "outputs",
+                "run": ["true"],
+                "expected_materials": [["MATCH", "hello", "WITH", "PRODUCTS", "FROM", "run"], ["DISALLOW", "*"]],
+            }],
+        }),
+    );
+    let out_dir = daemon.path("out");
+    let verdict = run_in_toto_verify(&verifier, &layout, &owner, &links, &out_dir);
+    assert!(
+        verdict.status.success(),
+        "in-toto-verify: {}",
+        describe(&verdict)
+    );
+    let kiln_verify = || {
+        daemon.kiln(&[
+            "verify",
+            "--layout",
+            layout.to_str().unwrap(),
+            "--layout-key",
+            owner.to_str().unwrap(),
+            "--links",
+            links.to_str().unwrap(),
+            "--artifacts",
+            out_dir.to_str().unwrap(),
+        ])
+    };
+    let ours = kiln_verify();
+    assert!(ours.status.success(), "kiln verify: {}", describe(&ours));
+
+    // A payload edit no rule would notice (the recorded stdout), signature
+    // kept: only the signature check can refuse it.
+    let mut forged = payload.clone();
+    forged["byproducts"]["stdout"] = json!("hello, mallory\n");
+    let mut tampered = envelope.clone();
+    tampered["payload"] = json!(STANDARD.encode(serde_json::to_vec(&forged).unwrap()));
+    std::fs::write(&link_path, serde_json::to_vec_pretty(&tampered).unwrap()).unwrap();
+    let verdict = run_in_toto_verify(&verifier, &layout, &owner, &links, &out_dir);
+    assert!(
+        !verdict.status.success(),
+        "in-toto-verify accepted a tampered DSSE payload: {}",
+        describe(&verdict)
+    );
+    // Refused for want of a validly signed link, not for anything else.
+    assert!(
+        text(&verdict.stderr).contains("validly signed"),
+        "{}",
+        describe(&verdict)
+    );
+    let ours = kiln_verify();
+    assert!(
+        !ours.status.success(),
+        "kiln verify accepted a tampered DSSE payload"
+    );
+    // The untouched envelope, rewritten: accepted again (the edit was the cause).
+    std::fs::write(&link_path, serde_json::to_vec_pretty(&envelope).unwrap()).unwrap();
+    let verdict = run_in_toto_verify(&verifier, &layout, &owner, &links, &out_dir);
+    assert!(verdict.status.success(), "{}", describe(&verdict));
+}
+
+#[test]
+fn rotation_while_the_daemon_runs_switches_keys_and_the_ring_verifies_both_builds() {
+    let test = "rotation_while_the_daemon_runs_switches_keys_and_the_ring_verifies_both_builds";
+    if !require_root(test) {
+        return;
+    }
+    let daemon = Daemon::start();
+    let state = daemon.state.to_str().unwrap().to_string();
+    let keys = daemon.state.join("keys");
+
+    // The daemon created the ring; generate finds it and changes nothing.
+    let old = daemon_keyid(&daemon);
+    let out = daemon.kiln(&["keys", "generate", "--state-dir", &state]);
+    assert!(out.status.success(), "{}", describe(&out));
+    assert_eq!(text(&out.stdout).trim(), old);
+    assert!(
+        text(&out.stderr).contains("already exists"),
+        "{}",
+        describe(&out)
+    );
+    assert_eq!(current_keyid_on_disk(&daemon.state), old);
+
+    let build = |name: &str, format: &str| -> PathBuf {
+        let dir = daemon.path(name);
+        let out = daemon.kiln(&[
+            "run",
+            "--output",
+            "out.txt",
+            "--attest-dir",
+            dir.to_str().unwrap(),
+            "--link-format",
+            format,
+            "--out",
+            dir.to_str().unwrap(),
+            "--",
+            "/bin/sh",
+            "-c",
+            &format!("echo {name} > out.txt"),
+        ]);
+        assert!(out.status.success(), "{}\n{}", describe(&out), daemon.log());
+        dir
+    };
+    let before = build("before", "metablock");
+    // Kept to forge with later: after the rotation no copy is left on disk.
+    let old_private = std::fs::read_to_string(keys.join(format!("{old}.pem"))).unwrap();
+
+    let out = daemon.kiln(&["keys", "rotate", "--state-dir", &state]);
+    assert!(out.status.success(), "{}", describe(&out));
+    let new = text(&out.stdout).trim().to_string();
+    assert_eq!(new.len(), 64, "{}", describe(&out));
+    assert_ne!(new, old);
+    assert!(
+        !keys.join(format!("{old}.pem")).exists(),
+        "retired key left"
+    );
+    assert_eq!(mode(&keys.join(format!("{new}.pem"))), 0o600);
+    // The running daemon answers with the new key at once.
+    assert_eq!(daemon_keyid(&daemon), new);
+
+    let after = build("after", "dsse");
+    // Links: named and signed by the key current at their signing.
+    let link = read_json(&only_file(&before, ".link"));
+    assert_eq!(link["signatures"][0]["keyid"], old.as_str());
+    assert!(only_file(&before, ".link").ends_with(format!("run.{}.link", &old[..8])));
+    let link_path = only_file(&after, ".link");
+    assert!(link_path.ends_with(format!("run.{}.link", &new[..8])));
+    let (_, signers) = open_envelope(&read_json(&link_path));
+    assert_eq!(signers, vec![new.clone()]);
+    // Provenance likewise.
+    let prov_before = only_file(&before, ".provenance.json");
+    let prov_after = only_file(&after, ".provenance.json");
+    let (statement, signers) = open_envelope(&read_json(&prov_before));
+    assert_eq!(signers, vec![old.clone()]);
+    let (_, signers) = open_envelope(&read_json(&prov_after));
+    assert_eq!(signers, vec![new.clone()]);
+    assert!(
+        daemon.log().contains("key ring changed"),
+        "{}",
+        daemon.log()
+    );
+
+    // The ring export: both keys, the old one's window closed.
+    let out = daemon.kiln(&["keys", "public", "--format", "ring"]);
+    assert!(out.status.success(), "{}", describe(&out));
+    let ring_path = daemon.path("ring.json");
+    std::fs::write(&ring_path, &out.stdout).unwrap();
+    let ring: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(ring["current"], new.as_str());
+    assert_eq!(ring["keys"][0]["keyid"], old.as_str());
+    assert!(ring["keys"][0]["not_after"].is_string(), "{ring}");
+    assert!(ring["keys"][1]["not_after"].is_null(), "{ring}");
+
+    let policy = daemon.path("policy.toml");
+    std::fs::write(
+        &policy,
+        format!(
+            "allowed_builder_ids = [{:?}]\nallow_unpinned_images = true\nrequired_steps = [\"run\"]\n",
+            statement["predicate"]["runDetails"]["builder"]["id"]
+                .as_str()
+                .unwrap()
+        ),
+    )
+    .unwrap();
+    let verify = |envelope: &Path, key: &Path, artifact: &Path| {
+        daemon.kiln(&[
+            "verify",
+            "--provenance",
+            envelope.to_str().unwrap(),
+            "--key",
+            key.to_str().unwrap(),
+            "--policy",
+            policy.to_str().unwrap(),
+            artifact.to_str().unwrap(),
+        ])
+    };
+    for (envelope, dir) in [(&prov_before, &before), (&prov_after, &after)] {
+        let out = verify(envelope, &ring_path, &dir.join("out.txt"));
+        assert!(out.status.success(), "{}", describe(&out));
+        assert!(text(&out.stdout).starts_with("PASS"), "{}", describe(&out));
+    }
+
+    // The retired key signs a statement claiming a finish after the
+    // rotation: refused. The same statement with its true finish, signed by
+    // the same key, passes, so the claimed time is what is refused.
+    let old_key = provenance::SigningKey::from_pkcs8_pem(&old_private).unwrap();
+    let resign = |statement: &Value, name: &str| -> PathBuf {
+        let envelope = provenance::dsse::sign_envelope(
+            provenance::dsse::IN_TOTO_PAYLOAD_TYPE,
+            &serde_json::to_vec(statement).unwrap(),
+            &old_key,
+        );
+        let path = daemon.path(name);
+        std::fs::write(&path, serde_json::to_vec_pretty(&envelope).unwrap()).unwrap();
+        path
+    };
+    let artifact = before.join("out.txt");
+    let honest = resign(&statement, "honest.json");
+    let out = verify(&honest, &ring_path, &artifact);
+    assert!(out.status.success(), "{}", describe(&out));
+    let mut late = statement.clone();
+    // Now: after the rotation (the old window's end is inclusive, so not that).
+    let rfc3339 = &time::format_description::well_known::Rfc3339;
+    let rotated =
+        time::OffsetDateTime::parse(ring["keys"][0]["not_after"].as_str().unwrap(), rfc3339)
+            .unwrap();
+    let now = time::OffsetDateTime::now_utc();
+    assert!(now > rotated);
+    late["predicate"]["runDetails"]["metadata"]["finishedOn"] = json!(now.format(rfc3339).unwrap());
+    let forged = resign(&late, "forged.json");
+    let out = verify(&forged, &ring_path, &artifact);
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    assert!(
+        text(&out.stdout).contains("not valid at finishedOn"),
+        "{}",
+        describe(&out)
+    );
+}
+
+#[test]
+fn serve_refuses_a_key_file_with_loose_mode_or_foreign_owner_naming_it() {
+    let test = "serve_refuses_a_key_file_with_loose_mode_or_foreign_owner_naming_it";
+    if !require_root(test) {
+        return;
+    }
+    let mut daemon = Daemon::start();
+    let keyid = daemon_keyid(&daemon);
+    let status = daemon.stop();
+    assert!(status.success(), "{}", daemon.log());
+    let key = daemon.state.join(format!("keys/{keyid}.pem"));
+    assert_eq!(mode(&key), 0o600);
+    let name = key.display().to_string();
+
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let err = serve_must_fail(&daemon);
+    assert!(
+        err.contains(&name) && err.contains("mode 0644") && err.contains("too permissive"),
+        "{err}"
+    );
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+
+    std::os::unix::fs::chown(&key, Some(65534), None).unwrap();
+    let err = serve_must_fail(&daemon);
+    assert!(
+        err.contains(&name) && err.contains("owned by uid 65534"),
+        "{err}"
+    );
+    std::os::unix::fs::chown(&key, Some(0), None).unwrap();
+
+    // Fixed: it starts, with the same key.
+    daemon.spawn(&[]);
+    assert_eq!(daemon_keyid(&daemon), keyid);
+}
+
+#[test]
+fn a_pre_ring_runner_pem_is_migrated_keeping_its_key_id() {
+    let test = "a_pre_ring_runner_pem_is_migrated_keeping_its_key_id";
+    if !require_root(test) {
+        return;
+    }
+    let mut daemon = Daemon::start();
+    // An RPC first: the daemon installs its SIGTERM handler only once it serves.
+    let fresh = daemon_keyid(&daemon);
+    let status = daemon.stop();
+    assert!(status.success(), "{}", daemon.log());
+    // The state of an older Kiln: keys/runner.pem only.
+    let keys = daemon.state.join("keys");
+    std::fs::remove_dir_all(&keys).unwrap();
+    std::fs::create_dir(&keys).unwrap();
+    std::fs::set_permissions(&keys, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let legacy_path = keys.join("runner.pem");
+    let legacy = provenance::SigningKey::load_or_create(&legacy_path).unwrap();
+
+    // A legacy key others can read is refused by name, and nothing is migrated.
+    std::fs::set_permissions(&legacy_path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let err = serve_must_fail(&daemon);
+    assert!(
+        err.contains(&legacy_path.display().to_string()) && err.contains("0644"),
+        "{err}"
+    );
+    assert!(!keys.join("keyring.json").exists());
+    std::fs::set_permissions(&legacy_path, std::fs::Permissions::from_mode(0o600)).unwrap();
+
+    daemon.spawn(&[]);
+    assert_ne!(fresh, legacy.keyid());
+    assert_eq!(daemon_keyid(&daemon), legacy.keyid());
+    assert_eq!(current_keyid_on_disk(&daemon.state), legacy.keyid());
+    assert_eq!(mode(&keys.join(format!("{}.pem", legacy.keyid()))), 0o600);
+    // No second copy of the private key: a rotation must be able to retire it.
+    assert!(!legacy_path.exists());
+    let out = daemon.kiln(&["run", "--attest-dir", "links", "--", "true"]);
+    assert!(out.status.success(), "{}", describe(&out));
+    let link = read_json(&only_file(&daemon.path("links"), ".link"));
+    assert_eq!(link["signatures"][0]["keyid"], legacy.keyid().as_str());
+}
+
+#[test]
+fn keys_generate_creates_a_ring_once_and_rotate_needs_one() {
+    // No daemon involved: the commands work on a state directory.
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let kiln = |args: &[&str]| {
+        Command::new(KILN)
+            .args(args)
+            .arg("--state-dir")
+            .arg(&state)
+            .output()
+            .unwrap()
+    };
+    let out = kiln(&["keys", "rotate"]);
+    assert_eq!(out.status.code(), Some(125), "{}", describe(&out));
+    assert!(
+        text(&out.stderr).contains("no key ring"),
+        "{}",
+        describe(&out)
+    );
+
+    let out = kiln(&["keys", "generate"]);
+    assert!(out.status.success(), "{}", describe(&out));
+    let first = text(&out.stdout).trim().to_string();
+    assert!(text(&out.stderr).contains("created"), "{}", describe(&out));
+    assert_eq!(current_keyid_on_disk(&state), first);
+    assert_eq!(mode(&state.join(format!("keys/{first}.pem"))), 0o600);
+    assert_eq!(mode(&state.join("keys")), 0o700);
+
+    let out = kiln(&["keys", "generate"]);
+    assert!(out.status.success(), "{}", describe(&out));
+    assert_eq!(text(&out.stdout).trim(), first);
+    assert!(
+        text(&out.stderr).contains("already exists"),
+        "{}",
+        describe(&out)
+    );
+
+    let out = kiln(&["keys", "rotate"]);
+    assert!(out.status.success(), "{}", describe(&out));
+    let second = text(&out.stdout).trim().to_string();
+    assert_ne!(second, first);
+    let ring = read_json(&state.join("keys/keyring.json"));
+    assert_eq!(ring["current"], second.as_str());
+    assert_eq!(ring["keys"].as_array().unwrap().len(), 2);
+    let files: Vec<String> = std::fs::read_dir(state.join("keys"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(files.len(), 2, "{files:?}");
+    assert!(files.contains(&format!("{second}.pem")), "{files:?}");
+}
