@@ -459,14 +459,14 @@ fn bad_specs_are_refused_with_the_field_named() {
 
     std::fs::write(
         daemon.path("net.toml"),
-        "[[steps]]\nname = \"fetch\"\nrun = [\"true\"]\nnetwork = [\"example.org:443\"]\n",
+        "[[steps]]\nname = \"fetch\"\nrun = [\"true\"]\nnetwork = [\"example.org\"]\n",
     )
     .unwrap();
     let out = daemon.kiln(&["submit", "net.toml"]);
     assert_eq!(out.status.code(), Some(125));
     let err = text(&out.stderr);
     assert!(
-        err.contains("not supported yet") && err.contains("FailedPrecondition"),
+        err.contains("steps[0].allow_net[0]") && err.contains("a port is required"),
         "{err}"
     );
 
@@ -836,20 +836,6 @@ fn concurrent_sandboxes_get_disjoint_host_id_ranges() {
 }
 
 /// The link `kiln run --attest-dir` wrote for `step` (its `signed` part).
-fn signed_link(dir: &Path, step: &str) -> serde_json::Value {
-    let entry = std::fs::read_dir(dir)
-        .unwrap()
-        .flatten()
-        .find(|e| {
-            let name = e.file_name().to_string_lossy().into_owned();
-            name.starts_with(&format!("{step}.")) && name.ends_with(".link")
-        })
-        .unwrap_or_else(|| panic!("no link for step {step} in {}", dir.display()));
-    let link: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(entry.path()).unwrap()).unwrap();
-    link["signed"].clone()
-}
-
 #[test]
 fn resource_limits_are_enforced_capped_and_reported() {
     if !require_root("resource_limits_are_enforced_capped_and_reported") {

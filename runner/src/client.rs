@@ -420,6 +420,12 @@ pub fn job_json(job: &Job) -> serde_json::Value {
             "limit_reason": s.limit_reason,
             "start_latency_us": s.start_latency_us,
             "seccomp_denials": s.seccomp_denials,
+            "network": s.network.iter().map(|a| serde_json::json!({
+                "method": a.method, "host": a.host, "port": a.port, "resolved": a.resolved,
+                "address": a.address, "decision": a.decision, "reason": a.reason,
+                "bytes_up": a.bytes_up, "bytes_down": a.bytes_down, "duration_ms": a.duration_ms,
+            })).collect::<Vec<_>>(),
+            "network_unrecorded": s.network_unrecorded,
         })).collect::<Vec<_>>(),
         "outputs": job.outputs.iter().map(|o| serde_json::json!({
             "path": o.path, "digest": o.digest, "size": o.size, "executable": o.executable,
@@ -453,6 +459,30 @@ pub fn summary(job: &Job) -> String {
                 step.message.clone()
             }
         ));
+        for a in &step.network {
+            let via = if a.address.is_empty() {
+                String::new()
+            } else {
+                format!(" via {}", a.address)
+            };
+            out.push_str(&format!(
+                "    net {} {}:{}{via} {}: {}  up {} B down {} B {} ms\n",
+                a.method,
+                a.host,
+                a.port,
+                a.decision,
+                a.reason,
+                a.bytes_up,
+                a.bytes_down,
+                a.duration_ms
+            ));
+        }
+        if step.network_unrecorded > 0 {
+            out.push_str(&format!(
+                "    net ... and {} more attempts, not recorded\n",
+                step.network_unrecorded
+            ));
+        }
     }
     out.push_str(&format!("  job {} {}", job.job_id, state_name(job.state)));
     if !job.message.is_empty() {

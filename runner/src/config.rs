@@ -67,6 +67,18 @@ pub struct Config {
     /// 6.0+): moving a process between cgroups then no longer waits for an RCU grace
     /// period, which otherwise adds 7-17 ms to a step's start on an idle host.
     pub cgroup_favordynmods: bool,
+    /// What steps' network allow-lists may name: each entry of a step's list must fall
+    /// within one of these (allow-list syntax, plus `*:PORT` / `*:*` for anything).
+    pub network_ceiling: Vec<String>,
+    /// Per client (its uid on the socket, as a string key): a ceiling replacing
+    /// `network_ceiling` for that client.
+    pub network_ceiling_by_uid: std::collections::BTreeMap<String, Vec<String>>,
+    /// Egress proxy limits per step: open connections at once ...
+    pub proxy_max_connections: usize,
+    /// ... bytes in both directions over the whole step ...
+    pub proxy_max_bytes: Size,
+    /// ... and seconds a connection may sit idle.
+    pub proxy_idle_timeout_seconds: u64,
 }
 
 impl Default for Config {
@@ -96,6 +108,11 @@ impl Default for Config {
             max_file_size: Size(10 << 30),
             max_outputs_size: Size(2 << 30),
             cgroup_favordynmods: true,
+            network_ceiling: vec!["*:*".into()],
+            network_ceiling_by_uid: Default::default(),
+            proxy_max_connections: 64,
+            proxy_max_bytes: Size(4 << 30),
+            proxy_idle_timeout_seconds: 60,
             waive: Vec::new(),
         }
     }
@@ -151,7 +168,49 @@ impl Config {
             return bad("state_dir", "must be an absolute path");
         }
         self.validate_waivers()?;
+        self.validate_network()?;
         self.validate_limits()
+    }
+
+    fn validate_network(&self) -> Result<()> {
+        crate::netpolicy::Ceiling::parse(&self.network_ceiling)
+            .map_err(|e| RunnerError::invalid("network_ceiling", e.to_string()))?;
+        for (uid, ceiling) in &self.network_ceiling_by_uid {
+            if uid.parse::<u32>().is_err() {
+                return Err(RunnerError::invalid(
+                    "network_ceiling_by_uid",
+                    format!("{uid:?} is not a numeric uid"),
+                ));
+            }
+            crate::netpolicy::Ceiling::parse(ceiling).map_err(|e| {
+                RunnerError::invalid(format!("network_ceiling_by_uid.{uid}"), e.to_string())
+            })?;
+        }
+        if self.proxy_max_connections == 0 || self.proxy_idle_timeout_seconds == 0 {
+            return Err(RunnerError::invalid(
+                "proxy_max_connections / proxy_idle_timeout_seconds",
+                "must be positive",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The ceiling for a client's allow-lists (validated at start-up).
+    pub fn network_ceiling_for(&self, peer_uid: Option<u32>) -> crate::netpolicy::Ceiling {
+        let entries = peer_uid
+            .and_then(|uid| self.network_ceiling_by_uid.get(&uid.to_string()))
+            .unwrap_or(&self.network_ceiling);
+        // validate() parsed these at start-up; an unparsable list allows nothing.
+        crate::netpolicy::Ceiling::parse(entries).unwrap_or_default()
+    }
+
+    pub fn proxy_limits(&self) -> crate::proxy::ProxyLimits {
+        crate::proxy::ProxyLimits {
+            max_connections: self.proxy_max_connections,
+            max_bytes: self.proxy_max_bytes.0,
+            idle_timeout: std::time::Duration::from_secs(self.proxy_idle_timeout_seconds),
+            ..Default::default()
+        }
     }
 
     fn validate_waivers(&self) -> Result<()> {

@@ -8,6 +8,8 @@ pub enum RunnerError {
     InvalidArgument { field: String, reason: String },
     #[error("{0}")]
     FailedPrecondition(String),
+    #[error("{0}")]
+    PermissionDenied(String),
     #[error("{0} not found")]
     NotFound(String),
     #[error("{0}")]
@@ -58,6 +60,7 @@ impl From<RunnerError> for tonic::Status {
                 tonic::Status::invalid_argument(message)
             }
             RunnerError::FailedPrecondition(_) => tonic::Status::failed_precondition(message),
+            RunnerError::PermissionDenied(_) => tonic::Status::permission_denied(message),
             RunnerError::NotFound(_) => tonic::Status::not_found(message),
             RunnerError::Unavailable(_) => tonic::Status::unavailable(message),
             RunnerError::Sandbox(_)

@@ -30,6 +30,8 @@ use crate::signer::Signer;
 
 pub const RUNNER_VERSION: &str = env!("CARGO_PKG_VERSION");
 const EVENT_CHUNK: usize = 32 * 1024;
+/// The egress proxy's port on a step's loopback (each step has its own namespace).
+const EGRESS_PROXY_PORT: u16 = 3128;
 /// Finished jobs whose events stay in memory for Watch; older ones answer from the database.
 const KEEP_FINISHED: usize = 64;
 
@@ -590,9 +592,23 @@ impl Runner {
         } else {
             step.timeout_seconds
         };
+        // A step with an allow-list gets the egress proxy on its loopback, and TCP only to
+        // it; a step without one has neither.
+        let allow_list = if step.allow_net.is_empty() {
+            None
+        } else {
+            Some(
+                crate::netpolicy::AllowList::parse(&step.allow_net)
+                    .map_err(|e| RunnerError::invalid("allow_net", e.to_string()))?,
+            )
+        };
+        let mut env = Self::step_env(step);
+        if allow_list.is_some() {
+            crate::proxy::set_proxy_env(&mut env, EGRESS_PROXY_PORT);
+        }
         let step_spec = StepSpec {
             argv: step.argv.clone(),
-            env: Self::step_env(step),
+            env,
             root: image.root.clone(),
             workspace: workspace.to_path_buf(),
             host_uid_base,
@@ -602,8 +618,11 @@ impl Runner {
             hostname: "kiln".into(),
             tmp_size_bytes: self.config.tmp_size_mib * 1024 * 1024,
             limits: limits.sandbox(),
-            // No TCP for steps until the egress proxy hands its port here.
-            tcp_connect_ports: vec![],
+            tcp_connect_ports: allow_list
+                .as_ref()
+                .map(|_| vec![EGRESS_PROXY_PORT])
+                .unwrap_or_default(),
+            egress_proxy_port: allow_list.as_ref().map(|_| EGRESS_PROXY_PORT),
             waived_layers: self.host.waived_layers.clone(),
         };
         let profile = sandbox::profile(&step_spec, &self.host);
@@ -633,10 +652,49 @@ impl Runner {
             std::thread::spawn(move || runner.pump_log(fd, &id, &step_name, stream))
         })
         .collect();
+        // The proxy serves the listener the supervisor made in the step's namespace; the
+        // step is released only after handing it over, so no connection is missed.
+        let proxy = match allow_list {
+            None => None,
+            Some(allow) => {
+                let (back, listener) = tokio::task::spawn_blocking(move || {
+                    let listener = running.take_egress_listener();
+                    (running, listener)
+                })
+                .await
+                .map_err(|e| RunnerError::Internal(format!("waiting for the sandbox: {e}")))?;
+                running = back;
+                match listener.map_err(RunnerError::from)? {
+                    // The sandbox failed before: its outcome says why.
+                    None => None,
+                    Some(fd) => {
+                        let proxy = crate::proxy::Proxy::start(
+                            std::net::TcpListener::from(fd),
+                            allow,
+                            self.config.proxy_limits(),
+                            crate::proxy::system_resolver(),
+                        )
+                        .map_err(RunnerError::io("starting the egress proxy"))?;
+                        tracing::info!(
+                            job = %id,
+                            step = %step.name,
+                            listen = %proxy.local_addr(),
+                            "egress proxy serving the step's namespace"
+                        );
+                        Some(proxy)
+                    }
+                }
+            }
+        };
         let outcome = tokio::task::spawn_blocking(move || running.wait())
             .await
             .map_err(|e| RunnerError::Internal(format!("waiting for the sandbox: {e}")))?
             .map_err(RunnerError::from);
+        // Every process of the step is gone: close what is still open, keep the record.
+        let network = match proxy {
+            Some(proxy) => Some(proxy.finish().await),
+            None => None,
+        };
         let mut logs = Vec::new();
         for reader in readers {
             let log = tokio::task::spawn_blocking(move || reader.join())
@@ -659,6 +717,11 @@ impl Runner {
                 .exec_monotonic_ns
                 .map(|exec| exec.saturating_sub(scheduled_ns) / 1000)
                 .unwrap_or(0),
+            network: network
+                .as_ref()
+                .map(|n| n.attempts.iter().map(Into::into).collect())
+                .unwrap_or_default(),
+            network_unrecorded: network.as_ref().map(|n| n.unrecorded).unwrap_or_default(),
             ..Default::default()
         };
         let (state, exit_code, signal, message) = match &outcome.status {
@@ -808,7 +871,9 @@ impl Runner {
                 "stderr_bytes": stderr.total,
                 "stderr_sha256": stderr.digest,
                 "stderr_truncated": stderr.truncated_in_link(),
-                "network": [],
+                // every request to the step's egress proxy, allowed or denied
+                "network": network.as_ref().map(|n| n.attempts.clone()).unwrap_or_default(),
+                "network_unrecorded": network.as_ref().map(|n| n.unrecorded).unwrap_or_default(),
                 "limit_reason": limit_reason,
                 "timed_out": timed_out,
                 "oom_killed": usage.oom_killed,

@@ -11,11 +11,7 @@ mod images;
 mod jobfile;
 mod jobs;
 mod limits;
-// The allow-listed network: the policy already validates allow-lists at Submit;
-// the egress proxy is tested on its own until the sandbox hands the daemon each
-// step's network namespace.
 mod netpolicy;
-#[allow(dead_code)]
 mod proxy;
 mod server;
 mod service;
@@ -100,6 +96,11 @@ enum Command {
         /// Workspace quota of the step, e.g. 1G (default: the daemon's).
         #[arg(long, value_name = "SIZE", value_parser = limits::parse_size)]
         disk: Option<u64>,
+        /// A destination the step may reach through its egress proxy: HOST:PORT,
+        /// *.DOMAIN:PORT, IP:PORT, CIDR:PORT, [IPv6]:PORT (PORT may be *); repeatable.
+        /// Without any, the step has no network at all.
+        #[arg(long = "allow-net", value_name = "HOST:PORT")]
+        allow_net: Vec<String>,
         #[arg(required = true, last = true)]
         argv: Vec<String>,
     },
@@ -308,6 +309,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             memory,
             pids,
             cpus,
+            allow_net,
             disk,
             argv,
         } => {
@@ -349,7 +351,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                         cpu_millis: cpus.unwrap_or(0),
                         disk_bytes: disk.unwrap_or(0),
                     }),
-                    allow_net: vec![],
+                    allow_net,
                 }],
                 outputs,
             };
@@ -569,7 +571,9 @@ async fn run_job(
         client.download_outputs(&job, dir).await?;
     }
     let code = client::exit_code(&job);
-    if print_summary || code != 0 {
+    // Network use is always shown: it is what a reviewer of the build wants to see.
+    let used_network = job.steps.iter().any(|s| !s.network.is_empty());
+    if print_summary || code != 0 || used_network {
         eprintln!("{}", client::summary(&job));
     }
     Ok(code)

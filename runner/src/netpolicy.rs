@@ -260,8 +260,6 @@ pub enum Decision {
     Deny(String),
 }
 
-// Used by the egress proxy, which the daemon does not start yet.
-#[allow(dead_code)]
 impl AllowList {
     pub fn parse<S: AsRef<str>>(entries: &[S]) -> Result<AllowList, ParseError> {
         Ok(AllowList {
@@ -279,9 +277,7 @@ impl AllowList {
             e.port.matches(port)
                 && match &e.target {
                     Target::Host(h) => *h == host,
-                    Target::Subdomains(d) => host
-                        .strip_suffix(d.as_str())
-                        .is_some_and(|rest| rest.len() > 1 && rest.ends_with('.')),
+                    Target::Subdomains(d) => is_strict_subdomain(&host, d),
                     Target::Cidr { .. } => false,
                 }
         })
@@ -316,6 +312,74 @@ impl AllowList {
             )),
         }
     }
+}
+
+/// The operator's ceiling for a client's allow-lists: every entry of a step must fall
+/// within one of its entries. Same syntax as allow-list entries, plus `*:PORT` and `*:*`
+/// for any destination (on that port).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Ceiling {
+    /// (None = any destination, port)
+    entries: Vec<(Option<Target>, PortMatch)>,
+}
+
+impl Ceiling {
+    pub fn parse<S: AsRef<str>>(entries: &[S]) -> Result<Ceiling, ParseError> {
+        let mut out = Vec::new();
+        for text in entries {
+            let text = text.as_ref();
+            if let Some(port) = text.strip_prefix("*:") {
+                // Reuse the entry parser for the port with a placeholder host.
+                let entry = Entry::parse(&format!("any.invalid:{port}")).map_err(|mut e| {
+                    e.entry = text.to_string();
+                    e
+                })?;
+                out.push((None, entry.port));
+            } else {
+                let entry = Entry::parse(text)?;
+                out.push((Some(entry.target), entry.port));
+            }
+        }
+        Ok(Ceiling { entries: out })
+    }
+
+    /// Whether everything `entry` allows is also allowed by one ceiling entry.
+    pub fn covers(&self, entry: &Entry) -> bool {
+        self.entries.iter().any(|(target, port)| {
+            let port_ok = match (port, entry.port) {
+                (PortMatch::Any, _) => true,
+                (PortMatch::Exact(c), PortMatch::Exact(e)) => *c == e,
+                (PortMatch::Exact(_), PortMatch::Any) => false,
+            };
+            port_ok
+                && match (target, &entry.target) {
+                    (None, _) => true,
+                    (Some(Target::Host(c)), Target::Host(e)) => c == e,
+                    (Some(Target::Subdomains(c)), Target::Host(e) | Target::Subdomains(e)) => {
+                        is_strict_subdomain(e, c)
+                            || matches!(entry.target, Target::Subdomains(_)) && e == c
+                    }
+                    (
+                        Some(Target::Cidr { network, prefix }),
+                        Target::Cidr {
+                            network: e_net,
+                            prefix: e_prefix,
+                        },
+                    ) => {
+                        network.is_ipv4() == e_net.is_ipv4()
+                            && e_prefix >= prefix
+                            && cidr_contains(*network, *prefix, *e_net)
+                    }
+                    _ => false,
+                }
+        })
+    }
+}
+
+/// `name` is below `domain` by at least one label.
+fn is_strict_subdomain(name: &str, domain: &str) -> bool {
+    name.strip_suffix(domain)
+        .is_some_and(|rest| rest.len() > 1 && rest.ends_with('.'))
 }
 
 #[cfg(test)]
@@ -451,5 +515,34 @@ mod tests {
             with_literal.decide_resolved("example.org", "10.1.2.3".parse().unwrap(), 80),
             Decision::Deny(_)
         ));
+    }
+
+    #[test]
+    fn ceilings_cover_only_what_they_name() {
+        let ceiling =
+            Ceiling::parse(&["*.example.org:443", "pypi.org:*", "10.0.0.0/8:80", "*:8080"])
+                .unwrap();
+        let covered = |e: &str| ceiling.covers(&Entry::parse(e).unwrap());
+        assert!(covered("a.example.org:443"));
+        assert!(covered("*.example.org:443"));
+        assert!(covered("*.b.example.org:443"));
+        assert!(!covered("example.org:443"), "the apex is not a subdomain");
+        assert!(!covered("a.example.org:80"));
+        assert!(!covered("a.example.org:*"));
+        assert!(covered("pypi.org:443"));
+        assert!(covered("pypi.org:*"));
+        assert!(!covered("files.pypi.org:443"));
+        assert!(covered("10.1.2.3:80"));
+        assert!(covered("10.1.0.0/16:80"));
+        assert!(!covered("10.0.0.0/7:80"));
+        assert!(!covered("11.0.0.1:80"));
+        assert!(covered("anything.test:8080"));
+        assert!(covered("[::1]:8080"));
+        assert!(!covered("anything.test:8081"));
+
+        let anything = Ceiling::parse(&["*:*"]).unwrap();
+        assert!(anything.covers(&Entry::parse("x.test:*").unwrap()));
+        assert!(Ceiling::parse(&["*:0"]).is_err());
+        assert!(Ceiling::parse(&["*"]).is_err());
     }
 }

@@ -84,6 +84,46 @@ pub struct Attempt {
     pub duration_ms: u64,
 }
 
+impl From<&Attempt> for agent_proto::v1::NetworkAttempt {
+    fn from(a: &Attempt) -> Self {
+        Self {
+            method: a.method.clone(),
+            host: a.host.clone(),
+            port: u32::from(a.port),
+            resolved: a.resolved.clone(),
+            address: a.address.clone(),
+            decision: a.decision.clone(),
+            reason: a.reason.clone(),
+            bytes_up: a.bytes_up,
+            bytes_down: a.bytes_down,
+            duration_ms: a.duration_ms,
+        }
+    }
+}
+
+/// Points every common HTTP client of the step at its proxy. Kiln's values replace any the
+/// job set: the namespace has no other way out, so a bypass could only fail. NO_PROXY is
+/// empty: nothing is exempt.
+pub fn set_proxy_env(env: &mut Vec<(String, String)>, port: u16) {
+    let url = format!("http://127.0.0.1:{port}");
+    let vars = [
+        ("HTTP_PROXY", url.as_str()),
+        ("HTTPS_PROXY", url.as_str()),
+        ("ALL_PROXY", url.as_str()),
+        ("NO_PROXY", ""),
+    ];
+    let names: Vec<String> = vars
+        .iter()
+        .flat_map(|(name, _)| [name.to_string(), name.to_lowercase()])
+        .collect();
+    env.retain(|(k, _)| !names.contains(k));
+    for (name, value) in vars {
+        env.push((name.to_string(), value.to_string()));
+        env.push((name.to_lowercase(), value.to_string()));
+    }
+    env.sort();
+}
+
 /// Everything the proxy saw during one step.
 #[derive(Debug, Clone, Serialize, Default)]
 pub struct Report {
@@ -304,8 +344,10 @@ async fn handle(mut client: TcpStream, shared: Arc<Shared>) {
     };
     let (addresses, resolved) = match decide(&shared, &head).await {
         Ok(found) => found,
-        Err(reason) => {
-            shared.record(denied(&head.method, &head.host, head.port, reason.clone()));
+        Err((reason, resolved)) => {
+            let mut attempt = denied(&head.method, &head.host, head.port, reason.clone());
+            attempt.resolved = resolved.iter().map(ToString::to_string).collect();
+            shared.record(attempt);
             respond(&mut client, "403 Forbidden", &reason).await;
             return;
         }
@@ -358,28 +400,30 @@ async fn handle(mut client: TcpStream, shared: Arc<Shared>) {
 }
 
 /// Checks the destination and returns the addresses that may be connected to
-/// (and, for a name, everything it resolved to).
-async fn decide(shared: &Shared, head: &Head) -> Result<(Vec<IpAddr>, Vec<IpAddr>), String> {
+/// (and, for a name, everything it resolved to); a refusal carries its reason and what
+/// the name resolved to, for the record.
+async fn decide(
+    shared: &Shared,
+    head: &Head,
+) -> Result<(Vec<IpAddr>, Vec<IpAddr>), (String, Vec<IpAddr>)> {
     let host = head.host.trim_start_matches('[').trim_end_matches(']');
     if let Ok(ip) = host.parse::<IpAddr>() {
         return match shared.allow.decide_address(ip, head.port) {
             Decision::Allow => Ok((vec![ip], Vec::new())),
-            Decision::Deny(reason) => Err(reason),
+            Decision::Deny(reason) => Err((reason, Vec::new())),
         };
     }
     if !shared.allow.allows_name(host, head.port) {
-        return Err(format!(
-            "{host} port {} is not on the step's allow-list",
-            head.port
-        ));
+        let reason = format!("{host} port {} is not on the step's allow-list", head.port);
+        return Err((reason, Vec::new()));
     }
     let resolved = tokio::time::timeout(
         shared.limits.connect_timeout,
         (shared.resolver)(host.to_string()),
     )
     .await
-    .map_err(|_| format!("resolving {host} timed out"))?
-    .map_err(|e| format!("resolving {host}: {e}"))?;
+    .map_err(|_| (format!("resolving {host} timed out"), Vec::new()))?
+    .map_err(|e| (format!("resolving {host}: {e}"), Vec::new()))?;
     let mut allowed = Vec::new();
     let mut first_refusal = None;
     for ip in &resolved {
@@ -391,7 +435,8 @@ async fn decide(shared: &Shared, head: &Head) -> Result<(Vec<IpAddr>, Vec<IpAddr
         }
     }
     if allowed.is_empty() {
-        return Err(first_refusal.unwrap_or_else(|| format!("{host} has no address")));
+        let reason = first_refusal.unwrap_or_else(|| format!("{host} has no address"));
+        return Err((reason, resolved));
     }
     // Connect only to the addresses checked here: the step's own lookups never matter.
     Ok((allowed, resolved))
@@ -524,7 +569,8 @@ async fn pump(
     shared: &Shared,
     counter: &AtomicU64,
 ) -> bool {
-    let mut buf = vec![0u8; 32 * 1024];
+    // Large reads: a bulk download moves in few syscalls and timer resets.
+    let mut buf = vec![0u8; 256 * 1024];
     let mut over_budget = false;
     loop {
         let n = match tokio::time::timeout(shared.limits.idle_timeout, from.read(&mut buf)).await {

@@ -73,6 +73,7 @@ impl Jobs for Service {
             max_pids: config.max_pids,
             max_cpu_millis: config.max_cpus.0,
             max_disk_bytes: config.max_disk.0,
+            network_ceiling: config.network_ceiling_for(peer),
         };
         validate(&spec, &limits)?;
         let key = (!req.idempotency_key.is_empty()).then_some(req.idempotency_key);

@@ -26,6 +26,8 @@ pub struct SpecLimits {
     pub max_pids: u32,
     pub max_cpu_millis: u32,
     pub max_disk_bytes: u64,
+    /// What this client's allow-lists may name.
+    pub network_ceiling: crate::netpolicy::Ceiling,
 }
 
 /// Checks a step's resource limits against the smallest workable values and the
@@ -276,15 +278,16 @@ pub fn validate(spec: &JobSpec, limits: &SpecLimits) -> Result<()> {
         if step.allow_net.len() > MAX_ALLOW_NET {
             return Err(RunnerError::invalid(field("allow_net"), "too many entries"));
         }
-        for (j, entry) in step.allow_net.iter().enumerate() {
-            crate::netpolicy::Entry::parse(entry).map_err(|e| {
+        for (j, text) in step.allow_net.iter().enumerate() {
+            let entry = crate::netpolicy::Entry::parse(text).map_err(|e| {
                 RunnerError::invalid(format!("steps[{i}].allow_net[{j}]"), e.to_string())
             })?;
-        }
-        if !step.allow_net.is_empty() {
-            return Err(RunnerError::FailedPrecondition(format!(
-                "steps[{i}].allow_net: network allow-lists are not supported yet"
-            )));
+            if !limits.network_ceiling.covers(&entry) {
+                return Err(RunnerError::PermissionDenied(format!(
+                    "steps[{i}].allow_net[{j}]: {text:?} is outside the network ceiling the \
+                     runner's operator set for this client"
+                )));
+            }
         }
     }
 
@@ -318,6 +321,7 @@ mod tests {
             max_pids: 100,
             max_cpu_millis: 2000,
             max_disk_bytes: 1 << 30,
+            network_ceiling: crate::netpolicy::Ceiling::parse(&["*:*"]).unwrap(),
         }
     }
 
@@ -467,16 +471,21 @@ mod tests {
     }
 
     #[test]
-    fn refuses_network_allow_lists_explicitly() {
+    fn allow_lists_are_parsed_and_held_to_the_client_ceiling() {
         let mut spec = good();
         spec.steps[0].allow_net = vec!["example.org:443".into()];
-        let err = validate(&spec, &limits()).unwrap_err();
-        assert!(matches!(err, RunnerError::FailedPrecondition(_)));
-        assert!(err.to_string().contains("not supported yet"));
-        // A malformed entry is a bad argument, named, before anything else.
+        validate(&spec, &limits()).unwrap();
+        // A malformed entry is a bad argument, named.
         spec.steps[0].allow_net = vec!["example.org:443".into(), "example.org".into()];
         let err = validate(&spec, &limits()).unwrap_err();
         assert!(matches!(err, RunnerError::InvalidArgument { .. }));
+        assert!(err.to_string().contains("steps[0].allow_net[1]"), "{err}");
+        // Outside the operator's ceiling for this client: refused, named.
+        let mut narrow = limits();
+        narrow.network_ceiling = crate::netpolicy::Ceiling::parse(&["*.example.org:443"]).unwrap();
+        spec.steps[0].allow_net = vec!["a.example.org:443".into(), "example.org:443".into()];
+        let err = validate(&spec, &narrow).unwrap_err();
+        assert!(matches!(err, RunnerError::PermissionDenied(_)), "{err}");
         assert!(err.to_string().contains("steps[0].allow_net[1]"), "{err}");
     }
 }

@@ -170,6 +170,7 @@ fn in_sandbox(exe: &std::path::Path, mode: &str, base: u32) -> (f64, u64) {
         tmp_size_bytes: 16 << 20,
         limits: sandbox::Limits::default(),
         tcp_connect_ports: vec![],
+        egress_proxy_port: None,
         waived_layers: vec![],
     };
     let sb = Sandbox::new(PathBuf::from(env!("CARGO_BIN_EXE_kiln-sandbox-init")));

@@ -23,6 +23,7 @@ use serde_json::{json, Value};
 
 pub mod cgroup;
 mod child;
+mod egress;
 mod landlock_rules;
 mod notify;
 mod protocol;
@@ -57,6 +58,12 @@ pub struct StepSpec {
     /// has network rules (ABI >= 4), so loopback TCP is unavailable; AF_UNIX works.
     #[serde(default)]
     pub tcp_connect_ports: Vec<u16>,
+    /// With an allow-list: the port of the egress proxy on the step's loopback. The
+    /// supervisor brings the loopback up, listens on 127.0.0.1:PORT inside the step's
+    /// network namespace and hands the listener to the caller
+    /// ([`RunningStep::take_egress_listener`]). None: loopback down, no listener.
+    #[serde(default)]
+    pub egress_proxy_port: Option<u16>,
     /// Layers the operator's config waived and this host lacks (see [`decide_waivers`]);
     /// only these are skipped, every other layer stays mandatory.
     #[serde(default)]
@@ -391,6 +398,7 @@ impl Sandbox {
             stdout: Some(out_r),
             stderr: Some(err_r),
             status: Some(status),
+            pending: Vec::new(),
         })
     }
 }
@@ -404,6 +412,8 @@ pub struct RunningStep {
     stderr: Option<OwnedFd>,
     /// The same socket, for reading the outcome.
     status: Option<UnixStream>,
+    /// Outcome bytes read while looking for the egress listener.
+    pending: Vec<u8>,
 }
 
 impl std::fmt::Debug for RunningStep {
@@ -463,6 +473,30 @@ impl RunningStep {
         }
     }
 
+    /// For a spec with `egress_proxy_port`: blocks until the supervisor hands over the
+    /// listener it made in the step's network namespace. `None` when the sandbox failed
+    /// before (the outcome then says why). The step does not run until this was sent.
+    pub fn take_egress_listener(&mut self) -> Result<Option<OwnedFd>, SandboxError> {
+        let Some(status) = &self.status else {
+            return Ok(None);
+        };
+        match sys::recv_byte_with_fd(std::os::fd::AsFd::as_fd(status)) {
+            Ok((Some(b'L'), Some(fd))) => Ok(Some(fd)),
+            // The first byte of the outcome: keep it for `wait`.
+            Ok((Some(byte), None)) => {
+                self.pending.push(byte);
+                Ok(None)
+            }
+            Ok((None, None)) => Ok(None),
+            Ok(_) => Err(SandboxError::Supervisor(
+                "unexpected message on the control socket".into(),
+            )),
+            Err(e) => Err(SandboxError::Supervisor(format!(
+                "receiving the egress listener: {e}"
+            ))),
+        }
+    }
+
     /// The supervisor's pid (for logs and tests).
     pub fn supervisor_pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
@@ -470,7 +504,7 @@ impl RunningStep {
 
     /// Blocks until the supervisor reports.
     pub fn wait(mut self) -> Result<StepOutcome, SandboxError> {
-        let mut report = Vec::new();
+        let mut report = std::mem::take(&mut self.pending);
         if let Some(mut status) = self.status.take() {
             match status.read_to_end(&mut report) {
                 // A cancel written just as the supervisor closed the socket resets it; the
@@ -564,6 +598,14 @@ pub fn validate(spec: &StepSpec) -> Result<(), SandboxError> {
         if k.is_empty() || k.contains('=') || k.contains('\0') || v.contains('\0') {
             return Err(invalid(format!(
                 "bad environment variable name or value: {k:?}"
+            )));
+        }
+    }
+    if let Some(port) = spec.egress_proxy_port {
+        // Landlock must let the step connect to its proxy, and only there is TCP allowed.
+        if port == 0 || !spec.tcp_connect_ports.contains(&port) {
+            return Err(invalid(format!(
+                "egress proxy port {port} must be non-zero and in tcp_connect_ports"
             )));
         }
     }
@@ -721,7 +763,12 @@ pub fn profile(spec: &StepSpec, host: &HostSupport) -> Value {
             &spec.tcp_connect_ports,
             spec.waived_layers.iter().any(|l| l == "landlock"),
         ),
-        "network": {"namespace": "new, loopback only", "tcp_connect_ports": spec.tcp_connect_ports},
+        "network": {
+            "namespace": "new, no interface but loopback, no route",
+            "loopback": if spec.egress_proxy_port.is_some() { "up" } else { "down" },
+            "egress_proxy": spec.egress_proxy_port.map(|port| format!("127.0.0.1:{port}")),
+            "tcp_connect_ports": spec.tcp_connect_ports,
+        },
         "waived_layers": spec.waived_layers,
         "seccomp": seccomp::describe(&host.seccomp_policy_sha256),
         "rlimits": {"core": 0, "nofile": spec.limits.nofile, "fsize": spec.limits.fsize_bytes},
@@ -799,6 +846,7 @@ mod tests {
             tmp_size_bytes: 1 << 20,
             limits: Limits::default(),
             tcp_connect_ports: vec![],
+            egress_proxy_port: None,
             waived_layers: vec![],
         };
         let policy = seccomp::compiled()?;

@@ -105,16 +105,5 @@ impl Denials {
 
 /// The step's side: hands the listener to the supervisor.
 pub(crate) fn send_listener(sock: &OwnedFd, listener: &OwnedFd) -> Result<(), Errno> {
-    use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
-    use std::os::fd::AsRawFd;
-    let fds = [listener.as_raw_fd()];
-    let iov = [std::io::IoSlice::new(b"L")];
-    sendmsg::<()>(
-        sock.as_raw_fd(),
-        &iov,
-        &[ControlMessage::ScmRights(&fds)],
-        MsgFlags::empty(),
-        None,
-    )
-    .map(drop)
+    sys::send_byte_with_fd(sock.as_fd(), b'L', listener.as_fd())
 }

@@ -439,6 +439,16 @@ fn launch(plan: &Plan, control: &OwnedFd, cgroup: &mut StepCgroup) -> Result<Ste
         let _ = kill_and_reap(pid);
         return Err(f);
     }
+    if let Some(port) = plan.spec.egress_proxy_port {
+        let handed = crate::egress::open_listener(pid, port).and_then(|listener| {
+            sys::send_byte_with_fd(control.as_fd(), b'L', listener.as_fd())
+                .layer("network", "handing the egress listener to the daemon")
+        });
+        if let Err(f) = handed {
+            let _ = kill_and_reap(pid);
+            return Err(f);
+        }
+    }
     let pidfd = match sys::pidfd_open(pid) {
         Ok(fd) => fd,
         Err(e) => {

@@ -293,35 +293,103 @@ pub(crate) fn seccomp_filter_with_listener(
 /// Receives one fd sent with SCM_RIGHTS on `sock` (CLOEXEC). `Ok(None)`: the peer closed
 /// the socket without sending one.
 pub(crate) fn recv_fd(sock: BorrowedFd<'_>) -> Result<Option<OwnedFd>, Errno> {
+    match recv_byte_with_fd(sock)? {
+        (_, Some(fd)) => Ok(Some(fd)),
+        (None, None) => Ok(None),
+        // A message without an fd is not from our step setup.
+        (Some(_), None) => Err(Errno::EPROTO),
+    }
+}
+
+/// Receives one byte and the fd sent with it by SCM_RIGHTS, if any (CLOEXEC). `(None,
+/// None)`: the peer closed the socket.
+pub(crate) fn recv_byte_with_fd(
+    sock: BorrowedFd<'_>,
+) -> Result<(Option<u8>, Option<OwnedFd>), Errno> {
     use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
     let mut byte = [0u8; 1];
     let mut iov = [std::io::IoSliceMut::new(&mut byte)];
     let mut space = nix::cmsg_space!([RawFd; 1]);
-    let msg = recvmsg::<()>(
-        sock.as_raw_fd(),
-        &mut iov,
-        Some(&mut space),
-        MsgFlags::MSG_CMSG_CLOEXEC,
-    )?;
+    let msg = loop {
+        match recvmsg::<()>(
+            sock.as_raw_fd(),
+            &mut iov,
+            Some(&mut space),
+            MsgFlags::MSG_CMSG_CLOEXEC,
+        ) {
+            Err(Errno::EINTR) => continue,
+            other => break other?,
+        }
+    };
     let mut received = Vec::new();
     for c in msg.cmsgs()? {
         if let ControlMessageOwned::ScmRights(fds) = c {
             received.extend(fds);
         }
     }
+    let got_byte = msg.bytes == 1;
     // SAFETY: SCM_RIGHTS just installed these fds in our table; nothing else owns them.
     let mut owned: Vec<OwnedFd> = received
         .into_iter()
         .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) })
         .collect();
-    if msg.bytes == 0 && owned.is_empty() {
-        return Ok(None);
+    let fd = owned.pop();
+    // At most one fd per message: more is not from Kiln (the extra ones are closed).
+    if !owned.is_empty() {
+        return Err(Errno::EPROTO);
     }
-    // Exactly one fd per message; anything else is not from our step setup.
-    match (owned.pop(), owned.is_empty()) {
-        (Some(fd), true) => Ok(Some(fd)),
-        _ => Err(Errno::EPROTO),
+    Ok((got_byte.then_some(byte[0]), fd))
+}
+
+/// Sends `byte` with `fd` attached (SCM_RIGHTS).
+pub(crate) fn send_byte_with_fd(
+    sock: BorrowedFd<'_>,
+    byte: u8,
+    fd: BorrowedFd<'_>,
+) -> Result<(), Errno> {
+    use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+    let fds = [fd.as_raw_fd()];
+    let data = [byte];
+    let iov = [std::io::IoSlice::new(&data)];
+    sendmsg::<()>(
+        sock.as_raw_fd(),
+        &iov,
+        &[ControlMessage::ScmRights(&fds)],
+        MsgFlags::empty(),
+        None,
+    )
+    .map(drop)
+}
+
+/// Sets the loopback interface of the calling thread's network namespace up.
+pub(crate) fn loopback_up() -> Result<(), Errno> {
+    use nix::sys::socket::{socket, AddressFamily, SockFlag, SockType};
+    let sock = socket(
+        AddressFamily::Inet,
+        SockType::Datagram,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    // SAFETY: ifreq is plain data (a name and a union of integers and addresses); all
+    // zeroes is a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in req.ifr_name.iter_mut().zip(b"lo\0") {
+        *dst = *src as libc::c_char;
     }
+    // SAFETY: SIOCGIFFLAGS reads the NUL-terminated name in `req` and writes the flags into
+    // it; `req` is a valid, writable ifreq that outlives the call.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) } < 0 {
+        return Err(Errno::last());
+    }
+    // SAFETY: SIOCGIFFLAGS just filled `ifru_flags`, the union member read and written.
+    unsafe {
+        req.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
+    }
+    // SAFETY: SIOCSIFFLAGS reads `req`, a valid ifreq naming the interface and its flags.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &req) } < 0 {
+        return Err(Errno::last());
+    }
+    Ok(())
 }
 
 /// Receives one pending seccomp notification. Does not block after poll reported the

@@ -176,6 +176,7 @@ fn probe_reports_the_cgroup_mode_and_limits_are_in_the_profile() {
         tmp_size_bytes: 1 << 20,
         limits,
         tcp_connect_ports: vec![],
+        egress_proxy_port: None,
         waived_layers: vec![],
     };
     let text = serde_json::to_string(&sandbox::profile(&spec, &host)).unwrap();
@@ -201,6 +202,7 @@ fn limits_below_the_minimum_are_refused() {
         tmp_size_bytes: 1 << 20,
         limits: Limits::default(),
         tcp_connect_ports: vec![],
+        egress_proxy_port: None,
         waived_layers: vec![],
     };
     sandbox::validate(&ok).unwrap();

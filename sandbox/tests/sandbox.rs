@@ -455,6 +455,7 @@ fn fixture_no_chown() -> StepSpec {
         tmp_size_bytes: 1 << 20,
         limits: sandbox::Limits::default(),
         tcp_connect_ports: vec![],
+        egress_proxy_port: None,
         waived_layers: vec![],
     }
 }
@@ -719,4 +720,63 @@ fn landlock_waiver_never_weakens_a_host_that_has_it() {
     let r = run(&f.spec);
     exited(&r, 0);
     assert_eq!(r.stdout, "rc=2\n");
+}
+
+#[test]
+fn egress_listener_lives_in_the_steps_namespace_and_is_its_only_tcp() {
+    if !is_root("egress_listener_lives_in_the_steps_namespace_and_is_its_only_tcp") {
+        return;
+    }
+    // A port nothing on the host listens on: the listener must not appear there.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let other = if port == 65535 { port - 1 } else { port + 1 };
+    let mut f = fixture(
+        990_000,
+        &format!(
+            "echo ping | busybox nc 127.0.0.1 {port}; \
+             echo x | busybox nc 127.0.0.1 {other} && echo other-port-reached; exit 0"
+        ),
+    );
+    f.spec.egress_proxy_port = Some(port);
+    f.spec.tcp_connect_ports = vec![port];
+    let mut step = sandbox().spawn(&f.spec).unwrap();
+    let out = drain(step.take_stdout());
+    let err = drain(step.take_stderr());
+    let listener: std::net::TcpListener = step
+        .take_egress_listener()
+        .unwrap()
+        .expect("the supervisor hands over the listener")
+        .into();
+    assert_eq!(
+        listener.local_addr().unwrap(),
+        format!("127.0.0.1:{port}").parse().unwrap()
+    );
+    // From the host's namespace the port is closed: the socket is the step's.
+    assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err());
+    let server = std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        let (mut conn, _) = listener.accept().unwrap();
+        let mut buf = [0u8; 5];
+        conn.read_exact(&mut buf).unwrap();
+        conn.write_all(b"pong\n").unwrap();
+        buf
+    });
+    let outcome = step.wait().unwrap();
+    let (stdout, stderr) = (out.join().unwrap(), err.join().unwrap());
+    assert_eq!(outcome.status, StepStatus::Exited { code: 0 }, "{stderr}");
+    assert_eq!(&server.join().unwrap(), b"ping\n");
+    assert!(stdout.contains("pong"), "{stdout}");
+    assert!(!stdout.contains("other-port-reached"), "{stdout}");
+}
+
+#[test]
+fn egress_port_must_be_a_connect_port() {
+    let mut f = fixture(991_000, "true");
+    f.spec.egress_proxy_port = Some(3128);
+    let err = sandbox().spawn(&f.spec).unwrap_err();
+    assert!(err.to_string().contains("tcp_connect_ports"), "{err}");
 }

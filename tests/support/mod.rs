@@ -365,3 +365,18 @@ pub fn host_processes_in_uid_range(first: u32, count: u32) -> Vec<String> {
     }
     found
 }
+
+/// The `signed` part of the link a job wrote for `step` into `dir`.
+pub fn signed_link(dir: &Path, step: &str) -> serde_json::Value {
+    let entry = std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .find(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            name.starts_with(&format!("{step}.")) && name.ends_with(".link")
+        })
+        .unwrap_or_else(|| panic!("no link for step {step} in {}", dir.display()));
+    let link: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(entry.path()).unwrap()).unwrap();
+    link["signed"].clone()
+}

@@ -87,6 +87,7 @@ pub fn fixture(base: u32, script: &str) -> Fixture {
         tmp_size_bytes: 16 << 20,
         limits: sandbox::Limits::default(),
         tcp_connect_ports: vec![],
+        egress_proxy_port: None,
         waived_layers: vec![],
     };
     Fixture {
