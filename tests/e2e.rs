@@ -716,6 +716,18 @@ fn step_start_latency_is_reported_and_cgroup_moves_are_made_cheap() {
     }
 }
 
+#[test]
+fn sigterm_as_soon_as_the_socket_answers_drains_and_exits_zero() {
+    if !require_root("sigterm_as_soon_as_the_socket_answers_drains_and_exits_zero") {
+        return;
+    }
+    for _ in 0..5 {
+        let mut daemon = Daemon::start();
+        let status = daemon.stop();
+        assert!(status.success(), "{status}:\n{}", daemon.log());
+    }
+}
+
 fn status_json(daemon: &Daemon, id: &str) -> serde_json::Value {
     let out = daemon.kiln(&["status", "--json", id]);
     assert!(out.status.success(), "{}", describe(&out));

@@ -443,6 +443,10 @@ impl Runner {
             let workspace = workspace.to_path_buf();
             blocking(move || runner.prepare_workspace(&spec, &workspace, step_host_id)).await?;
         }
+        // What the previous step left: nothing runs between two steps (the previous
+        // one's every process died with its pid namespace, and the daemon does not touch
+        // the files), so it is exactly what the next step starts from, without a re-read.
+        let mut previous_products = None;
         for (index, step) in spec.steps.iter().enumerate() {
             if self.handle(id).cancelled.load(Ordering::SeqCst) {
                 return Err(JobEnd::Cancelled);
@@ -457,10 +461,18 @@ impl Runner {
                     name: step.name.clone(),
                 }),
             );
-            let result = self
+            let (result, products) = self
                 .clone()
-                .run_step(id, step, &image, workspace, host_uid_base)
+                .run_step(
+                    id,
+                    step,
+                    &image,
+                    workspace,
+                    host_uid_base,
+                    previous_products.take(),
+                )
                 .await?;
+            previous_products = products;
             let state = StepState::try_from(result.state).unwrap_or(StepState::Error);
             let message = result.message.clone();
             tracing::info!(
@@ -566,7 +578,14 @@ impl Runner {
         image: &ResolvedImage,
         workspace: &Path,
         host_uid_base: u32,
-    ) -> Result<StepResult, JobEnd> {
+        materials: Option<std::collections::BTreeMap<String, String>>,
+    ) -> Result<
+        (
+            StepResult,
+            Option<std::collections::BTreeMap<String, String>>,
+        ),
+        JobEnd,
+    > {
         let started = Instant::now();
         let scheduled_ns = sandbox::monotonic_now_ns();
         let limits = crate::limits::Effective::of(&self.config, step.limits.as_ref());
@@ -575,7 +594,7 @@ impl Runner {
             let held = crate::limits::workspace_usage(workspace)
                 .map(|(used, _)| crate::limits::format_size(used))
                 .unwrap_or_else(|| "?".into());
-            return Ok(StepResult {
+            let result = StepResult {
                 name: step.name.clone(),
                 state: StepState::Error as i32,
                 exit_code: 125,
@@ -584,9 +603,13 @@ impl Runner {
                     crate::limits::format_size(limits.disk_bytes)
                 ),
                 ..Default::default()
-            });
+            };
+            return Ok((result, None));
         }
-        let materials = hash_workspace(workspace.to_path_buf()).await?;
+        let materials = match materials {
+            Some(known) => known,
+            None => hash_workspace(workspace.to_path_buf()).await?,
+        };
         let timeout_seconds = if step.timeout_seconds == 0 {
             self.config.default_timeout_seconds
         } else {
@@ -770,7 +793,7 @@ impl Runner {
                 result.state = StepState::Error as i32;
                 result.exit_code = 125;
                 result.message = format!("sandbox layer {layer:?} could not be set up: {message}");
-                return Ok(result);
+                return Ok((result, None));
             }
         };
         // Which limits the step ran into; the first one named is the reason reported.
@@ -837,7 +860,7 @@ impl Runner {
                 size(apparent),
                 size(limits.disk_bytes)
             );
-            return Ok(result);
+            return Ok((result, None));
         }
         let products = match hash_workspace(workspace.to_path_buf()).await {
             Ok(products) => products,
@@ -852,7 +875,7 @@ impl Runner {
                         .replace(&format!("{}/", workspace.display()), "/workspace/")
                         .replace(&workspace.display().to_string(), "/workspace")
                 );
-                return Ok(result);
+                return Ok((result, None));
             }
             Err(other) => return Err(other),
         };
@@ -906,7 +929,7 @@ impl Runner {
         result.link_digest = self.cas.put_bytes(&signed.metablock)?;
         result.link_dsse_digest = self.cas.put_bytes(&signed.dsse)?;
         result.link_name = signed.file_name;
-        Ok(result)
+        Ok((result, Some(link.products)))
     }
 
     /// Streams one of the step's output pipes to Watch subscribers, keeps the head

@@ -96,6 +96,9 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     );
     let scheduler = tokio::spawn(runner.clone().schedule(queue));
 
+    // Watch for SIGTERM before the socket exists: a supervisor that sees the socket may
+    // stop the daemon at once, and that must drain, not kill.
+    let shutdown = shutdown_signal()?;
     let listener = bind_socket(&config)?;
     let service = Service {
         runner: runner.clone(),
@@ -129,7 +132,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         .add_service(JobsServer::new(service.clone()))
         .add_service(ContentStoreServer::new(service.clone()))
         .add_service(AttestationsServer::new(service))
-        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown_signal())
+        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
         .await;
     health_reporter
         .set_not_serving::<JobsServer<Service>>()
@@ -173,18 +176,15 @@ fn remove_stale_socket(socket: &Path) -> anyhow::Result<()> {
     }
 }
 
-async fn shutdown_signal() {
+/// Resolves at SIGTERM or SIGINT; the handlers are installed when this is called.
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
     use tokio::signal::unix::{signal, SignalKind};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(err) => {
-            tracing::error!(error = %err, "cannot watch SIGTERM");
-            std::future::pending::<()>().await;
-            return;
+    let mut term = signal(SignalKind::terminate()).context("watching SIGTERM")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("watching SIGINT")?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received"),
+            _ = interrupt.recv() => tracing::info!("interrupt received"),
         }
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received"),
-        _ = tokio::signal::ctrl_c() => tracing::info!("interrupt received"),
-    }
+    })
 }
