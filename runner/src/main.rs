@@ -253,10 +253,15 @@ fn main() -> ExitCode {
         // Colour codes only for a terminal: journald and log files get plain text.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    // The daemon serves many clients and jobs; a client command waits on one daemon, and
+    // a single-threaded runtime starts faster (no worker threads, no CPU quota lookup).
+    // The demo also stops its own daemon with a blocking wait, while its client
+    // connection must still be closed by a runtime task: it keeps worker threads.
+    let mut builder = match cli.command {
+        Command::Serve { .. } | Command::Demo { .. } => tokio::runtime::Builder::new_multi_thread(),
+        _ => tokio::runtime::Builder::new_current_thread(),
+    };
+    let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(err) => {
             eprintln!("kiln: starting the runtime: {err}");
