@@ -631,6 +631,28 @@ fn host_loopback_tcp_service_is_unreachable() {
 }
 
 #[test]
+fn with_an_allow_list_nothing_but_the_proxy_is_reachable() {
+    let Some(mut lab) = Lab::start("with_an_allow_list_nothing_but_the_proxy_is_reachable", "")
+    else {
+        return;
+    };
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let port = listener.local_addr().unwrap().port().to_string();
+    // The list names the host's listener by name only: the name resolves to loopback,
+    // which the proxy refuses, and around the proxy nothing else answers.
+    let allow = format!("localhost:{port}");
+    let args = ["egress-bypass", port.as_str(), "3128"];
+    let out = lab.attack(&["--allow-net", &allow], &args);
+    lab.assert_contained(&out, &args);
+    lab.assert_healthy();
+    match listener.accept() {
+        Ok((_, peer)) => panic!("ATTACK GOT THROUGH: the host listener accepted {peer}"),
+        Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::WouldBlock, "{e}"),
+    }
+}
+
+#[test]
 fn host_abstract_unix_socket_is_unreachable() {
     use std::os::linux::net::SocketAddrExt;
     let Some(mut lab) = Lab::start("host_abstract_unix_socket_is_unreachable", "") else {

@@ -34,8 +34,8 @@ pub fn sha256_file(path: &Path) -> Result<String, ProvenanceError> {
 }
 
 fn hash_regular_file(path: &Path, buf: &mut [u8]) -> Result<String, ProvenanceError> {
-    let (mut f, _) = open_regular(path)?;
-    hash_open_file(&mut f, path, buf).map(hex::encode)
+    let (mut f, meta) = open_regular(path)?;
+    hash_open_file(&mut f, meta.len(), path, buf).map(hex::encode)
 }
 
 /// Open a regular file for hashing, refusing symlinks and special files.
@@ -55,12 +55,37 @@ fn open_regular(path: &Path) -> Result<(File, fs::Metadata), ProvenanceError> {
 }
 
 /// Stream `f` through SHA-256 with the caller's buffer (bounded memory).
-fn hash_open_file(f: &mut File, path: &Path, buf: &mut [u8]) -> Result<[u8; 32], ProvenanceError> {
+/// `expected` is the size fstat reported: each read asks for one byte more
+/// than is left, so a read returning less has reached the end and most files
+/// take one read, not a second one to see EOF. A file that grew meanwhile
+/// fills the request and is read on to its real end.
+fn hash_open_file(
+    f: &mut File,
+    expected: u64,
+    path: &Path,
+    buf: &mut [u8],
+) -> Result<[u8; 32], ProvenanceError> {
     let mut hasher = Sha256::new();
+    let mut left = expected;
+    let mut grew = false;
     loop {
-        match f.read(buf) {
+        let want = if grew {
+            buf.len()
+        } else {
+            usize::try_from(left.saturating_add(1))
+                .unwrap_or(usize::MAX)
+                .min(buf.len())
+        };
+        match f.read(&mut buf[..want]) {
             Ok(0) => break,
-            Ok(n) => hasher.update(&buf[..n]),
+            Ok(n) => {
+                hasher.update(&buf[..n]);
+                if n < want {
+                    break;
+                }
+                grew = grew || n as u64 > left;
+                left = left.saturating_sub(n as u64);
+            }
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(ProvenanceError::io(path, e)),
         }
@@ -506,7 +531,7 @@ impl TreeHasher {
                 }
             }
             let (mut f, before) = open_regular(path)?;
-            let digest = hash_open_file(&mut f, path, buf)?;
+            let digest = hash_open_file(&mut f, before.len(), path, buf)?;
             let after = f.metadata().map_err(|e| ProvenanceError::io(path, e))?;
             let key = FileKey::of(&before);
             // Cache only what provably did not change while it was read.
@@ -652,6 +677,35 @@ mod tests {
         assert_eq!(t["out-link"], sha256_bytes(b"../outside"));
         assert_eq!(t["a/dangling"], sha256_bytes(b"/nonexistent/dangling"));
         assert_eq!(t["a/dirlink"], sha256_bytes(b"b"));
+    }
+
+    #[test]
+    fn file_sizes_around_the_buffer_hash_like_sha256sum() {
+        let dir = tempfile::tempdir().unwrap();
+        for size in [
+            0,
+            1,
+            4095,
+            BUF_SIZE - 1,
+            BUF_SIZE,
+            BUF_SIZE + 1,
+            2 * BUF_SIZE + 7,
+        ] {
+            let data: Vec<u8> = (0..size).map(|i| (i * 31 % 251) as u8).collect();
+            let path = dir.path().join(format!("f{size}"));
+            fs::write(&path, &data).unwrap();
+            assert_eq!(
+                sha256_file(&path).unwrap(),
+                sha256_bytes(&data),
+                "size {size}"
+            );
+            // A file longer than the size it was opened with is read to its end.
+            let (mut f, _) = open_regular(&path).unwrap();
+            let mut buf = vec![0u8; BUF_SIZE];
+            let stale = (size as u64).saturating_sub(3);
+            let digest = hash_open_file(&mut f, stale, &path, &mut buf).unwrap();
+            assert_eq!(hex::encode(digest), sha256_bytes(&data), "size {size}");
+        }
     }
 
     #[test]

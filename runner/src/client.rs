@@ -62,6 +62,9 @@ impl Client {
 
     /// Uploads the files the store does not have yet.
     pub async fn upload(&self, files: &[LocalInput]) -> anyhow::Result<()> {
+        if files.is_empty() {
+            return Ok(());
+        }
         let digests: Vec<String> = files.iter().map(|f| f.digest.clone()).collect();
         let missing = self
             .store()

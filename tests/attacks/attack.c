@@ -377,6 +377,69 @@ static int connect_timeout(int fam, const struct sockaddr *sa, socklen_t sl, int
     return r;
 }
 
+/* egress-bypass HOSTPORT PROXYPORT: a step WITH an allow-list (so with its loopback up
+ * and the proxy listening there) still reaches nothing but the proxy: not the host's
+ * listener, not an outside address, not a DNS server; it cannot bind TCP to stand in for
+ * the proxy or to serve anything; the proxy itself is reachable (else the test shows
+ * nothing). */
+static void a_egress_bypass(int argc, char **argv) {
+    if (argc < 2) {
+        inconclusive("usage: egress-bypass HOSTPORT PROXYPORT");
+        return;
+    }
+    int host_port = atoi(argv[0]), proxy_port = atoi(argv[1]);
+    struct sockaddr_in proxy = {.sin_family = AF_INET, .sin_port = htons((uint16_t)proxy_port)};
+    inet_pton(AF_INET, "127.0.0.1", &proxy.sin_addr);
+    if (connect_timeout(AF_INET, (struct sockaddr *)&proxy, sizeof proxy, 2000) != 0) {
+        inconclusive("the egress proxy is not reachable: %s", strerror(errno));
+        return;
+    }
+    const char *targets[] = {"127.0.0.1", "192.0.2.1", "10.0.0.1", "169.254.169.254"};
+    for (unsigned i = 0; i < sizeof targets / sizeof *targets; i++) {
+        struct sockaddr_in sa = {.sin_family = AF_INET, .sin_port = htons((uint16_t)host_port)};
+        inet_pton(AF_INET, targets[i], &sa.sin_addr);
+        if (connect_timeout(AF_INET, (struct sockaddr *)&sa, sizeof sa, 2000) == 0)
+            escaped("connected to %s:%d around the proxy", targets[i], host_port);
+        else
+            note("%s:%d: %s", targets[i], host_port, strerror(errno));
+    }
+    /* DNS straight to a server: no route, and no resolver on the loopback. */
+    const char *dns[] = {"127.0.0.1", "8.8.8.8", "10.0.0.2"};
+    for (unsigned i = 0; i < sizeof dns / sizeof *dns; i++) {
+        int u = socket(AF_INET, SOCK_DGRAM, 0);
+        if (u < 0) continue;
+        struct sockaddr_in d = {.sin_family = AF_INET, .sin_port = htons(53)};
+        inet_pton(AF_INET, dns[i], &d.sin_addr);
+        static const unsigned char query[] = {0x12, 0x34, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0, 7,
+                                              'e', 'x', 'a', 'm', 'p', 'l', 'e', 3, 'c', 'o',
+                                              'm', 0, 0, 1, 0, 1};
+        if (sendto(u, query, sizeof query, 0, (struct sockaddr *)&d, sizeof d) >= 0) {
+            struct pollfd p = {.fd = u, .events = POLLIN};
+            if (poll(&p, 1, 1000) == 1) {
+                unsigned char answer[512];
+                if (recv(u, answer, sizeof answer, 0) > 0)
+                    escaped("a DNS server at %s answered", dns[i]);
+            }
+        } else {
+            note("DNS to %s: %s", dns[i], strerror(errno));
+        }
+        close(u);
+    }
+    /* Binding TCP: neither the proxy's port (taken, and Landlock) nor any other. */
+    int ports[] = {proxy_port, 8080, 0};
+    for (unsigned i = 0; i < sizeof ports / sizeof *ports; i++) {
+        int t = socket(AF_INET, SOCK_STREAM, 0);
+        if (t < 0) continue;
+        struct sockaddr_in b = {.sin_family = AF_INET, .sin_port = htons((uint16_t)ports[i])};
+        inet_pton(AF_INET, "127.0.0.1", &b.sin_addr);
+        if (bind(t, (struct sockaddr *)&b, sizeof b) == 0 && listen(t, 1) == 0)
+            escaped("listening on TCP 127.0.0.1:%d", ports[i]);
+        else
+            note("bind 127.0.0.1:%d: %s", ports[i], strerror(errno));
+        close(t);
+    }
+}
+
 /* tcp-connect PORT [IPV4...]: the host's loopback (and its other addresses) are not
  * reachable; the step's network namespace has only its own loopback. */
 static void a_tcp_connect(int argc, char **argv) {
@@ -1765,6 +1828,7 @@ struct attack {
 static const struct attack ATTACKS[] = {
     {"read-host", a_read_host},     {"connect-unix", a_connect_unix},
     {"abstract-unix", a_abstract_unix}, {"tcp-connect", a_tcp_connect},
+    {"egress-bypass", a_egress_bypass},
     {"sock-packet", a_sock_packet}, {"sock-raw", a_sock_raw},
     {"sock-netlink", a_sock_netlink}, {"sock-other", a_sock_other},
     {"sys", a_sys},                 {"ptrace-init", a_ptrace_init},
