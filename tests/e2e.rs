@@ -10,9 +10,6 @@ use std::path::Path;
 use serde_json::json;
 use support::*;
 
-const HELLO_C: &str =
-    "#include <stdio.h>\nint main(void) { printf(\"hello, kiln\\n\"); return 0; }\n";
-
 fn write_runner_pub(daemon: &Daemon) -> std::path::PathBuf {
     let out = daemon.kiln(&["keys", "public"]);
     assert!(out.status.success(), "{}", describe(&out));
@@ -48,23 +45,7 @@ fn run_streams_output_writes_link_and_outputs_that_in_toto_verify_accepts() {
         return;
     }
     let daemon = Daemon::start();
-    std::fs::create_dir_all(daemon.path("src")).unwrap();
-    std::fs::write(daemon.path("src/hello.c"), HELLO_C).unwrap();
-    let out = daemon.kiln(&[
-        "run",
-        "--input",
-        "src/hello.c",
-        "--output",
-        "hello",
-        "--attest-dir",
-        "links",
-        "--out",
-        "out",
-        "--",
-        "/bin/sh",
-        "-c",
-        "cc -O2 -o hello hello.c && ./hello",
-    ]);
+    let out = run_hello(&daemon, &[]);
     assert!(out.status.success(), "{}\n{}", describe(&out), daemon.log());
     assert_eq!(text(&out.stdout), "hello, kiln\n");
     let hello = daemon.path("out/hello");
@@ -112,24 +93,7 @@ fn run_streams_output_writes_link_and_outputs_that_in_toto_verify_accepts() {
         return;
     };
     let runner_pub = write_runner_pub(&daemon);
-    let (layout, owner) = make_layout(
-        &python,
-        daemon.dir.path(),
-        &runner_pub,
-        json!({
-            "steps": [{
-                "name": "run",
-                "expected_command": ["/bin/sh", "-c", "cc -O2 -o hello hello.c && ./hello"],
-                "expected_materials": [["ALLOW", "hello.c"], ["DISALLOW", "*"]],
-                "expected_products": [["CREATE", "hello"], ["ALLOW", "hello.c"], ["DISALLOW", "*"]],
-            }],
-            "inspect": [{
-                "name": "outputs",
-                "run": ["true"],
-                "expected_materials": [["MATCH", "hello", "WITH", "PRODUCTS", "FROM", "run"], ["DISALLOW", "*"]],
-            }],
-        }),
-    );
+    let (layout, owner) = hello_layout(&python, daemon.dir.path(), &runner_pub);
     let links_dir = daemon.path("links");
     let out_dir = daemon.path("out");
     let verdict = run_in_toto_verify(&verifier, &layout, &owner, &links_dir, &out_dir);

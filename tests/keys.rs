@@ -16,9 +16,6 @@ use base64::Engine;
 use serde_json::{json, Value};
 use support::*;
 
-const HELLO_C: &str =
-    "#include <stdio.h>\nint main(void) { printf(\"hello, kiln\\n\"); return 0; }\n";
-
 fn read_json(path: &Path) -> Value {
     serde_json::from_slice(&std::fs::read(path).unwrap())
         .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
@@ -106,25 +103,7 @@ fn dsse_links_of_a_real_run_pass_in_toto_verify_and_a_tampered_payload_fails() {
         return;
     }
     let daemon = Daemon::start();
-    std::fs::create_dir_all(daemon.path("src")).unwrap();
-    std::fs::write(daemon.path("src/hello.c"), HELLO_C).unwrap();
-    let out = daemon.kiln(&[
-        "run",
-        "--input",
-        "src/hello.c",
-        "--output",
-        "hello",
-        "--attest-dir",
-        "links",
-        "--link-format",
-        "dsse",
-        "--out",
-        "out",
-        "--",
-        "/bin/sh",
-        "-c",
-        "cc -O2 -o hello hello.c && ./hello",
-    ]);
+    let out = run_hello(&daemon, &["--link-format", "dsse"]);
     assert!(out.status.success(), "{}\n{}", describe(&out), daemon.log());
 
     let keyid = daemon_keyid(&daemon);
@@ -152,24 +131,7 @@ fn dsse_links_of_a_real_run_pass_in_toto_verify_and_a_tampered_payload_fails() {
     assert!(pem.status.success(), "{}", describe(&pem));
     let runner_pub = daemon.path("runner.pub");
     std::fs::write(&runner_pub, &pem.stdout).unwrap();
-    let (layout, owner) = make_layout(
-        &python,
-        daemon.dir.path(),
-        &runner_pub,
-        json!({
-            "steps": [{
-                "name": "run",
-                "expected_command": ["/bin/sh", "-c", "cc -O2 -o hello hello.c && ./hello"],
-                "expected_materials": [["ALLOW", "hello.c"], ["DISALLOW", "*"]],
-                "expected_products": [["CREATE", "hello"], ["ALLOW", "hello.c"], ["DISALLOW", "*"]],
-            }],
-            "inspect": [{
-                "name": "outputs",
-                "run": ["true"],
-                "expected_materials": [["MATCH", "hello", "WITH", "PRODUCTS", "FROM", "run"], ["DISALLOW", "*"]],
-            }],
-        }),
-    );
+    let (layout, owner) = hello_layout(&python, daemon.dir.path(), &runner_pub);
     let out_dir = daemon.path("out");
     let verdict = run_in_toto_verify(&verifier, &layout, &owner, &links, &out_dir);
     assert!(

@@ -11,10 +11,10 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{TcpListener, TcpStream};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
 
-const KILN: &str = env!("CARGO_BIN_EXE_kiln");
+mod common;
+use common::Daemon;
 const RUNS: usize = 3;
 const SMALL_REQUESTS: usize = 30;
 
@@ -81,13 +81,9 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-fn direct(script: &str) -> Vec<(f64, f64)> {
-    let out = Command::new("/bin/sh")
-        .args(["-c", script])
-        .env_remove("http_proxy")
-        .env_remove("HTTP_PROXY")
-        .output()
-        .unwrap();
+/// Runs `command` and parses its `curl -w` lines.
+fn curl_figures(mut command: Command) -> Vec<(f64, f64)> {
+    let out = command.output().unwrap();
     assert!(
         out.status.success(),
         "{}",
@@ -96,19 +92,18 @@ fn direct(script: &str) -> Vec<(f64, f64)> {
     parse(&out.stdout)
 }
 
-fn in_step(socket: &std::path::Path, allow: &str, script: &str) -> Vec<(f64, f64)> {
-    let out = Command::new(KILN)
-        .arg("--socket")
-        .arg(socket)
-        .args(["run", "--allow-net", allow, "--", "/bin/sh", "-c", script])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    parse(&out.stdout)
+/// The script on the host, without any proxy.
+fn direct(script: &str) -> Vec<(f64, f64)> {
+    let mut c = Command::new("/bin/sh");
+    c.args(["-c", script])
+        .env_remove("http_proxy")
+        .env_remove("HTTP_PROXY");
+    curl_figures(c)
+}
+
+/// The script in a step allowed to reach `allow` through its egress proxy.
+fn in_step(daemon: &Daemon, allow: &str, script: &str) -> Vec<(f64, f64)> {
+    curl_figures(daemon.kiln(&["run", "--allow-net", allow, "--", "/bin/sh", "-c", script]))
 }
 
 fn main() {
@@ -124,22 +119,7 @@ fn main() {
     let port = listener.local_addr().unwrap().port();
     std::thread::spawn(move || serve(listener));
 
-    let dir = tempfile::tempdir().unwrap();
-    let socket = dir.path().join("kiln.sock");
-    let mut daemon = Command::new(KILN)
-        .arg("--socket")
-        .arg(&socket)
-        .arg("serve")
-        .arg("--state-dir")
-        .arg(dir.path().join("state"))
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while std::os::unix::net::UnixStream::connect(&socket).is_err() {
-        assert!(Instant::now() < deadline, "daemon did not start");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let daemon = Daemon::start();
 
     let allow = format!("127.0.0.1:{port}");
     let big = format!("http://127.0.0.1:{port}/bytes/{}", mib << 20);
@@ -148,25 +128,21 @@ fn main() {
     let ttfb = |runs: Vec<(f64, f64)>| median(runs.iter().map(|r| r.1).collect());
 
     let direct_big = throughput(direct(&curl_script(&big, RUNS, "")));
-    let proxied_big = throughput(in_step(&socket, &allow, &curl_script(&big, RUNS, "")));
-    let tunneled_big = throughput(in_step(&socket, &allow, &curl_script(&big, RUNS, "-p")));
+    let proxied_big = throughput(in_step(&daemon, &allow, &curl_script(&big, RUNS, "")));
+    let tunneled_big = throughput(in_step(&daemon, &allow, &curl_script(&big, RUNS, "-p")));
     let direct_small = ttfb(direct(&curl_script(&small, SMALL_REQUESTS, "")));
     let proxied_small = ttfb(in_step(
-        &socket,
+        &daemon,
         &allow,
         &curl_script(&small, SMALL_REQUESTS, ""),
     ));
     let tunneled_small = ttfb(in_step(
-        &socket,
+        &daemon,
         &allow,
         &curl_script(&small, SMALL_REQUESTS, "-p"),
     ));
 
-    let _ = nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(daemon.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    );
-    let _ = daemon.wait();
+    daemon.stop();
 
     let mbs = |b: f64| b / (1024.0 * 1024.0);
     println!("download of {mib} MiB, median of {RUNS}, same run:");

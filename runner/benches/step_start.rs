@@ -13,7 +13,8 @@
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-const KILN: &str = env!("CARGO_BIN_EXE_kiln");
+mod common;
+use common::Daemon;
 
 fn median(mut samples: Vec<Duration>) -> Duration {
     samples.sort();
@@ -57,25 +58,7 @@ fn main() {
         eprintln!("SKIPPED: the step_start benchmark needs root");
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let socket = dir.path().join("kiln.sock");
-    let log_path = dir.path().join("daemon.log");
-    let log = std::fs::File::create(&log_path).unwrap();
-    let mut daemon = Command::new(KILN)
-        .arg("--socket")
-        .arg(&socket)
-        .arg("serve")
-        .arg("--state-dir")
-        .arg(dir.path().join("state"))
-        .env("KILN_LOG", "info")
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while std::os::unix::net::UnixStream::connect(&socket).is_err() {
-        assert!(Instant::now() < deadline, "daemon did not start");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let daemon = Daemon::start();
 
     let true_alone = time_runs(runs, || Command::new("/bin/true"));
     let bwrap = time_runs(runs, || {
@@ -104,19 +87,9 @@ fn main() {
         ]);
         c
     });
-    let kiln = time_runs(runs, || {
-        let mut c = Command::new(KILN);
-        c.arg("--socket")
-            .arg(&socket)
-            .args(["run", "--", "/bin/true"]);
-        c
-    });
-    let _ = nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(daemon.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    );
-    let _ = daemon.wait();
-    let in_daemon = start_latencies(&std::fs::read_to_string(&log_path).unwrap());
+    let kiln = time_runs(runs, || daemon.kiln(&["run", "--", "/bin/true"]));
+    let log = daemon.stop();
+    let in_daemon = start_latencies(&log);
     assert!(
         in_daemon.len() > runs,
         "expected a start latency per kiln run in the daemon log, found {}",

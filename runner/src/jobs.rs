@@ -718,6 +718,14 @@ impl Runner {
             Some(proxy) => Some(proxy.finish().await),
             None => None,
         };
+        if let Some(n) = network.as_ref().filter(|n| n.unrecorded > 0) {
+            tracing::warn!(
+                job = %id,
+                step = %step.name,
+                unrecorded = n.unrecorded,
+                "more network attempts than recorded; the link counts them"
+            );
+        }
         let mut logs = Vec::new();
         for reader in readers {
             let log = tokio::task::spawn_blocking(move || reader.join())

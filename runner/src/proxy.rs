@@ -172,14 +172,19 @@ struct Shared {
 
 impl Shared {
     fn record(&self, attempt: Attempt) -> Arc<Live> {
-        tracing::info!(
-            method = %attempt.method,
-            host = %attempt.host,
-            port = attempt.port,
-            decision = %attempt.decision,
-            reason = %attempt.reason,
-            "step network attempt"
-        );
+        let mut records = self.records.lock().ok();
+        let keep = records.as_ref().is_some_and(|r| r.len() < MAX_RECORDS);
+        if keep {
+            // The log gets what the link gets: a flooding step cannot flood the log.
+            tracing::info!(
+                method = %attempt.method,
+                host = %attempt.host,
+                port = attempt.port,
+                decision = %attempt.decision,
+                reason = %attempt.reason,
+                "step network attempt"
+            );
+        }
         let live = Arc::new(Live {
             attempt: Mutex::new(attempt),
             up: AtomicU64::new(0),
@@ -187,8 +192,8 @@ impl Shared {
             started: Instant::now(),
             ended: Mutex::new(None),
         });
-        match self.records.lock() {
-            Ok(mut records) if records.len() < MAX_RECORDS => records.push(live.clone()),
+        match records.as_mut() {
+            Some(records) if keep => records.push(live.clone()),
             _ => {
                 self.unrecorded.fetch_add(1, Ordering::Relaxed);
             }

@@ -223,6 +223,54 @@ pub fn make_layout(
     (layout, owner_pub)
 }
 
+pub const HELLO_C: &str =
+    "#include <stdio.h>\nint main(void) { printf(\"hello, kiln\\n\"); return 0; }\n";
+
+/// `kiln run` of the one-step hello job: hello.c in, `cc` and run it, `hello` out to
+/// `out/`, the link to `links/`; `extra` goes before the `--`.
+pub fn run_hello(daemon: &Daemon, extra: &[&str]) -> Output {
+    std::fs::create_dir_all(daemon.path("src")).unwrap();
+    std::fs::write(daemon.path("src/hello.c"), HELLO_C).unwrap();
+    let mut args = vec![
+        "run",
+        "--input",
+        "src/hello.c",
+        "--output",
+        "hello",
+        "--attest-dir",
+        "links",
+        "--out",
+        "out",
+    ];
+    args.extend_from_slice(extra);
+    args.extend(["--", "/bin/sh", "-c", "cc -O2 -o hello hello.c && ./hello"]);
+    daemon.kiln(&args)
+}
+
+/// The layout of the one-step "compile and run hello.c" job (`kiln run` of
+/// `cc -O2 -o hello hello.c && ./hello`), with the runner key as functionary and an
+/// inspection matching the downloaded `hello` with the step's product.
+pub fn hello_layout(python: &Path, dir: &Path, runner_pub: &Path) -> (PathBuf, PathBuf) {
+    make_layout(
+        python,
+        dir,
+        runner_pub,
+        serde_json::json!({
+            "steps": [{
+                "name": "run",
+                "expected_command": ["/bin/sh", "-c", "cc -O2 -o hello hello.c && ./hello"],
+                "expected_materials": [["ALLOW", "hello.c"], ["DISALLOW", "*"]],
+                "expected_products": [["CREATE", "hello"], ["ALLOW", "hello.c"], ["DISALLOW", "*"]],
+            }],
+            "inspect": [{
+                "name": "outputs",
+                "run": ["true"],
+                "expected_materials": [["MATCH", "hello", "WITH", "PRODUCTS", "FROM", "run"], ["DISALLOW", "*"]],
+            }],
+        }),
+    )
+}
+
 /// Runs the reference `in-toto-verify`; `cwd` is where inspections run.
 pub fn run_in_toto_verify(
     tool: &Path,
