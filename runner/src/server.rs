@@ -57,6 +57,13 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             ),
         }
     }
+    let stale = host.cgroup.remove_stale();
+    if stale > 0 {
+        tracing::info!(
+            removed = stale,
+            "removed step cgroups left by killed supervisors"
+        );
+    }
     // Re-executing /proc/self/exe runs this daemon's own binary even after the
     // file on disk is replaced by an upgrade, so steps never run a newer init
     // that speaks another protocol.

@@ -43,6 +43,48 @@ pub struct CgroupSupport {
     pub parents: Vec<PathBuf>,
 }
 
+impl CgroupSupport {
+    /// Removes the empty step cgroups of supervisors that no longer exist (killed before
+    /// they could clean up: SIGKILL, a host crash leaves none). A cgroup is named after its
+    /// supervisor's pid, and one whose supervisor is alive is never touched, so daemons
+    /// sharing the parent do not disturb each other; a populated one cannot be removed
+    /// (EBUSY) and stays. Returns how many directories were removed.
+    pub fn remove_stale(&self) -> usize {
+        let mut removed = 0;
+        for parent in &self.parents {
+            let Ok(entries) = fs::read_dir(parent) else {
+                continue;
+            };
+            for entry in entries.flatten() {
+                let name = entry.file_name();
+                let Some(pid) = name.to_str().and_then(supervisor_pid_of) else {
+                    continue;
+                };
+                let gone = matches!(
+                    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None),
+                    Err(nix::errno::Errno::ESRCH)
+                );
+                // No retry on EBUSY: a populated leftover stays, and start-up is not delayed.
+                if gone && fs::remove_dir(entry.path()).is_ok() {
+                    removed += 1;
+                }
+            }
+        }
+        removed
+    }
+}
+
+/// The supervisor pid in a cgroup name made by [`unique_name`] (`step-PID-N-NANOS`).
+fn supervisor_pid_of(name: &str) -> Option<i32> {
+    let rest = name
+        .strip_prefix("step-")
+        .or_else(|| name.strip_prefix("probe-"))?;
+    let mut parts = rest.split('-');
+    let pid = parts.next()?.parse::<i32>().ok().filter(|p| *p > 0)?;
+    let all_numeric = parts.clone().count() == 2 && parts.all(|p| p.parse::<u64>().is_ok());
+    all_numeric.then_some(pid)
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Mode {
     V1,
@@ -570,6 +612,22 @@ mod tests {
             fstype: fstype.into(),
             mount_options: vec!["rw".into(), "relatime".into()],
             super_options: opts.split(',').map(String::from).collect(),
+        }
+    }
+
+    #[test]
+    fn stale_cgroup_names_give_their_supervisor() {
+        assert_eq!(supervisor_pid_of("step-1234-0-99"), Some(1234));
+        assert_eq!(supervisor_pid_of("probe-77-3-5"), Some(77));
+        for other in [
+            "step-0-0-1",
+            "step-x-0-1",
+            "step-12-0",
+            "kiln",
+            "step-1-2-3-4",
+            "a-1-2-3",
+        ] {
+            assert_eq!(supervisor_pid_of(other), None, "{other}");
         }
     }
 

@@ -222,3 +222,28 @@ fn limits_below_the_minimum_are_refused() {
         assert!(err.contains(what), "{err}");
     }
 }
+
+#[test]
+fn cgroups_left_by_killed_supervisors_are_removed_and_live_ones_kept() {
+    if !is_root("cgroups_left_by_killed_supervisors_are_removed_and_live_ones_kept") {
+        return;
+    }
+    let host = Sandbox::probe().unwrap();
+    // A supervisor that is gone: the pid of a child already reaped.
+    let mut gone = std::process::Command::new("true").spawn().unwrap();
+    let dead_pid = gone.id();
+    gone.wait().unwrap();
+    let dead = format!("step-{dead_pid}-0-1");
+    let live = format!("step-{}-999-1", std::process::id());
+    for parent in &host.cgroup.parents {
+        std::fs::create_dir(parent.join(&dead)).unwrap();
+        std::fs::create_dir(parent.join(&live)).unwrap();
+    }
+    let removed = host.cgroup.remove_stale();
+    for parent in &host.cgroup.parents {
+        assert!(!parent.join(&dead).exists(), "{}", parent.display());
+        assert!(parent.join(&live).exists(), "{}", parent.display());
+        std::fs::remove_dir(parent.join(&live)).unwrap();
+    }
+    assert!(removed >= host.cgroup.parents.len(), "{removed}");
+}
