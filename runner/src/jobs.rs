@@ -87,6 +87,7 @@ pub struct Runner {
     pub key: Signer,
     sandbox: Sandbox,
     host: HostSupport,
+    profiles: crate::profile::ProfileDigests,
     handles: Mutex<HashMap<String, Arc<JobHandle>>>,
     finished_order: Mutex<Vec<String>>,
     queue: mpsc::UnboundedSender<String>,
@@ -131,6 +132,7 @@ impl Runner {
             key,
             sandbox,
             host,
+            profiles: Default::default(),
             handles: Mutex::new(HashMap::new()),
             finished_order: Mutex::new(Vec::new()),
             queue,
@@ -648,10 +650,7 @@ impl Runner {
             egress_proxy_port: allow_list.as_ref().map(|_| EGRESS_PROXY_PORT),
             waived_layers: self.host.waived_layers.clone(),
         };
-        let profile = sandbox::profile(&step_spec, &self.host);
-        let profile_digest = hex::encode(Sha256::digest(
-            provenance::cjson::to_canonical(&profile).map_err(RunnerError::from)?,
-        ));
+        let profile_digest = self.profiles.digest(&step_spec, &self.host)?;
 
         let mut running = self.sandbox.spawn(&step_spec).map_err(RunnerError::from)?;
         let handle = self.handle(id);

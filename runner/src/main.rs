@@ -12,6 +12,7 @@ mod jobfile;
 mod jobs;
 mod limits;
 mod netpolicy;
+mod profile;
 mod proxy;
 mod server;
 mod service;

@@ -33,7 +33,7 @@ const V2_CONTROLLERS: [&str; 3] = ["memory", "pids", "cpu"];
 const PARENT: &str = "kiln";
 
 /// Which cgroup interface the host offers, as reported by [`crate::Sandbox::probe`].
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Default, Serialize)]
 pub struct CgroupSupport {
     /// "v2" or "v1".
     pub mode: String,
