@@ -88,6 +88,8 @@ pub struct Runner {
     sandbox: Sandbox,
     host: HostSupport,
     profiles: crate::profile::ProfileDigests,
+    /// Supervisors started ahead of their steps.
+    standby: Mutex<Vec<sandbox::Standby>>,
     handles: Mutex<HashMap<String, Arc<JobHandle>>>,
     finished_order: Mutex<Vec<String>>,
     queue: mpsc::UnboundedSender<String>,
@@ -133,6 +135,7 @@ impl Runner {
             sandbox,
             host,
             profiles: Default::default(),
+            standby: Mutex::new(Vec::new()),
             handles: Mutex::new(HashMap::new()),
             finished_order: Mutex::new(Vec::new()),
             queue,
@@ -293,6 +296,9 @@ impl Runner {
     /// Runs queued jobs, at most `max_concurrent_jobs` at a time, until the queue
     /// closes or the daemon drains.
     pub async fn schedule(self: Arc<Self>, mut queue: mpsc::UnboundedReceiver<String>) {
+        for _ in 0..self.config.max_concurrent_jobs {
+            self.refill_standby();
+        }
         while let Some(id) = queue.recv().await {
             if self.draining.load(Ordering::SeqCst) {
                 break;
@@ -573,6 +579,37 @@ impl Runner {
         env.into_iter().collect()
     }
 
+    /// A supervisor for the next step: one already waiting, else a fresh one.
+    fn take_standby(&self) -> Result<sandbox::Standby> {
+        match self.standby.lock().ok().and_then(|mut pool| pool.pop()) {
+            Some(waiting) => Ok(waiting),
+            None => Ok(self.sandbox.standby()?),
+        }
+    }
+
+    /// Keeps up to one supervisor per job slot exec'd and waiting, started off the path
+    /// of any step (see `sandbox::Standby`).
+    fn refill_standby(self: &Arc<Self>) {
+        let runner = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let want = runner.config.max_concurrent_jobs as usize;
+            let full = |runner: &Runner| runner.standby.lock().map_or(true, |p| p.len() >= want);
+            if full(&runner) {
+                return;
+            }
+            match runner.sandbox.standby() {
+                Ok(standby) => {
+                    if let Ok(mut pool) = runner.standby.lock() {
+                        if pool.len() < want {
+                            pool.push(standby);
+                        }
+                    }
+                }
+                Err(err) => tracing::warn!(error = %err, "could not start a standby supervisor"),
+            }
+        });
+    }
+
     async fn run_step(
         self: Arc<Self>,
         id: &str,
@@ -652,7 +689,15 @@ impl Runner {
         };
         let profile_digest = self.profiles.digest(&step_spec, &self.host)?;
 
-        let mut running = self.sandbox.spawn(&step_spec).map_err(RunnerError::from)?;
+        let mut running = match self.take_standby()?.start(&step_spec) {
+            Ok(running) => running,
+            // A waiting supervisor that died meanwhile: once more, with a fresh one.
+            Err(sandbox::SandboxError::Supervisor(reason)) => {
+                tracing::warn!(%reason, "standby supervisor unusable; starting another");
+                self.sandbox.spawn(&step_spec).map_err(RunnerError::from)?
+            }
+            Err(other) => return Err(RunnerError::from(other).into()),
+        };
         let handle = self.handle(id);
         if let Ok(mut c) = handle.canceller.lock() {
             *c = Some(running.canceller());
@@ -712,6 +757,9 @@ impl Runner {
             .await
             .map_err(|e| RunnerError::Internal(format!("waiting for the sandbox: {e}")))?
             .map_err(RunnerError::from);
+        // Replace the supervisor this step took now, not while its sandbox was being set
+        // up: on a small host the exec would compete with that for the CPU.
+        self.refill_standby();
         // Every process of the step is gone: close what is still open, keep the record.
         let network = match proxy {
             Some(proxy) => Some(proxy.finish().await),

@@ -352,9 +352,13 @@ impl Sandbox {
 
     /// Starts the step; returns once the supervisor has the spec.
     pub fn spawn(&self, spec: &StepSpec) -> Result<RunningStep, SandboxError> {
-        validate(spec)?;
-        let payload = protocol::control_message(spec, seccomp::compiled()?)?;
+        self.standby()?.start(spec)
+    }
 
+    /// A supervisor started ahead of its step: exec'd and initialised, waiting on its
+    /// control socket for a spec ([`Standby::start`]), so a step's start does not wait for
+    /// the exec. It holds nothing of any step until then.
+    pub fn standby(&self) -> Result<Standby, SandboxError> {
         let cloexec = nix::fcntl::OFlag::O_CLOEXEC;
         let (out_r, out_w) = nix::unistd::pipe2(cloexec).map_err(std::io::Error::from)?;
         let (err_r, err_w) = nix::unistd::pipe2(cloexec).map_err(std::io::Error::from)?;
@@ -385,21 +389,81 @@ impl Sandbox {
                 return Err(e.into());
             }
         };
-        if let Err(e) = (&control).write_all(&payload) {
-            let _ = child.kill();
-            let _ = child.wait();
+        Ok(Standby {
+            parts: Some(StandbyParts {
+                child,
+                control,
+                status,
+                stdout: out_r,
+                stderr: err_r,
+            }),
+        })
+    }
+}
+
+/// A supervisor waiting for its step (see [`Sandbox::standby`]). Dropped unused, it sees
+/// its control socket close and exits; it is reaped off-thread.
+pub struct Standby {
+    parts: Option<StandbyParts>,
+}
+
+struct StandbyParts {
+    child: Child,
+    control: UnixStream,
+    status: UnixStream,
+    stdout: OwnedFd,
+    stderr: OwnedFd,
+}
+
+impl std::fmt::Debug for Standby {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Standby")
+            .field("supervisor_pid", &self.parts.as_ref().map(|p| p.child.id()))
+            .finish_non_exhaustive()
+    }
+}
+
+impl Standby {
+    /// Hands the supervisor its step. Fails without side effects on the step's workspace
+    /// if the supervisor is gone (the caller may take another).
+    pub fn start(mut self, spec: &StepSpec) -> Result<RunningStep, SandboxError> {
+        validate(spec)?;
+        let payload = protocol::control_message(spec, seccomp::compiled()?)?;
+        let Some(mut parts) = self.parts.take() else {
+            return Err(SandboxError::Supervisor("standby already used".into()));
+        };
+        if let Err(e) = (&parts.control).write_all(&payload) {
+            let _ = parts.child.kill();
+            let _ = parts.child.wait();
             return Err(SandboxError::Supervisor(format!(
                 "writing the step spec: {e}"
             )));
         }
         Ok(RunningStep {
-            child: Some(child),
-            control: Arc::new(Mutex::new(Some(control))),
-            stdout: Some(out_r),
-            stderr: Some(err_r),
-            status: Some(status),
+            child: Some(parts.child),
+            control: Arc::new(Mutex::new(Some(parts.control))),
+            stdout: Some(parts.stdout),
+            stderr: Some(parts.stderr),
+            status: Some(parts.status),
             pending: Vec::new(),
         })
+    }
+}
+
+impl Drop for Standby {
+    fn drop(&mut self) {
+        if let Some(parts) = self.parts.take() {
+            let StandbyParts {
+                mut child, control, ..
+            } = parts;
+            // EOF before a spec: the supervisor reports a spec failure and exits.
+            let _ = control.shutdown(std::net::Shutdown::Both);
+            let _ = std::thread::Builder::new()
+                .name("kiln-sandbox-reap".to_string())
+                .spawn(move || {
+                    let _ = child.wait();
+                });
+        }
     }
 }
 

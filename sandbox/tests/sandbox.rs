@@ -780,3 +780,37 @@ fn egress_port_must_be_a_connect_port() {
     let err = sandbox().spawn(&f.spec).unwrap_err();
     assert!(err.to_string().contains("tcp_connect_ports"), "{err}");
 }
+
+#[test]
+fn a_standby_supervisor_runs_a_step_given_later_and_exits_when_dropped_unused() {
+    if !is_root("a_standby_supervisor_runs_a_step_given_later_and_exits_when_dropped_unused") {
+        return;
+    }
+    let sb = sandbox();
+    let waiting = sb.standby().unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let f = fixture(992_000, "echo started late");
+    let mut step = waiting.start(&f.spec).unwrap();
+    let out = drain(step.take_stdout());
+    let _err = drain(step.take_stderr());
+    assert_eq!(step.wait().unwrap().status, StepStatus::Exited { code: 0 });
+    assert_eq!(out.join().unwrap(), "started late\n");
+
+    // Unused: its control socket closes and it exits, reaped by us.
+    let unused = sb.standby().unwrap();
+    let pid = format!("{:?}", unused)
+        .split("supervisor_pid: Some(")
+        .nth(1)
+        .and_then(|r| r.split(')').next())
+        .and_then(|p| p.parse::<i32>().ok())
+        .expect("the standby's pid");
+    drop(unused);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Path::new(&format!("/proc/{pid}")).exists() {
+        assert!(
+            Instant::now() < deadline,
+            "standby supervisor {pid} still running"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
