@@ -5,7 +5,6 @@
 mod support;
 
 use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
 
 use serde_json::json;
 use support::*;
@@ -17,26 +16,6 @@ fn write_runner_pub(daemon: &Daemon) -> std::path::PathBuf {
     std::fs::write(&path, &out.stdout).unwrap();
     assert!(text(&out.stdout).starts_with("-----BEGIN PUBLIC KEY-----"));
     path
-}
-
-fn kiln_verify(
-    daemon: &Daemon,
-    layout: &Path,
-    owner: &Path,
-    links: &Path,
-    artifacts: &Path,
-) -> std::process::Output {
-    daemon.kiln(&[
-        "verify",
-        "--layout",
-        layout.to_str().unwrap(),
-        "--layout-key",
-        owner.to_str().unwrap(),
-        "--links",
-        links.to_str().unwrap(),
-        "--artifacts",
-        artifacts.to_str().unwrap(),
-    ])
 }
 
 #[test]
@@ -698,25 +677,6 @@ fn status_json(daemon: &Daemon, id: &str) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
-/// Host processes running as `uid` (real uid).
-fn processes_of_uid(uid: u32) -> Vec<String> {
-    let mut found = Vec::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(status) = std::fs::read_to_string(entry.path().join("status")) else {
-            continue;
-        };
-        let real = status
-            .lines()
-            .find(|l| l.starts_with("Uid:"))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|u| u.parse::<u32>().ok());
-        if real == Some(uid) {
-            found.push(entry.file_name().to_string_lossy().into_owned());
-        }
-    }
-    found
-}
-
 fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     while !done() {
@@ -748,7 +708,7 @@ fn cancel_kills_every_process_of_the_running_step() {
     let id = text(&out.stdout).trim().to_string();
     let step_uid = uid_base + 1000;
     wait_until("the step's processes", || {
-        processes_of_uid(step_uid).len() >= 2
+        host_processes_in_uid_range(step_uid, 1).len() >= 2
     });
 
     let out = daemon.kiln(&["cancel", &id]);
@@ -759,7 +719,7 @@ fn cancel_kills_every_process_of_the_running_step() {
     let job = status_json(&daemon, &id);
     assert_eq!(job["steps"][0]["state"], "cancelled", "{job}");
     wait_until("every process of the step to die", || {
-        processes_of_uid(step_uid).is_empty()
+        host_processes_in_uid_range(step_uid, 1).is_empty()
     });
 }
 
@@ -905,7 +865,7 @@ fn resource_limits_are_enforced_capped_and_reported() {
         "{err}"
     );
     wait_until("every process of the bomb to die", || {
-        processes_of_uid(uid_base + 1000).is_empty()
+        host_processes_in_uid_range(uid_base + 1000, 1).is_empty()
     });
     let out = daemon.kiln(&["run", "--", "/bin/sh", "-c", "echo alive"]);
     assert!(out.status.success(), "{}", describe(&out));

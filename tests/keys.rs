@@ -139,20 +139,8 @@ fn dsse_links_of_a_real_run_pass_in_toto_verify_and_a_tampered_payload_fails() {
         "in-toto-verify: {}",
         describe(&verdict)
     );
-    let kiln_verify = || {
-        daemon.kiln(&[
-            "verify",
-            "--layout",
-            layout.to_str().unwrap(),
-            "--layout-key",
-            owner.to_str().unwrap(),
-            "--links",
-            links.to_str().unwrap(),
-            "--artifacts",
-            out_dir.to_str().unwrap(),
-        ])
-    };
-    let ours = kiln_verify();
+    let verify_with_kiln = || kiln_verify(&daemon, &layout, &owner, &links, &out_dir);
+    let ours = verify_with_kiln();
     assert!(ours.status.success(), "kiln verify: {}", describe(&ours));
 
     // A payload edit no rule would notice (the recorded stdout), signature
@@ -174,7 +162,7 @@ fn dsse_links_of_a_real_run_pass_in_toto_verify_and_a_tampered_payload_fails() {
         "{}",
         describe(&verdict)
     );
-    let ours = kiln_verify();
+    let ours = verify_with_kiln();
     assert!(
         !ours.status.success(),
         "kiln verify accepted a tampered DSSE payload"

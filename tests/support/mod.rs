@@ -428,3 +428,24 @@ pub fn signed_link(dir: &Path, step: &str) -> serde_json::Value {
         serde_json::from_slice(&std::fs::read(entry.path()).unwrap()).unwrap();
     link["signed"].clone()
 }
+
+/// `kiln verify` in layout mode, as `in-toto-verify` is run.
+pub fn kiln_verify(
+    daemon: &Daemon,
+    layout: &Path,
+    owner: &Path,
+    links: &Path,
+    artifacts: &Path,
+) -> std::process::Output {
+    daemon.kiln(&[
+        "verify",
+        "--layout",
+        layout.to_str().unwrap(),
+        "--layout-key",
+        owner.to_str().unwrap(),
+        "--links",
+        links.to_str().unwrap(),
+        "--artifacts",
+        artifacts.to_str().unwrap(),
+    ])
+}
