@@ -30,6 +30,9 @@ use crate::signer::Signer;
 
 pub const RUNNER_VERSION: &str = env!("CARGO_PKG_VERSION");
 const EVENT_CHUNK: usize = 32 * 1024;
+/// Idle supervisors kept waiting at most: each is a few MB, and steps starting at the
+/// same moment beyond this many spawn their own.
+const MAX_STANDBY: usize = 4;
 /// The egress proxy's port on a step's loopback (each step has its own namespace).
 const EGRESS_PROXY_PORT: u16 = 3128;
 /// Finished jobs whose events stay in memory for Watch; older ones answer from the database.
@@ -296,7 +299,7 @@ impl Runner {
     /// Runs queued jobs, at most `max_concurrent_jobs` at a time, until the queue
     /// closes or the daemon drains.
     pub async fn schedule(self: Arc<Self>, mut queue: mpsc::UnboundedReceiver<String>) {
-        for _ in 0..self.config.max_concurrent_jobs {
+        for _ in 0..(self.config.max_concurrent_jobs as usize).min(MAX_STANDBY) {
             self.refill_standby();
         }
         while let Some(id) = queue.recv().await {
@@ -587,12 +590,12 @@ impl Runner {
         }
     }
 
-    /// Keeps up to one supervisor per job slot exec'd and waiting, started off the path
-    /// of any step (see `sandbox::Standby`).
+    /// Keeps up to one supervisor per job slot (at most [`MAX_STANDBY`]) exec'd and
+    /// waiting, started off the path of any step (see `sandbox::Standby`).
     fn refill_standby(self: &Arc<Self>) {
         let runner = self.clone();
         tokio::task::spawn_blocking(move || {
-            let want = runner.config.max_concurrent_jobs as usize;
+            let want = (runner.config.max_concurrent_jobs as usize).min(MAX_STANDBY);
             let full = |runner: &Runner| runner.standby.lock().map_or(true, |p| p.len() >= want);
             if full(&runner) {
                 return;
