@@ -184,11 +184,6 @@ fn allow_listed_fetches_pass_everything_else_fails_and_the_link_records_each() {
             .any(|a| a == "127.0.0.1"),
         "{private}"
     );
-    // The sandbox profile in the link says the step had the proxy.
-    assert!(
-        link["environment"]["sandbox_profile"]["sha256"].is_string(),
-        "{link}"
-    );
     // Everything the proxy saw is in the daemon's log too.
     assert!(
         daemon.log().contains("step network attempt"),
@@ -372,8 +367,12 @@ path = "got.txt"
         "allowed"
     );
     // The next step of the same job has no allow-list: no proxy, nothing recorded.
-    assert_eq!(
-        attempts(&signed_link(&attest, "offline")),
-        Vec::<Value>::new()
-    );
+    let offline = signed_link(&attest, "offline");
+    assert_eq!(attempts(&offline), Vec::<Value>::new());
+    // Same job, slot and limits: only the network differs, and the sandbox profile each
+    // link records says so.
+    let profile = |link: &Value| link["environment"]["sandbox_profile"]["sha256"].clone();
+    let fetch_link = signed_link(&attest, "fetch");
+    assert!(profile(&fetch_link).is_string(), "{fetch_link}");
+    assert_ne!(profile(&fetch_link), profile(&offline));
 }

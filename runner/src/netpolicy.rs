@@ -15,7 +15,19 @@ pub enum PortMatch {
     Exact(u16),
 }
 
+const PORT_RULE: &str = "the port must be 1-65535 or *";
+
 impl PortMatch {
+    fn parse(text: &str) -> Option<PortMatch> {
+        match text {
+            "*" => Some(PortMatch::Any),
+            p => match p.parse::<u16>() {
+                Ok(n) if n > 0 && !p.starts_with('+') => Some(PortMatch::Exact(n)),
+                _ => None,
+            },
+        }
+    }
+
     fn matches(self, port: u16) -> bool {
         match self {
             PortMatch::Any => true,
@@ -83,13 +95,7 @@ impl Entry {
             }
             (host, port)
         };
-        let port = match port {
-            "*" => PortMatch::Any,
-            p => match p.parse::<u16>() {
-                Ok(n) if n > 0 && !p.starts_with('+') => PortMatch::Exact(n),
-                _ => return Err(bad("the port must be 1-65535 or *")),
-            },
-        };
+        let port = PortMatch::parse(port).ok_or_else(|| bad(PORT_RULE))?;
         let target = if let Some((addr, prefix)) = host.split_once('/') {
             let network: IpAddr = addr
                 .parse()
@@ -329,12 +335,11 @@ impl Ceiling {
         for text in entries {
             let text = text.as_ref();
             if let Some(port) = text.strip_prefix("*:") {
-                // Reuse the entry parser for the port with a placeholder host.
-                let entry = Entry::parse(&format!("any.invalid:{port}")).map_err(|mut e| {
-                    e.entry = text.to_string();
-                    e
+                let port = PortMatch::parse(port).ok_or_else(|| ParseError {
+                    entry: text.to_string(),
+                    reason: PORT_RULE.to_string(),
                 })?;
-                out.push((None, entry.port));
+                out.push((None, port));
             } else {
                 let entry = Entry::parse(text)?;
                 out.push((Some(entry.target), entry.port));
