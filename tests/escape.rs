@@ -845,17 +845,26 @@ fn a_job_cannot_find_a_concurrent_jobs_secrets() {
     let out = lab.daemon.kiln(&["submit", "--detach", "plant.toml"]);
     assert!(out.status.success(), "{}", describe(&out));
     let id = text(&out.stdout).trim().to_string();
-    let workspace = lab.daemon.state.join("work").join(&id);
-    let planted = wait_for("the secret to be planted", 30, || {
-        std::fs::read_dir(&workspace)
-            .map(|d| d.flatten().any(|e| e.file_name() == "secret"))
-            .unwrap_or(false)
-    });
+    // Workspaces are named at random; the planting job's is the one holding the secret.
+    let work = lab.daemon.state.join("work");
+    let planted_in = || {
+        std::fs::read_dir(&work)
+            .ok()?
+            .flatten()
+            .map(|e| e.path())
+            .find(|ws| {
+                std::fs::read_dir(ws)
+                    .map(|d| d.flatten().any(|e| e.file_name() == "secret"))
+                    .unwrap_or(false)
+            })
+    };
+    let planted = wait_for("the secret to be planted", 30, || planted_in().is_some());
     assert!(
         planted,
         "the planting job did not start:\n{}",
         lab.daemon.log()
     );
+    let workspace = planted_in().unwrap();
     // The hunter knows the neighbour's workspace by its host path, too.
     let secret_file = workspace.join("secret");
     lab.contained(&[

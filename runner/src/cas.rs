@@ -4,7 +4,7 @@
 
 use std::fs::{self, File};
 use std::io::{Read, Write};
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
@@ -37,6 +37,9 @@ pub fn check_digest(field: &str, digest: &str) -> Result<()> {
 impl ContentStore {
     pub fn open(root: PathBuf) -> Result<Self> {
         fs::create_dir_all(root.join("tmp")).map_err(RunnerError::io_path("creating", &root))?;
+        // Blobs are clients' sources and outputs: root only (older stores were 0755).
+        fs::set_permissions(&root, fs::Permissions::from_mode(0o700))
+            .map_err(RunnerError::io_path("chmod", &root))?;
         // Leftovers of uploads interrupted by a crash are never named blobs: drop them.
         if let Ok(entries) = fs::read_dir(root.join("tmp")) {
             for entry in entries.flatten() {
@@ -120,6 +123,9 @@ impl ContentStore {
             .custom_flags(libc::O_NOFOLLOW)
             .open(dest)
             .map_err(RunnerError::io_path("creating", dest))?;
+        // Exactly the asked mode, whatever the daemon's umask.
+        out.set_permissions(fs::Permissions::from_mode(mode))
+            .map_err(RunnerError::io_path("chmod", dest))?;
         let mut hasher = Sha256::new();
         let mut buf = vec![0u8; CHUNK_SIZE];
         let mut size = 0u64;

@@ -37,6 +37,9 @@ pub struct Config {
     pub max_log_bytes: u64,
     /// Group allowed to use the socket (numeric gid); none keeps it root-only.
     pub socket_gid: Option<u32>,
+    /// Uids of operators: like root, they see and may cancel every client's jobs and
+    /// read every blob. Any other client sees only its own.
+    pub admin_uids: Vec<u32>,
     /// The builder id in SLSA provenance (default: `kiln://<hostname>`).
     pub builder_id: Option<String>,
     /// Memory of a step when the job gives none (cgroup limit, no swap), e.g. "4G".
@@ -95,6 +98,7 @@ impl Default for Config {
             link_log_bytes: 64 * 1024,
             max_log_bytes: 64 * 1024 * 1024,
             socket_gid: None,
+            admin_uids: Vec::new(),
             builder_id: None,
             default_memory: Size(4 << 30),
             max_memory: Size(8 << 30),

@@ -17,21 +17,11 @@ pub struct Database {
 
 impl Database {
     pub fn open(path: &Path) -> Result<Self> {
-        let conn = Connection::open(path)?;
+        let mut conn = Connection::open(path)?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
-        conn.execute_batch(
-            "CREATE TABLE IF NOT EXISTS jobs (
-                id TEXT PRIMARY KEY,
-                idempotency_key TEXT UNIQUE,
-                peer_uid INTEGER,
-                state INTEGER NOT NULL,
-                created_ms INTEGER NOT NULL,
-                record BLOB NOT NULL
-            );
-            CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state);",
-        )?;
+        migrate(&mut conn)?;
         Ok(Self {
             conn: Arc::new(Mutex::new(conn)),
         })
@@ -43,32 +33,42 @@ impl Database {
             .map_err(|_| RunnerError::Internal("database lock poisoned".into()))
     }
 
-    /// Records a new job, or returns the id of the job already submitted with the
-    /// same idempotency key.
+    /// Records a new job owned by `owner`. With an idempotency key the owner already
+    /// used, answers with that job if it has the same spec, and refuses otherwise; keys
+    /// of other owners are never seen.
     pub fn insert_job(
         &self,
         job: &Job,
+        owner: &str,
         idempotency_key: Option<&str>,
         peer_uid: Option<u32>,
-    ) -> Result<String> {
+    ) -> Result<Inserted> {
         let conn = self.lock()?;
         if let Some(key) = idempotency_key {
-            let existing: Option<String> = conn
+            let existing: Option<(String, Vec<u8>)> = conn
                 .query_row(
-                    "SELECT id FROM jobs WHERE idempotency_key = ?1",
-                    params![key],
-                    |row| row.get(0),
+                    "SELECT id, record FROM jobs WHERE owner = ?1 AND idempotency_key = ?2",
+                    params![owner, key],
+                    |row| Ok((row.get(0)?, row.get(1)?)),
                 )
                 .optional()?;
-            if let Some(id) = existing {
-                return Ok(id);
+            if let Some((id, record)) = existing {
+                let first = decode(&id, &record)?;
+                if first.spec != job.spec {
+                    return Err(RunnerError::AlreadyExists(format!(
+                        "idempotency key {key:?} was used for job {id} with another spec; \
+                         a retry must send the same spec, a new job a new key"
+                    )));
+                }
+                return Ok(Inserted::Existing(id));
             }
         }
         conn.execute(
-            "INSERT INTO jobs (id, idempotency_key, peer_uid, state, created_ms, record)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            "INSERT INTO jobs (id, owner, idempotency_key, peer_uid, state, created_ms, record)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
             params![
                 job.job_id,
+                owner,
                 idempotency_key,
                 peer_uid,
                 job.state,
@@ -76,23 +76,17 @@ impl Database {
                 job.encode_to_vec()
             ],
         )?;
-        Ok(job.job_id.clone())
+        Ok(Inserted::New(job.job_id.clone()))
     }
 
     pub fn update_job(&self, job: &Job) -> Result<()> {
-        let conn = self.lock()?;
-        let changed = conn.execute(
-            "UPDATE jobs SET state = ?2, record = ?3 WHERE id = ?1",
-            params![job.job_id, job.state, job.encode_to_vec()],
-        )?;
-        if changed == 0 {
+        let mut conn = self.lock()?;
+        if !write_record(&mut conn, job, None)? {
             return Err(RunnerError::NotFound(format!("job {}", job.job_id)));
         }
         Ok(())
     }
 
-    /// Writes the record only if the stored state is still `expected`; the
-    /// compare-and-set keeps a cancel and the scheduler from both claiming a job.
     /// A step's progress within a running job, committed without waiting for the disk
     /// (WAL with synchronous=NORMAL for this one transaction). A process crash loses
     /// nothing; a power loss can lose only these progress records, which the job's next
@@ -100,43 +94,39 @@ impl Database {
     /// would have made durable. A job interrupted that way is marked interrupted at the
     /// restart either way, since its state says running.
     pub fn update_progress(&self, job: &Job) -> Result<()> {
-        let conn = self.lock()?;
+        let mut conn = self.lock()?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
-        let changed = conn.execute(
-            "UPDATE jobs SET state = ?2, record = ?3 WHERE id = ?1",
-            params![job.job_id, job.state, job.encode_to_vec()],
-        );
+        let changed = write_record(&mut conn, job, None);
         // Back to FULL before anything else can commit on this connection.
         conn.pragma_update(None, "synchronous", "FULL")?;
-        if changed? == 0 {
+        if !changed? {
             return Err(RunnerError::NotFound(format!("job {}", job.job_id)));
         }
         Ok(())
     }
 
+    /// Writes the record only if the stored state is still `expected`; the
+    /// compare-and-set keeps a cancel and the scheduler from both claiming a job.
     pub fn update_job_if_state(&self, job: &Job, expected: JobState) -> Result<bool> {
-        let conn = self.lock()?;
-        let changed = conn.execute(
-            "UPDATE jobs SET state = ?2, record = ?3 WHERE id = ?1 AND state = ?4",
-            params![job.job_id, job.state, job.encode_to_vec(), expected as i32],
-        )?;
-        Ok(changed == 1)
+        let mut conn = self.lock()?;
+        write_record(&mut conn, job, Some(expected))
     }
 
     pub fn get_job(&self, id: &str) -> Result<Option<Job>> {
+        Ok(self.get_job_and_owner(id)?.map(|(job, _)| job))
+    }
+
+    /// A job's record and the owner key of the principal that submitted it.
+    pub fn get_job_and_owner(&self, id: &str) -> Result<Option<(Job, String)>> {
         let conn = self.lock()?;
-        let record: Option<Vec<u8>> = conn
+        let row: Option<(Vec<u8>, String)> = conn
             .query_row(
-                "SELECT record FROM jobs WHERE id = ?1",
+                "SELECT record, owner FROM jobs WHERE id = ?1",
                 params![id],
-                |row| row.get(0),
+                |row| Ok((row.get(0)?, row.get(1)?)),
             )
             .optional()?;
-        record
-            .map(|bytes| {
-                Job::decode(bytes.as_slice())
-                    .map_err(|e| RunnerError::Internal(format!("job record {id} is corrupt: {e}")))
-            })
+        row.map(|(bytes, owner)| Ok((decode(id, &bytes)?, owner)))
             .transpose()
     }
 
@@ -151,42 +141,294 @@ impl Database {
         let mut jobs = Vec::new();
         for row in rows {
             let (id, bytes) = row?;
-            jobs.push(
-                Job::decode(bytes.as_slice()).map_err(|e| {
-                    RunnerError::Internal(format!("job record {id} is corrupt: {e}"))
-                })?,
-            );
+            jobs.push(decode(&id, &bytes)?);
         }
         Ok(jobs)
     }
+
+    /// Records that `owner` may read `digest`: it uploaded the content (the store
+    /// hashed every byte it sent), so it has it.
+    pub fn grant_blob(&self, owner: &str, digest: &str) -> Result<()> {
+        let conn = self.lock()?;
+        conn.execute(
+            "INSERT OR IGNORE INTO blob_access (owner, digest) VALUES (?1, ?2)",
+            params![owner, digest],
+        )?;
+        Ok(())
+    }
+
+    /// Which of `digests` `owner` may read, in one transaction.
+    pub fn readable_blobs<'a>(
+        &self,
+        owner: &str,
+        digests: impl IntoIterator<Item = &'a str>,
+    ) -> Result<std::collections::HashSet<String>> {
+        let conn = self.lock()?;
+        let mut stmt =
+            conn.prepare_cached("SELECT 1 FROM blob_access WHERE owner = ?1 AND digest = ?2")?;
+        let mut readable = std::collections::HashSet::new();
+        for digest in digests {
+            if stmt.exists(params![owner, digest])? {
+                readable.insert(digest.to_string());
+            }
+        }
+        Ok(readable)
+    }
+}
+
+/// The outcome of [`Database::insert_job`].
+#[derive(Debug, PartialEq, Eq)]
+pub enum Inserted {
+    New(String),
+    /// The owner submitted the same spec with the same idempotency key before.
+    Existing(String),
+}
+
+fn decode(id: &str, bytes: &[u8]) -> Result<Job> {
+    Job::decode(bytes)
+        .map_err(|e| RunnerError::Internal(format!("job record {id} is corrupt: {e}")))
+}
+
+/// The content-store blobs a job record names as its own products: they become
+/// readable by the job's owner in the same transaction as the record.
+fn job_blobs(job: &Job) -> impl Iterator<Item = &str> {
+    let steps = job
+        .steps
+        .iter()
+        .flat_map(|s| [s.link_digest.as_str(), s.link_dsse_digest.as_str()]);
+    let outputs = job.outputs.iter().map(|o| o.digest.as_str());
+    steps
+        .chain(outputs)
+        .chain(std::iter::once(job.provenance_digest.as_str()))
+        .filter(|d| !d.is_empty())
+}
+
+/// Writes a job's record (only while its state is `expected`, if given) and grants its
+/// owner the blobs it names, in one transaction. False if no record was written.
+fn write_record(conn: &mut Connection, job: &Job, expected: Option<JobState>) -> Result<bool> {
+    let tx = conn.transaction()?;
+    let changed = match expected {
+        Some(expected) => tx.execute(
+            "UPDATE jobs SET state = ?2, record = ?3 WHERE id = ?1 AND state = ?4",
+            params![job.job_id, job.state, job.encode_to_vec(), expected as i32],
+        )?,
+        None => tx.execute(
+            "UPDATE jobs SET state = ?2, record = ?3 WHERE id = ?1",
+            params![job.job_id, job.state, job.encode_to_vec()],
+        )?,
+    };
+    if changed == 0 {
+        return Ok(false);
+    }
+    {
+        let mut grant = tx.prepare_cached(
+            "INSERT OR IGNORE INTO blob_access (owner, digest)
+             SELECT owner, ?2 FROM jobs WHERE id = ?1",
+        )?;
+        for digest in job_blobs(job) {
+            grant.execute(params![job.job_id, digest])?;
+        }
+    }
+    tx.commit()?;
+    Ok(true)
+}
+
+/// The schema version this daemon writes (`PRAGMA user_version`).
+const SCHEMA_VERSION: i64 = 1;
+
+/// Creates the schema, or brings an older one up to date in one transaction.
+///
+/// Version 1 adds owners: a job belongs to the principal that submitted it, idempotency
+/// keys are unique per owner (they were global), and `blob_access` says which owner may
+/// read which blob. Jobs of version 0 get the owner of their recorded peer uid; their
+/// blobs stay readable by that owner.
+fn migrate(conn: &mut Connection) -> Result<()> {
+    let version: i64 = conn.pragma_query_value(None, "user_version", |row| row.get(0))?;
+    if version > SCHEMA_VERSION {
+        return Err(RunnerError::FailedPrecondition(format!(
+            "the job database has schema version {version}, newer than this daemon's {SCHEMA_VERSION}"
+        )));
+    }
+    if version == SCHEMA_VERSION {
+        return Ok(());
+    }
+    let tx = conn.transaction()?;
+    let had_v0: bool = tx
+        .prepare("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'jobs'")?
+        .exists([])?;
+    if had_v0 {
+        tx.execute_batch("ALTER TABLE jobs RENAME TO jobs_v0; DROP INDEX IF EXISTS jobs_state;")?;
+    }
+    tx.execute_batch(
+        "CREATE TABLE jobs (
+            id TEXT PRIMARY KEY,
+            owner TEXT NOT NULL,
+            idempotency_key TEXT,
+            peer_uid INTEGER,
+            state INTEGER NOT NULL,
+            created_ms INTEGER NOT NULL,
+            record BLOB NOT NULL,
+            UNIQUE (owner, idempotency_key)
+        );
+        CREATE INDEX jobs_state ON jobs(state);
+        CREATE TABLE blob_access (
+            owner TEXT NOT NULL,
+            digest TEXT NOT NULL,
+            PRIMARY KEY (owner, digest)
+        ) WITHOUT ROWID;",
+    )?;
+    if had_v0 {
+        // A job recorded without a peer uid belongs to no client: only operators see it.
+        tx.execute_batch(
+            "INSERT INTO jobs (id, owner, idempotency_key, peer_uid, state, created_ms, record)
+             SELECT id, CASE WHEN peer_uid IS NULL THEN 'unknown' ELSE 'uid:' || peer_uid END,
+                    idempotency_key, peer_uid, state, created_ms, record
+             FROM jobs_v0;
+             DROP TABLE jobs_v0;",
+        )?;
+        let jobs: Vec<(String, String, Vec<u8>)> = {
+            let mut stmt = tx.prepare("SELECT id, owner, record FROM jobs")?;
+            let rows = stmt.query_map([], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))?;
+            rows.collect::<rusqlite::Result<_>>()?
+        };
+        let mut grant =
+            tx.prepare("INSERT OR IGNORE INTO blob_access (owner, digest) VALUES (?1, ?2)")?;
+        for (id, owner, record) in jobs {
+            let job = decode(&id, &record)?;
+            for digest in job_blobs(&job) {
+                grant.execute(params![owner, digest])?;
+            }
+        }
+        drop(grant);
+    }
+    tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+    tx.commit()?;
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+    use agent_proto::v1::{JobSpec, OutputFile};
+
+    fn job(id: &str, name: &str) -> Job {
+        Job {
+            job_id: id.into(),
+            state: JobState::Queued as i32,
+            spec: Some(JobSpec {
+                name: name.into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
 
     #[test]
-    fn records_survive_reopen_and_idempotency_holds() {
+    fn records_survive_reopen_and_idempotency_is_per_owner() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("kiln.db");
-        let job = Job {
-            job_id: "j1".into(),
-            state: JobState::Queued as i32,
-            ..Default::default()
-        };
         {
             let db = Database::open(&path).unwrap();
-            assert_eq!(db.insert_job(&job, Some("k"), Some(0)).unwrap(), "j1");
-            let again = Job {
-                job_id: "j2".into(),
-                ..job.clone()
-            };
-            assert_eq!(db.insert_job(&again, Some("k"), Some(0)).unwrap(), "j1");
+            let first = job("j1", "a");
+            assert_eq!(
+                db.insert_job(&first, "uid:1", Some("k"), Some(1)).unwrap(),
+                Inserted::New("j1".into())
+            );
+            // The same owner, key and spec: the first job.
+            assert_eq!(
+                db.insert_job(&job("j2", "a"), "uid:1", Some("k"), Some(1))
+                    .unwrap(),
+                Inserted::Existing("j1".into())
+            );
+            // The same key with another spec is refused, never answered with a job.
+            let err = db
+                .insert_job(&job("j3", "b"), "uid:1", Some("k"), Some(1))
+                .unwrap_err();
+            assert!(matches!(err, RunnerError::AlreadyExists(_)), "{err}");
+            assert!(err.to_string().contains("\"k\""), "{err}");
+            // Another owner's key is its own.
+            assert_eq!(
+                db.insert_job(&job("j4", "a"), "uid:2", Some("k"), Some(2))
+                    .unwrap(),
+                Inserted::New("j4".into())
+            );
         }
         let db = Database::open(&path).unwrap();
-        assert_eq!(db.get_job("j1").unwrap().unwrap().job_id, "j1");
+        let (found, owner) = db.get_job_and_owner("j1").unwrap().unwrap();
+        assert_eq!((found.job_id.as_str(), owner.as_str()), ("j1", "uid:1"));
         assert!(db.get_job("j2").unwrap().is_none());
-        assert_eq!(db.jobs_in_state(JobState::Queued).unwrap().len(), 1);
+        assert_eq!(db.jobs_in_state(JobState::Queued).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn a_job_record_grants_its_owner_its_blobs() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Database::open(&dir.path().join("kiln.db")).unwrap();
+        let mut j = job("j1", "a");
+        db.insert_job(&j, "uid:1", None, Some(1)).unwrap();
+        j.outputs.push(OutputFile {
+            path: "out".into(),
+            digest: "ab".repeat(32),
+            ..Default::default()
+        });
+        db.update_job(&j).unwrap();
+        db.grant_blob("uid:2", &"cd".repeat(32)).unwrap();
+        let asked = ["ab".repeat(32), "cd".repeat(32)];
+        let asked = asked.iter().map(String::as_str);
+        let one = db.readable_blobs("uid:1", asked.clone()).unwrap();
+        let two = db.readable_blobs("uid:2", asked).unwrap();
+        assert_eq!(one.into_iter().collect::<Vec<_>>(), vec!["ab".repeat(32)]);
+        assert_eq!(two.into_iter().collect::<Vec<_>>(), vec!["cd".repeat(32)]);
+    }
+
+    #[test]
+    fn a_version_0_database_is_migrated_with_owners() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kiln.db");
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(
+                "CREATE TABLE jobs (
+                    id TEXT PRIMARY KEY,
+                    idempotency_key TEXT UNIQUE,
+                    peer_uid INTEGER,
+                    state INTEGER NOT NULL,
+                    created_ms INTEGER NOT NULL,
+                    record BLOB NOT NULL
+                );",
+            )
+            .unwrap();
+            let mut old = job("old", "a");
+            old.provenance_digest = "ef".repeat(32);
+            conn.execute(
+                "INSERT INTO jobs VALUES ('old', 'k', 1000, 3, 1, ?1)",
+                params![old.encode_to_vec()],
+            )
+            .unwrap();
+            conn.execute(
+                "INSERT INTO jobs VALUES ('anon', NULL, NULL, 3, 2, ?1)",
+                params![job("anon", "a").encode_to_vec()],
+            )
+            .unwrap();
+        }
+        let db = Database::open(&path).unwrap();
+        assert_eq!(db.get_job_and_owner("old").unwrap().unwrap().1, "uid:1000");
+        assert_eq!(db.get_job_and_owner("anon").unwrap().unwrap().1, "unknown");
+        let digest = "ef".repeat(32);
+        assert_eq!(
+            db.readable_blobs("uid:1000", [digest.as_str()])
+                .unwrap()
+                .len(),
+            1
+        );
+        assert_eq!(
+            db.insert_job(&job("new", "a"), "uid:1000", Some("k"), Some(1000))
+                .unwrap(),
+            Inserted::Existing("old".into())
+        );
+        drop(db);
+        // Opening again is a no-op.
+        Database::open(&path).unwrap();
     }
 }

@@ -10,6 +10,8 @@ pub enum RunnerError {
     FailedPrecondition(String),
     #[error("{0}")]
     PermissionDenied(String),
+    #[error("{0}")]
+    AlreadyExists(String),
     #[error("{0} not found")]
     NotFound(String),
     #[error("{0}")]
@@ -52,25 +54,52 @@ impl RunnerError {
 
 pub type Result<T, E = RunnerError> = std::result::Result<T, E>;
 
+impl RunnerError {
+    /// Failures of Kiln or the host, as opposed to answers about the request.
+    fn is_internal(&self) -> bool {
+        matches!(
+            self,
+            RunnerError::Sandbox(_)
+                | RunnerError::Provenance(_)
+                | RunnerError::Database(_)
+                | RunnerError::Io { .. }
+                | RunnerError::Internal(_)
+        )
+    }
+
+    /// The message a client may see. An internal error's text can hold the daemon's host
+    /// paths and state: it goes to the daemon's log under a reference, the client gets the
+    /// reference.
+    pub fn client_message(&self) -> String {
+        if !self.is_internal() {
+            return self.to_string();
+        }
+        let reference = uuid::Uuid::new_v4().simple().to_string();
+        let reference = &reference[..12];
+        tracing::error!(error = %self, reference, "internal error");
+        format!(
+            "internal error in Kiln (the daemon's log has the details under reference {reference})"
+        )
+    }
+}
+
 impl From<RunnerError> for tonic::Status {
     fn from(err: RunnerError) -> Self {
-        let message = err.to_string();
+        let message = err.client_message();
         match err {
             RunnerError::InvalidArgument { .. } | RunnerError::DigestMismatch(_) => {
                 tonic::Status::invalid_argument(message)
             }
             RunnerError::FailedPrecondition(_) => tonic::Status::failed_precondition(message),
             RunnerError::PermissionDenied(_) => tonic::Status::permission_denied(message),
+            RunnerError::AlreadyExists(_) => tonic::Status::already_exists(message),
             RunnerError::NotFound(_) => tonic::Status::not_found(message),
             RunnerError::Unavailable(_) => tonic::Status::unavailable(message),
             RunnerError::Sandbox(_)
             | RunnerError::Provenance(_)
             | RunnerError::Database(_)
             | RunnerError::Io { .. }
-            | RunnerError::Internal(_) => {
-                tracing::error!(error = %message, "internal error answered to a client");
-                tonic::Status::internal(message)
-            }
+            | RunnerError::Internal(_) => tonic::Status::internal(message),
         }
     }
 }

@@ -120,7 +120,13 @@ impl Images {
                 }
             }
         }
-        Ok(())
+        // The daemon's umask (077) keeps what it writes from other users, but the step's
+        // unprivileged uid must read its /etc and reach it through the images directory.
+        for dir in [&self.dir, &self.dir.join(HOST_IMAGE)] {
+            fs::set_permissions(dir, fs::Permissions::from_mode(0o711))
+                .map_err(RunnerError::io_path("chmod", dir))?;
+        }
+        make_world_readable(&etc)
     }
 
     fn host_image(&self) -> ResolvedImage {
@@ -456,6 +462,29 @@ fn copy_symlinks(src: &Path, dest: &Path) -> Result<()> {
             let link = dest.join(entry.file_name());
             std::os::unix::fs::symlink(&target, &link)
                 .map_err(RunnerError::io_path("linking", &link))?;
+        }
+    }
+    Ok(())
+}
+
+/// Directories 0755 and files 0644 below `root` (symlinks are left alone): for trees a
+/// step reads, which hold nothing secret.
+fn make_world_readable(root: &Path) -> Result<()> {
+    let mut dirs = vec![root.to_path_buf()];
+    while let Some(dir) = dirs.pop() {
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o755))
+            .map_err(RunnerError::io_path("chmod", &dir))?;
+        for entry in fs::read_dir(&dir).map_err(RunnerError::io_path("reading", &dir))? {
+            let entry = entry.map_err(RunnerError::io_path("reading", &dir))?;
+            let kind = entry
+                .file_type()
+                .map_err(RunnerError::io_path("reading", &entry.path()))?;
+            if kind.is_dir() {
+                dirs.push(entry.path());
+            } else if kind.is_file() {
+                fs::set_permissions(entry.path(), fs::Permissions::from_mode(0o644))
+                    .map_err(RunnerError::io_path("chmod", &entry.path()))?;
+            }
         }
     }
     Ok(())

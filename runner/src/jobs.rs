@@ -21,9 +21,10 @@ use sandbox::{Canceller, HostSupport, Sandbox, StepSpec, StepStatus};
 use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, watch, Semaphore};
 
+use crate::auth::Principal;
 use crate::cas::ContentStore;
 use crate::config::Config;
-use crate::db::Database;
+use crate::db::{Database, Inserted};
 use crate::error::{Result, RunnerError};
 use crate::images::{Images, ResolvedImage, BUILD_UID};
 use crate::signer::Signer;
@@ -203,18 +204,20 @@ impl Runner {
         handle.version.send_modify(|v| *v += 1);
     }
 
-    /// Records and queues a validated job; answers with its id.
+    /// Records and queues a validated job for `caller`; answers with its id. Every
+    /// input must be a blob the caller may read (see [`crate::auth`]).
     pub fn submit(
         &self,
         spec: JobSpec,
         idempotency_key: Option<&str>,
-        peer_uid: Option<u32>,
+        caller: &Principal,
     ) -> Result<String> {
         if self.draining.load(Ordering::SeqCst) {
             return Err(RunnerError::Unavailable(
                 "the daemon is shutting down".into(),
             ));
         }
+        self.check_inputs_readable(&spec, caller)?;
         let steps = spec
             .steps
             .iter()
@@ -232,23 +235,64 @@ impl Runner {
             created_unix_ms: now_ms(),
             ..Default::default()
         };
-        let id = self.db.insert_job(&job, idempotency_key, peer_uid)?;
-        if id == job.job_id {
-            self.emit(&id, job_event::Event::Queued(Default::default()));
-            self.enqueue(&id)?;
-            tracing::info!(job = %id, peer_uid, "job accepted");
+        match self
+            .db
+            .insert_job(&job, &caller.owner, idempotency_key, caller.uid)?
+        {
+            Inserted::New(id) => {
+                self.emit(&id, job_event::Event::Queued(Default::default()));
+                self.enqueue(&id)?;
+                tracing::info!(job = %id, owner = %caller.owner, "job accepted");
+                Ok(id)
+            }
+            Inserted::Existing(id) => Ok(id),
         }
-        Ok(id)
     }
 
-    pub fn get(&self, id: &str) -> Result<Job> {
+    /// An input the caller may not read is answered like one the store does not hold,
+    /// so Submit tells nothing about other clients' blobs.
+    fn check_inputs_readable(&self, spec: &JobSpec, caller: &Principal) -> Result<()> {
+        let readable = if caller.admin {
+            None
+        } else {
+            Some(
+                self.db
+                    .readable_blobs(&caller.owner, spec.inputs.iter().map(|i| i.digest.as_str()))?,
+            )
+        };
+        for input in &spec.inputs {
+            let known = match &readable {
+                Some(readable) => readable.contains(&input.digest),
+                None => self.cas.contains(&input.digest)?,
+            };
+            if !known {
+                return Err(RunnerError::FailedPrecondition(format!(
+                    "input {:?}: blob {} is not in the content store (upload it first)",
+                    input.path, input.digest
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// The record of a job the caller may see; any other job is "not found", exactly
+    /// as one that does not exist.
+    pub fn get(&self, id: &str, caller: &Principal) -> Result<Job> {
+        match self.db.get_job_and_owner(id)? {
+            Some((job, owner)) if caller.may_see(&owner) => Ok(job),
+            _ => Err(RunnerError::NotFound(format!("job {id}"))),
+        }
+    }
+
+    fn get_any(&self, id: &str) -> Result<Job> {
         self.db
             .get_job(id)?
             .ok_or_else(|| RunnerError::NotFound(format!("job {id}")))
     }
 
-    pub fn cancel(&self, id: &str) -> Result<JobState> {
-        let mut job = self.get(id)?;
+    pub fn cancel(&self, id: &str, caller: &Principal) -> Result<JobState> {
+        let mut job = self.get(id, caller)?;
+        tracing::info!(job = %id, by = %caller.owner, "cancel requested");
         let state = JobState::try_from(job.state).unwrap_or(JobState::Unspecified);
         match state {
             JobState::Queued => {
@@ -323,7 +367,7 @@ impl Runner {
             tokio::spawn(async move {
                 if let Err(err) = runner.clone().run_job(&id, slot).await {
                     tracing::error!(job = %id, error = %err, "job failed in Kiln");
-                    runner.fail_job(&id, &err.to_string());
+                    runner.fail_job(&id, &err.client_message());
                 }
                 if let Ok(mut slots) = runner.slots.lock() {
                     slots.push(slot);
@@ -356,7 +400,7 @@ impl Runner {
     }
 
     async fn run_job(self: Arc<Self>, id: &str, slot: u32) -> Result<()> {
-        let mut job = self.get(id)?;
+        let mut job = self.get_any(id)?;
         let spec = job
             .spec
             .clone()
@@ -368,7 +412,11 @@ impl Runner {
         }
         self.emit(id, job_event::Event::Started(Default::default()));
 
-        let workspace = self.work_dir.join(id);
+        // Named at random, not by the job id: the mount table is world-readable.
+        let workspace = self
+            .work_dir
+            .join(uuid::Uuid::new_v4().simple().to_string());
+        tracing::debug!(job = %id, workspace = %workspace.display(), "workspace");
         let host_uid_base = self.config.slot_uid_base(slot);
         let mut image_digest = None;
         let outcome = self
@@ -398,7 +446,7 @@ impl Runner {
             Ok(()) => (JobState::Succeeded, String::new()),
             Err(JobEnd::StepFailed(message)) => (JobState::Failed, message),
             Err(JobEnd::Cancelled) => (JobState::Cancelled, "cancelled".into()),
-            Err(JobEnd::Error(err)) => (JobState::Error, err.to_string()),
+            Err(JobEnd::Error(err)) => (JobState::Error, err.client_message()),
         };
         job.state = state as i32;
         job.message = message;
@@ -421,7 +469,10 @@ impl Runner {
                 Err(err) => {
                     // Unattested outputs are not a success.
                     job.state = JobState::Error as i32;
-                    job.message = format!("could not sign the job's provenance: {err}");
+                    job.message = format!(
+                        "could not sign the job's provenance: {}",
+                        err.client_message()
+                    );
                 }
             }
         }
@@ -541,7 +592,7 @@ impl Runner {
         for input in &spec.inputs {
             let dest = workspace.join(&input.path);
             if let Some(parent) = dest.parent() {
-                fs::create_dir_all(parent).map_err(RunnerError::io_path("creating", parent))?;
+                create_dirs_0755(workspace, parent)?;
             }
             let mode = if input.executable { 0o755 } else { 0o644 };
             self.cas
@@ -1089,6 +1140,27 @@ async fn blocking<T: Send + 'static>(
         .await
         .map_err(|e| JobEnd::Error(RunnerError::Internal(format!("worker: {e}"))))?
         .map_err(JobEnd::Error)
+}
+
+/// Creates `dir` and its missing parents below `workspace` as 0755, as a build expects
+/// them, whatever the daemon's umask (the workspace root itself is 0700).
+fn create_dirs_0755(workspace: &Path, dir: &Path) -> Result<()> {
+    let Ok(relative) = dir.strip_prefix(workspace) else {
+        return Err(RunnerError::Internal(
+            "input directory outside the workspace".into(),
+        ));
+    };
+    let mut path = workspace.to_path_buf();
+    for component in relative.components() {
+        path.push(component);
+        match fs::create_dir(&path) {
+            Ok(()) => fs::set_permissions(&path, fs::Permissions::from_mode(0o755))
+                .map_err(RunnerError::io_path("chmod", &path))?,
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(RunnerError::io_path("creating", &path)(e)),
+        }
+    }
+    Ok(())
 }
 
 /// The sum of the apparent sizes of the tree's regular files, never following links.

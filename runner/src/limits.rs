@@ -184,7 +184,8 @@ pub fn host_cpu_millis() -> u32 {
 /// `owner`. Not noexec: builds run what they compile there.
 pub fn mount_workspace(dir: &Path, size: u64, owner: u32) -> Result<()> {
     use nix::mount::{mount, MsFlags};
-    let data = format!("size={size},mode=0755,uid={owner},gid={owner}");
+    // 0700: the step's host uid only; other host users see neither names nor content.
+    let data = format!("size={size},mode=0700,uid={owner},gid={owner}");
     mount(
         Some("tmpfs"),
         dir,

@@ -1,6 +1,7 @@
 //! `kiln`: the Kiln daemon (`kiln serve`) and its command-line client.
 
 mod attest;
+mod auth;
 mod cas;
 mod client;
 mod config;

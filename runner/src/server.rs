@@ -13,6 +13,7 @@ use sandbox::Sandbox;
 use tokio::net::UnixListener;
 use tokio_stream::wrappers::UnixListenerStream;
 
+use crate::auth::Authenticator;
 use crate::cas::ContentStore;
 use crate::config::Config;
 use crate::db::Database;
@@ -73,9 +74,13 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     }
     let sandbox = Sandbox::new(init_exe);
 
+    // Nothing the daemon creates is for other host users: job records, blobs and logs
+    // hold clients' sources, environments and outputs. What a sandbox must reach is
+    // opened up explicitly, and each step sets its own umask.
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
     let state = &config.state_dir;
     fs::create_dir_all(state).with_context(|| format!("creating {}", state.display()))?;
-    // Traversable but not listable: sandbox bind sources live below it.
+    // Traversable but not listable: sandbox bind sources (images, workspaces) live below.
     fs::set_permissions(state, fs::Permissions::from_mode(0o711))?;
     let keys_dir = state.join("keys");
     // The ring refuses key files another user owns or could read, naming the file.
@@ -90,6 +95,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         RingOrigin::Existing => {}
     }
     let db = Database::open(&state.join("kiln.db")).context("opening the job database")?;
+    restrict_to_owner(state, &["kiln.db", "kiln.db-wal", "kiln.db-shm"])?;
     let cas = ContentStore::open(state.join("cas")).context("opening the content store")?;
     let images = Images::open(state).context("preparing images")?;
 
@@ -133,6 +139,10 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
 
     tracing::info!(socket = %config.socket.display(), "listening");
     let result = tonic::transport::Server::builder()
+        // One identity per request, resolved before any service sees it.
+        .layer(tonic::service::InterceptorLayer::new(Authenticator::new(
+            &config.admin_uids,
+        )))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -152,10 +162,28 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     result.context("serving gRPC")
 }
 
+/// Makes existing files of the state directory (from an older daemon, which created
+/// them under the default umask) readable by root only.
+fn restrict_to_owner(state: &Path, names: &[&str]) -> anyhow::Result<()> {
+    for name in names {
+        let path = state.join(name);
+        match fs::set_permissions(&path, fs::Permissions::from_mode(0o600)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("chmod {}", path.display())),
+        }
+    }
+    Ok(())
+}
+
 fn bind_socket(config: &Config) -> anyhow::Result<UnixListener> {
     let socket = &config.socket;
     if let Some(dir) = socket.parent() {
-        fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        if !dir.exists() {
+            fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+            // Created under the daemon's umask 077: the socket's group must get through.
+            fs::set_permissions(dir, fs::Permissions::from_mode(0o711))?;
+        }
     }
     remove_stale_socket(socket)?;
     let listener =

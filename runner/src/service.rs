@@ -15,6 +15,7 @@ use agent_proto::v1::{
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::auth::{principal, Principal};
 use crate::cas::{check_digest, CHUNK_SIZE};
 use crate::error::RunnerError;
 use crate::jobs::Runner;
@@ -26,14 +27,6 @@ type ReadStream = Pin<Box<dyn Stream<Item = Result<ReadResponse, Status>> + Send
 #[derive(Clone)]
 pub struct Service {
     pub runner: Arc<Runner>,
-}
-
-fn peer_uid<T>(request: &Request<T>) -> Option<u32> {
-    request
-        .extensions()
-        .get::<tonic::transport::server::UdsConnectInfo>()
-        .and_then(|info| info.peer_cred)
-        .map(|cred| cred.uid())
 }
 
 fn check_job_id(id: &str) -> Result<(), RunnerError> {
@@ -55,13 +48,22 @@ async fn blocking<T: Send + 'static>(
         .map_err(Status::from)
 }
 
+impl Service {
+    /// The job, if the caller may see it; NOT_FOUND otherwise, as for no such job.
+    async fn visible_job(&self, id: &str, caller: Principal) -> Result<Job, Status> {
+        let runner = self.runner.clone();
+        let id = id.to_string();
+        blocking(move || runner.get(&id, &caller)).await
+    }
+}
+
 #[tonic::async_trait]
 impl Jobs for Service {
     async fn submit(
         &self,
         request: Request<SubmitRequest>,
     ) -> Result<Response<SubmitResponse>, Status> {
-        let peer = peer_uid(&request);
+        let caller = principal(&request)?;
         let req = request.into_inner();
         let spec = req
             .spec
@@ -73,7 +75,7 @@ impl Jobs for Service {
             max_pids: config.max_pids,
             max_cpu_millis: config.max_cpus.0,
             max_disk_bytes: config.max_disk.0,
-            network_ceiling: config.network_ceiling_for(peer),
+            network_ceiling: config.network_ceiling_for(caller.uid),
         };
         validate(&spec, &limits)?;
         let key = (!req.idempotency_key.is_empty()).then_some(req.idempotency_key);
@@ -81,7 +83,7 @@ impl Jobs for Service {
             return Err(RunnerError::invalid("idempotency_key", "longer than 256 bytes").into());
         }
         let runner = self.runner.clone();
-        let job_id = blocking(move || runner.submit(spec, key.as_deref(), peer)).await?;
+        let job_id = blocking(move || runner.submit(spec, key.as_deref(), &caller)).await?;
         Ok(Response::new(SubmitResponse { job_id }))
     }
 
@@ -91,13 +93,12 @@ impl Jobs for Service {
         &self,
         request: Request<WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
+        let caller = principal(&request)?;
         let id = request.into_inner().job_id;
         check_job_id(&id)?;
-        let runner = self.runner.clone();
-        let Some(handle) = runner.existing_handle(&id) else {
+        let job = self.visible_job(&id, caller).await?;
+        let Some(handle) = self.runner.existing_handle(&id) else {
             // Not in memory: a job that finished long ago (or before a restart).
-            let lookup = id.clone();
-            let job = blocking(move || runner.get(&lookup)).await?;
             let event = JobEvent {
                 job_id: id,
                 sequence: 0,
@@ -135,20 +136,21 @@ impl Jobs for Service {
     }
 
     async fn get(&self, request: Request<GetRequest>) -> Result<Response<Job>, Status> {
+        let caller = principal(&request)?;
         let id = request.into_inner().job_id;
         check_job_id(&id)?;
-        let runner = self.runner.clone();
-        Ok(Response::new(blocking(move || runner.get(&id)).await?))
+        Ok(Response::new(self.visible_job(&id, caller).await?))
     }
 
     async fn cancel(
         &self,
         request: Request<CancelRequest>,
     ) -> Result<Response<CancelResponse>, Status> {
+        let caller = principal(&request)?;
         let id = request.into_inner().job_id;
         check_job_id(&id)?;
         let runner = self.runner.clone();
-        let state = blocking(move || runner.cancel(&id)).await?;
+        let state = blocking(move || runner.cancel(&id, &caller)).await?;
         Ok(Response::new(CancelResponse {
             state: state as i32,
         }))
@@ -161,17 +163,32 @@ impl ContentStoreApi for Service {
         &self,
         request: Request<FindMissingRequest>,
     ) -> Result<Response<FindMissingResponse>, Status> {
+        let caller = principal(&request)?;
         let digests = request.into_inner().digests;
         if digests.len() > 100_000 {
             return Err(RunnerError::invalid("digests", "too many").into());
         }
         let runner = self.runner.clone();
         let missing = blocking(move || {
-            let mut missing = Vec::new();
             for (i, digest) in digests.iter().enumerate() {
                 check_digest(&format!("digests[{i}]"), digest)?;
-                if !runner.cas.contains(digest)? {
-                    missing.push(digest.clone());
+            }
+            // A blob the caller may not read counts as missing: it proves it holds the
+            // content by uploading it, and learns nothing of other clients' files.
+            let readable = if caller.admin {
+                None
+            } else {
+                Some(
+                    runner
+                        .db
+                        .readable_blobs(&caller.owner, digests.iter().map(String::as_str))?,
+                )
+            };
+            let mut missing = Vec::new();
+            for digest in digests {
+                let may_read = readable.as_ref().is_none_or(|r| r.contains(&digest));
+                if !may_read || !runner.cas.contains(&digest)? {
+                    missing.push(digest);
                 }
             }
             Ok(missing)
@@ -184,6 +201,7 @@ impl ContentStoreApi for Service {
         &self,
         request: Request<Streaming<WriteRequest>>,
     ) -> Result<Response<WriteResponse>, Status> {
+        let caller = principal(&request)?;
         let mut stream = request.into_inner();
         let header = match stream.message().await? {
             Some(WriteRequest {
@@ -226,7 +244,13 @@ impl ContentStoreApi for Service {
         }
         let size = writer.size();
         let expected = header.digest.clone();
-        let digest = blocking(move || writer.commit(Some(&expected))).await?;
+        let runner = self.runner.clone();
+        let digest = blocking(move || {
+            let digest = writer.commit(Some(&expected))?;
+            runner.db.grant_blob(&caller.owner, &digest)?;
+            Ok(digest)
+        })
+        .await?;
         Ok(Response::new(WriteResponse { digest, size }))
     }
 
@@ -236,10 +260,22 @@ impl ContentStoreApi for Service {
         &self,
         request: Request<ReadRequest>,
     ) -> Result<Response<Self::ReadStream>, Status> {
+        let caller = principal(&request)?;
         let digest = request.into_inner().digest;
         check_digest("digest", &digest)?;
         let runner = self.runner.clone();
-        let file = blocking(move || runner.cas.open_blob(&digest)).await?;
+        let file = blocking(move || {
+            let may_read = caller.admin
+                || runner
+                    .db
+                    .readable_blobs(&caller.owner, [digest.as_str()])?
+                    .contains(&digest);
+            if !may_read {
+                return Err(RunnerError::NotFound(format!("blob {digest}")));
+            }
+            runner.cas.open_blob(&digest)
+        })
+        .await?;
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         tokio::task::spawn_blocking(move || {
             use std::io::Read;
@@ -274,11 +310,12 @@ impl Attestations for Service {
         &self,
         request: Request<ListLinksRequest>,
     ) -> Result<Response<ListLinksResponse>, Status> {
+        let caller = principal(&request)?;
         let id = request.into_inner().job_id;
         check_job_id(&id)?;
         let runner = self.runner.clone();
         let links = blocking(move || {
-            let job = runner.get(&id)?;
+            let job = runner.get(&id, &caller)?;
             let mut links = Vec::new();
             for step in job.steps {
                 if step.link_digest.is_empty() {
@@ -309,11 +346,12 @@ impl Attestations for Service {
         &self,
         request: Request<GetProvenanceRequest>,
     ) -> Result<Response<Provenance>, Status> {
+        let caller = principal(&request)?;
         let id = request.into_inner().job_id;
         check_job_id(&id)?;
         let runner = self.runner.clone();
         let provenance = blocking(move || {
-            let job = runner.get(&id)?;
+            let job = runner.get(&id, &caller)?;
             if job.provenance_digest.is_empty() {
                 return Err(RunnerError::NotFound(format!(
                     "provenance of job {id} (written when a job succeeds with outputs)"

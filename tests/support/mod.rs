@@ -449,3 +449,73 @@ pub fn kiln_verify(
         artifacts.to_str().unwrap(),
     ])
 }
+
+// ---- Other local clients and host users (tests/boundaries.rs).
+
+/// A connection to `socket` made with the credentials `uid`/`gid` (no supplementary
+/// groups), as a second local client, another host user, makes it: the daemon reads the
+/// peer's identity from the socket (SO_PEERCRED, taken at connect time). Only the
+/// connecting thread switches credentials: the raw syscalls act per thread (libc's
+/// wrappers would switch every thread of the test process), and the thread ends right
+/// after the connect, so the test process stays root.
+pub fn connect_as(
+    socket: &Path,
+    uid: u32,
+    gid: u32,
+) -> std::io::Result<std::os::unix::net::UnixStream> {
+    let socket = socket.to_path_buf();
+    std::thread::spawn(move || {
+        let keep = libc::c_long::from(-1i32);
+        // SAFETY: plain integer arguments; these syscalls change only the calling
+        // thread's credentials, and this thread ends after the connect below.
+        let switched = unsafe {
+            libc::syscall(
+                libc::SYS_setgroups,
+                0 as libc::c_long,
+                std::ptr::null::<libc::gid_t>(),
+            ) == 0
+                && libc::syscall(libc::SYS_setresgid, keep, libc::c_long::from(gid), keep) == 0
+                && libc::syscall(libc::SYS_setresuid, keep, libc::c_long::from(uid), keep) == 0
+        };
+        if !switched {
+            return Err(std::io::Error::last_os_error());
+        }
+        std::os::unix::net::UnixStream::connect(&socket)
+    })
+    .join()
+    .map_err(|_| std::io::Error::other("connecting thread panicked"))?
+}
+
+/// A gRPC channel to the daemon whose every connection is made as `uid`/`gid`.
+pub async fn channel_as(socket: &Path, uid: u32, gid: u32) -> tonic::transport::Channel {
+    let socket = socket.to_path_buf();
+    tonic::transport::Endpoint::try_from("http://kiln.invalid")
+        .unwrap()
+        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+            let socket = socket.clone();
+            async move {
+                let stream = tokio::task::spawn_blocking(move || connect_as(&socket, uid, gid))
+                    .await
+                    .map_err(std::io::Error::other)??;
+                stream.set_nonblocking(true)?;
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                    tokio::net::UnixStream::from_std(stream)?,
+                ))
+            }
+        }))
+        .await
+        .unwrap()
+}
+
+/// Runs `argv` as host user `uid` (group `uid`, no supplementary groups).
+pub fn run_as(uid: u32, argv: &[&str]) -> Output {
+    use std::os::unix::process::CommandExt;
+    Command::new(argv[0])
+        .args(&argv[1..])
+        // As root, std also drops the supplementary groups.
+        .uid(uid)
+        .gid(uid)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}

@@ -1,0 +1,400 @@
+//! The boundaries around the sandbox, attacked as a second local client (another uid on
+//! the daemon's socket) and as another host user: a client sees, cancels and reads only
+//! what is its own; nothing of the state directory is readable by other host users.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::os::unix::fs::PermissionsExt;
+
+use agent_proto::v1::attestations_client::AttestationsClient;
+use agent_proto::v1::content_store_client::ContentStoreClient;
+use agent_proto::v1::jobs_client::JobsClient;
+use agent_proto::v1::{
+    job_event, write_request, CancelRequest, FindMissingRequest, GetProvenanceRequest, GetRequest,
+    Input, Job, JobSpec, JobState, ListLinksRequest, ReadRequest, Step, SubmitRequest,
+    WatchRequest, WriteHeader, WriteRequest,
+};
+use sha2::{Digest, Sha256};
+use support::*;
+use tonic::transport::Channel;
+use tonic::Code;
+
+/// The socket's group; both clients are in it.
+const CLIENTS_GID: u32 = 47_000;
+const ALICE: u32 = 47_001;
+const BOB: u32 = 47_002;
+const OPERATOR: u32 = 47_003;
+/// A host user with no access to the socket.
+const OUTSIDER: u32 = 47_004;
+
+struct Client {
+    jobs: JobsClient<Channel>,
+    store: ContentStoreClient<Channel>,
+    attestations: AttestationsClient<Channel>,
+}
+
+impl Client {
+    async fn new(daemon: &Daemon, uid: u32) -> Client {
+        let channel = channel_as(&daemon.socket, uid, CLIENTS_GID).await;
+        Client {
+            jobs: JobsClient::new(channel.clone()),
+            store: ContentStoreClient::new(channel.clone()),
+            attestations: AttestationsClient::new(channel),
+        }
+    }
+
+    async fn upload(&mut self, data: &[u8]) -> Result<String, tonic::Status> {
+        let digest = hex::encode(Sha256::digest(data));
+        let messages = vec![
+            WriteRequest {
+                part: Some(write_request::Part::Header(WriteHeader {
+                    digest: digest.clone(),
+                    size: data.len() as u64,
+                })),
+            },
+            WriteRequest {
+                part: Some(write_request::Part::Data(data.to_vec())),
+            },
+        ];
+        self.store.write(tokio_stream::iter(messages)).await?;
+        Ok(digest)
+    }
+
+    async fn read(&mut self, digest: &str) -> Result<Vec<u8>, tonic::Status> {
+        let mut stream = self
+            .store
+            .read(ReadRequest {
+                digest: digest.to_string(),
+            })
+            .await?
+            .into_inner();
+        let mut data = Vec::new();
+        while let Some(chunk) = stream.message().await? {
+            data.extend(chunk.data);
+        }
+        Ok(data)
+    }
+
+    async fn missing(&mut self, digests: &[&str]) -> Vec<String> {
+        self.store
+            .find_missing(FindMissingRequest {
+                digests: digests.iter().map(|d| d.to_string()).collect(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .missing
+    }
+
+    async fn submit(&mut self, spec: JobSpec, key: &str) -> Result<String, tonic::Status> {
+        Ok(self
+            .jobs
+            .submit(SubmitRequest {
+                spec: Some(spec),
+                idempotency_key: key.to_string(),
+            })
+            .await?
+            .into_inner()
+            .job_id)
+    }
+
+    async fn get(&mut self, id: &str) -> Result<Job, tonic::Status> {
+        Ok(self
+            .jobs
+            .get(GetRequest {
+                job_id: id.to_string(),
+            })
+            .await?
+            .into_inner())
+    }
+
+    /// Follows the job with Watch to its end.
+    async fn wait(&mut self, id: &str) -> Job {
+        let mut stream = self
+            .jobs
+            .watch(WatchRequest {
+                job_id: id.to_string(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        while let Some(event) = stream.message().await.unwrap() {
+            if let Some(job_event::Event::JobFinished(job)) = event.event {
+                return job;
+            }
+        }
+        panic!("watch ended without the job finishing");
+    }
+}
+
+fn spec(name: &str, input_digest: &str, script: &str) -> JobSpec {
+    JobSpec {
+        name: name.into(),
+        image: "host".into(),
+        inputs: vec![Input {
+            path: "secret.txt".into(),
+            digest: input_digest.into(),
+            executable: false,
+        }],
+        steps: vec![Step {
+            name: "build".into(),
+            argv: vec!["/bin/sh".into(), "-c".into(), script.into()],
+            env: [("API_TOKEN".to_string(), "tok-alice-123".to_string())].into(),
+            ..Default::default()
+        }],
+        outputs: vec!["out.txt".into()],
+    }
+}
+
+/// A daemon whose socket the clients' group may use, with one operator uid, in a
+/// directory other host users may traverse (as /var/lib is).
+fn shared_daemon() -> Daemon {
+    let config = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(
+        config.path(),
+        format!("socket_gid = {CLIENTS_GID}\nadmin_uids = [{OPERATOR}]\n"),
+    )
+    .unwrap();
+    let daemon = Daemon::start_with(&["--config", config.path().to_str().unwrap()]);
+    std::fs::set_permissions(daemon.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    daemon
+}
+
+fn assert_hidden<T: std::fmt::Debug>(what: &str, result: Result<T, tonic::Status>) {
+    let err = result.expect_err(what);
+    assert_eq!(err.code(), Code::NotFound, "{what}: {err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_sees_cancels_and_reads_only_its_own() {
+    if !require_root("a_client_sees_cancels_and_reads_only_its_own") {
+        return;
+    }
+    let daemon = shared_daemon();
+    let mut alice = Client::new(&daemon, ALICE).await;
+    let mut bob = Client::new(&daemon, BOB).await;
+
+    // Alice's sources: only she can tell they are in the store, or read them.
+    let secret = b"alice's unreleased source\n";
+    let input = alice.upload(secret).await.unwrap();
+    assert!(alice.missing(&[&input]).await.is_empty());
+    assert_eq!(
+        bob.missing(&[&input]).await,
+        std::slice::from_ref(&input),
+        "FindMissing is an existence oracle for another client's blob"
+    );
+    assert_hidden("bob reads alice's blob", bob.read(&input).await);
+
+    let job_spec = spec("alice", &input, "tr a-z A-Z < secret.txt > out.txt");
+    let job_id = alice.submit(job_spec.clone(), "release-1").await.unwrap();
+    let job = alice.wait(&job_id).await;
+    assert_eq!(job.state, JobState::Succeeded as i32, "{job:?}");
+    let output = job.outputs[0].digest.clone();
+    let link = job.steps[0].link_digest.clone();
+    let built = secret.to_ascii_uppercase();
+    assert_eq!(alice.read(&output).await.unwrap(), built);
+
+    // Bob cannot see the job in any way, and is told exactly what a made-up id gets.
+    let nonexistent = "00000000-0000-4000-8000-000000000000";
+    let unknown = bob.get(nonexistent).await.unwrap_err();
+    let hidden = bob.get(&job_id).await.unwrap_err();
+    assert_eq!(hidden.code(), Code::NotFound, "{hidden}");
+    assert_eq!(
+        hidden.message().replace(&job_id, "ID"),
+        unknown.message().replace(nonexistent, "ID"),
+        "another client's job answers differently from no job"
+    );
+    assert_hidden(
+        "bob watches alice's job",
+        bob.jobs
+            .watch(WatchRequest {
+                job_id: job_id.clone(),
+            })
+            .await,
+    );
+    assert_hidden(
+        "bob lists alice's links",
+        bob.attestations
+            .list_links(ListLinksRequest {
+                job_id: job_id.clone(),
+            })
+            .await,
+    );
+    assert_hidden(
+        "bob gets alice's provenance",
+        bob.attestations
+            .get_provenance(GetProvenanceRequest {
+                job_id: job_id.clone(),
+            })
+            .await,
+    );
+    assert_hidden("bob reads alice's output", bob.read(&output).await);
+    assert_hidden("bob reads alice's link", bob.read(&link).await);
+    assert_hidden(
+        "bob reads alice's provenance blob",
+        bob.read(&job.provenance_digest).await,
+    );
+
+    // Naming alice's blob as an input is answered as for a blob nobody uploaded.
+    let stolen = bob
+        .submit(spec("bob", &input, "cp secret.txt out.txt"), "")
+        .await
+        .unwrap_err();
+    let absent = bob
+        .submit(spec("bob", &"0".repeat(64), "true"), "")
+        .await
+        .unwrap_err();
+    assert_eq!(stolen.code(), Code::FailedPrecondition, "{stolen}");
+    assert_eq!(stolen.code(), absent.code());
+
+    // Idempotency keys are per client; the same key with another spec is refused.
+    let bobs_input = bob.upload(b"bob's").await.unwrap();
+    let bobs = bob
+        .submit(spec("bob", &bobs_input, "true"), "release-1")
+        .await
+        .unwrap();
+    assert_ne!(bobs, job_id, "bob's key returned alice's job");
+    assert_eq!(
+        alice.submit(job_spec.clone(), "release-1").await.unwrap(),
+        job_id
+    );
+    let mut changed = job_spec.clone();
+    changed.steps[0].argv[2] = "echo other > out.txt".into();
+    let err = alice.submit(changed, "release-1").await.unwrap_err();
+    assert_eq!(err.code(), Code::AlreadyExists, "{err}");
+    assert!(err.message().contains("release-1"), "{err}");
+
+    // Uploading the same bytes proves possession: then bob has them too.
+    assert_eq!(bob.upload(secret).await.unwrap(), input);
+    assert!(bob.missing(&[&input]).await.is_empty());
+    assert_eq!(bob.read(&input).await.unwrap(), secret);
+    // ... which gives him nothing of alice's job.
+    assert_hidden("bob reads alice's output after", bob.read(&output).await);
+
+    // Operators see everything.
+    let mut operator = Client::new(&daemon, OPERATOR).await;
+    assert_eq!(operator.get(&job_id).await.unwrap().job_id, job_id);
+    assert_eq!(operator.read(&output).await.unwrap(), built);
+
+    // Cancel: only the owner (or an operator) stops a running job.
+    let long = alice
+        .submit(spec("long", &input, "sleep 60; cp secret.txt out.txt"), "")
+        .await
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while alice.get(&long).await.unwrap().state != JobState::Running as i32 {
+        assert!(std::time::Instant::now() < deadline, "job never started");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_hidden(
+        "bob cancels alice's job",
+        bob.jobs
+            .cancel(CancelRequest {
+                job_id: long.clone(),
+            })
+            .await,
+    );
+    assert_eq!(
+        alice.get(&long).await.unwrap().state,
+        JobState::Running as i32
+    );
+    operator
+        .jobs
+        .cancel(CancelRequest {
+            job_id: long.clone(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(alice.wait(&long).await.state, JobState::Cancelled as i32);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn other_host_users_read_nothing_of_the_state_directory() {
+    if !require_root("other_host_users_read_nothing_of_the_state_directory") {
+        return;
+    }
+    let daemon = shared_daemon();
+    let mut alice = Client::new(&daemon, ALICE).await;
+    let marker = "TOPSECRET-7f3a";
+    let input = alice
+        .upload(format!("{marker}\n").as_bytes())
+        .await
+        .unwrap();
+    let job_id = alice
+        .submit(
+            spec(
+                "running",
+                &input,
+                "cp secret.txt out.txt; touch started; sleep 60",
+            ),
+            "",
+        )
+        .await
+        .unwrap();
+    let state = daemon.state.clone();
+    let work = state.join("work");
+    // The workspace is the tmpfs mounted below work/ while the job runs.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let workspace = loop {
+        let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        assert!(
+            !mounts.contains(&job_id),
+            "the world-readable mount table names the job: {mounts}"
+        );
+        let found = mounts
+            .lines()
+            .filter_map(|l| l.split(' ').nth(4))
+            .find(|mount| mount.starts_with(work.to_str().unwrap()))
+            .map(std::path::PathBuf::from);
+        if let Some(ws) = found.filter(|ws| ws.join("started").exists()) {
+            break ws;
+        }
+        assert!(std::time::Instant::now() < deadline, "job never started");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let blob = state.join("cas").join(&input[..2]).join(&input);
+    assert!(blob.is_file());
+
+    let attempts: Vec<Vec<String>> = vec![
+        vec!["/bin/ls".into(), state.display().to_string()],
+        vec!["/bin/ls".into(), work.display().to_string()],
+        vec!["/bin/ls".into(), workspace.display().to_string()],
+        vec![
+            "/bin/cat".into(),
+            workspace.join("secret.txt").display().to_string(),
+        ],
+        vec![
+            "/bin/cat".into(),
+            workspace.join("out.txt").display().to_string(),
+        ],
+        vec![
+            "/bin/cat".into(),
+            state.join("kiln.db").display().to_string(),
+        ],
+        vec![
+            "/bin/cat".into(),
+            state.join("kiln.db-wal").display().to_string(),
+        ],
+        vec!["/bin/ls".into(), state.join("cas").display().to_string()],
+        vec!["/bin/cat".into(), blob.display().to_string()],
+    ];
+    for argv in &attempts {
+        let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+        let output = run_as(OUTSIDER, &argv);
+        assert!(
+            !output.status.success() && !text(&output.stdout).contains(marker),
+            "another host user could run {argv:?}: {}",
+            describe(&output)
+        );
+    }
+    // The database holds the job's environment: root only.
+    for name in ["kiln.db", "kiln.db-wal"] {
+        let mode = std::fs::metadata(state.join(name))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o077, 0, "{name} is mode {mode:o}");
+    }
+    alice.jobs.cancel(CancelRequest { job_id }).await.unwrap();
+}
