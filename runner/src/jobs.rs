@@ -603,8 +603,10 @@ impl Runner {
                         input.path, input.digest
                     )),
                     other if crate::limits::workspace_usage(workspace).is_some_and(|u| u.1) => {
+                        // The error names host paths: the daemon's log gets it, not the client.
+                        tracing::info!(error = %other, "inputs exceed the workspace quota");
                         RunnerError::FailedPrecondition(format!(
-                            "the inputs do not fit in the workspace quota of {} ({other})",
+                            "the inputs do not fit in the workspace quota of {}",
                             crate::limits::format_size(quota)
                         ))
                     }
@@ -901,6 +903,10 @@ impl Runner {
                 // The step never ran: nothing to attest.
                 result.state = StepState::Error as i32;
                 result.exit_code = 125;
+                // The supervisor's text may name the host's side of a mount.
+                let message = message
+                    .replace(&workspace.display().to_string(), "/workspace")
+                    .replace(&self.config.state_dir.display().to_string(), "<state>");
                 result.message = format!("sandbox layer {layer:?} could not be set up: {message}");
                 return Ok((result, None));
             }
