@@ -12,6 +12,9 @@ pub enum RunnerError {
     PermissionDenied(String),
     #[error("{0}")]
     AlreadyExists(String),
+    /// A stored blob no longer matches its digest (it has been quarantined).
+    #[error("{0}")]
+    Corrupt(String),
     #[error("{0} not found")]
     NotFound(String),
     #[error("{0}")]
@@ -93,6 +96,7 @@ impl From<RunnerError> for tonic::Status {
             RunnerError::FailedPrecondition(_) => tonic::Status::failed_precondition(message),
             RunnerError::PermissionDenied(_) => tonic::Status::permission_denied(message),
             RunnerError::AlreadyExists(_) => tonic::Status::already_exists(message),
+            RunnerError::Corrupt(_) => tonic::Status::data_loss(message),
             RunnerError::NotFound(_) => tonic::Status::not_found(message),
             RunnerError::Unavailable(_) => tonic::Status::unavailable(message),
             RunnerError::Sandbox(_)

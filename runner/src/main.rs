@@ -166,6 +166,14 @@ enum Command {
         /// Artifact files whose SHA-256 must be subjects of the provenance.
         files: Vec<PathBuf>,
     },
+    /// Check the content store.
+    Store {
+        /// State directory of the daemon.
+        #[arg(long, global = true, default_value = config::DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+        #[command(subcommand)]
+        command: StoreCommand,
+    },
     /// Build and list images.
     Image {
         /// State directory of the daemon.
@@ -224,6 +232,14 @@ pub enum LinkFormat {
     Metablock,
     /// A DSSE envelope (payloadType application/vnd.in-toto+json).
     Dsse,
+}
+
+#[derive(Subcommand)]
+enum StoreCommand {
+    /// Hash every blob and compare it with its name. A blob that does not match is moved
+    /// to the store's quarantine/ (so it is missing, and a client's next upload of it
+    /// repairs it). Exits 1 if any was. Safe while the daemon runs.
+    Verify,
 }
 
 #[derive(Subcommand)]
@@ -456,6 +472,27 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                 "kiln verify needs --layout, --layout-key and --links, or --provenance, --key and --policy"
             ),
         },
+        Command::Store {
+            state_dir,
+            command: StoreCommand::Verify,
+        } => {
+            let root = state_dir.join("cas");
+            anyhow::ensure!(root.is_dir(), "no content store at {}", root.display());
+            let store = cas::ContentStore::attach(root);
+            let report = store.verify_all()?;
+            println!(
+                "checked {} blobs ({}): {} intact, {} corrupt (quarantined), {} stray files",
+                report.intact + report.quarantined.len() as u64,
+                limits::format_size(report.bytes),
+                report.intact,
+                report.quarantined.len(),
+                report.stray
+            );
+            for digest in &report.quarantined {
+                println!("corrupt: {digest}");
+            }
+            Ok(if report.quarantined.is_empty() { 0 } else { 1 })
+        }
         Command::Image { state_dir, command } => {
             let images = images::Images::open(&state_dir)?;
             match command {

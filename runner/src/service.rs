@@ -16,7 +16,7 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::auth::{principal, Principal};
-use crate::cas::{check_digest, CHUNK_SIZE};
+use crate::cas::check_digest;
 use crate::error::RunnerError;
 use crate::jobs::Runner;
 use crate::spec::{validate, SpecLimits};
@@ -264,7 +264,7 @@ impl ContentStoreApi for Service {
         let digest = request.into_inner().digest;
         check_digest("digest", &digest)?;
         let runner = self.runner.clone();
-        let file = blocking(move || {
+        let mut reader = blocking(move || {
             let may_read = caller.admin
                 || runner
                     .db
@@ -273,26 +273,30 @@ impl ContentStoreApi for Service {
             if !may_read {
                 return Err(RunnerError::NotFound(format!("blob {digest}")));
             }
-            runner.cas.open_blob(&digest)
+            runner.cas.reader(&digest)
         })
         .await?;
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         tokio::task::spawn_blocking(move || {
-            use std::io::Read;
-            let mut file = file;
+            // One chunk is held back until the next read: the last one goes out only after
+            // the whole content matched its digest, so a corrupt blob ends in an error, and
+            // a client that checks the status never takes it for the real content.
+            let mut held: Option<Vec<u8>> = None;
             loop {
-                let mut buf = vec![0u8; CHUNK_SIZE];
-                match file.read(&mut buf) {
-                    Ok(0) => return,
-                    Ok(n) => {
-                        buf.truncate(n);
-                        if tx.blocking_send(Ok(ReadResponse { data: buf })).is_err() {
+                match reader.next_chunk() {
+                    Ok(next) => {
+                        let done = next.is_none();
+                        if let Some(data) = std::mem::replace(&mut held, next) {
+                            if tx.blocking_send(Ok(ReadResponse { data })).is_err() {
+                                return;
+                            }
+                        }
+                        if done {
                             return;
                         }
                     }
-                    Err(e) => {
-                        let _ =
-                            tx.blocking_send(Err(Status::internal(format!("reading blob: {e}"))));
+                    Err(err) => {
+                        let _ = tx.blocking_send(Err(Status::from(err)));
                         return;
                     }
                 }

@@ -1,0 +1,179 @@
+//! The content store never serves what does not match its digest: a blob corrupted or
+//! truncated on disk fails Read and ListLinks (DATA_LOSS), is quarantined and reported
+//! missing, and a correct upload repairs it; `kiln store verify` finds the rest.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use agent_proto::v1::attestations_client::AttestationsClient;
+use agent_proto::v1::content_store_client::ContentStoreClient;
+use agent_proto::v1::jobs_client::JobsClient;
+use agent_proto::v1::{
+    write_request, FindMissingRequest, GetRequest, JobSpec, JobState, ListLinksRequest,
+    ReadRequest, Step, SubmitRequest, WriteHeader, WriteRequest,
+};
+use sha2::{Digest, Sha256};
+use support::*;
+use tonic::transport::Channel;
+use tonic::Code;
+
+async fn upload(store: &mut ContentStoreClient<Channel>, data: &[u8]) -> String {
+    let digest = hex::encode(Sha256::digest(data));
+    let messages = vec![
+        WriteRequest {
+            part: Some(write_request::Part::Header(WriteHeader {
+                digest: digest.clone(),
+                size: data.len() as u64,
+            })),
+        },
+        WriteRequest {
+            part: Some(write_request::Part::Data(data.to_vec())),
+        },
+    ];
+    store.write(tokio_stream::iter(messages)).await.unwrap();
+    digest
+}
+
+/// What a Read stream delivered, and how it ended.
+async fn read(store: &mut ContentStoreClient<Channel>, digest: &str) -> (Vec<u8>, Option<Code>) {
+    let mut stream = match store
+        .read(ReadRequest {
+            digest: digest.to_string(),
+        })
+        .await
+    {
+        Ok(stream) => stream.into_inner(),
+        Err(status) => return (Vec::new(), Some(status.code())),
+    };
+    let mut data = Vec::new();
+    loop {
+        match stream.message().await {
+            Ok(Some(chunk)) => data.extend(chunk.data),
+            Ok(None) => return (data, None),
+            Err(status) => return (data, Some(status.code())),
+        }
+    }
+}
+
+async fn missing(store: &mut ContentStoreClient<Channel>, digest: &str) -> bool {
+    !store
+        .find_missing(FindMissingRequest {
+            digests: vec![digest.to_string()],
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .missing
+        .is_empty()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupt_blobs_are_never_served_and_an_upload_repairs_them() {
+    if !require_root("corrupt_blobs_are_never_served_and_an_upload_repairs_them") {
+        return;
+    }
+    let daemon = Daemon::start();
+    let channel = channel_as(&daemon.socket, 0, 0).await;
+    let mut store = ContentStoreClient::new(channel.clone());
+    let blob_path = |digest: &str| daemon.state.join("cas").join(&digest[..2]).join(digest);
+
+    // Several chunks, one byte flipped in the last: every chunk but the last could
+    // already be on its way when the mismatch shows.
+    let content: Vec<u8> = (0..700_000u32).map(|i| (i % 251) as u8).collect();
+    let digest = upload(&mut store, &content).await;
+    let mut on_disk = std::fs::read(blob_path(&digest)).unwrap();
+    on_disk[650_000] ^= 1;
+    std::fs::write(blob_path(&digest), &on_disk).unwrap();
+    let (served, end) = read(&mut store, &digest).await;
+    assert_eq!(end, Some(Code::DataLoss), "a corrupt blob was served whole");
+    assert!(served.len() < content.len());
+    assert!(
+        missing(&mut store, &digest).await,
+        "a corrupt blob is reported present"
+    );
+
+    // The correct bytes again: stored, served.
+    assert_eq!(upload(&mut store, &content).await, digest);
+    let (served, end) = read(&mut store, &digest).await;
+    assert_eq!((served == content, end), (true, None));
+
+    // A truncated blob is missing, so clients upload it again.
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(blob_path(&digest))
+        .unwrap();
+    file.set_len(1000).unwrap();
+    assert!(
+        missing(&mut store, &digest).await,
+        "a truncated blob is reported present"
+    );
+
+    // A corrupt link is refused by ListLinks, not handed to a verifier.
+    let mut jobs = JobsClient::new(channel.clone());
+    let id = jobs
+        .submit(SubmitRequest {
+            spec: Some(JobSpec {
+                name: "store".into(),
+                image: "host".into(),
+                steps: vec![Step {
+                    name: "t".into(),
+                    argv: vec!["/bin/true".into()],
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }),
+            idempotency_key: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .job_id;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let job = loop {
+        let job = jobs
+            .get(GetRequest { job_id: id.clone() })
+            .await
+            .unwrap()
+            .into_inner();
+        if job.state == JobState::Succeeded as i32 {
+            break job;
+        }
+        assert!(std::time::Instant::now() < deadline, "{job:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    let link = &job.steps[0].link_digest;
+    let mut link_bytes = std::fs::read(blob_path(link)).unwrap();
+    link_bytes[10] = b'X';
+    std::fs::write(blob_path(link), &link_bytes).unwrap();
+    let err = AttestationsClient::new(channel)
+        .list_links(ListLinksRequest { job_id: id })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::DataLoss, "{err}");
+    assert!(
+        !err.message().contains(daemon.state.to_str().unwrap()),
+        "{err}"
+    );
+
+    // `kiln store verify` finds what no client asked for, and sets it aside.
+    let spare = upload(&mut store, b"spare blob").await;
+    std::fs::write(blob_path(&spare), b"spare blub").unwrap();
+    let out = daemon.kiln(&[
+        "store",
+        "verify",
+        "--state-dir",
+        daemon.state.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    let report = text(&out.stdout);
+    assert!(report.contains("1 corrupt (quarantined)"), "{report}");
+    assert!(report.contains(&format!("corrupt: {spare}")), "{report}");
+    assert!(!blob_path(&spare).exists());
+    let out = daemon.kiln(&[
+        "store",
+        "verify",
+        "--state-dir",
+        daemon.state.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+}
