@@ -1,5 +1,7 @@
-//! The `kiln.v1` gRPC API shared by the daemon and its clients. Generated code only.
+//! The `kiln.v1` gRPC API shared by the daemon and its clients. Generated code, and the codec it uses.
 #![forbid(unsafe_code)]
+
+pub mod codec;
 
 /// `kiln.v1`: jobs, content store and attestations.
 pub mod v1 {

@@ -82,6 +82,9 @@ impl Jobs for Service {
         if key.as_ref().is_some_and(|k| k.len() > 256) {
             return Err(RunnerError::invalid("idempotency_key", "longer than 256 bytes").into());
         }
+        if key.as_ref().is_some_and(|k| k.contains('\0')) {
+            return Err(RunnerError::invalid("idempotency_key", "contains a NUL byte").into());
+        }
         let runner = self.runner.clone();
         let job_id = blocking(move || runner.submit(spec, key.as_deref(), &caller)).await?;
         Ok(Response::new(SubmitResponse { job_id }))
