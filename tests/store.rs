@@ -177,3 +177,59 @@ async fn corrupt_blobs_are_never_served_and_an_upload_repairs_them() {
     ]);
     assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
 }
+
+#[test]
+fn a_lost_database_stops_submissions_and_is_never_silently_recreated() {
+    if !require_root("a_lost_database_stops_submissions_and_is_never_silently_recreated") {
+        return;
+    }
+    let mut daemon = Daemon::start();
+    let out = daemon.kiln(&["run", "--", "/bin/true"]);
+    assert!(out.status.success(), "{}", describe(&out));
+    for name in ["kiln.db", "kiln.db-wal", "kiln.db-shm"] {
+        let _ = std::fs::remove_file(daemon.state.join(name));
+    }
+    let out = daemon.kiln(&["run", "--", "/bin/true"]);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(125), "{}", describe(&out));
+    assert!(stderr.contains("job database"), "{stderr}");
+    assert!(!stderr.contains(daemon.state.to_str().unwrap()), "{stderr}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !daemon.log().contains("THE JOB DATABASE IS GONE") {
+        assert!(std::time::Instant::now() < deadline, "{}", daemon.log());
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    daemon.stop();
+
+    // A restart does not start over with an empty database ...
+    let mut serve = std::process::Command::new(KILN)
+        .arg("--socket")
+        .arg(&daemon.socket)
+        .arg("serve")
+        .arg("--state-dir")
+        .arg(&daemon.state)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = serve.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = serve.kill();
+            panic!("kiln serve started on a state directory whose database was lost");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut serve.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(!status.success(), "{stderr}");
+    assert!(stderr.contains("--new-database"), "{stderr}");
+    // ... unless the operator says so.
+    daemon.spawn(&["--new-database"]);
+    let out = daemon.kiln(&["run", "--", "/bin/true"]);
+    assert!(out.status.success(), "{}", describe(&out));
+}

@@ -1,7 +1,8 @@
 //! Durable job records in SQLite. A job is committed (WAL, synchronous=FULL) before
 //! Submit answers, and every state change is committed before it is announced.
 
-use std::path::Path;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use agent_proto::v1::{Job, JobState};
@@ -13,18 +14,68 @@ use crate::error::{Result, RunnerError};
 #[derive(Clone)]
 pub struct Database {
     conn: Arc<Mutex<Connection>>,
+    path: PathBuf,
+    /// (device, inode) of the file opened: a file by that name that is another one, or
+    /// none, means the records went elsewhere than where a restart will look.
+    file: (u64, u64),
+}
+
+/// Whether [`Database::open`] may create a database where there is none.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Creation {
+    /// Only in a state directory that holds no Kiln data yet.
+    FreshStateOnly,
+    /// Also beside existing data (the operator said so: its job records are gone).
+    Allowed,
 }
 
 impl Database {
-    pub fn open(path: &Path) -> Result<Self> {
-        let mut conn = Connection::open(path)?;
+    /// Opens the job database of the state directory `state`. A missing database where
+    /// the state directory already holds Kiln data (blobs, or the marker a database
+    /// leaves) is refused unless `creation` allows it: silently starting empty would
+    /// lose every job record.
+    pub fn open(state: &Path, creation: Creation) -> Result<Self> {
+        let path = state.join(DB_FILE);
+        let marker = state.join(MARKER_FILE);
+        if !path.exists()
+            && creation == Creation::FreshStateOnly
+            && (marker.exists() || holds_blobs(&state.join("cas")))
+        {
+            return Err(RunnerError::FailedPrecondition(format!(
+                "the state directory {} holds Kiln data but no job database ({DB_FILE}): \
+                 it was lost or moved. Restore it, or start with --new-database to begin \
+                 an empty one (every earlier job record stays lost)",
+                state.display()
+            )));
+        }
+        let mut conn = Connection::open(&path)?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         migrate(&mut conn)?;
+        std::fs::write(
+            &marker,
+            b"this state directory has a Kiln job database (kiln.db)\n",
+        )
+        .map_err(RunnerError::io_path("writing", &marker))?;
+        let meta = std::fs::metadata(&path).map_err(RunnerError::io_path("reading", &path))?;
         Ok(Self {
             conn: Arc::new(Mutex::new(conn)),
+            path,
+            file: (meta.dev(), meta.ino()),
         })
+    }
+
+    /// Fails if the database file was removed or replaced since it was opened: what
+    /// the daemon records then would not be found after a restart.
+    pub fn check_file(&self) -> Result<()> {
+        match std::fs::metadata(&self.path) {
+            Ok(meta) if (meta.dev(), meta.ino()) == self.file => Ok(()),
+            _ => Err(RunnerError::Unavailable(format!(
+                "the job database ({DB_FILE}) was removed or replaced while the daemon ran; \
+                 no job is accepted until an operator restores it and restarts the daemon"
+            ))),
+        }
     }
 
     fn lock(&self) -> Result<std::sync::MutexGuard<'_, Connection>> {
@@ -43,6 +94,8 @@ impl Database {
         idempotency_key: Option<&str>,
         peer_uid: Option<u32>,
     ) -> Result<Inserted> {
+        // A job recorded in a file nobody will read again would be lost while answered.
+        self.check_file()?;
         let conn = self.lock()?;
         if let Some(key) = idempotency_key {
             let existing: Option<(String, Vec<u8>)> = conn
@@ -174,6 +227,22 @@ impl Database {
         }
         Ok(readable)
     }
+}
+
+const DB_FILE: &str = "kiln.db";
+/// Left beside the database: its presence without the database means it was lost.
+const MARKER_FILE: &str = "kiln.db.present";
+
+/// Whether a content store holds any blob (a shard directory).
+fn holds_blobs(cas: &Path) -> bool {
+    std::fs::read_dir(cas)
+        .map(|entries| {
+            entries.flatten().any(|e| {
+                let name = e.file_name();
+                name.len() == 2 && e.file_type().is_ok_and(|t| t.is_dir())
+            })
+        })
+        .unwrap_or(false)
 }
 
 /// The outcome of [`Database::insert_job`].
@@ -327,9 +396,9 @@ mod tests {
     #[test]
     fn records_survive_reopen_and_idempotency_is_per_owner() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("kiln.db");
+        let path = dir.path();
         {
-            let db = Database::open(&path).unwrap();
+            let db = Database::open(path, Creation::FreshStateOnly).unwrap();
             let first = job("j1", "a");
             assert_eq!(
                 db.insert_job(&first, "uid:1", Some("k"), Some(1)).unwrap(),
@@ -354,7 +423,7 @@ mod tests {
                 Inserted::New("j4".into())
             );
         }
-        let db = Database::open(&path).unwrap();
+        let db = Database::open(path, Creation::FreshStateOnly).unwrap();
         let (found, owner) = db.get_job_and_owner("j1").unwrap().unwrap();
         assert_eq!((found.job_id.as_str(), owner.as_str()), ("j1", "uid:1"));
         assert!(db.get_job("j2").unwrap().is_none());
@@ -364,7 +433,7 @@ mod tests {
     #[test]
     fn a_job_record_grants_its_owner_its_blobs() {
         let dir = tempfile::tempdir().unwrap();
-        let db = Database::open(&dir.path().join("kiln.db")).unwrap();
+        let db = Database::open(dir.path(), Creation::FreshStateOnly).unwrap();
         let mut j = job("j1", "a");
         db.insert_job(&j, "uid:1", None, Some(1)).unwrap();
         j.outputs.push(OutputFile {
@@ -412,7 +481,7 @@ mod tests {
             )
             .unwrap();
         }
-        let db = Database::open(&path).unwrap();
+        let db = Database::open(dir.path(), Creation::FreshStateOnly).unwrap();
         assert_eq!(db.get_job_and_owner("old").unwrap().unwrap().1, "uid:1000");
         assert_eq!(db.get_job_and_owner("anon").unwrap().unwrap().1, "unknown");
         let digest = "ef".repeat(32);
@@ -429,6 +498,29 @@ mod tests {
         );
         drop(db);
         // Opening again is a no-op.
-        Database::open(&path).unwrap();
+        Database::open(dir.path(), Creation::FreshStateOnly).unwrap();
+    }
+
+    #[test]
+    fn a_lost_database_is_noticed_and_not_silently_recreated() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Database::open(dir.path(), Creation::FreshStateOnly).unwrap();
+        db.check_file().unwrap();
+        db.insert_job(&job("j1", "a"), "uid:1", None, None).unwrap();
+        std::fs::remove_file(dir.path().join("kiln.db")).unwrap();
+        let err = db.check_file().unwrap_err();
+        assert!(matches!(err, RunnerError::Unavailable(_)), "{err}");
+        assert!(
+            !err.to_string().contains(dir.path().to_str().unwrap()),
+            "{err}"
+        );
+        assert!(db.insert_job(&job("j2", "a"), "uid:1", None, None).is_err());
+        drop(db);
+        let err = Database::open(dir.path(), Creation::FreshStateOnly)
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains("--new-database"), "{err}");
+        let db = Database::open(dir.path(), Creation::Allowed).unwrap();
+        assert!(db.get_job("j1").unwrap().is_none());
     }
 }

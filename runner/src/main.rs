@@ -57,6 +57,10 @@ enum Command {
         /// Jobs run at once (overrides the config).
         #[arg(long)]
         max_jobs: Option<u32>,
+        /// Start an empty job database although the state directory holds Kiln data
+        /// (its database was lost: every earlier job record stays lost).
+        #[arg(long)]
+        new_database: bool,
     },
     /// Run one command as a single-step job and stream its output.
     Run {
@@ -305,6 +309,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             config,
             state_dir,
             max_jobs,
+            new_database,
         } => {
             let mut cfg = config::Config::load(config.as_deref())?;
             if let Some(socket) = socket_flag {
@@ -316,7 +321,12 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             if let Some(n) = max_jobs {
                 cfg.max_concurrent_jobs = n;
             }
-            server::serve(cfg).await?;
+            let creation = if new_database {
+                db::Creation::Allowed
+            } else {
+                db::Creation::FreshStateOnly
+            };
+            server::serve(cfg, creation).await?;
             Ok(0)
         }
         Command::Run {

@@ -16,13 +16,13 @@ use tokio_stream::wrappers::UnixListenerStream;
 use crate::auth::Authenticator;
 use crate::cas::ContentStore;
 use crate::config::Config;
-use crate::db::Database;
+use crate::db::{Creation, Database};
 use crate::images::Images;
 use crate::jobs::Runner;
 use crate::service::Service;
 use crate::signer::{RingOrigin, Signer};
 
-pub async fn serve(config: Config) -> anyhow::Result<()> {
+pub async fn serve(config: Config, creation: Creation) -> anyhow::Result<()> {
     config.validate()?;
     if !nix::unistd::geteuid().is_root() {
         bail!("kiln serve must run as root: it creates user namespaces with mapped id ranges and mounts");
@@ -94,7 +94,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         }
         RingOrigin::Existing => {}
     }
-    let db = Database::open(&state.join("kiln.db")).context("opening the job database")?;
+    let db = Database::open(state, creation).context("opening the job database")?;
     restrict_to_owner(state, &["kiln.db", "kiln.db-wal", "kiln.db-shm"])?;
     let cas = ContentStore::open(state.join("cas")).context("opening the content store")?;
     let images = Images::open(state).context("preparing images")?;
@@ -124,6 +124,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     health_reporter
         .set_serving::<AttestationsServer<Service>>()
         .await;
+    let database_watch = tokio::spawn(watch_database(runner.db.clone(), health_reporter.clone()));
     // Reflection in both versions clients speak today (grpcurl: v1; grpcio: v1alpha).
     let reflection = || {
         tonic_reflection::server::Builder::configure()
@@ -157,6 +158,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     tracing::info!("draining: waiting for running jobs to finish");
     runner.drain().await;
     scheduler.abort();
+    database_watch.abort();
     let _ = fs::remove_file(&config.socket);
     tracing::info!("stopped");
     result.context("serving gRPC")
@@ -208,6 +210,21 @@ fn remove_stale_socket(socket: &Path) -> anyhow::Result<()> {
         }
         Ok(_) => bail!("{} exists and is not a socket", socket.display()),
         Err(_) => Ok(()),
+    }
+}
+
+/// Notices, within seconds, that the job database file was removed or replaced: says so
+/// loudly and reports the Jobs service not serving (Submit refuses on its own check).
+async fn watch_database(db: Database, health: tonic_health::server::HealthReporter) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(2));
+    loop {
+        tick.tick().await;
+        let db = db.clone();
+        if let Ok(Err(err)) = tokio::task::spawn_blocking(move || db.check_file()).await {
+            tracing::error!(error = %err, "THE JOB DATABASE IS GONE: jobs are refused");
+            health.set_not_serving::<JobsServer<Service>>().await;
+            return;
+        }
     }
 }
 
