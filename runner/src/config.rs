@@ -347,6 +347,26 @@ mod tests {
     }
 
     #[test]
+    fn workspace_entries_and_outputs_are_bounded() {
+        let cfg = Config::default();
+        assert_eq!(cfg.max_workspace_entries, 100_000);
+        assert_eq!(cfg.max_outputs, 10_000);
+        let cfg: Config =
+            toml::from_str("max_workspace_entries = 500000\nmax_outputs = 20000\n").unwrap();
+        cfg.validate().unwrap();
+        for (bad, key) in [
+            ("max_workspace_entries = 0\n", "max_workspace_entries"),
+            ("max_workspace_entries = 1000001\n", "max_workspace_entries"),
+            ("max_outputs = 0\n", "max_outputs"),
+            ("max_outputs = 20001\n", "max_outputs"),
+        ] {
+            let cfg: Config = toml::from_str(bad).unwrap();
+            let err = cfg.validate().unwrap_err().to_string();
+            assert!(err.contains(key), "{bad}: {err}");
+        }
+    }
+
+    #[test]
     fn waive_accepts_only_known_layers() {
         let cfg: Config = toml::from_str("waive = [\"landlock\"]\n").unwrap();
         assert_eq!(cfg.waive, ["landlock"]);

@@ -1140,19 +1140,16 @@ impl Runner {
                 provenance::walk::walk(&path, options, |entry: &WalkEntry<'_>| {
                     if entry.kind() == WalkKind::File {
                         let rel = format!("{output}/{}", entry.path());
-                        files.push(store_output(
-                            &self.cas,
-                            entry.open_file()?,
-                            rel,
-                            entry.mode(),
-                        )?);
+                        let file = entry.open_file()?;
+                        let stored = store_output(&self.cas, file, rel.clone(), entry.mode());
+                        files.push(without_host_path(stored, &rel)?);
                     }
                     Ok::<_, Collect>(Flow::Continue)
                 })
                 .map_err(|e| e.for_output(output))?;
             } else {
                 // A declared path is short (checked at submit): by name is fine here.
-                let (digest, size) = self.cas.put_file(&path)?;
+                let (digest, size) = without_host_path(self.cas.put_file(&path), output)?;
                 files.push(OutputFile {
                     path: output.clone(),
                     digest,
@@ -1393,6 +1390,20 @@ impl OutputBudget<'_> {
         }
         Ok(())
     }
+}
+
+/// A failure to store an output, told to the client without the daemon's paths (the
+/// content store's or the workspace's); the log keeps the details.
+fn without_host_path<T>(stored: Result<T>, rel: &str) -> Result<T> {
+    stored.map_err(|err| match err {
+        RunnerError::InvalidArgument { .. } => err,
+        other => {
+            tracing::error!(output = %rel, error = %other, "could not store an output");
+            RunnerError::Internal(format!(
+                "could not store output {rel:?} in the content store"
+            ))
+        }
+    })
 }
 
 /// An output that cannot be collected, named as the step saw it.

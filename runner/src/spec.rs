@@ -367,6 +367,8 @@ mod tests {
             "./a",
             "a\0b",
             "",
+            // Read as "back/slash" by in-toto-verify.
+            "back\\slash",
         ] {
             let mut spec = good();
             spec.inputs[0].path = bad.into();
