@@ -17,7 +17,8 @@ pub fn to_canonical(value: &Value) -> Result<Vec<u8>, ProvenanceError> {
     Ok(out)
 }
 
-fn encode(value: &Value, out: &mut Vec<u8>) -> Result<(), ProvenanceError> {
+/// Append the canonical encoding of `value` to `out`.
+pub(crate) fn encode(value: &Value, out: &mut Vec<u8>) -> Result<(), ProvenanceError> {
     match value {
         Value::Null => out.extend_from_slice(b"null"),
         Value::Bool(true) => out.extend_from_slice(b"true"),
@@ -64,7 +65,8 @@ fn encode(value: &Value, out: &mut Vec<u8>) -> Result<(), ProvenanceError> {
     Ok(())
 }
 
-fn encode_str(s: &str, out: &mut Vec<u8>) {
+/// Append the canonical encoding of the string `s` to `out`.
+pub(crate) fn encode_str(s: &str, out: &mut Vec<u8>) {
     out.push(b'"');
     for b in s.bytes() {
         // Safe to work on bytes: '"' and '\' never occur inside a multi-byte

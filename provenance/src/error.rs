@@ -15,9 +15,10 @@ pub enum ProvenanceError {
     /// A fifo, socket or device node in a tree being hashed.
     #[error("{path}: special file ({kind}) cannot be recorded as an artifact")]
     SpecialFile { path: PathBuf, kind: &'static str },
-    /// A file name that is not UTF-8 cannot be a JSON artifact path.
-    #[error("{path}: file name is not valid UTF-8")]
-    NonUtf8Path { path: PathBuf },
+    /// A tree that cannot be walked or recorded (see [`crate::walk`]); the
+    /// path in it is relative to the tree's root.
+    #[error(transparent)]
+    Walk(#[from] crate::walk::WalkError),
     /// A symlink that in-toto-style recording will not follow (see
     /// [`crate::hash::hash_tree_as_in_toto`]).
     #[error("{path}: symlink {detail}")]

@@ -6,12 +6,15 @@ use std::io::Read;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use sha2::{Digest, Sha256};
 
+use nix::sys::stat::FileStat;
+
+use crate::walk::{self, Entry, Flow, Kind, WalkError, WalkOptions};
 use crate::ProvenanceError;
 
 /// Read buffer per hashing thread: large enough to amortise syscalls,
@@ -121,14 +124,25 @@ fn special(path: &Path, ft: fs::FileType) -> ProvenanceError {
 /// are never followed: a symlink is recorded as an artifact whose digest is
 /// the SHA-256 of its target path bytes. Directories are walked without
 /// following symlinks; empty directories are not recorded (in-toto records
-/// files only). A fifo, socket or device node anywhere in the tree is an
-/// error naming its path, as is a name that is not UTF-8.
+/// files only). What Kiln cannot record is an error naming its path (a
+/// [`crate::walk::WalkError`]): a fifo, socket or device node, a name that is
+/// not UTF-8 or holds a backslash, a path longer than PATH_MAX.
 ///
 /// The tree must be quiescent (Kiln hashes a workspace only when every
-/// process of the step is dead); files are still opened with O_NOFOLLOW and
-/// re-checked so a concurrent swap yields an error, not a followed link.
+/// process of the step is dead); files are still opened relative to their
+/// directory with O_NOFOLLOW and checked to be the inode the walk saw, so a
+/// concurrent swap yields an error, not a followed link.
 pub fn hash_tree(root: &Path) -> Result<BTreeMap<String, String>, ProvenanceError> {
-    hash_tree_with(root, Mode::Kiln)
+    hash_tree_within(root, WalkOptions::default())
+}
+
+/// [`hash_tree`] within the walk's limits (e.g. an entry budget), checked
+/// while the tree is read.
+pub fn hash_tree_within(
+    root: &Path,
+    options: WalkOptions,
+) -> Result<BTreeMap<String, String>, ProvenanceError> {
+    Ok(hash_tree_with(root, Mode::Kiln, options, None)?.tree)
 }
 
 /// The exclude patterns in-toto 3.1 applies when it records artifacts
@@ -161,7 +175,13 @@ fn excluded_name(name: &str) -> bool {
 /// The root itself must be a real directory, not a symlink.
 pub fn hash_tree_as_in_toto(root: &Path) -> Result<BTreeMap<String, String>, ProvenanceError> {
     let canonical = fs::canonicalize(root).map_err(|e| ProvenanceError::io(root, e))?;
-    hash_tree_with(root, Mode::InToto { root: &canonical })
+    Ok(hash_tree_with(
+        root,
+        Mode::InToto { root: &canonical },
+        WalkOptions::default(),
+        None,
+    )?
+    .tree)
 }
 
 /// How the walk treats excludes and symlinks.
@@ -173,81 +193,210 @@ enum Mode<'a> {
     InToto { root: &'a Path },
 }
 
-/// A tree's listing: symlinks already recorded in the map, regular files still
-/// to be hashed. The root itself must be a real directory, never a link.
-type Listing = (BTreeMap<String, String>, Vec<(String, PathBuf)>);
-
-fn list_tree(root: &Path, mode: Mode<'_>) -> Result<Listing, ProvenanceError> {
-    let meta = fs::symlink_metadata(root).map_err(|e| ProvenanceError::io(root, e))?;
-    if !meta.is_dir() {
-        return Err(ProvenanceError::NotADirectory {
-            path: root.to_path_buf(),
-        });
-    }
-    let mut out = BTreeMap::new();
-    let mut files = Vec::new();
-    walk(root, "", mode, &mut out, &mut files)?;
-    Ok((out, files))
+/// A tree's hashes, with what a [`TreeHasher`] keeps for the next hash.
+struct Hashed {
+    tree: BTreeMap<String, String>,
+    fresh: HashMap<FileKey, [u8; 32]>,
+    stats: CacheStats,
 }
 
+/// Which digests a hash may take from a [`TreeHasher`]'s cache, and which of
+/// the files it reads it may cache.
+struct CachePolicy<'a> {
+    cache: &'a HashMap<FileKey, [u8; 32]>,
+    /// Files whose ctime is later than this (ns) are not cached (racy margin).
+    cutoff: i128,
+    cacheable: &'a (dyn Fn(u64) -> bool + Sync),
+}
+
+/// A regular file the walk opened, for a hashing thread.
+struct Job {
+    rel: String,
+    file: File,
+    key: FileKey,
+}
+
+/// What a hashing thread found: the digest, and the key to cache it under.
+type Done = (String, [u8; 32], Option<FileKey>);
+
+/// Walk `root` with [`crate::walk`] and hash its regular files on up to
+/// `MAX_THREADS` threads. The walk opens each file (relative to its
+/// directory's descriptor) and hands it over through a bounded channel, so
+/// open files and buffers stay bounded whatever the tree; what grows with the
+/// tree is only the map of results. The first error stops the walk and every
+/// thread.
 fn hash_tree_with(
     root: &Path,
     mode: Mode<'_>,
-) -> Result<BTreeMap<String, String>, ProvenanceError> {
-    let (mut out, files) = list_tree(root, mode)?;
-    for (rel, digest) in hash_files(files)? {
-        out.insert(rel, digest);
+    options: WalkOptions,
+    policy: Option<&CachePolicy<'_>>,
+) -> Result<Hashed, ProvenanceError> {
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .clamp(1, MAX_THREADS);
+    let (sender, receiver) = std::sync::mpsc::sync_channel::<Job>(threads * 2);
+    let receiver = Mutex::new(receiver);
+    let stop = AtomicBool::new(false);
+    let first_error: Mutex<Option<ProvenanceError>> = Mutex::new(None);
+    let fail = |e: ProvenanceError| {
+        stop.store(true, Ordering::Relaxed);
+        if let Ok(mut slot) = first_error.lock() {
+            slot.get_or_insert(e);
+        }
+    };
+    let mut tree = BTreeMap::new();
+    let mut hits: Vec<(String, FileKey, [u8; 32])> = Vec::new();
+    let mut done: Vec<Done> = Vec::new();
+    std::thread::scope(|s| {
+        let workers: Vec<_> = (0..threads)
+            .map(|_| {
+                s.spawn(|| {
+                    let mut buf = vec![0u8; BUF_SIZE];
+                    let mut local = Vec::new();
+                    loop {
+                        let next = match receiver.lock() {
+                            Ok(r) => r.recv(),
+                            Err(_) => break,
+                        };
+                        let Ok(mut job) = next else { break };
+                        if stop.load(Ordering::Relaxed) {
+                            continue; // drain: the tree fails anyway
+                        }
+                        match hash_job(&mut job, &mut buf, policy) {
+                            Ok(d) => local.push(d),
+                            Err(e) => fail(e),
+                        }
+                    }
+                    local
+                })
+            })
+            .collect();
+        let walked = crate::walk::walk(root, options, |entry: &Entry<'_>| {
+            if stop.load(Ordering::Relaxed) {
+                return Err(ProvenanceError::Format("hashing stopped".into()));
+            }
+            visit(entry, root, mode, policy, &sender, &mut tree, &mut hits)
+        });
+        drop(sender);
+        if let Err(e) = walked {
+            fail(e);
+        }
+        for worker in workers {
+            match worker.join() {
+                Ok(local) => done.extend(local),
+                Err(_) => fail(ProvenanceError::Format("hashing thread panicked".into())),
+            }
+        }
+    });
+    if let Some(e) = first_error.into_inner().ok().flatten() {
+        return Err(e);
     }
-    Ok(out)
+    let mut stats = CacheStats {
+        hits: hits.len(),
+        ..Default::default()
+    };
+    let mut fresh = HashMap::with_capacity(hits.len() + done.len());
+    for (rel, key, digest) in hits {
+        fresh.insert(key, digest);
+        tree.insert(rel, hex::encode(digest));
+    }
+    for (rel, digest, key) in done {
+        stats.misses += 1;
+        match key {
+            Some(k) => {
+                fresh.insert(k, digest);
+            }
+            None => stats.not_cached += 1,
+        }
+        tree.insert(rel, hex::encode(digest));
+    }
+    Ok(Hashed { tree, fresh, stats })
 }
 
-/// Collect regular files into `files` and hash symlinks directly into `out`
-/// (or, in in-toto mode, queue the file a symlink resolves to).
-fn walk(
-    dir: &Path,
-    prefix: &str,
+/// One entry of the walk: symlinks are recorded here, regular files are
+/// taken from the cache or opened and queued for a hashing thread.
+fn visit(
+    entry: &Entry<'_>,
+    root: &Path,
     mode: Mode<'_>,
-    out: &mut BTreeMap<String, String>,
-    files: &mut Vec<(String, PathBuf)>,
-) -> Result<(), ProvenanceError> {
-    let entries = fs::read_dir(dir).map_err(|e| ProvenanceError::io(dir, e))?;
-    for entry in entries {
-        let entry = entry.map_err(|e| ProvenanceError::io(dir, e))?;
-        let path = entry.path();
-        let name = entry.file_name();
-        let name = name
-            .to_str()
-            .ok_or_else(|| ProvenanceError::NonUtf8Path { path: path.clone() })?;
+    policy: Option<&CachePolicy<'_>>,
+    sender: &std::sync::mpsc::SyncSender<Job>,
+    tree: &mut BTreeMap<String, String>,
+    hits: &mut Vec<(String, FileKey, [u8; 32])>,
+) -> Result<Flow, ProvenanceError> {
+    let rel = entry.path();
+    if let Mode::InToto { .. } = mode {
         // Parents were checked on the way down, so the name is enough.
-        if matches!(mode, Mode::InToto { .. }) && excluded_name(name) {
-            continue;
-        }
-        let rel = if prefix.is_empty() {
-            name.to_owned()
-        } else {
-            format!("{prefix}/{name}")
-        };
-        // DirEntry::file_type does not follow symlinks.
-        let ft = entry
-            .file_type()
-            .map_err(|e| ProvenanceError::io(&path, e))?;
-        if ft.is_symlink() {
-            match mode {
-                Mode::Kiln => {
-                    let target = fs::read_link(&path).map_err(|e| ProvenanceError::io(&path, e))?;
-                    out.insert(rel, sha256_bytes(target.as_os_str().as_bytes()));
-                }
-                Mode::InToto { root } => files.push((rel, resolve_inside(&path, root)?)),
-            }
-        } else if ft.is_dir() {
-            walk(&path, &rel, mode, out, files)?;
-        } else if ft.is_file() {
-            files.push((rel, path));
-        } else {
-            return Err(special(&path, ft));
+        let name = rel.rsplit('/').next().unwrap_or(rel);
+        if excluded_name(name) {
+            return Ok(Flow::Skip);
         }
     }
-    Ok(())
+    let queue = |job: Job| {
+        sender
+            .send(job)
+            .map_err(|_| ProvenanceError::Format("hashing threads stopped".into()))
+    };
+    match entry.kind() {
+        Kind::Dir => {}
+        Kind::Symlink => match mode {
+            Mode::Kiln => {
+                let target = entry.read_link()?;
+                tree.insert(rel.to_string(), sha256_bytes(target.as_bytes()));
+            }
+            Mode::InToto { root: canonical } => {
+                let target = resolve_inside(&root.join(rel), canonical)?;
+                let (file, meta) = open_regular(&target)?;
+                queue(Job {
+                    rel: rel.to_string(),
+                    file,
+                    key: FileKey::of(&meta),
+                })?;
+            }
+        },
+        Kind::File => {
+            let key = FileKey::from_stat(entry.stat());
+            if let Some(digest) = policy.and_then(|p| p.cache.get(&key)) {
+                hits.push((rel.to_string(), key, *digest));
+                return Ok(Flow::Continue);
+            }
+            queue(Job {
+                rel: rel.to_string(),
+                file: entry.open_file()?,
+                key,
+            })?;
+        }
+    }
+    Ok(Flow::Continue)
+}
+
+/// Hash one opened file; with a cache policy, say whether its digest may be
+/// cached: only when it provably did not change while it was read.
+fn hash_job(
+    job: &mut Job,
+    buf: &mut [u8],
+    policy: Option<&CachePolicy<'_>>,
+) -> Result<Done, ProvenanceError> {
+    let read_error = |rel: &str, e: std::io::Error| -> ProvenanceError {
+        WalkError::new(rel, walk::Problem::Read(e)).into()
+    };
+    let digest = hash_open_file(&mut job.file, job.key.size, Path::new(&job.rel), buf).map_err(
+        |e| match e {
+            ProvenanceError::Io { source, .. } => read_error(&job.rel, source),
+            other => other,
+        },
+    )?;
+    let keep = match policy {
+        None => None,
+        Some(p) => {
+            let after = job.file.metadata().map_err(|e| read_error(&job.rel, e))?;
+            let key = job.key;
+            (key == FileKey::of(&after) && key.ctime_ns <= p.cutoff && (p.cacheable)(key.dev))
+                .then_some(key)
+        }
+    };
+    Ok((std::mem::take(&mut job.rel), digest, keep))
 }
 
 /// The regular file a symlink resolves to, which must be inside `root`
@@ -279,80 +428,6 @@ fn resolve_inside(link: &Path, root: &Path) -> Result<PathBuf, ProvenanceError> 
     Ok(target)
 }
 
-/// Hash regular files on up to `MAX_THREADS` threads.
-fn hash_files(files: Vec<(String, PathBuf)>) -> Result<Vec<(String, String)>, ProvenanceError> {
-    parallel_map(files, hash_regular_file)
-}
-
-/// Apply `work` to every file on up to `MAX_THREADS` threads, each with its
-/// own `BUF_SIZE` buffer; each thread pulls the next index from a shared
-/// counter, so big and small files balance out. The first error stops all
-/// workers.
-fn parallel_map<R, F>(
-    files: Vec<(String, PathBuf)>,
-    work: F,
-) -> Result<Vec<(String, R)>, ProvenanceError>
-where
-    R: Send,
-    F: Fn(&Path, &mut [u8]) -> Result<R, ProvenanceError> + Sync,
-{
-    let threads = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1)
-        .clamp(1, MAX_THREADS)
-        .min(files.len().max(1));
-    if threads <= 1 {
-        let mut buf = vec![0u8; BUF_SIZE];
-        return files
-            .into_iter()
-            .map(|(rel, path)| work(&path, &mut buf).map(|d| (rel, d)))
-            .collect();
-    }
-    let next = AtomicUsize::new(0);
-    let results: Mutex<Vec<(String, R)>> = Mutex::new(Vec::with_capacity(files.len()));
-    let first_error: Mutex<Option<ProvenanceError>> = Mutex::new(None);
-    std::thread::scope(|s| {
-        for _ in 0..threads {
-            s.spawn(|| {
-                let mut buf = vec![0u8; BUF_SIZE];
-                let mut local = Vec::new();
-                loop {
-                    let i = next.fetch_add(1, Ordering::Relaxed);
-                    let Some((rel, path)) = files.get(i) else {
-                        break;
-                    };
-                    match work(path, &mut buf) {
-                        Ok(d) => local.push((rel.clone(), d)),
-                        Err(e) => {
-                            // Stop every worker early: the whole tree fails anyway.
-                            next.store(files.len(), Ordering::Relaxed);
-                            if let Ok(mut slot) = first_error.lock() {
-                                slot.get_or_insert(e);
-                            }
-                            break;
-                        }
-                    }
-                }
-                if let Ok(mut r) = results.lock() {
-                    r.extend(local);
-                }
-            });
-        }
-    });
-    if let Some(e) = first_error.into_inner().ok().flatten() {
-        return Err(e);
-    }
-    let results = results
-        .into_inner()
-        .map_err(|_| ProvenanceError::Format("hashing thread panicked".into()))?;
-    if results.len() != files.len() {
-        return Err(ProvenanceError::Format(
-            "hashing threads lost results".into(),
-        ));
-    }
-    Ok(results)
-}
-
 /// Identity of a file's content as the kernel reports it, without reading it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 struct FileKey {
@@ -364,6 +439,16 @@ struct FileKey {
 }
 
 impl FileKey {
+    fn from_stat(st: &FileStat) -> Self {
+        FileKey {
+            dev: st.st_dev,
+            ino: st.st_ino,
+            size: u64::try_from(st.st_size).unwrap_or(0),
+            mtime_ns: i128::from(st.st_mtime) * 1_000_000_000 + i128::from(st.st_mtime_nsec),
+            ctime_ns: i128::from(st.st_ctime) * 1_000_000_000 + i128::from(st.st_ctime_nsec),
+        }
+    }
+
     fn of(meta: &fs::Metadata) -> Self {
         FileKey {
             dev: meta.dev(),
@@ -461,12 +546,6 @@ impl Default for TreeHasher {
     }
 }
 
-/// What a worker found for one regular file.
-enum Outcome {
-    Hit(FileKey, [u8; 32]),
-    Miss([u8; 32], Option<FileKey>),
-}
-
 impl TreeHasher {
     pub fn new() -> Self {
         TreeHasher {
@@ -508,8 +587,6 @@ impl TreeHasher {
         self.clock_offset = Some(offset);
         let cutoff = now_ns - RACY_MARGIN_NS;
 
-        let (mut out, files) = list_tree(root, Mode::Kiln)?;
-
         let cacheable_devs = if self.trust_all_filesystems {
             None
         } else {
@@ -519,52 +596,16 @@ impl TreeHasher {
             None => true,
             Some(devs) => devs.get(&dev).copied().unwrap_or(false),
         };
-        let cache = &self.cache;
-        let results = parallel_map(files, |path, buf| {
-            // lstat: the walk saw a regular file; a swap to a symlink misses
-            // and is then refused by the O_NOFOLLOW open.
-            let lkey = fs::symlink_metadata(path).map_err(|e| ProvenanceError::io(path, e))?;
-            if lkey.is_file() {
-                let key = FileKey::of(&lkey);
-                if let Some(d) = cache.get(&key) {
-                    return Ok(Outcome::Hit(key, *d));
-                }
-            }
-            let (mut f, before) = open_regular(path)?;
-            let digest = hash_open_file(&mut f, before.len(), path, buf)?;
-            let after = f.metadata().map_err(|e| ProvenanceError::io(path, e))?;
-            let key = FileKey::of(&before);
-            // Cache only what provably did not change while it was read.
-            let keep = key == FileKey::of(&after) && key.ctime_ns <= cutoff && cacheable(key.dev);
-            Ok(Outcome::Miss(digest, keep.then_some(key)))
-        })?;
-
-        let mut stats = CacheStats::default();
-        let mut fresh = HashMap::with_capacity(results.len());
-        for (rel, outcome) in results {
-            let digest = match outcome {
-                Outcome::Hit(k, d) => {
-                    stats.hits += 1;
-                    fresh.insert(k, d);
-                    d
-                }
-                Outcome::Miss(d, key) => {
-                    stats.misses += 1;
-                    match key {
-                        Some(k) => {
-                            fresh.insert(k, d);
-                        }
-                        None => stats.not_cached += 1,
-                    }
-                    d
-                }
-            };
-            out.insert(rel, hex::encode(digest));
-        }
+        let policy = CachePolicy {
+            cache: &self.cache,
+            cutoff,
+            cacheable: &cacheable,
+        };
+        let hashed = hash_tree_with(root, Mode::Kiln, WalkOptions::default(), Some(&policy))?;
         // Only files seen in this tree stay cached: memory follows the tree.
-        self.cache = fresh;
-        self.stats = stats;
-        Ok(out)
+        self.cache = hashed.fresh;
+        self.stats = hashed.stats;
+        Ok(hashed.tree)
     }
 
     /// (realtime ns since the epoch, realtime - monotonic ns).
@@ -734,7 +775,11 @@ mod tests {
         assert!(st.success());
         let e = hash_tree(d.path()).unwrap_err();
         assert!(
-            matches!(e, ProvenanceError::SpecialFile { kind: "fifo", .. }),
+            matches!(
+                &e,
+                ProvenanceError::Walk(w)
+                    if matches!(w.problem, walk::Problem::SpecialFile { kind: "fifo" })
+            ),
             "{e}"
         );
         assert!(e.to_string().contains("sub/pipe"), "{e}");

@@ -16,6 +16,7 @@ pub mod layout;
 pub mod link;
 pub mod slsa;
 pub mod verify;
+pub mod walk;
 
 pub use error::ProvenanceError;
 pub use keys::{PublicKey, SigningKey};

@@ -2,6 +2,8 @@
 
 use std::collections::BTreeMap;
 
+use serde::ser::{SerializeMap, Serializer};
+use serde::Serialize;
 use serde_json::{json, Map, Value};
 
 use crate::dsse::{sign_envelope, IN_TOTO_PAYLOAD_TYPE};
@@ -117,9 +119,60 @@ impl Link {
         })
     }
 
-    /// Sign as a metablock with `key`; returns the file bytes.
+    /// Sign as a metablock with `key`; returns the file bytes (the same bytes as
+    /// [`sign_metablock`] of [`Link::to_signed`], without building that value).
     pub fn sign(&self, key: &SigningKey) -> Result<Vec<u8>, ProvenanceError> {
-        sign_metablock(&self.to_signed(), key)
+        let sig = key.sign(&self.canonical_signed()?);
+        let block = MetablockView {
+            signatures: [SignatureView {
+                keyid: key.keyid(),
+                sig: hex::encode(sig),
+            }],
+            signed: self.view(),
+        };
+        let mut bytes = serde_json::to_vec_pretty(&block)?;
+        bytes.push(b'\n');
+        Ok(bytes)
+    }
+
+    /// Canonical JSON of [`Link::to_signed`], written straight from the artifact
+    /// maps: a link lists every file of a workspace twice, and a JSON value per
+    /// artifact costs far more memory than its bytes.
+    fn canonical_signed(&self) -> Result<Vec<u8>, ProvenanceError> {
+        let mut out = Vec::new();
+        // Keys in code point order, as canonical JSON sorts them.
+        out.extend_from_slice(b"{\"_type\":\"link\",\"byproducts\":");
+        cjson::encode(&object_or_empty(&self.byproducts), &mut out)?;
+        out.extend_from_slice(b",\"command\":[");
+        for (i, arg) in self.command.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            cjson::encode_str(arg, &mut out);
+        }
+        out.extend_from_slice(b"],\"environment\":");
+        cjson::encode(&object_or_empty(&self.environment), &mut out)?;
+        out.extend_from_slice(b",\"materials\":");
+        canonical_artifacts(&self.materials, &mut out);
+        out.extend_from_slice(b",\"name\":");
+        cjson::encode_str(&self.name, &mut out);
+        out.extend_from_slice(b",\"products\":");
+        canonical_artifacts(&self.products, &mut out);
+        out.push(b'}');
+        Ok(out)
+    }
+
+    /// The `signed` object for serde, borrowing the artifact maps.
+    fn view(&self) -> SignedView<'_> {
+        SignedView {
+            kind: "link",
+            byproducts: object_or_empty(&self.byproducts),
+            command: &self.command,
+            environment: object_or_empty(&self.environment),
+            materials: ArtifactsView(&self.materials),
+            name: &self.name,
+            products: ArtifactsView(&self.products),
+        }
     }
 
     /// Sign as a DSSE envelope with `key`; returns the file bytes.
@@ -131,12 +184,76 @@ impl Link {
     /// `json.loads` requires); the signature covers the payload bytes as sent
     /// (PAE), so no canonical form is involved.
     pub fn sign_dsse(&self, key: &SigningKey) -> Result<Vec<u8>, ProvenanceError> {
-        let payload = serde_json::to_vec(&self.to_signed())?;
+        let payload = serde_json::to_vec(&self.view())?;
         let envelope = sign_envelope(IN_TOTO_PAYLOAD_TYPE, &payload, key);
         let mut bytes = serde_json::to_vec_pretty(&envelope)?;
         bytes.push(b'\n');
         Ok(bytes)
     }
+}
+
+/// A map's BTreeMap order is byte order, which canonical JSON wants.
+fn canonical_artifacts(map: &BTreeMap<String, String>, out: &mut Vec<u8>) {
+    out.push(b'{');
+    for (i, (path, digest)) in map.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        cjson::encode_str(path, out);
+        out.extend_from_slice(b":{\"sha256\":");
+        cjson::encode_str(digest, out);
+        out.push(b'}');
+    }
+    out.push(b'}');
+}
+
+/// [`Link::to_signed`] as serde sees it, fields in sorted order like the
+/// value's keys, so both serialise to the same bytes.
+#[derive(Serialize)]
+struct SignedView<'a> {
+    #[serde(rename = "_type")]
+    kind: &'static str,
+    byproducts: Value,
+    command: &'a [String],
+    environment: Value,
+    materials: ArtifactsView<'a>,
+    name: &'a str,
+    products: ArtifactsView<'a>,
+}
+
+/// path -> `{"sha256": digest}`, serialised without a value per artifact.
+struct ArtifactsView<'a>(&'a BTreeMap<String, String>);
+
+impl Serialize for ArtifactsView<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut map = serializer.serialize_map(Some(self.0.len()))?;
+        for (path, digest) in self.0 {
+            map.serialize_entry(path, &Sha256View(digest))?;
+        }
+        map.end()
+    }
+}
+
+struct Sha256View<'a>(&'a str);
+
+impl Serialize for Sha256View<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut map = serializer.serialize_map(Some(1))?;
+        map.serialize_entry("sha256", self.0)?;
+        map.end()
+    }
+}
+
+#[derive(Serialize)]
+struct MetablockView<'a> {
+    signatures: [SignatureView; 1],
+    signed: SignedView<'a>,
+}
+
+#[derive(Serialize)]
+struct SignatureView {
+    keyid: String,
+    sig: String,
 }
 
 /// `{"signatures":[{"keyid":..,"sig":hex}],"signed":..}` with the signature
@@ -228,6 +345,31 @@ mod tests {
         assert!(
             crate::dsse::verify_envelope(&env, &[SigningKey::generate().public_key()]).is_err()
         );
+    }
+
+    #[test]
+    fn direct_serialisation_matches_the_value_form() {
+        let key = SigningKey::generate();
+        let mut link = sample();
+        link.command = vec!["sh".into(), "-c".into(), "echo \"a\\b\"\n\tq".into()];
+        link.products
+            .insert("dir/\u{e9}t\u{e9} \"q\"\n".into(), "cc".repeat(32));
+        link.byproducts = json!({"stdout": "x\ny", "n": 3, "nested": {"b": [1, "z"], "a": null}});
+        link.environment = Value::Null;
+        assert_eq!(
+            link.canonical_signed().unwrap(),
+            cjson::to_canonical(&link.to_signed()).unwrap()
+        );
+        assert_eq!(
+            link.sign(&key).unwrap(),
+            sign_metablock(&link.to_signed(), &key).unwrap()
+        );
+        let payload = serde_json::to_vec(&link.to_signed()).unwrap();
+        let mut dsse =
+            serde_json::to_vec_pretty(&sign_envelope(IN_TOTO_PAYLOAD_TYPE, &payload, &key))
+                .unwrap();
+        dsse.push(b'\n');
+        assert_eq!(link.sign_dsse(&key).unwrap(), dsse);
     }
 
     #[test]

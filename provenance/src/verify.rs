@@ -539,6 +539,15 @@ fn parse_artifacts(v: Option<&Value>, what: &str, file: &str) -> Result<Artifact
         .ok_or_else(|| fmt_err(file, format!("link `{what}` must be an object")))?;
     let mut out = Artifacts::new();
     for (path, hashes) in m {
+        // in-toto 3.1 turns a backslash into '/' when it joins a rule's prefix, and
+        // then looks up a path that is not there: refused, so that Kiln never passes a
+        // link in-toto-verify reads differently.
+        if path.contains('\\') {
+            return Err(fmt_err(
+                file,
+                format!("{what} {path:?}: a backslash in an artifact path is read as '/' by in-toto; Kiln refuses it"),
+            ));
+        }
         let h = hashes
             .as_object()
             .ok_or_else(|| fmt_err(file, format!("{what} {path:?}: hashes must be an object")))?;
@@ -865,15 +874,20 @@ pub fn verify_layout_with_artifacts(
     })
 }
 
-/// Python's `os.path.join(prefix, path)` with '/' separators.
+/// in-toto's prefix join: `os.path.join(prefix, path).replace("\\", "/")` when
+/// there is a prefix, the path unchanged when there is none.
 fn join(prefix: &str, path: &str) -> String {
-    if path.starts_with('/') || prefix.is_empty() {
+    if prefix.is_empty() {
+        return path.to_owned();
+    }
+    let joined = if path.starts_with('/') {
         path.to_owned()
     } else if prefix.ends_with('/') {
         format!("{prefix}{path}")
     } else {
         format!("{prefix}/{path}")
-    }
+    };
+    joined.replace('\\', "/")
 }
 
 fn show_list(items: &BTreeSet<&str>) -> String {

@@ -594,3 +594,107 @@ fn in_toto_verify_noop_inspection() {
         );
     }
 }
+
+/// Two linked steps whose second MATCHes its materials against the first's
+/// products under the prefix `dir`; `name` is the one artifact under `dir`.
+/// Returns the directory to run in-toto-verify in, and Kiln's verdict.
+fn prefixed_match_chain(name: &str) -> (tempfile::TempDir, Result<(), String>) {
+    let dir = tempfile::tempdir().unwrap();
+    let links = dir.path().join("links");
+    std::fs::create_dir(&links).unwrap();
+    let owner = SigningKey::generate();
+    let runner = SigningKey::generate();
+    let rk = runner.public_key();
+    let layout = LayoutBuilder::new(time::OffsetDateTime::now_utc() + time::Duration::days(30))
+        .step(
+            Step::new("fetch")
+                .pubkey(&rk)
+                .product_rule(&rule("CREATE *"))
+                .product_rule(&rule("DISALLOW *")),
+        )
+        .step(
+            Step::new("build")
+                .pubkey(&rk)
+                .material_rule(&[
+                    "MATCH", "*", "IN", "dir", "WITH", "PRODUCTS", "IN", "dir", "FROM", "fetch",
+                ])
+                .material_rule(&rule("DISALLOW *")),
+        )
+        .build()
+        .unwrap();
+    std::fs::write(
+        dir.path().join("root.layout"),
+        sign_layout(&layout, &owner).unwrap(),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("owner.pub"),
+        owner.public_key().to_spki_pem(),
+    )
+    .unwrap();
+    let artifacts: std::collections::BTreeMap<String, String> =
+        [(format!("dir/{name}"), hash::sha256_bytes(b"x"))].into();
+    for (step, materials, products) in [
+        ("fetch", Default::default(), artifacts.clone()),
+        ("build", artifacts.clone(), Default::default()),
+    ] {
+        let link = Link {
+            name: step.into(),
+            command: vec![],
+            materials,
+            products,
+            byproducts: json!({}),
+            environment: json!({}),
+        };
+        std::fs::write(
+            links.join(link_file_name(step, &runner.keyid())),
+            link.sign(&runner).unwrap(),
+        )
+        .unwrap();
+    }
+    let layout_bytes = std::fs::read(dir.path().join("root.layout")).unwrap();
+    let kiln = verify_layout(
+        &layout_bytes,
+        &[owner.public_key()],
+        &links,
+        time::OffsetDateTime::now_utc(),
+    )
+    .map(|_| ())
+    .map_err(|e| e.to_string());
+    (dir, kiln)
+}
+
+/// in-toto 3.1 rewrites '\' to '/' when it joins a rule's prefix, so a
+/// product named `back\slash` under a prefixed MATCH makes in-toto-verify
+/// fail. Kiln's verifier must not pass it either, and Kiln never records
+/// such a name in the first place.
+#[test]
+fn backslash_names_never_verify_differently() {
+    // Kiln's recording refuses the name, naming the file.
+    let tree = tempfile::tempdir().unwrap();
+    std::fs::create_dir(tree.path().join("dir")).unwrap();
+    std::fs::write(tree.path().join("dir/back\\slash"), b"x").unwrap();
+    let err = hash::hash_tree(tree.path()).unwrap_err().to_string();
+    assert!(err.contains("dir/back\\slash"), "{err}");
+    assert!(err.contains("backslash"), "{err}");
+
+    let Some(python) = python() else { return };
+    // The same chain with a plain name passes both verifiers: the setup is sound.
+    let (dir, kiln) = prefixed_match_chain("back_slash");
+    let out = in_toto_verify(&python, dir.path());
+    assert!(
+        out.status.success(),
+        "in-toto-verify rejected the plain chain:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    kiln.unwrap();
+
+    let (dir, kiln) = prefixed_match_chain("back\\slash");
+    let out = in_toto_verify(&python, dir.path());
+    assert!(
+        !out.status.success(),
+        "in-toto-verify accepted a backslash name"
+    );
+    let err = kiln.expect_err("Kiln's verifier accepted what in-toto-verify rejects");
+    assert!(err.contains("backslash"), "{err}");
+}

@@ -10,6 +10,12 @@ use crate::limits::{format_cpus, host_cpu_millis, Cpus, Size};
 
 pub const DEFAULT_SOCKET: &str = "/run/kiln/kiln.sock";
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/kiln";
+/// Highest `max_outputs`: the listing of that many short paths still fits the 4 MiB a
+/// client decodes (longer listings are refused by size as well, see jobs.rs).
+const MAX_OUTPUTS_CEILING: u64 = 20_000;
+/// Highest `max_workspace_entries`: the link of a step lists every file twice
+/// (materials and products), and its size grows with them.
+const MAX_WORKSPACE_ENTRIES_CEILING: u64 = 1_000_000;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -62,6 +68,12 @@ pub struct Config {
     pub max_file_size: Size,
     /// Total bytes of a job's declared outputs; a job producing more fails.
     pub max_outputs_size: Size,
+    /// Files a job's declared outputs may hold; a job producing more fails (the list of
+    /// outputs is part of every answer about the job).
+    pub max_outputs: u64,
+    /// Entries (files, directories, symlinks) a workspace may hold after a step; a step
+    /// leaving more fails with limit reason `files` (its link records no products).
+    pub max_workspace_entries: u64,
     /// Sandbox layers steps may run without when this host lacks them (only
     /// `"landlock"`). Without a waiver such a host makes `kiln serve` refuse to start; a
     /// waived layer is skipped only where missing and named in every signed link.
@@ -111,6 +123,8 @@ impl Default for Config {
             nofile: 4096,
             max_file_size: Size(10 << 30),
             max_outputs_size: Size(2 << 30),
+            max_outputs: 10_000,
+            max_workspace_entries: 100_000,
             cgroup_favordynmods: true,
             network_ceiling: vec!["*:*".into()],
             network_ceiling_by_uid: Default::default(),
@@ -294,6 +308,15 @@ impl Config {
         if self.max_outputs_size.0 == 0 {
             return bad("max_outputs_size", "must be positive".into());
         }
+        if !(1..=MAX_OUTPUTS_CEILING).contains(&self.max_outputs) {
+            return bad("max_outputs", format!("must be 1 to {MAX_OUTPUTS_CEILING}"));
+        }
+        if !(1..=MAX_WORKSPACE_ENTRIES_CEILING).contains(&self.max_workspace_entries) {
+            return bad(
+                "max_workspace_entries",
+                format!("must be 1 to {MAX_WORKSPACE_ENTRIES_CEILING}"),
+            );
+        }
         Ok(())
     }
 
@@ -325,6 +348,26 @@ mod tests {
             .contains("max_concurrent_jobs"));
 
         Config::default().validate().unwrap();
+    }
+
+    #[test]
+    fn workspace_entries_and_outputs_are_bounded() {
+        let cfg = Config::default();
+        assert_eq!(cfg.max_workspace_entries, 100_000);
+        assert_eq!(cfg.max_outputs, 10_000);
+        let cfg: Config =
+            toml::from_str("max_workspace_entries = 500000\nmax_outputs = 20000\n").unwrap();
+        cfg.validate().unwrap();
+        for (bad, key) in [
+            ("max_workspace_entries = 0\n", "max_workspace_entries"),
+            ("max_workspace_entries = 1000001\n", "max_workspace_entries"),
+            ("max_outputs = 0\n", "max_outputs"),
+            ("max_outputs = 20001\n", "max_outputs"),
+        ] {
+            let cfg: Config = toml::from_str(bad).unwrap();
+            let err = cfg.validate().unwrap_err().to_string();
+            assert!(err.contains(key), "{bad}: {err}");
+        }
     }
 
     #[test]

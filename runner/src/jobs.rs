@@ -28,6 +28,9 @@ use crate::db::{Database, Inserted};
 use crate::error::{Result, RunnerError};
 use crate::images::{Images, ResolvedImage, BUILD_UID};
 use crate::signer::Signer;
+use provenance::walk::{
+    Entry as WalkEntry, Flow, Kind as WalkKind, Problem as WalkProblem, WalkError, WalkOptions,
+};
 
 pub const RUNNER_VERSION: &str = env!("CARGO_PKG_VERSION");
 const EVENT_CHUNK: usize = 32 * 1024;
@@ -36,6 +39,8 @@ const EVENT_CHUNK: usize = 32 * 1024;
 const MAX_STANDBY: usize = 4;
 /// The egress proxy's port on a step's loopback (each step has its own namespace).
 const EGRESS_PROXY_PORT: u16 = 3128;
+/// Where a step sees its workspace: messages name files under it, never by host path.
+const WORKSPACE_IN_SANDBOX: &str = "/workspace";
 /// Finished jobs whose events stay in memory for Watch; older ones answer from the database.
 const KEEP_FINISHED: usize = 64;
 
@@ -523,7 +528,7 @@ impl Runner {
                     name: step.name.clone(),
                 }),
             );
-            let (result, products) = self
+            let ran = self
                 .clone()
                 .run_step(
                     id,
@@ -533,7 +538,20 @@ impl Runner {
                     host_uid_base,
                     previous_products.take(),
                 )
-                .await?;
+                .await;
+            let (result, products) = match ran {
+                Ok(ran) => ran,
+                Err(end) => {
+                    // The job ends here: its record must not show the step running.
+                    if let Some(result) = job.steps.get_mut(index) {
+                        result.state = match end {
+                            JobEnd::Cancelled => StepState::Cancelled,
+                            _ => StepState::Error,
+                        } as i32;
+                    }
+                    return Err(end);
+                }
+            };
             previous_products = products;
             let state = StepState::try_from(result.state).unwrap_or(StepState::Error);
             let message = result.message.clone();
@@ -701,9 +719,25 @@ impl Runner {
             };
             return Ok((result, None));
         }
+        let walk_options = workspace_walk(&self.config);
         let materials = match materials {
             Some(known) => known,
-            None => hash_workspace(workspace.to_path_buf()).await?,
+            None => match hash_workspace(workspace.to_path_buf(), walk_options).await? {
+                Ok(materials) => materials,
+                // The inputs alone cannot be recorded: the step does not run.
+                Err(err) => {
+                    let (message, limit_reason) = unrecordable(&err);
+                    let result = StepResult {
+                        name: step.name.clone(),
+                        state: StepState::Failed as i32,
+                        exit_code: 1,
+                        message: format!("before the step: {message}"),
+                        limit_reason: limit_reason.into(),
+                        ..Default::default()
+                    };
+                    return Ok((result, None));
+                }
+            },
         };
         let timeout_seconds = if step.timeout_seconds == 0 {
             self.config.default_timeout_seconds
@@ -960,39 +994,53 @@ impl Runner {
             .map(|(k, v)| (k.clone(), *v))
             .collect();
 
-        // Real data is bounded by the quota, but sparse files are not: their
-        // apparent size is what hashing reads, so it is bounded here.
-        let apparent = {
+        // What the step left is recorded only if every entry can be (the walk names the
+        // first that cannot) and its apparent size is within the disk limit: the quota
+        // bounds real data, but sparse files are read by hashing at their apparent size.
+        // A tree that cannot be recorded fails the step; its link records no products
+        // and says why in byproducts (`kiln.unrecorded_products`).
+        let survey = {
             let workspace = workspace.to_path_buf();
-            blocking(move || apparent_size(&workspace)).await?
+            blocking(move || Ok(survey_workspace(&workspace, walk_options))).await?
         };
-        if apparent > limits.disk_bytes {
-            result.state = StepState::Failed as i32;
-            result.exit_code = if exit_code == 0 { 1 } else { exit_code };
-            result.limit_reason = "disk-quota".into();
-            result.message = format!(
-                "the workspace's files add up to {} (sparse files count at their apparent size), more than the disk limit of {}; they are not hashed or attested",
-                size(apparent),
-                size(limits.disk_bytes)
-            );
-            return Ok((result, None));
-        }
-        let products = match hash_workspace(workspace.to_path_buf()).await {
-            Ok(products) => products,
-            // What the step left cannot be attested (e.g. a fifo or a socket):
-            // the step fails, and the message names the path as the step saw it.
-            Err(JobEnd::Error(RunnerError::Provenance(err))) => {
-                result.state = StepState::Failed as i32;
-                result.exit_code = if exit_code == 0 { 1 } else { exit_code };
-                result.message = format!(
-                    "the workspace cannot be attested: {}",
-                    err.to_string()
-                        .replace(&format!("{}/", workspace.display()), "/workspace/")
-                        .replace(&workspace.display().to_string(), "/workspace")
-                );
-                return Ok((result, None));
+        let refused = match survey {
+            Err(err) => Some(unrecordable(&err)),
+            Ok(apparent) if apparent > limits.disk_bytes => Some((
+                format!(
+                    "the workspace's files add up to {} (sparse files count at their apparent size), more than the disk limit of {}; they are not hashed or attested",
+                    size(apparent),
+                    size(limits.disk_bytes)
+                ),
+                "disk-quota",
+            )),
+            Ok(_) => None,
+        };
+        let refused = match refused {
+            Some(refused) => Err(refused),
+            None => match hash_workspace(workspace.to_path_buf(), walk_options).await? {
+                Ok(products) => Ok(products),
+                Err(err) => Err(unrecordable(&err)),
+            },
+        };
+        let (products, unrecorded) = match refused {
+            Ok(products) => (products, None),
+            Err((reason, limit)) => {
+                // A step that timed out or was cancelled keeps that state.
+                if state == StepState::Succeeded {
+                    result.state = StepState::Failed as i32;
+                    result.exit_code = 1;
+                }
+                // A limit the step ran into first stays the reported one.
+                if result.limit_reason.is_empty() {
+                    result.limit_reason = limit.into();
+                }
+                result.message = if message.is_empty() {
+                    reason.clone()
+                } else {
+                    format!("{message}; {reason}")
+                };
+                (Default::default(), Some(reason))
             }
-            Err(other) => return Err(other),
         };
         let byproducts = serde_json::json!({
             "return-value": exit_code,
@@ -1000,7 +1048,7 @@ impl Runner {
             "stderr": stderr.text(),
             "kiln": {
                 "status": status_name(&outcome.status),
-                "message": message,
+                "message": result.message,
                 "signal": signal,
                 "duration_ms": outcome.duration_ms,
                 "stdout_bytes": stdout.total,
@@ -1012,7 +1060,9 @@ impl Runner {
                 // every request to the step's egress proxy, allowed or denied
                 "network": network.as_ref().map(|n| n.attempts.clone()).unwrap_or_default(),
                 "network_unrecorded": network.as_ref().map(|n| n.unrecorded).unwrap_or_default(),
-                "limit_reason": limit_reason,
+                "limit_reason": result.limit_reason,
+                // why the products are empty: the workspace could not be recorded
+                "unrecorded_products": unrecorded,
                 "timed_out": timed_out,
                 "oom_killed": usage.oom_killed,
                 "pids_limit_hit": usage.pids_limit_hit,
@@ -1044,7 +1094,8 @@ impl Runner {
         result.link_digest = self.cas.put_bytes(&signed.metablock)?;
         result.link_dsse_digest = self.cas.put_bytes(&signed.dsse)?;
         result.link_name = signed.file_name;
-        Ok((result, Some(link.products)))
+        let products = unrecorded.is_none().then_some(link.products);
+        Ok((result, products))
     }
 
     /// Streams one of the step's output pipes to Watch subscribers, keeps the head
@@ -1086,26 +1137,17 @@ impl Runner {
 
     /// Stores the declared outputs. The step is over (every process of its sandbox
     /// is dead), so the tree cannot change under us; still, no symlink is followed
-    /// and only regular files are taken.
+    /// and only regular files are taken, each opened relative to its directory.
     fn collect_outputs(&self, workspace: &Path, outputs: &[String]) -> Result<Vec<OutputFile>> {
-        // The cap on the job's total output size is checked before anything is stored.
-        let mut total = 0u64;
-        for output in outputs {
-            let path = resolve_in_workspace(workspace, output)?;
-            total = total.saturating_add(tree_size(&path));
-        }
-        let cap = self.config.max_outputs_size.0;
-        if total > cap {
-            return Err(RunnerError::invalid(
-                "outputs",
-                format!(
-                    "the declared outputs total {}, more than the runner's max_outputs_size of {}; nothing was stored",
-                    crate::limits::format_size(total),
-                    crate::limits::format_size(cap)
-                ),
-            ));
-        }
-        let mut files = Vec::new();
+        let options = workspace_walk(&self.config);
+        // Everything is counted and checked before anything is stored.
+        let mut budget = OutputBudget {
+            config: &self.config,
+            files: 0,
+            bytes: 0,
+            listing: 0,
+        };
+        let mut found = Vec::with_capacity(outputs.len());
         for output in outputs {
             let path = resolve_in_workspace(workspace, output)?;
             let meta = fs::symlink_metadata(&path).map_err(|_| {
@@ -1115,14 +1157,94 @@ impl Runner {
                 )
             })?;
             if meta.is_dir() {
-                collect_dir(&self.cas, workspace, &path, &mut files)?;
+                provenance::walk::walk(&path, options, |entry: &WalkEntry<'_>| {
+                    match entry.kind() {
+                        WalkKind::Dir => {}
+                        WalkKind::File => {
+                            budget.add(output.len() + 1 + entry.path().len(), entry.size())?
+                        }
+                        WalkKind::Symlink => {
+                            return Err(Collect::Runner(not_regular(
+                                &format!("{output}/{}", entry.path()),
+                                true,
+                            )))
+                        }
+                    }
+                    Ok(Flow::Continue)
+                })
+                .map_err(|e| e.for_output(output))?;
+            } else if meta.is_file() {
+                budget.add(output.len(), meta.len())?;
             } else {
-                files.push(store_output(&self.cas, workspace, &path)?);
+                return Err(not_regular(output, meta.file_type().is_symlink()));
+            }
+            found.push((output, path, meta));
+        }
+        let cap = self.config.max_outputs_size.0;
+        if budget.bytes > cap {
+            return Err(RunnerError::invalid(
+                "outputs",
+                format!(
+                    "the declared outputs total {}, more than the runner's max_outputs_size of {}; nothing was stored",
+                    crate::limits::format_size(budget.bytes),
+                    crate::limits::format_size(cap)
+                ),
+            ));
+        }
+        let mut files = Vec::new();
+        for (output, path, meta) in found {
+            if meta.is_dir() {
+                provenance::walk::walk(&path, options, |entry: &WalkEntry<'_>| {
+                    if entry.kind() == WalkKind::File {
+                        let rel = format!("{output}/{}", entry.path());
+                        let file = entry.open_file()?;
+                        let stored = store_output(&self.cas, file, rel.clone(), entry.mode());
+                        files.push(without_host_path(stored, &rel)?);
+                    }
+                    Ok::<_, Collect>(Flow::Continue)
+                })
+                .map_err(|e| e.for_output(output))?;
+            } else {
+                // A declared path is short (checked at submit): by name is fine here.
+                let (digest, size) = without_host_path(self.cas.put_file(&path), output)?;
+                files.push(OutputFile {
+                    path: output.clone(),
+                    digest,
+                    size,
+                    executable: meta.mode() & 0o111 != 0,
+                });
             }
         }
         files.sort_by(|a, b| a.path.cmp(&b.path));
         files.dedup_by(|a, b| a.path == b.path);
         Ok(files)
+    }
+}
+
+/// An error while walking a declared output: the walker's, or storing's.
+enum Collect {
+    Walk(WalkError),
+    Runner(RunnerError),
+}
+
+impl From<WalkError> for Collect {
+    fn from(err: WalkError) -> Self {
+        Collect::Walk(err)
+    }
+}
+
+impl From<RunnerError> for Collect {
+    fn from(err: RunnerError) -> Self {
+        Collect::Runner(err)
+    }
+}
+
+impl Collect {
+    fn for_output(self, output: &str) -> RunnerError {
+        match self {
+            Collect::Walk(err) => output_walk_error(output, &err),
+            Collect::Runner(err) => err,
+        }
     }
 }
 
@@ -1169,30 +1291,74 @@ fn create_dirs_0755(workspace: &Path, dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// The sum of the apparent sizes of the tree's regular files, never following links.
-fn apparent_size(root: &Path) -> Result<u64> {
-    let mut total = 0u64;
-    let mut dirs = vec![root.to_path_buf()];
-    while let Some(dir) = dirs.pop() {
-        for entry in fs::read_dir(&dir).map_err(RunnerError::io_path("reading", &dir))? {
-            let entry = entry.map_err(RunnerError::io_path("reading", &dir))?;
-            let meta = entry
-                .metadata()
-                .map_err(RunnerError::io_path("reading", &entry.path()))?;
-            if meta.is_dir() {
-                dirs.push(entry.path());
-            } else if meta.is_file() {
-                total = total.saturating_add(meta.len());
-            }
-        }
+/// The options every walk of a workspace uses: the entry budget is checked while the
+/// tree is read, so a workspace over it costs the daemon no more than the budget.
+fn workspace_walk(config: &Config) -> WalkOptions {
+    WalkOptions {
+        max_entries: Some(config.max_workspace_entries),
+        max_total_path_bytes: Some(MAX_WORKSPACE_PATH_BYTES),
     }
+}
+
+/// The most bytes a workspace's paths may add up to: a link lists each path (twice,
+/// as a material of the next step too), and a client must be able to read it.
+const MAX_WORKSPACE_PATH_BYTES: u64 = 16 << 20;
+
+/// Why a step's workspace cannot be recorded: (message for the step, limit reason).
+/// Paths are named as the step saw them, under /workspace, never by a host path.
+fn unrecordable(err: &WalkError) -> (String, &'static str) {
+    match err.problem {
+        WalkProblem::TooManyEntries { limit } => (
+            format!(
+                "the workspace holds more than {limit} entries (files, directories and symlinks), the runner's max_workspace_entries; they are not hashed or attested"
+            ),
+            "files",
+        ),
+        WalkProblem::PathsTooLong { limit } => (
+            format!(
+                "the paths of the workspace's files add up to more than {}; they are not hashed or attested",
+                crate::limits::format_size(limit)
+            ),
+            "files",
+        ),
+        _ => (
+            format!(
+                "the workspace cannot be attested: {}",
+                err.under(WORKSPACE_IN_SANDBOX)
+            ),
+            "",
+        ),
+    }
+}
+
+/// The sum of the apparent sizes of the workspace's regular files, after checking
+/// that every entry can be recorded (the same walk the hashing does, without reading
+/// a byte): what hashing would refuse is found before anything is read.
+fn survey_workspace(workspace: &Path, options: WalkOptions) -> Result<u64, WalkError> {
+    let mut total = 0u64;
+    provenance::walk::walk(workspace, options, |entry: &WalkEntry<'_>| {
+        if entry.kind() == WalkKind::File {
+            total = total.saturating_add(entry.size());
+        }
+        Ok::<_, WalkError>(Flow::Continue)
+    })?;
     Ok(total)
 }
 
+/// Hashes the workspace; a tree that cannot be recorded is the walk's error (naming
+/// the entry relative to the workspace), anything else is the daemon's.
 async fn hash_workspace(
     workspace: PathBuf,
-) -> Result<std::collections::BTreeMap<String, String>, JobEnd> {
-    blocking(move || Ok(provenance::hash::hash_tree(&workspace)?)).await
+    options: WalkOptions,
+) -> Result<Result<std::collections::BTreeMap<String, String>, WalkError>, JobEnd> {
+    blocking(
+        move || match provenance::hash::hash_tree_within(&workspace, options) {
+            Ok(tree) => Ok(Ok(tree)),
+            Err(provenance::ProvenanceError::Walk(err)) => Ok(Err(err)),
+            Err(other) => Err(other.into()),
+        },
+    )
+    .await
 }
 
 fn status_name(status: &StepStatus) -> &'static str {
@@ -1259,96 +1425,127 @@ fn resolve_in_workspace(workspace: &Path, relative: &str) -> Result<PathBuf> {
     Ok(path)
 }
 
-fn relative_path(workspace: &Path, path: &Path) -> Result<String> {
-    path.strip_prefix(workspace)
-        .ok()
-        .and_then(|p| p.to_str())
-        .map(str::to_string)
-        .ok_or_else(|| {
-            RunnerError::invalid(
-                "outputs",
-                format!("{} has a name that is not UTF-8", path.display()),
-            )
-        })
+/// Encoded bytes of one output in the job's outputs list, besides its path: the digest
+/// and the field tags, lengths and varints.
+const OUTPUT_ENTRY_OVERHEAD: usize = 80;
+/// The most the outputs list may take in a `Job` message: every answer about the job
+/// carries it, and a client decodes at most 4 MiB.
+const MAX_OUTPUT_LISTING_BYTES: usize = 2 << 20;
+
+/// Counts what a job's declared outputs would store, refusing what cannot be stored
+/// before anything is: more files than `max_outputs`, a listing too long for a client,
+/// or more bytes than `max_outputs_size`.
+struct OutputBudget<'a> {
+    config: &'a Config,
+    files: u64,
+    bytes: u64,
+    listing: usize,
 }
 
-fn store_output(cas: &ContentStore, workspace: &Path, path: &Path) -> Result<OutputFile> {
-    let rel = relative_path(workspace, path)?;
-    let meta = fs::symlink_metadata(path).map_err(RunnerError::io_path("reading", path))?;
-    if !meta.file_type().is_file() {
-        let kind = if meta.file_type().is_symlink() {
-            "a symlink"
-        } else {
-            "not a regular file"
-        };
-        return Err(RunnerError::invalid(
-            format!("output {rel:?}"),
-            format!("is {kind}; outputs must be regular files"),
-        ));
+impl OutputBudget<'_> {
+    fn add(&mut self, path_len: usize, size: u64) -> Result<()> {
+        self.files += 1;
+        self.bytes = self.bytes.saturating_add(size);
+        self.listing = self
+            .listing
+            .saturating_add(path_len + OUTPUT_ENTRY_OVERHEAD);
+        let max = self.config.max_outputs;
+        if self.files > max {
+            return Err(RunnerError::invalid(
+                "outputs",
+                format!("the declared outputs hold more than {max} files, the runner's max_outputs; nothing was stored"),
+            ));
+        }
+        if self.listing > MAX_OUTPUT_LISTING_BYTES {
+            return Err(RunnerError::invalid(
+                "outputs",
+                format!(
+                    "the declared outputs' list of {} files and their paths takes more than {}, more than a client can read with the job; nothing was stored",
+                    self.files,
+                    crate::limits::format_size(MAX_OUTPUT_LISTING_BYTES as u64)
+                ),
+            ));
+        }
+        Ok(())
     }
-    let (digest, size) = cas.put_file(path)?;
+}
+
+/// A failure to store an output, told to the client without the daemon's paths (the
+/// content store's or the workspace's); the log keeps the details.
+fn without_host_path<T>(stored: Result<T>, rel: &str) -> Result<T> {
+    stored.map_err(|err| match err {
+        RunnerError::InvalidArgument { .. } => err,
+        other => {
+            tracing::error!(output = %rel, error = %other, "could not store an output");
+            RunnerError::Internal(format!(
+                "could not store output {rel:?} in the content store"
+            ))
+        }
+    })
+}
+
+/// An output that cannot be collected, named as the step saw it.
+fn output_walk_error(output: &str, err: &WalkError) -> RunnerError {
+    RunnerError::invalid(
+        format!("output {output:?}"),
+        err.under(&format!("{WORKSPACE_IN_SANDBOX}/{output}")),
+    )
+}
+
+fn not_regular(rel: &str, symlink: bool) -> RunnerError {
+    let kind = if symlink {
+        "a symlink"
+    } else {
+        "not a regular file"
+    };
+    RunnerError::invalid(
+        format!("output {rel:?}"),
+        format!("is {kind}; outputs must be regular files"),
+    )
+}
+
+/// Copies an open output file into the content store, hashing what is read.
+fn store_output(
+    cas: &ContentStore,
+    mut file: fs::File,
+    rel: String,
+    mode: u32,
+) -> Result<OutputFile> {
+    let mut writer = cas.writer()?;
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        let n = match file.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                return Err(RunnerError::invalid(
+                    format!("output {rel:?}"),
+                    format!("cannot be read: {e}"),
+                ))
+            }
+        };
+        writer.write(&buf[..n])?;
+    }
+    let size = writer.size();
+    let digest = writer.commit(None)?;
     Ok(OutputFile {
         path: rel,
         digest,
         size,
-        executable: meta.mode() & 0o111 != 0,
+        executable: mode & 0o111 != 0,
     })
 }
 
-fn collect_dir(
-    cas: &ContentStore,
-    workspace: &Path,
-    dir: &Path,
-    files: &mut Vec<OutputFile>,
-) -> Result<()> {
-    let mut entries: Vec<_> = fs::read_dir(dir)
-        .map_err(RunnerError::io_path("reading", dir))?
-        .collect::<std::io::Result<_>>()
-        .map_err(RunnerError::io_path("reading", dir))?;
-    entries.sort_by_key(|e| e.file_name());
-    for entry in entries {
-        let path = entry.path();
-        let meta = fs::symlink_metadata(&path).map_err(RunnerError::io_path("reading", &path))?;
-        if meta.is_dir() {
-            collect_dir(cas, workspace, &path, files)?;
-        } else {
-            files.push(store_output(cas, workspace, &path)?);
-        }
-    }
-    Ok(())
-}
-
-/// Bytes of the regular files at or below `path`, never following a symlink (as the
-/// collector does); what cannot be read counts 0 and fails later, when it is stored.
-fn tree_size(path: &Path) -> u64 {
-    let Ok(meta) = fs::symlink_metadata(path) else {
-        return 0;
-    };
-    if meta.is_file() {
-        return meta.len();
-    }
-    if !meta.is_dir() {
-        return 0;
-    }
-    fs::read_dir(path)
-        .map(|entries| {
-            entries
-                .flatten()
-                .map(|e| tree_size(&e.path()))
-                .fold(0u64, u64::saturating_add)
-        })
-        .unwrap_or(0)
-}
-
-fn chown_tree(path: &Path, id: u32) -> Result<()> {
-    std::os::unix::fs::lchown(path, Some(id), Some(id))
-        .map_err(RunnerError::io_path("chown", path))?;
-    let meta = fs::symlink_metadata(path).map_err(RunnerError::io_path("reading", path))?;
-    if meta.is_dir() {
-        for entry in fs::read_dir(path).map_err(RunnerError::io_path("reading", path))? {
-            let entry = entry.map_err(RunnerError::io_path("reading", path))?;
-            chown_tree(&entry.path(), id)?;
-        }
-    }
+/// Gives every entry of the workspace (the root included) to `id`, never following
+/// a symlink.
+fn chown_tree(root: &Path, id: u32) -> Result<()> {
+    std::os::unix::fs::lchown(root, Some(id), Some(id))
+        .map_err(RunnerError::io_path("chown", root))?;
+    provenance::walk::walk(root, WalkOptions::default(), |entry: &WalkEntry<'_>| {
+        entry.chown(id, id)?;
+        Ok::<_, WalkError>(Flow::Continue)
+    })
+    .map_err(|e| RunnerError::Internal(format!("chown of the workspace: {e}")))?;
     Ok(())
 }

@@ -111,6 +111,11 @@ pub fn check_workspace_path(field: &str, path: &str) -> Result<()> {
     if path.contains('\0') {
         return bad("contains a NUL byte");
     }
+    // in-toto 3.1 rewrites a backslash to '/' in artifact paths: such a name would
+    // verify differently with in-toto-verify than with Kiln.
+    if path.contains('\\') {
+        return bad("contains a backslash, which in-toto reads as '/'");
+    }
     if path.starts_with('/') {
         return bad("absolute paths are not allowed");
     }
@@ -362,6 +367,8 @@ mod tests {
             "./a",
             "a\0b",
             "",
+            // Read as "back/slash" by in-toto-verify.
+            "back\\slash",
         ] {
             let mut spec = good();
             spec.inputs[0].path = bad.into();
