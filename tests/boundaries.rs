@@ -398,3 +398,53 @@ async fn other_host_users_read_nothing_of_the_state_directory() {
     }
     alice.jobs.cancel(CancelRequest { job_id }).await.unwrap();
 }
+
+#[test]
+fn two_daemons_on_one_host_never_share_host_ids() {
+    if !require_root("two_daemons_on_one_host_never_share_host_ids") {
+        return;
+    }
+    // The same configuration twice, as two instances on one host would have it.
+    let config = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(
+        config.path(),
+        "uid_base = 350000000\nmax_concurrent_jobs = 2\n",
+    )
+    .unwrap();
+    let args = ["--config", config.path().to_str().unwrap()];
+    let (first, second) = (Daemon::start_with(&args), Daemon::start_with(&args));
+    let run = |daemon: &Daemon| {
+        std::process::Command::new(KILN)
+            .env("KILN_SOCKET", &daemon.socket)
+            .args([
+                "run",
+                "--",
+                "/bin/sh",
+                "-c",
+                "cat /proc/self/uid_map; sleep 1",
+            ])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let (a, b) = (run(&first), run(&second));
+    let (a, b) = (a.wait_with_output().unwrap(), b.wait_with_output().unwrap());
+    assert!(a.status.success() && b.status.success());
+    let host_range = |out: &std::process::Output| -> (u64, u64) {
+        let fields: Vec<u64> = text(&out.stdout)
+            .split_whitespace()
+            .map(|f| f.parse().unwrap())
+            .collect();
+        (fields[1], fields[1] + fields[2])
+    };
+    let ((a0, a1), (b0, b1)) = (host_range(&a), host_range(&b));
+    assert!(
+        a1 <= b0 || b1 <= a0,
+        "two daemons' sandboxes share host ids: {a0}..{a1} and {b0}..{b1}"
+    );
+    assert!(
+        second.log().contains("host id ranges leased"),
+        "{}",
+        second.log()
+    );
+}

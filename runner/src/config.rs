@@ -31,7 +31,8 @@ pub struct Config {
     /// The longest timeout a job may ask for.
     pub max_timeout_seconds: u32,
     /// First host uid/gid of the sandboxes' id ranges. Concurrent sandboxes get
-    /// disjoint ranges of `id_range` ids each, starting here.
+    /// disjoint ranges of `id_range` ids each, the first free ones from here on: a
+    /// range another Kiln daemon on the host holds is skipped (see `idranges`).
     pub uid_base: u32,
     /// Size of one sandbox's id range.
     pub id_range: u32,
@@ -318,11 +319,6 @@ impl Config {
             );
         }
         Ok(())
-    }
-
-    /// The first host uid of concurrency slot `slot`.
-    pub fn slot_uid_base(&self, slot: u32) -> u32 {
-        self.uid_base + slot * self.id_range
     }
 }
 

@@ -26,6 +26,7 @@ use crate::cas::ContentStore;
 use crate::config::Config;
 use crate::db::{Database, Inserted};
 use crate::error::{Result, RunnerError};
+use crate::idranges::IdRanges;
 use crate::images::{Images, ResolvedImage, BUILD_UID};
 use crate::signer::Signer;
 use provenance::walk::{
@@ -49,6 +50,14 @@ pub fn now_ms() -> i64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0)
+}
+
+/// What the runner starts sandboxes with: the sandbox launcher, what the host supports,
+/// and the host id ranges leased for the job slots.
+pub struct Isolation {
+    pub sandbox: Sandbox,
+    pub host: HostSupport,
+    pub id_ranges: IdRanges,
 }
 
 /// The in-memory side of one job: its event log for Watch, and cancellation.
@@ -106,6 +115,8 @@ pub struct Runner {
     permits: Arc<Semaphore>,
     draining: AtomicBool,
     work_dir: PathBuf,
+    /// The host id range of each job slot, leased host-wide.
+    id_ranges: IdRanges,
 }
 
 impl Runner {
@@ -115,9 +126,13 @@ impl Runner {
         cas: ContentStore,
         images: Images,
         key: Signer,
-        sandbox: Sandbox,
-        host: HostSupport,
+        isolation: Isolation,
     ) -> Result<(Arc<Self>, mpsc::UnboundedReceiver<String>)> {
+        let Isolation {
+            sandbox,
+            host,
+            id_ranges,
+        } = isolation;
         let work_dir = config.state_dir.join("work");
         if work_dir.exists() {
             // Workspaces of jobs interrupted by a crash: their jobs are failed below. Each
@@ -152,6 +167,7 @@ impl Runner {
             permits,
             draining: AtomicBool::new(false),
             work_dir,
+            id_ranges,
         });
         runner.recover()?;
         Ok((runner, rx))
@@ -422,7 +438,9 @@ impl Runner {
             .work_dir
             .join(uuid::Uuid::new_v4().simple().to_string());
         tracing::debug!(job = %id, workspace = %workspace.display(), "workspace");
-        let host_uid_base = self.config.slot_uid_base(slot);
+        let host_uid_base = self.id_ranges.base(slot).ok_or_else(|| {
+            RunnerError::Internal(format!("job slot {slot} has no host id range"))
+        })?;
         let mut image_digest = None;
         let outcome = self
             .clone()

@@ -8,6 +8,7 @@ mod config;
 mod db;
 mod demo;
 mod error;
+mod idranges;
 mod images;
 mod jobfile;
 mod jobs;

@@ -17,8 +17,9 @@ use crate::auth::Authenticator;
 use crate::cas::ContentStore;
 use crate::config::Config;
 use crate::db::{Creation, Database};
+use crate::idranges::{self, IdRanges};
 use crate::images::Images;
-use crate::jobs::Runner;
+use crate::jobs::{Isolation, Runner};
 use crate::service::Service;
 use crate::signer::{RingOrigin, Signer};
 
@@ -99,7 +100,32 @@ pub async fn serve(config: Config, creation: Creation) -> anyhow::Result<()> {
     let cas = ContentStore::open(state.join("cas")).context("opening the content store")?;
     let images = Images::open(state).context("preparing images")?;
 
-    let (runner, queue) = Runner::new(config.clone(), db, cas, images, key, sandbox, host.clone())?;
+    // Host ids no other Kiln daemon on this host uses while this one runs.
+    let id_ranges = IdRanges::lease(
+        Path::new(idranges::LOCK_DIR),
+        config.uid_base,
+        config.id_range,
+        config.max_concurrent_jobs,
+    )
+    .context("leasing host id ranges for the sandboxes")?;
+    tracing::info!(
+        first = id_ranges.bases().first().copied().unwrap_or_default(),
+        last = id_ranges.bases().last().copied().unwrap_or_default() + (config.id_range - 1),
+        slots = id_ranges.bases().len(),
+        "host id ranges leased"
+    );
+    let (runner, queue) = Runner::new(
+        config.clone(),
+        db,
+        cas,
+        images,
+        key,
+        Isolation {
+            sandbox,
+            host: host.clone(),
+            id_ranges,
+        },
+    )?;
     tracing::info!(
         %keyid,
         landlock_abi = host.landlock_abi,
