@@ -405,8 +405,10 @@ async fn handle(client: TcpStream, shared: Arc<Shared>) {
         if connection.requests.load(Ordering::Relaxed) == 0 {
             let reason = if err.is_timeout() {
                 "no request before the timeout".to_string()
-            } else {
+            } else if err.is_parse() || err.is_parse_too_large() {
                 format!("malformed request: {err}")
+            } else {
+                format!("the connection failed before a request: {err}")
             };
             shared.record(denied("?", "", 0, reason));
         }
@@ -1014,7 +1016,7 @@ fn parse_client_hello(buf: &[u8]) -> Option<Hello> {
             return refused("more than the ClientHello in its records");
         }
         let hello = match parse_tls_handshake_client_hello(&handshake[4..]) {
-            Ok((trailing, hello)) if trailing.is_empty() => hello,
+            Ok(([], hello)) => hello,
             _ => return refused("bad or trailing fields"),
         };
         return Some(match hello.ext {
@@ -1040,7 +1042,7 @@ fn examine_extensions(block: &[u8]) -> Result<Hello, &'static str> {
     // The parser stops at the first extension it cannot read; a block it did not read
     // to the end could hide a server name.
     match parse_tls_client_hello_extensions(block) {
-        Ok((rest, _)) if rest.is_empty() => {}
+        Ok(([], _)) => {}
         _ => return Err("bad extensions"),
     }
     let mut server_names = Vec::new();
@@ -1066,7 +1068,7 @@ fn examine_extensions(block: &[u8]) -> Result<Hello, &'static str> {
         [] => None,
         [data] => {
             let name = match parse_tls_extension_sni_content(data) {
-                Ok((rest, TlsExtension::SNI(names))) if rest.is_empty() => match names.as_slice() {
+                Ok(([], TlsExtension::SNI(names))) => match names.as_slice() {
                     [(SNIType::HostName, name)] if data.len() == name.len() + 5 => *name,
                     _ => return Err("the server name list is not one host name"),
                 },
