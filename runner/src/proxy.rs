@@ -1030,39 +1030,32 @@ fn parse_client_hello(buf: &[u8]) -> Option<Hello> {
     }
 }
 
-/// The server name and ECH of a ClientHello's extension block, which must parse whole
-/// and name at most one server.
+/// The server name and ECH of a ClientHello's extension block. Every extension's
+/// length must fit and the lengths must add up to the block exactly, so no server name
+/// can hide past a malformed one; at most one server name extension.
 fn examine_extensions(block: &[u8]) -> Result<Hello, &'static str> {
-    use tls_parser::{
-        parse_tls_client_hello_extensions, parse_tls_extension_sni_content, SNIType, TlsExtension,
-    };
+    use tls_parser::{parse_tls_extension_sni_content, SNIType, TlsExtension};
     const SERVER_NAME: u16 = 0;
     const ENCRYPTED_CLIENT_HELLO: u16 = 0xfe0d;
 
-    // The parser stops at the first extension it cannot read; a block it did not read
-    // to the end could hide a server name.
-    match parse_tls_client_hello_extensions(block) {
-        Ok(([], _)) => {}
-        _ => return Err("bad extensions"),
-    }
     let mut server_names = Vec::new();
     let mut ech = false;
     let mut rest = block;
     while !rest.is_empty() {
-        let (kind, length) = match rest {
-            [a, b, c, d, ..] => (
-                u16::from_be_bytes([*a, *b]),
-                usize::from(u16::from_be_bytes([*c, *d])),
-            ),
-            _ => return Err("bad extensions"),
+        let [a, b, c, d, after_header @ ..] = rest else {
+            return Err("bad extensions");
         };
-        let data = rest.get(4..4 + length).ok_or("bad extensions")?;
+        let kind = u16::from_be_bytes([*a, *b]);
+        let length = usize::from(u16::from_be_bytes([*c, *d]));
+        let (data, after) = after_header
+            .split_at_checked(length)
+            .ok_or("bad extensions")?;
         match kind {
             SERVER_NAME => server_names.push(data),
             ENCRYPTED_CLIENT_HELLO => ech = true,
             _ => {}
         }
-        rest = &rest[4 + length..];
+        rest = after;
     }
     let sni = match server_names.as_slice() {
         [] => None,
@@ -1672,18 +1665,29 @@ mod tests {
         data[2] = 1;
         assert!(refused(&hello_with(&[(0, data)])));
         assert!(refused(&hello_with(&[server_name("a.org\0b.org")])));
-        // An extension block that does not parse to its end.
-        let mut broken = client_hello(Some("a.org"));
-        let last = broken.len() - 1;
-        broken[last] = 0;
-        broken.push(0x13);
-        let n = broken.len();
-        // Lengths fixed up so only the extension block is wrong.
-        let record = (n - 5) as u16;
-        broken[3..5].copy_from_slice(&record.to_be_bytes());
-        let message = (n - 9) as u32;
-        broken[6..9].copy_from_slice(&message.to_be_bytes()[1..]);
-        assert!(refused(&broken));
+        // One byte more in the hello: past the extension block (a trailing field), or
+        // inside it (an extension that does not fit).
+        let grown = |extension_block_too: bool| {
+            let mut hello = client_hello(Some("a.org"));
+            hello.push(0x13);
+            let n = hello.len();
+            hello[3..5].copy_from_slice(&((n - 5) as u16).to_be_bytes());
+            hello[6..9].copy_from_slice(&((n - 9) as u32).to_be_bytes()[1..]);
+            if extension_block_too {
+                // After the record and handshake headers, version, random, an empty
+                // session id, one cipher suite and one compression method.
+                let at = 5 + 4 + 41;
+                let block = u16::from_be_bytes([hello[at], hello[at + 1]]) + 1;
+                hello[at..at + 2].copy_from_slice(&block.to_be_bytes());
+            }
+            hello
+        };
+        let reason = |bytes: &[u8]| match parse_client_hello(bytes) {
+            Some(Hello::Refused(reason)) => reason,
+            other => panic!("{other:?}"),
+        };
+        assert!(reason(&grown(false)).contains("trailing"));
+        assert!(reason(&grown(true)).contains("bad extensions"));
         // Not a ClientHello, or another record type inside it.
         let mut server_hello = client_hello(None);
         server_hello[5] = 2;
