@@ -226,12 +226,14 @@ impl Shared {
                 "step network attempt"
             );
         }
+        // A refusal is over when it is recorded.
+        let ended = (attempt.decision == "denied").then_some(Duration::ZERO);
         let live = Arc::new(Live {
             attempt: Mutex::new(attempt),
             up: AtomicU64::new(0),
             down: AtomicU64::new(0),
             started: Instant::now(),
-            ended: Mutex::new(None),
+            ended: Mutex::new(ended),
         });
         match records.as_mut() {
             Some(records) if keep => records.push(live.clone()),
@@ -491,16 +493,23 @@ impl ClientConnection {
         // is in the link too.
         let live = shared.record(opened);
         let literal = literal_ip(&host).is_some();
-        if let Ok(mut tunnel) = self.tunnel.lock() {
-            *tunnel = Some(Tunnel {
-                upgrade: hyper::upgrade::on(&mut request),
-                host,
-                port,
-                literal,
-                addresses,
-                live,
-            });
-        }
+        let Ok(mut tunnel) = self.tunnel.lock() else {
+            live.update(|a| a.reason = "internal error: the tunnel was not opened".into());
+            live.end();
+            return answer(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "the tunnel was not opened",
+            );
+        };
+        *tunnel = Some(Tunnel {
+            upgrade: hyper::upgrade::on(&mut request),
+            host,
+            port,
+            literal,
+            addresses,
+            live,
+        });
+        drop(tunnel);
         let mut response = Response::new(Either::Right(Full::new(Bytes::new())));
         response
             .extensions_mut()
