@@ -1,7 +1,9 @@
 //! The allow-listed network, end to end: a real daemon, steps fetching with an
 //! unmodified curl through the egress proxy from servers on the host's loopback
 //! (plain HTTP and HTTPS through CONNECT), every way around the proxy failing, and
-//! each attempt in the step's signed link.
+//! each attempt in the step's signed link. The attacks on the proxy itself: a Host
+//! header naming another virtual host, requests pipelined behind an allowed one, and
+//! tunnels whose TLS names another host or that carry no TLS.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod support;
