@@ -1,7 +1,9 @@
 //! The allow-listed network, end to end: a real daemon, steps fetching with an
 //! unmodified curl through the egress proxy from servers on the host's loopback
 //! (plain HTTP and HTTPS through CONNECT), every way around the proxy failing, and
-//! each attempt in the step's signed link.
+//! each attempt in the step's signed link. The attacks on the proxy itself: a Host
+//! header naming another virtual host, requests pipelined behind an allowed one, and
+//! tunnels whose TLS names another host or that carry no TLS.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod support;
@@ -19,6 +21,8 @@ struct Servers {
     https: u16,
     /// The HTTPS server's self-signed certificate.
     ca: std::path::PathBuf,
+    /// One line per request that reached a server: "HOST-HEADERS PATH".
+    requests: std::path::PathBuf,
     _dir: tempfile::TempDir,
 }
 
@@ -45,8 +49,16 @@ impl Servers {
             http: ports["http"].as_u64().unwrap() as u16,
             https: ports["https"].as_u64().unwrap() as u16,
             ca: dir.path().join("ca.pem"),
+            requests: dir.path().join("requests.log"),
             _dir: dir,
         }
+    }
+}
+
+impl Servers {
+    /// What reached the servers, one "HOST-HEADERS PATH" line per request.
+    fn requests(&self) -> String {
+        std::fs::read_to_string(&self.requests).unwrap_or_default()
     }
 }
 
@@ -375,4 +387,202 @@ path = "got.txt"
     let fetch_link = signed_link(&attest, "fetch");
     assert!(profile(&fetch_link).is_string(), "{fetch_link}");
     assert_ne!(profile(&fetch_link), profile(&offline));
+}
+
+/// Runs a step script with an allow-list and returns its stdout and the network
+/// attempts its signed link records.
+fn run_step(
+    daemon: &Daemon,
+    servers: &Servers,
+    allow: &[String],
+    script: &str,
+) -> (String, Vec<Value>) {
+    let attest = daemon.path("attest");
+    let mut args = vec![
+        "run".to_string(),
+        "--attest-dir".into(),
+        attest.to_str().unwrap().into(),
+        "--input".into(),
+        format!("{}:ca.pem", servers.ca.display()),
+    ];
+    for entry in allow {
+        args.extend(["--allow-net".to_string(), entry.clone()]);
+    }
+    args.extend(["--", "/bin/bash", "-c", script].map(String::from));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = daemon.kiln(&args);
+    assert!(out.status.success(), "{}", describe(&out));
+    (text(&out.stdout), attempts(&signed_link(&attest, "run")))
+}
+
+fn line(stdout: &str, name: &str) -> String {
+    stdout
+        .lines()
+        .find(|l| l.starts_with(&format!("{name}:")))
+        .unwrap_or_else(|| panic!("no {name} line in:\n{stdout}"))
+        .to_string()
+}
+
+#[test]
+fn a_host_header_cannot_reach_another_virtual_host_of_an_allowed_address() {
+    if !require_root("a_host_header_cannot_reach_another_virtual_host_of_an_allowed_address") {
+        return;
+    }
+    let Some(python) = python("a_host_header_cannot_reach_another_virtual_host") else {
+        return;
+    };
+    let servers = Servers::start(&python);
+    let daemon = Daemon::start();
+    let http = servers.http;
+    // The server answers Host: admin.internal as another virtual host.
+    let script = format!(
+        r#"set +e
+         echo spoofed: $(curl -sS --max-time 10 -H 'Host: admin.internal' http://127.0.0.1:{http}/hello.txt 2>&1)
+         exec 3<>/dev/tcp/127.0.0.1/3128
+         printf 'GET http://127.0.0.1:{http}/hello.txt HTTP/1.1\r\nHost: 127.0.0.1:{http}\r\nHost: admin.internal\r\n\r\n' >&3
+         echo duplicate: $(timeout 20 cat <&3 | tr -d '\r')
+         echo matching: $(curl -sS --max-time 10 -H 'Host: 127.0.0.1:{http}' http://127.0.0.1:{http}/hello.txt 2>&1)
+         exit 0"#
+    );
+    let (stdout, attempts) = run_step(&daemon, &servers, &[format!("127.0.0.1:{http}")], &script);
+    let spoofed = line(&stdout, "spoofed");
+    assert!(!spoofed.contains("admin vhost"), "{stdout}");
+    assert!(spoofed.contains("Host header"), "{stdout}");
+    let duplicate = line(&stdout, "duplicate");
+    assert!(!duplicate.contains("admin vhost"), "{stdout}");
+    assert!(duplicate.contains("403"), "{stdout}");
+    assert_eq!(
+        line(&stdout, "matching"),
+        "matching: hello through the proxy"
+    );
+    // Nothing reached the server with any Host but the checked authority.
+    let requests = servers.requests();
+    assert!(!requests.contains("admin.internal"), "{requests}");
+    assert_eq!(requests, format!("127.0.0.1:{http} /hello.txt\n"));
+    // Both refusals are in the signed link.
+    let refused: Vec<&Value> = attempts
+        .iter()
+        .filter(|a| a["decision"] == "denied" && a["host"] == "127.0.0.1" && a["port"] == http)
+        .collect();
+    assert_eq!(refused.len(), 2, "{attempts:#?}");
+    assert!(
+        refused
+            .iter()
+            .all(|a| a["reason"].as_str().unwrap().contains("Host")),
+        "{attempts:#?}"
+    );
+}
+
+#[test]
+fn every_request_on_a_kept_alive_connection_is_checked_and_recorded() {
+    if !require_root("every_request_on_a_kept_alive_connection_is_checked_and_recorded") {
+        return;
+    }
+    let Some(python) = python("every_request_on_a_kept_alive_connection_is_checked") else {
+        return;
+    };
+    let servers = Servers::start(&python);
+    let daemon = Daemon::start();
+    let http = servers.http;
+    // Three requests pipelined on one connection: two allowed, then the metadata
+    // address, which the list does not name (the proxy never connects to it).
+    let script = format!(
+        r#"set +e
+         exec 3<>/dev/tcp/127.0.0.1/3128
+         printf 'GET http://127.0.0.1:{http}/hello.txt HTTP/1.1\r\nHost: 127.0.0.1:{http}\r\n\r\nGET http://127.0.0.1:{http}/again.txt HTTP/1.1\r\n\r\nGET http://169.254.169.254/latest/meta-data/ HTTP/1.1\r\nHost: 169.254.169.254\r\n\r\n' >&3
+         timeout 20 cat <&3 | tr -d '\r' | grep -E '^(HTTP/|kiln proxy|hello)'
+         exit 0"#
+    );
+    let (stdout, attempts) = run_step(&daemon, &servers, &[format!("127.0.0.1:{http}")], &script);
+    let statuses: Vec<&str> = stdout.lines().filter(|l| l.starts_with("HTTP/")).collect();
+    assert_eq!(statuses.len(), 3, "{stdout}");
+    assert!(statuses[0].contains(" 200"), "{stdout}");
+    assert!(statuses[1].contains(" 404"), "{stdout}");
+    assert!(statuses[2].contains(" 403"), "{stdout}");
+    // Each request is its own attempt in the link, the refused one included.
+    let gets: Vec<&Value> = attempts
+        .iter()
+        .filter(|a| a["method"] == "GET" && a["host"] == "127.0.0.1" && a["port"] == http)
+        .collect();
+    assert_eq!(gets.len(), 2, "{attempts:#?}");
+    assert!(
+        gets.iter().all(|a| a["decision"] == "allowed"),
+        "{attempts:#?}"
+    );
+    let metadata = find(&attempts, "GET", "169.254.169.254", 80);
+    assert_eq!(metadata["decision"], "denied", "{metadata}");
+    assert_eq!(metadata["address"], "", "{metadata}");
+    // The server saw exactly the two allowed requests, each with its own Host.
+    assert_eq!(
+        servers.requests(),
+        format!("127.0.0.1:{http} /hello.txt\n127.0.0.1:{http} /again.txt\n")
+    );
+}
+
+#[test]
+fn a_tunnel_must_carry_tls_naming_the_host_it_was_opened_for() {
+    if !require_root("a_tunnel_must_carry_tls_naming_the_host_it_was_opened_for") {
+        return;
+    }
+    let Some(python) = python("a_tunnel_must_carry_tls_naming_the_host_it_was_opened_for") else {
+        return;
+    };
+    let servers = Servers::start(&python);
+    let daemon = Daemon::start();
+    let (http, https) = (servers.http, servers.https);
+    // localhost resolves to loopback, so its literal address is listed too.
+    let allow = [
+        format!("localhost:{https}"),
+        format!("localhost:{http}"),
+        format!("127.0.0.1:{https}"),
+        format!("127.0.0.1:{http}"),
+    ];
+    let script = format!(
+        r#"set +e
+         echo named: $(curl -sS --max-time 10 --cacert ca.pem https://localhost:{https}/hello.txt 2>&1)
+         echo other-sni: $(curl -sS --max-time 10 -k --connect-to evil.kiln.test:{https}:localhost:{https} https://evil.kiln.test:{https}/hello.txt 2>&1; echo rc=$?)
+         echo plain-to-name: $(curl -sS --max-time 30 -p http://localhost:{http}/hello.txt 2>&1; echo rc=$?)
+         echo plain-to-address: $(curl -sS --max-time 30 -p http://127.0.0.1:{http}/hello.txt 2>&1)
+         exit 0"#
+    );
+    let (stdout, attempts) = run_step(&daemon, &servers, &allow, &script);
+    assert_eq!(line(&stdout, "named"), "named: hello through the proxy");
+    let other = line(&stdout, "other-sni");
+    assert!(!other.contains("hello"), "{stdout}");
+    assert!(!other.ends_with("rc=0"), "{stdout}");
+    let plain = line(&stdout, "plain-to-name");
+    assert!(!plain.contains("hello"), "{stdout}");
+    assert!(!plain.ends_with("rc=0"), "{stdout}");
+    assert_eq!(
+        line(&stdout, "plain-to-address"),
+        "plain-to-address: hello through the proxy"
+    );
+
+    let connects: Vec<&Value> = attempts
+        .iter()
+        .filter(|a| a["method"] == "CONNECT")
+        .collect();
+    let named = connects
+        .iter()
+        .find(|a| a["sni"] == "localhost")
+        .unwrap_or_else(|| panic!("{attempts:#?}"));
+    assert_eq!(named["decision"], "allowed", "{named}");
+    assert_eq!(named["host"], "localhost", "{named}");
+    let spoofed = connects
+        .iter()
+        .find(|a| a["sni"] == "evil.kiln.test")
+        .unwrap_or_else(|| panic!("{attempts:#?}"));
+    assert_eq!(spoofed["decision"], "denied", "{spoofed}");
+    assert_eq!(spoofed["host"], "localhost", "{spoofed}");
+    assert_eq!(spoofed["address"], "", "{spoofed}");
+    let plain = find(&attempts, "CONNECT", "localhost", http);
+    assert_eq!(plain["decision"], "denied", "{plain}");
+    assert!(plain["reason"].as_str().unwrap().contains("TLS"), "{plain}");
+    assert_eq!(
+        find(&attempts, "CONNECT", "127.0.0.1", http)["decision"],
+        "allowed"
+    );
+    // The TLS server was reached once (the named fetch), the plain one once.
+    let requests = servers.requests();
+    assert_eq!(requests.matches("/hello.txt").count(), 2, "{requests}");
 }

@@ -425,7 +425,7 @@ pub fn job_json(job: &Job) -> serde_json::Value {
             "seccomp_denials": s.seccomp_denials,
             "network": s.network.iter().map(|a| serde_json::json!({
                 "method": a.method, "host": a.host, "port": a.port, "resolved": a.resolved,
-                "address": a.address, "decision": a.decision, "reason": a.reason,
+                "address": a.address, "decision": a.decision, "reason": a.reason, "sni": a.sni,
                 "bytes_up": a.bytes_up, "bytes_down": a.bytes_down, "duration_ms": a.duration_ms,
             })).collect::<Vec<_>>(),
             "network_unrecorded": s.network_unrecorded,
@@ -468,8 +468,13 @@ pub fn summary(job: &Job) -> String {
             } else {
                 format!(" via {}", a.address)
             };
+            let sni = if a.sni.is_empty() {
+                String::new()
+            } else {
+                format!(" sni {}", a.sni)
+            };
             out.push_str(&format!(
-                "    net {} {}:{}{via} {}: {}  up {} B down {} B {} ms\n",
+                "    net {} {}:{}{sni}{via} {}: {}  up {} B down {} B {} ms\n",
                 a.method,
                 a.host,
                 a.port,

@@ -196,60 +196,157 @@ fn cidr_contains(network: IpAddr, prefix: u8, ip: IpAddr) -> bool {
     network.is_ipv4() == ip.is_ipv4() && mask(ip, prefix) == network
 }
 
-/// Why an address must not be reached through a name: it points inside the host,
-/// the local network or a cloud metadata service. `None` for ordinary addresses.
-pub fn special_class(ip: IpAddr) -> Option<&'static str> {
-    match canonical(ip) {
-        IpAddr::V4(v4) => {
-            let o = v4.octets();
-            if v4.is_loopback() {
-                Some("loopback")
-            } else if v4.is_unspecified() || o[0] == 0 {
-                Some("unspecified")
-            } else if v4.is_private() {
-                Some("private")
-            } else if v4 == Ipv4Addr::new(169, 254, 169, 254)
-                || v4 == Ipv4Addr::new(100, 100, 100, 200)
-            {
-                Some("cloud metadata")
-            } else if v4.is_link_local() {
-                Some("link-local")
-            } else if o[0] == 100 && (64..128).contains(&o[1]) {
-                Some("shared address space (CGNAT)")
-            } else if v4.is_multicast() || v4.is_broadcast() || o[0] >= 240 {
-                Some("multicast, broadcast or reserved")
-            } else if o[0] == 192 && o[1] == 0 && o[2] == 0 {
-                Some("IETF protocol assignments")
-            } else if o[0] == 198 && (o[1] & 0xfe) == 18 {
-                Some("benchmarking")
-            } else {
-                None
-            }
-        }
+/// The IANA IPv4 special-purpose address registry, multicast and the cloud metadata
+/// addresses; the first block that contains an address names its class, so the
+/// narrower blocks come first.
+const SPECIAL_V4: &[([u8; 4], u8, &str)] = &[
+    ([169, 254, 169, 254], 32, "cloud metadata"),
+    ([100, 100, 100, 200], 32, "cloud metadata"),
+    ([0, 0, 0, 0], 8, "\"this network\""),
+    ([10, 0, 0, 0], 8, "private"),
+    ([100, 64, 0, 0], 10, "shared address space (CGNAT)"),
+    ([127, 0, 0, 0], 8, "loopback"),
+    ([169, 254, 0, 0], 16, "link-local"),
+    ([172, 16, 0, 0], 12, "private"),
+    ([192, 0, 0, 0], 24, "IETF protocol assignments"),
+    ([192, 0, 2, 0], 24, "documentation"),
+    ([192, 31, 196, 0], 24, "AS112"),
+    ([192, 52, 193, 0], 24, "AMT"),
+    ([192, 88, 99, 0], 24, "6to4 relay anycast"),
+    ([192, 168, 0, 0], 16, "private"),
+    ([192, 175, 48, 0], 24, "AS112 direct delegation"),
+    ([198, 18, 0, 0], 15, "benchmarking"),
+    ([198, 51, 100, 0], 24, "documentation"),
+    ([203, 0, 113, 0], 24, "documentation"),
+    ([224, 0, 0, 0], 4, "multicast"),
+    ([255, 255, 255, 255], 32, "limited broadcast"),
+    ([240, 0, 0, 0], 4, "reserved"),
+];
+
+/// The IANA IPv6 special-purpose address registry, with the deprecated IPv4-compatible
+/// and site-local blocks, multicast and the cloud metadata address.
+const SPECIAL_V6: &[([u16; 8], u8, &str)] = &[
+    ([0, 0, 0, 0, 0, 0, 0, 0], 128, "unspecified"),
+    ([0, 0, 0, 0, 0, 0, 0, 1], 128, "loopback"),
+    // Deprecated, but a kernel with a `sit` tunnel still sends them to the IPv4
+    // address they carry.
+    ([0, 0, 0, 0, 0, 0, 0, 0], 96, "IPv4-compatible"),
+    ([0, 0, 0, 0, 0, 0xffff, 0, 0], 96, "IPv4-mapped"),
+    ([0x64, 0xff9b, 0, 0, 0, 0, 0, 0], 96, "NAT64"),
+    ([0x64, 0xff9b, 1, 0, 0, 0, 0, 0], 48, "local-use NAT64"),
+    ([0x100, 0, 0, 0, 0, 0, 0, 0], 64, "discard-only"),
+    ([0x100, 0, 0, 1, 0, 0, 0, 0], 64, "dummy prefix"),
+    ([0x2001, 0, 0, 0, 0, 0, 0, 0], 32, "Teredo"),
+    ([0x2001, 0x2, 0, 0, 0, 0, 0, 0], 48, "benchmarking"),
+    ([0x2001, 0x10, 0, 0, 0, 0, 0, 0], 28, "ORCHID"),
+    ([0x2001, 0x20, 0, 0, 0, 0, 0, 0], 28, "ORCHIDv2"),
+    (
+        [0x2001, 0, 0, 0, 0, 0, 0, 0],
+        23,
+        "IETF protocol assignments",
+    ),
+    ([0x2001, 0xdb8, 0, 0, 0, 0, 0, 0], 32, "documentation"),
+    ([0x2002, 0, 0, 0, 0, 0, 0, 0], 16, "6to4"),
+    (
+        [0x2620, 0x4f, 0x8000, 0, 0, 0, 0, 0],
+        48,
+        "AS112 direct delegation",
+    ),
+    ([0x3fff, 0, 0, 0, 0, 0, 0, 0], 20, "documentation"),
+    ([0x5f00, 0, 0, 0, 0, 0, 0, 0], 16, "SRv6 SIDs"),
+    ([0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254], 128, "cloud metadata"),
+    ([0xfc00, 0, 0, 0, 0, 0, 0, 0], 7, "private (unique local)"),
+    ([0xfe80, 0, 0, 0, 0, 0, 0, 0], 10, "link-local"),
+    ([0xfec0, 0, 0, 0, 0, 0, 0, 0], 10, "site-local"),
+    ([0xff00, 0, 0, 0, 0, 0, 0, 0], 8, "multicast"),
+];
+
+fn special_v4(v4: Ipv4Addr) -> Option<&'static str> {
+    SPECIAL_V4.iter().find_map(|(network, prefix, class)| {
+        cidr_contains(
+            IpAddr::V4(Ipv4Addr::from(*network)),
+            *prefix,
+            IpAddr::V4(v4),
+        )
+        .then_some(*class)
+    })
+}
+
+/// The IPv4 address a translation or tunnel block carries, where the block has one
+/// (6to4 in bits 16-47, the others in the last 32 bits).
+fn embedded_ipv4(v6: Ipv6Addr) -> Option<Ipv4Addr> {
+    let bits = u128::from(v6);
+    let s = v6.segments();
+    let low = Ipv4Addr::from((bits & 0xffff_ffff) as u32);
+    match s {
+        [0, 0, 0, 0, 0, 0 | 0xffff, ..] => Some(low),
+        [0x64, 0xff9b, 0, 0, 0, 0, ..] => Some(low),
+        [0x64, 0xff9b, 1, ..] => Some(low),
+        [0x2002, ..] => Some(Ipv4Addr::from((bits >> 80) as u32)),
+        _ => None,
+    }
+}
+
+/// Why an address must not be reached through a name: it is special-purpose (it
+/// points inside the host, the local network, a cloud metadata service, or is not a
+/// unicast destination on the Internet), or it carries such an IPv4 address. `None`
+/// for ordinary addresses. The host's own interface addresses are checked by
+/// [`HostAddresses`].
+pub fn special_class(ip: IpAddr) -> Option<String> {
+    match ip {
+        IpAddr::V4(v4) => special_v4(v4).map(String::from),
         IpAddr::V6(v6) => {
-            let s = v6.segments();
-            if v6.is_loopback() {
-                Some("loopback")
-            } else if v6.is_unspecified() {
-                Some("unspecified")
-            } else if v6 == Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254) {
-                Some("cloud metadata")
-            } else if (s[0] & 0xfe00) == 0xfc00 {
-                Some("private (unique local)")
-            } else if (s[0] & 0xffc0) == 0xfe80 {
-                Some("link-local")
-            } else if (s[0] & 0xff00) == 0xff00 {
-                Some("multicast")
-            } else if s[0] == 0x64 && s[1] == 0xff9b {
-                // NAT64 can embed any IPv4 address, private ones included.
-                Some("NAT64")
-            } else if s[0] == 0x2002 || (s[0] == 0x2001 && s[1] == 0) {
-                // 6to4 and Teredo tunnel to embedded IPv4 addresses.
-                Some("IPv4 tunnel")
+            let class = SPECIAL_V6.iter().find_map(|(network, prefix, class)| {
+                let network = IpAddr::V6(Ipv6Addr::from(*network));
+                // Compare as IPv6 bits: `cidr_contains` would read ::ffff:0:0/96 as IPv4.
+                (mask(IpAddr::V6(v6), *prefix) == network).then_some(*class)
+            })?;
+            Some(
+                match embedded_ipv4(v6).and_then(|v4| Some((v4, special_v4(v4)?))) {
+                    Some((v4, inner)) => format!("{class} (of {v4}, {inner})"),
+                    None => class.to_string(),
+                },
+            )
+        }
+    }
+}
+
+/// The addresses of the host's own interfaces, taken when a step's proxy starts: a
+/// name that resolves to one of them would reach the host's own services, whatever
+/// the address's class.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HostAddresses(Vec<IpAddr>);
+
+impl HostAddresses {
+    /// The addresses of every interface of the calling thread's network namespace.
+    pub fn of_this_host() -> std::io::Result<HostAddresses> {
+        let mut found = Vec::new();
+        for interface in nix::ifaddrs::getifaddrs().map_err(std::io::Error::from)? {
+            let Some(address) = interface.address else {
+                continue;
+            };
+            let ip = if let Some(v4) = address.as_sockaddr_in() {
+                IpAddr::V4(v4.ip())
+            } else if let Some(v6) = address.as_sockaddr_in6() {
+                IpAddr::V6(v6.ip())
             } else {
-                None
+                continue;
+            };
+            if !found.contains(&ip) {
+                found.push(ip);
             }
         }
+        Ok(HostAddresses(found))
+    }
+
+    #[cfg(test)]
+    pub fn new(addresses: Vec<IpAddr>) -> HostAddresses {
+        HostAddresses(addresses)
+    }
+
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = canonical(ip);
+        self.0.iter().any(|own| canonical(*own) == ip)
     }
 }
 
@@ -307,14 +404,24 @@ impl AllowList {
     }
 
     /// An address a listed name resolved to: ordinary addresses pass; special
-    /// ones only when the list names them as literals (so a name cannot be
-    /// pointed at the host, the LAN or a metadata service).
-    pub fn decide_resolved(&self, host: &str, ip: IpAddr, port: u16) -> Decision {
-        match special_class(ip) {
+    /// ones and the host's own only when the list names them as literals (so a
+    /// name cannot be pointed at the host, the LAN or a metadata service).
+    pub fn decide_resolved(
+        &self,
+        host: &str,
+        ip: IpAddr,
+        port: u16,
+        own: &HostAddresses,
+    ) -> Decision {
+        let class = special_class(ip).or_else(|| {
+            own.contains(ip)
+                .then(|| "one of this host's own".to_string())
+        });
+        match class {
             None => Decision::Allow,
             Some(_) if self.names_address(ip, port) => Decision::Allow,
             Some(class) => Decision::Deny(format!(
-                "{host} resolved to {ip}, a {class} address, which the allow-list does not name"
+                "{host} resolved to {ip} ({class} address), which the allow-list does not name"
             )),
         }
     }
@@ -479,6 +586,7 @@ mod tests {
     #[test]
     fn names_resolving_to_special_addresses_are_refused_unless_listed() {
         let l = list(&["example.org:443"]);
+        let own = HostAddresses::default();
         for special in [
             "127.0.0.1",
             "127.5.5.5",
@@ -494,6 +602,8 @@ mod tests {
             "::1",
             "::",
             "::ffff:127.0.0.1",
+            "::127.0.0.1",
+            "::8.8.8.8",
             "fd00:ec2::254",
             "fc00::1",
             "fe80::1",
@@ -503,23 +613,181 @@ mod tests {
         ] {
             let ip: IpAddr = special.parse().unwrap();
             assert!(
-                matches!(l.decide_resolved("example.org", ip, 443), Decision::Deny(_)),
+                matches!(
+                    l.decide_resolved("example.org", ip, 443, &own),
+                    Decision::Deny(_)
+                ),
                 "{special} allowed"
             );
         }
         assert_eq!(
-            l.decide_resolved("example.org", "93.184.216.34".parse().unwrap(), 443),
+            l.decide_resolved("example.org", "93.184.216.34".parse().unwrap(), 443, &own),
             Decision::Allow
         );
         let with_literal = list(&["example.org:443", "10.1.0.0/16:443"]);
         assert_eq!(
-            with_literal.decide_resolved("example.org", "10.1.2.3".parse().unwrap(), 443),
+            with_literal.decide_resolved("example.org", "10.1.2.3".parse().unwrap(), 443, &own),
             Decision::Allow
         );
         assert!(matches!(
-            with_literal.decide_resolved("example.org", "10.1.2.3".parse().unwrap(), 80),
+            with_literal.decide_resolved("example.org", "10.1.2.3".parse().unwrap(), 80, &own),
             Decision::Deny(_)
         ));
+    }
+
+    /// The first and the last address of a block.
+    fn ends(block: &str) -> [IpAddr; 2] {
+        let (network, prefix) = block.split_once('/').unwrap();
+        let network: IpAddr = network.parse().unwrap();
+        let prefix: u32 = prefix.parse().unwrap();
+        let last = match network {
+            IpAddr::V4(v4) => IpAddr::V4(Ipv4Addr::from(
+                u32::from(v4) | u32::MAX.checked_shr(prefix).unwrap_or(0),
+            )),
+            IpAddr::V6(v6) => IpAddr::V6(Ipv6Addr::from(
+                u128::from(v6) | u128::MAX.checked_shr(prefix).unwrap_or(0),
+            )),
+        };
+        [network, last]
+    }
+
+    #[test]
+    fn every_block_of_the_special_purpose_registries_is_special() {
+        for (block, class) in [
+            ("0.0.0.0/8", "this network"),
+            ("10.0.0.0/8", "private"),
+            ("100.64.0.0/10", "CGNAT"),
+            ("127.0.0.0/8", "loopback"),
+            ("169.254.0.0/16", "link-local"),
+            ("169.254.169.254/32", "cloud metadata"),
+            ("172.16.0.0/12", "private"),
+            ("192.0.0.0/24", "IETF protocol assignments"),
+            ("192.0.2.0/24", "documentation"),
+            ("192.31.196.0/24", "AS112"),
+            ("192.52.193.0/24", "AMT"),
+            ("192.88.99.0/24", "6to4 relay"),
+            ("192.168.0.0/16", "private"),
+            ("192.175.48.0/24", "AS112"),
+            ("198.18.0.0/15", "benchmarking"),
+            ("198.51.100.0/24", "documentation"),
+            ("203.0.113.0/24", "documentation"),
+            ("224.0.0.0/4", "multicast"),
+            ("240.0.0.0/5", "reserved"),
+            ("255.255.255.254/32", "reserved"),
+            ("255.255.255.255/32", "broadcast"),
+            ("::/128", "unspecified"),
+            ("::1/128", "loopback"),
+            ("::2/127", "IPv4-compatible"),
+            ("::1.0.0.0/104", "IPv4-compatible"),
+            ("::ffff:0:0/96", "IPv4-mapped"),
+            ("64:ff9b::/96", "NAT64"),
+            ("64:ff9b:1::/48", "local-use NAT64"),
+            ("100::/64", "discard-only"),
+            ("100:0:0:1::/64", "dummy prefix"),
+            ("2001::/32", "Teredo"),
+            ("2001:2::/48", "benchmarking"),
+            ("2001:10::/28", "ORCHID"),
+            ("2001:20::/28", "ORCHIDv2"),
+            ("2001:100::/24", "IETF protocol assignments"),
+            ("2001:db8::/32", "documentation"),
+            ("2002::/16", "6to4"),
+            ("2620:4f:8000::/48", "AS112"),
+            ("3fff::/20", "documentation"),
+            ("5f00::/16", "SRv6"),
+            ("fc00::/7", "unique local"),
+            ("fd00:ec2::254/128", "cloud metadata"),
+            ("fe80::/10", "link-local"),
+            ("fec0::/10", "site-local"),
+            ("ff00::/8", "multicast"),
+        ] {
+            for ip in ends(block) {
+                let found = special_class(ip);
+                assert!(
+                    found.as_deref().is_some_and(|c| c.contains(class)),
+                    "{ip} (in {block}): {found:?}, expected {class}"
+                );
+            }
+        }
+        // Just outside the blocks: ordinary unicast.
+        for ordinary in [
+            "1.1.1.1",
+            "9.255.255.255",
+            "11.0.0.0",
+            "100.63.255.255",
+            "100.128.0.0",
+            "126.255.255.255",
+            "128.0.0.0",
+            "172.15.255.255",
+            "172.32.0.0",
+            "192.0.1.0",
+            "192.0.3.0",
+            "192.167.255.255",
+            "192.169.0.0",
+            "198.17.255.255",
+            "198.20.0.0",
+            "223.255.255.255",
+            "2001:200::1",
+            "2001:db7:ffff::1",
+            "2003::1",
+            "2606:4700::1111",
+            "3fff:1000::",
+            "fbff:ffff::1",
+        ] {
+            let ip: IpAddr = ordinary.parse().unwrap();
+            assert_eq!(special_class(ip), None, "{ordinary}");
+        }
+    }
+
+    #[test]
+    fn embedded_ipv4_addresses_are_named_in_the_class() {
+        for (ip, inner) in [
+            ("::ffff:127.0.0.1", "loopback"),
+            ("::127.0.0.1", "loopback"),
+            ("::169.254.169.254", "cloud metadata"),
+            ("64:ff9b::10.0.0.1", "private"),
+            ("64:ff9b:1::a9fe:a9fe", "cloud metadata"),
+            ("2002:7f00:1::", "loopback"),
+            ("2002:c0a8:101::1", "private"),
+        ] {
+            let class = special_class(ip.parse().unwrap()).unwrap();
+            assert!(class.contains(inner), "{ip}: {class}");
+        }
+        // The whole translation blocks are special, whatever they carry.
+        assert_eq!(
+            special_class("64:ff9b::808:808".parse().unwrap()).as_deref(),
+            Some("NAT64")
+        );
+        assert_eq!(
+            special_class("::ffff:8.8.8.8".parse().unwrap()).as_deref(),
+            Some("IPv4-mapped")
+        );
+    }
+
+    #[test]
+    fn the_hosts_own_addresses_are_special_unless_listed() {
+        let own = HostAddresses::new(vec!["93.184.216.34".parse().unwrap()]);
+        let l = list(&["example.org:443"]);
+        let decision =
+            l.decide_resolved("example.org", "93.184.216.34".parse().unwrap(), 443, &own);
+        assert!(
+            matches!(&decision, Decision::Deny(r) if r.contains("this host's own")),
+            "{decision:?}"
+        );
+        assert_eq!(
+            l.decide_resolved("example.org", "93.184.216.35".parse().unwrap(), 443, &own),
+            Decision::Allow
+        );
+        let listed = list(&["example.org:443", "93.184.216.34:443"]);
+        assert_eq!(
+            listed.decide_resolved("example.org", "93.184.216.34".parse().unwrap(), 443, &own),
+            Decision::Allow
+        );
+        // The real interfaces: loopback is always among them.
+        let this_host = HostAddresses::of_this_host().unwrap();
+        assert!(
+            this_host.contains("127.0.0.1".parse().unwrap()),
+            "{this_host:?}"
+        );
     }
 
     #[test]
