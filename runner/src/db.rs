@@ -13,6 +13,8 @@ use crate::error::{Result, RunnerError};
 #[derive(Clone)]
 pub struct Database {
     conn: Arc<Mutex<Connection>>,
+    /// Queued jobs beyond which a new job is refused (none: no limit).
+    max_queued: Option<u64>,
 }
 
 impl Database {
@@ -34,7 +36,15 @@ impl Database {
         )?;
         Ok(Self {
             conn: Arc::new(Mutex::new(conn)),
+            max_queued: None,
         })
+    }
+
+    /// Refuses new jobs while `max` are queued. Counted in the database, under the
+    /// same lock as the insert: right across restarts, cancels and concurrent submits.
+    pub fn with_queue_limit(mut self, max: u64) -> Self {
+        self.max_queued = Some(max);
+        self
     }
 
     fn lock(&self) -> Result<std::sync::MutexGuard<'_, Connection>> {
@@ -62,6 +72,18 @@ impl Database {
                 .optional()?;
             if let Some(id) = existing {
                 return Ok(id);
+            }
+        }
+        if let Some(max) = self.max_queued {
+            let queued: u64 = conn.query_row(
+                "SELECT COUNT(*) FROM jobs WHERE state = ?1",
+                params![JobState::Queued as i32],
+                |row| row.get(0),
+            )?;
+            if queued >= max {
+                return Err(RunnerError::ResourceExhausted(format!(
+                    "the queue is full: {queued} jobs are waiting, the runner's max_queued_jobs is {max}; submit again later"
+                )));
             }
         }
         conn.execute(
@@ -188,5 +210,30 @@ mod tests {
         assert_eq!(db.get_job("j1").unwrap().unwrap().job_id, "j1");
         assert!(db.get_job("j2").unwrap().is_none());
         assert_eq!(db.jobs_in_state(JobState::Queued).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn the_queue_limit_counts_queued_jobs_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Database::open(&dir.path().join("kiln.db"))
+            .unwrap()
+            .with_queue_limit(2);
+        let job = |id: &str| Job {
+            job_id: id.into(),
+            state: JobState::Queued as i32,
+            ..Default::default()
+        };
+        db.insert_job(&job("a"), Some("ka"), None).unwrap();
+        db.insert_job(&job("b"), None, None).unwrap();
+        let err = db.insert_job(&job("c"), None, None).unwrap_err();
+        assert!(matches!(err, RunnerError::ResourceExhausted(_)), "{err}");
+        assert!(err.to_string().contains("max_queued_jobs is 2"), "{err}");
+        // Resubmitting an accepted job is not a new job.
+        assert_eq!(db.insert_job(&job("a2"), Some("ka"), None).unwrap(), "a");
+        // A job that leaves the queue makes room.
+        let mut started = job("a");
+        started.state = JobState::Running as i32;
+        db.update_job(&started).unwrap();
+        db.insert_job(&job("c"), None, None).unwrap();
     }
 }

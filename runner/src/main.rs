@@ -19,6 +19,7 @@ mod service;
 mod signer;
 mod spec;
 mod verify;
+mod watch;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;

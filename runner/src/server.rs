@@ -89,7 +89,9 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         }
         RingOrigin::Existing => {}
     }
-    let db = Database::open(&state.join("kiln.db")).context("opening the job database")?;
+    let db = Database::open(&state.join("kiln.db"))
+        .context("opening the job database")?
+        .with_queue_limit(config.max_queued_jobs);
     let cas = ContentStore::open(state.join("cas")).context("opening the content store")?;
     let images = Images::open(state).context("preparing images")?;
 
@@ -131,14 +133,21 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         .build_v1alpha()
         .context("building the reflection service")?;
 
+    // The largest request the daemon decodes: a Submit of the largest spec allowed (its
+    // own check names max_spec_bytes), and never less than gRPC's usual 4 MiB, which
+    // clients' upload chunks are sized for.
+    let max_request =
+        usize::try_from(config.max_spec_bytes.0.max(4 << 20) + (64 << 10)).unwrap_or(usize::MAX);
     tracing::info!(socket = %config.socket.display(), "listening");
     let result = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(JobsServer::new(service.clone()))
-        .add_service(ContentStoreServer::new(service.clone()))
-        .add_service(AttestationsServer::new(service))
+        .add_service(JobsServer::new(service.clone()).max_decoding_message_size(max_request))
+        .add_service(
+            ContentStoreServer::new(service.clone()).max_decoding_message_size(max_request),
+        )
+        .add_service(AttestationsServer::new(service).max_decoding_message_size(max_request))
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
         .await;
     health_reporter
