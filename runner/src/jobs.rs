@@ -1030,7 +1030,7 @@ impl Runner {
             // fell behind can take the rest from the store.
             let kept = &chunk[..keep as usize];
             if let Err(err) = writer.write(kept) {
-                tracing::warn!(job = %id, error = %err, "storing step output; the rest is not stored");
+                tracing::warn!(job = %id, error = %err, "storing step output; the log is not stored");
                 store = None;
                 continue;
             }
@@ -1050,6 +1050,10 @@ impl Runner {
                 Ok(digest) => log.stored_digest = digest,
                 Err(err) => tracing::warn!(job = %id, error = %err, "storing step output"),
             }
+        }
+        if log.stored_digest.is_empty() {
+            // Nothing in the store to point to, whatever was streamed.
+            log.stored = 0;
         }
         log
     }

@@ -19,7 +19,7 @@ use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tokio::sync::{mpsc, watch};
 use tonic::Status;
 
-use crate::cas::{ContentStore, CHUNK_SIZE};
+use crate::cas::ContentStore;
 
 /// Events handed to a subscriber per look at the ring: it never copies a whole backlog.
 const BATCH: usize = 16;
@@ -27,6 +27,9 @@ const BATCH: usize = 16;
 pub const STREAM_BUFFER: usize = 16;
 /// What an output event costs beyond its data (its step name, the event, the Arc).
 const EVENT_OVERHEAD: usize = 128;
+/// Output read back from a stored log, per event: a stalled stream buffers at most
+/// [`STREAM_BUFFER`] of these.
+const STORED_CHUNK: usize = 32 * 1024;
 
 /// The events of one job still in the daemon's hands.
 pub struct EventRing {
@@ -209,7 +212,7 @@ impl Sender {
                 .await
                 .map_err(|e| e.to_string())?;
             loop {
-                let mut data = vec![0u8; CHUNK_SIZE];
+                let mut data = vec![0u8; STORED_CHUNK];
                 let n = file.read(&mut data).await.map_err(|e| e.to_string())?;
                 if n == 0 {
                     return Ok(true);
