@@ -396,4 +396,26 @@ mod tests {
             .contains("default_memory"));
         assert!(toml::from_str::<Config>("max_memory = \"lots\"\n").is_err());
     }
+
+    #[test]
+    fn daemon_bounds_take_sizes_and_are_checked() {
+        let cfg: Config = toml::from_str(
+            "max_job_log_bytes = \"1G\"\nmax_event_memory = \"8M\"\nmax_blob_size = \"2G\"\n\
+             max_spec_bytes = \"1M\"\nmax_inputs = 10\nmax_queued_jobs = 5\n",
+        )
+        .unwrap();
+        cfg.validate().unwrap();
+        assert_eq!(cfg.max_event_memory.0, 8 << 20);
+        assert_eq!(cfg.max_blob_size.0, 2 << 30);
+        for (bad, key) in [
+            ("max_queued_jobs = 0\n", "max_queued_jobs"),
+            ("max_spec_bytes = 1024\n", "max_spec_bytes"),
+            ("max_spec_bytes = \"1G\"\n", "max_spec_bytes"),
+            ("max_blob_size = 0\n", "max_blob_size"),
+        ] {
+            let cfg: Config = toml::from_str(bad).unwrap();
+            let err = cfg.validate().unwrap_err().to_string();
+            assert!(err.contains(key), "{bad}: {err}");
+        }
+    }
 }
