@@ -186,7 +186,11 @@ async fn a_client_sees_cancels_and_reads_only_its_own() {
     );
     assert_hidden("bob reads alice's blob", bob.read(&input).await);
 
-    let job_spec = spec("alice", &input, "tr a-z A-Z < secret.txt > out.txt");
+    let job_spec = spec(
+        "alice",
+        &input,
+        "tr a-z A-Z < secret.txt > out.txt; echo \"token $API_TOKEN\"",
+    );
     let job_id = alice.submit(job_spec.clone(), "release-1").await.unwrap();
     let job = alice.wait(&job_id).await;
     assert_eq!(job.state, JobState::Succeeded as i32, "{job:?}");
@@ -231,6 +235,9 @@ async fn a_client_sees_cancels_and_reads_only_its_own() {
     );
     assert_hidden("bob reads alice's output", bob.read(&output).await);
     assert_hidden("bob reads alice's link", bob.read(&link).await);
+    let log = job.steps[0].stdout_digest.clone();
+    assert_eq!(alice.read(&log).await.unwrap(), b"token tok-alice-123\n");
+    assert_hidden("bob reads alice's build log", bob.read(&log).await);
     assert_hidden(
         "bob reads alice's provenance blob",
         bob.read(&job.provenance_digest).await,

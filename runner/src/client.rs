@@ -29,6 +29,54 @@ pub struct Client {
     channel: Channel,
 }
 
+/// Uploads in flight at once.
+const PARALLEL_UPLOADS: usize = 16;
+
+async fn upload_one(
+    mut store: ContentStoreClient<Channel>,
+    source: PathBuf,
+    digest: String,
+) -> anyhow::Result<()> {
+    use tokio::io::AsyncReadExt;
+    let mut file = tokio::fs::File::open(&source)
+        .await
+        .with_context(|| format!("reading {}", source.display()))?;
+    let size = file.metadata().await?.len();
+    // Streamed from the file a chunk at a time: uploads in parallel hold a few chunks
+    // each, never whole files.
+    let (tx, rx) = tokio::sync::mpsc::channel(2);
+    let header = WriteRequest {
+        part: Some(write_request::Part::Header(WriteHeader { digest, size })),
+    };
+    let reader = tokio::spawn(async move {
+        if tx.send(header).await.is_err() {
+            return Ok(());
+        }
+        loop {
+            let mut chunk = vec![0u8; 1024 * 1024];
+            let n = file.read(&mut chunk).await?;
+            if n == 0 {
+                return Ok::<_, std::io::Error>(());
+            }
+            chunk.truncate(n);
+            let data = WriteRequest {
+                part: Some(write_request::Part::Data(chunk)),
+            };
+            if tx.send(data).await.is_err() {
+                return Ok(());
+            }
+        }
+    });
+    let written = store
+        .write(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await;
+    reader
+        .await?
+        .with_context(|| format!("reading {}", source.display()))?;
+    written.with_context(|| format!("uploading {}", source.display()))?;
+    Ok(())
+}
+
 impl Client {
     pub async fn connect(socket: &Path) -> anyhow::Result<Self> {
         let socket = socket.to_path_buf();
@@ -74,28 +122,25 @@ impl Client {
             .missing;
         let missing: std::collections::BTreeSet<String> = missing.into_iter().collect();
         let mut done = std::collections::BTreeSet::new();
+        // Several uploads at once: the daemon makes each blob durable (fsync) before it
+        // answers, and one at a time, a tree of many small files waits on the disk for
+        // each in turn (minutes for 40,000 files).
+        let mut uploads = tokio::task::JoinSet::new();
         for file in files {
             if !missing.contains(&file.digest) || !done.insert(file.digest.clone()) {
                 continue;
             }
-            let data = fs::read(&file.source)
-                .with_context(|| format!("reading {}", file.source.display()))?;
-            let header = WriteRequest {
-                part: Some(write_request::Part::Header(WriteHeader {
-                    digest: file.digest.clone(),
-                    size: data.len() as u64,
-                })),
-            };
-            let mut messages = vec![header];
-            for chunk in data.chunks(1024 * 1024) {
-                messages.push(WriteRequest {
-                    part: Some(write_request::Part::Data(chunk.to_vec())),
-                });
+            if uploads.len() >= PARALLEL_UPLOADS {
+                if let Some(finished) = uploads.join_next().await {
+                    finished??;
+                }
             }
-            self.store()
-                .write(tokio_stream::iter(messages))
-                .await
-                .with_context(|| format!("uploading {}", file.source.display()))?;
+            let store = self.store();
+            let (source, digest) = (file.source.clone(), file.digest.clone());
+            uploads.spawn(async move { upload_one(store, source, digest).await });
+        }
+        while let Some(finished) = uploads.join_next().await {
+            finished??;
         }
         Ok(())
     }
@@ -136,6 +181,12 @@ impl Client {
                 }
                 Some(job_event::Event::StepStarted(s)) => {
                     tracing::info!(step = %s.name, "step started");
+                }
+                Some(job_event::Event::OutputDropped(d)) if !quiet => {
+                    eprintln!(
+                        "kiln: output of step {} is missing here: {}",
+                        d.step, d.reason
+                    );
                 }
                 Some(job_event::Event::JobFinished(job)) => return Ok(job),
                 _ => {}
@@ -429,6 +480,8 @@ pub fn job_json(job: &Job) -> serde_json::Value {
                 "bytes_up": a.bytes_up, "bytes_down": a.bytes_down, "duration_ms": a.duration_ms,
             })).collect::<Vec<_>>(),
             "network_unrecorded": s.network_unrecorded,
+            "stdout": {"digest": s.stdout_digest, "size": s.stdout_size, "bytes": s.stdout_bytes},
+            "stderr": {"digest": s.stderr_digest, "size": s.stderr_size, "bytes": s.stderr_bytes},
         })).collect::<Vec<_>>(),
         "outputs": job.outputs.iter().map(|o| serde_json::json!({
             "path": o.path, "digest": o.digest, "size": o.size, "executable": o.executable,
@@ -490,6 +543,18 @@ pub fn summary(job: &Job) -> String {
                 "    net ... and {} more attempts, not recorded\n",
                 step.network_unrecorded
             ));
+        }
+        for (name, size, bytes) in [
+            ("stdout", step.stdout_size, step.stdout_bytes),
+            ("stderr", step.stderr_size, step.stderr_bytes),
+        ] {
+            if bytes > size {
+                out.push_str(&format!(
+                    "    {name}: {} written, the first {} kept (the daemon's log caps)\n",
+                    crate::limits::format_size(bytes),
+                    crate::limits::format_size(size)
+                ));
+            }
         }
     }
     out.push_str(&format!("  job {} {}", job.job_id, state_name(job.state)));

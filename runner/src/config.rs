@@ -40,8 +40,22 @@ pub struct Config {
     pub tmp_size_mib: u64,
     /// Bytes of stdout and of stderr kept in a step's link (the full log is hashed).
     pub link_log_bytes: usize,
-    /// Bytes of output a step may stream to clients before the rest is dropped.
+    /// Bytes of each of a step's stdout and stderr stored (content store) and streamed
+    /// to clients; beyond it the stream is drained and hashed, not kept.
     pub max_log_bytes: u64,
+    /// The same over all the streams of all the steps of a job.
+    pub max_job_log_bytes: Size,
+    /// Bytes of step output the daemon holds in memory for Watch, shared by the running
+    /// jobs; a client further behind gets the rest from the stored logs.
+    pub max_event_memory: Size,
+    /// Jobs waiting to run; a Submit beyond it is refused (RESOURCE_EXHAUSTED).
+    pub max_queued_jobs: u64,
+    /// Inputs of one job.
+    pub max_inputs: usize,
+    /// A job spec's encoded size; also sets the largest gRPC message the daemon reads.
+    pub max_spec_bytes: Size,
+    /// The largest blob a client may upload (ContentStore.Write).
+    pub max_blob_size: Size,
     /// Group allowed to use the socket (numeric gid); none keeps it root-only.
     pub socket_gid: Option<u32>,
     /// Uids of operators: like root, they see and may cancel every client's jobs and
@@ -110,6 +124,12 @@ impl Default for Config {
             tmp_size_mib: 512,
             link_log_bytes: 64 * 1024,
             max_log_bytes: 64 * 1024 * 1024,
+            max_job_log_bytes: Size(256 << 20),
+            max_event_memory: Size(16 << 20),
+            max_queued_jobs: 1000,
+            max_inputs: 50_000,
+            max_spec_bytes: Size(4 << 20),
+            max_blob_size: Size(10 << 30),
             socket_gid: None,
             admin_uids: Vec::new(),
             builder_id: None,
@@ -318,6 +338,15 @@ impl Config {
                 format!("must be 1 to {MAX_WORKSPACE_ENTRIES_CEILING}"),
             );
         }
+        if self.max_queued_jobs == 0 {
+            return bad("max_queued_jobs", "must be positive".into());
+        }
+        if self.max_spec_bytes.0 < 64 << 10 || self.max_spec_bytes.0 > 256 << 20 {
+            return bad("max_spec_bytes", "must be 64K to 256M".into());
+        }
+        if self.max_blob_size.0 == 0 {
+            return bad("max_blob_size", "must be positive".into());
+        }
         Ok(())
     }
 }
@@ -409,5 +438,27 @@ mod tests {
             .to_string()
             .contains("default_memory"));
         assert!(toml::from_str::<Config>("max_memory = \"lots\"\n").is_err());
+    }
+
+    #[test]
+    fn daemon_bounds_take_sizes_and_are_checked() {
+        let cfg: Config = toml::from_str(
+            "max_job_log_bytes = \"1G\"\nmax_event_memory = \"8M\"\nmax_blob_size = \"2G\"\n\
+             max_spec_bytes = \"1M\"\nmax_inputs = 10\nmax_queued_jobs = 5\n",
+        )
+        .unwrap();
+        cfg.validate().unwrap();
+        assert_eq!(cfg.max_event_memory.0, 8 << 20);
+        assert_eq!(cfg.max_blob_size.0, 2 << 30);
+        for (bad, key) in [
+            ("max_queued_jobs = 0\n", "max_queued_jobs"),
+            ("max_spec_bytes = 1024\n", "max_spec_bytes"),
+            ("max_spec_bytes = \"1G\"\n", "max_spec_bytes"),
+            ("max_blob_size = 0\n", "max_blob_size"),
+        ] {
+            let cfg: Config = toml::from_str(bad).unwrap();
+            let err = cfg.validate().unwrap_err().to_string();
+            assert!(err.contains(key), "{bad}: {err}");
+        }
     }
 }

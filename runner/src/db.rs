@@ -18,6 +18,8 @@ pub struct Database {
     /// (device, inode) of the file opened: a file by that name that is another one, or
     /// none, means the records went elsewhere than where a restart will look.
     file: (u64, u64),
+    /// Queued jobs beyond which a new job is refused (none: no limit).
+    max_queued: Option<u64>,
 }
 
 /// Whether [`Database::open`] may create a database where there is none.
@@ -63,6 +65,7 @@ impl Database {
             conn: Arc::new(Mutex::new(conn)),
             path,
             file: (meta.dev(), meta.ino()),
+            max_queued: None,
         })
     }
 
@@ -76,6 +79,13 @@ impl Database {
                  no job is accepted until an operator restores it and restarts the daemon"
             ))),
         }
+    }
+
+    /// Refuses new jobs while `max` are queued. Counted in the database, under the
+    /// same lock as the insert: right across restarts, cancels and concurrent submits.
+    pub fn with_queue_limit(mut self, max: u64) -> Self {
+        self.max_queued = Some(max);
+        self
     }
 
     fn lock(&self) -> Result<std::sync::MutexGuard<'_, Connection>> {
@@ -114,6 +124,18 @@ impl Database {
                     )));
                 }
                 return Ok(Inserted::Existing(id));
+            }
+        }
+        if let Some(max) = self.max_queued {
+            let queued: u64 = conn.query_row(
+                "SELECT COUNT(*) FROM jobs WHERE state = ?1",
+                params![JobState::Queued as i32],
+                |row| row.get(0),
+            )?;
+            if queued >= max {
+                return Err(RunnerError::ResourceExhausted(format!(
+                    "the queue is full: {queued} jobs are waiting, the runner's max_queued_jobs is {max}; submit again later"
+                )));
             }
         }
         conn.execute(
@@ -258,13 +280,18 @@ fn decode(id: &str, bytes: &[u8]) -> Result<Job> {
         .map_err(|e| RunnerError::Internal(format!("job record {id} is corrupt: {e}")))
 }
 
-/// The content-store blobs a job record names as its own products: they become
+/// The content-store blobs a job record names as its own products (links, logs,
+/// outputs, provenance): they become
 /// readable by the job's owner in the same transaction as the record.
 fn job_blobs(job: &Job) -> impl Iterator<Item = &str> {
-    let steps = job
-        .steps
-        .iter()
-        .flat_map(|s| [s.link_digest.as_str(), s.link_dsse_digest.as_str()]);
+    let steps = job.steps.iter().flat_map(|s| {
+        [
+            s.link_digest.as_str(),
+            s.link_dsse_digest.as_str(),
+            s.stdout_digest.as_str(),
+            s.stderr_digest.as_str(),
+        ]
+    });
     let outputs = job.outputs.iter().map(|o| o.digest.as_str());
     steps
         .chain(outputs)
@@ -522,5 +549,33 @@ mod tests {
         assert!(err.to_string().contains("--new-database"), "{err}");
         let db = Database::open(dir.path(), Creation::Allowed).unwrap();
         assert!(db.get_job("j1").unwrap().is_none());
+    }
+
+    #[test]
+    fn the_queue_limit_counts_queued_jobs_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Database::open(dir.path(), Creation::FreshStateOnly)
+            .unwrap()
+            .with_queue_limit(2);
+        let queued = |id: &str| job(id, "same");
+        db.insert_job(&queued("a"), "uid:1", Some("ka"), None)
+            .unwrap();
+        db.insert_job(&queued("b"), "uid:1", None, None).unwrap();
+        let err = db
+            .insert_job(&queued("c"), "uid:1", None, None)
+            .unwrap_err();
+        assert!(matches!(err, RunnerError::ResourceExhausted(_)), "{err}");
+        assert!(err.to_string().contains("max_queued_jobs is 2"), "{err}");
+        // Resubmitting an accepted job is not a new job.
+        assert_eq!(
+            db.insert_job(&queued("a2"), "uid:1", Some("ka"), None)
+                .unwrap(),
+            Inserted::Existing("a".into())
+        );
+        // A job that leaves the queue makes room.
+        let mut started = queued("a");
+        started.state = JobState::Running as i32;
+        db.update_job(&started).unwrap();
+        db.insert_job(&queued("c"), "uid:1", None, None).unwrap();
     }
 }

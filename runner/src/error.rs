@@ -19,6 +19,9 @@ pub enum RunnerError {
     NotFound(String),
     #[error("{0}")]
     Unavailable(String),
+    /// A configured limit of the daemon is reached (e.g. the queue is full).
+    #[error("{0}")]
+    ResourceExhausted(String),
     #[error("{0}")]
     DigestMismatch(String),
     #[error("sandbox: {0}")]
@@ -99,6 +102,7 @@ impl From<RunnerError> for tonic::Status {
             RunnerError::Corrupt(_) => tonic::Status::data_loss(message),
             RunnerError::NotFound(_) => tonic::Status::not_found(message),
             RunnerError::Unavailable(_) => tonic::Status::unavailable(message),
+            RunnerError::ResourceExhausted(_) => tonic::Status::resource_exhausted(message),
             RunnerError::Sandbox(_)
             | RunnerError::Provenance(_)
             | RunnerError::Database(_)

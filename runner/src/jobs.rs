@@ -9,17 +9,17 @@ use std::io::Read;
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use agent_proto::v1::{
-    job_event, Job, JobEvent, JobSpec, JobState, OutputFile, OutputStream, StepOutput, StepResult,
+    job_event, Job, JobSpec, JobState, OutputFile, OutputStream, StepOutput, StepResult,
     StepStarted, StepState,
 };
 use sandbox::{Canceller, HostSupport, Sandbox, StepSpec, StepStatus};
 use sha2::{Digest, Sha256};
-use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::sync::{mpsc, Semaphore};
 
 use crate::auth::Principal;
 use crate::cas::ContentStore;
@@ -29,6 +29,7 @@ use crate::error::{Result, RunnerError};
 use crate::idranges::IdRanges;
 use crate::images::{Images, ResolvedImage, BUILD_UID};
 use crate::signer::Signer;
+use crate::watch::EventRing;
 use provenance::walk::{
     Entry as WalkEntry, Flow, Kind as WalkKind, Problem as WalkProblem, WalkError, WalkOptions,
 };
@@ -42,8 +43,6 @@ const MAX_STANDBY: usize = 4;
 const EGRESS_PROXY_PORT: u16 = 3128;
 /// Where a step sees its workspace: messages name files under it, never by host path.
 const WORKSPACE_IN_SANDBOX: &str = "/workspace";
-/// Finished jobs whose events stay in memory for Watch; older ones answer from the database.
-const KEEP_FINISHED: usize = 64;
 
 pub fn now_ms() -> i64 {
     SystemTime::now()
@@ -60,40 +59,36 @@ pub struct Isolation {
     pub id_ranges: IdRanges,
 }
 
-/// The in-memory side of one job: its event log for Watch, and cancellation.
+/// The in-memory side of a queued or running job: its recent events for Watch, the
+/// log bytes it has stored, and cancellation. Dropped from the map when the job ends.
 pub struct JobHandle {
-    events: Mutex<Vec<JobEvent>>,
-    version: watch::Sender<u64>,
-    finished: AtomicBool,
+    pub events: Arc<EventRing>,
+    /// Bytes of step logs stored for the job so far (at most `max_job_log_bytes`).
+    log_bytes: AtomicU64,
     cancelled: AtomicBool,
     canceller: Mutex<Option<Canceller>>,
 }
 
 impl JobHandle {
-    fn new() -> Self {
+    fn new(output_cap: usize) -> Self {
         Self {
-            events: Mutex::new(Vec::new()),
-            version: watch::channel(0).0,
-            finished: AtomicBool::new(false),
+            events: Arc::new(EventRing::new(output_cap)),
+            log_bytes: AtomicU64::new(0),
             cancelled: AtomicBool::new(false),
             canceller: Mutex::new(None),
         }
     }
 
-    /// Events from index `from` on, and whether the job has finished.
-    pub fn events_from(&self, from: usize) -> (Vec<JobEvent>, bool) {
-        // Read `finished` before the events: a finished job has all its events logged.
-        let finished = self.finished.load(Ordering::SeqCst);
-        let events = self
-            .events
-            .lock()
-            .map(|e| e.get(from..).map(<[_]>::to_vec).unwrap_or_default())
-            .unwrap_or_default();
-        (events, finished)
-    }
-
-    pub fn subscribe(&self) -> watch::Receiver<u64> {
-        self.version.subscribe()
+    /// Claims up to `want` bytes of the job's log allowance; answers how many it got.
+    fn claim_log_bytes(&self, want: u64, job_cap: u64) -> u64 {
+        let mut granted = 0;
+        let _ = self
+            .log_bytes
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |used| {
+                granted = want.min(job_cap.saturating_sub(used));
+                Some(used + granted)
+            });
+        granted
     }
 }
 
@@ -109,7 +104,6 @@ pub struct Runner {
     /// Supervisors started ahead of their steps.
     standby: Mutex<Vec<sandbox::Standby>>,
     handles: Mutex<HashMap<String, Arc<JobHandle>>>,
-    finished_order: Mutex<Vec<String>>,
     queue: mpsc::UnboundedSender<String>,
     slots: Mutex<Vec<u32>>,
     permits: Arc<Semaphore>,
@@ -161,7 +155,6 @@ impl Runner {
             profiles: Default::default(),
             standby: Mutex::new(Vec::new()),
             handles: Mutex::new(HashMap::new()),
-            finished_order: Mutex::new(Vec::new()),
             queue,
             slots: Mutex::new(slots),
             permits,
@@ -192,13 +185,18 @@ impl Runner {
     }
 
     pub fn handle(&self, id: &str) -> Arc<JobHandle> {
+        // Running jobs share max_event_memory; a queued job holds no output.
+        let output_cap = usize::try_from(
+            self.config.max_event_memory.0 / u64::from(self.config.max_concurrent_jobs.max(1)),
+        )
+        .unwrap_or(usize::MAX);
         let mut handles = match self.handles.lock() {
             Ok(h) => h,
             Err(poisoned) => poisoned.into_inner(),
         };
         handles
             .entry(id.to_string())
-            .or_insert_with(|| Arc::new(JobHandle::new()))
+            .or_insert_with(|| Arc::new(JobHandle::new(output_cap)))
             .clone()
     }
 
@@ -213,16 +211,7 @@ impl Runner {
     }
 
     fn emit(&self, id: &str, event: job_event::Event) {
-        let handle = self.handle(id);
-        if let Ok(mut events) = handle.events.lock() {
-            let sequence = events.len() as u64;
-            events.push(JobEvent {
-                job_id: id.to_string(),
-                sequence,
-                event: Some(event),
-            });
-        }
-        handle.version.send_modify(|v| *v += 1);
+        self.handle(id).events.push(id, event);
     }
 
     /// Records and queues a validated job for `caller`; answers with its id. Every
@@ -338,7 +327,10 @@ impl Runner {
     }
 
     fn cancel_running(&self, id: &str) {
-        let handle = self.handle(id);
+        // A job that ended meanwhile has no handle left, and needs none.
+        let Some(handle) = self.existing_handle(id) else {
+            return;
+        };
         handle.cancelled.store(true, Ordering::SeqCst);
         let canceller = handle.canceller.lock().ok().and_then(|c| c.clone());
         if let Some(canceller) = canceller {
@@ -346,18 +338,15 @@ impl Runner {
         }
     }
 
+    /// Ends the job's in-memory side: Watch streams still following it finish from the
+    /// stored logs, later ones replay the job from its record.
     fn finish_handle(&self, id: &str, job: Job) {
-        self.emit(id, job_event::Event::JobFinished(job));
-        let handle = self.handle(id);
-        handle.finished.store(true, Ordering::SeqCst);
-        handle.version.send_modify(|v| *v += 1);
-        if let (Ok(mut order), Ok(mut handles)) = (self.finished_order.lock(), self.handles.lock())
-        {
-            order.push(id.to_string());
-            while order.len() > KEEP_FINISHED {
-                let old = order.remove(0);
-                handles.remove(&old);
-            }
+        let handle = match self.handles.lock() {
+            Ok(mut handles) => handles.remove(id),
+            Err(poisoned) => poisoned.into_inner().remove(id),
+        };
+        if let Some(handle) = handle {
+            handle.events.finish(id, job);
         }
     }
 
@@ -908,6 +897,12 @@ impl Runner {
                 .map(|n| n.attempts.iter().map(Into::into).collect())
                 .unwrap_or_default(),
             network_unrecorded: network.as_ref().map(|n| n.unrecorded).unwrap_or_default(),
+            stdout_digest: stdout.stored_digest.clone(),
+            stdout_size: stdout.stored,
+            stdout_bytes: stdout.total,
+            stderr_digest: stderr.stored_digest.clone(),
+            stderr_size: stderr.stored,
+            stderr_bytes: stderr.total,
             ..Default::default()
         };
         let (state, exit_code, signal, message) = match &outcome.status {
@@ -1116,12 +1111,22 @@ impl Runner {
         Ok((result, products))
     }
 
-    /// Streams one of the step's output pipes to Watch subscribers, keeps the head
-    /// for the link and hashes the whole stream.
+    /// Drains one of the step's output pipes: stores it in the content store and
+    /// streams it to Watch subscribers up to the caps (max_log_bytes for the stream,
+    /// max_job_log_bytes for the job), keeps the head for the link and hashes the whole
+    /// stream. Past the caps the pipe is still drained, so the step never blocks on it.
     fn pump_log(&self, fd: OwnedFd, id: &str, step: &str, stream: OutputStream) -> CapturedLog {
         let mut file = fs::File::from(fd);
         let mut log = CapturedLog::new(self.config.link_log_bytes);
         let mut hasher = Sha256::new();
+        let handle = self.handle(id);
+        let mut store = match self.cas.writer() {
+            Ok(writer) => Some(writer),
+            Err(err) => {
+                tracing::warn!(job = %id, error = %err, "cannot store step output");
+                None
+            }
+        };
         let mut buf = vec![0u8; EVENT_CHUNK];
         loop {
             let n = match file.read(&mut buf) {
@@ -1136,20 +1141,46 @@ impl Runner {
             let chunk = &buf[..n];
             hasher.update(chunk);
             log.push(chunk);
-            // Past the volume cap the stream is still drained (so the step never
-            // blocks on a full pipe) and hashed, but no longer forwarded.
-            if log.total <= self.config.max_log_bytes {
-                self.emit(
-                    id,
-                    job_event::Event::Output(StepOutput {
-                        step: step.to_string(),
-                        stream: stream as i32,
-                        data: chunk.to_vec(),
-                    }),
-                );
+            let Some(writer) = store.as_mut() else {
+                continue;
+            };
+            let room = self.config.max_log_bytes.saturating_sub(log.stored);
+            let keep = handle.claim_log_bytes(
+                room.min(chunk.len() as u64),
+                self.config.max_job_log_bytes.0,
+            );
+            if keep == 0 {
+                continue;
             }
+            // What subscribers get is always a prefix of what is stored, so one who
+            // fell behind can take the rest from the store.
+            let kept = &chunk[..keep as usize];
+            if let Err(err) = writer.write(kept) {
+                tracing::warn!(job = %id, error = %err, "storing step output; the log is not stored");
+                store = None;
+                continue;
+            }
+            log.stored += keep;
+            self.emit(
+                id,
+                job_event::Event::Output(StepOutput {
+                    step: step.to_string(),
+                    stream: stream as i32,
+                    data: kept.to_vec(),
+                }),
+            );
         }
         log.digest = hex::encode(hasher.finalize());
+        if let Some(writer) = store {
+            match writer.commit(None) {
+                Ok(digest) => log.stored_digest = digest,
+                Err(err) => tracing::warn!(job = %id, error = %err, "storing step output"),
+            }
+        }
+        if log.stored_digest.is_empty() {
+            // Nothing in the store to point to, whatever was streamed.
+            log.stored = 0;
+        }
         log
     }
 
@@ -1396,6 +1427,9 @@ struct CapturedLog {
     cap: usize,
     total: u64,
     digest: String,
+    /// Bytes in the content store, and their digest (empty if nothing could be stored).
+    stored: u64,
+    stored_digest: String,
 }
 
 impl CapturedLog {

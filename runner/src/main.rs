@@ -21,6 +21,7 @@ mod service;
 mod signer;
 mod spec;
 mod verify;
+mod watch;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -628,7 +629,12 @@ async fn run_job(
     let code = client::exit_code(&job);
     // Network use is always shown: it is what a reviewer of the build wants to see.
     let used_network = job.steps.iter().any(|s| !s.network.is_empty());
-    if print_summary || code != 0 || used_network {
+    // So is a log cut at the daemon's caps: what the client printed is not all of it.
+    let logs_cut = job
+        .steps
+        .iter()
+        .any(|s| s.stdout_bytes > s.stdout_size || s.stderr_bytes > s.stderr_size);
+    if print_summary || code != 0 || used_network || logs_cut {
         eprintln!("{}", client::summary(&job));
     }
     Ok(code)

@@ -95,7 +95,9 @@ pub async fn serve(config: Config, creation: Creation) -> anyhow::Result<()> {
         }
         RingOrigin::Existing => {}
     }
-    let db = Database::open(state, creation).context("opening the job database")?;
+    let db = Database::open(state, creation)
+        .context("opening the job database")?
+        .with_queue_limit(config.max_queued_jobs);
     restrict_to_owner(state, &["kiln.db", "kiln.db-wal", "kiln.db-shm"])?;
     let cas = ContentStore::open(state.join("cas")).context("opening the content store")?;
     let images = Images::open(state).context("preparing images")?;
@@ -164,6 +166,11 @@ pub async fn serve(config: Config, creation: Creation) -> anyhow::Result<()> {
         .build_v1alpha()
         .context("building the reflection service")?;
 
+    // The largest request the daemon decodes: a Submit of the largest spec allowed (its
+    // own check names max_spec_bytes), and never less than gRPC's usual 4 MiB, which
+    // clients' upload chunks are sized for.
+    let max_request =
+        usize::try_from(config.max_spec_bytes.0.max(4 << 20) + (64 << 10)).unwrap_or(usize::MAX);
     tracing::info!(socket = %config.socket.display(), "listening");
     let result = tonic::transport::Server::builder()
         // One identity per request, resolved before any service sees it.
@@ -173,9 +180,11 @@ pub async fn serve(config: Config, creation: Creation) -> anyhow::Result<()> {
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(JobsServer::new(service.clone()))
-        .add_service(ContentStoreServer::new(service.clone()))
-        .add_service(AttestationsServer::new(service))
+        .add_service(JobsServer::new(service.clone()).max_decoding_message_size(max_request))
+        .add_service(
+            ContentStoreServer::new(service.clone()).max_decoding_message_size(max_request),
+        )
+        .add_service(AttestationsServer::new(service).max_decoding_message_size(max_request))
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
         .await;
     health_reporter

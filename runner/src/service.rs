@@ -7,10 +7,10 @@ use agent_proto::v1::attestations_server::Attestations;
 use agent_proto::v1::content_store_server::ContentStore as ContentStoreApi;
 use agent_proto::v1::jobs_server::Jobs;
 use agent_proto::v1::{
-    job_event, write_request, CancelRequest, CancelResponse, FindMissingRequest,
-    FindMissingResponse, GetProvenanceRequest, GetPublicKeyRequest, GetRequest, Job, JobEvent,
-    Link, ListLinksRequest, ListLinksResponse, Provenance, PublicKey, ReadRequest, ReadResponse,
-    SubmitRequest, SubmitResponse, WatchRequest, WriteRequest, WriteResponse,
+    write_request, CancelRequest, CancelResponse, FindMissingRequest, FindMissingResponse,
+    GetProvenanceRequest, GetPublicKeyRequest, GetRequest, Job, JobEvent, Link, ListLinksRequest,
+    ListLinksResponse, Provenance, PublicKey, ReadRequest, ReadResponse, SubmitRequest,
+    SubmitResponse, WatchRequest, WriteRequest, WriteResponse,
 };
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
@@ -20,6 +20,7 @@ use crate::cas::check_digest;
 use crate::error::RunnerError;
 use crate::jobs::Runner;
 use crate::spec::{validate, SpecLimits};
+use crate::watch;
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<JobEvent, Status>> + Send>>;
 type ReadStream = Pin<Box<dyn Stream<Item = Result<ReadResponse, Status>> + Send>>;
@@ -76,6 +77,8 @@ impl Jobs for Service {
             max_cpu_millis: config.max_cpus.0,
             max_disk_bytes: config.max_disk.0,
             network_ceiling: config.network_ceiling_for(caller.uid),
+            max_inputs: config.max_inputs,
+            max_spec_bytes: config.max_spec_bytes.0,
         };
         validate(&spec, &limits)?;
         let key = (!req.idempotency_key.is_empty()).then_some(req.idempotency_key);
@@ -99,40 +102,30 @@ impl Jobs for Service {
         let caller = principal(&request)?;
         let id = request.into_inner().job_id;
         check_job_id(&id)?;
-        let job = self.visible_job(&id, caller).await?;
-        let Some(handle) = self.runner.existing_handle(&id) else {
-            // Not in memory: a job that finished long ago (or before a restart).
-            let event = JobEvent {
-                job_id: id,
-                sequence: 0,
-                event: Some(job_event::Event::JobFinished(job)),
-            };
-            return Ok(Response::new(Box::pin(tokio_stream::iter([Ok(event)]))));
-        };
-        let (tx, rx) = tokio::sync::mpsc::channel(64);
-        tokio::spawn(async move {
-            let mut changes = handle.subscribe();
-            let mut next = 0usize;
-            loop {
-                let (events, finished) = handle.events_from(next);
-                next += events.len();
-                for event in events {
-                    if tx.send(Ok(event)).await.is_err() {
-                        return;
+        // Whose job it is comes from its record, for a running job as for a finished one.
+        self.visible_job(&id, caller.clone()).await?;
+        let runner = self.runner.clone();
+        let (tx, rx) = tokio::sync::mpsc::channel(watch::STREAM_BUFFER);
+        let out = watch::Sender::new(tx, id.clone());
+        let cas = runner.cas.clone();
+        match runner.existing_handle(&id) {
+            Some(handle) => {
+                tokio::spawn(watch::follow(handle.events.clone(), cas, out));
+            }
+            None => {
+                // Finished: replayed from its record and stored logs, nothing in memory.
+                let job = self.visible_job(&id, caller).await?;
+                match runner.existing_handle(&id) {
+                    // Submitted just now, its handle made after the first look.
+                    Some(handle) if job.finished_unix_ms == 0 => {
+                        tokio::spawn(watch::follow(handle.events.clone(), cas, out));
                     }
-                }
-                if finished {
-                    let (rest, _) = handle.events_from(next);
-                    if rest.is_empty() {
-                        return;
+                    _ => {
+                        tokio::spawn(watch::replay(job, cas, out));
                     }
-                    continue;
-                }
-                if changes.changed().await.is_err() {
-                    return;
                 }
             }
-        });
+        }
         Ok(Response::new(Box::pin(
             tokio_stream::wrappers::ReceiverStream::new(rx),
         )))
@@ -217,6 +210,18 @@ impl ContentStoreApi for Service {
             }
         };
         check_digest("header.digest", &header.digest)?;
+        let max_blob_size = self.runner.config.max_blob_size.0;
+        if header.size > max_blob_size {
+            return Err(RunnerError::invalid(
+                "header.size",
+                format!(
+                    "{} bytes declared, more than the runner's max_blob_size of {}",
+                    header.size,
+                    crate::limits::format_size(max_blob_size)
+                ),
+            )
+            .into());
+        }
         let mut writer = self.runner.cas.writer()?;
         while let Some(message) = stream.message().await? {
             match message.part {

@@ -10,12 +10,14 @@ use crate::error::{Result, RunnerError};
 
 pub const MAX_NAME_BYTES: usize = 256;
 pub const MAX_PATH_BYTES: usize = 4096;
-pub const MAX_INPUTS: usize = 100_000;
 pub const MAX_OUTPUTS: usize = 10_000;
 pub const MAX_STEPS: usize = 256;
 pub const MAX_ARG_BYTES: usize = 128 * 1024;
 pub const MAX_ARGV_TOTAL_BYTES: usize = 1024 * 1024;
 pub const MAX_ENV_VARS: usize = 1024;
+/// Names and values of a step's variables together, like argv (execve takes both
+/// from one budget).
+pub const MAX_ENV_TOTAL_BYTES: usize = 1024 * 1024;
 pub const MAX_ALLOW_NET: usize = 256;
 
 /// Limits the operator's config sets on what a job may ask for.
@@ -28,6 +30,9 @@ pub struct SpecLimits {
     pub max_disk_bytes: u64,
     /// What this client's allow-lists may name.
     pub network_ceiling: crate::netpolicy::Ceiling,
+    pub max_inputs: usize,
+    /// The spec's encoded (protobuf) size.
+    pub max_spec_bytes: u64,
 }
 
 /// Checks a step's resource limits against the smallest workable values and the
@@ -164,6 +169,17 @@ pub fn check_image_name(name: &str) -> Result<()> {
 }
 
 pub fn validate(spec: &JobSpec, limits: &SpecLimits) -> Result<()> {
+    use prost::Message;
+    let encoded = spec.encoded_len() as u64;
+    if encoded > limits.max_spec_bytes {
+        return Err(RunnerError::invalid(
+            "spec",
+            format!(
+                "encodes to {encoded} bytes, more than the runner's max_spec_bytes of {}",
+                limits.max_spec_bytes
+            ),
+        ));
+    }
     if spec.name.len() > MAX_NAME_BYTES || spec.name.contains('\0') {
         return Err(RunnerError::invalid(
             "name",
@@ -172,8 +188,15 @@ pub fn validate(spec: &JobSpec, limits: &SpecLimits) -> Result<()> {
     }
     check_image_name(&spec.image)?;
 
-    if spec.inputs.len() > MAX_INPUTS {
-        return Err(RunnerError::invalid("inputs", "too many inputs"));
+    if spec.inputs.len() > limits.max_inputs {
+        return Err(RunnerError::invalid(
+            "inputs",
+            format!(
+                "{} inputs, more than the runner's max_inputs of {}",
+                spec.inputs.len(),
+                limits.max_inputs
+            ),
+        ));
     }
     let mut input_paths = BTreeSet::new();
     for (i, input) in spec.inputs.iter().enumerate() {
@@ -188,19 +211,21 @@ pub fn validate(spec: &JobSpec, limits: &SpecLimits) -> Result<()> {
         }
     }
     // A path that is both a file and a directory prefix of another input cannot exist.
+    // The paths below `p/` sort between `p/` and `p0` ('0' follows '/'): one range
+    // look-up per input, not one per component.
     for path in &input_paths {
-        let mut prefix = String::new();
-        for component in path.split('/') {
-            if !prefix.is_empty() && input_paths.contains(prefix.as_str()) {
-                return Err(RunnerError::invalid(
-                    "inputs",
-                    format!("{prefix:?} is a file but {path:?} needs it to be a directory"),
-                ));
-            }
-            if !prefix.is_empty() {
-                prefix.push('/');
-            }
-            prefix.push_str(component);
+        let (below, after) = (format!("{path}/"), format!("{path}0"));
+        if let Some(inner) = input_paths
+            .range::<str, _>((
+                std::ops::Bound::Included(below.as_str()),
+                std::ops::Bound::Excluded(after.as_str()),
+            ))
+            .next()
+        {
+            return Err(RunnerError::invalid(
+                "inputs",
+                format!("{path:?} is a file but {inner:?} needs it to be a directory"),
+            ));
         }
     }
 
@@ -253,6 +278,13 @@ pub fn validate(spec: &JobSpec, limits: &SpecLimits) -> Result<()> {
         }
         if step.env.len() > MAX_ENV_VARS {
             return Err(RunnerError::invalid(field("env"), "too many variables"));
+        }
+        let env_bytes: usize = step.env.iter().map(|(k, v)| k.len() + v.len() + 2).sum();
+        if env_bytes > MAX_ENV_TOTAL_BYTES {
+            return Err(RunnerError::invalid(
+                field("env"),
+                format!("{env_bytes} bytes of names and values, more than {MAX_ENV_TOTAL_BYTES}"),
+            ));
         }
         for (key, value) in &step.env {
             if key.is_empty() || key.contains('=') || key.contains('\0') || key.len() > 1024 {
@@ -327,6 +359,8 @@ mod tests {
             max_cpu_millis: 2000,
             max_disk_bytes: 1 << 30,
             network_ceiling: crate::netpolicy::Ceiling::parse(&["*:*"]).unwrap(),
+            max_inputs: 1000,
+            max_spec_bytes: 1 << 20,
         }
     }
 
@@ -420,6 +454,55 @@ mod tests {
             executable: false,
         });
         assert!(err_of(&spec).contains("needs it to be a directory"));
+    }
+
+    #[test]
+    fn size_and_count_caps_name_the_config_key() {
+        let mut spec = good();
+        spec.inputs = (0..1001)
+            .map(|i| Input {
+                path: format!("src/{i}"),
+                digest: "a".repeat(64),
+                executable: false,
+            })
+            .collect();
+        assert!(err_of(&spec).contains("max_inputs of 1000"));
+        spec.inputs.truncate(1000);
+        validate(&spec, &limits()).unwrap();
+
+        let mut spec = good();
+        spec.steps[0].argv = vec!["x".repeat(100_000); 11];
+        assert!(err_of(&spec).contains("max_spec_bytes"));
+
+        let mut spec = good();
+        spec.steps[0].env = (0..9)
+            .map(|i| (format!("V{i}"), "v".repeat(MAX_ARG_BYTES)))
+            .collect();
+        let mut big = limits();
+        big.max_spec_bytes = 4 << 20;
+        let err = validate(&spec, &big).unwrap_err().to_string();
+        assert!(err.contains("steps[0].env"), "{err}");
+    }
+
+    #[test]
+    fn a_file_input_cannot_also_be_a_directory() {
+        let mut spec = good();
+        for (path, digest) in [("a/b", "b"), ("a/b!x", "c"), ("a/b.c", "d")] {
+            spec.inputs.push(Input {
+                path: path.into(),
+                digest: digest.repeat(64),
+                executable: false,
+            });
+        }
+        // Siblings that sort between "a/b" and "a/b/..." are not below it.
+        validate(&spec, &limits()).unwrap();
+        spec.inputs.push(Input {
+            path: "a/b/c/d".into(),
+            digest: "e".repeat(64),
+            executable: false,
+        });
+        let err = err_of(&spec);
+        assert!(err.contains("\"a/b\" is a file but \"a/b/c/d\""), "{err}");
     }
 
     #[test]
