@@ -195,3 +195,42 @@ fn names_in_toto_reads_differently_and_special_files_fail_the_step() {
         describe(&out)
     );
 }
+
+/// Links too large to carry together come without content in ListLinks (so every
+/// client can decode the answer) and the CLI reads them by digest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_links_are_listed_by_digest_and_still_downloaded() {
+    use agent_proto::v1::attestations_client::AttestationsClient;
+    use agent_proto::v1::ListLinksRequest;
+    use prost::Message;
+    use sha2::{Digest, Sha256};
+    if !require_root("large_links_are_listed_by_digest_and_still_downloaded") {
+        return;
+    }
+    let daemon = Daemon::start();
+    // 12,000 files with long names: each link (metablock and DSSE) is megabytes.
+    let job = "name = \"big\"\nimage = \"host\"\n\n\
+        [[steps]]\nname = \"make\"\nrun = [\"/bin/sh\", \"-c\", \"mkdir d && cd d && seq -f 'a-long-file-name-to-make-the-link-large-%06g' 12000 | xargs touch\"]\n\n\
+        [[steps]]\nname = \"again\"\nrun = [\"/bin/true\"]\n";
+    std::fs::write(daemon.path("big.toml"), job).unwrap();
+    let out = daemon.kiln(&["submit", "big.toml", "--attest-dir", "links"]);
+    assert!(out.status.success(), "{}", describe(&out));
+    let id = job_id(&daemon, 0);
+    let channel = channel_as(&daemon.socket, 0, 0).await;
+    let answer = AttestationsClient::new(channel)
+        .list_links(ListLinksRequest { job_id: id })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        answer.encoded_len() < 4 << 20,
+        "{} bytes",
+        answer.encoded_len()
+    );
+    assert_eq!(answer.links.len(), 2);
+    assert!(answer.links.iter().any(|l| l.content_omitted));
+    for link in &answer.links {
+        let written = std::fs::read(daemon.path("links").join(&link.file_name)).unwrap();
+        assert_eq!(hex::encode(Sha256::digest(&written)), link.digest);
+    }
+}

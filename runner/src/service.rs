@@ -22,6 +22,10 @@ use crate::jobs::Runner;
 use crate::spec::{validate, SpecLimits};
 use crate::watch;
 
+/// Bytes of link content one ListLinks answer carries at most, below the 4 MiB that
+/// gRPC clients decode by default; the rest is read by digest.
+const LIST_LINKS_CONTENT_BUDGET: usize = 3 << 20;
+
 type EventStream = Pin<Box<dyn Stream<Item = Result<JobEvent, Status>> + Send>>;
 type ReadStream = Pin<Box<dyn Stream<Item = Result<ReadResponse, Status>> + Send>>;
 
@@ -329,24 +333,35 @@ impl Attestations for Service {
         let links = blocking(move || {
             let job = runner.get(&id, &caller)?;
             let mut links = Vec::new();
+            let mut budget = LIST_LINKS_CONTENT_BUDGET;
             for step in job.steps {
                 if step.link_digest.is_empty() {
                     continue;
                 }
-                let content = runner.cas.read_all(&step.link_digest)?;
-                let dsse_content = if step.link_dsse_digest.is_empty() {
-                    Vec::new()
-                } else {
-                    runner.cas.read_all(&step.link_dsse_digest)?
-                };
-                links.push(Link {
+                let mut link = Link {
                     step: step.name,
                     file_name: step.link_name,
                     digest: step.link_digest,
-                    content,
-                    dsse_content,
                     dsse_digest: step.link_dsse_digest,
-                });
+                    ..Default::default()
+                };
+                let content = runner.cas.read_all(&link.digest)?;
+                let dsse_content = if link.dsse_digest.is_empty() {
+                    Vec::new()
+                } else {
+                    runner.cas.read_all(&link.dsse_digest)?
+                };
+                let size = content.len() + dsse_content.len();
+                if size <= budget {
+                    budget -= size;
+                    link.content = content;
+                    link.dsse_content = dsse_content;
+                } else {
+                    // Every later link goes without content too: the client reads them.
+                    budget = 0;
+                    link.content_omitted = true;
+                }
+                links.push(link);
             }
             Ok(links)
         })
