@@ -330,10 +330,13 @@ async fn other_host_users_read_nothing_of_the_state_directory() {
         .unwrap();
     let job_id = alice
         .submit(
+            // The step itself tries to open its workspace to host users, and to talk to
+            // them through a fifo: a way out of a sandbox without network.
             spec(
                 "running",
                 &input,
-                "cp secret.txt out.txt; touch started; sleep 60",
+                "cp secret.txt out.txt; chmod 0777 /workspace; chmod 0666 secret.txt out.txt; \
+                 mkfifo pipe; chmod 0666 pipe; touch started; cat secret.txt > pipe; sleep 60",
             ),
             "",
         )
@@ -374,6 +377,14 @@ async fn other_host_users_read_nothing_of_the_state_directory() {
         vec![
             "/bin/cat".into(),
             workspace.join("out.txt").display().to_string(),
+        ],
+        vec![
+            "/bin/cat".into(),
+            workspace.join("pipe").display().to_string(),
+        ],
+        vec![
+            "/bin/ls".into(),
+            workspace.parent().unwrap().display().to_string(),
         ],
         vec![
             "/bin/cat".into(),

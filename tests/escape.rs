@@ -851,7 +851,7 @@ fn a_job_cannot_find_a_concurrent_jobs_secrets() {
         std::fs::read_dir(&work)
             .ok()?
             .flatten()
-            .map(|e| e.path())
+            .map(|e| e.path().join("ws"))
             .find(|ws| {
                 std::fs::read_dir(ws)
                     .map(|d| d.flatten().any(|e| e.file_name() == "secret"))

@@ -133,6 +133,8 @@ impl Runner {
             // may still have its quota tmpfs mounted.
             if let Ok(entries) = fs::read_dir(&work_dir) {
                 for entry in entries.flatten() {
+                    let _ = crate::limits::unmount_workspace(&entry.path().join(WORKSPACE_DIR));
+                    // Daemons before enclosures mounted the workspace here.
                     let _ = crate::limits::unmount_workspace(&entry.path());
                 }
             }
@@ -422,14 +424,19 @@ impl Runner {
         }
         self.emit(id, job_event::Event::Started(Default::default()));
 
-        // Named at random, not by the job id: the mount table is world-readable.
-        let workspace = self
-            .work_dir
-            .join(uuid::Uuid::new_v4().simple().to_string());
-        tracing::debug!(job = %id, workspace = %workspace.display(), "workspace");
         let host_uid_base = self.id_ranges.base(slot).ok_or_else(|| {
             RunnerError::Internal(format!("job slot {slot} has no host id range"))
         })?;
+        // The workspace is the step's own (its uid owns the tmpfs root and may chmod it),
+        // so it sits in an enclosure the step cannot open up: 0700, owned by the slot's
+        // mapped root, which binds the workspace into the sandbox. Named at random, not
+        // by the job id: the mount table is world-readable.
+        let enclosure = self
+            .work_dir
+            .join(uuid::Uuid::new_v4().simple().to_string());
+        let workspace = enclosure.join(WORKSPACE_DIR);
+        make_enclosure(&enclosure, host_uid_base)?;
+        tracing::debug!(job = %id, workspace = %workspace.display(), "workspace");
         let mut image_digest = None;
         let outcome = self
             .clone()
@@ -450,9 +457,9 @@ impl Runner {
                     tracing::warn!(job = %id, error = %err, "could not unmount the workspace quota")
                 }
             }
-            if let Err(err) = fs::remove_dir_all(&workspace) {
-                tracing::warn!(job = %id, error = %err, "could not remove workspace");
-            }
+        }
+        if let Err(err) = fs::remove_dir_all(&enclosure) {
+            tracing::warn!(job = %id, error = %err, "could not remove workspace");
         }
         let (state, message) = match outcome {
             Ok(()) => (JobState::Succeeded, String::new()),
@@ -1317,6 +1324,18 @@ async fn blocking<T: Send + 'static>(
         .await
         .map_err(|e| JobEnd::Error(RunnerError::Internal(format!("worker: {e}"))))?
         .map_err(JobEnd::Error)
+}
+
+/// The workspace's name inside its enclosure.
+const WORKSPACE_DIR: &str = "ws";
+
+/// A directory only `owner` (the slot's mapped root) may enter.
+fn make_enclosure(dir: &Path, owner: u32) -> Result<()> {
+    fs::create_dir(dir).map_err(RunnerError::io_path("creating", dir))?;
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
+        .map_err(RunnerError::io_path("chmod", dir))?;
+    std::os::unix::fs::chown(dir, Some(owner), Some(owner))
+        .map_err(RunnerError::io_path("chown", dir))
 }
 
 /// Creates `dir` and its missing parents below `workspace` as 0755, as a build expects

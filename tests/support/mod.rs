@@ -175,7 +175,8 @@ impl Drop for Daemon {
         // daemon would unmount them, a test's temporary directory would leak them.
         if let Ok(entries) = std::fs::read_dir(self.state.join("work")) {
             for entry in entries.flatten() {
-                let _ = nix::mount::umount2(&entry.path(), nix::mount::MntFlags::MNT_DETACH);
+                let workspace = entry.path().join("ws");
+                let _ = nix::mount::umount2(&workspace, nix::mount::MntFlags::MNT_DETACH);
             }
         }
     }
