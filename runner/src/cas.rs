@@ -88,9 +88,18 @@ pub fn check_digest(field: &str, digest: &str) -> Result<()> {
 impl ContentStore {
     pub fn open(root: PathBuf) -> Result<Self> {
         fs::create_dir_all(root.join("tmp")).map_err(RunnerError::io_path("creating", &root))?;
-        // Blobs are clients' sources and outputs: root only (older stores were 0755).
-        fs::set_permissions(&root, fs::Permissions::from_mode(0o700))
-            .map_err(RunnerError::io_path("chmod", &root))?;
+        // Blobs are clients' sources and outputs: root only. Older stores were 0755 down
+        // to the shards, where a host user's open directory would outlive the root's chmod.
+        for dir in std::iter::once(root.clone()).chain(
+            fs::read_dir(&root)
+                .map_err(RunnerError::io_path("listing", &root))?
+                .flatten()
+                .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                .map(|e| e.path()),
+        ) {
+            fs::set_permissions(&dir, fs::Permissions::from_mode(0o700))
+                .map_err(RunnerError::io_path("chmod", &dir))?;
+        }
         // Leftovers of uploads interrupted by a crash are never named blobs: drop them.
         if let Ok(entries) = fs::read_dir(root.join("tmp")) {
             for entry in entries.flatten() {

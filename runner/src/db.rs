@@ -1,7 +1,7 @@
 //! Durable job records in SQLite. A job is committed (WAL, synchronous=FULL) before
 //! Submit answers, and every state change is committed before it is announced.
 
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -50,11 +50,36 @@ impl Database {
                 state.display()
             )));
         }
-        let mut conn = Connection::open(&path)?;
-        conn.pragma_update(None, "journal_mode", "WAL")?;
-        conn.pragma_update(None, "synchronous", "FULL")?;
-        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        // An older daemon left the files readable by every host user. Root only, before
+        // SQLite opens them: it creates the WAL with the database file's mode.
+        let exposed = std::fs::metadata(&path).is_ok_and(|m| m.mode() & 0o077 != 0);
+        for file in [DB_FILE, "kiln.db-wal", "kiln.db-shm"] {
+            let file = state.join(file);
+            if file.exists() {
+                std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600))
+                    .map_err(RunnerError::io_path("chmod", &file))?;
+            }
+        }
+        let mut conn = connect(&path)?;
         migrate(&mut conn)?;
+        if exposed {
+            // A host user may still hold the old file open: the records move to a new
+            // file, and the old one (with what it held) is all such a reader keeps.
+            let private = state.join("kiln.db.private");
+            let _ = std::fs::remove_file(&private);
+            conn.execute("VACUUM INTO ?1", params![private.to_string_lossy()])?;
+            drop(conn);
+            std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o600))
+                .map_err(RunnerError::io_path("chmod", &private))?;
+            std::fs::rename(&private, &path).map_err(RunnerError::io_path("replacing", &path))?;
+            for file in ["kiln.db-wal", "kiln.db-shm"] {
+                let _ = std::fs::remove_file(state.join(file));
+            }
+            tracing::warn!(
+                "the job database was readable by other host users: moved to a private file"
+            );
+            conn = connect(&path)?;
+        }
         std::fs::write(
             &marker,
             b"this state directory has a Kiln job database (kiln.db)\n",
@@ -232,19 +257,29 @@ impl Database {
         Ok(())
     }
 
-    /// Which of `digests` `owner` may read, in one transaction.
+    /// Which of `digests` `owner` may read. Asked in batches, each under the lock on
+    /// its own, so a client asking for many digests does not hold up other requests.
     pub fn readable_blobs<'a>(
         &self,
         owner: &str,
         digests: impl IntoIterator<Item = &'a str>,
     ) -> Result<std::collections::HashSet<String>> {
-        let conn = self.lock()?;
-        let mut stmt =
-            conn.prepare_cached("SELECT 1 FROM blob_access WHERE owner = ?1 AND digest = ?2")?;
+        const BATCH: usize = 500;
+        let digests: Vec<&str> = digests.into_iter().collect();
         let mut readable = std::collections::HashSet::new();
-        for digest in digests {
-            if stmt.exists(params![owner, digest])? {
-                readable.insert(digest.to_string());
+        for batch in digests.chunks(BATCH) {
+            let marks = vec!["?"; batch.len()].join(",");
+            let sql =
+                format!("SELECT digest FROM blob_access WHERE owner = ? AND digest IN ({marks})");
+            let conn = self.lock()?;
+            let mut stmt = conn.prepare_cached(&sql)?;
+            let params = std::iter::once(&owner as &dyn rusqlite::ToSql)
+                .chain(batch.iter().map(|d| d as &dyn rusqlite::ToSql));
+            let rows = stmt.query_map(rusqlite::params_from_iter(params), |row| {
+                row.get::<_, String>(0)
+            })?;
+            for row in rows {
+                readable.insert(row?);
             }
         }
         Ok(readable)
@@ -327,6 +362,14 @@ fn write_record(conn: &mut Connection, job: &Job, expected: Option<JobState>) ->
     }
     tx.commit()?;
     Ok(true)
+}
+
+fn connect(path: &Path) -> Result<Connection> {
+    let conn = Connection::open(path)?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    Ok(conn)
 }
 
 /// The schema version this daemon writes (`PRAGMA user_version`).
@@ -577,5 +620,30 @@ mod tests {
         started.state = JobState::Running as i32;
         db.update_job(&started).unwrap();
         db.insert_job(&queued("c"), "uid:1", None, None).unwrap();
+    }
+
+    #[test]
+    fn a_database_others_could_read_moves_to_a_private_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kiln.db");
+        {
+            let db = Database::open(dir.path(), Creation::FreshStateOnly).unwrap();
+            db.insert_job(&job("j1", "a"), "uid:1", None, None).unwrap();
+        }
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        // A host user's descriptor, opened while the file was readable.
+        let held = std::fs::File::open(&path).unwrap();
+        let db = Database::open(dir.path(), Creation::FreshStateOnly).unwrap();
+        db.insert_job(&job("j2", "later-secret"), "uid:1", None, None)
+            .unwrap();
+        assert!(db.get_job("j1").unwrap().is_some(), "records were lost");
+        let new = std::fs::metadata(&path).unwrap();
+        assert_eq!(new.mode() & 0o077, 0);
+        assert_ne!(held.metadata().unwrap().ino(), new.ino());
+        for name in ["kiln.db-wal", "kiln.db-shm"] {
+            if let Ok(meta) = std::fs::metadata(dir.path().join(name)) {
+                assert_eq!(meta.mode() & 0o077, 0, "{name}");
+            }
+        }
     }
 }

@@ -59,6 +59,13 @@ pub async fn serve(config: Config, creation: Creation) -> anyhow::Result<()> {
             ),
         }
     }
+    if !proc_hides_pids() {
+        tracing::warn!(
+            "/proc is mounted without hidepid: every host user can read each step's command \
+             line (and the sandbox's mount table); on a shared host remount /proc with \
+             hidepid=invisible, and pass secrets in a step's environment, never its argv"
+        );
+    }
     let stale = host.cgroup.remove_stale();
     if stale > 0 {
         tracing::info!(
@@ -199,6 +206,21 @@ pub async fn serve(config: Config, creation: Creation) -> anyhow::Result<()> {
     result.context("serving gRPC")
 }
 
+/// Whether the host's /proc hides other users' processes (hidepid=1/2/noaccess/invisible).
+fn proc_hides_pids() -> bool {
+    fs::read_to_string("/proc/self/mountinfo")
+        .map(|mounts| {
+            mounts.lines().any(|line| {
+                let fields: Vec<&str> = line.split(' ').collect();
+                fields.get(4) == Some(&"/proc")
+                    && line.contains("hidepid=")
+                    && !line.contains("hidepid=0")
+                    && !line.contains("hidepid=off")
+            })
+        })
+        .unwrap_or(false)
+}
+
 /// Makes existing files of the state directory (from an older daemon, which created
 /// them under the default umask) readable by root only.
 fn restrict_to_owner(state: &Path, names: &[&str]) -> anyhow::Result<()> {
@@ -225,10 +247,11 @@ fn bind_socket(config: &Config) -> anyhow::Result<UnixListener> {
     remove_stale_socket(socket)?;
     let listener =
         UnixListener::bind(socket).with_context(|| format!("binding {}", socket.display()))?;
-    fs::set_permissions(socket, fs::Permissions::from_mode(0o660))?;
+    // The group first: while the mode opens to the group it is already the right one.
     if let Some(gid) = config.socket_gid {
         std::os::unix::fs::chown(socket, None, Some(gid))?;
     }
+    fs::set_permissions(socket, fs::Permissions::from_mode(0o660))?;
     Ok(listener)
 }
 
