@@ -233,3 +233,104 @@ fn a_lost_database_stops_submissions_and_is_never_silently_recreated() {
     let out = daemon.kiln(&["run", "--", "/bin/true"]);
     assert!(out.status.success(), "{}", describe(&out));
 }
+
+/// SIGTERM: no queued job starts any more (a Watch on it ends instead of holding the
+/// daemon up), and a running job past the grace period is cancelled with the reason.
+#[test]
+fn sigterm_starts_nothing_queued_and_cancels_past_the_grace_period() {
+    if !require_root("sigterm_starts_nothing_queued_and_cancels_past_the_grace_period") {
+        return;
+    }
+    let config = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(
+        config.path(),
+        "max_concurrent_jobs = 1\nshutdown_grace_seconds = 2\n",
+    )
+    .unwrap();
+    let mut daemon = Daemon::start_with(&["--config", config.path().to_str().unwrap()]);
+    let follow = |argv: &[&str]| {
+        std::process::Command::new(KILN)
+            .env("KILN_SOCKET", &daemon.socket)
+            .args(["run", "--"])
+            .args(argv)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    // Both clients follow their job with Watch.
+    let running = follow(&["/bin/sh", "-c", "echo begun; sleep 60"]);
+    let accepted = |daemon: &Daemon| -> Vec<String> {
+        daemon
+            .log()
+            .lines()
+            .filter(|l| l.contains("job accepted"))
+            .filter_map(|l| l.split("job=").nth(1))
+            .filter_map(|rest| rest.split_whitespace().next())
+            .map(String::from)
+            .collect()
+    };
+    let state_of = |daemon: &Daemon, id: &str| -> serde_json::Value {
+        let out = daemon.kiln(&["status", "--json", id]);
+        assert!(out.status.success(), "{}", describe(&out));
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        if let Some(id) = accepted(&daemon).first() {
+            if state_of(&daemon, id)["state"] == "running" {
+                break;
+            }
+        }
+        assert!(std::time::Instant::now() < deadline, "{}", daemon.log());
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let queued = follow(&["/bin/true"]);
+    while accepted(&daemon).len() < 2 {
+        assert!(std::time::Instant::now() < deadline, "{}", daemon.log());
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let status = daemon.stop();
+    let stopped_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    assert!(status.success(), "daemon exit {status:?}\n{}", daemon.log());
+    let queued = queued.wait_with_output().unwrap();
+    assert_eq!(queued.status.code(), Some(125), "{}", describe(&queued));
+    assert!(
+        text(&queued.stderr).contains("shutting down"),
+        "{}",
+        describe(&queued)
+    );
+    let running = running.wait_with_output().unwrap();
+    assert_eq!(running.status.code(), Some(137), "{}", describe(&running));
+
+    let ids = accepted(&daemon);
+    daemon.spawn(&["--config", config.path().to_str().unwrap()]);
+    let record = |id: &str| state_of(&daemon, id);
+    let cancelled = record(&ids[0]);
+    assert_eq!(cancelled["state"], "cancelled", "{cancelled}");
+    assert!(
+        cancelled["message"]
+            .as_str()
+            .unwrap()
+            .contains("grace period"),
+        "{cancelled}"
+    );
+    // The queued job runs only after the restart.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let later = loop {
+        let job = record(&ids[1]);
+        if job["state"] == "succeeded" {
+            break job;
+        }
+        assert!(std::time::Instant::now() < deadline, "{job}");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let started = later["started_unix_ms"].as_i64().unwrap_or_default();
+    assert!(
+        started >= stopped_ms,
+        "the queued job started before the restart: {later}"
+    );
+}

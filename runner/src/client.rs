@@ -465,6 +465,7 @@ pub fn job_json(job: &Job) -> serde_json::Value {
         "state": state_name(job.state),
         "message": job.message,
         "created_unix_ms": job.created_unix_ms,
+        "started_unix_ms": job.started_unix_ms,
         "finished_unix_ms": job.finished_unix_ms,
         "steps": job.steps.iter().map(|s| serde_json::json!({
             "name": s.name,

@@ -58,6 +58,10 @@ pub struct Config {
     pub max_blob_size: Size,
     /// Group allowed to use the socket (numeric gid); none keeps it root-only.
     pub socket_gid: Option<u32>,
+    /// After SIGTERM, how long running jobs may go on before they are cancelled (the
+    /// reason is recorded). Queued jobs never start after SIGTERM; they run after the
+    /// next start.
+    pub shutdown_grace_seconds: u64,
     /// Uids of operators: like root, they see and may cancel every client's jobs and
     /// read every blob. Any other client sees only its own.
     pub admin_uids: Vec<u32>,
@@ -132,6 +136,7 @@ impl Default for Config {
             max_blob_size: Size(10 << 30),
             socket_gid: None,
             admin_uids: Vec::new(),
+            shutdown_grace_seconds: 600,
             builder_id: None,
             default_memory: Size(4 << 30),
             max_memory: Size(8 << 30),

@@ -19,7 +19,7 @@ use agent_proto::v1::{
 };
 use sandbox::{Canceller, HostSupport, Sandbox, StepSpec, StepStatus};
 use sha2::{Digest, Sha256};
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::{mpsc, watch, Semaphore};
 
 use crate::auth::Principal;
 use crate::cas::ContentStore;
@@ -67,6 +67,10 @@ pub struct JobHandle {
     log_bytes: AtomicU64,
     cancelled: AtomicBool,
     canceller: Mutex<Option<Canceller>>,
+    /// Why the job was cancelled, when not by a client.
+    cancel_reason: Mutex<Option<String>>,
+    /// Set once the scheduler started the job.
+    running: AtomicBool,
 }
 
 impl JobHandle {
@@ -76,6 +80,8 @@ impl JobHandle {
             log_bytes: AtomicU64::new(0),
             cancelled: AtomicBool::new(false),
             canceller: Mutex::new(None),
+            cancel_reason: Mutex::new(None),
+            running: AtomicBool::new(false),
         }
     }
 
@@ -108,6 +114,8 @@ pub struct Runner {
     slots: Mutex<Vec<u32>>,
     permits: Arc<Semaphore>,
     draining: AtomicBool,
+    /// Turns true when the daemon stops starting jobs (SIGTERM).
+    shutdown: watch::Sender<bool>,
     work_dir: PathBuf,
     /// The host id range of each job slot, leased host-wide.
     id_ranges: IdRanges,
@@ -161,6 +169,7 @@ impl Runner {
             slots: Mutex::new(slots),
             permits,
             draining: AtomicBool::new(false),
+            shutdown: watch::channel(false).0,
             work_dir,
             id_ranges,
         });
@@ -333,6 +342,10 @@ impl Runner {
         let Some(handle) = self.existing_handle(id) else {
             return;
         };
+        Self::cancel_handle(&handle);
+    }
+
+    fn cancel_handle(handle: &JobHandle) {
         handle.cancelled.store(true, Ordering::SeqCst);
         let canceller = handle.canceller.lock().ok().and_then(|c| c.clone());
         if let Some(canceller) = canceller {
@@ -358,7 +371,15 @@ impl Runner {
         for _ in 0..(self.config.max_concurrent_jobs as usize).min(MAX_STANDBY) {
             self.refill_standby();
         }
-        while let Some(id) = queue.recv().await {
+        let mut shutdown = self.shutdown.subscribe();
+        loop {
+            let id = tokio::select! {
+                id = queue.recv() => match id {
+                    Some(id) => id,
+                    None => break,
+                },
+                _ = async { shutdown.wait_for(|stop| *stop).await.is_ok() } => break,
+            };
             if self.draining.load(Ordering::SeqCst) {
                 break;
             }
@@ -389,10 +410,40 @@ impl Runner {
         }
     }
 
-    /// Stops starting jobs and waits for running ones to finish. Jobs still queued
-    /// stay recorded as queued and run after the next start.
-    pub async fn drain(&self) {
+    /// Starts no job from now on: queued jobs stay recorded as queued and run after the
+    /// next start, and Watch streams of jobs that have not started end (see `watch`).
+    pub fn stop_starting(&self) {
         self.draining.store(true, Ordering::SeqCst);
+        self.shutdown.send_replace(true);
+    }
+
+    /// A receiver that turns true when the daemon stops starting jobs.
+    pub fn shutdown_signal(&self) -> watch::Receiver<bool> {
+        self.shutdown.subscribe()
+    }
+
+    /// Cancels every running job, recording `reason` as its message.
+    pub fn cancel_all_running(&self, reason: &str) {
+        let handles: Vec<(String, Arc<JobHandle>)> = match self.handles.lock() {
+            Ok(h) => h
+                .iter()
+                .filter(|(_, h)| h.running.load(Ordering::SeqCst))
+                .map(|(id, h)| (id.clone(), h.clone()))
+                .collect(),
+            Err(_) => return,
+        };
+        for (id, handle) in handles {
+            if let Ok(mut r) = handle.cancel_reason.lock() {
+                *r = Some(reason.to_string());
+            }
+            tracing::warn!(job = %id, reason, "cancelling a running job");
+            Self::cancel_handle(&handle);
+        }
+    }
+
+    /// Stops starting jobs and waits for running ones to finish.
+    pub async fn drain(&self) {
+        self.stop_starting();
         let _all = self
             .permits
             .acquire_many(self.config.max_concurrent_jobs)
@@ -421,6 +472,9 @@ impl Runner {
         job.started_unix_ms = now_ms();
         if !self.db.update_job_if_state(&job, JobState::Queued)? {
             return Ok(()); // cancelled while queued
+        }
+        if let Some(handle) = self.existing_handle(id) {
+            handle.running.store(true, Ordering::SeqCst);
         }
         self.emit(id, job_event::Event::Started(Default::default()));
 
@@ -464,7 +518,15 @@ impl Runner {
         let (state, message) = match outcome {
             Ok(()) => (JobState::Succeeded, String::new()),
             Err(JobEnd::StepFailed(message)) => (JobState::Failed, message),
-            Err(JobEnd::Cancelled) => (JobState::Cancelled, "cancelled".into()),
+            Err(JobEnd::Cancelled) => {
+                let reason = self
+                    .existing_handle(id)
+                    .and_then(|h| h.cancel_reason.lock().ok().and_then(|r| r.clone()));
+                (
+                    JobState::Cancelled,
+                    reason.unwrap_or_else(|| "cancelled".into()),
+                )
+            }
             Err(JobEnd::Error(err)) => (JobState::Error, err.client_message()),
         };
         job.state = state as i32;

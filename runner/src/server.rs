@@ -146,7 +146,28 @@ pub async fn serve(config: Config, creation: Creation) -> anyhow::Result<()> {
 
     // Watch for SIGTERM before the socket exists: a supervisor that sees the socket may
     // stop the daemon at once, and that must drain, not kill.
-    let shutdown = shutdown_signal()?;
+    let signal = shutdown_signal()?;
+    // At the signal, no queued job starts any more; running ones get the grace period,
+    // then are cancelled with the reason recorded.
+    let shutdown = {
+        let runner = runner.clone();
+        let grace = std::time::Duration::from_secs(config.shutdown_grace_seconds);
+        async move {
+            signal.await;
+            runner.stop_starting();
+            tracing::info!(
+                grace_seconds = grace.as_secs(),
+                "stopping: no queued job starts; running jobs may finish within the grace period"
+            );
+            tokio::spawn(async move {
+                tokio::time::sleep(grace).await;
+                runner.cancel_all_running(&format!(
+                    "cancelled: the daemon shut down, and the job ran past the {} s grace period",
+                    grace.as_secs()
+                ));
+            });
+        }
+    };
     let listener = bind_socket(&config)?;
     let service = Service {
         runner: runner.clone(),

@@ -114,7 +114,12 @@ impl Jobs for Service {
         let cas = runner.cas.clone();
         match runner.existing_handle(&id) {
             Some(handle) => {
-                tokio::spawn(watch::follow(handle.events.clone(), cas, out));
+                tokio::spawn(watch::follow(
+                    handle.events.clone(),
+                    cas,
+                    out,
+                    runner.shutdown_signal(),
+                ));
             }
             None => {
                 // Finished: replayed from its record and stored logs, nothing in memory.
@@ -122,7 +127,12 @@ impl Jobs for Service {
                 match runner.existing_handle(&id) {
                     // Submitted just now, its handle made after the first look.
                     Some(handle) if job.finished_unix_ms == 0 => {
-                        tokio::spawn(watch::follow(handle.events.clone(), cas, out));
+                        tokio::spawn(watch::follow(
+                            handle.events.clone(),
+                            cas,
+                            out,
+                            runner.shutdown_signal(),
+                        ));
                     }
                     _ => {
                         tokio::spawn(watch::replay(job, cas, out));

@@ -183,6 +183,11 @@ impl Sender {
         }
     }
 
+    /// Ends the stream with an error status.
+    async fn fail(&mut self, status: Status) {
+        let _ = self.tx.send(Err(status)).await;
+    }
+
     /// False once the client is gone.
     async fn send(&mut self, event: job_event::Event) -> bool {
         let event = JobEvent {
@@ -314,7 +319,17 @@ impl Sender {
 }
 
 /// Follows a job in the daemon's hands until it finishes or the client leaves.
-pub async fn follow(ring: Arc<EventRing>, cas: ContentStore, mut out: Sender) {
+///
+/// A job that has not started when the daemon stops starting jobs (`shutdown` turns
+/// true) will not run in this daemon's life: its stream ends with UNAVAILABLE then,
+/// so that the shutdown does not wait for it.
+pub async fn follow(
+    ring: Arc<EventRing>,
+    cas: ContentStore,
+    mut out: Sender,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut started = false;
     let mut changes = ring.version.subscribe();
     let mut next = 0u64;
     // Output bytes carried per (step, stream): always a prefix of the stored log.
@@ -344,6 +359,7 @@ pub async fn follow(ring: Arc<EventRing>, cas: ContentStore, mut out: Sender) {
                     *delivered.entry((o.step.clone(), o.stream)).or_default() +=
                         o.data.len() as u64;
                 }
+                job_event::Event::Started(_) => started = true,
                 job_event::Event::StepStarted(s) => step.clone_from(&s.name),
                 job_event::Event::StepFinished(result) => {
                     skipping = None;
@@ -373,8 +389,18 @@ pub async fn follow(ring: Arc<EventRing>, cas: ContentStore, mut out: Sender) {
             if finished {
                 return;
             }
-            if changes.changed().await.is_err() {
-                return;
+            tokio::select! {
+                changed = changes.changed() => if changed.is_err() {
+                    return;
+                },
+                // The guard of the watched value stays inside: it is not Send.
+                _ = async { shutdown.wait_for(|stop| *stop).await.is_ok() }, if !started => {
+                    out.fail(Status::unavailable(
+                        "the daemon is shutting down; the job stays queued and runs after it restarts",
+                    ))
+                    .await;
+                    return;
+                }
             }
         }
     }
