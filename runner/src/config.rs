@@ -62,6 +62,16 @@ pub struct Config {
     /// reason is recorded). Queued jobs never start after SIGTERM; they run after the
     /// next start.
     pub shutdown_grace_seconds: u64,
+    /// Connections to the socket open at once, all clients together ...
+    pub max_connections: usize,
+    /// ... and from one client (peer uid): a client flooding the socket cannot lock
+    /// others out.
+    pub max_connections_per_client: usize,
+    /// Seconds a new connection has to start speaking HTTP/2 before it is closed.
+    pub connection_handshake_timeout_seconds: u64,
+    /// Seconds between HTTP/2 pings on a connection; a peer that does not answer one
+    /// within 20 s is gone and its connection is closed.
+    pub connection_keepalive_seconds: u64,
     /// Uids of operators: like root, they see and may cancel every client's jobs and
     /// read every blob. Any other client sees only its own.
     pub admin_uids: Vec<u32>,
@@ -136,6 +146,10 @@ impl Default for Config {
             max_blob_size: Size(10 << 30),
             socket_gid: None,
             admin_uids: Vec::new(),
+            max_connections: 1024,
+            max_connections_per_client: 128,
+            connection_handshake_timeout_seconds: 10,
+            connection_keepalive_seconds: 60,
             shutdown_grace_seconds: 600,
             builder_id: None,
             default_memory: Size(4 << 30),
@@ -341,6 +355,16 @@ impl Config {
             return bad(
                 "max_workspace_entries",
                 format!("must be 1 to {MAX_WORKSPACE_ENTRIES_CEILING}"),
+            );
+        }
+        if self.max_connections == 0 || self.max_connections_per_client == 0 {
+            return bad("max_connections", "must be positive".into());
+        }
+        if self.connection_handshake_timeout_seconds == 0 || self.connection_keepalive_seconds == 0
+        {
+            return bad(
+                "connection_handshake_timeout_seconds",
+                "timeouts must be positive".into(),
             );
         }
         if self.max_queued_jobs == 0 {

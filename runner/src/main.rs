@@ -13,6 +13,7 @@ mod images;
 mod jobfile;
 mod jobs;
 mod limits;
+mod listener;
 mod netpolicy;
 mod profile;
 mod proxy;

@@ -11,7 +11,6 @@ use agent_proto::v1::jobs_server::JobsServer;
 use anyhow::{bail, Context};
 use sandbox::Sandbox;
 use tokio::net::UnixListener;
-use tokio_stream::wrappers::UnixListenerStream;
 
 use crate::auth::Authenticator;
 use crate::cas::ContentStore;
@@ -82,6 +81,7 @@ pub async fn serve(config: Config, creation: Creation) -> anyhow::Result<()> {
     }
     let sandbox = Sandbox::new(init_exe);
 
+    raise_fd_limit(config.max_connections);
     // Nothing the daemon creates is for other host users: job records, blobs and logs
     // hold clients' sources, environments and outputs. What a sandbox must reach is
     // opened up explicitly, and each step sets its own umask.
@@ -200,7 +200,22 @@ pub async fn serve(config: Config, creation: Creation) -> anyhow::Result<()> {
     let max_request =
         usize::try_from(config.max_spec_bytes.0.max(4 << 20) + (64 << 10)).unwrap_or(usize::MAX);
     tracing::info!(socket = %config.socket.display(), "listening");
+    let incoming = crate::listener::incoming(
+        listener,
+        crate::listener::ConnectionLimits {
+            max_connections: config.max_connections,
+            max_per_client: config.max_connections_per_client,
+            handshake_timeout: std::time::Duration::from_secs(
+                config.connection_handshake_timeout_seconds,
+            ),
+        },
+    );
     let result = tonic::transport::Server::builder()
+        // A peer that stops answering pings is gone: its connection is closed.
+        .http2_keepalive_interval(Some(std::time::Duration::from_secs(
+            config.connection_keepalive_seconds,
+        )))
+        .http2_keepalive_timeout(Some(std::time::Duration::from_secs(20)))
         // One identity per request, resolved before any service sees it.
         .layer(tonic::service::InterceptorLayer::new(Authenticator::new(
             &config.admin_uids,
@@ -213,7 +228,7 @@ pub async fn serve(config: Config, creation: Creation) -> anyhow::Result<()> {
             ContentStoreServer::new(service.clone()).max_decoding_message_size(max_request),
         )
         .add_service(AttestationsServer::new(service).max_decoding_message_size(max_request))
-        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(incoming, shutdown)
         .await;
     health_reporter
         .set_not_serving::<JobsServer<Service>>()
@@ -225,6 +240,30 @@ pub async fn serve(config: Config, creation: Creation) -> anyhow::Result<()> {
     let _ = fs::remove_file(&config.socket);
     tracing::info!("stopped");
     result.context("serving gRPC")
+}
+
+/// Raises the soft RLIMIT_NOFILE to the hard one: every connection is a descriptor,
+/// and running out of them makes accept fail. Warns when even that is short of room for
+/// `max_connections` and the daemon's own files.
+fn raise_fd_limit(max_connections: usize) {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return;
+    };
+    if soft < hard {
+        if let Err(err) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            tracing::warn!(error = %err, "could not raise RLIMIT_NOFILE");
+        }
+    }
+    let limit = getrlimit(Resource::RLIMIT_NOFILE).map_or(soft, |(now, _)| now);
+    let wanted = max_connections as u64 + 256;
+    if limit < wanted {
+        tracing::warn!(
+            limit,
+            max_connections,
+            "RLIMIT_NOFILE leaves little room beside max_connections: accept may fail under load (it backs off)"
+        );
+    }
 }
 
 /// Whether the host's /proc hides other users' processes (hidepid=1/2/noaccess/invisible).

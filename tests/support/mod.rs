@@ -59,11 +59,30 @@ pub struct Daemon {
     pub socket: PathBuf,
     pub state: PathBuf,
     child: Option<Child>,
+    /// A command that runs the daemon (e.g. `prlimit --nofile=...`), if any.
+    wrapper: Vec<String>,
 }
 
 impl Daemon {
     pub fn start() -> Daemon {
         Self::start_with(&[])
+    }
+
+    /// Like `start_with`, with the daemon run by `wrapper` (which execs its argument).
+    pub fn start_wrapped(wrapper: &[&str], extra: &[&str]) -> Daemon {
+        let dir = tempfile::Builder::new()
+            .prefix("kiln-e2e-")
+            .tempdir()
+            .unwrap();
+        let mut daemon = Daemon {
+            socket: dir.path().join("kiln.sock"),
+            state: dir.path().join("state"),
+            child: None,
+            dir,
+            wrapper: wrapper.iter().map(|w| w.to_string()).collect(),
+        };
+        daemon.spawn(extra);
+        daemon
     }
 
     pub fn start_with(extra: &[&str]) -> Daemon {
@@ -78,6 +97,7 @@ impl Daemon {
             state,
             child: None,
             dir,
+            wrapper: Vec::new(),
         };
         daemon.spawn(extra);
         daemon
@@ -89,7 +109,15 @@ impl Daemon {
             .append(true)
             .open(self.dir.path().join("daemon.log"))
             .unwrap();
-        let child = Command::new(KILN)
+        let mut command = match self.wrapper.split_first() {
+            Some((program, args)) => {
+                let mut command = Command::new(program);
+                command.args(args).arg(KILN);
+                command
+            }
+            None => Command::new(KILN),
+        };
+        let child = command
             .arg("--socket")
             .arg(&self.socket)
             .arg("serve")
@@ -362,6 +390,7 @@ impl Daemon {
             socket,
             state,
             child: Some(child),
+            wrapper: Vec::new(),
         };
         let deadline = Instant::now() + Duration::from_secs(30);
         while std::os::unix::net::UnixStream::connect(&daemon.socket).is_err() {

@@ -1,6 +1,8 @@
-//! The content store never serves what does not match its digest: a blob corrupted or
-//! truncated on disk fails Read and ListLinks (DATA_LOSS), is quarantined and reported
-//! missing, and a correct upload repairs it; `kiln store verify` finds the rest.
+//! Nothing served corrupt, nothing lost, nothing hanging, each driven for real: a blob
+//! corrupted or truncated on disk fails Read and ListLinks (DATA_LOSS), is quarantined,
+//! reported missing and repaired by an upload (`kiln store verify` finds the rest); a
+//! lost job database stops submissions and is never silently recreated; SIGTERM starts
+//! no queued job; a connection flood leaves other clients served.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod support;
@@ -332,5 +334,128 @@ fn sigterm_starts_nothing_queued_and_cancels_past_the_grace_period() {
     assert!(
         started >= stopped_ms,
         "the queued job started before the restart: {later}"
+    );
+}
+
+/// Whether the peer closed the connection within `wait` (reads reach end of file; what
+/// the server sends first, its HTTP/2 settings, is read past).
+fn closed_by_peer(stream: &mut std::os::unix::net::UnixStream, wait: std::time::Duration) -> bool {
+    stream.set_read_timeout(Some(wait)).unwrap();
+    let mut buf = [0u8; 4096];
+    loop {
+        match std::io::Read::read(stream, &mut buf) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(e) => return e.kind() == std::io::ErrorKind::ConnectionReset,
+        }
+    }
+}
+
+fn flood_config(extra: &str) -> tempfile::NamedTempFile {
+    let config = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(
+        config.path(),
+        format!("socket_gid = 47100\nconnection_handshake_timeout_seconds = 2\n{extra}"),
+    )
+    .unwrap();
+    config
+}
+
+/// One client opening hundreds of idle connections: past its own cap they are closed at
+/// once, the rest when they send no HTTP/2 preface in time, and meanwhile a client that
+/// was connected before and one that connects during the flood are both served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_flood_from_one_client_leaves_the_others_served() {
+    use agent_proto::v1::GetRequest;
+    if !require_root("a_connection_flood_from_one_client_leaves_the_others_served") {
+        return;
+    }
+    let config = flood_config("max_connections_per_client = 20\n");
+    let daemon = Daemon::start_with(&["--config", config.path().to_str().unwrap()]);
+    let mut before = JobsClient::new(channel_as(&daemon.socket, 0, 0).await);
+    let unknown = || GetRequest {
+        job_id: "00000000-0000-4000-8000-000000000000".into(),
+    };
+    assert_eq!(
+        before.get(unknown()).await.unwrap_err().code(),
+        Code::NotFound
+    );
+
+    let mut flood: Vec<_> = (0..300)
+        .map(|_| connect_as(&daemon.socket, 47_101, 47_100).unwrap())
+        .collect();
+    // Served during the flood: the client connected before, and a new one.
+    assert_eq!(
+        before.get(unknown()).await.unwrap_err().code(),
+        Code::NotFound
+    );
+    let mut during = JobsClient::new(channel_as(&daemon.socket, 47_102, 47_100).await);
+    assert_eq!(
+        during.get(unknown()).await.unwrap_err().code(),
+        Code::NotFound
+    );
+
+    let wait = std::time::Duration::from_secs(15);
+    let closed = flood
+        .iter_mut()
+        .map(|s| closed_by_peer(s, wait))
+        .filter(|closed| *closed)
+        .count();
+    assert_eq!(closed, 300, "idle connections the daemon never closed");
+    let log = daemon.log();
+    assert!(log.contains("max_connections_per_client"), "{log}");
+    assert!(log.contains("sent no HTTP/2 preface"), "{log}");
+    assert_eq!(
+        before.get(unknown()).await.unwrap_err().code(),
+        Code::NotFound
+    );
+}
+
+/// Out of file descriptors: accept fails, the daemon backs off (logging it, not for
+/// every attempt) instead of spinning, and serves again once the flood is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_file_descriptors_the_daemon_backs_off_and_recovers() {
+    use agent_proto::v1::GetRequest;
+    if !require_root("out_of_file_descriptors_the_daemon_backs_off_and_recovers") {
+        return;
+    }
+    let config = flood_config("max_connections = 5000\nmax_connections_per_client = 5000\n");
+    let daemon = Daemon::start_wrapped(
+        &["prlimit", "--nofile=192:192", "--"],
+        &["--config", config.path().to_str().unwrap()],
+    );
+    let flood: Vec<_> = (0..400)
+        .filter_map(|_| connect_as(&daemon.socket, 47_101, 47_100).ok())
+        .collect();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !daemon.log().contains("backing off") {
+        assert!(std::time::Instant::now() < deadline, "{}", daemon.log());
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    drop(flood);
+    // Once the flood's descriptors are freed (closed by the handshake deadline), a
+    // client is served again.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let mut jobs = JobsClient::new(channel_as(&daemon.socket, 0, 0).await);
+        let answer = jobs
+            .get(GetRequest {
+                job_id: "00000000-0000-4000-8000-000000000000".into(),
+            })
+            .await;
+        if answer.as_ref().err().map(tonic::Status::code) == Some(Code::NotFound) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{answer:?}\n{}",
+            daemon.log()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    let warnings = daemon.log().matches("backing off").count();
+    assert!(
+        warnings < 60,
+        "{warnings} accept warnings: the log is flooded"
     );
 }
