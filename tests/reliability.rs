@@ -459,3 +459,153 @@ async fn out_of_file_descriptors_the_daemon_backs_off_and_recovers() {
         "{warnings} accept warnings: the log is flooded"
     );
 }
+
+/// The state disk fills up: uploads and new jobs are refused as RESOURCE_EXHAUSTED
+/// (no host path), a job accepted before ends with the reason, and once space is back
+/// jobs run again without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_state_disk_refuses_clearly_and_recovers_without_a_restart() {
+    if !require_root("a_full_state_disk_refuses_clearly_and_recovers_without_a_restart") {
+        return;
+    }
+    let config = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(config.path(), "state_reserve = \"8M\"\n").unwrap();
+    let args = ["--config", config.path().to_str().unwrap()];
+    // The daemon's state directory on a small filesystem of its own.
+    let mut daemon = Daemon::start_with(&args);
+    daemon.stop();
+    std::fs::remove_dir_all(&daemon.state).unwrap();
+    std::fs::create_dir(&daemon.state).unwrap();
+    nix::mount::mount(
+        Some("tmpfs"),
+        &daemon.state,
+        Some("tmpfs"),
+        nix::mount::MsFlags::empty(),
+        Some("size=64m,mode=0711"),
+    )
+    .unwrap();
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+        }
+    }
+    let _unmount = Unmount(daemon.state.clone());
+    daemon.spawn(&args);
+    let channel = channel_as(&daemon.socket, 0, 0).await;
+    let mut store = ContentStoreClient::new(channel.clone());
+    let mut jobs = JobsClient::new(channel);
+    let job = |name: &str| SubmitRequest {
+        spec: Some(JobSpec {
+            name: name.into(),
+            image: "host".into(),
+            steps: vec![Step {
+                name: "t".into(),
+                argv: vec!["/bin/sh".into(), "-c".into(), "echo ran".into()],
+                ..Default::default()
+            }],
+            ..Default::default()
+        }),
+        idempotency_key: String::new(),
+    };
+
+    // Something else fills the disk to the last block.
+    let filler = daemon.state.join("filler");
+    {
+        let mut file = std::fs::File::create(&filler).unwrap();
+        let block = vec![0u8; 1 << 20];
+        while std::io::Write::write_all(&mut file, &block).is_ok() {}
+    }
+    let data = vec![7u8; 300_000];
+    let digest = hex::encode(Sha256::digest(&data));
+    let messages = vec![
+        WriteRequest {
+            part: Some(write_request::Part::Header(WriteHeader {
+                digest: digest.clone(),
+                size: data.len() as u64,
+            })),
+        },
+        WriteRequest {
+            part: Some(write_request::Part::Data(data.clone())),
+        },
+    ];
+    let err = store
+        .write(tokio_stream::iter(messages.clone()))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err}");
+    assert!(
+        !err.message().contains(daemon.state.to_str().unwrap()),
+        "{err}"
+    );
+    let err = jobs.submit(job("full")).await.unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err}");
+
+    // Space comes back: everything works again, no restart.
+    std::fs::remove_file(&filler).unwrap();
+    store.write(tokio_stream::iter(messages)).await.unwrap();
+    let id = jobs.submit(job("after")).await.unwrap().into_inner().job_id;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let record = jobs
+            .get(GetRequest { job_id: id.clone() })
+            .await
+            .unwrap()
+            .into_inner();
+        if record.state == JobState::Succeeded as i32 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{record:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+
+    // Filled while a job runs: the job still ends, with the reason.
+    let filler_job = SubmitRequest {
+        spec: Some(JobSpec {
+            name: "fills".into(),
+            image: "host".into(),
+            steps: vec![Step {
+                name: "t".into(),
+                argv: vec![
+                    "/bin/sh".into(),
+                    "-c".into(),
+                    "sleep 1; head -c 20971520 /dev/zero".into(),
+                ],
+                ..Default::default()
+            }],
+            ..Default::default()
+        }),
+        idempotency_key: String::new(),
+    };
+    let id = jobs.submit(filler_job).await.unwrap().into_inner().job_id;
+    // Filled below the reserve, not to the last block: the job's log and link no longer
+    // fit, its record still does.
+    {
+        let mut file = std::fs::File::create(&filler).unwrap();
+        let block = vec![0u8; 1 << 20];
+        while std::io::Write::write_all(&mut file, &block).is_ok() {}
+        let full = file.metadata().unwrap().len();
+        file.set_len(full - (4 << 20)).unwrap();
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let record = loop {
+        let record = jobs
+            .get(GetRequest { job_id: id.clone() })
+            .await
+            .unwrap()
+            .into_inner();
+        if record.finished_unix_ms != 0 {
+            break record;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never ended: {record:?}\n{}",
+            daemon.log()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    assert_eq!(record.state, JobState::Error as i32, "{record:?}");
+    assert!(record.message.contains("disk is full"), "{record:?}");
+    std::fs::remove_file(&filler).unwrap();
+    daemon.stop();
+}

@@ -34,6 +34,9 @@ pub struct ContentStore {
     /// Serialises putting a file in place and moving one to quarantine, so a quarantine
     /// never moves away a blob just committed under the same name.
     placing: Arc<Mutex<()>>,
+    /// Free bytes of the state filesystem no blob may take: room left for the job
+    /// database to record every state change and failure when the disk fills up.
+    reserve: u64,
 }
 
 /// What identifies one version of a file.
@@ -116,7 +119,32 @@ impl ContentStore {
             root,
             verified: Default::default(),
             placing: Default::default(),
+            reserve: 0,
         }
+    }
+
+    /// Keeps `bytes` of the filesystem free of blobs (see `reserve`).
+    pub fn with_reserve(mut self, bytes: u64) -> Self {
+        self.reserve = bytes;
+        self
+    }
+
+    /// Refuses, as RESOURCE_EXHAUSTED, what would leave less than the reserve free.
+    pub fn check_room(&self, incoming: u64) -> Result<()> {
+        let Ok(stat) = nix::sys::statvfs::statvfs(&self.root) else {
+            return Ok(());
+        };
+        let free = stat.blocks_available().saturating_mul(stat.fragment_size());
+        if free < self.reserve.saturating_add(incoming) {
+            return Err(RunnerError::ResourceExhausted(format!(
+                "the runner's state disk is full: {} free, {} needed beyond the {} kept for job \
+                 records; try again later",
+                crate::limits::format_size(free),
+                crate::limits::format_size(incoming),
+                crate::limits::format_size(self.reserve)
+            )));
+        }
+        Ok(())
     }
 
     pub fn path(&self, digest: &str) -> Result<PathBuf> {
@@ -313,6 +341,7 @@ impl ContentStore {
 
     /// Starts a blob whose digest is checked when it is committed.
     pub fn writer(&self) -> Result<BlobWriter> {
+        self.check_room(0)?;
         let tmp = tempfile::Builder::new()
             .prefix("upload-")
             .tempfile_in(self.root.join("tmp"))
@@ -468,6 +497,7 @@ pub struct BlobWriter {
 
 impl BlobWriter {
     pub fn write(&mut self, data: &[u8]) -> Result<()> {
+        self.store.check_room(data.len() as u64)?;
         self.hasher.update(data);
         self.size += data.len() as u64;
         self.tmp

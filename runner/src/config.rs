@@ -72,6 +72,10 @@ pub struct Config {
     /// Seconds between HTTP/2 pings on a connection; a peer that does not answer one
     /// within 20 s is gone and its connection is closed.
     pub connection_keepalive_seconds: u64,
+    /// Free space of the state directory's filesystem that uploads, logs and outputs
+    /// may not take: kept so that job records and failures can always be written when
+    /// the disk fills up (below it: RESOURCE_EXHAUSTED, and jobs fail with the reason).
+    pub state_reserve: Size,
     /// Uids of operators: like root, they see and may cancel every client's jobs and
     /// read every blob. Any other client sees only its own.
     pub admin_uids: Vec<u32>,
@@ -146,6 +150,7 @@ impl Default for Config {
             max_blob_size: Size(10 << 30),
             socket_gid: None,
             admin_uids: Vec::new(),
+            state_reserve: Size(256 << 20),
             max_connections: 1024,
             max_connections_per_client: 128,
             connection_handshake_timeout_seconds: 10,

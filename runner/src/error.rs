@@ -73,10 +73,27 @@ impl RunnerError {
         )
     }
 
+    /// The disk (or a quota) is full: the client may try again later.
+    fn out_of_space(&self) -> bool {
+        match self {
+            RunnerError::Io { source, .. } => {
+                matches!(source.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT))
+            }
+            RunnerError::Database(rusqlite::Error::SqliteFailure(e, _)) => {
+                e.code == rusqlite::ErrorCode::DiskFull
+            }
+            _ => false,
+        }
+    }
+
     /// The message a client may see. An internal error's text can hold the daemon's host
     /// paths and state: it goes to the daemon's log under a reference, the client gets the
     /// reference.
     pub fn client_message(&self) -> String {
+        if self.out_of_space() {
+            tracing::error!(error = %self, "out of disk space");
+            return OUT_OF_SPACE.into();
+        }
         if !self.is_internal() {
             return self.to_string();
         }
@@ -89,9 +106,14 @@ impl RunnerError {
     }
 }
 
+const OUT_OF_SPACE: &str = "the runner's state disk is full; try again later";
+
 impl From<RunnerError> for tonic::Status {
     fn from(err: RunnerError) -> Self {
         let message = err.client_message();
+        if err.out_of_space() {
+            return tonic::Status::resource_exhausted(message);
+        }
         match err {
             RunnerError::InvalidArgument { .. } | RunnerError::DigestMismatch(_) => {
                 tonic::Status::invalid_argument(message)

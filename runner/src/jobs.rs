@@ -238,6 +238,8 @@ impl Runner {
                 "the daemon is shutting down".into(),
             ));
         }
+        // A job whose records and results cannot be kept is not accepted.
+        self.cas.check_room(0)?;
         self.check_inputs_readable(&spec, caller)?;
         let steps = spec
             .steps
@@ -450,16 +452,35 @@ impl Runner {
             .await;
     }
 
-    fn fail_job(&self, id: &str, message: &str) {
-        if let Ok(Some(mut job)) = self.db.get_job(id) {
-            job.state = JobState::Error as i32;
-            job.message = message.to_string();
-            job.finished_unix_ms = now_ms();
-            if let Err(err) = self.db.update_job(&job) {
-                tracing::error!(job = %id, error = %err, "could not record job failure");
-            }
-            self.finish_handle(id, job);
+    /// Records a job Kiln could not run as `error`. A record that cannot be written now
+    /// (the disk is full) is retried until it can: an accepted job always ends.
+    fn fail_job(self: &Arc<Self>, id: &str, message: &str) {
+        let Ok(Some(mut job)) = self.db.get_job(id) else {
+            return;
+        };
+        job.state = JobState::Error as i32;
+        job.message = message.to_string();
+        job.finished_unix_ms = now_ms();
+        if let Err(err) = self.db.update_job(&job) {
+            tracing::error!(job = %id, error = %err, "could not record the job's failure; retrying");
+            let runner = self.clone();
+            let job = job.clone();
+            tokio::spawn(async move {
+                let mut wait = std::time::Duration::from_millis(200);
+                loop {
+                    tokio::time::sleep(wait).await;
+                    let (db, record) = (runner.db.clone(), job.clone());
+                    match tokio::task::spawn_blocking(move || db.update_job(&record)).await {
+                        Ok(Ok(())) => {
+                            tracing::info!(job = %job.job_id, "recorded the job's failure");
+                            return;
+                        }
+                        _ => wait = (wait * 2).min(std::time::Duration::from_secs(10)),
+                    }
+                }
+            });
         }
+        self.finish_handle(id, job);
     }
 
     async fn run_job(self: Arc<Self>, id: &str, slot: u32) -> Result<()> {

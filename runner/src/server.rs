@@ -106,7 +106,9 @@ pub async fn serve(config: Config, creation: Creation) -> anyhow::Result<()> {
         .context("opening the job database")?
         .with_queue_limit(config.max_queued_jobs);
     restrict_to_owner(state, &["kiln.db", "kiln.db-wal", "kiln.db-shm"])?;
-    let cas = ContentStore::open(state.join("cas")).context("opening the content store")?;
+    let cas = ContentStore::open(state.join("cas"))
+        .context("opening the content store")?
+        .with_reserve(config.state_reserve.0);
     let images = Images::open(state).context("preparing images")?;
 
     // Host ids no other Kiln daemon on this host uses while this one runs.

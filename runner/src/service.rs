@@ -236,6 +236,8 @@ impl ContentStoreApi for Service {
             )
             .into());
         }
+        // Refused before a byte is received when the disk cannot take it.
+        self.runner.cas.check_room(header.size)?;
         let mut writer = self.runner.cas.writer()?;
         while let Some(message) = stream.message().await? {
             match message.part {
