@@ -150,12 +150,9 @@ fn spec(name: &str, input_digest: &str, script: &str) -> JobSpec {
 /// A daemon whose socket the clients' group may use, with one operator uid, in a
 /// directory other host users may traverse (as /var/lib is).
 fn shared_daemon() -> Daemon {
-    let config = tempfile::NamedTempFile::new().unwrap();
-    std::fs::write(
-        config.path(),
-        format!("socket_gid = {CLIENTS_GID}\nadmin_uids = [{OPERATOR}]\n"),
-    )
-    .unwrap();
+    let config = config_file(&format!(
+        "socket_gid = {CLIENTS_GID}\nadmin_uids = [{OPERATOR}]\n"
+    ));
     let daemon = Daemon::start_with(&["--config", config.path().to_str().unwrap()]);
     std::fs::set_permissions(daemon.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     daemon
@@ -423,12 +420,7 @@ fn two_daemons_on_one_host_never_share_host_ids() {
         return;
     }
     // The same configuration twice, as two instances on one host would have it.
-    let config = tempfile::NamedTempFile::new().unwrap();
-    std::fs::write(
-        config.path(),
-        "uid_base = 350000000\nmax_concurrent_jobs = 2\n",
-    )
-    .unwrap();
+    let config = config_file("uid_base = 350000000\nmax_concurrent_jobs = 2\n");
     let args = ["--config", config.path().to_str().unwrap()];
     let (first, second) = (Daemon::start_with(&args), Daemon::start_with(&args));
     let run = |daemon: &Daemon| {

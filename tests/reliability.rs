@@ -19,7 +19,8 @@ use support::*;
 use tonic::transport::Channel;
 use tonic::Code;
 
-async fn upload(store: &mut ContentStoreClient<Channel>, data: &[u8]) -> String {
+/// The digest of `data` and the Write messages that upload it.
+fn write_messages(data: &[u8]) -> (String, Vec<WriteRequest>) {
     let digest = hex::encode(Sha256::digest(data));
     let messages = vec![
         WriteRequest {
@@ -32,6 +33,11 @@ async fn upload(store: &mut ContentStoreClient<Channel>, data: &[u8]) -> String 
             part: Some(write_request::Part::Data(data.to_vec())),
         },
     ];
+    (digest, messages)
+}
+
+async fn upload(store: &mut ContentStoreClient<Channel>, data: &[u8]) -> String {
+    let (digest, messages) = write_messages(data);
     store.write(tokio_stream::iter(messages)).await.unwrap();
     digest
 }
@@ -243,12 +249,7 @@ fn sigterm_starts_nothing_queued_and_cancels_past_the_grace_period() {
     if !require_root("sigterm_starts_nothing_queued_and_cancels_past_the_grace_period") {
         return;
     }
-    let config = tempfile::NamedTempFile::new().unwrap();
-    std::fs::write(
-        config.path(),
-        "max_concurrent_jobs = 1\nshutdown_grace_seconds = 2\n",
-    )
-    .unwrap();
+    let config = config_file("max_concurrent_jobs = 1\nshutdown_grace_seconds = 2\n");
     let mut daemon = Daemon::start_with(&["--config", config.path().to_str().unwrap()]);
     let follow = |argv: &[&str]| {
         std::process::Command::new(KILN)
@@ -352,13 +353,9 @@ fn closed_by_peer(stream: &mut std::os::unix::net::UnixStream, wait: std::time::
 }
 
 fn flood_config(extra: &str) -> tempfile::NamedTempFile {
-    let config = tempfile::NamedTempFile::new().unwrap();
-    std::fs::write(
-        config.path(),
-        format!("socket_gid = 47100\nconnection_handshake_timeout_seconds = 2\n{extra}"),
-    )
-    .unwrap();
-    config
+    config_file(&format!(
+        "socket_gid = 47100\nconnection_handshake_timeout_seconds = 2\n{extra}"
+    ))
 }
 
 /// One client opening hundreds of idle connections: past its own cap they are closed at
@@ -468,8 +465,7 @@ async fn a_full_state_disk_refuses_clearly_and_recovers_without_a_restart() {
     if !require_root("a_full_state_disk_refuses_clearly_and_recovers_without_a_restart") {
         return;
     }
-    let config = tempfile::NamedTempFile::new().unwrap();
-    std::fs::write(config.path(), "state_reserve = \"8M\"\n").unwrap();
+    let config = config_file("state_reserve = \"8M\"\n");
     let args = ["--config", config.path().to_str().unwrap()];
     // The daemon's state directory on a small filesystem of its own.
     let mut daemon = Daemon::start_with(&args);
@@ -516,19 +512,7 @@ async fn a_full_state_disk_refuses_clearly_and_recovers_without_a_restart() {
         let block = vec![0u8; 1 << 20];
         while std::io::Write::write_all(&mut file, &block).is_ok() {}
     }
-    let data = vec![7u8; 300_000];
-    let digest = hex::encode(Sha256::digest(&data));
-    let messages = vec![
-        WriteRequest {
-            part: Some(write_request::Part::Header(WriteHeader {
-                digest: digest.clone(),
-                size: data.len() as u64,
-            })),
-        },
-        WriteRequest {
-            part: Some(write_request::Part::Data(data.clone())),
-        },
-    ];
+    let (_, messages) = write_messages(&[7u8; 300_000]);
     let err = store
         .write(tokio_stream::iter(messages.clone()))
         .await

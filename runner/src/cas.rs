@@ -534,12 +534,12 @@ impl BlobWriter {
             .as_file()
             .sync_all()
             .map_err(RunnerError::io("syncing an upload"))?;
+        // Not remembered as intact here: most blobs (logs, links, outputs) are never
+        // asked for again, and remembering each would grow the daemon with every job.
         let placing = self.store.placing.lock();
-        let stored = self
-            .tmp
+        self.tmp
             .persist(&dest)
             .map_err(|e| RunnerError::io_path("storing", &dest)(e.error))?;
-        self.store.remember_intact(&digest, &stored);
         drop(placing);
         sync_dir(shard)?;
         Ok(digest)

@@ -549,3 +549,10 @@ pub fn run_as(uid: u32, argv: &[&str]) -> Output {
         .output()
         .unwrap()
 }
+
+/// A daemon configuration file holding `text`, removed when dropped.
+pub fn config_file(text: &str) -> tempfile::NamedTempFile {
+    let config = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(config.path(), text).unwrap();
+    config
+}
