@@ -1,4 +1,5 @@
 //! `kiln`: the Kiln daemon (`kiln serve`) and its command-line client.
+#![forbid(unsafe_code)]
 
 mod attest;
 mod auth;

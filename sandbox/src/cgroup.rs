@@ -529,7 +529,7 @@ impl StepCgroup {
         Ok(())
     }
 
-    /// Puts the supervisor into the step cgroup (DESIGN step 1, before the clone).
+    /// Puts the supervisor into the step cgroup (setup step 1 in docs/ARCHITECTURE.md, before the clone).
     pub(crate) fn join(&mut self) -> Result<(), Failure> {
         self.joined = true;
         self.move_self(true)

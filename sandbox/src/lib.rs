@@ -9,6 +9,10 @@
 //!
 //! Layers are never skipped: a layer that cannot be set up makes the step `SetupFailed`
 //! naming the layer.
+//!
+//! Every `unsafe` block of the crate lives in its one `sys` module, each with a
+//! `// SAFETY:` comment; the compiler holds the rest of the crate to that.
+#![deny(unsafe_code)]
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -29,6 +33,7 @@ mod notify;
 mod protocol;
 pub mod seccomp;
 mod supervisor;
+#[allow(unsafe_code)]
 mod sys;
 
 /// argv[1] of the re-executed Kiln binary that runs the sandbox supervisor.
