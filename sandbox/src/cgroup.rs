@@ -529,7 +529,8 @@ impl StepCgroup {
         Ok(())
     }
 
-    /// Puts the supervisor into the step cgroup (setup step 1 in docs/ARCHITECTURE.md, before the clone).
+    /// Puts the supervisor into the step cgroup (setup step 1 in docs/ARCHITECTURE.md,
+    /// before the clone).
     pub(crate) fn join(&mut self) -> Result<(), Failure> {
         self.joined = true;
         self.move_self(true)

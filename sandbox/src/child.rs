@@ -213,8 +213,8 @@ fn mount_fs(fstype: &str, target: &str, flags: MsFlags, data: &str) -> Result<()
     mount(Some(fstype), target, Some(fstype), flags, Some(data))
 }
 
-/// Steps 5-8 of the sandbox setup order (docs/ARCHITECTURE.md): private propagation, the new root, pivot_root,
-/// the workspace as cwd.
+/// Steps 5-8 of the sandbox setup order (docs/ARCHITECTURE.md): private propagation,
+/// the new root, pivot_root, the workspace as cwd.
 fn build_root(plan: &Plan) -> Result<(), Failure> {
     let spec = &plan.spec;
     mount(
@@ -484,7 +484,8 @@ fn build_dev(plan: &Plan, root: &OwnedFd) -> Result<(), Failure> {
     Ok(())
 }
 
-/// Steps 9-15 of the sandbox setup order (docs/ARCHITECTURE.md), then exec. Returns only on failure.
+/// Steps 9-15 of the sandbox setup order (docs/ARCHITECTURE.md), then exec. Returns
+/// only on failure.
 fn step(plan: &Plan, err: &OwnedFd, notify: &OwnedFd) -> Result<std::convert::Infallible, Failure> {
     let spec = &plan.spec;
     let id = spec.step_uid;

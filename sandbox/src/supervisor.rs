@@ -402,8 +402,8 @@ fn launch(plan: &Plan, control: &OwnedFd, cgroup: &mut StepCgroup) -> Result<Ste
     let (sync_r, sync_w) =
         nix::unistd::pipe2(OFlag::O_CLOEXEC).layer("user-namespace", "sync pipe")?;
 
-    // Setup step 1 (docs/ARCHITECTURE.md): in the step cgroup before the cgroup namespace is created, so pid 1
-    // is born inside and the namespace is rooted there.
+    // Setup step 1 (docs/ARCHITECTURE.md): in the step cgroup before the cgroup
+    // namespace is created, so pid 1 is born inside and the namespace is rooted there.
     // The step sends its seccomp notification listener on this pair (see notify.rs).
     let (notify_r, notify_w) = socketpair(
         AddressFamily::Unix,
