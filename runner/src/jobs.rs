@@ -995,95 +995,35 @@ impl Runner {
             stderr_bytes: stderr.total,
             ..Default::default()
         };
-        let (state, exit_code, signal, message) = match &outcome.status {
-            StepStatus::Exited { code } => (
-                if *code == 0 {
-                    StepState::Succeeded
-                } else {
-                    StepState::Failed
-                },
-                *code,
-                0,
-                if *code == 0 {
-                    String::new()
-                } else {
-                    format!("exited with code {code}")
-                },
-            ),
-            StepStatus::Signaled { signal } => (
-                StepState::Failed,
-                128 + signal,
-                *signal,
-                format!("killed by signal {signal}"),
-            ),
-            StepStatus::TimedOut => (
-                StepState::TimedOut,
-                128 + libc::SIGKILL,
-                libc::SIGKILL,
-                format!(
-                    "timed out after {timeout_seconds} s; every process of the step was killed"
-                ),
-            ),
-            StepStatus::Cancelled => (
-                StepState::Cancelled,
-                128 + libc::SIGKILL,
-                libc::SIGKILL,
-                "cancelled; every process of the step was killed".into(),
-            ),
-            StepStatus::ExecFailed { errno, message } => (
-                StepState::Failed,
-                if *errno == libc::ENOENT { 127 } else { 126 },
-                0,
-                format!("cannot execute {:?}: {message}", step.argv[0]),
-            ),
-            StepStatus::SetupFailed { layer, message } => {
-                // The step never ran: nothing to attest.
-                result.state = StepState::Error as i32;
-                result.exit_code = 125;
-                // The supervisor's text may name the host's side of a mount.
-                let message = message
-                    .replace(&workspace.display().to_string(), "/workspace")
-                    .replace(&self.config.state_dir.display().to_string(), "<state>");
-                result.message = format!("sandbox layer {layer:?} could not be set up: {message}");
-                return Ok((result, None));
-            }
+        let Some(verdict) =
+            crate::outcome::verdict(&outcome.status, timeout_seconds, &step.argv[0])
+        else {
+            let StepStatus::SetupFailed { layer, message } = &outcome.status else {
+                return Err(RunnerError::Internal("a step status without a verdict".into()).into());
+            };
+            // The step never ran: nothing to attest.
+            result.state = StepState::Error as i32;
+            result.exit_code = 125;
+            // The supervisor's text may name the host's side of a mount.
+            let message = message
+                .replace(&workspace.display().to_string(), "/workspace")
+                .replace(&self.config.state_dir.display().to_string(), "<state>");
+            result.message = format!("sandbox layer {layer:?} could not be set up: {message}");
+            return Ok((result, None));
         };
+        let (state, exit_code, signal) = (verdict.state, verdict.exit_code, verdict.signal);
         // Which limits the step ran into; the first one named is the reason reported.
         let usage = &outcome.usage;
-        let quota_hit = crate::limits::workspace_usage(workspace).is_some_and(|(_, full)| full);
-        let timed_out = outcome.status == StepStatus::TimedOut;
-        let limit_reason = [
-            (timed_out, "timeout"),
-            (usage.oom_killed, "oom"),
-            (usage.pids_limit_hit, "pids"),
-            (quota_hit, "disk-quota"),
-        ]
-        .iter()
-        .find(|(hit, _)| *hit)
-        .map(|(_, name)| *name)
-        .unwrap_or_default();
+        let hit = crate::outcome::LimitsHit {
+            timed_out: outcome.status == StepStatus::TimedOut,
+            oom_killed: usage.oom_killed,
+            pids_limit_hit: usage.pids_limit_hit,
+            quota_hit: crate::limits::workspace_usage(workspace).is_some_and(|(_, full)| full),
+        };
+        let (timed_out, quota_hit) = (hit.timed_out, hit.quota_hit);
+        let limit_reason = hit.reason();
         let size = crate::limits::format_size;
-        let mut notes = vec![message];
-        if usage.oom_killed {
-            notes.push(format!(
-                "the memory limit of {} was reached: the OOM killer killed a process of the step",
-                size(limits.memory_bytes)
-            ));
-        }
-        if usage.pids_limit_hit {
-            notes.push(format!(
-                "the pids limit of {} was reached: a fork failed",
-                limits.pids
-            ));
-        }
-        if quota_hit {
-            notes.push(format!(
-                "the workspace quota of {} was reached: writes failed with ENOSPC",
-                size(limits.disk_bytes)
-            ));
-        }
-        notes.retain(|n| !n.is_empty());
-        let message = notes.join("; ");
+        let message = hit.message(&verdict.message, &limits);
         result.state = state as i32;
         result.exit_code = exit_code;
         result.signal = signal;

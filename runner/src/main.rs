@@ -16,6 +16,7 @@ mod jobs;
 mod limits;
 mod listener;
 mod netpolicy;
+mod outcome;
 mod profile;
 mod proxy;
 mod server;
