@@ -15,27 +15,10 @@ use agent_proto::v1::{
     JobState, ListLinksRequest, OutputStream, ReadRequest, Step, SubmitRequest, WatchRequest,
     WriteHeader, WriteRequest,
 };
-use hyper_util::rt::TokioIo;
 use sha2::{Digest, Sha256};
 use support::*;
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::transport::Channel;
 use tonic::Code;
-
-async fn channel(daemon: &Daemon) -> Channel {
-    let socket = daemon.socket.clone();
-    Endpoint::try_from("http://kiln.invalid")
-        .unwrap()
-        .connect_with_connector(tower::service_fn(move |_: Uri| {
-            let socket = socket.clone();
-            async move {
-                Ok::<_, std::io::Error>(TokioIo::new(
-                    tokio::net::UnixStream::connect(socket).await?,
-                ))
-            }
-        }))
-        .await
-        .unwrap()
-}
 
 fn write_messages(digest: &str, data: &[u8]) -> Vec<WriteRequest> {
     vec![

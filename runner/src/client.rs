@@ -20,9 +20,32 @@ use hyper_util::rt::TokioIo;
 use sha2::{Digest, Sha256};
 use tonic::transport::{Channel, Endpoint, Uri};
 
-use crate::LinkFormat;
-
 pub const EXIT_KILN_ERROR: i32 = 125;
+
+/// How `--attest-dir` writes each step's link (same file name either way).
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LinkFormat {
+    /// An in-toto metablock (`signed` + `signatures`).
+    Metablock,
+    /// A DSSE envelope (payloadType application/vnd.in-toto+json).
+    Dsse,
+}
+
+/// A gRPC channel to the daemon whose every connection is one that `connect` opens: to
+/// the socket (or, in tests, to the socket with another uid's credentials).
+pub async fn channel_over<F, Fut>(connect: F) -> Result<Channel, tonic::transport::Error>
+where
+    F: Fn() -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = std::io::Result<tokio::net::UnixStream>> + Send + 'static,
+{
+    // The URI is required by the API but unused: every connection goes to the socket.
+    Endpoint::from_static("http://kiln.invalid")
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let connect = connect.clone();
+            async move { Ok::<_, std::io::Error>(TokioIo::new(connect().await?)) }
+        }))
+        .await
+}
 
 #[derive(Clone)]
 pub struct Client {
@@ -81,19 +104,15 @@ impl Client {
     pub async fn connect(socket: &Path) -> anyhow::Result<Self> {
         let socket = socket.to_path_buf();
         let display = socket.display().to_string();
-        // The URI is required by the API but unused: every connection goes to the socket.
-        let channel = Endpoint::try_from("http://kiln.invalid")?
-            .connect_with_connector(tower::service_fn(move |_: Uri| {
-                let socket = socket.clone();
-                async move {
-                    Ok::<_, std::io::Error>(TokioIo::new(
-                        tokio::net::UnixStream::connect(socket).await?,
-                    ))
-                }
-            }))
+        let channel = channel_over(move || tokio::net::UnixStream::connect(socket.clone()))
             .await
             .with_context(|| format!("connecting to the kiln daemon at {display}"))?;
         Ok(Self { channel })
+    }
+
+    /// The gRPC channel, for calls the client has no method for.
+    pub fn channel(&self) -> Channel {
+        self.channel.clone()
     }
 
     pub fn jobs(&self) -> JobsClient<Channel> {

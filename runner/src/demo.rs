@@ -102,7 +102,7 @@ pub async fn run(keep: bool) -> anyhow::Result<i32> {
     let links = root.join("links");
     let out = root.join("out");
     let written = client
-        .download_links(&job_id, &links, crate::LinkFormat::Metablock)
+        .download_links(&job_id, &links, crate::client::LinkFormat::Metablock)
         .await?;
     let provenance = client.download_provenance(&job, &links).await?;
     client.download_outputs(&job, &out).await?;

@@ -1,31 +1,6 @@
 //! `kiln`: the Kiln daemon (`kiln serve`) and its command-line client.
 #![forbid(unsafe_code)]
 
-mod attest;
-mod auth;
-mod cas;
-mod client;
-mod config;
-mod db;
-mod demo;
-mod error;
-mod idranges;
-mod images;
-mod jobfile;
-mod jobs;
-mod limits;
-mod listener;
-mod netpolicy;
-mod outcome;
-mod profile;
-mod proxy;
-mod server;
-mod service;
-mod signer;
-mod spec;
-mod verify;
-mod watch;
-
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -33,7 +8,9 @@ use agent_proto::v1::{JobSpec, ResourceLimits, Step};
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 
-use crate::client::{Client, EXIT_KILN_ERROR};
+use runner::client::LinkFormat;
+use runner::client::{Client, EXIT_KILN_ERROR};
+use runner::{cas, client, config, db, demo, images, jobfile, limits, server, signer, verify};
 
 #[derive(Parser)]
 #[command(
@@ -232,15 +209,6 @@ enum KeyFormat {
     /// Every key the runner signed with and its validity window (JSON), for
     /// `kiln verify --provenance --key`.
     Ring,
-}
-
-/// How `--attest-dir` writes each step's link (same file name either way).
-#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum LinkFormat {
-    /// An in-toto metablock (`signed` + `signatures`).
-    Metablock,
-    /// A DSSE envelope (payloadType application/vnd.in-toto+json).
-    Dsse,
 }
 
 #[derive(Subcommand)]

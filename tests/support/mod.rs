@@ -516,25 +516,30 @@ pub fn connect_as(
     .map_err(|_| std::io::Error::other("connecting thread panicked"))?
 }
 
-/// A gRPC channel to the daemon whose every connection is made as `uid`/`gid`.
+/// A gRPC channel to the daemon whose every connection is made as `uid`/`gid`, built
+/// with the CLI's own connector.
 pub async fn channel_as(socket: &Path, uid: u32, gid: u32) -> tonic::transport::Channel {
     let socket = socket.to_path_buf();
-    tonic::transport::Endpoint::try_from("http://kiln.invalid")
-        .unwrap()
-        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
-            let socket = socket.clone();
-            async move {
-                let stream = tokio::task::spawn_blocking(move || connect_as(&socket, uid, gid))
-                    .await
-                    .map_err(std::io::Error::other)??;
-                stream.set_nonblocking(true)?;
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                    tokio::net::UnixStream::from_std(stream)?,
-                ))
-            }
-        }))
+    runner::client::channel_over(move || {
+        let socket = socket.clone();
+        async move {
+            let stream = tokio::task::spawn_blocking(move || connect_as(&socket, uid, gid))
+                .await
+                .map_err(std::io::Error::other)??;
+            stream.set_nonblocking(true)?;
+            tokio::net::UnixStream::from_std(stream)
+        }
+    })
+    .await
+    .unwrap()
+}
+
+/// A gRPC channel to the daemon, as the `kiln` CLI opens it.
+pub async fn channel(daemon: &Daemon) -> tonic::transport::Channel {
+    runner::client::Client::connect(&daemon.socket)
         .await
         .unwrap()
+        .channel()
 }
 
 /// Runs `argv` as host user `uid` (group `uid`, no supplementary groups).
