@@ -674,7 +674,8 @@ fn host_sysv_shared_memory_is_invisible() {
     let Some(mut lab) = Lab::start("host_sysv_shared_memory_is_invisible", "") else {
         return;
     };
-    let key: libc::key_t = 0x4b49_0000 | (std::process::id() as libc::key_t & 0xffff);
+    let key: libc::key_t =
+        0x4b49_0000 | libc::key_t::try_from(std::process::id() & 0xffff).unwrap();
     // SAFETY: plain SysV calls on a segment this test owns.
     let id = unsafe { libc::shmget(key, 4096, libc::IPC_CREAT | 0o666) };
     assert!(id >= 0, "shmget: {}", std::io::Error::last_os_error());

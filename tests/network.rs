@@ -46,8 +46,8 @@ impl Servers {
         let ports: Value = serde_json::from_str(&line).expect("servers.py printed its ports");
         Servers {
             child,
-            http: ports["http"].as_u64().unwrap() as u16,
-            https: ports["https"].as_u64().unwrap() as u16,
+            http: u16::try_from(ports["http"].as_u64().unwrap()).unwrap(),
+            https: u16::try_from(ports["https"].as_u64().unwrap()).unwrap(),
             ca: dir.path().join("ca.pem"),
             requests: dir.path().join("requests.log"),
             _dir: dir,

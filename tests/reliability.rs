@@ -294,10 +294,13 @@ fn sigterm_starts_nothing_queued_and_cancels_past_the_grace_period() {
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
     let status = daemon.stop();
-    let stopped_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64;
+    let stopped_ms = i64::try_from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis(),
+    )
+    .unwrap();
     assert!(status.success(), "daemon exit {status:?}\n{}", daemon.log());
     let queued = queued.wait_with_output().unwrap();
     assert_eq!(queued.status.code(), Some(125), "{}", describe(&queued));

@@ -8,7 +8,7 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use sha2::{Digest, Sha256};
 
@@ -610,13 +610,19 @@ impl TreeHasher {
 
     /// (realtime ns since the epoch, realtime - monotonic ns).
     fn clock_sample(&self) -> (i128, i128) {
-        let mono = self.origin.elapsed().as_nanos() as i128;
+        let mono = nanos_i128(self.origin.elapsed());
         let real = SystemTime::now()
             .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_nanos() as i128)
+            .map(nanos_i128)
             .unwrap_or(0);
         (real, real - mono)
     }
+}
+
+/// A duration in ns as `i128`. Every `Duration` is below 2^94 ns, so the
+/// saturation is never reached; it only spares a cast.
+fn nanos_i128(d: Duration) -> i128 {
+    i128::try_from(d.as_nanos()).unwrap_or(i128::MAX)
 }
 
 /// Device numbers (as in `st_dev`) of mounted filesystems, mapped to whether
@@ -680,7 +686,7 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("big");
         // Larger than one buffer, to exercise streaming.
-        let data: Vec<u8> = (0..(BUF_SIZE * 3 + 17)).map(|i| (i % 251) as u8).collect();
+        let data: Vec<u8> = (0..=250u8).cycle().take(BUF_SIZE * 3 + 17).collect();
         fs::write(&p, &data).unwrap();
         assert_eq!(sha256_file(&p).unwrap(), sha256_bytes(&data));
     }
@@ -732,7 +738,9 @@ mod tests {
             BUF_SIZE + 1,
             2 * BUF_SIZE + 7,
         ] {
-            let data: Vec<u8> = (0..size).map(|i| (i * 31 % 251) as u8).collect();
+            let data: Vec<u8> = (0..size)
+                .map(|i| u8::try_from(i * 31 % 251).unwrap())
+                .collect();
             let path = dir.path().join(format!("f{size}"));
             fs::write(&path, &data).unwrap();
             assert_eq!(

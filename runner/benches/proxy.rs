@@ -50,7 +50,7 @@ fn answer(stream: TcpStream) {
     let chunk = vec![0u8; 1 << 20];
     let mut left = size;
     while left > 0 {
-        let n = left.min(chunk.len() as u64) as usize;
+        let n = usize::try_from(left).map_or(chunk.len(), |left| left.min(chunk.len()));
         if out.write_all(&chunk[..n]).is_err() {
             return;
         }

@@ -50,9 +50,10 @@ impl IdRanges {
             let first = u64::from(uid_base) + k * u64::from(id_range);
             k += 1;
             let end = first + u64::from(id_range);
-            if end > u64::from(u32::MAX) {
+            // Only ranges within the host's u32 ids (`end` is exclusive, so it may be u32::MAX).
+            let (Ok(base), Ok(_)) = (u32::try_from(first), u32::try_from(end)) else {
                 continue;
-            }
+            };
             let blocks: Vec<u64> = (first / BLOCK..end.div_ceil(BLOCK)).collect();
             let mut taken = Vec::new();
             let mut free = true;
@@ -70,7 +71,7 @@ impl IdRanges {
             }
             if free {
                 locks.extend(taken);
-                bases.push(first as u32);
+                bases.push(base);
             }
             // Otherwise the blocks taken for this candidate are unlocked as they drop.
         }

@@ -47,7 +47,8 @@ const WORKSPACE_IN_SANDBOX: &str = "/workspace";
 pub fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
+        // Saturates, some 292 million years from now.
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
         .unwrap_or(0)
 }
 
@@ -977,7 +978,7 @@ impl Runner {
 
         let mut result = StepResult {
             name: step.name.clone(),
-            duration_ms: started.elapsed().as_millis() as u64,
+            duration_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
             start_latency_us: outcome
                 .exec_monotonic_ns
                 .map(|exec| exec.saturating_sub(scheduled_ns) / 1000)
@@ -1184,7 +1185,8 @@ impl Runner {
             }
             // What subscribers get is always a prefix of what is stored, so one who
             // fell behind can take the rest from the store.
-            let kept = &chunk[..keep as usize];
+            // `keep` is at most `chunk.len()` (claimed from `room.min(chunk.len())`).
+            let kept = &chunk[..usize::try_from(keep).map_or(chunk.len(), |k| k.min(chunk.len()))];
             if let Err(err) = writer.write(kept) {
                 tracing::warn!(job = %id, error = %err, "storing step output; the log is not stored");
                 store = None;

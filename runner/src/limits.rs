@@ -70,7 +70,7 @@ fn scale_decimal(number: &str, factor: u64) -> Option<u64> {
     } else {
         frac.parse().ok()?
     };
-    let denom = 10u128.pow(frac.len() as u32);
+    let denom = 10u128.pow(u32::try_from(frac.len()).ok()?);
     let value = int
         .checked_mul(u128::from(factor))?
         .checked_add(frac_value * u128::from(factor) / denom)?;

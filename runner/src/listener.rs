@@ -75,7 +75,7 @@ async fn accept_loop(
                 // EMFILE/ENFILE and the like: the pending connection stays in the backlog,
                 // so accepting again at once would spin. Wait, longer each time.
                 said.warn("accept", || {
-                    tracing::warn!(error = %err, backoff_ms = backoff.as_millis() as u64, "cannot accept connections; backing off");
+                    tracing::warn!(error = %err, backoff_ms = u64::try_from(backoff.as_millis()).unwrap_or(u64::MAX), "cannot accept connections; backing off");
                 });
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(MAX_BACKOFF);

@@ -260,16 +260,21 @@ fn main() -> ExitCode {
         Ok(rt) => rt,
         Err(err) => {
             eprintln!("kiln: starting the runtime: {err}");
-            return ExitCode::from(EXIT_KILN_ERROR as u8);
+            return exit_code(EXIT_KILN_ERROR);
         }
     };
     match runtime.block_on(run(cli)) {
-        Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
+        Ok(code) => exit_code(code),
         Err(err) => {
             eprintln!("kiln: {}", describe_error(&err));
-            ExitCode::from(EXIT_KILN_ERROR as u8)
+            exit_code(EXIT_KILN_ERROR)
         }
     }
+}
+
+/// The process exit status for a code: statuses are 0..=255, so others saturate.
+fn exit_code(code: i32) -> ExitCode {
+    ExitCode::from(u8::try_from(code.clamp(0, 255)).unwrap_or(u8::MAX))
 }
 
 async fn run(cli: Cli) -> anyhow::Result<i32> {

@@ -275,14 +275,13 @@ fn special_v4(v4: Ipv4Addr) -> Option<&'static str> {
 /// The IPv4 address a translation or tunnel block carries, where the block has one
 /// (6to4 in bits 16-47, the others in the last 32 bits).
 fn embedded_ipv4(v6: Ipv6Addr) -> Option<Ipv4Addr> {
-    let bits = u128::from(v6);
-    let s = v6.segments();
-    let low = Ipv4Addr::from((bits & 0xffff_ffff) as u32);
-    match s {
+    let o = v6.octets();
+    let low = Ipv4Addr::new(o[12], o[13], o[14], o[15]);
+    match v6.segments() {
         [0, 0, 0, 0, 0, 0 | 0xffff, ..] => Some(low),
         [0x64, 0xff9b, 0, 0, 0, 0, ..] => Some(low),
         [0x64, 0xff9b, 1, ..] => Some(low),
-        [0x2002, ..] => Some(Ipv4Addr::from((bits >> 80) as u32)),
+        [0x2002, ..] => Some(Ipv4Addr::new(o[2], o[3], o[4], o[5])),
         _ => None,
     }
 }

@@ -179,7 +179,8 @@ impl Live {
             .ok()
             .and_then(|e| *e)
             .unwrap_or_else(|| self.started.elapsed());
-        a.duration_ms = elapsed.as_millis() as u64;
+        // Reported to the client; saturates rather than wraps.
+        a.duration_ms = u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX);
         a
     }
 
@@ -1374,6 +1375,20 @@ mod tests {
         back
     }
 
+    /// A TLS length field of two bytes.
+    fn be16(len: usize) -> [u8; 2] {
+        u16::try_from(len)
+            .expect("test length fits 16 bits")
+            .to_be_bytes()
+    }
+
+    /// A TLS length field of three bytes (a handshake message's).
+    fn be24(len: usize) -> [u8; 3] {
+        let [high, a, b, c] = u32::try_from(len).expect("test length fits").to_be_bytes();
+        assert_eq!(high, 0, "test length fits 24 bits");
+        [a, b, c]
+    }
+
     /// A TLS 1.2-framed ClientHello record with these extensions.
     fn hello_with(extensions: &[(u16, Vec<u8>)]) -> Vec<u8> {
         let mut body = vec![0x03, 0x03];
@@ -1383,13 +1398,13 @@ mod tests {
         let mut block = Vec::new();
         for (kind, data) in extensions {
             block.extend(kind.to_be_bytes());
-            block.extend((data.len() as u16).to_be_bytes());
+            block.extend(be16(data.len()));
             block.extend(data);
         }
-        body.extend((block.len() as u16).to_be_bytes());
+        body.extend(be16(block.len()));
         body.extend(block);
         let mut handshake = vec![1];
-        handshake.extend(&(body.len() as u32).to_be_bytes()[1..]);
+        handshake.extend(be24(body.len()));
         handshake.extend(body);
         records(&[&handshake])
     }
@@ -1398,7 +1413,7 @@ mod tests {
         let mut out = Vec::new();
         for fragment in fragments {
             out.extend([0x16, 0x03, 0x01]);
-            out.extend((fragment.len() as u16).to_be_bytes());
+            out.extend(be16(fragment.len()));
             out.extend(*fragment);
         }
         out
@@ -1406,9 +1421,9 @@ mod tests {
 
     fn server_name(name: &str) -> (u16, Vec<u8>) {
         let name = name.as_bytes();
-        let mut data = ((name.len() + 3) as u16).to_be_bytes().to_vec();
+        let mut data = be16(name.len() + 3).to_vec();
         data.push(0);
-        data.extend((name.len() as u16).to_be_bytes());
+        data.extend(be16(name.len()));
         data.extend(name);
         (0, data)
     }
@@ -1680,8 +1695,8 @@ mod tests {
             let mut hello = client_hello(Some("a.org"));
             hello.push(0x13);
             let n = hello.len();
-            hello[3..5].copy_from_slice(&((n - 5) as u16).to_be_bytes());
-            hello[6..9].copy_from_slice(&((n - 9) as u32).to_be_bytes()[1..]);
+            hello[3..5].copy_from_slice(&be16(n - 5));
+            hello[6..9].copy_from_slice(&be24(n - 9));
             if extension_block_too {
                 // After the record and handshake headers, version, random, an empty
                 // session id, one cipher suite and one compression method.

@@ -374,16 +374,22 @@ pub(crate) fn loopback_up() -> Result<(), Errno> {
     // zeroes is a valid value.
     let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
     for (dst, src) in req.ifr_name.iter_mut().zip(b"lo\0") {
-        *dst = *src as libc::c_char;
+        // "lo" is ASCII: every byte fits a c_char, signed or not.
+        #[allow(clippy::cast_possible_wrap)]
+        let byte = *src as libc::c_char;
+        *dst = byte;
     }
     // SAFETY: SIOCGIFFLAGS reads the NUL-terminated name in `req` and writes the flags into
     // it; `req` is a valid, writable ifreq that outlives the call.
     if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) } < 0 {
         return Err(Errno::last());
     }
+    // IFF_UP | IFF_RUNNING is 0x41, inside c_short; ifru_flags is a c_short.
+    #[allow(clippy::cast_possible_truncation)]
+    const UP_RUNNING: libc::c_short = (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
     // SAFETY: SIOCGIFFLAGS just filled `ifru_flags`, the union member read and written.
     unsafe {
-        req.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
+        req.ifr_ifru.ifru_flags |= UP_RUNNING;
     }
     // SAFETY: SIOCSIFFLAGS reads `req`, a valid ifreq naming the interface and its flags.
     if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &req) } < 0 {

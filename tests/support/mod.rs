@@ -175,7 +175,7 @@ impl Daemon {
     pub fn stop(&mut self) -> std::process::ExitStatus {
         let mut child = self.child.take().expect("daemon running");
         nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::unistd::Pid::from_raw(i32::try_from(child.id()).expect("pid fits pid_t")),
             nix::sys::signal::Signal::SIGTERM,
         )
         .unwrap();

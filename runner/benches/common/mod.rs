@@ -51,10 +51,12 @@ impl Daemon {
 
     /// SIGTERM, then wait; returns the daemon's log.
     pub fn stop(mut self) -> String {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.child.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        );
+        if let Ok(pid) = i32::try_from(self.child.id()) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+        }
         let _ = self.child.wait();
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
