@@ -236,7 +236,7 @@ impl Config {
     }
 
     fn validate_network(&self) -> Result<()> {
-        crate::netpolicy::Ceiling::parse(&self.network_ceiling)
+        crate::egress::netpolicy::Ceiling::parse(&self.network_ceiling)
             .map_err(|e| RunnerError::invalid("network_ceiling", e.to_string()))?;
         for (uid, ceiling) in &self.network_ceiling_by_uid {
             if uid.parse::<u32>().is_err() {
@@ -245,7 +245,7 @@ impl Config {
                     format!("{uid:?} is not a numeric uid"),
                 ));
             }
-            crate::netpolicy::Ceiling::parse(ceiling).map_err(|e| {
+            crate::egress::netpolicy::Ceiling::parse(ceiling).map_err(|e| {
                 RunnerError::invalid(format!("network_ceiling_by_uid.{uid}"), e.to_string())
             })?;
         }
@@ -259,16 +259,16 @@ impl Config {
     }
 
     /// The ceiling for a client's allow-lists (validated at start-up).
-    pub fn network_ceiling_for(&self, peer_uid: Option<u32>) -> crate::netpolicy::Ceiling {
+    pub fn network_ceiling_for(&self, peer_uid: Option<u32>) -> crate::egress::netpolicy::Ceiling {
         let entries = peer_uid
             .and_then(|uid| self.network_ceiling_by_uid.get(&uid.to_string()))
             .unwrap_or(&self.network_ceiling);
         // validate() parsed these at start-up; an unparsable list allows nothing.
-        crate::netpolicy::Ceiling::parse(entries).unwrap_or_default()
+        crate::egress::netpolicy::Ceiling::parse(entries).unwrap_or_default()
     }
 
-    pub fn proxy_limits(&self) -> crate::proxy::ProxyLimits {
-        crate::proxy::ProxyLimits {
+    pub fn proxy_limits(&self) -> crate::egress::proxy::ProxyLimits {
+        crate::egress::proxy::ProxyLimits {
             max_connections: self.proxy_max_connections,
             max_bytes: self.proxy_max_bytes.0,
             idle_timeout: std::time::Duration::from_secs(self.proxy_idle_timeout_seconds),

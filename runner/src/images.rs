@@ -261,7 +261,7 @@ impl Images {
         if recipe.name == HOST_IMAGE {
             return Err(RunnerError::invalid("name", "\"host\" is built in"));
         }
-        crate::cas::check_digest("deb.sha256", &recipe.deb.sha256)?;
+        crate::store::cas::check_digest("deb.sha256", &recipe.deb.sha256)?;
         let deb = fetch_deb(recipe_dir, &recipe.deb)?;
         let binary = extract_from_deb(&deb, &recipe.deb.binary)?;
 

@@ -3,27 +3,14 @@
 //! is described in docs/ARCHITECTURE.md.
 #![forbid(unsafe_code)]
 
-pub mod attest;
-pub mod auth;
-pub mod cas;
-pub mod client;
+pub mod api;
+pub mod cli;
 pub mod config;
-pub mod db;
-pub mod demo;
+pub mod daemon;
+pub mod egress;
+pub mod engine;
 pub mod error;
-pub mod idranges;
 pub mod images;
-pub mod jobfile;
-pub mod jobs;
 pub mod limits;
-pub mod listener;
-pub mod netpolicy;
-pub mod outcome;
-pub mod profile;
-pub mod proxy;
-pub mod server;
-pub mod service;
-pub mod signer;
 pub mod spec;
-pub mod verify;
-pub mod watch;
+pub mod store;

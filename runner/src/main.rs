@@ -8,9 +8,13 @@ use agent_proto::v1::{JobSpec, ResourceLimits, Step};
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 
-use runner::client::LinkFormat;
-use runner::client::{Client, EXIT_KILN_ERROR};
-use runner::{cas, client, config, db, demo, images, jobfile, limits, server, signer, verify};
+use runner::cli::client::LinkFormat;
+use runner::cli::client::{Client, EXIT_KILN_ERROR};
+use runner::cli::{client, demo, jobfile, verify};
+use runner::daemon::server;
+use runner::engine::signer;
+use runner::store::{cas, db};
+use runner::{config, images, limits};
 
 #[derive(Parser)]
 #[command(
@@ -236,7 +240,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     // The daemon logs what it does; the client stays quiet unless asked (KILN_LOG).
     let default_filter = match cli.command {
-        Command::Serve { .. } => "warn,kiln=info",
+        Command::Serve { .. } => "warn,runner=info,kiln=info",
         _ => "warn",
     };
     tracing_subscriber::fmt()

@@ -5,8 +5,8 @@ use std::collections::BTreeSet;
 
 use agent_proto::v1::JobSpec;
 
-use crate::cas::check_digest;
 use crate::error::{Result, RunnerError};
+use crate::store::cas::check_digest;
 
 pub const MAX_NAME_BYTES: usize = 256;
 pub const MAX_PATH_BYTES: usize = 4096;
@@ -29,7 +29,7 @@ pub struct SpecLimits {
     pub max_cpu_millis: u32,
     pub max_disk_bytes: u64,
     /// What this client's allow-lists may name.
-    pub network_ceiling: crate::netpolicy::Ceiling,
+    pub network_ceiling: crate::egress::netpolicy::Ceiling,
     pub max_inputs: usize,
     /// The spec's encoded (protobuf) size.
     pub max_spec_bytes: u64,
@@ -316,7 +316,7 @@ pub fn validate(spec: &JobSpec, limits: &SpecLimits) -> Result<()> {
             return Err(RunnerError::invalid(field("allow_net"), "too many entries"));
         }
         for (j, text) in step.allow_net.iter().enumerate() {
-            let entry = crate::netpolicy::Entry::parse(text).map_err(|e| {
+            let entry = crate::egress::netpolicy::Entry::parse(text).map_err(|e| {
                 RunnerError::invalid(format!("steps[{i}].allow_net[{j}]"), e.to_string())
             })?;
             if !limits.network_ceiling.covers(&entry) {
@@ -358,7 +358,7 @@ mod tests {
             max_pids: 100,
             max_cpu_millis: 2000,
             max_disk_bytes: 1 << 30,
-            network_ceiling: crate::netpolicy::Ceiling::parse(&["*:*"]).unwrap(),
+            network_ceiling: crate::egress::netpolicy::Ceiling::parse(&["*:*"]).unwrap(),
             max_inputs: 1000,
             max_spec_bytes: 1 << 20,
         }
@@ -572,7 +572,8 @@ mod tests {
         assert!(err.to_string().contains("steps[0].allow_net[1]"), "{err}");
         // Outside the operator's ceiling for this client: refused, named.
         let mut narrow = limits();
-        narrow.network_ceiling = crate::netpolicy::Ceiling::parse(&["*.example.org:443"]).unwrap();
+        narrow.network_ceiling =
+            crate::egress::netpolicy::Ceiling::parse(&["*.example.org:443"]).unwrap();
         spec.steps[0].allow_net = vec!["a.example.org:443".into(), "example.org:443".into()];
         let err = validate(&spec, &narrow).unwrap_err();
         assert!(matches!(err, RunnerError::PermissionDenied(_)), "{err}");

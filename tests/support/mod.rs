@@ -520,7 +520,7 @@ pub fn connect_as(
 /// with the CLI's own connector.
 pub async fn channel_as(socket: &Path, uid: u32, gid: u32) -> tonic::transport::Channel {
     let socket = socket.to_path_buf();
-    runner::client::channel_over(move || {
+    runner::cli::client::channel_over(move || {
         let socket = socket.clone();
         async move {
             let stream = tokio::task::spawn_blocking(move || connect_as(&socket, uid, gid))
@@ -536,7 +536,7 @@ pub async fn channel_as(socket: &Path, uid: u32, gid: u32) -> tonic::transport::
 
 /// A gRPC channel to the daemon, as the `kiln` CLI opens it.
 pub async fn channel(daemon: &Daemon) -> tonic::transport::Channel {
-    runner::client::Client::connect(&daemon.socket)
+    runner::cli::client::Client::connect(&daemon.socket)
         .await
         .unwrap()
         .channel()

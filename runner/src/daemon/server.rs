@@ -12,15 +12,15 @@ use anyhow::{bail, Context};
 use sandbox::Sandbox;
 use tokio::net::UnixListener;
 
-use crate::auth::Authenticator;
-use crate::cas::ContentStore;
+use crate::api::auth::Authenticator;
+use crate::api::service::Service;
 use crate::config::Config;
-use crate::db::{Creation, Database};
-use crate::idranges::{self, IdRanges};
+use crate::engine::idranges::{self, IdRanges};
+use crate::engine::jobs::{Isolation, Runner};
+use crate::engine::signer::{RingOrigin, Signer};
 use crate::images::Images;
-use crate::jobs::{Isolation, Runner};
-use crate::service::Service;
-use crate::signer::{RingOrigin, Signer};
+use crate::store::cas::ContentStore;
+use crate::store::db::{Creation, Database};
 
 pub async fn serve(config: Config, creation: Creation) -> anyhow::Result<()> {
     config.validate()?;
@@ -202,9 +202,9 @@ pub async fn serve(config: Config, creation: Creation) -> anyhow::Result<()> {
     let max_request =
         usize::try_from(config.max_spec_bytes.0.max(4 << 20) + (64 << 10)).unwrap_or(usize::MAX);
     tracing::info!(socket = %config.socket.display(), "listening");
-    let incoming = crate::listener::incoming(
+    let incoming = crate::daemon::listener::incoming(
         listener,
-        crate::listener::ConnectionLimits {
+        crate::daemon::listener::ConnectionLimits {
             max_connections: config.max_connections,
             max_per_client: config.max_connections_per_client,
             handshake_timeout: std::time::Duration::from_secs(

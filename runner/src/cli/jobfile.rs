@@ -7,7 +7,7 @@ use agent_proto::v1::{JobSpec, ResourceLimits, Step};
 use anyhow::Context;
 use serde::Deserialize;
 
-use crate::client::{collect_inputs, LocalInput};
+use crate::cli::client::{collect_inputs, LocalInput};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]

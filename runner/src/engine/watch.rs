@@ -18,7 +18,7 @@ use agent_proto::v1::{
 use tokio::sync::{mpsc, watch};
 use tonic::Status;
 
-use crate::cas::ContentStore;
+use crate::store::cas::ContentStore;
 
 /// Events handed to a subscriber per look at the ring: it never copies a whole backlog.
 const BATCH: usize = 16;

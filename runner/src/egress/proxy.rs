@@ -35,7 +35,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 
-use crate::netpolicy::{AllowList, Decision, HostAddresses};
+use crate::egress::netpolicy::{AllowList, Decision, HostAddresses};
 
 /// Request line and headers together.
 const MAX_HEAD_BYTES: usize = 64 * 1024;

@@ -21,15 +21,15 @@ use sandbox::{Canceller, HostSupport, Sandbox, StepSpec, StepStatus};
 use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, watch, Semaphore};
 
-use crate::auth::Principal;
-use crate::cas::ContentStore;
+use crate::api::auth::Principal;
 use crate::config::Config;
-use crate::db::{Database, Inserted};
+use crate::engine::idranges::IdRanges;
+use crate::engine::signer::Signer;
+use crate::engine::watch::EventRing;
 use crate::error::{Result, RunnerError};
-use crate::idranges::IdRanges;
 use crate::images::{Images, ResolvedImage, BUILD_UID};
-use crate::signer::Signer;
-use crate::watch::EventRing;
+use crate::store::cas::ContentStore;
+use crate::store::db::{Database, Inserted};
 use provenance::walk::{
     Entry as WalkEntry, Flow, Kind as WalkKind, Problem as WalkProblem, WalkError, WalkOptions,
 };
@@ -107,7 +107,7 @@ pub struct Runner {
     pub key: Signer,
     sandbox: Sandbox,
     host: HostSupport,
-    profiles: crate::profile::ProfileDigests,
+    profiles: crate::engine::profile::ProfileDigests,
     /// Supervisors started ahead of their steps.
     standby: Mutex<Vec<sandbox::Standby>>,
     handles: Mutex<HashMap<String, Arc<JobHandle>>>,
@@ -227,7 +227,7 @@ impl Runner {
     }
 
     /// Records and queues a validated job for `caller`; answers with its id. Every
-    /// input must be a blob the caller may read (see [`crate::auth`]).
+    /// input must be a blob the caller may read (see [`crate::api::auth`]).
     pub fn submit(
         &self,
         spec: JobSpec,
@@ -560,7 +560,7 @@ impl Runner {
                 .builder_id
                 .clone()
                 .unwrap_or_else(provenance::slsa::default_builder_id);
-            match crate::attest::job_provenance(
+            match crate::engine::attest::job_provenance(
                 &job,
                 &spec,
                 image_digest.as_deref(),
@@ -848,13 +848,13 @@ impl Runner {
             None
         } else {
             Some(
-                crate::netpolicy::AllowList::parse(&step.allow_net)
+                crate::egress::netpolicy::AllowList::parse(&step.allow_net)
                     .map_err(|e| RunnerError::invalid("allow_net", e.to_string()))?,
             )
         };
         let mut env = Self::step_env(step);
         if allow_list.is_some() {
-            crate::proxy::set_proxy_env(&mut env, EGRESS_PROXY_PORT);
+            crate::egress::proxy::set_proxy_env(&mut env, EGRESS_PROXY_PORT);
         }
         let step_spec = StepSpec {
             argv: step.argv.clone(),
@@ -923,11 +923,11 @@ impl Runner {
                     // The sandbox failed before: its outcome says why.
                     None => None,
                     Some(fd) => {
-                        let proxy = crate::proxy::Proxy::start(
+                        let proxy = crate::egress::proxy::Proxy::start(
                             std::net::TcpListener::from(fd),
                             allow,
                             self.config.proxy_limits(),
-                            crate::proxy::system_resolver(),
+                            crate::egress::proxy::system_resolver(),
                         )
                         .map_err(RunnerError::io("starting the egress proxy"))?;
                         tracing::info!(
@@ -997,7 +997,7 @@ impl Runner {
             ..Default::default()
         };
         let Some(verdict) =
-            crate::outcome::verdict(&outcome.status, timeout_seconds, &step.argv[0])
+            crate::engine::outcome::verdict(&outcome.status, timeout_seconds, &step.argv[0])
         else {
             let StepStatus::SetupFailed { layer, message } = &outcome.status else {
                 return Err(RunnerError::Internal("a step status without a verdict".into()).into());
@@ -1015,7 +1015,7 @@ impl Runner {
         let (state, exit_code, signal) = (verdict.state, verdict.exit_code, verdict.signal);
         // Which limits the step ran into; the first one named is the reason reported.
         let usage = &outcome.usage;
-        let hit = crate::outcome::LimitsHit {
+        let hit = crate::engine::outcome::LimitsHit {
             timed_out: outcome.status == StepStatus::TimedOut,
             oom_killed: usage.oom_killed,
             pids_limit_hit: usage.pids_limit_hit,
@@ -1134,7 +1134,7 @@ impl Runner {
             byproducts,
             environment,
         };
-        let signed = crate::attest::sign_link(&link, &self.key)?;
+        let signed = crate::engine::attest::sign_link(&link, &self.key)?;
         result.link_digest = self.cas.put_bytes(&signed.metablock)?;
         result.link_dsse_digest = self.cas.put_bytes(&signed.dsse)?;
         result.link_name = signed.file_name;

@@ -12,7 +12,7 @@ use anyhow::{bail, Context};
 use provenance::keys::SigningKey;
 use provenance::layout::{sign_layout, LayoutBuilder, Step as LayoutStep};
 
-use crate::client::{collect_inputs, Client, LocalInput};
+use crate::cli::client::{collect_inputs, Client, LocalInput};
 
 const HELLO_C: &str = r#"#include <stdio.h>
 
@@ -91,8 +91,8 @@ pub async fn run(keep: bool) -> anyhow::Result<i32> {
     let job_id = client.submit(spec).await?;
     println!("2. job {job_id} submitted: compile hello.c with cc, then run it");
     let job = client.follow(&job_id, true).await?;
-    println!("{}", crate::client::summary(&job));
-    if crate::client::exit_code(&job) != 0 {
+    println!("{}", crate::cli::client::summary(&job));
+    if crate::cli::client::exit_code(&job) != 0 {
         bail!(
             "the demo job did not succeed (daemon log: {})",
             log_path.display()
@@ -102,7 +102,7 @@ pub async fn run(keep: bool) -> anyhow::Result<i32> {
     let links = root.join("links");
     let out = root.join("out");
     let written = client
-        .download_links(&job_id, &links, crate::client::LinkFormat::Metablock)
+        .download_links(&job_id, &links, crate::cli::client::LinkFormat::Metablock)
         .await?;
     let provenance = client.download_provenance(&job, &links).await?;
     client.download_outputs(&job, &out).await?;
@@ -152,7 +152,7 @@ pub async fn run(keep: bool) -> anyhow::Result<i32> {
     std::fs::write(root.join("runner.pub"), &runner_key.pem)?;
 
     println!("4. verifying the links against a layout signed by a fresh owner key:");
-    let code = crate::verify::run(
+    let code = crate::cli::verify::run(
         &layout_path,
         std::slice::from_ref(&owner_pub),
         &links,

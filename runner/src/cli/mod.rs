@@ -1,0 +1,7 @@
+//! The `kiln` command line's client side: the daemon client, job files, `kiln verify`,
+//! `kiln demo`.
+
+pub mod client;
+pub mod demo;
+pub mod jobfile;
+pub mod verify;
