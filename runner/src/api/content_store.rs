@@ -151,17 +151,32 @@ impl ContentStoreApi for Service {
         })
         .await?;
         let (tx, rx) = tokio::sync::mpsc::channel(4);
-        tokio::task::spawn_blocking(move || {
-            // One chunk is held back until the next read: the last one goes out only after
-            // the whole content matched its digest, so a corrupt blob ends in an error, and
-            // a client that checks the status never takes it for the real content.
+        // Each chunk is read on a blocking thread of its own, taken only for that read: a
+        // slow reader holds a task, not a thread. One chunk is held back until the next
+        // read, so the last goes out only after the whole content matched its digest: a
+        // corrupt blob ends in an error, never taken for the real content.
+        tokio::spawn(async move {
             let mut held: Option<Vec<u8>> = None;
             loop {
-                match reader.next_chunk() {
+                let read = tokio::task::spawn_blocking(move || {
+                    let next = reader.next_chunk();
+                    (reader, next)
+                })
+                .await;
+                let (back, next) = match read {
+                    Ok(pair) => pair,
+                    Err(e) => {
+                        let err = RunnerError::Internal(format!("reading a blob: {e}"));
+                        let _ = tx.send(Err(Status::from(err))).await;
+                        return;
+                    }
+                };
+                reader = back;
+                match next {
                     Ok(next) => {
                         let done = next.is_none();
                         if let Some(data) = std::mem::replace(&mut held, next) {
-                            if tx.blocking_send(Ok(ReadResponse { data })).is_err() {
+                            if tx.send(Ok(ReadResponse { data })).await.is_err() {
                                 return;
                             }
                         }
@@ -170,7 +185,7 @@ impl ContentStoreApi for Service {
                         }
                     }
                     Err(err) => {
-                        let _ = tx.blocking_send(Err(Status::from(err)));
+                        let _ = tx.send(Err(Status::from(err))).await;
                         return;
                     }
                 }
