@@ -139,7 +139,7 @@ impl SigningKey {
     /// Load an existing key file: a regular file (not a symlink), mode 0600
     /// or stricter, owned by the effective uid.
     pub fn load(path: &Path) -> Result<Self, ProvenanceError> {
-        let (bytes, mode) = crate::keyring::read_owned_file(path)?;
+        let (bytes, mode) = crate::keyfile::read_owned_file(path)?;
         if mode & 0o077 != 0 {
             return Err(ProvenanceError::KeyFileMode {
                 path: path.to_path_buf(),

@@ -10,6 +10,7 @@ pub mod dsse;
 mod error;
 pub mod fnmatch;
 pub mod hash;
+mod keyfile;
 pub mod keyring;
 pub mod keys;
 pub mod layout;

@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
-use crate::supervisor::{fail, Failure};
+use crate::failure::{fail, Failure};
 use crate::{Limits, ResourceUsage};
 
 /// CFS period for the CPU quota: 100 ms, the kernel's default.

@@ -13,8 +13,9 @@ use nix::sys::stat::{fstat, mkdirat, Mode, SFlag};
 use nix::sys::wait::{waitpid, WaitStatus};
 use nix::unistd::{ForkResult, Gid, Pid, Uid};
 
+use crate::failure::{fail, Failure, OrLayer};
+use crate::plan::{Plan, Prepared};
 use crate::protocol::{self, Report};
-use crate::supervisor::{fail, Failure, OrLayer, Plan, Prepared};
 use crate::sys;
 use crate::{landlock_rules, notify};
 

@@ -16,7 +16,7 @@ use nix::sys::socket::{bind, listen, socket, AddressFamily, Backlog, SockFlag, S
 use nix::sys::socket::{setsockopt, sockopt, SockaddrIn};
 use nix::unistd::Pid;
 
-use crate::supervisor::{fail, Failure, OrLayer};
+use crate::failure::{fail, Failure, OrLayer};
 use crate::sys;
 
 /// Pending connections the kernel queues before the daemon accepts them.

@@ -17,11 +17,12 @@ use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
 use nix::sys::stat::{fstat, SFlag};
 use nix::sys::wait::{waitpid, WaitStatus};
 use nix::unistd::Pid;
-use seccompiler::BpfProgram;
 
 use crate::cgroup::StepCgroup;
 use crate::child::{self, DEV_NODES};
+use crate::failure::{fail, Failure, OrLayer};
 use crate::notify::Denials;
+use crate::plan::{Plan, Prepared};
 use crate::protocol::{self, ControlMessage, Report};
 use crate::seccomp::CompiledPolicy;
 use crate::sys::{self, Cloned};
@@ -29,64 +30,6 @@ use crate::{RootEntry, StepOutcome, StepSpec, StepStatus};
 
 /// The largest spec accepted on the control socket.
 const MAX_SPEC_BYTES: usize = 64 << 20;
-
-/// A failed setup step: the layer it belongs to and what happened.
-#[derive(Debug)]
-pub(crate) struct Failure {
-    pub layer: &'static str,
-    pub message: String,
-}
-
-pub(crate) fn fail(layer: &'static str, message: impl Into<String>) -> Failure {
-    Failure {
-        layer,
-        message: message.into(),
-    }
-}
-
-/// `.layer("mount", "what")?` turns any displayable error into a [`Failure`].
-pub(crate) trait OrLayer<T> {
-    fn layer(self, layer: &'static str, what: &str) -> Result<T, Failure>;
-}
-
-impl<T, E: std::fmt::Display> OrLayer<T> for Result<T, E> {
-    fn layer(self, layer: &'static str, what: &str) -> Result<T, Failure> {
-        self.map_err(|e| fail(layer, format!("{what}: {e}")))
-    }
-}
-
-/// A root entry with its host side already opened.
-pub(crate) enum Prepared {
-    /// A detached, read-only, nosuid, nodev copy of the source's mount tree.
-    Bind {
-        target: PathBuf,
-        tree: OwnedFd,
-        is_dir: bool,
-    },
-    Symlink {
-        path: PathBuf,
-        points_to: PathBuf,
-    },
-    Dir {
-        path: PathBuf,
-    },
-}
-
-/// Everything the sandbox needs, prepared before clone (as host root, with host paths).
-pub(crate) struct Plan {
-    pub spec: StepSpec,
-    pub entries: Vec<Prepared>,
-    pub workspace: OwnedFd,
-    pub workspace_id: (u64, u64),
-    pub dev_nodes: Vec<(&'static str, OwnedFd)>,
-    pub seccomp: BpfProgram,
-    pub landlock_abi: i32,
-    pub cap_last: u32,
-    pub argv: Vec<CString>,
-    pub env: Vec<CString>,
-    /// Paths execve tries in order (argv[0] resolved through the spec's PATH).
-    pub exec_candidates: Vec<CString>,
-}
 
 pub(crate) fn run() -> i32 {
     // A panic message would land in the step's stderr log; the outcome report says enough.
