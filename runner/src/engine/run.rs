@@ -6,7 +6,7 @@ use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use agent_proto::v1::{job_event, Job, JobSpec, JobState, StepStarted, StepState};
+use agent_proto::v1::{job_event, Job, JobSpec, JobState, OutputFile, StepStarted, StepState};
 
 use crate::engine::jobs::{now_ms, Runner};
 use crate::engine::workspace::{make_enclosure, WORKSPACE_DIR};
@@ -55,18 +55,7 @@ impl Runner {
                 &mut image_digest,
             )
             .await;
-        if workspace.exists() {
-            // EINVAL: the quota was never mounted (the job failed before).
-            match crate::limits::unmount_workspace(&workspace) {
-                Ok(()) | Err(nix::errno::Errno::EINVAL) => {}
-                Err(err) => {
-                    tracing::warn!(job = %id, error = %err, "could not unmount the workspace quota")
-                }
-            }
-        }
-        if let Err(err) = fs::remove_dir_all(&enclosure) {
-            tracing::warn!(job = %id, error = %err, "could not remove workspace");
-        }
+        remove_workspace(id, &enclosure, &workspace);
         let (state, message) = match outcome {
             Ok(()) => (JobState::Succeeded, String::new()),
             Err(JobEnd::StepFailed(message)) => (JobState::Failed, message),
@@ -85,29 +74,7 @@ impl Runner {
         job.message = message;
         job.finished_unix_ms = now_ms();
         if state == JobState::Succeeded {
-            let builder_id = self
-                .config
-                .builder_id
-                .clone()
-                .unwrap_or_else(provenance::slsa::default_builder_id);
-            match crate::engine::attest::job_provenance(
-                &job,
-                &spec,
-                image_digest.as_deref(),
-                &builder_id,
-                &self.key,
-            ) {
-                Ok(Some(envelope)) => job.provenance_digest = self.cas.put_bytes(&envelope)?,
-                Ok(None) => {}
-                Err(err) => {
-                    // Unattested outputs are not a success.
-                    job.state = JobState::Error as i32;
-                    job.message = format!(
-                        "could not sign the job's provenance: {}",
-                        err.client_message()
-                    );
-                }
-            }
+            self.attest_job(&mut job, &spec, image_digest.as_deref())?;
         }
         self.db.update_job(&job)?;
         let state = JobState::try_from(job.state).unwrap_or(state);
@@ -207,6 +174,41 @@ impl Runner {
                 }
             }
         }
+        job.outputs = self.collect_job_outputs(spec, workspace).await?;
+        Ok(())
+    }
+
+    /// Signs the provenance of a job that succeeded and stores it; a job whose outputs
+    /// cannot be attested ends in error instead.
+    fn attest_job(&self, job: &mut Job, spec: &JobSpec, image_digest: Option<&str>) -> Result<()> {
+        let builder_id = self
+            .config
+            .builder_id
+            .clone()
+            .unwrap_or_else(provenance::slsa::default_builder_id);
+        match crate::engine::attest::job_provenance(job, spec, image_digest, &builder_id, &self.key)
+        {
+            Ok(Some(envelope)) => job.provenance_digest = self.cas.put_bytes(&envelope)?,
+            Ok(None) => {}
+            Err(err) => {
+                // Unattested outputs are not a success.
+                job.state = JobState::Error as i32;
+                job.message = format!(
+                    "could not sign the job's provenance: {}",
+                    err.client_message()
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Stores the job's declared outputs; outputs that cannot be taken fail the job
+    /// as a step would.
+    async fn collect_job_outputs(
+        self: Arc<Self>,
+        spec: &JobSpec,
+        workspace: &Path,
+    ) -> Result<Vec<OutputFile>, JobEnd> {
         let outputs = {
             let runner = self.clone();
             let outputs = spec.outputs.clone();
@@ -214,13 +216,29 @@ impl Runner {
             blocking(move || runner.collect_outputs(&workspace, &outputs)).await
         };
         match outputs {
-            Ok(outputs) => job.outputs = outputs,
+            Ok(outputs) => Ok(outputs),
             Err(JobEnd::Error(RunnerError::InvalidArgument { field, reason })) => {
-                return Err(JobEnd::StepFailed(format!("{field}: {reason}")))
+                Err(JobEnd::StepFailed(format!("{field}: {reason}")))
             }
-            Err(other) => return Err(other),
+            Err(other) => Err(other),
         }
-        Ok(())
+    }
+}
+
+/// Unmounts the job's workspace quota and removes its enclosure; what cannot be is
+/// logged (the next start cleans the work directory).
+fn remove_workspace(id: &str, enclosure: &Path, workspace: &Path) {
+    if workspace.exists() {
+        // EINVAL: the quota was never mounted (the job failed before).
+        match crate::limits::unmount_workspace(workspace) {
+            Ok(()) | Err(nix::errno::Errno::EINVAL) => {}
+            Err(err) => {
+                tracing::warn!(job = %id, error = %err, "could not unmount the workspace quota")
+            }
+        }
+    }
+    if let Err(err) = fs::remove_dir_all(enclosure) {
+        tracing::warn!(job = %id, error = %err, "could not remove workspace");
     }
 }
 
