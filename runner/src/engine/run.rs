@@ -1,0 +1,265 @@
+//! One job from start to end: its workspace, its steps one after another, its outputs,
+//! its final state and its signed provenance.
+
+use std::fs;
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use agent_proto::v1::{job_event, Job, JobSpec, JobState, OutputFile, StepStarted, StepState};
+
+use crate::engine::jobs::{now_ms, Runner};
+use crate::engine::workspace::{make_enclosure, WORKSPACE_DIR};
+use crate::error::{Result, RunnerError};
+use crate::images::BUILD_UID;
+
+impl Runner {
+    pub(super) async fn run_job(self: Arc<Self>, id: &str, slot: u32) -> Result<()> {
+        let mut job = self.get_any(id)?;
+        let spec = job
+            .spec
+            .clone()
+            .ok_or_else(|| RunnerError::Internal(format!("job {id} has no spec")))?;
+        job.state = JobState::Running as i32;
+        job.started_unix_ms = now_ms();
+        if !self.db.update_job_if_state(&job, JobState::Queued)? {
+            return Ok(()); // cancelled while queued
+        }
+        if let Some(handle) = self.existing_handle(id) {
+            handle.running.store(true, Ordering::SeqCst);
+        }
+        self.emit(id, job_event::Event::Started(Default::default()));
+
+        let host_uid_base = self.id_ranges.base(slot).ok_or_else(|| {
+            RunnerError::Internal(format!("job slot {slot} has no host id range"))
+        })?;
+        // The workspace is the step's own (its uid owns the tmpfs root and may chmod it),
+        // so it sits in an enclosure the step cannot open up: 0700, owned by the slot's
+        // mapped root, which binds the workspace into the sandbox. Named at random, not
+        // by the job id: the mount table is world-readable.
+        let enclosure = self
+            .work_dir
+            .join(uuid::Uuid::new_v4().simple().to_string());
+        let workspace = enclosure.join(WORKSPACE_DIR);
+        make_enclosure(&enclosure, host_uid_base)?;
+        tracing::debug!(job = %id, workspace = %workspace.display(), "workspace");
+        let mut image_digest = None;
+        let outcome = self
+            .clone()
+            .run_steps(
+                id,
+                &mut job,
+                &spec,
+                &workspace,
+                host_uid_base,
+                &mut image_digest,
+            )
+            .await;
+        remove_workspace(id, &enclosure, &workspace);
+        let (state, message) = match outcome {
+            Ok(()) => (JobState::Succeeded, String::new()),
+            Err(JobEnd::StepFailed(message)) => (JobState::Failed, message),
+            Err(JobEnd::Cancelled) => {
+                let reason = self
+                    .existing_handle(id)
+                    .and_then(|h| h.cancel_reason.lock().ok().and_then(|r| r.clone()));
+                (
+                    JobState::Cancelled,
+                    reason.unwrap_or_else(|| "cancelled".into()),
+                )
+            }
+            Err(JobEnd::Error(err)) => (JobState::Error, err.client_message()),
+        };
+        job.state = state as i32;
+        job.message = message;
+        job.finished_unix_ms = now_ms();
+        if state == JobState::Succeeded {
+            self.attest_job(&mut job, &spec, image_digest.as_deref())?;
+        }
+        self.db.update_job(&job)?;
+        let state = JobState::try_from(job.state).unwrap_or(state);
+        tracing::info!(job = %id, state = ?state, "job finished");
+        self.finish_handle(id, job);
+        Ok(())
+    }
+
+    async fn run_steps(
+        self: Arc<Self>,
+        id: &str,
+        job: &mut Job,
+        spec: &JobSpec,
+        workspace: &Path,
+        host_uid_base: u32,
+        image_digest: &mut Option<String>,
+    ) -> Result<(), JobEnd> {
+        let step_host_id = host_uid_base + BUILD_UID;
+        let image = {
+            let runner = self.clone();
+            let name = spec.image.clone();
+            blocking(move || runner.images.resolve(&name)).await?
+        };
+        image_digest.clone_from(&image.digest);
+        {
+            let runner = self.clone();
+            let spec = spec.clone();
+            let workspace = workspace.to_path_buf();
+            blocking(move || runner.prepare_workspace(&spec, &workspace, step_host_id)).await?;
+        }
+        // What the previous step left: nothing runs between two steps (the previous
+        // one's every process died with its pid namespace, and the daemon does not touch
+        // the files), so it is exactly what the next step starts from, without a re-read.
+        let mut previous_products = None;
+        for (index, step) in spec.steps.iter().enumerate() {
+            if self.handle(id).cancelled.load(Ordering::SeqCst) {
+                return Err(JobEnd::Cancelled);
+            }
+            if let Some(result) = job.steps.get_mut(index) {
+                result.state = StepState::Running as i32;
+            }
+            self.db.update_progress(job)?;
+            self.emit(
+                id,
+                job_event::Event::StepStarted(StepStarted {
+                    name: step.name.clone(),
+                }),
+            );
+            let ran = self
+                .clone()
+                .run_step(
+                    id,
+                    step,
+                    &image,
+                    workspace,
+                    host_uid_base,
+                    previous_products.take(),
+                )
+                .await;
+            let (result, products) = match ran {
+                Ok(ran) => ran,
+                Err(end) => {
+                    // The job ends here: its record must not show the step running.
+                    if let Some(result) = job.steps.get_mut(index) {
+                        result.state = match end {
+                            JobEnd::Cancelled => StepState::Cancelled,
+                            _ => StepState::Error,
+                        } as i32;
+                    }
+                    return Err(end);
+                }
+            };
+            previous_products = products;
+            let state = StepState::try_from(result.state).unwrap_or(StepState::Error);
+            let message = result.message.clone();
+            tracing::info!(
+                job = %id,
+                step = %step.name,
+                state = ?state,
+                start_latency_us = result.start_latency_us,
+                duration_ms = result.duration_ms,
+                "step finished"
+            );
+            if let Some(slot) = job.steps.get_mut(index) {
+                *slot = result.clone();
+            }
+            self.db.update_progress(job)?;
+            self.emit(id, job_event::Event::StepFinished(result));
+            match state {
+                StepState::Succeeded => {}
+                StepState::Cancelled => return Err(JobEnd::Cancelled),
+                _ => {
+                    return Err(JobEnd::StepFailed(format!(
+                        "step {:?} did not succeed: {message}",
+                        step.name
+                    )))
+                }
+            }
+        }
+        job.outputs = self.collect_job_outputs(spec, workspace).await?;
+        Ok(())
+    }
+
+    /// Signs the provenance of a job that succeeded and stores it; a job whose outputs
+    /// cannot be attested ends in error instead.
+    fn attest_job(&self, job: &mut Job, spec: &JobSpec, image_digest: Option<&str>) -> Result<()> {
+        let builder_id = self
+            .config
+            .builder_id
+            .clone()
+            .unwrap_or_else(provenance::slsa::default_builder_id);
+        match crate::engine::attest::job_provenance(job, spec, image_digest, &builder_id, &self.key)
+        {
+            Ok(Some(envelope)) => job.provenance_digest = self.cas.put_bytes(&envelope)?,
+            Ok(None) => {}
+            Err(err) => {
+                // Unattested outputs are not a success.
+                job.state = JobState::Error as i32;
+                job.message = format!(
+                    "could not sign the job's provenance: {}",
+                    err.client_message()
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Stores the job's declared outputs; outputs that cannot be taken fail the job
+    /// as a step would.
+    async fn collect_job_outputs(
+        self: Arc<Self>,
+        spec: &JobSpec,
+        workspace: &Path,
+    ) -> Result<Vec<OutputFile>, JobEnd> {
+        let outputs = {
+            let runner = self.clone();
+            let outputs = spec.outputs.clone();
+            let workspace = workspace.to_path_buf();
+            blocking(move || runner.collect_outputs(&workspace, &outputs)).await
+        };
+        match outputs {
+            Ok(outputs) => Ok(outputs),
+            Err(JobEnd::Error(RunnerError::InvalidArgument { field, reason })) => {
+                Err(JobEnd::StepFailed(format!("{field}: {reason}")))
+            }
+            Err(other) => Err(other),
+        }
+    }
+}
+
+/// Unmounts the job's workspace quota and removes its enclosure; what cannot be is
+/// logged (the next start cleans the work directory).
+fn remove_workspace(id: &str, enclosure: &Path, workspace: &Path) {
+    if workspace.exists() {
+        // EINVAL: the quota was never mounted (the job failed before).
+        match crate::limits::unmount_workspace(workspace) {
+            Ok(()) | Err(nix::errno::Errno::EINVAL) => {}
+            Err(err) => {
+                tracing::warn!(job = %id, error = %err, "could not unmount the workspace quota")
+            }
+        }
+    }
+    if let Err(err) = fs::remove_dir_all(enclosure) {
+        tracing::warn!(job = %id, error = %err, "could not remove workspace");
+    }
+}
+
+/// Why a job stopped early.
+pub(super) enum JobEnd {
+    StepFailed(String),
+    Cancelled,
+    Error(RunnerError),
+}
+
+impl From<RunnerError> for JobEnd {
+    fn from(err: RunnerError) -> Self {
+        JobEnd::Error(err)
+    }
+}
+
+pub(super) async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T, JobEnd> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| JobEnd::Error(RunnerError::Internal(format!("worker: {e}"))))?
+        .map_err(JobEnd::Error)
+}

@@ -1,0 +1,164 @@
+//! Starting jobs: the queue, the job slots and their permits, stopping and draining
+//! for a shutdown, and the pool of supervisors waiting for steps.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use agent_proto::v1::JobState;
+use tokio::sync::{mpsc, watch};
+
+use crate::engine::jobs::{now_ms, JobHandle, Runner};
+use crate::error::Result;
+
+/// Idle supervisors kept waiting at most: each is a few MB, and steps starting at the
+/// same moment beyond this many spawn their own.
+const MAX_STANDBY: usize = 4;
+
+impl Runner {
+    /// Runs queued jobs, at most `max_concurrent_jobs` at a time, until the queue
+    /// closes or the daemon drains.
+    pub async fn schedule(self: Arc<Self>, mut queue: mpsc::UnboundedReceiver<String>) {
+        for _ in 0..(self.config.max_concurrent_jobs as usize).min(MAX_STANDBY) {
+            self.refill_standby();
+        }
+        let mut shutdown = self.shutdown.subscribe();
+        loop {
+            let id = tokio::select! {
+                id = queue.recv() => match id {
+                    Some(id) => id,
+                    None => break,
+                },
+                _ = async { shutdown.wait_for(|stop| *stop).await.is_ok() } => break,
+            };
+            if self.draining.load(Ordering::SeqCst) {
+                break;
+            }
+            let Ok(permit) = self.permits.clone().acquire_owned().await else {
+                break;
+            };
+            if self.draining.load(Ordering::SeqCst) {
+                break;
+            }
+            let slot = match self.slots.lock().ok().and_then(|mut s| s.pop()) {
+                Some(slot) => slot,
+                None => {
+                    tracing::error!("no free id slot although a permit was granted");
+                    continue;
+                }
+            };
+            let runner = self.clone();
+            tokio::spawn(async move {
+                if let Err(err) = runner.clone().run_job(&id, slot).await {
+                    tracing::error!(job = %id, error = %err, "job failed in Kiln");
+                    runner.fail_job(&id, &err.client_message());
+                }
+                if let Ok(mut slots) = runner.slots.lock() {
+                    slots.push(slot);
+                }
+                drop(permit);
+            });
+        }
+    }
+
+    /// Starts no job from now on: queued jobs stay recorded as queued and run after the
+    /// next start, and Watch streams of jobs that have not started end (see `watch`).
+    pub fn stop_starting(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+        self.shutdown.send_replace(true);
+    }
+
+    /// A receiver that turns true when the daemon stops starting jobs.
+    pub fn shutdown_signal(&self) -> watch::Receiver<bool> {
+        self.shutdown.subscribe()
+    }
+
+    /// Cancels every running job, recording `reason` as its message.
+    pub fn cancel_all_running(&self, reason: &str) {
+        let handles: Vec<(String, Arc<JobHandle>)> = match self.handles.lock() {
+            Ok(h) => h
+                .iter()
+                .filter(|(_, h)| h.running.load(Ordering::SeqCst))
+                .map(|(id, h)| (id.clone(), h.clone()))
+                .collect(),
+            Err(_) => return,
+        };
+        for (id, handle) in handles {
+            if let Ok(mut r) = handle.cancel_reason.lock() {
+                *r = Some(reason.to_string());
+            }
+            tracing::warn!(job = %id, reason, "cancelling a running job");
+            Self::cancel_handle(&handle);
+        }
+    }
+
+    /// Stops starting jobs and waits for running ones to finish.
+    pub async fn drain(&self) {
+        self.stop_starting();
+        let _all = self
+            .permits
+            .acquire_many(self.config.max_concurrent_jobs)
+            .await;
+    }
+
+    /// Records a job Kiln could not run as `error`. A record that cannot be written now
+    /// (the disk is full) is retried until it can: an accepted job always ends.
+    fn fail_job(self: &Arc<Self>, id: &str, message: &str) {
+        let Ok(Some(mut job)) = self.db.get_job(id) else {
+            return;
+        };
+        job.state = JobState::Error as i32;
+        job.message = message.to_string();
+        job.finished_unix_ms = now_ms();
+        if let Err(err) = self.db.update_job(&job) {
+            tracing::error!(job = %id, error = %err, "could not record the job's failure; retrying");
+            let runner = self.clone();
+            let job = job.clone();
+            tokio::spawn(async move {
+                let mut wait = std::time::Duration::from_millis(200);
+                loop {
+                    tokio::time::sleep(wait).await;
+                    let (db, record) = (runner.db.clone(), job.clone());
+                    match tokio::task::spawn_blocking(move || db.update_job(&record)).await {
+                        Ok(Ok(())) => {
+                            tracing::info!(job = %job.job_id, "recorded the job's failure");
+                            return;
+                        }
+                        _ => wait = (wait * 2).min(std::time::Duration::from_secs(10)),
+                    }
+                }
+            });
+        }
+        self.finish_handle(id, job);
+    }
+
+    /// A supervisor for the next step: one already waiting, else a fresh one.
+    pub(super) fn take_standby(&self) -> Result<sandbox::Standby> {
+        match self.standby.lock().ok().and_then(|mut pool| pool.pop()) {
+            Some(waiting) => Ok(waiting),
+            None => Ok(self.sandbox.standby()?),
+        }
+    }
+
+    /// Keeps up to one supervisor per job slot (at most [`MAX_STANDBY`]) exec'd and
+    /// waiting, started off the path of any step (see `sandbox::Standby`).
+    pub(super) fn refill_standby(self: &Arc<Self>) {
+        let runner = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let want = (runner.config.max_concurrent_jobs as usize).min(MAX_STANDBY);
+            let full = |runner: &Runner| runner.standby.lock().map_or(true, |p| p.len() >= want);
+            if full(&runner) {
+                return;
+            }
+            match runner.sandbox.standby() {
+                Ok(standby) => {
+                    if let Ok(mut pool) = runner.standby.lock() {
+                        if pool.len() < want {
+                            pool.push(standby);
+                        }
+                    }
+                }
+                Err(err) => tracing::warn!(error = %err, "could not start a standby supervisor"),
+            }
+        });
+    }
+}
