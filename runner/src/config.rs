@@ -6,12 +6,12 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::error::{Result, RunnerError};
-use crate::limits::{format_cpus, host_cpu_millis, Cpus, Size};
+use crate::units::{format_cpus, host_cpu_millis, Cpus, Size};
 
 pub const DEFAULT_SOCKET: &str = "/run/kiln/kiln.sock";
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/kiln";
 /// Highest `max_outputs`: the listing of that many short paths still fits the 4 MiB a
-/// client decodes (longer listings are refused by size as well, see jobs.rs).
+/// client decodes (longer listings are refused by size as well, see engine/workspace.rs).
 const MAX_OUTPUTS_CEILING: u64 = 20_000;
 /// Highest `max_workspace_entries`: the link of a step lists every file twice
 /// (materials and products), and its size grows with them.
@@ -306,7 +306,7 @@ impl Config {
                 self.default_memory.0,
                 self.max_memory.0,
                 sandbox::MIN_MEMORY_BYTES,
-                crate::limits::format_size(sandbox::MIN_MEMORY_BYTES),
+                crate::units::format_size(sandbox::MIN_MEMORY_BYTES),
             ),
             (
                 "default_pids",
@@ -329,8 +329,8 @@ impl Config {
                 "max_disk",
                 self.default_disk.0,
                 self.max_disk.0,
-                crate::limits::MIN_DISK_BYTES,
-                crate::limits::format_size(crate::limits::MIN_DISK_BYTES),
+                crate::units::MIN_DISK_BYTES,
+                crate::units::format_size(crate::units::MIN_DISK_BYTES),
             ),
         ];
         for (default, max, d, m, min, min_text) in pairs {

@@ -14,3 +14,4 @@ pub mod images;
 pub mod limits;
 pub mod spec;
 pub mod store;
+pub mod units;

@@ -14,7 +14,7 @@ use runner::cli::{client, demo, jobfile, verify};
 use runner::daemon::server;
 use runner::engine::signer;
 use runner::store::{cas, db};
-use runner::{config, images, limits};
+use runner::{config, images, units};
 
 #[derive(Parser)]
 #[command(
@@ -77,16 +77,16 @@ enum Command {
         #[arg(long)]
         out: Option<PathBuf>,
         /// Memory limit of the step, e.g. 512M, 2G (default: the daemon's).
-        #[arg(long, value_name = "SIZE", value_parser = limits::parse_size)]
+        #[arg(long, value_name = "SIZE", value_parser = units::parse_size)]
         memory: Option<u64>,
         /// Most processes and threads of the step (default: the daemon's).
         #[arg(long, value_name = "N")]
         pids: Option<u32>,
         /// CPUs of the step, may be fractional, e.g. 1.5 (default: the daemon's).
-        #[arg(long, value_name = "N", value_parser = limits::parse_cpus)]
+        #[arg(long, value_name = "N", value_parser = units::parse_cpus)]
         cpus: Option<u32>,
         /// Workspace quota of the step, e.g. 1G (default: the daemon's).
-        #[arg(long, value_name = "SIZE", value_parser = limits::parse_size)]
+        #[arg(long, value_name = "SIZE", value_parser = units::parse_size)]
         disk: Option<u64>,
         /// A destination the step may reach through its egress proxy: HOST:PORT,
         /// *.DOMAIN:PORT, IP:PORT, CIDR:PORT, [IPv6]:PORT (PORT may be *); repeatable.
@@ -475,7 +475,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             println!(
                 "checked {} blobs ({}): {} intact, {} corrupt (quarantined), {} stray files",
                 report.intact + report.quarantined.len() as u64,
-                limits::format_size(report.bytes),
+                units::format_size(report.bytes),
                 report.intact,
                 report.quarantined.len(),
                 report.stray

@@ -42,7 +42,7 @@ fn check_resource_limits(
     l: &agent_proto::v1::ResourceLimits,
     caps: &SpecLimits,
 ) -> Result<()> {
-    use crate::limits::{format_cpus, format_size};
+    use crate::units::{format_cpus, format_size};
     let field = |f: &str| format!("steps[{i}].limits.{f}");
     let check = |name: &str, value: u64, min: u64, max: u64, show: &dyn Fn(u64) -> String| {
         if value == 0 {
@@ -97,7 +97,7 @@ fn check_resource_limits(
     check(
         "disk_bytes",
         l.disk_bytes,
-        crate::limits::MIN_DISK_BYTES,
+        crate::units::MIN_DISK_BYTES,
         caps.max_disk_bytes,
         &size,
     )

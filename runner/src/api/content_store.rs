@@ -81,7 +81,7 @@ impl ContentStoreApi for Service {
                 format!(
                     "{} bytes declared, more than the runner's max_blob_size of {}",
                     header.size,
-                    crate::limits::format_size(max_blob_size)
+                    crate::units::format_size(max_blob_size)
                 ),
             )
             .into());

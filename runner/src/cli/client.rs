@@ -535,7 +535,7 @@ pub fn summary(job: &Job) -> String {
             step.exit_code,
             step.duration_ms,
             step.cpu_time_ms,
-            crate::limits::format_size(step.peak_memory_bytes),
+            crate::units::format_size(step.peak_memory_bytes),
             if step.message.is_empty() {
                 step.link_name.clone()
             } else {
@@ -578,8 +578,8 @@ pub fn summary(job: &Job) -> String {
             if bytes > size {
                 out.push_str(&format!(
                     "    {name}: {} written, the first {} kept (the daemon's log caps)\n",
-                    crate::limits::format_size(bytes),
-                    crate::limits::format_size(size)
+                    crate::units::format_size(bytes),
+                    crate::units::format_size(size)
                 ));
             }
         }

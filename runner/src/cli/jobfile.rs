@@ -53,7 +53,7 @@ pub struct StepEntry {
     /// Most processes and threads.
     pub pids: Option<u32>,
     /// CPUs, e.g. 1.5 or "1.5".
-    pub cpus: Option<crate::limits::Cpus>,
+    pub cpus: Option<crate::units::Cpus>,
     /// Workspace quota, e.g. "1G".
     pub disk: Option<String>,
 }
@@ -89,7 +89,7 @@ pub fn load(path: &Path) -> anyhow::Result<(JobSpec, Vec<LocalInput>)> {
             .map(|s| {
                 let size = |what: &str, v: &Option<String>| -> anyhow::Result<u64> {
                     v.as_deref()
-                        .map(crate::limits::parse_size)
+                        .map(crate::units::parse_size)
                         .transpose()
                         .map_err(|e| anyhow::anyhow!("step {:?}: {what}: {e}", s.name))
                         .map(Option::unwrap_or_default)

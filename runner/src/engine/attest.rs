@@ -9,8 +9,8 @@ use agent_proto::v1::{Job, JobSpec};
 use provenance::slsa::{ProvenanceInput, ResourceDescriptor, KILN_BUILD_TYPE};
 use serde_json::{json, Value};
 
-use crate::engine::jobs::RUNNER_VERSION;
 use crate::engine::signer::Signer;
+use crate::engine::RUNNER_VERSION;
 use crate::error::{Result, RunnerError};
 
 /// The job spec as the client submitted it. Kiln has no secret inputs: every
@@ -133,7 +133,7 @@ mod tests {
             outputs: vec!["out.txt".into()],
             ..Default::default()
         };
-        let finished = crate::engine::jobs::now_ms();
+        let finished = crate::engine::now_ms();
         let job = Job {
             job_id: "job-1".into(),
             spec: Some(spec.clone()),

@@ -5,12 +5,9 @@
 //! before it is announced.
 
 use std::collections::HashMap;
-use std::fs;
-use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use agent_proto::v1::{job_event, Job, JobSpec, JobState, StepResult, StepState};
 use sandbox::{Canceller, HostSupport, Sandbox};
@@ -18,24 +15,15 @@ use tokio::sync::{mpsc, watch, Semaphore};
 
 use crate::api::auth::Principal;
 use crate::config::Config;
+use crate::engine::enclosure::reset_work_dir;
 use crate::engine::idranges::IdRanges;
+use crate::engine::now_ms;
 use crate::engine::signer::Signer;
 use crate::engine::watch::EventRing;
-use crate::engine::workspace::WORKSPACE_DIR;
 use crate::error::{Result, RunnerError};
 use crate::images::Images;
 use crate::store::cas::ContentStore;
 use crate::store::db::{Database, Inserted};
-
-pub const RUNNER_VERSION: &str = env!("CARGO_PKG_VERSION");
-
-pub fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        // Saturates, some 292 million years from now.
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
-}
 
 /// What the runner starts sandboxes with: the sandbox launcher, what the host supports,
 /// and the host id ranges leased for the job slots.
@@ -122,21 +110,7 @@ impl Runner {
             id_ranges,
         } = isolation;
         let work_dir = config.state_dir.join("work");
-        if work_dir.exists() {
-            // Workspaces of jobs interrupted by a crash: their jobs are failed below. Each
-            // may still have its quota tmpfs mounted.
-            if let Ok(entries) = fs::read_dir(&work_dir) {
-                for entry in entries.flatten() {
-                    let _ = crate::limits::unmount_workspace(&entry.path().join(WORKSPACE_DIR));
-                    // Daemons before enclosures mounted the workspace here.
-                    let _ = crate::limits::unmount_workspace(&entry.path());
-                }
-            }
-            fs::remove_dir_all(&work_dir).map_err(RunnerError::io_path("cleaning", &work_dir))?;
-        }
-        fs::create_dir_all(&work_dir).map_err(RunnerError::io_path("creating", &work_dir))?;
-        fs::set_permissions(&work_dir, fs::Permissions::from_mode(0o711))
-            .map_err(RunnerError::io_path("chmod", &work_dir))?;
+        reset_work_dir(&work_dir)?;
         let (queue, rx) = mpsc::unbounded_channel();
         let slots = (0..config.max_concurrent_jobs).rev().collect();
         let permits = Arc::new(Semaphore::new(config.max_concurrent_jobs as usize));

@@ -3,6 +3,8 @@
 //! signing, host id ranges.
 
 pub mod attest;
+mod enclosure;
+mod end;
 pub mod idranges;
 pub mod jobs;
 mod logs;
@@ -14,3 +16,17 @@ pub mod signer;
 mod step;
 pub mod watch;
 mod workspace;
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// The runner's version, as links and provenance record it.
+pub const RUNNER_VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Milliseconds since the epoch, as job records keep times.
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        // Saturates, some 292 million years from now.
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}

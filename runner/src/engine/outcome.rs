@@ -5,7 +5,8 @@
 use agent_proto::v1::StepState;
 use sandbox::StepStatus;
 
-use crate::limits::{format_size, Effective};
+use crate::limits::Effective;
+use crate::units::format_size;
 
 /// A step's record, as its status decides it.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -8,8 +8,10 @@ use std::sync::Arc;
 
 use agent_proto::v1::{job_event, Job, JobSpec, JobState, OutputFile, StepStarted, StepState};
 
-use crate::engine::jobs::{now_ms, Runner};
-use crate::engine::workspace::{make_enclosure, WORKSPACE_DIR};
+use crate::engine::enclosure::{make_enclosure, WORKSPACE_DIR};
+use crate::engine::end::{blocking, JobEnd};
+use crate::engine::jobs::Runner;
+use crate::engine::now_ms;
 use crate::error::{Result, RunnerError};
 use crate::images::BUILD_UID;
 
@@ -240,26 +242,4 @@ fn remove_workspace(id: &str, enclosure: &Path, workspace: &Path) {
     if let Err(err) = fs::remove_dir_all(enclosure) {
         tracing::warn!(job = %id, error = %err, "could not remove workspace");
     }
-}
-
-/// Why a job stopped early.
-pub(super) enum JobEnd {
-    StepFailed(String),
-    Cancelled,
-    Error(RunnerError),
-}
-
-impl From<RunnerError> for JobEnd {
-    fn from(err: RunnerError) -> Self {
-        JobEnd::Error(err)
-    }
-}
-
-pub(super) async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T> + Send + 'static,
-) -> Result<T, JobEnd> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| JobEnd::Error(RunnerError::Internal(format!("worker: {e}"))))?
-        .map_err(JobEnd::Error)
 }

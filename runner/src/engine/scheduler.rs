@@ -7,7 +7,8 @@ use std::sync::Arc;
 use agent_proto::v1::JobState;
 use tokio::sync::{mpsc, watch};
 
-use crate::engine::jobs::{now_ms, JobHandle, Runner};
+use crate::engine::jobs::{JobHandle, Runner};
+use crate::engine::now_ms;
 use crate::error::Result;
 
 /// Idle supervisors kept waiting at most: each is a few MB, and steps starting at the

@@ -13,11 +13,12 @@ use provenance::walk::WalkOptions;
 use sandbox::{RunningStep, StepOutcome, StepSpec, StepStatus};
 
 use crate::egress::netpolicy::AllowList;
-use crate::engine::jobs::{Runner, RUNNER_VERSION};
+use crate::engine::end::{blocking, JobEnd};
+use crate::engine::jobs::Runner;
 use crate::engine::logs::CapturedLog;
 use crate::engine::outcome::{LimitsHit, Verdict};
-use crate::engine::run::{blocking, JobEnd};
 use crate::engine::workspace::{hash_workspace, survey_workspace, unrecordable, workspace_walk};
+use crate::engine::RUNNER_VERSION;
 use crate::error::{Result, RunnerError};
 use crate::images::{ResolvedImage, BUILD_UID};
 
@@ -407,7 +408,7 @@ fn resize_quota(
 ) -> Option<StepResult> {
     let err = crate::limits::resize_workspace(workspace, limits.disk_bytes).err()?;
     let held = crate::limits::workspace_usage(workspace)
-        .map(|(used, _)| crate::limits::format_size(used))
+        .map(|(used, _)| crate::units::format_size(used))
         .unwrap_or_else(|| "?".into());
     Some(StepResult {
         name: step.name.clone(),
@@ -415,7 +416,7 @@ fn resize_quota(
         exit_code: 125,
         message: format!(
             "the workspace already holds {held}, more than this step's disk limit of {} ({err})",
-            crate::limits::format_size(limits.disk_bytes)
+            crate::units::format_size(limits.disk_bytes)
         ),
         ..Default::default()
     })
@@ -487,7 +488,7 @@ async fn record_products(
         let workspace = workspace.to_path_buf();
         blocking(move || Ok(survey_workspace(&workspace, options))).await?
     };
-    let size = crate::limits::format_size;
+    let size = crate::units::format_size;
     let refused = match survey {
         Err(err) => Some(unrecordable(&err)),
         Ok(apparent) if apparent > disk_bytes => Some((

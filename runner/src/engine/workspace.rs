@@ -13,8 +13,8 @@ use provenance::walk::{
 };
 
 use crate::config::Config;
+use crate::engine::end::{blocking, JobEnd};
 use crate::engine::jobs::Runner;
-use crate::engine::run::{blocking, JobEnd};
 use crate::error::{Result, RunnerError};
 use crate::store::cas::ContentStore;
 
@@ -57,7 +57,7 @@ impl Runner {
                         tracing::info!(error = %other, "inputs exceed the workspace quota");
                         RunnerError::FailedPrecondition(format!(
                             "the inputs do not fit in the workspace quota of {}",
-                            crate::limits::format_size(quota)
+                            crate::units::format_size(quota)
                         ))
                     }
                     other => other,
@@ -122,8 +122,8 @@ impl Runner {
                 "outputs",
                 format!(
                     "the declared outputs total {}, more than the runner's max_outputs_size of {}; nothing was stored",
-                    crate::limits::format_size(budget.bytes),
-                    crate::limits::format_size(cap)
+                    crate::units::format_size(budget.bytes),
+                    crate::units::format_size(cap)
                 ),
             ));
         }
@@ -184,18 +184,6 @@ impl Collect {
     }
 }
 
-/// The workspace's name inside its enclosure.
-pub(super) const WORKSPACE_DIR: &str = "ws";
-
-/// A directory only `owner` (the slot's mapped root) may enter.
-pub(super) fn make_enclosure(dir: &Path, owner: u32) -> Result<()> {
-    fs::create_dir(dir).map_err(RunnerError::io_path("creating", dir))?;
-    fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
-        .map_err(RunnerError::io_path("chmod", dir))?;
-    std::os::unix::fs::chown(dir, Some(owner), Some(owner))
-        .map_err(RunnerError::io_path("chown", dir))
-}
-
 /// Creates `dir` and its missing parents below `workspace` as 0755, as a build expects
 /// them, whatever the daemon's umask (the workspace root itself is 0700).
 fn create_dirs_0755(workspace: &Path, dir: &Path) -> Result<()> {
@@ -243,7 +231,7 @@ pub(super) fn unrecordable(err: &WalkError) -> (String, &'static str) {
         WalkProblem::PathsTooLong { limit } => (
             format!(
                 "the paths of the workspace's files add up to more than {}; they are not hashed or attested",
-                crate::limits::format_size(limit)
+                crate::units::format_size(limit)
             ),
             "files",
         ),
@@ -346,7 +334,7 @@ impl OutputBudget<'_> {
                 format!(
                     "the declared outputs' list of {} files and their paths takes more than {}, more than a client can read with the job; nothing was stored",
                     self.files,
-                    crate::limits::format_size(MAX_OUTPUT_LISTING_BYTES as u64)
+                    crate::units::format_size(MAX_OUTPUT_LISTING_BYTES as u64)
                 ),
             ));
         }

@@ -139,9 +139,9 @@ impl ContentStore {
             return Err(RunnerError::ResourceExhausted(format!(
                 "the runner's state disk is full: {} free, {} needed beyond the {} kept for job \
                  records; try again later",
-                crate::limits::format_size(free),
-                crate::limits::format_size(incoming),
-                crate::limits::format_size(self.reserve)
+                crate::units::format_size(free),
+                crate::units::format_size(incoming),
+                crate::units::format_size(self.reserve)
             )));
         }
         Ok(())
