@@ -15,11 +15,19 @@ impl From<RunnerError> for JobEnd {
     }
 }
 
+/// Runs database, content-store (fsync) and signing work on a blocking thread: the
+/// engine's one way off the async runtime's workers.
+pub(super) async fn off_runtime<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| RunnerError::Internal(format!("worker: {e}")))?
+}
+
+/// [`off_runtime`], for a step or job that ends early on an error.
 pub(super) async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T> + Send + 'static,
 ) -> Result<T, JobEnd> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| JobEnd::Error(RunnerError::Internal(format!("worker: {e}"))))?
-        .map_err(JobEnd::Error)
+    off_runtime(f).await.map_err(JobEnd::Error)
 }

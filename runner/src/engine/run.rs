@@ -9,7 +9,7 @@ use std::sync::Arc;
 use agent_proto::v1::{job_event, Job, JobSpec, JobState, OutputFile, StepStarted, StepState};
 
 use crate::engine::enclosure::{make_enclosure, WORKSPACE_DIR};
-use crate::engine::end::{blocking, JobEnd};
+use crate::engine::end::{blocking, off_runtime, JobEnd};
 use crate::engine::jobs::Runner;
 use crate::engine::now_ms;
 use crate::error::{Result, RunnerError};
@@ -17,14 +17,21 @@ use crate::images::BUILD_UID;
 
 impl Runner {
     pub(super) async fn run_job(self: Arc<Self>, id: &str, slot: u32) -> Result<()> {
-        let mut job = self.get_any(id)?;
+        let mut job = {
+            let (runner, id) = (self.clone(), id.to_string());
+            off_runtime(move || runner.get_any(&id)).await?
+        };
         let spec = job
             .spec
             .clone()
             .ok_or_else(|| RunnerError::Internal(format!("job {id} has no spec")))?;
         job.state = JobState::Running as i32;
         job.started_unix_ms = now_ms();
-        if !self.db.update_job_if_state(&job, JobState::Queued)? {
+        let claimed = {
+            let (db, record) = (self.db.clone(), job.clone());
+            off_runtime(move || db.update_job_if_state(&record, JobState::Queued)).await?
+        };
+        if !claimed {
             return Ok(()); // cancelled while queued
         }
         if let Some(handle) = self.existing_handle(id) {
@@ -75,10 +82,17 @@ impl Runner {
         job.state = state as i32;
         job.message = message;
         job.finished_unix_ms = now_ms();
-        if state == JobState::Succeeded {
-            self.attest_job(&mut job, &spec, image_digest.as_deref())?;
-        }
-        self.db.update_job(&job)?;
+        let job = {
+            let runner = self.clone();
+            off_runtime(move || {
+                if state == JobState::Succeeded {
+                    runner.attest_job(&mut job, &spec, image_digest.as_deref())?;
+                }
+                runner.db.update_job(&job)?;
+                Ok(job)
+            })
+            .await?
+        };
         let state = JobState::try_from(job.state).unwrap_or(state);
         tracing::info!(job = %id, state = ?state, "job finished");
         self.finish_handle(id, job);
@@ -118,7 +132,10 @@ impl Runner {
             if let Some(result) = job.steps.get_mut(index) {
                 result.state = StepState::Running as i32;
             }
-            self.db.update_progress(job)?;
+            {
+                let (db, record) = (self.db.clone(), job.clone());
+                blocking(move || db.update_progress(&record)).await?;
+            }
             self.emit(
                 id,
                 job_event::Event::StepStarted(StepStarted {
@@ -163,7 +180,10 @@ impl Runner {
             if let Some(slot) = job.steps.get_mut(index) {
                 *slot = result.clone();
             }
-            self.db.update_progress(job)?;
+            {
+                let (db, record) = (self.db.clone(), job.clone());
+                blocking(move || db.update_progress(&record)).await?;
+            }
             self.emit(id, job_event::Event::StepFinished(result));
             match state {
                 StepState::Succeeded => {}

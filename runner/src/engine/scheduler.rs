@@ -51,7 +51,9 @@ impl Runner {
             tokio::spawn(async move {
                 if let Err(err) = runner.clone().run_job(&id, slot).await {
                     tracing::error!(job = %id, error = %err, "job failed in Kiln");
-                    runner.fail_job(&id, &err.client_message());
+                    let (failed, id, message) = (runner.clone(), id.clone(), err.client_message());
+                    let _ =
+                        tokio::task::spawn_blocking(move || failed.fail_job(&id, &message)).await;
                 }
                 if let Ok(mut slots) = runner.slots.lock() {
                     slots.push(slot);

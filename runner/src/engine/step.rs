@@ -110,9 +110,17 @@ impl Runner {
             byproducts: byproducts(&result, &ran, &verdict, &hit, unrecorded.as_deref()),
             environment: self.environment(image, &profile_digest, timeout_seconds, &limits),
         };
-        let signed = crate::engine::attest::sign_link(&link, &self.key)?;
-        result.link_digest = self.cas.put_bytes(&signed.metablock)?;
-        result.link_dsse_digest = self.cas.put_bytes(&signed.dsse)?;
+        let (link, signed, digests) = {
+            let runner = self.clone();
+            blocking(move || {
+                let signed = crate::engine::attest::sign_link(&link, &runner.key)?;
+                let metablock = runner.cas.put_bytes(&signed.metablock)?;
+                let dsse = runner.cas.put_bytes(&signed.dsse)?;
+                Ok((link, signed, (metablock, dsse)))
+            })
+            .await?
+        };
+        (result.link_digest, result.link_dsse_digest) = digests;
         result.link_name = signed.file_name;
         let products = unrecorded.is_none().then_some(link.products);
         Ok((result, products))
