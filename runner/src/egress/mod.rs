@@ -1,4 +1,20 @@
 //! The egress proxy of a step with an allow-list, and the network policy.
+//!
+//! `proxy` serves a step: `http` forwards plain HTTP, `tunnel` runs CONNECT tunnels
+//! once `tls` has read their ClientHello; all three rest on `state` (the limits, the
+//! allow-list decision, the record), `metered` (the byte budget and the idle
+//! timeout) and `record` (what the link reports). `netpolicy` parses and matches
+//! allow-lists and ceilings; `special` classifies the addresses a name may not
+//! resolve to.
 
+mod http;
+mod metered;
 pub mod netpolicy;
 pub mod proxy;
+mod record;
+pub mod special;
+mod state;
+#[cfg(test)]
+mod testing;
+mod tls;
+mod tunnel;
