@@ -49,53 +49,7 @@ enum Command {
         new_database: bool,
     },
     /// Run one command as a single-step job and stream its output.
-    Run {
-        #[arg(long, default_value = images::HOST_IMAGE)]
-        image: String,
-        /// HOSTPATH[:WORKSPACEPATH], a file or directory; repeatable.
-        #[arg(long = "input", value_name = "HOSTPATH[:WORKSPACEPATH]")]
-        inputs: Vec<String>,
-        /// Workspace path to collect after the step; repeatable.
-        #[arg(long = "output", value_name = "PATH")]
-        outputs: Vec<String>,
-        /// Step timeout in seconds (default: the daemon's).
-        #[arg(long)]
-        timeout: Option<u32>,
-        /// Step name (names its link).
-        #[arg(long, default_value = "run")]
-        step: String,
-        /// NAME=VALUE added to the step's environment; repeatable.
-        #[arg(long = "env", value_name = "NAME=VALUE")]
-        env: Vec<String>,
-        /// Where to write the step's signed link.
-        #[arg(long)]
-        attest_dir: Option<PathBuf>,
-        /// Form of the link files written to --attest-dir.
-        #[arg(long, value_enum, default_value = "metablock")]
-        link_format: LinkFormat,
-        /// Where to write the outputs.
-        #[arg(long)]
-        out: Option<PathBuf>,
-        /// Memory limit of the step, e.g. 512M, 2G (default: the daemon's).
-        #[arg(long, value_name = "SIZE", value_parser = units::parse_size)]
-        memory: Option<u64>,
-        /// Most processes and threads of the step (default: the daemon's).
-        #[arg(long, value_name = "N")]
-        pids: Option<u32>,
-        /// CPUs of the step, may be fractional, e.g. 1.5 (default: the daemon's).
-        #[arg(long, value_name = "N", value_parser = units::parse_cpus)]
-        cpus: Option<u32>,
-        /// Workspace quota of the step, e.g. 1G (default: the daemon's).
-        #[arg(long, value_name = "SIZE", value_parser = units::parse_size)]
-        disk: Option<u64>,
-        /// A destination the step may reach through its egress proxy: HOST:PORT,
-        /// *.DOMAIN:PORT, IP:PORT, CIDR:PORT, [IPv6]:PORT (PORT may be *); repeatable.
-        /// Without any, the step has no network at all.
-        #[arg(long = "allow-net", value_name = "HOST:PORT")]
-        allow_net: Vec<String>,
-        #[arg(required = true, last = true)]
-        argv: Vec<String>,
-    },
+    Run(RunArgs),
     /// Submit a multi-step job described by a TOML file and follow it.
     Submit {
         job_file: PathBuf,
@@ -179,6 +133,56 @@ enum Command {
         #[arg(long)]
         keep: bool,
     },
+}
+
+/// `kiln run`'s arguments.
+#[derive(clap::Args)]
+struct RunArgs {
+    #[arg(long, default_value = images::HOST_IMAGE)]
+    image: String,
+    /// HOSTPATH[:WORKSPACEPATH], a file or directory; repeatable.
+    #[arg(long = "input", value_name = "HOSTPATH[:WORKSPACEPATH]")]
+    inputs: Vec<String>,
+    /// Workspace path to collect after the step; repeatable.
+    #[arg(long = "output", value_name = "PATH")]
+    outputs: Vec<String>,
+    /// Step timeout in seconds (default: the daemon's).
+    #[arg(long)]
+    timeout: Option<u32>,
+    /// Step name (names its link).
+    #[arg(long, default_value = "run")]
+    step: String,
+    /// NAME=VALUE added to the step's environment; repeatable.
+    #[arg(long = "env", value_name = "NAME=VALUE")]
+    env: Vec<String>,
+    /// Where to write the step's signed link.
+    #[arg(long)]
+    attest_dir: Option<PathBuf>,
+    /// Form of the link files written to --attest-dir.
+    #[arg(long, value_enum, default_value = "metablock")]
+    link_format: LinkFormat,
+    /// Where to write the outputs.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Memory limit of the step, e.g. 512M, 2G (default: the daemon's).
+    #[arg(long, value_name = "SIZE", value_parser = units::parse_size)]
+    memory: Option<u64>,
+    /// Most processes and threads of the step (default: the daemon's).
+    #[arg(long, value_name = "N")]
+    pids: Option<u32>,
+    /// CPUs of the step, may be fractional, e.g. 1.5 (default: the daemon's).
+    #[arg(long, value_name = "N", value_parser = units::parse_cpus)]
+    cpus: Option<u32>,
+    /// Workspace quota of the step, e.g. 1G (default: the daemon's).
+    #[arg(long, value_name = "SIZE", value_parser = units::parse_size)]
+    disk: Option<u64>,
+    /// A destination the step may reach through its egress proxy: HOST:PORT,
+    /// *.DOMAIN:PORT, IP:PORT, CIDR:PORT, [IPv6]:PORT (PORT may be *); repeatable.
+    /// Without any, the step has no network at all.
+    #[arg(long = "allow-net", value_name = "HOST:PORT")]
+    allow_net: Vec<String>,
+    #[arg(required = true, last = true)]
+    argv: Vec<String>,
 }
 
 #[derive(Subcommand)]
@@ -292,84 +296,11 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             state_dir,
             max_jobs,
             new_database,
-        } => {
-            let mut cfg = config::Config::load(config.as_deref())?;
-            if let Some(socket) = socket_flag {
-                cfg.socket = absolute(&socket)?;
-            }
-            if let Some(dir) = state_dir {
-                cfg.state_dir = absolute(&dir)?;
-            }
-            if let Some(n) = max_jobs {
-                cfg.max_concurrent_jobs = n;
-            }
-            let creation = if new_database {
-                db::Creation::Allowed
-            } else {
-                db::Creation::FreshStateOnly
-            };
-            server::serve(cfg, creation).await?;
-            Ok(0)
-        }
-        Command::Run {
-            image,
-            inputs,
-            outputs,
-            timeout,
-            step,
-            env,
-            attest_dir,
-            link_format,
-            out,
-            memory,
-            pids,
-            cpus,
-            allow_net,
-            disk,
-            argv,
-        } => {
-            let mut locals = Vec::new();
-            for input in &inputs {
-                let (host, ws) = match input.split_once(':') {
-                    Some((host, ws)) => (PathBuf::from(host), ws.to_string()),
-                    None => {
-                        let host = PathBuf::from(input);
-                        let name = host
-                            .file_name()
-                            .and_then(|n| n.to_str())
-                            .with_context(|| format!("--input {input}: no file name"))?
-                            .to_string();
-                        (host, name)
-                    }
-                };
-                locals.extend(client::collect_inputs(&host, ws.trim_end_matches('/'))?);
-            }
-            let mut step_env = std::collections::HashMap::new();
-            for pair in env {
-                let (k, v) = pair
-                    .split_once('=')
-                    .with_context(|| format!("--env {pair}: expected NAME=VALUE"))?;
-                step_env.insert(k.to_string(), v.to_string());
-            }
-            let spec = JobSpec {
-                name: step.clone(),
-                image,
-                inputs: locals.iter().map(client::LocalInput::to_input).collect(),
-                steps: vec![Step {
-                    name: step,
-                    argv,
-                    env: step_env,
-                    timeout_seconds: timeout.unwrap_or(0),
-                    limits: Some(ResourceLimits {
-                        memory_bytes: memory.unwrap_or(0),
-                        pids: pids.unwrap_or(0),
-                        cpu_millis: cpus.unwrap_or(0),
-                        disk_bytes: disk.unwrap_or(0),
-                    }),
-                    allow_net,
-                }],
-                outputs,
-            };
+        } => serve_command(socket_flag, config, state_dir, max_jobs, new_database).await,
+        Command::Run(args) => {
+            let (attest_dir, link_format, out) =
+                (args.attest_dir.clone(), args.link_format, args.out.clone());
+            let (spec, locals) = single_step_job(args)?;
             run_job(
                 &socket,
                 spec,
@@ -467,53 +398,133 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Store {
             state_dir,
             command: StoreCommand::Verify,
-        } => {
-            let root = state_dir.join("cas");
-            anyhow::ensure!(root.is_dir(), "no content store at {}", root.display());
-            let store = cas::ContentStore::attach(root);
-            let report = store.verify_all()?;
-            println!(
-                "checked {} blobs ({}): {} intact, {} corrupt (quarantined), {} stray files",
-                report.intact + report.quarantined.len() as u64,
-                units::format_size(report.bytes),
-                report.intact,
-                report.quarantined.len(),
-                report.stray
-            );
-            for digest in &report.quarantined {
-                println!("corrupt: {digest}");
-            }
-            Ok(if report.quarantined.is_empty() { 0 } else { 1 })
-        }
-        Command::Image { state_dir, command } => {
-            let images = images::Images::open(&state_dir)?;
-            match command {
-                ImageCommand::Build { recipe } => {
-                    let record = images.build(&recipe)?;
-                    println!(
-                        "built image {} tree sha256:{} from {}",
-                        record.name, record.tree_digest, record.source
-                    );
-                }
-                ImageCommand::List => {
-                    println!("{:<12} {:<72} SOURCE", "NAME", "TREE DIGEST");
-                    println!(
-                        "{:<12} {:<72} host /usr (unpinned)",
-                        images::HOST_IMAGE,
-                        "-"
-                    );
-                    for record in images.list()? {
-                        println!(
-                            "{:<12} sha256:{:<65} {}",
-                            record.name, record.tree_digest, record.source
-                        );
-                    }
-                }
-            }
-            Ok(0)
-        }
+        } => store_verify(&state_dir),
+        Command::Image { state_dir, command } => image_command(&state_dir, command),
         Command::Demo { keep } => demo::run(keep).await,
     }
+}
+
+/// The one-step job of `kiln run`, and the local files it uploads.
+fn single_step_job(args: RunArgs) -> anyhow::Result<(JobSpec, Vec<client::LocalInput>)> {
+    let mut locals = Vec::new();
+    for input in &args.inputs {
+        let (host, ws) = match input.split_once(':') {
+            Some((host, ws)) => (PathBuf::from(host), ws.to_string()),
+            None => {
+                let host = PathBuf::from(input);
+                let name = host
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .with_context(|| format!("--input {input}: no file name"))?
+                    .to_string();
+                (host, name)
+            }
+        };
+        locals.extend(client::collect_inputs(&host, ws.trim_end_matches('/'))?);
+    }
+    let mut step_env = std::collections::HashMap::new();
+    for pair in args.env {
+        let (k, v) = pair
+            .split_once('=')
+            .with_context(|| format!("--env {pair}: expected NAME=VALUE"))?;
+        step_env.insert(k.to_string(), v.to_string());
+    }
+    let spec = JobSpec {
+        name: args.step.clone(),
+        image: args.image,
+        inputs: locals.iter().map(client::LocalInput::to_input).collect(),
+        steps: vec![Step {
+            name: args.step,
+            argv: args.argv,
+            env: step_env,
+            timeout_seconds: args.timeout.unwrap_or(0),
+            limits: Some(ResourceLimits {
+                memory_bytes: args.memory.unwrap_or(0),
+                pids: args.pids.unwrap_or(0),
+                cpu_millis: args.cpus.unwrap_or(0),
+                disk_bytes: args.disk.unwrap_or(0),
+            }),
+            allow_net: args.allow_net,
+        }],
+        outputs: args.outputs,
+    };
+    Ok((spec, locals))
+}
+
+/// `kiln store verify`.
+fn store_verify(state_dir: &Path) -> anyhow::Result<i32> {
+    let root = state_dir.join("cas");
+    anyhow::ensure!(root.is_dir(), "no content store at {}", root.display());
+    let store = cas::ContentStore::attach(root);
+    let report = store.verify_all()?;
+    println!(
+        "checked {} blobs ({}): {} intact, {} corrupt (quarantined), {} stray files",
+        report.intact + report.quarantined.len() as u64,
+        units::format_size(report.bytes),
+        report.intact,
+        report.quarantined.len(),
+        report.stray
+    );
+    for digest in &report.quarantined {
+        println!("corrupt: {digest}");
+    }
+    Ok(if report.quarantined.is_empty() { 0 } else { 1 })
+}
+
+/// `kiln image build|list`.
+fn image_command(state_dir: &Path, command: ImageCommand) -> anyhow::Result<i32> {
+    let images = images::Images::open(state_dir)?;
+    match command {
+        ImageCommand::Build { recipe } => {
+            let record = images.build(&recipe)?;
+            println!(
+                "built image {} tree sha256:{} from {}",
+                record.name, record.tree_digest, record.source
+            );
+        }
+        ImageCommand::List => {
+            println!("{:<12} {:<72} SOURCE", "NAME", "TREE DIGEST");
+            println!(
+                "{:<12} {:<72} host /usr (unpinned)",
+                images::HOST_IMAGE,
+                "-"
+            );
+            for record in images.list()? {
+                println!(
+                    "{:<12} sha256:{:<65} {}",
+                    record.name, record.tree_digest, record.source
+                );
+            }
+        }
+    }
+    Ok(0)
+}
+
+/// `kiln serve`: the configuration file, overridden by the flags.
+async fn serve_command(
+    socket: Option<PathBuf>,
+    config: Option<PathBuf>,
+    state_dir: Option<PathBuf>,
+    max_jobs: Option<u32>,
+    new_database: bool,
+) -> anyhow::Result<i32> {
+    let mut cfg = config::Config::load(config.as_deref())?;
+    if let Some(socket) = socket {
+        cfg.socket = absolute(&socket)?;
+    }
+    if let Some(dir) = state_dir {
+        cfg.state_dir = absolute(&dir)?;
+    }
+    if let Some(n) = max_jobs {
+        cfg.max_concurrent_jobs = n;
+    }
+    let creation = if new_database {
+        db::Creation::Allowed
+    } else {
+        db::Creation::FreshStateOnly
+    };
+    server::serve(cfg, creation).await?;
+    Ok(0)
 }
 
 /// A gRPC status reads as "Code: message"; anything else as its context chain.

@@ -188,6 +188,32 @@ pub fn validate(spec: &JobSpec, limits: &SpecLimits) -> Result<()> {
     }
     check_image_name(&spec.image)?;
 
+    check_inputs(spec, limits)?;
+    if spec.steps.is_empty() {
+        return Err(RunnerError::invalid(
+            "steps",
+            "a job needs at least one step",
+        ));
+    }
+    if spec.steps.len() > MAX_STEPS {
+        return Err(RunnerError::invalid("steps", "too many steps"));
+    }
+    let mut step_names = BTreeSet::new();
+    for (i, step) in spec.steps.iter().enumerate() {
+        let field = |f: &str| format!("steps[{i}].{f}");
+        check_step_name(&field("name"), &step.name)?;
+        if !step_names.insert(step.name.as_str()) {
+            return Err(RunnerError::invalid(
+                field("name"),
+                format!("duplicate step name {:?}", step.name),
+            ));
+        }
+        check_step(i, step, limits)?;
+    }
+    check_outputs(spec)
+}
+
+fn check_inputs(spec: &JobSpec, limits: &SpecLimits) -> Result<()> {
     if spec.inputs.len() > limits.max_inputs {
         return Err(RunnerError::invalid(
             "inputs",
@@ -228,106 +254,100 @@ pub fn validate(spec: &JobSpec, limits: &SpecLimits) -> Result<()> {
             ));
         }
     }
+    Ok(())
+}
 
-    if spec.steps.is_empty() {
+/// One step, `steps[i]`, apart from its name's uniqueness (checked by the caller).
+fn check_step(i: usize, step: &agent_proto::v1::Step, limits: &SpecLimits) -> Result<()> {
+    let field = |f: &str| format!("steps[{i}].{f}");
+    if step.argv.is_empty() || step.argv[0].is_empty() {
         return Err(RunnerError::invalid(
-            "steps",
-            "a job needs at least one step",
+            field("argv"),
+            "argv must not be empty",
         ));
     }
-    if spec.steps.len() > MAX_STEPS {
-        return Err(RunnerError::invalid("steps", "too many steps"));
+    let mut total = 0;
+    for (j, arg) in step.argv.iter().enumerate() {
+        if arg.contains('\0') {
+            return Err(RunnerError::invalid(
+                format!("steps[{i}].argv[{j}]"),
+                "contains a NUL byte",
+            ));
+        }
+        if arg.len() > MAX_ARG_BYTES {
+            return Err(RunnerError::invalid(
+                format!("steps[{i}].argv[{j}]"),
+                "argument too long",
+            ));
+        }
+        total += arg.len();
     }
-    let mut step_names = BTreeSet::new();
-    for (i, step) in spec.steps.iter().enumerate() {
-        let field = |f: &str| format!("steps[{i}].{f}");
-        check_step_name(&field("name"), &step.name)?;
-        if !step_names.insert(step.name.as_str()) {
-            return Err(RunnerError::invalid(
-                field("name"),
-                format!("duplicate step name {:?}", step.name),
-            ));
+    if total > MAX_ARGV_TOTAL_BYTES {
+        return Err(RunnerError::invalid(
+            field("argv"),
+            "arguments too long in total",
+        ));
+    }
+    check_env(i, step)?;
+    if step.timeout_seconds > limits.max_timeout_seconds {
+        return Err(RunnerError::invalid(
+            field("timeout_seconds"),
+            format!(
+                "{} exceeds the runner's maximum of {}",
+                step.timeout_seconds, limits.max_timeout_seconds
+            ),
+        ));
+    }
+    if let Some(l) = &step.limits {
+        check_resource_limits(i, l, limits)?;
+    }
+    if step.allow_net.len() > MAX_ALLOW_NET {
+        return Err(RunnerError::invalid(field("allow_net"), "too many entries"));
+    }
+    for (j, text) in step.allow_net.iter().enumerate() {
+        let entry = crate::egress::netpolicy::Entry::parse(text).map_err(|e| {
+            RunnerError::invalid(format!("steps[{i}].allow_net[{j}]"), e.to_string())
+        })?;
+        if !limits.network_ceiling.covers(&entry) {
+            return Err(RunnerError::PermissionDenied(format!(
+                "steps[{i}].allow_net[{j}]: {text:?} is outside the network ceiling the \
+                 runner's operator set for this client"
+            )));
         }
-        if step.argv.is_empty() || step.argv[0].is_empty() {
-            return Err(RunnerError::invalid(
-                field("argv"),
-                "argv must not be empty",
-            ));
-        }
-        let mut total = 0;
-        for (j, arg) in step.argv.iter().enumerate() {
-            if arg.contains('\0') {
-                return Err(RunnerError::invalid(
-                    format!("steps[{i}].argv[{j}]"),
-                    "contains a NUL byte",
-                ));
-            }
-            if arg.len() > MAX_ARG_BYTES {
-                return Err(RunnerError::invalid(
-                    format!("steps[{i}].argv[{j}]"),
-                    "argument too long",
-                ));
-            }
-            total += arg.len();
-        }
-        if total > MAX_ARGV_TOTAL_BYTES {
-            return Err(RunnerError::invalid(
-                field("argv"),
-                "arguments too long in total",
-            ));
-        }
-        if step.env.len() > MAX_ENV_VARS {
-            return Err(RunnerError::invalid(field("env"), "too many variables"));
-        }
-        let env_bytes: usize = step.env.iter().map(|(k, v)| k.len() + v.len() + 2).sum();
-        if env_bytes > MAX_ENV_TOTAL_BYTES {
+    }
+    Ok(())
+}
+
+fn check_env(i: usize, step: &agent_proto::v1::Step) -> Result<()> {
+    let field = |f: &str| format!("steps[{i}].{f}");
+    if step.env.len() > MAX_ENV_VARS {
+        return Err(RunnerError::invalid(field("env"), "too many variables"));
+    }
+    let env_bytes: usize = step.env.iter().map(|(k, v)| k.len() + v.len() + 2).sum();
+    if env_bytes > MAX_ENV_TOTAL_BYTES {
+        return Err(RunnerError::invalid(
+            field("env"),
+            format!("{env_bytes} bytes of names and values, more than {MAX_ENV_TOTAL_BYTES}"),
+        ));
+    }
+    for (key, value) in &step.env {
+        if key.is_empty() || key.contains('=') || key.contains('\0') || key.len() > 1024 {
             return Err(RunnerError::invalid(
                 field("env"),
-                format!("{env_bytes} bytes of names and values, more than {MAX_ENV_TOTAL_BYTES}"),
+                format!("{key:?} is not a variable name"),
             ));
         }
-        for (key, value) in &step.env {
-            if key.is_empty() || key.contains('=') || key.contains('\0') || key.len() > 1024 {
-                return Err(RunnerError::invalid(
-                    field("env"),
-                    format!("{key:?} is not a variable name"),
-                ));
-            }
-            if value.contains('\0') || value.len() > MAX_ARG_BYTES {
-                return Err(RunnerError::invalid(
-                    field("env"),
-                    format!("value of {key:?} contains NUL or is too long"),
-                ));
-            }
-        }
-        if step.timeout_seconds > limits.max_timeout_seconds {
+        if value.contains('\0') || value.len() > MAX_ARG_BYTES {
             return Err(RunnerError::invalid(
-                field("timeout_seconds"),
-                format!(
-                    "{} exceeds the runner's maximum of {}",
-                    step.timeout_seconds, limits.max_timeout_seconds
-                ),
+                field("env"),
+                format!("value of {key:?} contains NUL or is too long"),
             ));
-        }
-        if let Some(l) = &step.limits {
-            check_resource_limits(i, l, limits)?;
-        }
-        if step.allow_net.len() > MAX_ALLOW_NET {
-            return Err(RunnerError::invalid(field("allow_net"), "too many entries"));
-        }
-        for (j, text) in step.allow_net.iter().enumerate() {
-            let entry = crate::egress::netpolicy::Entry::parse(text).map_err(|e| {
-                RunnerError::invalid(format!("steps[{i}].allow_net[{j}]"), e.to_string())
-            })?;
-            if !limits.network_ceiling.covers(&entry) {
-                return Err(RunnerError::PermissionDenied(format!(
-                    "steps[{i}].allow_net[{j}]: {text:?} is outside the network ceiling the \
-                     runner's operator set for this client"
-                )));
-            }
         }
     }
+    Ok(())
+}
 
+fn check_outputs(spec: &JobSpec) -> Result<()> {
     if spec.outputs.len() > MAX_OUTPUTS {
         return Err(RunnerError::invalid("outputs", "too many outputs"));
     }

@@ -4,12 +4,13 @@
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
+use std::sync::Arc;
 
 use agent_proto::v1::attestations_server::AttestationsServer;
 use agent_proto::v1::content_store_server::ContentStoreServer;
 use agent_proto::v1::jobs_server::JobsServer;
 use anyhow::{bail, Context};
-use sandbox::Sandbox;
+use sandbox::{HostSupport, Sandbox};
 use tokio::net::UnixListener;
 
 use crate::api::auth::Authenticator;
@@ -27,6 +28,67 @@ pub async fn serve(config: Config, creation: Creation) -> anyhow::Result<()> {
     if !nix::unistd::geteuid().is_root() {
         bail!("kiln serve must run as root: it creates user namespaces with mapped id ranges and mounts");
     }
+    let (host, sandbox) = check_host(&config)?;
+    raise_fd_limit(config.max_connections);
+    let State {
+        key,
+        keyid,
+        db,
+        cas,
+        images,
+    } = open_state(&config, creation)?;
+    let id_ranges = lease_id_ranges(&config)?;
+    let (runner, queue) = Runner::new(
+        config.clone(),
+        db,
+        cas,
+        images,
+        key,
+        Isolation {
+            sandbox,
+            host: host.clone(),
+            id_ranges,
+        },
+    )?;
+    tracing::info!(
+        %keyid,
+        landlock_abi = host.landlock_abi,
+        cgroup = %host.cgroup.mode,
+        state_dir = %config.state_dir.display(),
+        "kiln daemon starting"
+    );
+    let scheduler = tokio::spawn(runner.clone().schedule(queue));
+
+    // Watch for SIGTERM before the socket exists: a supervisor that sees the socket may
+    // stop the daemon at once, and that must drain, not kill.
+    let shutdown = stop_at_signal(runner.clone(), config.shutdown_grace_seconds)?;
+    let listener = bind_socket(&config)?;
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    let database_watch = tokio::spawn(watch_database(runner.db.clone(), health_reporter.clone()));
+    let result = serve_grpc(
+        &config,
+        &runner,
+        listener,
+        &health_reporter,
+        health_service,
+        shutdown,
+    )
+    .await;
+    health_reporter
+        .set_not_serving::<JobsServer<Service>>()
+        .await;
+    tracing::info!("draining: waiting for running jobs to finish");
+    runner.drain().await;
+    scheduler.abort();
+    database_watch.abort();
+    let _ = fs::remove_file(&config.socket);
+    tracing::info!("stopped");
+    result
+}
+
+/// Checks the host can set up every sandbox layer (failing closed unless the config
+/// waives a layer), tunes what only speeds steps up, and makes the sandbox launcher.
+fn check_host(config: &Config) -> anyhow::Result<(HostSupport, Sandbox)> {
     // Fail closed: a host that cannot set up every sandbox layer runs no job, unless the
     // config explicitly waives that layer. This also compiles the seccomp policy, once.
     let host =
@@ -80,8 +142,21 @@ pub async fn serve(config: Config, creation: Creation) -> anyhow::Result<()> {
         bail!("/proc/self/exe is missing: /proc must be mounted to start sandboxes");
     }
     let sandbox = Sandbox::new(init_exe);
+    Ok((host, sandbox))
+}
 
-    raise_fd_limit(config.max_connections);
+/// The daemon's durable state, opened.
+struct State {
+    key: Signer,
+    keyid: String,
+    db: Database,
+    cas: ContentStore,
+    images: Images,
+}
+
+/// Opens the state directory private to root: the key ring, the job database, the
+/// content store and the images.
+fn open_state(config: &Config, creation: Creation) -> anyhow::Result<State> {
     // Nothing the daemon creates is for other host users: job records, blobs and logs
     // hold clients' sources, environments and outputs. What a sandbox must reach is
     // opened up explicitly, and each step sets its own umask.
@@ -110,7 +185,16 @@ pub async fn serve(config: Config, creation: Creation) -> anyhow::Result<()> {
         .context("opening the content store")?
         .with_reserve(config.state_reserve.0);
     let images = Images::open(state).context("preparing images")?;
+    Ok(State {
+        key,
+        keyid,
+        db,
+        cas,
+        images,
+    })
+}
 
+fn lease_id_ranges(config: &Config) -> anyhow::Result<IdRanges> {
     // Host ids no other Kiln daemon on this host uses while this one runs.
     let id_ranges = IdRanges::lease(
         Path::new(idranges::LOCK_DIR),
@@ -125,56 +209,50 @@ pub async fn serve(config: Config, creation: Creation) -> anyhow::Result<()> {
         slots = id_ranges.bases().len(),
         "host id ranges leased"
     );
-    let (runner, queue) = Runner::new(
-        config.clone(),
-        db,
-        cas,
-        images,
-        key,
-        Isolation {
-            sandbox,
-            host: host.clone(),
-            id_ranges,
-        },
-    )?;
-    tracing::info!(
-        %keyid,
-        landlock_abi = host.landlock_abi,
-        cgroup = %host.cgroup.mode,
-        state_dir = %state.display(),
-        "kiln daemon starting"
-    );
-    let scheduler = tokio::spawn(runner.clone().schedule(queue));
+    Ok(id_ranges)
+}
 
-    // Watch for SIGTERM before the socket exists: a supervisor that sees the socket may
-    // stop the daemon at once, and that must drain, not kill.
+/// Resolves at SIGTERM or SIGINT, having stopped the start of queued jobs; running
+/// ones get `grace_seconds`, then are cancelled with the reason recorded. The signal
+/// handlers are installed when this is called.
+fn stop_at_signal(
+    runner: Arc<Runner>,
+    grace_seconds: u64,
+) -> anyhow::Result<impl std::future::Future<Output = ()>> {
     let signal = shutdown_signal()?;
-    // At the signal, no queued job starts any more; running ones get the grace period,
-    // then are cancelled with the reason recorded.
-    let shutdown = {
-        let runner = runner.clone();
-        let grace = std::time::Duration::from_secs(config.shutdown_grace_seconds);
-        async move {
-            signal.await;
-            runner.stop_starting();
-            tracing::info!(
-                grace_seconds = grace.as_secs(),
-                "stopping: no queued job starts; running jobs may finish within the grace period"
-            );
-            tokio::spawn(async move {
-                tokio::time::sleep(grace).await;
-                runner.cancel_all_running(&format!(
-                    "cancelled: the daemon shut down, and the job ran past the {} s grace period",
-                    grace.as_secs()
-                ));
-            });
-        }
-    };
-    let listener = bind_socket(&config)?;
+    let grace = std::time::Duration::from_secs(grace_seconds);
+    Ok(async move {
+        signal.await;
+        runner.stop_starting();
+        tracing::info!(
+            grace_seconds = grace.as_secs(),
+            "stopping: no queued job starts; running jobs may finish within the grace period"
+        );
+        tokio::spawn(async move {
+            tokio::time::sleep(grace).await;
+            runner.cancel_all_running(&format!(
+                "cancelled: the daemon shut down, and the job ran past the {} s grace period",
+                grace.as_secs()
+            ));
+        });
+    })
+}
+
+/// Serves kiln.v1, health and reflection on the socket until `shutdown` resolves and
+/// every stream has ended.
+async fn serve_grpc(
+    config: &Config,
+    runner: &Arc<Runner>,
+    listener: UnixListener,
+    health_reporter: &tonic_health::server::HealthReporter,
+    health_service: tonic_health::pb::health_server::HealthServer<
+        impl tonic_health::pb::health_server::Health,
+    >,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
     let service = Service {
         runner: runner.clone(),
     };
-    let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter.set_serving::<JobsServer<Service>>().await;
     health_reporter
         .set_serving::<ContentStoreServer<Service>>()
@@ -182,7 +260,6 @@ pub async fn serve(config: Config, creation: Creation) -> anyhow::Result<()> {
     health_reporter
         .set_serving::<AttestationsServer<Service>>()
         .await;
-    let database_watch = tokio::spawn(watch_database(runner.db.clone(), health_reporter.clone()));
     // Reflection in both versions clients speak today (grpcurl: v1; grpcio: v1alpha).
     let reflection = || {
         tonic_reflection::server::Builder::configure()
@@ -212,7 +289,7 @@ pub async fn serve(config: Config, creation: Creation) -> anyhow::Result<()> {
             ),
         },
     );
-    let result = tonic::transport::Server::builder()
+    tonic::transport::Server::builder()
         // A peer that stops answering pings is gone: its connection is closed.
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(
             config.connection_keepalive_seconds,
@@ -231,17 +308,8 @@ pub async fn serve(config: Config, creation: Creation) -> anyhow::Result<()> {
         )
         .add_service(AttestationsServer::new(service).max_decoding_message_size(max_request))
         .serve_with_incoming_shutdown(incoming, shutdown)
-        .await;
-    health_reporter
-        .set_not_serving::<JobsServer<Service>>()
-        .await;
-    tracing::info!("draining: waiting for running jobs to finish");
-    runner.drain().await;
-    scheduler.abort();
-    database_watch.abort();
-    let _ = fs::remove_file(&config.socket);
-    tracing::info!("stopped");
-    result.context("serving gRPC")
+        .await
+        .context("serving gRPC")
 }
 
 /// Raises the soft RLIMIT_NOFILE to the hard one: every connection is a descriptor,
