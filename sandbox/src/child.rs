@@ -217,7 +217,23 @@ fn mount_fs(fstype: &str, target: &str, flags: MsFlags, data: &str) -> Result<()
 /// Steps 5-8 of the sandbox setup order (docs/ARCHITECTURE.md): private propagation,
 /// the new root, pivot_root, the workspace as cwd.
 fn build_root(plan: &Plan) -> Result<(), Failure> {
-    let spec = &plan.spec;
+    let root = stage_skeleton()?;
+    place_root_entries(plan, &root)?;
+    // Open, like `root`, until the root is built.
+    let _workspace_point = mount_workspace(plan, &root)?;
+    mount_proc(&root)?;
+    build_dev(plan, &root)?;
+    // Needs the sandbox's /dev/null, which masks files.
+    mask_proc()?;
+    mount_tmp(plan, &root)?;
+    remount_root_read_only()?;
+    pivot_into_root()?;
+    enter_workspace(plan)
+}
+
+/// Step 5, then the start of step 6: private propagation, and the tmpfs skeleton the new
+/// root is assembled in, entered as cwd. Returns an O_PATH fd of the skeleton.
+fn stage_skeleton() -> Result<OwnedFd, Failure> {
     mount(
         None::<&str>,
         "/",
@@ -235,14 +251,17 @@ fn build_root(plan: &Plan) -> Result<(), Failure> {
     .layer("mount", "mounting the root skeleton")?;
     // Relative paths below resolve inside the skeleton from here on.
     nix::unistd::chdir(STAGING).layer("mount", "entering the root skeleton")?;
-    let root = openat(
+    openat(
         nix::fcntl::AT_FDCWD,
         ".",
         OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
         Mode::empty(),
     )
-    .layer("mount", "opening the root skeleton")?;
+    .layer("mount", "opening the root skeleton")
+}
 
+/// The spec's root entries (image binds, symlinks, directories), in order, below `root`.
+fn place_root_entries(plan: &Plan, root: &OwnedFd) -> Result<(), Failure> {
     for entry in &plan.entries {
         match entry {
             Prepared::Bind {
@@ -252,29 +271,36 @@ fn build_root(plan: &Plan) -> Result<(), Failure> {
             } => {
                 let what = format!("bind at {}", target.display());
                 let leaf = if *is_dir { Leaf::Dir } else { Leaf::File };
-                let point = create(&root, target, leaf).layer("mount", &what)?;
+                let point = create(root, target, leaf).layer("mount", &what)?;
                 let point =
                     point.ok_or_else(|| fail("mount", format!("{what}: no mount point")))?;
                 sys::move_mount(tree.as_fd(), point.as_fd()).layer("mount", &what)?;
             }
             Prepared::Symlink { path, points_to } => {
-                create(&root, path, Leaf::Symlink(points_to))
+                create(root, path, Leaf::Symlink(points_to))
                     .layer("mount", &format!("symlink {}", path.display()))?;
             }
             Prepared::Dir { path } => {
-                create(&root, path, Leaf::Dir)
+                create(root, path, Leaf::Dir)
                     .layer("mount", &format!("directory {}", path.display()))?;
             }
         }
     }
+    Ok(())
+}
 
-    let ws = create(&root, Path::new("/workspace"), Leaf::Dir)
+/// Binds the workspace at /workspace; returns the O_PATH fd of its mount point.
+fn mount_workspace(plan: &Plan, root: &OwnedFd) -> Result<OwnedFd, Failure> {
+    let ws = create(root, Path::new("/workspace"), Leaf::Dir)
         .layer("workspace", "creating /workspace")?
         .ok_or_else(|| fail("workspace", "no mount point"))?;
     sys::move_mount(plan.workspace.as_fd(), ws.as_fd())
         .layer("workspace", "mounting the workspace")?;
+    Ok(ws)
+}
 
-    create(&root, Path::new("/proc"), Leaf::Dir).layer("proc", "creating /proc")?;
+fn mount_proc(root: &OwnedFd) -> Result<(), Failure> {
+    create(root, Path::new("/proc"), Leaf::Dir).layer("proc", "creating /proc")?;
     mount_fs(
         "proc",
         "proc",
@@ -282,20 +308,23 @@ fn build_root(plan: &Plan) -> Result<(), Failure> {
         "",
     )
     .layer("proc", "mounting proc")?;
+    Ok(())
+}
 
-    build_dev(plan, &root)?;
-    // Needs the sandbox's /dev/null, which masks files.
-    mask_proc()?;
-
-    create(&root, Path::new("/tmp"), Leaf::Dir).layer("mount", "creating /tmp")?;
+fn mount_tmp(plan: &Plan, root: &OwnedFd) -> Result<(), Failure> {
+    create(root, Path::new("/tmp"), Leaf::Dir).layer("mount", "creating /tmp")?;
     mount_fs(
         "tmpfs",
         "tmp",
         MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
-        &format!("mode=1777,size={}", spec.tmp_size_bytes),
+        &format!("mode=1777,size={}", plan.spec.tmp_size_bytes),
     )
     .layer("mount", "mounting /tmp")?;
+    Ok(())
+}
 
+/// The skeleton (cwd) itself read-only, nosuid, nodev.
+fn remount_root_read_only() -> Result<(), Failure> {
     mount(
         None::<&str>,
         ".",
@@ -308,13 +337,22 @@ fn build_root(plan: &Plan) -> Result<(), Failure> {
         None::<&str>,
     )
     .layer("mount", "remounting the root read-only")?;
+    Ok(())
+}
 
+/// Step 7.
+fn pivot_into_root() -> Result<(), Failure> {
     // pivot_root(".", ".") stacks the old root on top of the new one; detaching it leaves
     // only the new root (never a bare chroot, which can be escaped).
     nix::unistd::pivot_root(".", ".").layer("pivot-root", "pivot_root")?;
     umount2(".", MntFlags::MNT_DETACH).layer("pivot-root", "detaching the old root")?;
     nix::unistd::chdir("/").layer("pivot-root", "chdir /")?;
+    Ok(())
+}
 
+/// Step 8: cwd is the workspace, checked to be the very directory mounted inside the new
+/// root.
+fn enter_workspace(plan: &Plan) -> Result<(), Failure> {
     nix::unistd::chdir("/workspace").layer("workspace", "chdir /workspace")?;
     let cwd = nix::unistd::getcwd().layer("workspace", "getcwd")?;
     let here = fstat(

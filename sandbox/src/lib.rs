@@ -659,6 +659,17 @@ fn under_reserved(p: &Path) -> Option<&'static str> {
 
 /// Checks a spec before anything is started; the supervisor checks again.
 pub fn validate(spec: &StepSpec) -> Result<(), SandboxError> {
+    validate_command(spec)?;
+    validate_egress(spec)?;
+    for entry in &spec.root {
+        validate_root_entry(entry)?;
+    }
+    validate_ids_and_sizes(spec)?;
+    validate_limits(&spec.limits)
+}
+
+/// argv and the environment: what execve receives.
+fn validate_command(spec: &StepSpec) -> Result<(), SandboxError> {
     if spec.argv.is_empty() || spec.argv[0].is_empty() {
         return Err(invalid("argv must not be empty"));
     }
@@ -672,6 +683,10 @@ pub fn validate(spec: &StepSpec) -> Result<(), SandboxError> {
             )));
         }
     }
+    Ok(())
+}
+
+fn validate_egress(spec: &StepSpec) -> Result<(), SandboxError> {
     if let Some(port) = spec.egress_proxy_port {
         // Landlock must let the step connect to its proxy, and only there is TCP allowed.
         if port == 0 || !spec.tcp_connect_ports.contains(&port) {
@@ -680,43 +695,51 @@ pub fn validate(spec: &StepSpec) -> Result<(), SandboxError> {
             )));
         }
     }
-    for entry in &spec.root {
-        let (what, target) = match entry {
-            RootEntry::Bind { source, target } => {
-                if !source.is_absolute() || source.as_os_str().as_encoded_bytes().contains(&0) {
-                    return Err(invalid(format!(
-                        "bind source {} must be an absolute path",
-                        source.display()
-                    )));
-                }
-                ("bind target", target)
+    Ok(())
+}
+
+/// One root entry: a clean absolute target, not `/` and clear of [`RESERVED`].
+fn validate_root_entry(entry: &RootEntry) -> Result<(), SandboxError> {
+    let (what, target) = match entry {
+        RootEntry::Bind { source, target } => {
+            if !source.is_absolute() || source.as_os_str().as_encoded_bytes().contains(&0) {
+                return Err(invalid(format!(
+                    "bind source {} must be an absolute path",
+                    source.display()
+                )));
             }
-            RootEntry::Symlink { path, points_to } => {
-                if points_to.as_os_str().is_empty()
-                    || points_to.as_os_str().as_encoded_bytes().contains(&0)
-                {
-                    return Err(invalid(format!(
-                        "bad symlink target for {}",
-                        path.display()
-                    )));
-                }
-                ("symlink path", path)
+            ("bind target", target)
+        }
+        RootEntry::Symlink { path, points_to } => {
+            if points_to.as_os_str().is_empty()
+                || points_to.as_os_str().as_encoded_bytes().contains(&0)
+            {
+                return Err(invalid(format!(
+                    "bad symlink target for {}",
+                    path.display()
+                )));
             }
-            RootEntry::Dir { path } => ("directory", path),
-        };
-        check_sandbox_path(what, target)?;
-        if target == Path::new("/") {
-            return Err(invalid(format!(
-                "{what} / is not supported: the root is a read-only skeleton; bind the image's top-level directories"
-            )));
+            ("symlink path", path)
         }
-        if let Some(r) = under_reserved(target) {
-            return Err(invalid(format!(
-                "{what} {} is inside {r}, which the sandbox provides itself",
-                target.display()
-            )));
-        }
+        RootEntry::Dir { path } => ("directory", path),
+    };
+    check_sandbox_path(what, target)?;
+    if target == Path::new("/") {
+        return Err(invalid(format!(
+            "{what} / is not supported: the root is a read-only skeleton; bind the image's top-level directories"
+        )));
     }
+    if let Some(r) = under_reserved(target) {
+        return Err(invalid(format!(
+            "{what} {} is inside {r}, which the sandbox provides itself",
+            target.display()
+        )));
+    }
+    Ok(())
+}
+
+/// The workspace, the id mapping, the timeout, /tmp's size and the hostname.
+fn validate_ids_and_sizes(spec: &StepSpec) -> Result<(), SandboxError> {
     if !spec.workspace.is_absolute() {
         return Err(invalid("workspace must be an absolute host path"));
     }
@@ -742,7 +765,10 @@ pub fn validate(spec: &StepSpec) -> Result<(), SandboxError> {
     if spec.hostname.is_empty() || spec.hostname.len() > 64 || spec.hostname.contains('\0') {
         return Err(invalid("hostname must be 1 to 64 bytes"));
     }
-    let l = &spec.limits;
+    Ok(())
+}
+
+fn validate_limits(l: &Limits) -> Result<(), SandboxError> {
     if l.memory_bytes < MIN_MEMORY_BYTES {
         return Err(invalid(format!(
             "memory limit must be at least {MIN_MEMORY_BYTES} bytes"

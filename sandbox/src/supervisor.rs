@@ -340,6 +340,66 @@ fn raise_hard_nofile(want: u64) -> Result<(), Failure> {
 }
 
 fn launch(plan: &Plan, control: &OwnedFd, cgroup: &mut StepCgroup) -> Result<StepOutcome, Failure> {
+    let Launched {
+        pid,
+        err_r,
+        sync_w,
+        notify_r,
+    } = clone_sandbox(plan, cgroup)?;
+    let mut denials = Denials::new(notify_r);
+    let pidfd = set_up_from_outside(pid, plan, control, cgroup)?;
+    // Release pid 1: its ids now map.
+    let started = Instant::now();
+    if let Err(e) = nix::unistd::write(sync_w.as_fd(), b"1") {
+        let _ = kill_and_reap(pid);
+        return Err(fail(
+            "user-namespace",
+            format!("releasing the sandbox: {e}"),
+        ));
+    }
+    drop(sync_w);
+
+    let deadline = started.checked_add(Duration::from_millis(plan.spec.timeout_ms));
+    let ended = wait_for_end(&pidfd, control, deadline, &mut denials);
+    let status = match ended {
+        Ended::Exited => reap(pid),
+        Ended::TimedOut | Ended::Cancelled => kill_and_reap(pid),
+    };
+    if let Some(m) = denials.failure.take() {
+        return Err(fail("seccomp", m));
+    }
+    let duration_ms = millis(started.elapsed());
+
+    let reports = read_reports(&err_r);
+    // Every process of the sandbox is gone: the counters are final.
+    let usage = cgroup.usage();
+    let exec_monotonic_ns = reports.iter().find_map(|r| match r {
+        Report::Execing { monotonic_ns } => Some(*monotonic_ns),
+        _ => None,
+    });
+    Ok(StepOutcome {
+        status: decide(&reports, ended, status, usage.oom_killed),
+        duration_ms,
+        usage,
+        seccomp_denials: denials.into_counts(),
+        exec_monotonic_ns,
+    })
+}
+
+/// The supervisor's side of a freshly cloned sandbox, whose pid 1 waits for `sync_w`.
+struct Launched {
+    pid: Pid,
+    /// Reports of pid 1 and the step (see protocol.rs).
+    err_r: OwnedFd,
+    /// Releases pid 1 once its ids map.
+    sync_w: OwnedFd,
+    /// Receives the step's seccomp notification listener.
+    notify_r: OwnedFd,
+}
+
+/// Setup steps 1 and 2 (docs/ARCHITECTURE.md): joins the step cgroup, then one clone
+/// creates every namespace with pid 1 in them; the child ends in `child::sandbox_init`.
+fn clone_sandbox(plan: &Plan, cgroup: &mut StepCgroup) -> Result<Launched, Failure> {
     let (err_r, err_w) =
         nix::unistd::pipe2(OFlag::O_CLOEXEC).layer("user-namespace", "error pipe")?;
     let (sync_r, sync_w) =
@@ -370,7 +430,23 @@ fn launch(plan: &Plan, control: &OwnedFd, cgroup: &mut StepCgroup) -> Result<Ste
     drop(sync_r);
     drop(err_w);
     drop(notify_w);
-    let mut denials = Denials::new(notify_r);
+    Ok(Launched {
+        pid,
+        err_r,
+        sync_w,
+        notify_r,
+    })
+}
+
+/// What the supervisor does to the sandbox from outside while pid 1 waits: leaves the step
+/// cgroup, writes the id maps (setup step 3), hands over the egress listener; returns a
+/// pidfd of pid 1. On failure pid 1 (and with it the sandbox) is killed and reaped.
+fn set_up_from_outside(
+    pid: Pid,
+    plan: &Plan,
+    control: &OwnedFd,
+    cgroup: &mut StepCgroup,
+) -> Result<OwnedFd, Failure> {
     // Out again before pid 1 runs: the supervisor must count neither against the step's
     // limits nor be a candidate for its OOM killer.
     if let Err(f) = cgroup.leave() {
@@ -392,35 +468,17 @@ fn launch(plan: &Plan, control: &OwnedFd, cgroup: &mut StepCgroup) -> Result<Ste
             return Err(f);
         }
     }
-    let pidfd = match sys::pidfd_open(pid) {
-        Ok(fd) => fd,
+    match sys::pidfd_open(pid) {
+        Ok(fd) => Ok(fd),
         Err(e) => {
             let _ = kill_and_reap(pid);
-            return Err(fail("user-namespace", format!("pidfd_open: {e}")));
+            Err(fail("user-namespace", format!("pidfd_open: {e}")))
         }
-    };
-    // Release pid 1: its ids now map.
-    let started = Instant::now();
-    if let Err(e) = nix::unistd::write(sync_w.as_fd(), b"1") {
-        let _ = kill_and_reap(pid);
-        return Err(fail(
-            "user-namespace",
-            format!("releasing the sandbox: {e}"),
-        ));
     }
-    drop(sync_w);
+}
 
-    let deadline = started.checked_add(Duration::from_millis(plan.spec.timeout_ms));
-    let ended = wait_for_end(&pidfd, control, deadline, &mut denials);
-    let status = match ended {
-        Ended::Exited => reap(pid),
-        Ended::TimedOut | Ended::Cancelled => kill_and_reap(pid),
-    };
-    if let Some(m) = denials.failure.take() {
-        return Err(fail("seccomp", m));
-    }
-    let duration_ms = millis(started.elapsed());
-
+/// Everything pid 1 and the step reported on the error pipe, once the sandbox is gone.
+fn read_reports(err_r: &OwnedFd) -> Vec<Report> {
     // Every write end is closed now (the kernel has killed the namespace with its pid 1),
     // so reading cannot block; non-blocking anyway, to be sure.
     let mut bytes = Vec::new();
@@ -437,20 +495,7 @@ fn launch(plan: &Plan, control: &OwnedFd, cgroup: &mut StepCgroup) -> Result<Ste
             Err(_) => break,
         }
     }
-    let reports = protocol::parse(&bytes);
-    // Every process of the sandbox is gone: the counters are final.
-    let usage = cgroup.usage();
-    let exec_monotonic_ns = reports.iter().find_map(|r| match r {
-        Report::Execing { monotonic_ns } => Some(*monotonic_ns),
-        _ => None,
-    });
-    Ok(StepOutcome {
-        status: decide(&reports, ended, status, usage.oom_killed),
-        duration_ms,
-        usage,
-        seccomp_denials: denials.into_counts(),
-        exec_monotonic_ns,
-    })
+    protocol::parse(&bytes)
 }
 
 /// Waits for pid 1 to exit, the deadline, or anything on the control socket (cancel), while
