@@ -319,21 +319,13 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             out,
             detach,
         } => {
-            let (spec, locals) = jobfile::load(&job_file)?;
-            if detach {
-                let client = Client::connect(&socket).await?;
-                client.upload(&locals).await?;
-                println!("{}", client.submit(spec).await?);
-                return Ok(0);
-            }
-            run_job(
+            submit_command(
                 &socket,
-                spec,
-                &locals,
+                &job_file,
                 attest_dir.as_deref(),
                 link_format,
                 out.as_deref(),
-                true,
+                detach,
             )
             .await
         }
@@ -355,19 +347,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
         }
         Command::Keys {
             command: KeysCommand::Public { format },
-        } => {
-            let client = Client::connect(&socket).await?;
-            let key = client.public_key().await?;
-            match format {
-                KeyFormat::Pem => print!("{}", key.pem),
-                KeyFormat::Securesystemslib => println!("{}", key.securesystemslib_json),
-                KeyFormat::Ring if key.keyring_json.is_empty() => {
-                    anyhow::bail!("the daemon sent no key ring (it predates key rings)")
-                }
-                KeyFormat::Ring => print!("{}", key.keyring_json),
-            }
-            Ok(0)
-        }
+        } => keys_public(&socket, format).await,
         Command::Keys {
             command: KeysCommand::Generate { state_dir },
         } => keys_generate(&state_dir),
@@ -402,6 +382,40 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Image { state_dir, command } => image_command(&state_dir, command),
         Command::Demo { keep } => demo::run(keep).await,
     }
+}
+
+/// `kiln keys public`: the daemon's current key, or its ring.
+async fn keys_public(socket: &Path, format: KeyFormat) -> anyhow::Result<i32> {
+    let client = Client::connect(socket).await?;
+    let key = client.public_key().await?;
+    match format {
+        KeyFormat::Pem => print!("{}", key.pem),
+        KeyFormat::Securesystemslib => println!("{}", key.securesystemslib_json),
+        KeyFormat::Ring if key.keyring_json.is_empty() => {
+            anyhow::bail!("the daemon sent no key ring (it predates key rings)")
+        }
+        KeyFormat::Ring => print!("{}", key.keyring_json),
+    }
+    Ok(0)
+}
+
+/// `kiln submit`: a job file's job, followed to its end unless detached.
+async fn submit_command(
+    socket: &Path,
+    job_file: &Path,
+    attest_dir: Option<&Path>,
+    link_format: LinkFormat,
+    out: Option<&Path>,
+    detach: bool,
+) -> anyhow::Result<i32> {
+    let (spec, locals) = jobfile::load(job_file)?;
+    if detach {
+        let client = Client::connect(socket).await?;
+        client.upload(&locals).await?;
+        println!("{}", client.submit(spec).await?);
+        return Ok(0);
+    }
+    run_job(socket, spec, &locals, attest_dir, link_format, out, true).await
 }
 
 /// The one-step job of `kiln run`, and the local files it uploads.
