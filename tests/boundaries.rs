@@ -458,3 +458,88 @@ fn two_daemons_on_one_host_never_share_host_ids() {
         second.log()
     );
 }
+
+/// The egress proxy, which parses what a step sends, runs in a process of its own
+/// without privileges: not root, no capabilities, no_new_privs, a seccomp filter, and
+/// its uid can read nothing of the state directory, the signing key included.
+#[test]
+fn the_egress_proxy_runs_unprivileged_and_cannot_read_the_state_directory() {
+    if !require_root("the_egress_proxy_runs_unprivileged_and_cannot_read_the_state_directory") {
+        return;
+    }
+    let daemon = Daemon::start();
+    std::fs::set_permissions(daemon.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let step = std::process::Command::new(KILN)
+        .env("KILN_SOCKET", &daemon.socket)
+        .args([
+            "run",
+            "--allow-net",
+            "127.0.0.1:9",
+            "--",
+            "/bin/sh",
+            "-c",
+            "sleep 5",
+        ])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let find = || {
+        std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+            let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
+            String::from_utf8_lossy(&cmdline)
+                .contains("__kiln-egress-proxy")
+                .then(|| std::fs::read_to_string(e.path().join("status")).ok())
+                .flatten()
+        })
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let status = loop {
+        // Read once it dropped its privileges (before that it is root for a moment).
+        if let Some(status) = find().filter(|s| s.contains("Seccomp:\t2")) {
+            break status;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no egress proxy process\n{}",
+            daemon.log()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .unwrap_or_default()
+            .to_string()
+    };
+    let uid: u32 = field("Uid:").parse().unwrap();
+    assert_ne!(uid, 0, "{status}");
+    assert_eq!(field("CapEff:"), "0000000000000000", "{status}");
+    assert_eq!(field("CapPrm:"), "0000000000000000", "{status}");
+    assert_eq!(field("NoNewPrivs:"), "1", "{status}");
+    assert_eq!(field("Seccomp:"), "2", "{status}");
+    let keys = daemon.state.join("keys");
+    for argv in [
+        vec!["/bin/ls".to_string(), daemon.state.display().to_string()],
+        vec!["/bin/ls".to_string(), keys.display().to_string()],
+        vec![
+            "/bin/cat".to_string(),
+            keys.join("keyring.json").display().to_string(),
+        ],
+        vec![
+            "/bin/cat".to_string(),
+            daemon.state.join("kiln.db").display().to_string(),
+        ],
+    ] {
+        let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+        let output = run_as(uid, &argv);
+        assert!(
+            !output.status.success(),
+            "the proxy's uid could run {argv:?}: {}",
+            describe(&output)
+        );
+    }
+    let out = step.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", describe(&out));
+}

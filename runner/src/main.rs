@@ -241,6 +241,17 @@ fn main() -> ExitCode {
     if std::env::args_os().nth(1).as_deref() == Some(std::ffi::OsStr::new(sandbox::INIT_ARG)) {
         sandbox::init_main();
     }
+    // So is a step's egress proxy, which then gives up its privileges.
+    if std::env::args_os().nth(1).as_deref()
+        == Some(std::ffi::OsStr::new(runner::egress::process::EGRESS_ARG))
+    {
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new("info"))
+            .with_writer(std::io::stderr)
+            .with_ansi(false)
+            .init();
+        runner::egress::process::child_main();
+    }
     let cli = Cli::parse();
     // The daemon logs what it does; the client stays quiet unless asked (KILN_LOG).
     let default_filter = match cli.command {

@@ -5,15 +5,17 @@
 //! allow-list decision, the record), `metered` (the byte budget and the idle
 //! timeout) and `record` (what the link reports). `netpolicy` parses and matches
 //! allow-lists and ceilings; `special` classifies the addresses a name may not
-//! resolve to.
+//! resolve to. `process` runs the proxy of one step in a process of its own, without
+//! privileges: the step's bytes are never parsed in the daemon.
 
 mod http;
 mod metered;
 pub mod netpolicy;
+pub mod process;
 pub mod proxy;
-mod record;
+pub mod record;
 pub mod special;
-mod state;
+pub mod state;
 #[cfg(test)]
 mod testing;
 mod tls;

@@ -5,10 +5,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// One attempt as it goes into the step's link.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Attempt {
     pub method: String,
     pub host: String,
@@ -46,7 +46,7 @@ impl From<&Attempt> for agent_proto::v1::NetworkAttempt {
 }
 
 /// Everything the proxy saw during one step.
-#[derive(Debug, Clone, Serialize, Default)]
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
 pub struct Report {
     pub attempts: Vec<Attempt>,
     /// Attempts beyond the recorded ones.

@@ -36,7 +36,7 @@ pub fn system_resolver() -> Resolver {
     })
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct ProxyLimits {
     pub max_connections: usize,
     /// Bytes in both directions over all connections of the step.

@@ -13,6 +13,7 @@ use provenance::walk::WalkOptions;
 use sandbox::{RunningStep, StepOutcome, StepSpec, StepStatus};
 
 use crate::egress::netpolicy::AllowList;
+use crate::egress::process::EgressProcess;
 use crate::engine::end::{blocking, JobEnd};
 use crate::engine::jobs::Runner;
 use crate::engine::logs::CapturedLog;
@@ -204,7 +205,13 @@ impl Runner {
         let readers = self.read_logs(&mut running, id, &step.name);
         let (running, proxy) = match allow_list {
             None => (running, None),
-            Some(allow) => self.start_proxy(running, allow, id, &step.name).await?,
+            // The proxy process runs as the top uid of the slot's range: no other job's,
+            // and none the step has.
+            Some(_) => {
+                let uid = spec.host_uid_base + (spec.id_range - 1);
+                self.start_proxy(running, &step.allow_net, uid, id, &step.name)
+                    .await?
+            }
         };
         let outcome = tokio::task::spawn_blocking(move || running.wait())
             .await
@@ -215,7 +222,13 @@ impl Runner {
         self.refill_standby();
         // Every process of the step is gone: close what is still open, keep the record.
         let network = match proxy {
-            Some(proxy) => Some(proxy.finish().await),
+            // A step whose network cannot be accounted for is not attested.
+            Some(proxy) => Some(
+                proxy
+                    .finish()
+                    .await
+                    .map_err(|e| RunnerError::FailedPrecondition(e.to_string()))?,
+            ),
             None => None,
         };
         if let Some(n) = network.as_ref().filter(|n| n.unrecorded > 0) {
@@ -285,10 +298,11 @@ impl Runner {
     async fn start_proxy(
         &self,
         mut running: RunningStep,
-        allow: AllowList,
+        allow_net: &[String],
+        uid: u32,
         id: &str,
         step_name: &str,
-    ) -> Result<(RunningStep, Option<crate::egress::proxy::Proxy>)> {
+    ) -> Result<(RunningStep, Option<EgressProcess>)> {
         let (back, listener) = tokio::task::spawn_blocking(move || {
             let listener = running.take_egress_listener();
             (running, listener)
@@ -300,18 +314,14 @@ impl Runner {
             // The sandbox failed before: its outcome says why.
             return Ok((running, None));
         };
-        let proxy = crate::egress::proxy::Proxy::start(
-            std::net::TcpListener::from(fd),
-            allow,
-            self.config.proxy_limits(),
-            crate::egress::proxy::system_resolver(),
-        )
-        .map_err(RunnerError::io("starting the egress proxy"))?;
+        let proxy = EgressProcess::start(fd, allow_net, self.config.proxy_limits(), uid)
+            .await
+            .map_err(|e| RunnerError::Internal(e.to_string()))?;
         tracing::info!(
             job = %id,
             step = %step_name,
-            listen = %proxy.local_addr(),
-            "egress proxy serving the step's namespace"
+            uid,
+            "egress proxy process serving the step's namespace"
         );
         Ok((running, Some(proxy)))
     }
