@@ -11,11 +11,9 @@ use agent_proto::v1::attestations_client::AttestationsClient;
 use agent_proto::v1::content_store_client::ContentStoreClient;
 use agent_proto::v1::jobs_client::JobsClient;
 use agent_proto::v1::{
-    job_event, write_request, CancelRequest, FindMissingRequest, GetProvenanceRequest, GetRequest,
-    Input, Job, JobSpec, JobState, ListLinksRequest, ReadRequest, Step, SubmitRequest,
-    WatchRequest, WriteHeader, WriteRequest,
+    job_event, CancelRequest, FindMissingRequest, GetProvenanceRequest, GetRequest, Input, Job,
+    JobSpec, JobState, ListLinksRequest, ReadRequest, Step, SubmitRequest, WatchRequest,
 };
-use sha2::{Digest, Sha256};
 use support::*;
 use tonic::transport::Channel;
 use tonic::Code;
@@ -45,18 +43,7 @@ impl Client {
     }
 
     async fn upload(&mut self, data: &[u8]) -> Result<String, tonic::Status> {
-        let digest = hex::encode(Sha256::digest(data));
-        let messages = vec![
-            WriteRequest {
-                part: Some(write_request::Part::Header(WriteHeader {
-                    digest: digest.clone(),
-                    size: data.len() as u64,
-                })),
-            },
-            WriteRequest {
-                part: Some(write_request::Part::Data(data.to_vec())),
-            },
-        ];
+        let (digest, messages) = write_messages(data);
         self.store.write(tokio_stream::iter(messages)).await?;
         Ok(digest)
     }

@@ -11,30 +11,12 @@ use agent_proto::v1::attestations_client::AttestationsClient;
 use agent_proto::v1::content_store_client::ContentStoreClient;
 use agent_proto::v1::jobs_client::JobsClient;
 use agent_proto::v1::{
-    write_request, FindMissingRequest, GetRequest, JobSpec, JobState, ListLinksRequest,
-    ReadRequest, Step, SubmitRequest, WriteHeader, WriteRequest,
+    FindMissingRequest, GetRequest, JobSpec, JobState, ListLinksRequest, ReadRequest, Step,
+    SubmitRequest,
 };
-use sha2::{Digest, Sha256};
 use support::*;
 use tonic::transport::Channel;
 use tonic::Code;
-
-/// The digest of `data` and the Write messages that upload it.
-fn write_messages(data: &[u8]) -> (String, Vec<WriteRequest>) {
-    let digest = hex::encode(Sha256::digest(data));
-    let messages = vec![
-        WriteRequest {
-            part: Some(write_request::Part::Header(WriteHeader {
-                digest: digest.clone(),
-                size: data.len() as u64,
-            })),
-        },
-        WriteRequest {
-            part: Some(write_request::Part::Data(data.to_vec())),
-        },
-    ];
-    (digest, messages)
-}
 
 async fn upload(store: &mut ContentStoreClient<Channel>, data: &[u8]) -> String {
     let (digest, messages) = write_messages(data);

@@ -561,3 +561,22 @@ pub fn config_file(text: &str) -> tempfile::NamedTempFile {
     std::fs::write(config.path(), text).unwrap();
     config
 }
+
+/// The digest of `data` and the ContentStore.Write messages that upload it.
+pub fn write_messages(data: &[u8]) -> (String, Vec<agent_proto::v1::WriteRequest>) {
+    use agent_proto::v1::{write_request, WriteHeader, WriteRequest};
+    use sha2::Digest;
+    let digest = hex::encode(sha2::Sha256::digest(data));
+    let messages = vec![
+        WriteRequest {
+            part: Some(write_request::Part::Header(WriteHeader {
+                digest: digest.clone(),
+                size: data.len() as u64,
+            })),
+        },
+        WriteRequest {
+            part: Some(write_request::Part::Data(data.to_vec())),
+        },
+    ];
+    (digest, messages)
+}
