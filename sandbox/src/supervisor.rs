@@ -240,7 +240,7 @@ fn exec_candidates(spec: &StepSpec) -> Result<Vec<CString>, Failure> {
     if arg0.contains('/') {
         return Ok(vec![cstring("exec", arg0)?]);
     }
-    let path = crate::env_get(&spec.env, "PATH").unwrap_or("/bin:/usr/bin");
+    let path = crate::spec::env_get(&spec.env, "PATH").unwrap_or("/bin:/usr/bin");
     path.split(':')
         .map(|dir| {
             let dir = if dir.is_empty() { "." } else { dir };
