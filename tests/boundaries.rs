@@ -411,18 +411,13 @@ fn two_daemons_on_one_host_never_share_host_ids() {
     let args = ["--config", config.path().to_str().unwrap()];
     let (first, second) = (Daemon::start_with(&args), Daemon::start_with(&args));
     let run = |daemon: &Daemon| {
-        std::process::Command::new(KILN)
-            .env("KILN_SOCKET", &daemon.socket)
-            .args([
-                "run",
-                "--",
-                "/bin/sh",
-                "-c",
-                "cat /proc/self/uid_map; sleep 1",
-            ])
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .unwrap()
+        daemon.kiln_spawn(&[
+            "run",
+            "--",
+            "/bin/sh",
+            "-c",
+            "cat /proc/self/uid_map; sleep 1",
+        ])
     };
     let (a, b) = (run(&first), run(&second));
     let (a, b) = (a.wait_with_output().unwrap(), b.wait_with_output().unwrap());
@@ -456,20 +451,15 @@ fn the_egress_proxy_runs_unprivileged_and_cannot_read_the_state_directory() {
     }
     let daemon = Daemon::start();
     std::fs::set_permissions(daemon.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    let step = std::process::Command::new(KILN)
-        .env("KILN_SOCKET", &daemon.socket)
-        .args([
-            "run",
-            "--allow-net",
-            "127.0.0.1:9",
-            "--",
-            "/bin/sh",
-            "-c",
-            "sleep 5",
-        ])
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let step = daemon.kiln_spawn(&[
+        "run",
+        "--allow-net",
+        "127.0.0.1:9",
+        "--",
+        "/bin/sh",
+        "-c",
+        "sleep 5",
+    ]);
     let find = || {
         std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
             let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;

@@ -736,18 +736,13 @@ fn concurrent_sandboxes_get_disjoint_host_id_ranges() {
     .unwrap();
     let daemon = Daemon::start_with(&["--config", config.path().to_str().unwrap()]);
     let spawn = || {
-        std::process::Command::new(KILN)
-            .env("KILN_SOCKET", &daemon.socket)
-            .args([
-                "run",
-                "--",
-                "/bin/sh",
-                "-c",
-                "cat /proc/self/uid_map; sleep 2",
-            ])
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .unwrap()
+        daemon.kiln_spawn(&[
+            "run",
+            "--",
+            "/bin/sh",
+            "-c",
+            "cat /proc/self/uid_map; sleep 2",
+        ])
     };
     let (a, b) = (spawn(), spawn());
     let (a, b) = (a.wait_with_output().unwrap(), b.wait_with_output().unwrap());

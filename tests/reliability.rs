@@ -233,18 +233,10 @@ fn sigterm_starts_nothing_queued_and_cancels_past_the_grace_period() {
     }
     let config = config_file("max_concurrent_jobs = 1\nshutdown_grace_seconds = 2\n");
     let mut daemon = Daemon::start_with(&["--config", config.path().to_str().unwrap()]);
-    let follow = |argv: &[&str]| {
-        std::process::Command::new(KILN)
-            .env("KILN_SOCKET", &daemon.socket)
-            .args(["run", "--"])
-            .args(argv)
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap()
-    };
+    let follow =
+        |daemon: &Daemon, argv: &[&str]| daemon.kiln_spawn(&[&["run", "--"], argv].concat());
     // Both clients follow their job with Watch.
-    let running = follow(&["/bin/sh", "-c", "echo begun; sleep 60"]);
+    let running = follow(&daemon, &["/bin/sh", "-c", "echo begun; sleep 60"]);
     let accepted = |daemon: &Daemon| -> Vec<String> {
         daemon
             .log()
@@ -270,7 +262,7 @@ fn sigterm_starts_nothing_queued_and_cancels_past_the_grace_period() {
         assert!(std::time::Instant::now() < deadline, "{}", daemon.log());
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
-    let queued = follow(&["/bin/true"]);
+    let queued = follow(&daemon, &["/bin/true"]);
     while accepted(&daemon).len() < 2 {
         assert!(std::time::Instant::now() < deadline, "{}", daemon.log());
         std::thread::sleep(std::time::Duration::from_millis(20));

@@ -41,12 +41,6 @@ fn assert_no_host_path(daemon: &Daemon, out: &Output) {
     }
 }
 
-fn config(text: &str) -> tempfile::NamedTempFile {
-    let file = tempfile::NamedTempFile::new().unwrap();
-    std::fs::write(file.path(), text).unwrap();
-    file
-}
-
 /// Runs `script` as step `step`, links to links/; returns the CLI's output.
 fn run(daemon: &Daemon, step: &str, outputs: &[&str], script: &str) -> Output {
     let mut args = vec!["run", "--step", step, "--attest-dir", "links"];
@@ -106,7 +100,7 @@ fn more_workspace_entries_than_allowed_fail_with_reason_files() {
     if !require_root("more_workspace_entries_than_allowed_fail_with_reason_files") {
         return;
     }
-    let cfg = config("max_workspace_entries = 1000\nmax_outputs = 100\n");
+    let cfg = config_file("max_workspace_entries = 1000\nmax_outputs = 100\n");
     let daemon = Daemon::start_with(&["--config", cfg.path().to_str().unwrap()]);
 
     let out = run(

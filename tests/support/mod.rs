@@ -161,6 +161,19 @@ impl Daemon {
         self.kiln_in(args, self.dir.path())
     }
 
+    /// Starts the `kiln` CLI against this daemon without waiting for it (output piped).
+    pub fn kiln_spawn(&self, args: &[&str]) -> Child {
+        Command::new(KILN)
+            .args(args)
+            .env("KILN_SOCKET", &self.socket)
+            .current_dir(self.dir.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    }
+
     pub fn kiln_in(&self, args: &[&str], cwd: &Path) -> Output {
         Command::new(KILN)
             .args(args)

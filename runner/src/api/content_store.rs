@@ -99,12 +99,11 @@ impl ContentStoreApi for Service {
                         )
                         .into());
                     }
-                    writer = tokio::task::spawn_blocking(move || -> Result<_, RunnerError> {
+                    writer = blocking(move || {
                         writer.write(&data)?;
                         Ok(writer)
                     })
-                    .await
-                    .map_err(|e| Status::internal(format!("worker: {e}")))??;
+                    .await?;
                 }
                 _ => return Err(RunnerError::invalid("data", "a second header").into()),
             }

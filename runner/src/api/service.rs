@@ -7,6 +7,7 @@ use agent_proto::v1::Job;
 use tonic::Status;
 
 use crate::api::auth::Principal;
+use crate::engine::end::off_runtime;
 use crate::engine::jobs::Runner;
 use crate::error::RunnerError;
 
@@ -29,13 +30,11 @@ pub(crate) fn check_job_id(id: &str) -> Result<(), RunnerError> {
     Ok(())
 }
 
+/// [`off_runtime`], answering the client with the one error conversion.
 pub(crate) async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, RunnerError> + Send + 'static,
 ) -> Result<T, Status> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| Status::internal(format!("worker: {e}")))?
-        .map_err(Status::from)
+    off_runtime(f).await.map_err(Status::from)
 }
 
 impl Service {

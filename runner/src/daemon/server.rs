@@ -180,7 +180,6 @@ fn open_state(config: &Config, creation: Creation) -> anyhow::Result<State> {
     let db = Database::open(state, creation)
         .context("opening the job database")?
         .with_queue_limit(config.max_queued_jobs);
-    restrict_to_owner(state, &["kiln.db", "kiln.db-wal", "kiln.db-shm"])?;
     let cas = ContentStore::open(state.join("cas"))
         .context("opening the content store")?
         .with_reserve(config.state_reserve.0);
@@ -349,20 +348,6 @@ fn proc_hides_pids() -> bool {
             })
         })
         .unwrap_or(false)
-}
-
-/// Makes existing files of the state directory (from an older daemon, which created
-/// them under the default umask) readable by root only.
-fn restrict_to_owner(state: &Path, names: &[&str]) -> anyhow::Result<()> {
-    for name in names {
-        let path = state.join(name);
-        match fs::set_permissions(&path, fs::Permissions::from_mode(0o600)) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e).with_context(|| format!("chmod {}", path.display())),
-        }
-    }
-    Ok(())
 }
 
 fn bind_socket(config: &Config) -> anyhow::Result<UnixListener> {

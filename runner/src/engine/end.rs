@@ -16,8 +16,8 @@ impl From<RunnerError> for JobEnd {
 }
 
 /// Runs database, content-store (fsync) and signing work on a blocking thread: the
-/// engine's one way off the async runtime's workers.
-pub(super) async fn off_runtime<T: Send + 'static>(
+/// daemon's one way off the async runtime's workers (the API's calls use it too).
+pub(crate) async fn off_runtime<T: Send + 'static>(
     f: impl FnOnce() -> Result<T> + Send + 'static,
 ) -> Result<T> {
     tokio::task::spawn_blocking(f)

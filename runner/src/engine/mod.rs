@@ -4,7 +4,7 @@
 
 pub mod attest;
 mod enclosure;
-mod end;
+pub(crate) mod end;
 pub mod idranges;
 pub mod jobs;
 mod logs;

@@ -351,6 +351,7 @@ impl ContentStore {
             tmp,
             hasher: Sha256::new(),
             size: 0,
+            unchecked: 0,
         })
     }
 
@@ -493,11 +494,21 @@ pub struct BlobWriter {
     tmp: tempfile::NamedTempFile,
     hasher: Sha256,
     size: u64,
+    /// Bytes written since the disk's room was last checked.
+    unchecked: u64,
 }
+
+/// How much a writer may write between two checks of the disk's room (a statvfs each):
+/// a step's log arrives in small chunks, and the reserve is far larger than this.
+const ROOM_CHECK_BYTES: u64 = 1 << 20;
 
 impl BlobWriter {
     pub fn write(&mut self, data: &[u8]) -> Result<()> {
-        self.store.check_room(data.len() as u64)?;
+        self.unchecked += data.len() as u64;
+        if self.unchecked >= ROOM_CHECK_BYTES {
+            self.store.check_room(self.unchecked)?;
+            self.unchecked = 0;
+        }
         self.hasher.update(data);
         self.size += data.len() as u64;
         self.tmp
