@@ -16,6 +16,7 @@ use tokio::net::UnixListener;
 use crate::api::auth::Authenticator;
 use crate::api::service::Service;
 use crate::config::Config;
+use crate::engine::executor::SandboxExecutor;
 use crate::engine::idranges::{self, IdRanges};
 use crate::engine::jobs::{Isolation, Runner};
 use crate::engine::signer::{RingOrigin, Signer};
@@ -45,8 +46,11 @@ pub async fn serve(config: Config, creation: Creation) -> anyhow::Result<()> {
         images,
         key,
         Isolation {
-            sandbox,
-            host: host.clone(),
+            executor: Arc::new(SandboxExecutor::new(
+                sandbox,
+                host.clone(),
+                config.max_concurrent_jobs,
+            )),
             id_ranges,
         },
     )?;

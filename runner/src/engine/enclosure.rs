@@ -6,13 +6,14 @@ use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
+use crate::engine::executor::Executor;
 use crate::error::{Result, RunnerError};
 
 /// The workspace's name inside its enclosure.
 pub(super) const WORKSPACE_DIR: &str = "ws";
 
 /// A directory only `owner` (the slot's mapped root) may enter.
-pub(super) fn make_enclosure(dir: &Path, owner: u32) -> Result<()> {
+pub(crate) fn make_enclosure(dir: &Path, owner: u32) -> Result<()> {
     fs::create_dir(dir).map_err(RunnerError::io_path("creating", dir))?;
     fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
         .map_err(RunnerError::io_path("chmod", dir))?;
@@ -22,13 +23,13 @@ pub(super) fn make_enclosure(dir: &Path, owner: u32) -> Result<()> {
 
 /// Empties the directory of workspaces at start-up: what is there belongs to jobs a crash
 /// interrupted (failed by the recovery), and may still have its quota mounted.
-pub(super) fn reset_work_dir(work_dir: &Path) -> Result<()> {
+pub(super) fn reset_work_dir(work_dir: &Path, executor: &dyn Executor) -> Result<()> {
     if work_dir.exists() {
         if let Ok(entries) = fs::read_dir(work_dir) {
             for entry in entries.flatten() {
-                let _ = crate::limits::unmount_workspace(&entry.path().join(WORKSPACE_DIR));
+                let _ = executor.release_workspace(&entry.path().join(WORKSPACE_DIR));
                 // Daemons before enclosures mounted the workspace here.
-                let _ = crate::limits::unmount_workspace(&entry.path());
+                let _ = executor.release_workspace(&entry.path());
             }
         }
         fs::remove_dir_all(work_dir).map_err(RunnerError::io_path("cleaning", work_dir))?;

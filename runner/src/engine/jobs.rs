@@ -10,12 +10,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use agent_proto::v1::{job_event, Job, JobSpec, JobState, StepResult, StepState};
-use sandbox::{Canceller, HostSupport, Sandbox};
 use tokio::sync::{mpsc, watch, Semaphore};
 
 use crate::api::auth::Principal;
 use crate::config::Config;
 use crate::engine::enclosure::reset_work_dir;
+use crate::engine::executor::{Cancel, Executor};
 use crate::engine::idranges::IdRanges;
 use crate::engine::now_ms;
 use crate::engine::signer::Signer;
@@ -25,11 +25,10 @@ use crate::images::Images;
 use crate::store::cas::ContentStore;
 use crate::store::db::{Database, Inserted};
 
-/// What the runner starts sandboxes with: the sandbox launcher, what the host supports,
-/// and the host id ranges leased for the job slots.
+/// What the runner isolates steps with: the executor (see `executor`), and the host id
+/// ranges leased for the job slots.
 pub struct Isolation {
-    pub sandbox: Sandbox,
-    pub host: HostSupport,
+    pub executor: Arc<dyn Executor>,
     pub id_ranges: IdRanges,
 }
 
@@ -40,7 +39,7 @@ pub struct JobHandle {
     /// Bytes of step logs stored for the job so far (at most `max_job_log_bytes`).
     pub(super) log_bytes: AtomicU64,
     pub(super) cancelled: AtomicBool,
-    pub(super) canceller: Mutex<Option<Canceller>>,
+    pub(super) canceller: Mutex<Option<Cancel>>,
     /// Why the job was cancelled, when not by a client.
     pub(super) cancel_reason: Mutex<Option<String>>,
     /// Set once the scheduler started the job.
@@ -78,11 +77,7 @@ pub struct Runner {
     pub cas: ContentStore,
     pub images: Images,
     pub key: Signer,
-    pub(super) sandbox: Sandbox,
-    pub(super) host: HostSupport,
-    pub(super) profiles: crate::engine::profile::ProfileDigests,
-    /// Supervisors started ahead of their steps.
-    pub(super) standby: Mutex<Vec<sandbox::Standby>>,
+    pub(super) executor: Arc<dyn Executor>,
     pub(super) handles: Mutex<HashMap<String, Arc<JobHandle>>>,
     pub(super) queue: mpsc::UnboundedSender<String>,
     pub(super) slots: Mutex<Vec<u32>>,
@@ -105,12 +100,11 @@ impl Runner {
         isolation: Isolation,
     ) -> Result<(Arc<Self>, mpsc::UnboundedReceiver<String>)> {
         let Isolation {
-            sandbox,
-            host,
+            executor,
             id_ranges,
         } = isolation;
         let work_dir = config.state_dir.join("work");
-        reset_work_dir(&work_dir)?;
+        reset_work_dir(&work_dir, executor.as_ref())?;
         let (queue, rx) = mpsc::unbounded_channel();
         let slots = (0..config.max_concurrent_jobs).rev().collect();
         let permits = Arc::new(Semaphore::new(config.max_concurrent_jobs as usize));
@@ -120,10 +114,7 @@ impl Runner {
             cas,
             images,
             key,
-            sandbox,
-            host,
-            profiles: Default::default(),
-            standby: Mutex::new(Vec::new()),
+            executor,
             handles: Mutex::new(HashMap::new()),
             queue,
             slots: Mutex::new(slots),
@@ -310,8 +301,8 @@ impl Runner {
     pub(super) fn cancel_handle(handle: &JobHandle) {
         handle.cancelled.store(true, Ordering::SeqCst);
         let canceller = handle.canceller.lock().ok().and_then(|c| c.clone());
-        if let Some(canceller) = canceller {
-            canceller.cancel();
+        if let Some(cancel) = canceller {
+            cancel();
         }
     }
 

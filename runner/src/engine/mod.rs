@@ -5,9 +5,12 @@
 pub mod attest;
 mod enclosure;
 pub(crate) mod end;
+pub mod executor;
 pub mod idranges;
 pub mod jobs;
 mod logs;
+#[cfg(test)]
+mod machine_tests;
 pub mod outcome;
 pub mod profile;
 mod run;

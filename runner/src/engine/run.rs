@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use agent_proto::v1::{job_event, Job, JobSpec, JobState, OutputFile, StepStarted, StepState};
 
-use crate::engine::enclosure::{make_enclosure, WORKSPACE_DIR};
+use crate::engine::enclosure::WORKSPACE_DIR;
 use crate::engine::end::{blocking, off_runtime, JobEnd};
 use crate::engine::jobs::Runner;
 use crate::engine::now_ms;
@@ -50,7 +50,6 @@ impl Runner {
             .work_dir
             .join(uuid::Uuid::new_v4().simple().to_string());
         let workspace = enclosure.join(WORKSPACE_DIR);
-        make_enclosure(&enclosure, host_uid_base)?;
         tracing::debug!(job = %id, workspace = %workspace.display(), "workspace");
         let mut image_digest = None;
         let outcome = self
@@ -59,12 +58,12 @@ impl Runner {
                 id,
                 &mut job,
                 &spec,
-                &workspace,
+                &enclosure,
                 host_uid_base,
                 &mut image_digest,
             )
             .await;
-        remove_workspace(id, &enclosure, &workspace);
+        self.remove_workspace(id, &enclosure, &workspace);
         let (state, message) = match outcome {
             Ok(()) => (JobState::Succeeded, String::new()),
             Err(JobEnd::StepFailed(message)) => (JobState::Failed, message),
@@ -104,10 +103,11 @@ impl Runner {
         id: &str,
         job: &mut Job,
         spec: &JobSpec,
-        workspace: &Path,
+        enclosure: &Path,
         host_uid_base: u32,
         image_digest: &mut Option<String>,
     ) -> Result<(), JobEnd> {
+        let workspace = &enclosure.join(WORKSPACE_DIR);
         let step_host_id = host_uid_base + BUILD_UID;
         let image = {
             let runner = self.clone();
@@ -118,8 +118,16 @@ impl Runner {
         {
             let runner = self.clone();
             let spec = spec.clone();
-            let workspace = workspace.to_path_buf();
-            blocking(move || runner.prepare_workspace(&spec, &workspace, step_host_id)).await?;
+            let (enclosure, workspace) = (enclosure.to_path_buf(), workspace.to_path_buf());
+            blocking(move || {
+                runner.prepare_workspace(
+                    &spec,
+                    (&enclosure, host_uid_base),
+                    &workspace,
+                    step_host_id,
+                )
+            })
+            .await?;
         }
         // What the previous step left: nothing runs between two steps (the previous
         // one's every process died with its pid namespace, and the daemon does not touch
@@ -247,19 +255,23 @@ impl Runner {
     }
 }
 
-/// Unmounts the job's workspace quota and removes its enclosure; what cannot be is
-/// logged (the next start cleans the work directory).
-fn remove_workspace(id: &str, enclosure: &Path, workspace: &Path) {
-    if workspace.exists() {
-        // EINVAL: the quota was never mounted (the job failed before).
-        match crate::limits::unmount_workspace(workspace) {
-            Ok(()) | Err(nix::errno::Errno::EINVAL) => {}
-            Err(err) => {
-                tracing::warn!(job = %id, error = %err, "could not unmount the workspace quota")
+impl Runner {
+    /// Releases the job's workspace quota and removes its enclosure; what cannot be is
+    /// logged (the next start cleans the work directory).
+    fn remove_workspace(&self, id: &str, enclosure: &Path, workspace: &Path) {
+        if workspace.exists() {
+            // EINVAL: the quota was never mounted (the job failed before).
+            match self.executor.release_workspace(workspace) {
+                Ok(()) | Err(nix::errno::Errno::EINVAL) => {}
+                Err(err) => {
+                    tracing::warn!(job = %id, error = %err, "could not unmount the workspace quota")
+                }
             }
         }
-    }
-    if let Err(err) = fs::remove_dir_all(enclosure) {
-        tracing::warn!(job = %id, error = %err, "could not remove workspace");
+        match fs::remove_dir_all(enclosure) {
+            Ok(()) => {}
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+            Err(err) => tracing::warn!(job = %id, error = %err, "could not remove workspace"),
+        }
     }
 }

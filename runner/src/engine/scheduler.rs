@@ -1,5 +1,5 @@
 //! Starting jobs: the queue, the job slots and their permits, stopping and draining
-//! for a shutdown, and the pool of supervisors waiting for steps.
+//! for a shutdown.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -9,19 +9,12 @@ use tokio::sync::{mpsc, watch};
 
 use crate::engine::jobs::{JobHandle, Runner};
 use crate::engine::now_ms;
-use crate::error::Result;
-
-/// Idle supervisors kept waiting at most: each is a few MB, and steps starting at the
-/// same moment beyond this many spawn their own.
-const MAX_STANDBY: usize = 4;
 
 impl Runner {
     /// Runs queued jobs, at most `max_concurrent_jobs` at a time, until the queue
     /// closes or the daemon drains.
     pub async fn schedule(self: Arc<Self>, mut queue: mpsc::UnboundedReceiver<String>) {
-        for _ in 0..(self.config.max_concurrent_jobs as usize).min(MAX_STANDBY) {
-            self.refill_standby();
-        }
+        self.executor.replenish();
         let mut shutdown = self.shutdown.subscribe();
         loop {
             let id = tokio::select! {
@@ -132,36 +125,5 @@ impl Runner {
             });
         }
         self.finish_handle(id, job);
-    }
-
-    /// A supervisor for the next step: one already waiting, else a fresh one.
-    pub(super) fn take_standby(&self) -> Result<sandbox::Standby> {
-        match self.standby.lock().ok().and_then(|mut pool| pool.pop()) {
-            Some(waiting) => Ok(waiting),
-            None => Ok(self.sandbox.standby()?),
-        }
-    }
-
-    /// Keeps up to one supervisor per job slot (at most [`MAX_STANDBY`]) exec'd and
-    /// waiting, started off the path of any step (see `sandbox::Standby`).
-    pub(super) fn refill_standby(self: &Arc<Self>) {
-        let runner = self.clone();
-        tokio::task::spawn_blocking(move || {
-            let want = (runner.config.max_concurrent_jobs as usize).min(MAX_STANDBY);
-            let full = |runner: &Runner| runner.standby.lock().map_or(true, |p| p.len() >= want);
-            if full(&runner) {
-                return;
-            }
-            match runner.sandbox.standby() {
-                Ok(standby) => {
-                    if let Ok(mut pool) = runner.standby.lock() {
-                        if pool.len() < want {
-                            pool.push(standby);
-                        }
-                    }
-                }
-                Err(err) => tracing::warn!(error = %err, "could not start a standby supervisor"),
-            }
-        });
     }
 }

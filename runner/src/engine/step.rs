@@ -10,11 +10,12 @@ use std::time::Instant;
 
 use agent_proto::v1::{OutputStream, StepResult, StepState};
 use provenance::walk::WalkOptions;
-use sandbox::{RunningStep, StepOutcome, StepSpec, StepStatus};
+use sandbox::{StepOutcome, StepSpec, StepStatus};
 
 use crate::egress::netpolicy::AllowList;
 use crate::egress::process::EgressProcess;
 use crate::engine::end::{blocking, JobEnd};
+use crate::engine::executor::Execution;
 use crate::engine::jobs::Runner;
 use crate::engine::logs::CapturedLog;
 use crate::engine::outcome::{LimitsHit, Verdict};
@@ -63,7 +64,7 @@ impl Runner {
         let started = Instant::now();
         let scheduled_ns = sandbox::monotonic_now_ns();
         let limits = crate::limits::Effective::of(&self.config, step.limits.as_ref());
-        if let Some(refused) = resize_quota(step, workspace, &limits) {
+        if let Some(refused) = self.resize_quota(step, workspace, &limits) {
             return Ok((refused, None));
         }
         let walk_options = workspace_walk(&self.config);
@@ -94,7 +95,11 @@ impl Runner {
                 None,
             ));
         };
-        let hit = apply_verdict(&mut result, &verdict, &ran.outcome, workspace, &limits);
+        let quota_hit = self
+            .executor
+            .workspace_usage(workspace)
+            .is_some_and(|(_, full)| full);
+        let hit = apply_verdict(&mut result, &verdict, &ran.outcome, quota_hit, &limits);
         let (products, unrecorded) =
             match record_products(workspace, walk_options, limits.disk_bytes).await? {
                 Ok(products) => (products, None),
@@ -173,9 +178,9 @@ impl Runner {
                 .map(|_| vec![EGRESS_PROXY_PORT])
                 .unwrap_or_default(),
             egress_proxy_port: allow_list.as_ref().map(|_| EGRESS_PROXY_PORT),
-            waived_layers: self.host.waived_layers.clone(),
+            waived_layers: self.executor.waived_layers().to_vec(),
         };
-        let profile_digest = self.profiles.digest(&spec, &self.host)?;
+        let profile_digest = self.executor.profile_digest(&spec)?;
         Ok(Prepared {
             spec,
             allow_list,
@@ -193,14 +198,14 @@ impl Runner {
         spec: &StepSpec,
         allow_list: Option<AllowList>,
     ) -> Result<Ran, JobEnd> {
-        let mut running = self.start_sandbox(spec)?;
+        let mut running = self.executor.start(spec)?;
         let handle = self.handle(id);
         if let Ok(mut c) = handle.canceller.lock() {
             *c = Some(running.canceller());
         }
         // A cancel that arrived between the check and the spawn still counts.
         if handle.cancelled.load(Ordering::SeqCst) {
-            running.canceller().cancel();
+            (running.canceller())();
         }
         let readers = self.read_logs(&mut running, id, &step.name);
         let (running, proxy) = match allow_list {
@@ -215,11 +220,10 @@ impl Runner {
         };
         let outcome = tokio::task::spawn_blocking(move || running.wait())
             .await
-            .map_err(|e| RunnerError::Internal(format!("waiting for the sandbox: {e}")))?
-            .map_err(RunnerError::from);
+            .map_err(|e| RunnerError::Internal(format!("waiting for the sandbox: {e}")))?;
         // Replace the supervisor this step took now, not while its sandbox was being set
         // up: on a small host the exec would compete with that for the CPU.
-        self.refill_standby();
+        self.executor.replenish();
         // Every process of the step is gone: close what is still open, keep the record.
         let network = match proxy {
             // A step whose network cannot be accounted for is not attested.
@@ -258,23 +262,10 @@ impl Runner {
         })
     }
 
-    /// Starts the step in a waiting supervisor, or in a fresh one.
-    fn start_sandbox(&self, spec: &StepSpec) -> Result<RunningStep> {
-        match self.take_standby()?.start(spec) {
-            Ok(running) => Ok(running),
-            // A waiting supervisor that died meanwhile: once more, with a fresh one.
-            Err(sandbox::SandboxError::Supervisor(reason)) => {
-                tracing::warn!(%reason, "standby supervisor unusable; starting another");
-                Ok(self.sandbox.spawn(spec)?)
-            }
-            Err(other) => Err(RunnerError::from(other)),
-        }
-    }
-
     /// A thread per output pipe of the step, draining it (see `pump_log`).
     fn read_logs(
         self: &Arc<Self>,
-        running: &mut RunningStep,
+        running: &mut Box<dyn Execution>,
         id: &str,
         step_name: &str,
     ) -> Vec<std::thread::JoinHandle<CapturedLog>> {
@@ -297,12 +288,12 @@ impl Runner {
     /// step is released only after handing it over, so no connection is missed.
     async fn start_proxy(
         &self,
-        mut running: RunningStep,
+        mut running: Box<dyn Execution>,
         allow_net: &[String],
         uid: u32,
         id: &str,
         step_name: &str,
-    ) -> Result<(RunningStep, Option<EgressProcess>)> {
+    ) -> Result<(Box<dyn Execution>, Option<EgressProcess>)> {
         let (back, listener) = tokio::task::spawn_blocking(move || {
             let listener = running.take_egress_listener();
             (running, listener)
@@ -310,7 +301,7 @@ impl Runner {
         .await
         .map_err(|e| RunnerError::Internal(format!("waiting for the sandbox: {e}")))?;
         running = back;
-        let Some(fd) = listener.map_err(RunnerError::from)? else {
+        let Some(fd) = listener? else {
             // The sandbox failed before: its outcome says why.
             return Ok((running, None));
         };
@@ -348,6 +339,35 @@ impl Runner {
         Ok(result)
     }
 
+    /// This step's workspace quota; the tmpfs refuses to shrink below what it holds, and
+    /// then the step does not run (the answer is its result).
+    fn resize_quota(
+        &self,
+        step: &agent_proto::v1::Step,
+        workspace: &Path,
+        limits: &crate::limits::Effective,
+    ) -> Option<StepResult> {
+        let err = self
+            .executor
+            .resize_workspace(workspace, limits.disk_bytes)
+            .err()?;
+        let held = self
+            .executor
+            .workspace_usage(workspace)
+            .map(|(used, _)| crate::units::format_size(used))
+            .unwrap_or_else(|| "?".into());
+        Some(StepResult {
+            name: step.name.clone(),
+            state: StepState::Error as i32,
+            exit_code: 125,
+            message: format!(
+                "the workspace already holds {held}, more than this step's disk limit of {} ({err})",
+                crate::units::format_size(limits.disk_bytes)
+            ),
+            ..Default::default()
+        })
+    }
+
     /// What the link says the step ran in.
     fn environment(
         &self,
@@ -363,7 +383,7 @@ impl Runner {
             "timeout_seconds": timeout_seconds,
             "limits": limits.describe(),
             // sandbox layers skipped on this host by the operator's explicit waiver
-            "waived_layers": self.host.waived_layers,
+            "waived_layers": self.executor.waived_layers(),
         })
     }
 }
@@ -417,29 +437,6 @@ impl Ran {
     }
 }
 
-/// This step's workspace quota; the tmpfs refuses to shrink below what it holds, and
-/// then the step does not run (the answer is its result).
-fn resize_quota(
-    step: &agent_proto::v1::Step,
-    workspace: &Path,
-    limits: &crate::limits::Effective,
-) -> Option<StepResult> {
-    let err = crate::limits::resize_workspace(workspace, limits.disk_bytes).err()?;
-    let held = crate::limits::workspace_usage(workspace)
-        .map(|(used, _)| crate::units::format_size(used))
-        .unwrap_or_else(|| "?".into());
-    Some(StepResult {
-        name: step.name.clone(),
-        state: StepState::Error as i32,
-        exit_code: 125,
-        message: format!(
-            "the workspace already holds {held}, more than this step's disk limit of {} ({err})",
-            crate::units::format_size(limits.disk_bytes)
-        ),
-        ..Default::default()
-    })
-}
-
 /// The workspace before the first step, hashed; if the inputs alone cannot be
 /// recorded, the step does not run (the error is its result).
 async fn hash_materials(
@@ -468,7 +465,7 @@ fn apply_verdict(
     result: &mut StepResult,
     verdict: &Verdict,
     outcome: &StepOutcome,
-    workspace: &Path,
+    quota_hit: bool,
     limits: &crate::limits::Effective,
 ) -> LimitsHit {
     let usage = &outcome.usage;
@@ -476,7 +473,7 @@ fn apply_verdict(
         timed_out: outcome.status == StepStatus::TimedOut,
         oom_killed: usage.oom_killed,
         pids_limit_hit: usage.pids_limit_hit,
-        quota_hit: crate::limits::workspace_usage(workspace).is_some_and(|(_, full)| full),
+        quota_hit,
     };
     result.state = verdict.state as i32;
     result.exit_code = verdict.exit_code;

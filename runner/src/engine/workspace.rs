@@ -22,15 +22,15 @@ use crate::store::cas::ContentStore;
 pub(super) const WORKSPACE_IN_SANDBOX: &str = "/workspace";
 
 impl Runner {
-    /// A fresh workspace owned by the step's host uid, holding the inputs copied out
-    /// of the content store (each copy hash-checked).
+    /// A fresh workspace in its enclosure, owned by the step's host uid, holding the
+    /// inputs copied out of the content store (each copy hash-checked).
     pub(super) fn prepare_workspace(
         &self,
         spec: &JobSpec,
+        (enclosure, enclosure_owner): (&Path, u32),
         workspace: &Path,
         owner: u32,
     ) -> Result<()> {
-        fs::create_dir(workspace).map_err(RunnerError::io_path("creating", workspace))?;
         // The job's quota is its largest step's; each step then gets its own (run_steps).
         let quota = spec
             .steps
@@ -38,7 +38,8 @@ impl Runner {
             .map(|s| crate::limits::Effective::of(&self.config, s.limits.as_ref()).disk_bytes)
             .max()
             .unwrap_or(self.config.default_disk.0);
-        crate::limits::mount_workspace(workspace, quota, owner)?;
+        self.executor
+            .create_workspace(enclosure, enclosure_owner, workspace, quota, owner)?;
         for input in &spec.inputs {
             let dest = workspace.join(&input.path);
             if let Some(parent) = dest.parent() {
@@ -52,7 +53,12 @@ impl Runner {
                         "input {:?}: blob {} is not in the content store (upload it first)",
                         input.path, input.digest
                     )),
-                    other if crate::limits::workspace_usage(workspace).is_some_and(|u| u.1) => {
+                    other
+                        if self
+                            .executor
+                            .workspace_usage(workspace)
+                            .is_some_and(|u| u.1) =>
+                    {
                         // The error names host paths: the daemon's log gets it, not the client.
                         tracing::info!(error = %other, "inputs exceed the workspace quota");
                         RunnerError::FailedPrecondition(format!(
@@ -63,8 +69,7 @@ impl Runner {
                     other => other,
                 })?;
         }
-        chown_tree(workspace, owner)?;
-        Ok(())
+        self.executor.give_workspace(workspace, owner)
     }
 
     /// Stores the declared outputs. The step is over (every process of its sandbox
@@ -411,7 +416,7 @@ fn store_output(
 
 /// Gives every entry of the workspace (the root included) to `id`, never following
 /// a symlink.
-fn chown_tree(root: &Path, id: u32) -> Result<()> {
+pub(super) fn chown_tree(root: &Path, id: u32) -> Result<()> {
     std::os::unix::fs::lchown(root, Some(id), Some(id))
         .map_err(RunnerError::io_path("chown", root))?;
     provenance::walk::walk(root, WalkOptions::default(), |entry: &WalkEntry<'_>| {
