@@ -12,6 +12,7 @@ pub mod engine;
 pub mod error;
 pub mod images;
 pub mod limits;
+pub mod plan;
 pub mod spec;
 pub mod store;
 pub mod units;

@@ -5,6 +5,7 @@ use std::collections::BTreeSet;
 
 use agent_proto::v1::JobSpec;
 
+use crate::egress::netpolicy::AllowList;
 use crate::error::{Result, RunnerError};
 use crate::store::cas::check_digest;
 
@@ -168,7 +169,9 @@ pub fn check_image_name(name: &str) -> Result<()> {
     Ok(())
 }
 
-pub fn validate(spec: &JobSpec, limits: &SpecLimits) -> Result<()> {
+/// Checks a submitted spec against the caps; answers each step's allow-list, parsed
+/// (see [`crate::plan::ValidatedJob`], which the engine runs).
+pub fn validate(spec: &JobSpec, limits: &SpecLimits) -> Result<Vec<Option<AllowList>>> {
     use prost::Message;
     let encoded = spec.encoded_len() as u64;
     if encoded > limits.max_spec_bytes {
@@ -199,6 +202,7 @@ pub fn validate(spec: &JobSpec, limits: &SpecLimits) -> Result<()> {
         return Err(RunnerError::invalid("steps", "too many steps"));
     }
     let mut step_names = BTreeSet::new();
+    let mut allow_lists = Vec::with_capacity(spec.steps.len());
     for (i, step) in spec.steps.iter().enumerate() {
         let field = |f: &str| format!("steps[{i}].{f}");
         check_step_name(&field("name"), &step.name)?;
@@ -208,9 +212,10 @@ pub fn validate(spec: &JobSpec, limits: &SpecLimits) -> Result<()> {
                 format!("duplicate step name {:?}", step.name),
             ));
         }
-        check_step(i, step, limits)?;
+        allow_lists.push(check_step(i, step, limits)?);
     }
-    check_outputs(spec)
+    check_outputs(spec)?;
+    Ok(allow_lists)
 }
 
 fn check_inputs(spec: &JobSpec, limits: &SpecLimits) -> Result<()> {
@@ -258,7 +263,11 @@ fn check_inputs(spec: &JobSpec, limits: &SpecLimits) -> Result<()> {
 }
 
 /// One step, `steps[i]`, apart from its name's uniqueness (checked by the caller).
-fn check_step(i: usize, step: &agent_proto::v1::Step, limits: &SpecLimits) -> Result<()> {
+fn check_step(
+    i: usize,
+    step: &agent_proto::v1::Step,
+    limits: &SpecLimits,
+) -> Result<Option<AllowList>> {
     let field = |f: &str| format!("steps[{i}].{f}");
     if step.argv.is_empty() || step.argv[0].is_empty() {
         return Err(RunnerError::invalid(
@@ -304,6 +313,7 @@ fn check_step(i: usize, step: &agent_proto::v1::Step, limits: &SpecLimits) -> Re
     if step.allow_net.len() > MAX_ALLOW_NET {
         return Err(RunnerError::invalid(field("allow_net"), "too many entries"));
     }
+    let mut entries = Vec::with_capacity(step.allow_net.len());
     for (j, text) in step.allow_net.iter().enumerate() {
         let entry = crate::egress::netpolicy::Entry::parse(text).map_err(|e| {
             RunnerError::invalid(format!("steps[{i}].allow_net[{j}]"), e.to_string())
@@ -314,8 +324,10 @@ fn check_step(i: usize, step: &agent_proto::v1::Step, limits: &SpecLimits) -> Re
                  runner's operator set for this client"
             )));
         }
+        entries.push(entry);
     }
-    Ok(())
+    // No list: no network at all (not an empty proxy).
+    Ok((!entries.is_empty()).then_some(AllowList { entries }))
 }
 
 fn check_env(i: usize, step: &agent_proto::v1::Step) -> Result<()> {

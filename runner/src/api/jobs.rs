@@ -14,7 +14,8 @@ use crate::api::auth::principal;
 use crate::api::service::{blocking, check_job_id, Service};
 use crate::engine::watch;
 use crate::error::RunnerError;
-use crate::spec::{validate, SpecLimits};
+use crate::plan::ValidatedJob;
+use crate::spec::SpecLimits;
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<JobEvent, Status>> + Send>>;
 
@@ -40,7 +41,7 @@ impl Jobs for Service {
             max_inputs: config.max_inputs,
             max_spec_bytes: config.max_spec_bytes.0,
         };
-        validate(&spec, &limits)?;
+        let plan = ValidatedJob::validate(spec, &limits, config)?;
         let key = (!req.idempotency_key.is_empty()).then_some(req.idempotency_key);
         if key.as_ref().is_some_and(|k| k.len() > 256) {
             return Err(RunnerError::invalid("idempotency_key", "longer than 256 bytes").into());
@@ -49,7 +50,7 @@ impl Jobs for Service {
             return Err(RunnerError::invalid("idempotency_key", "contains a NUL byte").into());
         }
         let runner = self.runner.clone();
-        let job_id = blocking(move || runner.submit(spec, key.as_deref(), &caller)).await?;
+        let job_id = blocking(move || runner.submit(plan, key.as_deref(), &caller)).await?;
         Ok(Response::new(SubmitResponse { job_id }))
     }
 

@@ -22,6 +22,7 @@ use crate::engine::signer::Signer;
 use crate::engine::watch::EventRing;
 use crate::error::{Result, RunnerError};
 use crate::images::Images;
+use crate::plan::ValidatedJob;
 use crate::store::cas::ContentStore;
 use crate::store::db::{Database, Inserted};
 
@@ -44,6 +45,8 @@ pub struct JobHandle {
     pub(super) cancel_reason: Mutex<Option<String>>,
     /// Set once the scheduler started the job.
     pub(super) running: AtomicBool,
+    /// What the job runs, validated once (at Submit, or when the record was loaded).
+    pub(super) plan: Mutex<Option<Arc<ValidatedJob>>>,
 }
 
 impl JobHandle {
@@ -55,7 +58,18 @@ impl JobHandle {
             canceller: Mutex::new(None),
             cancel_reason: Mutex::new(None),
             running: AtomicBool::new(false),
+            plan: Mutex::new(None),
         }
+    }
+
+    pub(super) fn set_plan(&self, plan: Arc<ValidatedJob>) {
+        if let Ok(mut slot) = self.plan.lock() {
+            *slot = Some(plan);
+        }
+    }
+
+    pub(super) fn plan(&self) -> Option<Arc<ValidatedJob>> {
+        self.plan.lock().ok().and_then(|p| p.clone())
     }
 
     /// Claims up to `want` bytes of the job's log allowance; answers how many it got.
@@ -138,10 +152,29 @@ impl Runner {
             self.db.update_job(&job)?;
             tracing::warn!(job = %job.job_id, "job interrupted by a daemon restart");
         }
-        for job in self.db.jobs_in_state(JobState::Queued)? {
-            tracing::info!(job = %job.job_id, "requeueing job accepted before a restart");
-            self.handle(&job.job_id);
-            self.enqueue(&job.job_id)?;
+        for mut job in self.db.jobs_in_state(JobState::Queued)? {
+            let loaded = job
+                .spec
+                .clone()
+                .ok_or_else(|| RunnerError::Internal("the record has no spec".into()))
+                .and_then(|spec| ValidatedJob::from_record(spec, &self.config));
+            match loaded {
+                Ok(plan) => {
+                    tracing::info!(job = %job.job_id, "requeueing job accepted before a restart");
+                    self.handle(&job.job_id).set_plan(Arc::new(plan));
+                    self.enqueue(&job.job_id)?;
+                }
+                Err(err) => {
+                    tracing::error!(job = %job.job_id, error = %err, "a queued job's record does not load");
+                    job.state = JobState::Error as i32;
+                    job.message = format!(
+                        "the job's record could not be loaded after a restart: {}",
+                        err.client_message()
+                    );
+                    job.finished_unix_ms = now_ms();
+                    self.db.update_job(&job)?;
+                }
+            }
         }
         Ok(())
     }
@@ -180,10 +213,11 @@ impl Runner {
     /// input must be a blob the caller may read (see [`crate::api::auth`]).
     pub fn submit(
         &self,
-        spec: JobSpec,
+        plan: ValidatedJob,
         idempotency_key: Option<&str>,
         caller: &Principal,
     ) -> Result<String> {
+        let spec = plan.spec();
         if self.draining.load(Ordering::SeqCst) {
             return Err(RunnerError::Unavailable(
                 "the daemon is shutting down".into(),
@@ -191,7 +225,7 @@ impl Runner {
         }
         // A job whose records and results cannot be kept is not accepted.
         self.cas.check_room(0)?;
-        self.check_inputs_readable(&spec, caller)?;
+        self.check_inputs_readable(spec, caller)?;
         let steps = spec
             .steps
             .iter()
@@ -203,7 +237,7 @@ impl Runner {
             .collect();
         let job = Job {
             job_id: uuid::Uuid::new_v4().to_string(),
-            spec: Some(spec),
+            spec: Some(spec.clone()),
             state: JobState::Queued as i32,
             steps,
             created_unix_ms: now_ms(),
@@ -214,6 +248,7 @@ impl Runner {
             .insert_job(&job, &caller.owner, idempotency_key, caller.uid)?
         {
             Inserted::New(id) => {
+                self.handle(&id).set_plan(Arc::new(plan));
                 self.emit(&id, job_event::Event::Queued(Default::default()));
                 self.enqueue(&id)?;
                 tracing::info!(job = %id, owner = %caller.owner, "job accepted");

@@ -18,6 +18,7 @@ use crate::engine::idranges::IdRanges;
 use crate::engine::jobs::{Isolation, Runner};
 use crate::engine::signer::Signer;
 use crate::images::Images;
+use crate::plan::ValidatedJob;
 use crate::store::cas::ContentStore;
 use crate::store::db::{Creation, Database};
 
@@ -114,7 +115,13 @@ fn job(steps: &[&str], outputs: &[&str]) -> JobSpec {
 
 impl Harness {
     fn submit(&self, spec: JobSpec) -> String {
-        self.runner.submit(spec, None, &client()).unwrap()
+        self.runner
+            .submit(self.plan(spec), None, &client())
+            .unwrap()
+    }
+
+    fn plan(&self, spec: JobSpec) -> ValidatedJob {
+        ValidatedJob::from_record(spec, &self.runner.config).unwrap()
     }
 
     fn get(&self, id: &str) -> Job {
@@ -387,7 +394,7 @@ async fn after_stop_starting_a_queued_job_stays_queued() {
     assert_eq!(state_of(&h.get(&waiting)), JobState::Queued);
     assert!(h
         .runner
-        .submit(job(&["quick"], &[]), None, &client())
+        .submit(h.plan(job(&["quick"], &[])), None, &client())
         .is_err());
 }
 
@@ -403,4 +410,25 @@ async fn another_client_sees_no_job_of_this_one() {
     ));
     assert!(h.runner.cancel(&id, &other).is_err());
     assert!(h.runner.get(&id, &Principal::unix(0, &[])).is_ok());
+}
+
+#[tokio::test]
+async fn each_step_runs_with_its_own_plan() {
+    let h = start(by_argv(vec![]));
+    let mut spec = job(&["fetch", "build"], &[]);
+    spec.steps[0].allow_net = vec!["example.org:443".into()];
+    spec.steps[0].limits = Some(agent_proto::v1::ResourceLimits {
+        pids: 77,
+        ..Default::default()
+    });
+    let id = h.submit(spec);
+    assert_eq!(state_of(&h.finished(&id).await), JobState::Succeeded);
+    let started = h.executor.started.lock().unwrap();
+    assert_eq!(started[0].egress_proxy_port, Some(3128));
+    assert_eq!(started[0].tcp_connect_ports, [3128]);
+    assert!(started[0].env.iter().any(|(k, _)| k == "HTTPS_PROXY"));
+    assert_eq!(started[0].limits.pids, 77);
+    assert_eq!(started[1].egress_proxy_port, None);
+    assert!(started[1].tcp_connect_ports.is_empty());
+    assert_eq!(started[1].limits.pids, h.runner.config.default_pids);
 }

@@ -14,6 +14,7 @@ use crate::engine::jobs::Runner;
 use crate::engine::now_ms;
 use crate::error::{Result, RunnerError};
 use crate::images::BUILD_UID;
+use crate::plan::ValidatedJob;
 
 impl Runner {
     pub(super) async fn run_job(self: Arc<Self>, id: &str, slot: u32) -> Result<()> {
@@ -21,10 +22,16 @@ impl Runner {
             let (runner, id) = (self.clone(), id.to_string());
             off_runtime(move || runner.get_any(&id)).await?
         };
-        let spec = job
-            .spec
-            .clone()
-            .ok_or_else(|| RunnerError::Internal(format!("job {id} has no spec")))?;
+        let plan = match self.existing_handle(id).and_then(|h| h.plan()) {
+            Some(plan) => plan,
+            None => {
+                let spec = job
+                    .spec
+                    .clone()
+                    .ok_or_else(|| RunnerError::Internal(format!("job {id} has no spec")))?;
+                Arc::new(ValidatedJob::from_record(spec, &self.config)?)
+            }
+        };
         job.state = JobState::Running as i32;
         job.started_unix_ms = now_ms();
         let claimed = {
@@ -57,7 +64,7 @@ impl Runner {
             .run_steps(
                 id,
                 &mut job,
-                &spec,
+                &plan,
                 &enclosure,
                 host_uid_base,
                 &mut image_digest,
@@ -85,7 +92,7 @@ impl Runner {
             let runner = self.clone();
             off_runtime(move || {
                 if state == JobState::Succeeded {
-                    runner.attest_job(&mut job, &spec, image_digest.as_deref())?;
+                    runner.attest_job(&mut job, plan.spec(), image_digest.as_deref())?;
                 }
                 runner.db.update_job(&job)?;
                 Ok(job)
@@ -102,12 +109,13 @@ impl Runner {
         self: Arc<Self>,
         id: &str,
         job: &mut Job,
-        spec: &JobSpec,
+        plan: &Arc<ValidatedJob>,
         enclosure: &Path,
         host_uid_base: u32,
         image_digest: &mut Option<String>,
     ) -> Result<(), JobEnd> {
         let workspace = &enclosure.join(WORKSPACE_DIR);
+        let spec = plan.spec();
         let step_host_id = host_uid_base + BUILD_UID;
         let image = {
             let runner = self.clone();
@@ -116,12 +124,11 @@ impl Runner {
         };
         image_digest.clone_from(&image.digest);
         {
-            let runner = self.clone();
-            let spec = spec.clone();
+            let (runner, plan) = (self.clone(), plan.clone());
             let (enclosure, workspace) = (enclosure.to_path_buf(), workspace.to_path_buf());
             blocking(move || {
                 runner.prepare_workspace(
-                    &spec,
+                    &plan,
                     (&enclosure, host_uid_base),
                     &workspace,
                     step_host_id,
@@ -133,7 +140,7 @@ impl Runner {
         // one's every process died with its pid namespace, and the daemon does not touch
         // the files), so it is exactly what the next step starts from, without a re-read.
         let mut previous_products = None;
-        for (index, step) in spec.steps.iter().enumerate() {
+        for (index, (step, step_plan)) in plan.steps().enumerate() {
             if self.handle(id).cancelled.load(Ordering::SeqCst) {
                 return Err(JobEnd::Cancelled);
             }
@@ -154,7 +161,7 @@ impl Runner {
                 .clone()
                 .run_step(
                     id,
-                    step,
+                    (step, step_plan),
                     &image,
                     workspace,
                     host_uid_base,

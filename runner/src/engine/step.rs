@@ -12,7 +12,6 @@ use agent_proto::v1::{OutputStream, StepResult, StepState};
 use provenance::walk::WalkOptions;
 use sandbox::{StepOutcome, StepSpec, StepStatus};
 
-use crate::egress::netpolicy::AllowList;
 use crate::egress::process::EgressProcess;
 use crate::engine::end::{blocking, JobEnd};
 use crate::engine::executor::Execution;
@@ -23,6 +22,7 @@ use crate::engine::workspace::{hash_workspace, survey_workspace, unrecordable, w
 use crate::engine::RUNNER_VERSION;
 use crate::error::{Result, RunnerError};
 use crate::images::{ResolvedImage, BUILD_UID};
+use crate::plan::StepPlan;
 
 /// A tree as hashed: each path under the workspace and its digest.
 type Tree = BTreeMap<String, String>;
@@ -55,7 +55,7 @@ impl Runner {
     pub(super) async fn run_step(
         self: Arc<Self>,
         id: &str,
-        step: &agent_proto::v1::Step,
+        (step, plan): (&agent_proto::v1::Step, &StepPlan),
         image: &ResolvedImage,
         workspace: &Path,
         host_uid_base: u32,
@@ -63,7 +63,7 @@ impl Runner {
     ) -> Result<(StepResult, Option<Tree>), JobEnd> {
         let started = Instant::now();
         let scheduled_ns = sandbox::monotonic_now_ns();
-        let limits = crate::limits::Effective::of(&self.config, step.limits.as_ref());
+        let limits = plan.limits;
         if let Some(refused) = self.resize_quota(step, workspace, &limits) {
             return Ok((refused, None));
         }
@@ -75,15 +75,12 @@ impl Runner {
                 Err(refused) => return Ok((refused, None)),
             },
         };
-        let Prepared {
-            spec,
-            allow_list,
-            timeout_seconds,
-            profile_digest,
-        } = self.prepare_step(step, image, workspace, host_uid_base, &limits)?;
+        let timeout_seconds = plan.timeout_seconds;
+        let (spec, profile_digest) =
+            self.prepare_step(step, plan, image, workspace, host_uid_base)?;
         let ran = self
             .clone()
-            .run_sandbox(id, step, &spec, allow_list)
+            .run_sandbox(id, step, &spec, plan.allow_list.is_some())
             .await?;
         let mut result = ran.result(step, started, scheduled_ns);
         let Some(verdict) =
@@ -137,29 +134,17 @@ impl Runner {
     fn prepare_step(
         &self,
         step: &agent_proto::v1::Step,
+        plan: &StepPlan,
         image: &ResolvedImage,
         workspace: &Path,
         host_uid_base: u32,
-        limits: &crate::limits::Effective,
-    ) -> Result<Prepared> {
-        let timeout_seconds = if step.timeout_seconds == 0 {
-            self.config.default_timeout_seconds
-        } else {
-            step.timeout_seconds
-        };
+    ) -> Result<(StepSpec, String)> {
         // A step with an allow-list gets the egress proxy on its loopback, and TCP only to
         // it; a step without one has neither.
-        let allow_list = if step.allow_net.is_empty() {
-            None
-        } else {
-            Some(
-                AllowList::parse(&step.allow_net)
-                    .map_err(|e| RunnerError::invalid("allow_net", e.to_string()))?,
-            )
-        };
+        let proxy_port = plan.allow_list.as_ref().map(|_| EGRESS_PROXY_PORT);
         let mut env = Self::step_env(step);
-        if allow_list.is_some() {
-            crate::egress::proxy::set_proxy_env(&mut env, EGRESS_PROXY_PORT);
+        if let Some(port) = proxy_port {
+            crate::egress::proxy::set_proxy_env(&mut env, port);
         }
         let spec = StepSpec {
             argv: step.argv.clone(),
@@ -169,24 +154,16 @@ impl Runner {
             host_uid_base,
             id_range: self.config.id_range,
             step_uid: BUILD_UID,
-            timeout_ms: u64::from(timeout_seconds) * 1000,
+            timeout_ms: u64::from(plan.timeout_seconds) * 1000,
             hostname: "kiln".into(),
             tmp_size_bytes: self.config.tmp_size_mib * 1024 * 1024,
-            limits: limits.sandbox(),
-            tcp_connect_ports: allow_list
-                .as_ref()
-                .map(|_| vec![EGRESS_PROXY_PORT])
-                .unwrap_or_default(),
-            egress_proxy_port: allow_list.as_ref().map(|_| EGRESS_PROXY_PORT),
+            limits: plan.limits.sandbox(),
+            tcp_connect_ports: proxy_port.into_iter().collect(),
+            egress_proxy_port: proxy_port,
             waived_layers: self.executor.waived_layers().to_vec(),
         };
         let profile_digest = self.executor.profile_digest(&spec)?;
-        Ok(Prepared {
-            spec,
-            allow_list,
-            timeout_seconds,
-            profile_digest,
-        })
+        Ok((spec, profile_digest))
     }
 
     /// Runs the sandbox to its end, with the egress proxy when the step has an
@@ -196,7 +173,7 @@ impl Runner {
         id: &str,
         step: &agent_proto::v1::Step,
         spec: &StepSpec,
-        allow_list: Option<AllowList>,
+        with_proxy: bool,
     ) -> Result<Ran, JobEnd> {
         let mut running = self.executor.start(spec)?;
         let handle = self.handle(id);
@@ -208,11 +185,12 @@ impl Runner {
             (running.canceller())();
         }
         let readers = self.read_logs(&mut running, id, &step.name);
-        let (running, proxy) = match allow_list {
-            None => (running, None),
+        let (running, proxy) = match with_proxy {
+            false => (running, None),
             // The proxy process runs as the top uid of the slot's range: no other job's,
-            // and none the step has.
-            Some(_) => {
+            // and none the step has. It decodes the step's list (validated at Submit)
+            // from its assignment: it trusts nothing across the process boundary.
+            true => {
                 let uid = spec.host_uid_base + (spec.id_range - 1);
                 self.start_proxy(running, &step.allow_net, uid, id, &step.name)
                     .await?
@@ -386,14 +364,6 @@ impl Runner {
             "waived_layers": self.executor.waived_layers(),
         })
     }
-}
-
-/// What a step runs as, and what its link says about how.
-struct Prepared {
-    spec: StepSpec,
-    allow_list: Option<AllowList>,
-    timeout_seconds: u32,
-    profile_digest: String,
 }
 
 /// What a finished sandbox left: how it ended, the network attempts, the logs.

@@ -7,7 +7,7 @@ use std::io::Read;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use agent_proto::v1::{JobSpec, OutputFile};
+use agent_proto::v1::OutputFile;
 use provenance::walk::{
     Entry as WalkEntry, Flow, Kind as WalkKind, Problem as WalkProblem, WalkError, WalkOptions,
 };
@@ -16,6 +16,7 @@ use crate::config::Config;
 use crate::engine::end::{blocking, JobEnd};
 use crate::engine::jobs::Runner;
 use crate::error::{Result, RunnerError};
+use crate::plan::ValidatedJob;
 use crate::store::cas::ContentStore;
 
 /// Where a step sees its workspace: messages name files under it, never by host path.
@@ -26,18 +27,13 @@ impl Runner {
     /// inputs copied out of the content store (each copy hash-checked).
     pub(super) fn prepare_workspace(
         &self,
-        spec: &JobSpec,
+        plan: &ValidatedJob,
         (enclosure, enclosure_owner): (&Path, u32),
         workspace: &Path,
         owner: u32,
     ) -> Result<()> {
-        // The job's quota is its largest step's; each step then gets its own (run_steps).
-        let quota = spec
-            .steps
-            .iter()
-            .map(|s| crate::limits::Effective::of(&self.config, s.limits.as_ref()).disk_bytes)
-            .max()
-            .unwrap_or(self.config.default_disk.0);
+        let spec = plan.spec();
+        let quota = plan.workspace_quota(&self.config);
         self.executor
             .create_workspace(enclosure, enclosure_owner, workspace, quota, owner)?;
         for input in &spec.inputs {
