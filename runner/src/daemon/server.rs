@@ -39,7 +39,7 @@ pub async fn serve(config: Config, creation: Creation) -> anyhow::Result<()> {
         images,
     } = open_state(&config, creation)?;
     let id_ranges = lease_id_ranges(&config)?;
-    let (runner, queue) = Runner::new(
+    let runner = Runner::new(
         config.clone(),
         db,
         cas,
@@ -61,7 +61,7 @@ pub async fn serve(config: Config, creation: Creation) -> anyhow::Result<()> {
         state_dir = %config.state_dir.display(),
         "kiln daemon starting"
     );
-    let scheduler = tokio::spawn(runner.clone().schedule(queue));
+    let scheduler = tokio::spawn(runner.clone().schedule());
 
     // Watch for SIGTERM before the socket exists: a supervisor that sees the socket may
     // stop the daemon at once, and that must drain, not kill.

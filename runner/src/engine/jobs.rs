@@ -10,12 +10,13 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use agent_proto::v1::{job_event, Job, JobSpec, JobState, StepResult, StepState};
-use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::sync::{watch, Notify, Semaphore};
 
 use crate::api::auth::Principal;
 use crate::config::Config;
 use crate::engine::enclosure::reset_work_dir;
 use crate::engine::executor::{Cancel, Executor};
+use crate::engine::fairqueue::FairQueue;
 use crate::engine::idranges::IdRanges;
 use crate::engine::now_ms;
 use crate::engine::signer::Signer;
@@ -93,7 +94,10 @@ pub struct Runner {
     pub key: Signer,
     pub(super) executor: Arc<dyn Executor>,
     pub(super) handles: Mutex<HashMap<String, Arc<JobHandle>>>,
-    pub(super) queue: mpsc::UnboundedSender<String>,
+    /// Queued jobs by owner, in the order they start (see `fairqueue`).
+    pub(super) queue: Mutex<FairQueue>,
+    /// Signalled when a job is queued or a slot's job ends.
+    pub(super) queue_changed: Notify,
     pub(super) slots: Mutex<Vec<u32>>,
     pub(super) permits: Arc<Semaphore>,
     pub(super) draining: AtomicBool,
@@ -112,14 +116,13 @@ impl Runner {
         images: Images,
         key: Signer,
         isolation: Isolation,
-    ) -> Result<(Arc<Self>, mpsc::UnboundedReceiver<String>)> {
+    ) -> Result<Arc<Self>> {
         let Isolation {
             executor,
             id_ranges,
         } = isolation;
         let work_dir = config.state_dir.join("work");
         reset_work_dir(&work_dir, executor.as_ref())?;
-        let (queue, rx) = mpsc::unbounded_channel();
         let slots = (0..config.max_concurrent_jobs).rev().collect();
         let permits = Arc::new(Semaphore::new(config.max_concurrent_jobs as usize));
         let runner = Arc::new(Self {
@@ -130,7 +133,8 @@ impl Runner {
             key,
             executor,
             handles: Mutex::new(HashMap::new()),
-            queue,
+            queue: Mutex::new(FairQueue::default()),
+            queue_changed: Notify::new(),
             slots: Mutex::new(slots),
             permits,
             draining: AtomicBool::new(false),
@@ -139,7 +143,7 @@ impl Runner {
             id_ranges,
         });
         runner.recover()?;
-        Ok((runner, rx))
+        Ok(runner)
     }
 
     /// After a restart: a job that was running cannot be resumed halfway (its
@@ -152,7 +156,7 @@ impl Runner {
             self.db.update_job(&job)?;
             tracing::warn!(job = %job.job_id, "job interrupted by a daemon restart");
         }
-        for mut job in self.db.jobs_in_state(JobState::Queued)? {
+        for (mut job, owner) in self.db.owned_jobs_in_state(JobState::Queued)? {
             let loaded = job
                 .spec
                 .clone()
@@ -162,7 +166,7 @@ impl Runner {
                 Ok(plan) => {
                     tracing::info!(job = %job.job_id, "requeueing job accepted before a restart");
                     self.handle(&job.job_id).set_plan(Arc::new(plan));
-                    self.enqueue(&job.job_id)?;
+                    self.enqueue(&job.job_id, &owner);
                 }
                 Err(err) => {
                     tracing::error!(job = %job.job_id, error = %err, "a queued job's record does not load");
@@ -199,10 +203,13 @@ impl Runner {
         self.handles.lock().ok().and_then(|h| h.get(id).cloned())
     }
 
-    fn enqueue(&self, id: &str) -> Result<()> {
-        self.queue
-            .send(id.to_string())
-            .map_err(|_| RunnerError::Unavailable("the daemon is shutting down".into()))
+    fn enqueue(&self, id: &str, owner: &str) {
+        let share = self.share_of(owner);
+        match self.queue.lock() {
+            Ok(mut queue) => queue.push(owner, share, id.to_string()),
+            Err(poisoned) => poisoned.into_inner().push(owner, share, id.to_string()),
+        }
+        self.queue_changed.notify_one();
     }
 
     pub(super) fn emit(&self, id: &str, event: job_event::Event) {
@@ -250,7 +257,7 @@ impl Runner {
             Inserted::New(id) => {
                 self.handle(&id).set_plan(Arc::new(plan));
                 self.emit(&id, job_event::Event::Queued(Default::default()));
-                self.enqueue(&id)?;
+                self.enqueue(&id, &caller.owner);
                 tracing::info!(job = %id, owner = %caller.owner, "job accepted");
                 Ok(id)
             }

@@ -59,7 +59,7 @@ fn start_in(
     )
     .unwrap();
     let executor = Arc::new(executor);
-    let (runner, queue) = Runner::new(
+    let runner = Runner::new(
         config,
         db,
         cas,
@@ -71,7 +71,7 @@ fn start_in(
         },
     )
     .unwrap();
-    tokio::spawn(runner.clone().schedule(queue));
+    tokio::spawn(runner.clone().schedule());
     Harness {
         runner,
         executor,
@@ -124,8 +124,9 @@ impl Harness {
         ValidatedJob::from_record(spec, &self.runner.config).unwrap()
     }
 
+    /// The record, as an operator sees it.
     fn get(&self, id: &str) -> Job {
-        self.runner.get(id, &client()).unwrap()
+        self.runner.get(id, &Principal::unix(0, &[])).unwrap()
     }
 
     /// The job's record once it is terminal. The deadline only keeps a hang from
@@ -431,4 +432,34 @@ async fn each_step_runs_with_its_own_plan() {
     assert_eq!(started[1].egress_proxy_port, None);
     assert!(started[1].tcp_connect_ports.is_empty());
     assert_eq!(started[1].limits.pids, h.runner.config.default_pids);
+}
+
+#[tokio::test]
+async fn one_clients_flood_delays_anothers_job_by_at_most_one_slot_turnover() {
+    let h = start(by_argv(vec![("slow", Script::holds())]));
+    let (flooder, other) = (Principal::unix(2001, &[]), Principal::unix(2002, &[]));
+    let blocker = h
+        .runner
+        .submit(h.plan(job(&["slow"], &[])), None, &flooder)
+        .unwrap();
+    let executor = h.executor.clone();
+    tokio::task::spawn_blocking(move || executor.wait_running(1))
+        .await
+        .unwrap();
+    for _ in 0..30 {
+        h.runner
+            .submit(h.plan(job(&["quick"], &[])), None, &flooder)
+            .unwrap();
+    }
+    let single = h
+        .runner
+        .submit(h.plan(job(&["single"], &[])), None, &other)
+        .unwrap();
+    h.runner.cancel(&blocker, &flooder).unwrap();
+    let single_done = h.finished(&single).await;
+    let started = h.executor.started.lock().unwrap().clone();
+    let argv: Vec<&str> = started.iter().map(|s| s.argv[0].as_str()).collect();
+    // One slot: after the flooder's running job, the other client's job is next.
+    assert_eq!(argv[..2], ["slow", "single"], "{argv:?}");
+    assert_eq!(state_of(&single_done), JobState::Succeeded);
 }

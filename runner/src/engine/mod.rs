@@ -6,6 +6,7 @@ pub mod attest;
 mod enclosure;
 pub(crate) mod end;
 pub mod executor;
+pub mod fairqueue;
 pub mod idranges;
 pub mod jobs;
 mod logs;

@@ -5,31 +5,31 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use agent_proto::v1::JobState;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 
+use crate::engine::fairqueue::Share;
 use crate::engine::jobs::{JobHandle, Runner};
 use crate::engine::now_ms;
 
 impl Runner {
-    /// Runs queued jobs, at most `max_concurrent_jobs` at a time, until the queue
-    /// closes or the daemon drains.
-    pub async fn schedule(self: Arc<Self>, mut queue: mpsc::UnboundedReceiver<String>) {
+    /// Runs queued jobs, at most `max_concurrent_jobs` at a time, the slots shared
+    /// among owners by `fairqueue`, until the daemon stops starting jobs.
+    pub async fn schedule(self: Arc<Self>) {
         self.executor.replenish();
         let mut shutdown = self.shutdown.subscribe();
         loop {
-            let id = tokio::select! {
-                id = queue.recv() => match id {
-                    Some(id) => id,
-                    None => break,
+            let permit = tokio::select! {
+                permit = self.permits.clone().acquire_owned() => match permit {
+                    Ok(permit) => permit,
+                    Err(_) => break,
                 },
                 _ = async { shutdown.wait_for(|stop| *stop).await.is_ok() } => break,
             };
-            if self.draining.load(Ordering::SeqCst) {
-                break;
-            }
-            let Ok(permit) = self.permits.clone().acquire_owned().await else {
-                break;
+            let next = tokio::select! {
+                next = self.next_startable() => next,
+                _ = async { shutdown.wait_for(|stop| *stop).await.is_ok() } => break,
             };
+            let (owner, id) = next;
             if self.draining.load(Ordering::SeqCst) {
                 break;
             }
@@ -37,6 +37,7 @@ impl Runner {
                 Some(slot) => slot,
                 None => {
                     tracing::error!("no free id slot although a permit was granted");
+                    self.slot_done(&owner);
                     continue;
                 }
             };
@@ -51,9 +52,35 @@ impl Runner {
                 if let Ok(mut slots) = runner.slots.lock() {
                     slots.push(slot);
                 }
+                runner.slot_done(&owner);
                 drop(permit);
             });
         }
+    }
+
+    /// Waits until a queued job may start (its owner below its running cap); answers it
+    /// and its owner.
+    async fn next_startable(&self) -> (String, String) {
+        loop {
+            if let Some(next) = self.queue.lock().ok().and_then(|mut q| q.pop()) {
+                return next;
+            }
+            // A notification sent since the check is kept for this wait.
+            self.queue_changed.notified().await;
+        }
+    }
+
+    /// A job of `owner` no longer holds a slot: its owner may start another.
+    fn slot_done(&self, owner: &str) {
+        if let Ok(mut queue) = self.queue.lock() {
+            queue.finished(owner);
+        }
+        self.queue_changed.notify_one();
+    }
+
+    /// The share of the job slots of an owner: equal for every owner.
+    pub(super) fn share_of(&self, _owner: &str) -> Share {
+        Share::default()
     }
 
     /// Starts no job from now on: queued jobs stay recorded as queued and run after the

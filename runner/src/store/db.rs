@@ -232,16 +232,29 @@ impl Database {
 
     /// Jobs in the given state, oldest first.
     pub fn jobs_in_state(&self, state: JobState) -> Result<Vec<Job>> {
+        Ok(self
+            .owned_jobs_in_state(state)?
+            .into_iter()
+            .map(|(job, _)| job)
+            .collect())
+    }
+
+    /// Jobs in the given state with their owners, oldest first.
+    pub fn owned_jobs_in_state(&self, state: JobState) -> Result<Vec<(Job, String)>> {
         let conn = self.lock()?;
-        let mut stmt =
-            conn.prepare("SELECT id, record FROM jobs WHERE state = ?1 ORDER BY created_ms")?;
+        let mut stmt = conn
+            .prepare("SELECT id, record, owner FROM jobs WHERE state = ?1 ORDER BY created_ms")?;
         let rows = stmt.query_map(params![state as i32], |row| {
-            Ok((row.get::<_, String>(0)?, row.get::<_, Vec<u8>>(1)?))
+            Ok((
+                row.get::<_, String>(0)?,
+                row.get::<_, Vec<u8>>(1)?,
+                row.get::<_, String>(2)?,
+            ))
         })?;
         let mut jobs = Vec::new();
         for row in rows {
-            let (id, bytes) = row?;
-            jobs.push(decode(&id, &bytes)?);
+            let (id, bytes, owner) = row?;
+            jobs.push((decode(&id, &bytes)?, owner));
         }
         Ok(jobs)
     }
