@@ -116,26 +116,19 @@ impl Runner {
     ) -> Result<(), JobEnd> {
         let workspace = &enclosure.join(WORKSPACE_DIR);
         let spec = plan.spec();
-        let step_host_id = host_uid_base + BUILD_UID;
         let image = {
-            let runner = self.clone();
-            let name = spec.image.clone();
-            blocking(move || runner.images.resolve(&name)).await?
-        };
-        image_digest.clone_from(&image.digest);
-        {
             let (runner, plan) = (self.clone(), plan.clone());
             let (enclosure, workspace) = (enclosure.to_path_buf(), workspace.to_path_buf());
             blocking(move || {
-                runner.prepare_workspace(
-                    &plan,
-                    (&enclosure, host_uid_base),
-                    &workspace,
-                    step_host_id,
-                )
+                let image = runner.images.resolve(&plan.spec().image)?;
+                let step_host_id = host_uid_base + BUILD_UID;
+                let enclosure = (enclosure.as_path(), host_uid_base);
+                runner.prepare_workspace(&plan, enclosure, &workspace, step_host_id)?;
+                Ok(image)
             })
-            .await?;
-        }
+            .await?
+        };
+        image_digest.clone_from(&image.digest);
         // What the previous step left: nothing runs between two steps (the previous
         // one's every process died with its pid namespace, and the daemon does not touch
         // the files), so it is exactly what the next step starts from, without a re-read.
@@ -147,10 +140,7 @@ impl Runner {
             if let Some(result) = job.steps.get_mut(index) {
                 result.state = StepState::Running as i32;
             }
-            {
-                let (db, record) = (self.db.clone(), job.clone());
-                blocking(move || db.update_progress(&record)).await?;
-            }
+            self.save_progress(job).await?;
             self.emit(
                 id,
                 job_event::Event::StepStarted(StepStarted {
@@ -195,24 +185,25 @@ impl Runner {
             if let Some(slot) = job.steps.get_mut(index) {
                 *slot = result.clone();
             }
-            {
-                let (db, record) = (self.db.clone(), job.clone());
-                blocking(move || db.update_progress(&record)).await?;
-            }
+            self.save_progress(job).await?;
             self.emit(id, job_event::Event::StepFinished(result));
             match state {
                 StepState::Succeeded => {}
                 StepState::Cancelled => return Err(JobEnd::Cancelled),
                 _ => {
-                    return Err(JobEnd::StepFailed(format!(
-                        "step {:?} did not succeed: {message}",
-                        step.name
-                    )))
+                    let failed = format!("step {:?} did not succeed: {message}", step.name);
+                    return Err(JobEnd::StepFailed(failed));
                 }
             }
         }
         job.outputs = self.collect_job_outputs(spec, workspace).await?;
         Ok(())
+    }
+
+    /// Commits the job's step states (not its end: that is `update_job`).
+    async fn save_progress(&self, job: &Job) -> Result<(), JobEnd> {
+        let (db, record) = (self.db.clone(), job.clone());
+        blocking(move || db.update_progress(&record)).await
     }
 
     /// Signs the provenance of a job that succeeded and stores it; a job whose outputs
