@@ -14,4 +14,5 @@ pub mod images;
 pub mod limits;
 pub mod spec;
 pub mod store;
+pub mod tenants;
 pub mod units;

@@ -33,6 +33,28 @@ pub struct SpecLimits {
     pub max_inputs: usize,
     /// The spec's encoded (protobuf) size.
     pub max_spec_bytes: u64,
+    /// The caller's tenant, and which of the caps above (by config key, e.g.
+    /// `max_memory`, `network_ceiling`) are its own: a refusal names that tenant's key.
+    pub tenant: Option<String>,
+    pub tenant_caps: BTreeSet<&'static str>,
+}
+
+impl SpecLimits {
+    /// The tenant's key that set `cap`, if the tenant set it.
+    fn tenant_key(&self, cap: &str) -> Option<String> {
+        let tenant = self.tenant.as_deref()?;
+        self.tenant_caps
+            .contains(cap)
+            .then(|| format!("tenants.{tenant}.{cap}"))
+    }
+
+    /// The words of a refusal for exceeding `cap`.
+    fn maximum_of(&self, cap: &str) -> String {
+        match self.tenant_key(cap) {
+            Some(key) => format!("{key}, which is"),
+            None => "the runner's maximum of".into(),
+        }
+    }
 }
 
 /// Checks a step's resource limits against the smallest workable values and the
@@ -44,7 +66,12 @@ fn check_resource_limits(
 ) -> Result<()> {
     use crate::units::{format_cpus, format_size};
     let field = |f: &str| format!("steps[{i}].limits.{f}");
-    let check = |name: &str, value: u64, min: u64, max: u64, show: &dyn Fn(u64) -> String| {
+    let check = |name: &str,
+                 cap: &str,
+                 value: u64,
+                 min: u64,
+                 max: u64,
+                 show: &dyn Fn(u64) -> String| {
         if value == 0 {
             return Ok(());
         }
@@ -62,8 +89,9 @@ fn check_resource_limits(
             return Err(RunnerError::invalid(
                 field(name),
                 format!(
-                    "{} exceeds the runner's maximum of {}",
+                    "{} exceeds {} {}",
                     show(value),
+                    caps.maximum_of(cap),
                     show(max)
                 ),
             ));
@@ -75,6 +103,7 @@ fn check_resource_limits(
     let cpus = |v: u64| format!("{} CPUs", format_cpus(u32::try_from(v).unwrap_or(u32::MAX)));
     check(
         "memory_bytes",
+        "max_memory",
         l.memory_bytes,
         sandbox::MIN_MEMORY_BYTES,
         caps.max_memory_bytes,
@@ -82,6 +111,7 @@ fn check_resource_limits(
     )?;
     check(
         "pids",
+        "max_pids",
         u64::from(l.pids),
         u64::from(sandbox::MIN_PIDS),
         u64::from(caps.max_pids),
@@ -89,6 +119,7 @@ fn check_resource_limits(
     )?;
     check(
         "cpu_millis",
+        "max_cpus",
         u64::from(l.cpu_millis),
         u64::from(sandbox::MIN_CPU_MILLIS),
         u64::from(caps.max_cpu_millis),
@@ -96,6 +127,7 @@ fn check_resource_limits(
     )?;
     check(
         "disk_bytes",
+        "max_disk",
         l.disk_bytes,
         crate::units::MIN_DISK_BYTES,
         caps.max_disk_bytes,
@@ -293,8 +325,10 @@ fn check_step(i: usize, step: &agent_proto::v1::Step, limits: &SpecLimits) -> Re
         return Err(RunnerError::invalid(
             field("timeout_seconds"),
             format!(
-                "{} exceeds the runner's maximum of {}",
-                step.timeout_seconds, limits.max_timeout_seconds
+                "{} exceeds {} {}",
+                step.timeout_seconds,
+                limits.maximum_of("max_timeout_seconds"),
+                limits.max_timeout_seconds
             ),
         ));
     }
@@ -309,9 +343,12 @@ fn check_step(i: usize, step: &agent_proto::v1::Step, limits: &SpecLimits) -> Re
             RunnerError::invalid(format!("steps[{i}].allow_net[{j}]"), e.to_string())
         })?;
         if !limits.network_ceiling.covers(&entry) {
+            let ceiling = match limits.tenant_key("network_ceiling") {
+                Some(key) => key,
+                None => "the network ceiling the runner's operator set for this client".into(),
+            };
             return Err(RunnerError::PermissionDenied(format!(
-                "steps[{i}].allow_net[{j}]: {text:?} is outside the network ceiling the \
-                 runner's operator set for this client"
+                "steps[{i}].allow_net[{j}]: {text:?} is outside {ceiling}"
             )));
         }
     }
@@ -381,6 +418,8 @@ mod tests {
             network_ceiling: crate::egress::netpolicy::Ceiling::parse(&["*:*"]).unwrap(),
             max_inputs: 1000,
             max_spec_bytes: 1 << 20,
+            tenant: None,
+            tenant_caps: BTreeSet::new(),
         }
     }
 

@@ -21,9 +21,9 @@ use crate::engine::now_ms;
 use crate::engine::signer::Signer;
 use crate::engine::watch::EventRing;
 use crate::error::{Result, RunnerError};
-use crate::images::Images;
+use crate::images::{Images, HOST_IMAGE};
 use crate::store::cas::ContentStore;
-use crate::store::db::{Database, Inserted};
+use crate::store::db::{Database, Inserted, QueueCap};
 
 /// What the runner starts sandboxes with: the sandbox launcher, what the host supports,
 /// and the host id ranges leased for the job slots.
@@ -201,6 +201,34 @@ impl Runner {
         // A job whose records and results cannot be kept is not accepted.
         self.cas.check_room(0)?;
         self.check_inputs_readable(&spec, caller)?;
+        let tenant = caller
+            .tenant
+            .as_deref()
+            .and_then(|name| self.config.tenants.get(name).map(|t| (name, t)));
+        if let Some((name, config)) = tenant {
+            if let Some(images) = &config.images {
+                // A digest entry needs the image's recorded tree digest; the run checks
+                // the resolved image again (the record may change before it starts).
+                let digest = match images.has_digests() && spec.image != HOST_IMAGE {
+                    true => self.images.read_record(&spec.image)?.map(|r| r.tree_digest),
+                    false => None,
+                };
+                if !images.allows(&spec.image, digest.as_deref()) {
+                    return Err(RunnerError::invalid(
+                        "image",
+                        format!(
+                            "{:?} is not among the images tenants.{name}.images allows",
+                            spec.image
+                        ),
+                    ));
+                }
+            }
+        }
+        let queue_key = tenant.map(|(name, _)| format!("tenants.{name}.max_queued_jobs"));
+        let queue_cap = tenant
+            .and_then(|(_, t)| t.max_queued_jobs)
+            .zip(queue_key.as_deref())
+            .map(|(max, key)| QueueCap { max, key });
         let steps = spec
             .steps
             .iter()
@@ -218,10 +246,13 @@ impl Runner {
             created_unix_ms: now_ms(),
             ..Default::default()
         };
-        match self
-            .db
-            .insert_job(&job, &caller.owner, idempotency_key, caller.uid)?
-        {
+        match self.db.insert_job_within(
+            &job,
+            &caller.owner,
+            idempotency_key,
+            caller.uid,
+            queue_cap,
+        )? {
             Inserted::New(id) => {
                 self.emit(&id, job_event::Event::Queued(Default::default()));
                 self.enqueue(&id)?;
@@ -240,7 +271,7 @@ impl Runner {
         } else {
             Some(
                 self.db
-                    .readable_blobs(&caller.owner, spec.inputs.iter().map(|i| i.digest.as_str()))?,
+                    .readable_blobs(&caller.owner_keys(), spec.inputs.iter().map(|i| i.digest.as_str()))?,
             )
         };
         for input in &spec.inputs {
@@ -265,6 +296,30 @@ impl Runner {
             Some((job, owner)) if caller.may_see(&owner) => Ok(job),
             _ => Err(RunnerError::NotFound(format!("job {id}"))),
         }
+    }
+
+    /// Whether the job's owner may run `image` as resolved for its run: a tenant's
+    /// allow-list is checked again on the image actually used.
+    pub(super) fn check_image_for_owner(
+        &self,
+        id: &str,
+        image: &crate::images::ResolvedImage,
+    ) -> Result<()> {
+        let owner = self.db.get_job_and_owner(id)?.map(|(_, owner)| owner);
+        let Some(name) = owner.as_deref().and_then(crate::tenants::tenant_of_owner) else {
+            return Ok(());
+        };
+        let allowed = match self.config.tenants.get(name).and_then(|t| t.images.as_ref()) {
+            None => true,
+            Some(images) => images.allows(&image.name, image.digest.as_deref()),
+        };
+        if !allowed {
+            return Err(RunnerError::FailedPrecondition(format!(
+                "image {:?} (as it is now) is not among the images tenants.{name}.images allows",
+                image.name
+            )));
+        }
+        Ok(())
     }
 
     pub(super) fn get_any(&self, id: &str) -> Result<Job> {

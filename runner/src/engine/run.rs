@@ -112,7 +112,13 @@ impl Runner {
         let image = {
             let runner = self.clone();
             let name = spec.image.clone();
-            blocking(move || runner.images.resolve(&name)).await?
+            let id = id.to_string();
+            blocking(move || {
+                let image = runner.images.resolve(&name)?;
+                runner.check_image_for_owner(&id, &image)?;
+                Ok(image)
+            })
+            .await?
         };
         image_digest.clone_from(&image.digest);
         {

@@ -129,6 +129,20 @@ impl Database {
         idempotency_key: Option<&str>,
         peer_uid: Option<u32>,
     ) -> Result<Inserted> {
+        self.insert_job_within(job, owner, idempotency_key, peer_uid, None)
+    }
+
+    /// [`Self::insert_job`], refusing the job while its owner has `owner_cap.max` jobs
+    /// queued (counted under the same lock as the insert). `owner_cap.key` names the
+    /// configuration key in the refusal.
+    pub fn insert_job_within(
+        &self,
+        job: &Job,
+        owner: &str,
+        idempotency_key: Option<&str>,
+        peer_uid: Option<u32>,
+        owner_cap: Option<QueueCap<'_>>,
+    ) -> Result<Inserted> {
         // A job recorded in a file nobody will read again would be lost while answered.
         self.check_file()?;
         let conn = self.lock()?;
@@ -160,6 +174,19 @@ impl Database {
             if queued >= max {
                 return Err(RunnerError::ResourceExhausted(format!(
                     "the queue is full: {queued} jobs are waiting, the runner's max_queued_jobs is {max}; submit again later"
+                )));
+            }
+        }
+        if let Some(cap) = owner_cap {
+            let queued: u64 = conn.query_row(
+                "SELECT COUNT(*) FROM jobs WHERE owner = ?1 AND state = ?2",
+                params![owner, JobState::Queued as i32],
+                |row| row.get(0),
+            )?;
+            if queued >= cap.max {
+                return Err(RunnerError::ResourceExhausted(format!(
+                    "{queued} of your jobs are waiting, {} is {}; submit again later",
+                    cap.key, cap.max
                 )));
             }
         }
@@ -246,6 +273,59 @@ impl Database {
         Ok(jobs)
     }
 
+    /// A page of jobs, newest first (by creation time, then id), after `after` (the
+    /// last job of the previous page), of the given `owners` (None: every owner's) and
+    /// `state`. Each record is decoded and handed to `summarize` with its owner in
+    /// turn, so only one full record is in memory at a time.
+    pub fn list_jobs<T>(
+        &self,
+        owners: Option<&[&str]>,
+        state: Option<JobState>,
+        after: Option<(i64, &str)>,
+        limit: u32,
+        mut summarize: impl FnMut(Job, &str) -> T,
+    ) -> Result<Vec<T>> {
+        let mut sql = String::from("SELECT id, owner, record FROM jobs WHERE 1 = 1");
+        let mut args: Vec<Box<dyn rusqlite::ToSql>> = Vec::new();
+        if let Some(owners) = owners {
+            sql.push_str(&format!(
+                " AND owner IN ({})",
+                vec!["?"; owners.len()].join(",")
+            ));
+            args.extend(owners.iter().map(|o| Box::new(o.to_string()) as _));
+        }
+        if let Some(state) = state {
+            sql.push_str(" AND state = ?");
+            args.push(Box::new(state as i32));
+        }
+        if let Some((created_ms, id)) = after {
+            sql.push_str(" AND (created_ms < ? OR (created_ms = ? AND id < ?))");
+            args.push(Box::new(created_ms));
+            args.push(Box::new(created_ms));
+            args.push(Box::new(id.to_string()));
+        }
+        sql.push_str(" ORDER BY created_ms DESC, id DESC LIMIT ?");
+        args.push(Box::new(limit));
+        let conn = self.lock()?;
+        let mut stmt = conn.prepare_cached(&sql)?;
+        let rows = stmt.query_map(
+            rusqlite::params_from_iter(args.iter().map(|a| a.as_ref())),
+            |row| {
+                Ok((
+                    row.get::<_, String>(0)?,
+                    row.get::<_, String>(1)?,
+                    row.get::<_, Vec<u8>>(2)?,
+                ))
+            },
+        )?;
+        let mut jobs = Vec::new();
+        for row in rows {
+            let (id, owner, bytes) = row?;
+            jobs.push(summarize(decode(&id, &bytes)?, &owner));
+        }
+        Ok(jobs)
+    }
+
     /// Records that `owner` may read `digest`: it uploaded the content (the store
     /// hashed every byte it sent), so it has it.
     pub fn grant_blob(&self, owner: &str, digest: &str) -> Result<()> {
@@ -257,23 +337,28 @@ impl Database {
         Ok(())
     }
 
-    /// Which of `digests` `owner` may read. Asked in batches, each under the lock on
-    /// its own, so a client asking for many digests does not hold up other requests.
+    /// Which of `digests` any of `owners` may read. Asked in batches, each under the
+    /// lock on its own, so a client asking for many digests does not hold up others.
     pub fn readable_blobs<'a>(
         &self,
-        owner: &str,
+        owners: &[&str],
         digests: impl IntoIterator<Item = &'a str>,
     ) -> Result<std::collections::HashSet<String>> {
         const BATCH: usize = 500;
         let digests: Vec<&str> = digests.into_iter().collect();
         let mut readable = std::collections::HashSet::new();
+        let owner_marks = vec!["?"; owners.len()].join(",");
         for batch in digests.chunks(BATCH) {
             let marks = vec!["?"; batch.len()].join(",");
-            let sql =
-                format!("SELECT digest FROM blob_access WHERE owner = ? AND digest IN ({marks})");
+            let sql = format!(
+                "SELECT DISTINCT digest FROM blob_access
+                 WHERE owner IN ({owner_marks}) AND digest IN ({marks})"
+            );
             let conn = self.lock()?;
             let mut stmt = conn.prepare_cached(&sql)?;
-            let params = std::iter::once(&owner as &dyn rusqlite::ToSql)
+            let params = owners
+                .iter()
+                .map(|o| o as &dyn rusqlite::ToSql)
                 .chain(batch.iter().map(|d| d as &dyn rusqlite::ToSql));
             let rows = stmt.query_map(rusqlite::params_from_iter(params), |row| {
                 row.get::<_, String>(0)
@@ -300,6 +385,13 @@ fn holds_blobs(cas: &Path) -> bool {
             })
         })
         .unwrap_or(false)
+}
+
+/// A cap on one owner's queued jobs, and the configuration key that sets it.
+#[derive(Debug, Clone, Copy)]
+pub struct QueueCap<'a> {
+    pub max: u64,
+    pub key: &'a str,
 }
 
 /// The outcome of [`Database::insert_job`].
@@ -373,7 +465,19 @@ fn connect(path: &Path) -> Result<Connection> {
 }
 
 /// The schema version this daemon writes (`PRAGMA user_version`).
-const SCHEMA_VERSION: i64 = 1;
+const SCHEMA_VERSION: i64 = 2;
+
+/// Version 2: the indexes that keep job listings and per-owner queue counts from
+/// reading every record: an owner's jobs newest first, every job newest first.
+fn add_listing_indexes(tx: &rusqlite::Transaction<'_>) -> Result<()> {
+    tx.execute_batch(
+        "CREATE INDEX IF NOT EXISTS jobs_owner_state_created
+             ON jobs(owner, state, created_ms, id);
+         CREATE INDEX IF NOT EXISTS jobs_owner_created ON jobs(owner, created_ms, id);
+         CREATE INDEX IF NOT EXISTS jobs_created ON jobs(created_ms, id);",
+    )?;
+    Ok(())
+}
 
 /// Creates the schema, or brings an older one up to date in one transaction.
 ///
@@ -389,6 +493,13 @@ fn migrate(conn: &mut Connection) -> Result<()> {
         )));
     }
     if version == SCHEMA_VERSION {
+        return Ok(());
+    }
+    if version == 1 {
+        let tx = conn.transaction()?;
+        add_listing_indexes(&tx)?;
+        tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+        tx.commit()?;
         return Ok(());
     }
     let tx = conn.transaction()?;
@@ -440,6 +551,7 @@ fn migrate(conn: &mut Connection) -> Result<()> {
         }
         drop(grant);
     }
+    add_listing_indexes(&tx)?;
     tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
     tx.commit()?;
     Ok(())
@@ -515,8 +627,8 @@ mod tests {
         db.grant_blob("uid:2", &"cd".repeat(32)).unwrap();
         let asked = ["ab".repeat(32), "cd".repeat(32)];
         let asked = asked.iter().map(String::as_str);
-        let one = db.readable_blobs("uid:1", asked.clone()).unwrap();
-        let two = db.readable_blobs("uid:2", asked).unwrap();
+        let one = db.readable_blobs(&["uid:1"], asked.clone()).unwrap();
+        let two = db.readable_blobs(&["uid:2"], asked).unwrap();
         assert_eq!(one.into_iter().collect::<Vec<_>>(), vec!["ab".repeat(32)]);
         assert_eq!(two.into_iter().collect::<Vec<_>>(), vec!["cd".repeat(32)]);
     }
@@ -556,7 +668,7 @@ mod tests {
         assert_eq!(db.get_job_and_owner("anon").unwrap().unwrap().1, "unknown");
         let digest = "ef".repeat(32);
         assert_eq!(
-            db.readable_blobs("uid:1000", [digest.as_str()])
+            db.readable_blobs(&["uid:1000"], [digest.as_str()])
                 .unwrap()
                 .len(),
             1
