@@ -15,8 +15,8 @@ use agent_proto::v1::content_store_client::ContentStoreClient;
 use agent_proto::v1::jobs_client::JobsClient;
 use agent_proto::v1::{
     job_event, CancelRequest, FindMissingRequest, GetProvenanceRequest, GetRequest, Input, Job,
-    JobSpec, JobState, JobSummary, ListJobsRequest, ListLinksRequest, ReadRequest, ResourceLimits, Step,
-    SubmitRequest, WatchRequest, WhoAmIRequest,
+    JobSpec, JobState, JobSummary, ListJobsRequest, ListLinksRequest, ReadRequest, ResourceLimits,
+    Step, SubmitRequest, WatchRequest, WhoAmIRequest,
 };
 use support::*;
 use tonic::transport::Channel;
@@ -328,7 +328,10 @@ async fn tenants_share_within_and_see_nothing_across() {
     blue.wait(&blue_job).await;
 
     // Listing: each tenant its own; `all` is for operators.
-    assert_eq!(red_2.list(false, None, 100).await.unwrap(), vec![id.clone()]);
+    assert_eq!(
+        red_2.list(false, None, 100).await.unwrap(),
+        vec![id.clone()]
+    );
     assert_eq!(
         blue.list(false, None, 100).await.unwrap(),
         vec![blue_job.clone()]
@@ -351,7 +354,10 @@ async fn tenants_share_within_and_see_nothing_across() {
         .collect();
     assert_eq!(
         owners,
-        BTreeSet::from([(id.clone(), "red".into()), (blue_job.clone(), "blue".into())])
+        BTreeSet::from([
+            (id.clone(), "red".into()),
+            (blue_job.clone(), "blue".into())
+        ])
     );
     // Root without --all has no jobs of its own.
     let out = daemon.kiln(&["jobs"]);
@@ -398,11 +404,7 @@ async fn a_uid_of_no_tenant_is_refused_without_learning_of_tenants() {
     }
     let (daemon, _config) = tenant_daemon();
     let mut stranger = Client::new(&daemon, STRANGER).await;
-    let err = stranger
-        .jobs
-        .who_am_i(WhoAmIRequest {})
-        .await
-        .unwrap_err();
+    let err = stranger.jobs.who_am_i(WhoAmIRequest {}).await.unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied, "{err}");
     assert!(
         err.message()
@@ -412,7 +414,10 @@ async fn a_uid_of_no_tenant_is_refused_without_learning_of_tenants() {
     for name in ["red", "blue", "narrow", "48001"] {
         assert!(!err.message().contains(name), "{err}");
     }
-    let err = stranger.submit(job("x", None, "true"), "").await.unwrap_err();
+    let err = stranger
+        .submit(job("x", None, "true"), "")
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied, "{err}");
     let err = stranger.upload(b"data").await.unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied, "{err}");
@@ -478,7 +483,10 @@ async fn a_tenants_ceilings_are_enforced_at_submit_naming_the_key() {
     let red_queued = red.submit(job("red", None, "true"), "").await.unwrap();
     // Leaving the queue makes room again.
     narrow.cancel(&queued).await.unwrap();
-    narrow.submit(job("second", None, "true"), "").await.unwrap();
+    narrow
+        .submit(job("second", None, "true"), "")
+        .await
+        .unwrap();
     red.cancel(&red_queued).await.unwrap();
     red.cancel(&long).await.unwrap();
 }
@@ -492,7 +500,10 @@ async fn list_jobs_pages_through_every_job_once() {
     let mut root = Client::over(channel(&daemon).await);
     let mut blue = Client::new(&daemon, BLUE).await;
     // One job runs (and holds the slot); the rest wait.
-    let long = root.submit(job("long", None, "sleep 60"), "").await.unwrap();
+    let long = root
+        .submit(job("long", None, "sleep 60"), "")
+        .await
+        .unwrap();
     root.wait_running(&long).await;
     let mut submitted = vec![long.clone()];
     for i in 0..104 {
@@ -512,7 +523,9 @@ async fn list_jobs_pages_through_every_job_once() {
             .all(|w| w[0].created_unix_ms >= w[1].created_unix_ms),
         "not newest first"
     );
-    assert!(summaries.iter().all(|j| j.owner == "uid:0" && j.step_count == 1));
+    assert!(summaries
+        .iter()
+        .all(|j| j.owner == "uid:0" && j.step_count == 1));
     let listed: Vec<String> = summaries.into_iter().map(|j| j.job_id).collect();
     assert_eq!(listed.len(), submitted.len(), "{listed:?}");
     assert_eq!(
@@ -520,7 +533,10 @@ async fn list_jobs_pages_through_every_job_once() {
         submitted.iter().collect::<BTreeSet<_>>(),
         "a job listed twice, or missed"
     );
-    let queued = root.list(false, Some(JobState::Queued), 1000).await.unwrap();
+    let queued = root
+        .list(false, Some(JobState::Queued), 1000)
+        .await
+        .unwrap();
     assert_eq!(queued.len(), 104);
     assert!(!queued.contains(&long));
     // Everyone's: root's and blue's.
@@ -537,7 +553,10 @@ async fn list_jobs_pages_through_every_job_once() {
     assert!(out.status.success(), "{}", describe(&out));
     let lines = text(&out.stdout);
     assert_eq!(lines.lines().count(), 1, "{lines}");
-    assert!(lines.starts_with(&long) && lines.contains("running"), "{lines}");
+    assert!(
+        lines.starts_with(&long) && lines.contains("running"),
+        "{lines}"
+    );
 
     for bad in ["zz", "31", &hex::encode("1:5:../../x")] {
         let err = root
@@ -588,7 +607,10 @@ async fn records_from_before_tenants_go_with_their_uid_into_its_tenant() {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!((whoami.principal.as_str(), whoami.tenant.as_str()), ("uid:48001", ""));
+    assert_eq!(
+        (whoami.principal.as_str(), whoami.tenant.as_str()),
+        ("uid:48001", "")
+    );
     assert!(daemon.stop().success());
 
     // Then RED_1 joins tenant red: the tenant (every member) has its earlier records.
@@ -597,9 +619,15 @@ async fn records_from_before_tenants_go_with_their_uid_into_its_tenant() {
     let mut red_2 = Client::new(&daemon, RED_2).await;
     let mut blue = Client::new(&daemon, BLUE).await;
     let job = red_2.get(&old).await.unwrap();
-    assert_eq!(red_2.read(&job.outputs[0].digest).await.unwrap(), b"old source\n");
+    assert_eq!(
+        red_2.read(&job.outputs[0].digest).await.unwrap(),
+        b"old source\n"
+    );
     assert_eq!(red_2.read(&input).await.unwrap(), b"old source\n");
-    assert_eq!(red_2.list(false, None, 10).await.unwrap(), vec![old.clone()]);
+    assert_eq!(
+        red_2.list(false, None, 10).await.unwrap(),
+        vec![old.clone()]
+    );
     assert_hidden("blue gets the old job", blue.get(&old).await);
     assert_hidden("blue reads the old input", blue.read(&input).await);
     assert!(blue.list(false, None, 10).await.unwrap().is_empty());

@@ -600,4 +600,90 @@ mod tests {
             assert!(err.contains(key), "{bad}: {err}");
         }
     }
+
+    #[test]
+    fn tenant_ceilings_stay_within_the_global_ones() {
+        let base = "[tenants.ci]\nuids = [1001]\n";
+        let cfg: Config = toml::from_str(&format!(
+            "default_memory = \"1G\"\nmax_memory = \"8G\"\n{base}max_memory = \"2G\"\n\
+             max_timeout_seconds = 600\nnetwork_ceiling = [\"*.example.org:443\"]\n"
+        ))
+        .unwrap();
+        cfg.validate().unwrap();
+        assert_eq!(
+            cfg.tenants.get("ci").unwrap().max_memory.unwrap().0,
+            2 << 30
+        );
+        for (extra, key) in [
+            ("max_memory = \"16G\"\n", "tenants.ci.max_memory"),
+            ("max_pids = 100000\n", "tenants.ci.max_pids"),
+            ("max_disk = \"1T\"\n", "tenants.ci.max_disk"),
+            (
+                "max_timeout_seconds = 100000\n",
+                "tenants.ci.max_timeout_seconds",
+            ),
+            // Below what a step that names no limit gets.
+            ("max_memory = \"1M\"\n", "tenants.ci.max_memory"),
+            (
+                "max_timeout_seconds = 1\n",
+                "tenants.ci.max_timeout_seconds",
+            ),
+        ] {
+            let cfg: Config = toml::from_str(&format!("{base}{extra}")).unwrap();
+            let err = cfg.validate().unwrap_err().to_string();
+            assert!(err.contains(key), "{extra}: {err}");
+        }
+    }
+
+    #[test]
+    fn a_uid_configured_twice_is_refused() {
+        let cfg: Config = toml::from_str(
+            "[network_ceiling_by_uid]\n1001 = [\"*:443\"]\n[tenants.ci]\nuids = [1001]\n",
+        )
+        .unwrap();
+        let err = cfg.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("network_ceiling_by_uid.1001")
+                && err.contains("tenants.ci.network_ceiling"),
+            "{err}"
+        );
+        // A uid outside every tenant keeps its own ceiling.
+        let cfg: Config = toml::from_str(
+            "[network_ceiling_by_uid]\n1002 = [\"*:443\"]\n[tenants.ci]\nuids = [1001]\n",
+        )
+        .unwrap();
+        cfg.validate().unwrap();
+        let cfg: Config =
+            toml::from_str("admin_uids = [1001]\n[tenants.ci]\nuids = [1001]\n").unwrap();
+        let err = cfg.validate().unwrap_err().to_string();
+        assert!(err.contains("admin_uids") && err.contains("1001"), "{err}");
+        let err =
+            toml::from_str::<Config>("[tenants.a]\nuids = [1001]\n[tenants.b]\nuids = [1001]\n")
+                .unwrap_err()
+                .to_string();
+        assert!(err.contains("two tenants"), "{err}");
+    }
+
+    #[test]
+    fn the_network_ceiling_of_a_caller_is_its_tenants_else_its_uids_else_the_global() {
+        use crate::api::auth::{Authenticator, Peer};
+        use crate::egress::netpolicy::Entry;
+        let cfg: Config = toml::from_str(
+            "network_ceiling = [\"*:*\"]\n[network_ceiling_by_uid]\n1002 = [\"a.org:443\"]\n\
+             [tenants.ci]\nuids = [1001]\nnetwork_ceiling = [\"b.org:443\"]\n\
+             [tenants.web]\nuids = [1003]\n",
+        )
+        .unwrap();
+        cfg.validate().unwrap();
+        let auth = Authenticator::new(&[1002], &cfg.tenants);
+        let ceiling = |uid| cfg.network_ceiling_of(&auth.resolve(Peer::Unix { uid }).unwrap());
+        let (a, b, c) = (
+            Entry::parse("a.org:443").unwrap(),
+            Entry::parse("b.org:443").unwrap(),
+            Entry::parse("c.org:443").unwrap(),
+        );
+        assert!(ceiling(1001).covers(&b) && !ceiling(1001).covers(&a));
+        assert!(ceiling(1002).covers(&a) && !ceiling(1002).covers(&b));
+        assert!(ceiling(1003).covers(&c));
+    }
 }

@@ -66,38 +66,34 @@ fn check_resource_limits(
 ) -> Result<()> {
     use crate::units::{format_cpus, format_size};
     let field = |f: &str| format!("steps[{i}].limits.{f}");
-    let check = |name: &str,
-                 cap: &str,
-                 value: u64,
-                 min: u64,
-                 max: u64,
-                 show: &dyn Fn(u64) -> String| {
-        if value == 0 {
-            return Ok(());
-        }
-        if value < min {
-            return Err(RunnerError::invalid(
-                field(name),
-                format!(
-                    "{} is below the smallest workable {}",
-                    show(value),
-                    show(min)
-                ),
-            ));
-        }
-        if value > max {
-            return Err(RunnerError::invalid(
-                field(name),
-                format!(
-                    "{} exceeds {} {}",
-                    show(value),
-                    caps.maximum_of(cap),
-                    show(max)
-                ),
-            ));
-        }
-        Ok(())
-    };
+    let check =
+        |name: &str, cap: &str, value: u64, min: u64, max: u64, show: &dyn Fn(u64) -> String| {
+            if value == 0 {
+                return Ok(());
+            }
+            if value < min {
+                return Err(RunnerError::invalid(
+                    field(name),
+                    format!(
+                        "{} is below the smallest workable {}",
+                        show(value),
+                        show(min)
+                    ),
+                ));
+            }
+            if value > max {
+                return Err(RunnerError::invalid(
+                    field(name),
+                    format!(
+                        "{} exceeds {} {}",
+                        show(value),
+                        caps.maximum_of(cap),
+                        show(max)
+                    ),
+                ));
+            }
+            Ok(())
+        };
     let size = |v: u64| format_size(v);
     let plain = |v: u64| v.to_string();
     let cpus = |v: u64| format!("{} CPUs", format_cpus(u32::try_from(v).unwrap_or(u32::MAX)));
@@ -406,7 +402,7 @@ fn check_outputs(spec: &JobSpec) -> Result<()> {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-    use agent_proto::v1::{Input, Step};
+    use agent_proto::v1::{Input, ResourceLimits, Step};
 
     fn limits() -> SpecLimits {
         SpecLimits {
@@ -566,7 +562,6 @@ mod tests {
 
     #[test]
     fn resource_limits_are_checked_against_the_caps() {
-        use agent_proto::v1::ResourceLimits;
         let mut spec = good();
         spec.steps[0].limits = Some(ResourceLimits {
             memory_bytes: 1 << 30,
@@ -637,5 +632,34 @@ mod tests {
         let err = validate(&spec, &narrow).unwrap_err();
         assert!(matches!(err, RunnerError::PermissionDenied(_)), "{err}");
         assert!(err.to_string().contains("steps[0].allow_net[1]"), "{err}");
+        // A tenant's own ceiling is named by its key.
+        narrow.tenant = Some("ci".into());
+        narrow.tenant_caps.insert("network_ceiling");
+        let err = validate(&spec, &narrow).unwrap_err();
+        assert!(
+            err.to_string().contains("tenants.ci.network_ceiling"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_tenants_own_caps_are_named_by_their_key() {
+        let mut spec = good();
+        spec.steps[0].limits = Some(ResourceLimits {
+            memory_bytes: 2 << 30,
+            ..Default::default()
+        });
+        let mut caps = limits();
+        caps.tenant = Some("ci".into());
+        let err = validate(&spec, &caps).unwrap_err().to_string();
+        assert!(err.contains("the runner's maximum"), "{err}");
+        caps.tenant_caps.insert("max_memory");
+        let err = validate(&spec, &caps).unwrap_err().to_string();
+        assert!(err.contains("tenants.ci.max_memory"), "{err}");
+        spec.steps[0].limits = None;
+        spec.steps[0].timeout_seconds = 7200;
+        caps.tenant_caps.insert("max_timeout_seconds");
+        let err = validate(&spec, &caps).unwrap_err().to_string();
+        assert!(err.contains("tenants.ci.max_timeout_seconds"), "{err}");
     }
 }

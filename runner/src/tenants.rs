@@ -80,7 +80,10 @@ fn normalize_identity(identity: &str) -> Result<String, String> {
     if identity.is_empty() || identity.len() > 1024 {
         return bad("must be 1 to 1024 bytes");
     }
-    if identity.chars().any(|c| c.is_whitespace() || c.is_control()) {
+    if identity
+        .chars()
+        .any(|c| c.is_whitespace() || c.is_control())
+    {
         return bad("contains white space or a control character");
     }
     if let Some(name) = identity.strip_prefix("dns:") {
@@ -90,9 +93,7 @@ fn normalize_identity(identity: &str) -> Result<String, String> {
         return Ok(format!("dns:{}", name.to_ascii_lowercase()));
     }
     match identity.split_once(':') {
-        Some((scheme, rest)) if !scheme.is_empty() && !rest.is_empty() => {
-            Ok(identity.to_string())
-        }
+        Some((scheme, rest)) if !scheme.is_empty() && !rest.is_empty() => Ok(identity.to_string()),
         _ => bad("must be a SAN URI (scheme:...) or dns:NAME"),
     }
 }

@@ -186,6 +186,113 @@ mod tests {
         assert!(Principal::unix(1500, &admins).may_see(&bob.owner));
     }
 
+    fn tenants() -> Tenants {
+        #[derive(serde::Deserialize)]
+        struct Wrapper {
+            tenants: Tenants,
+        }
+        toml::from_str::<Wrapper>(
+            "[tenants.ci]\nuids = [1001, 1002]\nidentities = [\"spiffe://example.org/ci\", \"dns:ci.example.org\"]\n\
+             [tenants.ops]\nidentities = [\"spiffe://example.org/ops\"]\nadmin = true\n\
+             [tenants.web]\nuids = [1003]\n",
+        )
+        .unwrap()
+        .tenants
+    }
+
+    #[test]
+    fn without_tenants_every_uid_is_its_own_client() {
+        let auth = Authenticator::new(&[1500], &Tenants::default());
+        assert_eq!(
+            auth.resolve(Peer::Unix { uid: 1000 }).unwrap(),
+            Principal::unix(1000, &[])
+        );
+        assert!(auth.resolve(Peer::Unix { uid: 0 }).unwrap().admin);
+        assert!(auth.resolve(Peer::Unix { uid: 1500 }).unwrap().admin);
+        // No tenant can hold a certificate's identities.
+        let err = auth
+            .resolve(Peer::Tls {
+                identities: vec!["spiffe://example.org/ci".into()],
+            })
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Unauthenticated);
+    }
+
+    #[test]
+    fn socket_peers_map_to_their_tenant_root_and_admin_uids_stay_operators() {
+        let auth = Authenticator::new(&[1500], &tenants());
+        let one = auth.resolve(Peer::Unix { uid: 1001 }).unwrap();
+        let two = auth.resolve(Peer::Unix { uid: 1002 }).unwrap();
+        assert_eq!(one.owner, "tenant:ci");
+        assert_eq!(one.tenant.as_deref(), Some("ci"));
+        assert_eq!(one.uid, Some(1001));
+        assert!(!one.admin);
+        assert!(
+            two.may_see(&one.owner),
+            "members share their tenant's records"
+        );
+        // The records its members made before tenants existed, and no one else's.
+        assert!(one.may_see("uid:1002"));
+        assert!(!one.may_see("uid:1003"));
+        let web = auth.resolve(Peer::Unix { uid: 1003 }).unwrap();
+        assert!(!web.may_see(&one.owner) && !one.may_see(&web.owner));
+        assert!(!web.may_see("uid:1001"));
+
+        let root = auth.resolve(Peer::Unix { uid: 0 }).unwrap();
+        assert_eq!(
+            (root.owner.as_str(), root.admin, root.tenant.as_deref()),
+            ("uid:0", true, None)
+        );
+        let operator = auth.resolve(Peer::Unix { uid: 1500 }).unwrap();
+        assert!(operator.admin && operator.may_see(&one.owner));
+
+        let err = auth.resolve(Peer::Unix { uid: 1004 }).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::PermissionDenied);
+        assert_eq!(err.message(), "uid 1004 is not a member of any tenant");
+    }
+
+    #[test]
+    fn tls_peers_map_by_their_certificate_identities() {
+        let auth = Authenticator::new(&[], &tenants());
+        let ci = auth
+            .resolve(Peer::Tls {
+                identities: vec!["dns:other.example.org".into(), "dns:CI.example.org".into()],
+            })
+            .unwrap();
+        assert_eq!(
+            (ci.owner.as_str(), ci.uid, ci.admin),
+            ("tenant:ci", None, false)
+        );
+        // A remote member sees what a local member of the same tenant owns.
+        let local = auth.resolve(Peer::Unix { uid: 1001 }).unwrap();
+        assert!(ci.may_see(&local.owner) && local.may_see(&ci.owner));
+        let ops = auth
+            .resolve(Peer::Tls {
+                identities: vec!["spiffe://example.org/ops".into()],
+            })
+            .unwrap();
+        assert!(ops.admin && ops.may_see(&ci.owner));
+        for identities in [
+            vec![],
+            vec!["spiffe://example.org/nobody".to_string()],
+            // URIs compare exactly.
+            vec!["spiffe://example.org/CI".to_string()],
+            // An identity of two tenants is ambiguous: refused, not the first one.
+            vec![
+                "spiffe://example.org/ci".to_string(),
+                "spiffe://example.org/ops".to_string(),
+            ],
+        ] {
+            let err = auth
+                .resolve(Peer::Tls {
+                    identities: identities.clone(),
+                })
+                .unwrap_err();
+            assert_eq!(err.code(), tonic::Code::Unauthenticated, "{identities:?}");
+            assert!(!err.message().contains("ci") && !err.message().contains("ops"));
+        }
+    }
+
     #[test]
     fn a_request_without_peer_credentials_is_refused() {
         let mut auth = Authenticator::new(&[], &Tenants::default());

@@ -6,17 +6,17 @@ use std::pin::Pin;
 use agent_proto::v1::jobs_server::Jobs;
 use agent_proto::v1::{
     CancelRequest, CancelResponse, GetRequest, Job, JobEvent, JobState, JobSummary,
-    ListJobsRequest, ListJobsResponse, SubmitRequest, SubmitResponse, WatchRequest,
-    WhoAmIRequest, WhoAmIResponse,
+    ListJobsRequest, ListJobsResponse, SubmitRequest, SubmitResponse, WatchRequest, WhoAmIRequest,
+    WhoAmIResponse,
 };
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
 use crate::api::auth::{principal, Principal};
 use crate::api::service::{blocking, check_job_id, Service};
+use crate::config::Config;
 use crate::engine::watch;
 use crate::error::RunnerError;
-use crate::config::Config;
 use crate::spec::{validate, SpecLimits};
 
 /// Jobs per ListJobs page when the request names no size, and at most.
@@ -75,8 +75,7 @@ fn parse_page_token(token: &str) -> Result<(i64, String), RunnerError> {
     let bytes = hex::decode(token).map_err(|_| bad())?;
     let text = String::from_utf8(bytes).map_err(|_| bad())?;
     let mut parts = text.splitn(3, ':');
-    let (Some("1"), Some(created_ms), Some(id)) = (parts.next(), parts.next(), parts.next())
-    else {
+    let (Some("1"), Some(created_ms), Some(id)) = (parts.next(), parts.next(), parts.next()) else {
         return Err(bad());
     };
     let created_ms = created_ms.parse().map_err(|_| bad())?;
@@ -218,7 +217,9 @@ impl Jobs for Service {
                 JobState::try_from(n)
                     .ok()
                     .filter(|s| *s != JobState::Unspecified)
-                    .ok_or_else(|| RunnerError::invalid("state", format!("{n} is not a job state")))?,
+                    .ok_or_else(|| {
+                        RunnerError::invalid("state", format!("{n} is not a job state"))
+                    })?,
             ),
         };
         let page_size = match req.page_size {

@@ -125,7 +125,11 @@ pub async fn whoami_command(client: &Client, json: bool) -> anyhow::Result<i32> 
         println!("principal: {}", me.principal);
         println!(
             "tenant: {}",
-            if me.tenant.is_empty() { "(none)" } else { &me.tenant }
+            if me.tenant.is_empty() {
+                "(none)"
+            } else {
+                &me.tenant
+            }
         );
         println!("admin: {}", me.admin);
     }

@@ -269,10 +269,10 @@ impl Runner {
         let readable = if caller.admin {
             None
         } else {
-            Some(
-                self.db
-                    .readable_blobs(&caller.owner_keys(), spec.inputs.iter().map(|i| i.digest.as_str()))?,
-            )
+            Some(self.db.readable_blobs(
+                &caller.owner_keys(),
+                spec.inputs.iter().map(|i| i.digest.as_str()),
+            )?)
         };
         for input in &spec.inputs {
             let known = match &readable {
@@ -309,7 +309,12 @@ impl Runner {
         let Some(name) = owner.as_deref().and_then(crate::tenants::tenant_of_owner) else {
             return Ok(());
         };
-        let allowed = match self.config.tenants.get(name).and_then(|t| t.images.as_ref()) {
+        let allowed = match self
+            .config
+            .tenants
+            .get(name)
+            .and_then(|t| t.images.as_ref())
+        {
             None => true,
             Some(images) => images.allows(&image.name, image.digest.as_deref()),
         };
