@@ -632,3 +632,35 @@ async fn records_from_before_tenants_go_with_their_uid_into_its_tenant() {
     assert_hidden("blue reads the old input", blue.read(&input).await);
     assert!(blue.list(false, None, 10).await.unwrap().is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queued_job_is_held_to_its_tenants_images_when_it_starts() {
+    if !require_root("a_queued_job_is_held_to_its_tenants_images_when_it_starts") {
+        return;
+    }
+    let config = |tenants: &str| {
+        config_file(&format!(
+            "socket_gid = {CLIENTS_GID}\nmax_concurrent_jobs = 1\ndefault_timeout_seconds = 30\n\
+             default_memory = \"512M\"\nshutdown_grace_seconds = 1\n{tenants}"
+        ))
+    };
+    let first = config(TENANTS);
+    let mut daemon = Daemon::start_with(&["--config", first.path().to_str().unwrap()]);
+    std::fs::set_permissions(daemon.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let queued = {
+        let mut red = Client::new(&daemon, RED_1).await;
+        let mut narrow = Client::new(&daemon, NARROW).await;
+        let long = red.submit(job("long", None, "sleep 60"), "").await.unwrap();
+        red.wait_running(&long).await;
+        // Allowed when submitted ...
+        narrow.submit(job("host", None, "true"), "").await.unwrap()
+    };
+    assert!(daemon.stop().success());
+    // ... and no longer when it starts, after the operator narrowed the list.
+    let second = config(&TENANTS.replace("images = [\"host\"]", "images = [\"busybox\"]"));
+    daemon.spawn(&["--config", second.path().to_str().unwrap()]);
+    let mut narrow = Client::new(&daemon, NARROW).await;
+    let job = narrow.wait(&queued).await;
+    assert_eq!(job.state, JobState::Error as i32, "{job:?}");
+    assert!(job.message.contains("tenants.narrow.images"), "{job:?}");
+}

@@ -142,20 +142,26 @@ impl Authenticator {
 
 impl tonic::service::Interceptor for Authenticator {
     fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
-        let uid = request
-            .extensions()
-            .get::<tonic::transport::server::UdsConnectInfo>()
-            .and_then(|info| info.peer_cred)
-            .map(|cred| cred.uid());
-        let Some(uid) = uid else {
+        let Some(peer) = peer_of(&request) else {
             return Err(Status::unauthenticated(
                 "the caller's identity is unknown (no peer credentials)",
             ));
         };
-        let principal = self.resolve(Peer::Unix { uid })?;
+        let principal = self.resolve(peer)?;
         request.extensions_mut().insert(principal);
         Ok(request)
     }
+}
+
+/// The peer of a request, as its connection's transport proved it: the kernel's peer
+/// credentials of a Unix socket connection. (A TLS listener's verified client
+/// identities become [`Peer::Tls`] here.)
+fn peer_of<T>(request: &Request<T>) -> Option<Peer> {
+    request
+        .extensions()
+        .get::<tonic::transport::server::UdsConnectInfo>()
+        .and_then(|info| info.peer_cred)
+        .map(|cred| Peer::Unix { uid: cred.uid() })
 }
 
 /// The caller of a request that passed the [`Authenticator`].

@@ -205,24 +205,8 @@ impl Runner {
             .tenant
             .as_deref()
             .and_then(|name| self.config.tenants.get(name).map(|t| (name, t)));
-        if let Some((name, config)) = tenant {
-            if let Some(images) = &config.images {
-                // A digest entry needs the image's recorded tree digest; the run checks
-                // the resolved image again (the record may change before it starts).
-                let digest = match images.has_digests() && spec.image != HOST_IMAGE {
-                    true => self.images.read_record(&spec.image)?.map(|r| r.tree_digest),
-                    false => None,
-                };
-                if !images.allows(&spec.image, digest.as_deref()) {
-                    return Err(RunnerError::invalid(
-                        "image",
-                        format!(
-                            "{:?} is not among the images tenants.{name}.images allows",
-                            spec.image
-                        ),
-                    ));
-                }
-            }
+        if let Some((name, tenant)) = tenant {
+            self.check_tenant_image(&spec.image, name, tenant)?;
         }
         let queue_key = tenant.map(|(name, _)| format!("tenants.{name}.max_queued_jobs"));
         let queue_cap = tenant
@@ -261,6 +245,32 @@ impl Runner {
             }
             Inserted::Existing(id) => Ok(id),
         }
+    }
+
+    /// Whether a tenant's allow-list names the image (by name, or by the tree digest
+    /// of its record). The run checks the image it resolves again: the record may
+    /// change before the job starts.
+    fn check_tenant_image(
+        &self,
+        image: &str,
+        name: &str,
+        tenant: &crate::tenants::TenantConfig,
+    ) -> Result<()> {
+        let Some(images) = &tenant.images else {
+            return Ok(());
+        };
+        let digest = if images.has_digests() && image != HOST_IMAGE {
+            self.images.read_record(image)?.map(|r| r.tree_digest)
+        } else {
+            None
+        };
+        if !images.allows(image, digest.as_deref()) {
+            return Err(RunnerError::invalid(
+                "image",
+                format!("{image:?} is not among the images tenants.{name}.images allows"),
+            ));
+        }
+        Ok(())
     }
 
     /// An input the caller may not read is answered like one the store does not hold,
