@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::error::{Result, RunnerError};
+pub use crate::tenants::{TenantConfig, Tenants};
 use crate::units::{format_cpus, host_cpu_millis, Cpus, Size};
 
 pub const DEFAULT_SOCKET: &str = "/run/kiln/kiln.sock";
@@ -127,6 +128,9 @@ pub struct Config {
     pub proxy_max_bytes: Size,
     /// ... and seconds a connection may sit idle.
     pub proxy_idle_timeout_seconds: u64,
+    /// `[tenants.NAME]`: groups of callers sharing their jobs and blobs, under their own
+    /// ceilings. With none, every uid on the socket is a client of its own.
+    pub tenants: Tenants,
 }
 
 impl Default for Config {
@@ -177,6 +181,7 @@ impl Default for Config {
             proxy_max_bytes: Size(4 << 30),
             proxy_idle_timeout_seconds: 60,
             waive: Vec::new(),
+            tenants: Tenants::default(),
         }
     }
 }
@@ -232,7 +237,90 @@ impl Config {
         }
         self.validate_waivers()?;
         self.validate_network()?;
-        self.validate_limits()
+        self.validate_limits()?;
+        self.validate_tenants()
+    }
+
+    /// A tenant's ceilings within the global ones (and at least what a job that names
+    /// none gets), and no uid both a tenant's member and configured per uid elsewhere.
+    fn validate_tenants(&self) -> Result<()> {
+        for (name, tenant) in self.tenants.iter() {
+            let key = |k: &str| format!("tenants.{name}.{k}");
+            let caps: [(&str, Option<u64>, u64, &str, u64); 5] = [
+                (
+                    "max_memory",
+                    tenant.max_memory.map(|s| s.0),
+                    self.max_memory.0,
+                    "default_memory",
+                    self.default_memory.0,
+                ),
+                (
+                    "max_pids",
+                    tenant.max_pids.map(u64::from),
+                    u64::from(self.max_pids),
+                    "default_pids",
+                    u64::from(self.default_pids),
+                ),
+                (
+                    "max_cpus",
+                    tenant.max_cpus.map(|c| u64::from(c.0)),
+                    u64::from(self.max_cpus.0),
+                    "default_cpus",
+                    u64::from(self.default_cpus.0),
+                ),
+                (
+                    "max_disk",
+                    tenant.max_disk.map(|s| s.0),
+                    self.max_disk.0,
+                    "default_disk",
+                    self.default_disk.0,
+                ),
+                (
+                    "max_timeout_seconds",
+                    tenant.max_timeout_seconds.map(u64::from),
+                    u64::from(self.max_timeout_seconds),
+                    "default_timeout_seconds",
+                    u64::from(self.default_timeout_seconds),
+                ),
+            ];
+            for (cap, value, global, default, default_value) in caps {
+                let Some(value) = value else { continue };
+                if value > global {
+                    return Err(RunnerError::invalid(
+                        key(cap),
+                        format!("must not exceed the global {cap}"),
+                    ));
+                }
+                // A step that names no limit gets the default, which must fit the cap.
+                if value < default_value {
+                    return Err(RunnerError::invalid(
+                        key(cap),
+                        format!("must be at least the global {default}"),
+                    ));
+                }
+            }
+            for uid in &tenant.uids {
+                if self.network_ceiling_by_uid.contains_key(&uid.to_string()) {
+                    return Err(RunnerError::invalid(
+                        format!("network_ceiling_by_uid.{uid}"),
+                        format!(
+                            "uid {uid} is a member of tenant {name}: give its ceiling as \
+                             tenants.{name}.network_ceiling instead"
+                        ),
+                    ));
+                }
+                if self.admin_uids.contains(uid) {
+                    return Err(RunnerError::invalid(
+                        "admin_uids",
+                        format!(
+                            "uid {uid} is also a member of tenant {name}: make the tenant \
+                             an admin one (tenants.{name}.admin = true) or list the uid once"
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(())
     }
 
     fn validate_network(&self) -> Result<()> {
@@ -256,6 +344,23 @@ impl Config {
             ));
         }
         Ok(())
+    }
+
+    /// The ceiling for a caller's allow-lists: its tenant's, else its uid's, else the
+    /// global one.
+    pub fn network_ceiling_of(
+        &self,
+        caller: &crate::api::auth::Principal,
+    ) -> crate::egress::netpolicy::Ceiling {
+        let tenant_ceiling = caller
+            .tenant
+            .as_deref()
+            .and_then(|name| self.tenants.get(name))
+            .and_then(|tenant| tenant.network_ceiling.clone());
+        match tenant_ceiling {
+            Some(ceiling) => ceiling,
+            None => self.network_ceiling_for(caller.uid),
+        }
     }
 
     /// The ceiling for a client's allow-lists (validated at start-up).
@@ -494,5 +599,91 @@ mod tests {
             let err = cfg.validate().unwrap_err().to_string();
             assert!(err.contains(key), "{bad}: {err}");
         }
+    }
+
+    #[test]
+    fn tenant_ceilings_stay_within_the_global_ones() {
+        let base = "[tenants.ci]\nuids = [1001]\n";
+        let cfg: Config = toml::from_str(&format!(
+            "default_memory = \"1G\"\nmax_memory = \"8G\"\n{base}max_memory = \"2G\"\n\
+             max_timeout_seconds = 600\nnetwork_ceiling = [\"*.example.org:443\"]\n"
+        ))
+        .unwrap();
+        cfg.validate().unwrap();
+        assert_eq!(
+            cfg.tenants.get("ci").unwrap().max_memory.unwrap().0,
+            2 << 30
+        );
+        for (extra, key) in [
+            ("max_memory = \"16G\"\n", "tenants.ci.max_memory"),
+            ("max_pids = 100000\n", "tenants.ci.max_pids"),
+            ("max_disk = \"1T\"\n", "tenants.ci.max_disk"),
+            (
+                "max_timeout_seconds = 100000\n",
+                "tenants.ci.max_timeout_seconds",
+            ),
+            // Below what a step that names no limit gets.
+            ("max_memory = \"1M\"\n", "tenants.ci.max_memory"),
+            (
+                "max_timeout_seconds = 1\n",
+                "tenants.ci.max_timeout_seconds",
+            ),
+        ] {
+            let cfg: Config = toml::from_str(&format!("{base}{extra}")).unwrap();
+            let err = cfg.validate().unwrap_err().to_string();
+            assert!(err.contains(key), "{extra}: {err}");
+        }
+    }
+
+    #[test]
+    fn a_uid_configured_twice_is_refused() {
+        let cfg: Config = toml::from_str(
+            "[network_ceiling_by_uid]\n1001 = [\"*:443\"]\n[tenants.ci]\nuids = [1001]\n",
+        )
+        .unwrap();
+        let err = cfg.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("network_ceiling_by_uid.1001")
+                && err.contains("tenants.ci.network_ceiling"),
+            "{err}"
+        );
+        // A uid outside every tenant keeps its own ceiling.
+        let cfg: Config = toml::from_str(
+            "[network_ceiling_by_uid]\n1002 = [\"*:443\"]\n[tenants.ci]\nuids = [1001]\n",
+        )
+        .unwrap();
+        cfg.validate().unwrap();
+        let cfg: Config =
+            toml::from_str("admin_uids = [1001]\n[tenants.ci]\nuids = [1001]\n").unwrap();
+        let err = cfg.validate().unwrap_err().to_string();
+        assert!(err.contains("admin_uids") && err.contains("1001"), "{err}");
+        let err =
+            toml::from_str::<Config>("[tenants.a]\nuids = [1001]\n[tenants.b]\nuids = [1001]\n")
+                .unwrap_err()
+                .to_string();
+        assert!(err.contains("two tenants"), "{err}");
+    }
+
+    #[test]
+    fn the_network_ceiling_of_a_caller_is_its_tenants_else_its_uids_else_the_global() {
+        use crate::api::auth::{Authenticator, Peer};
+        use crate::egress::netpolicy::Entry;
+        let cfg: Config = toml::from_str(
+            "network_ceiling = [\"*:*\"]\n[network_ceiling_by_uid]\n1002 = [\"a.org:443\"]\n\
+             [tenants.ci]\nuids = [1001]\nnetwork_ceiling = [\"b.org:443\"]\n\
+             [tenants.web]\nuids = [1003]\n",
+        )
+        .unwrap();
+        cfg.validate().unwrap();
+        let auth = Authenticator::new(&[1002], &cfg.tenants);
+        let ceiling = |uid| cfg.network_ceiling_of(&auth.resolve(Peer::Unix { uid }).unwrap());
+        let (a, b, c) = (
+            Entry::parse("a.org:443").unwrap(),
+            Entry::parse("b.org:443").unwrap(),
+            Entry::parse("c.org:443").unwrap(),
+        );
+        assert!(ceiling(1001).covers(&b) && !ceiling(1001).covers(&a));
+        assert!(ceiling(1002).covers(&a) && !ceiling(1002).covers(&b));
+        assert!(ceiling(1003).covers(&c));
     }
 }

@@ -15,4 +15,5 @@ pub mod limits;
 pub mod plan;
 pub mod spec;
 pub mod store;
+pub mod tenants;
 pub mod units;

@@ -10,7 +10,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 use runner::cli::client::LinkFormat;
 use runner::cli::client::{Client, EXIT_KILN_ERROR};
-use runner::cli::{client, demo, jobfile, verify};
+use runner::cli::{client, demo, jobfile, listing, verify};
 use runner::daemon::server;
 use runner::engine::signer;
 use runner::store::{cas, db};
@@ -73,6 +73,23 @@ enum Command {
     },
     /// Cancel a queued or running job; every process of its running step is killed.
     Cancel { job_id: String },
+    /// List your jobs (your tenant's), newest first.
+    Jobs {
+        /// Only jobs in this state.
+        #[arg(long, value_enum)]
+        state: Option<listing::StateFilter>,
+        /// Every client's jobs (operators only).
+        #[arg(long)]
+        all: bool,
+        /// As a JSON array.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show the principal and tenant the daemon sees you as.
+    Whoami {
+        #[arg(long)]
+        json: bool,
+    },
     /// The runner's signing keys: create, rotate, export.
     Keys {
         #[command(subcommand)]
@@ -355,6 +372,14 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             let state = client.cancel(&job_id).await?;
             println!("{}", client::state_name(state));
             Ok(0)
+        }
+        Command::Jobs { state, all, json } => {
+            let client = Client::connect(&socket).await?;
+            listing::jobs_command(&client, state, all, json).await
+        }
+        Command::Whoami { json } => {
+            let client = Client::connect(&socket).await?;
+            listing::whoami_command(&client, json).await
         }
         Command::Keys {
             command: KeysCommand::Public { format },

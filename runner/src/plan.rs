@@ -115,6 +115,8 @@ mod tests {
             network_ceiling: crate::egress::netpolicy::Ceiling::parse(&["*:*"]).unwrap(),
             max_inputs: config.max_inputs,
             max_spec_bytes: config.max_spec_bytes.0,
+            tenant: None,
+            tenant_caps: Default::default(),
         }
     }
 

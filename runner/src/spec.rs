@@ -34,6 +34,28 @@ pub struct SpecLimits {
     pub max_inputs: usize,
     /// The spec's encoded (protobuf) size.
     pub max_spec_bytes: u64,
+    /// The caller's tenant, and which of the caps above (by config key, e.g.
+    /// `max_memory`, `network_ceiling`) are its own: a refusal names that tenant's key.
+    pub tenant: Option<String>,
+    pub tenant_caps: BTreeSet<&'static str>,
+}
+
+impl SpecLimits {
+    /// The tenant's key that set `cap`, if the tenant set it.
+    fn tenant_key(&self, cap: &str) -> Option<String> {
+        let tenant = self.tenant.as_deref()?;
+        self.tenant_caps
+            .contains(cap)
+            .then(|| format!("tenants.{tenant}.{cap}"))
+    }
+
+    /// The words of a refusal for exceeding `cap`.
+    fn maximum_of(&self, cap: &str) -> String {
+        match self.tenant_key(cap) {
+            Some(key) => format!("{key}, which is"),
+            None => "the runner's maximum of".into(),
+        }
+    }
 }
 
 /// Checks a step's resource limits against the smallest workable values and the
@@ -45,37 +67,40 @@ fn check_resource_limits(
 ) -> Result<()> {
     use crate::units::{format_cpus, format_size};
     let field = |f: &str| format!("steps[{i}].limits.{f}");
-    let check = |name: &str, value: u64, min: u64, max: u64, show: &dyn Fn(u64) -> String| {
-        if value == 0 {
-            return Ok(());
-        }
-        if value < min {
-            return Err(RunnerError::invalid(
-                field(name),
-                format!(
-                    "{} is below the smallest workable {}",
-                    show(value),
-                    show(min)
-                ),
-            ));
-        }
-        if value > max {
-            return Err(RunnerError::invalid(
-                field(name),
-                format!(
-                    "{} exceeds the runner's maximum of {}",
-                    show(value),
-                    show(max)
-                ),
-            ));
-        }
-        Ok(())
-    };
+    let check =
+        |name: &str, cap: &str, value: u64, min: u64, max: u64, show: &dyn Fn(u64) -> String| {
+            if value == 0 {
+                return Ok(());
+            }
+            if value < min {
+                return Err(RunnerError::invalid(
+                    field(name),
+                    format!(
+                        "{} is below the smallest workable {}",
+                        show(value),
+                        show(min)
+                    ),
+                ));
+            }
+            if value > max {
+                return Err(RunnerError::invalid(
+                    field(name),
+                    format!(
+                        "{} exceeds {} {}",
+                        show(value),
+                        caps.maximum_of(cap),
+                        show(max)
+                    ),
+                ));
+            }
+            Ok(())
+        };
     let size = |v: u64| format_size(v);
     let plain = |v: u64| v.to_string();
     let cpus = |v: u64| format!("{} CPUs", format_cpus(u32::try_from(v).unwrap_or(u32::MAX)));
     check(
         "memory_bytes",
+        "max_memory",
         l.memory_bytes,
         sandbox::MIN_MEMORY_BYTES,
         caps.max_memory_bytes,
@@ -83,6 +108,7 @@ fn check_resource_limits(
     )?;
     check(
         "pids",
+        "max_pids",
         u64::from(l.pids),
         u64::from(sandbox::MIN_PIDS),
         u64::from(caps.max_pids),
@@ -90,6 +116,7 @@ fn check_resource_limits(
     )?;
     check(
         "cpu_millis",
+        "max_cpus",
         u64::from(l.cpu_millis),
         u64::from(sandbox::MIN_CPU_MILLIS),
         u64::from(caps.max_cpu_millis),
@@ -97,6 +124,7 @@ fn check_resource_limits(
     )?;
     check(
         "disk_bytes",
+        "max_disk",
         l.disk_bytes,
         crate::units::MIN_DISK_BYTES,
         caps.max_disk_bytes,
@@ -302,8 +330,10 @@ fn check_step(
         return Err(RunnerError::invalid(
             field("timeout_seconds"),
             format!(
-                "{} exceeds the runner's maximum of {}",
-                step.timeout_seconds, limits.max_timeout_seconds
+                "{} exceeds {} {}",
+                step.timeout_seconds,
+                limits.maximum_of("max_timeout_seconds"),
+                limits.max_timeout_seconds
             ),
         ));
     }
@@ -319,9 +349,12 @@ fn check_step(
             RunnerError::invalid(format!("steps[{i}].allow_net[{j}]"), e.to_string())
         })?;
         if !limits.network_ceiling.covers(&entry) {
+            let ceiling = match limits.tenant_key("network_ceiling") {
+                Some(key) => key,
+                None => "the network ceiling the runner's operator set for this client".into(),
+            };
             return Err(RunnerError::PermissionDenied(format!(
-                "steps[{i}].allow_net[{j}]: {text:?} is outside the network ceiling the \
-                 runner's operator set for this client"
+                "steps[{i}].allow_net[{j}]: {text:?} is outside {ceiling}"
             )));
         }
         entries.push(entry);
@@ -381,7 +414,7 @@ fn check_outputs(spec: &JobSpec) -> Result<()> {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-    use agent_proto::v1::{Input, Step};
+    use agent_proto::v1::{Input, ResourceLimits, Step};
 
     fn limits() -> SpecLimits {
         SpecLimits {
@@ -393,6 +426,8 @@ mod tests {
             network_ceiling: crate::egress::netpolicy::Ceiling::parse(&["*:*"]).unwrap(),
             max_inputs: 1000,
             max_spec_bytes: 1 << 20,
+            tenant: None,
+            tenant_caps: BTreeSet::new(),
         }
     }
 
@@ -539,7 +574,6 @@ mod tests {
 
     #[test]
     fn resource_limits_are_checked_against_the_caps() {
-        use agent_proto::v1::ResourceLimits;
         let mut spec = good();
         spec.steps[0].limits = Some(ResourceLimits {
             memory_bytes: 1 << 30,
@@ -610,5 +644,34 @@ mod tests {
         let err = validate(&spec, &narrow).unwrap_err();
         assert!(matches!(err, RunnerError::PermissionDenied(_)), "{err}");
         assert!(err.to_string().contains("steps[0].allow_net[1]"), "{err}");
+        // A tenant's own ceiling is named by its key.
+        narrow.tenant = Some("ci".into());
+        narrow.tenant_caps.insert("network_ceiling");
+        let err = validate(&spec, &narrow).unwrap_err();
+        assert!(
+            err.to_string().contains("tenants.ci.network_ceiling"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_tenants_own_caps_are_named_by_their_key() {
+        let mut spec = good();
+        spec.steps[0].limits = Some(ResourceLimits {
+            memory_bytes: 2 << 30,
+            ..Default::default()
+        });
+        let mut caps = limits();
+        caps.tenant = Some("ci".into());
+        let err = validate(&spec, &caps).unwrap_err().to_string();
+        assert!(err.contains("the runner's maximum"), "{err}");
+        caps.tenant_caps.insert("max_memory");
+        let err = validate(&spec, &caps).unwrap_err().to_string();
+        assert!(err.contains("tenants.ci.max_memory"), "{err}");
+        spec.steps[0].limits = None;
+        spec.steps[0].timeout_seconds = 7200;
+        caps.tenant_caps.insert("max_timeout_seconds");
+        let err = validate(&spec, &caps).unwrap_err().to_string();
+        assert!(err.contains("tenants.ci.max_timeout_seconds"), "{err}");
     }
 }

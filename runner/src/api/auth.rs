@@ -2,18 +2,24 @@
 //!
 //! Every request is authenticated once, by [`Authenticator`] in front of every service,
 //! into a [`Principal`] carried in the request's extensions; the services only ask
-//! [`principal`] for it. On the Unix socket the identity is the peer's credentials
-//! (SO_PEERCRED, taken by the kernel at connect time, so a client cannot claim another);
-//! a TLS client certificate's identity is another constructor of the same type.
+//! [`principal`] for it. The peer is a Unix socket uid (SO_PEERCRED, taken by the kernel
+//! at connect time, so a client cannot claim another) or the identities of a verified TLS
+//! client certificate; [`Authenticator::resolve`] is the one mapping of both.
 //!
-//! The rules: a job, its links, provenance and logs are visible to the principal that
-//! submitted it; a blob is readable by a principal that uploaded it or whose job stored
-//! it; operators (root and the configured `admin_uids`) see everything. What a caller
-//! may not see is answered exactly like what does not exist.
+//! Without tenants, each uid is a client of its own (owner `uid:N`). With tenants, a
+//! caller is its tenant (owner `tenant:NAME`), shared by every member; root on the socket
+//! and `admin_uids` stay operators of no tenant; any other caller is refused.
+//!
+//! The rules: a job, its links, provenance and logs are visible to the owner that
+//! submitted it; a blob is readable by an owner that uploaded it or whose job stored it;
+//! operators (root, `admin_uids`, members of an admin tenant) see everything. What a
+//! caller may not see is answered exactly like what does not exist.
 
 use std::sync::Arc;
 
 use tonic::{Request, Status};
+
+use crate::tenants::{tenant_owner, Tenants};
 
 /// An authenticated caller.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -24,21 +30,36 @@ pub struct Principal {
     pub uid: Option<u32>,
     /// Sees and may cancel every job, and read every blob.
     pub admin: bool,
+    /// The caller's tenant, when tenants are configured and it is a member of one.
+    pub tenant: Option<String>,
+    /// Owner keys of records the caller's tenant inherits: those its member uids made
+    /// before they joined it (`uid:N`). Read only: new records use `owner`.
+    pub inherited_owners: Vec<String>,
 }
 
 impl Principal {
-    /// A local caller on the Unix socket; uid 0 and `admin_uids` are operators.
+    /// A local caller on the Unix socket without tenants; uid 0 and `admin_uids` are
+    /// operators.
     pub fn unix(uid: u32, admin_uids: &[u32]) -> Self {
         Self {
             owner: unix_owner(uid),
             uid: Some(uid),
             admin: uid == 0 || admin_uids.contains(&uid),
+            tenant: None,
+            inherited_owners: Vec::new(),
         }
     }
 
     /// Whether this caller may see what `owner` owns.
     pub fn may_see(&self, owner: &str) -> bool {
-        self.admin || self.owner == owner
+        self.admin || self.owner == owner || self.inherited_owners.iter().any(|o| o == owner)
+    }
+
+    /// Every owner key whose records this caller sees (operators see all regardless).
+    pub fn owner_keys(&self) -> Vec<&str> {
+        std::iter::once(self.owner.as_str())
+            .chain(self.inherited_owners.iter().map(String::as_str))
+            .collect()
     }
 }
 
@@ -47,37 +68,100 @@ pub fn unix_owner(uid: u32) -> String {
     format!("uid:{uid}")
 }
 
+/// Who is on the other end of a connection, as the transport proved it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Peer {
+    /// A Unix socket peer, by its kernel-reported uid.
+    Unix { uid: u32 },
+    /// A TLS client with a verified certificate: its SAN URIs and `dns:NAME`s.
+    Tls { identities: Vec<String> },
+}
+
 /// The interceptor that resolves a [`Principal`] for every request, or refuses it.
 #[derive(Clone)]
 pub struct Authenticator {
     admin_uids: Arc<[u32]>,
+    tenants: Arc<Tenants>,
 }
 
 impl Authenticator {
-    pub fn new(admin_uids: &[u32]) -> Self {
+    pub fn new(admin_uids: &[u32], tenants: &Tenants) -> Self {
         Self {
             admin_uids: admin_uids.into(),
+            tenants: Arc::new(tenants.clone()),
+        }
+    }
+
+    /// The principal of a peer. Refusals name no tenant, so a caller learns nothing of
+    /// the configuration.
+    pub fn resolve(&self, peer: Peer) -> Result<Principal, Status> {
+        match peer {
+            Peer::Unix { uid } => {
+                if self.tenants.is_empty() {
+                    return Ok(Principal::unix(uid, &self.admin_uids));
+                }
+                if let Some(name) = self.tenants.of_uid(uid) {
+                    return Ok(self.tenant_principal(name, Some(uid)));
+                }
+                if uid == 0 || self.admin_uids.contains(&uid) {
+                    return Ok(Principal::unix(uid, &self.admin_uids));
+                }
+                Err(Status::permission_denied(format!(
+                    "uid {uid} is not a member of any tenant"
+                )))
+            }
+            Peer::Tls { identities } => {
+                let tenants = self.tenants.of_identities(&identities);
+                let mut tenants = tenants.into_iter();
+                match (tenants.next(), tenants.next()) {
+                    (Some(name), None) => Ok(self.tenant_principal(name, None)),
+                    (Some(_), Some(_)) => Err(Status::unauthenticated(
+                        "the client certificate's identities belong to more than one tenant",
+                    )),
+                    (None, _) => Err(Status::unauthenticated(
+                        "the client certificate's identities are not a member of any tenant",
+                    )),
+                }
+            }
+        }
+    }
+
+    fn tenant_principal(&self, name: &str, uid: Option<u32>) -> Principal {
+        let tenant = self.tenants.get(name);
+        Principal {
+            owner: tenant_owner(name),
+            uid,
+            admin: tenant.is_some_and(|t| t.admin),
+            tenant: Some(name.to_string()),
+            inherited_owners: tenant
+                .map(|t| t.uids.iter().map(|&uid| unix_owner(uid)).collect())
+                .unwrap_or_default(),
         }
     }
 }
 
 impl tonic::service::Interceptor for Authenticator {
     fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
-        let uid = request
-            .extensions()
-            .get::<tonic::transport::server::UdsConnectInfo>()
-            .and_then(|info| info.peer_cred)
-            .map(|cred| cred.uid());
-        let Some(uid) = uid else {
+        let Some(peer) = peer_of(&request) else {
             return Err(Status::unauthenticated(
                 "the caller's identity is unknown (no peer credentials)",
             ));
         };
-        request
-            .extensions_mut()
-            .insert(Principal::unix(uid, &self.admin_uids));
+        let principal = self.resolve(peer)?;
+        request.extensions_mut().insert(principal);
         Ok(request)
     }
+}
+
+/// The peer of a request, as its connection's transport proved it: the kernel's peer
+/// credentials of a Unix socket connection. (A TLS listener's verified client
+/// identities become [`Peer::Tls`] here.)
+fn peer_of<T>(request: &Request<T>) -> Option<Peer> {
+    request
+        .extensions()
+        .get::<tonic::transport::server::UdsConnectInfo>()
+        .and_then(|info| info.peer_cred)
+        .map(|cred| Peer::Unix { uid: cred.uid() })
 }
 
 /// The caller of a request that passed the [`Authenticator`].
@@ -108,9 +192,116 @@ mod tests {
         assert!(Principal::unix(1500, &admins).may_see(&bob.owner));
     }
 
+    fn tenants() -> Tenants {
+        #[derive(serde::Deserialize)]
+        struct Wrapper {
+            tenants: Tenants,
+        }
+        toml::from_str::<Wrapper>(
+            "[tenants.ci]\nuids = [1001, 1002]\nidentities = [\"spiffe://example.org/ci\", \"dns:ci.example.org\"]\n\
+             [tenants.ops]\nidentities = [\"spiffe://example.org/ops\"]\nadmin = true\n\
+             [tenants.web]\nuids = [1003]\n",
+        )
+        .unwrap()
+        .tenants
+    }
+
+    #[test]
+    fn without_tenants_every_uid_is_its_own_client() {
+        let auth = Authenticator::new(&[1500], &Tenants::default());
+        assert_eq!(
+            auth.resolve(Peer::Unix { uid: 1000 }).unwrap(),
+            Principal::unix(1000, &[])
+        );
+        assert!(auth.resolve(Peer::Unix { uid: 0 }).unwrap().admin);
+        assert!(auth.resolve(Peer::Unix { uid: 1500 }).unwrap().admin);
+        // No tenant can hold a certificate's identities.
+        let err = auth
+            .resolve(Peer::Tls {
+                identities: vec!["spiffe://example.org/ci".into()],
+            })
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Unauthenticated);
+    }
+
+    #[test]
+    fn socket_peers_map_to_their_tenant_root_and_admin_uids_stay_operators() {
+        let auth = Authenticator::new(&[1500], &tenants());
+        let one = auth.resolve(Peer::Unix { uid: 1001 }).unwrap();
+        let two = auth.resolve(Peer::Unix { uid: 1002 }).unwrap();
+        assert_eq!(one.owner, "tenant:ci");
+        assert_eq!(one.tenant.as_deref(), Some("ci"));
+        assert_eq!(one.uid, Some(1001));
+        assert!(!one.admin);
+        assert!(
+            two.may_see(&one.owner),
+            "members share their tenant's records"
+        );
+        // The records its members made before tenants existed, and no one else's.
+        assert!(one.may_see("uid:1002"));
+        assert!(!one.may_see("uid:1003"));
+        let web = auth.resolve(Peer::Unix { uid: 1003 }).unwrap();
+        assert!(!web.may_see(&one.owner) && !one.may_see(&web.owner));
+        assert!(!web.may_see("uid:1001"));
+
+        let root = auth.resolve(Peer::Unix { uid: 0 }).unwrap();
+        assert_eq!(
+            (root.owner.as_str(), root.admin, root.tenant.as_deref()),
+            ("uid:0", true, None)
+        );
+        let operator = auth.resolve(Peer::Unix { uid: 1500 }).unwrap();
+        assert!(operator.admin && operator.may_see(&one.owner));
+
+        let err = auth.resolve(Peer::Unix { uid: 1004 }).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::PermissionDenied);
+        assert_eq!(err.message(), "uid 1004 is not a member of any tenant");
+    }
+
+    #[test]
+    fn tls_peers_map_by_their_certificate_identities() {
+        let auth = Authenticator::new(&[], &tenants());
+        let ci = auth
+            .resolve(Peer::Tls {
+                identities: vec!["dns:other.example.org".into(), "dns:CI.example.org".into()],
+            })
+            .unwrap();
+        assert_eq!(
+            (ci.owner.as_str(), ci.uid, ci.admin),
+            ("tenant:ci", None, false)
+        );
+        // A remote member sees what a local member of the same tenant owns.
+        let local = auth.resolve(Peer::Unix { uid: 1001 }).unwrap();
+        assert!(ci.may_see(&local.owner) && local.may_see(&ci.owner));
+        let ops = auth
+            .resolve(Peer::Tls {
+                identities: vec!["spiffe://example.org/ops".into()],
+            })
+            .unwrap();
+        assert!(ops.admin && ops.may_see(&ci.owner));
+        for identities in [
+            vec![],
+            vec!["spiffe://example.org/nobody".to_string()],
+            // URIs compare exactly.
+            vec!["spiffe://example.org/CI".to_string()],
+            // An identity of two tenants is ambiguous: refused, not the first one.
+            vec![
+                "spiffe://example.org/ci".to_string(),
+                "spiffe://example.org/ops".to_string(),
+            ],
+        ] {
+            let err = auth
+                .resolve(Peer::Tls {
+                    identities: identities.clone(),
+                })
+                .unwrap_err();
+            assert_eq!(err.code(), tonic::Code::Unauthenticated, "{identities:?}");
+            assert!(!err.message().contains("ci") && !err.message().contains("ops"));
+        }
+    }
+
     #[test]
     fn a_request_without_peer_credentials_is_refused() {
-        let mut auth = Authenticator::new(&[]);
+        let mut auth = Authenticator::new(&[], &Tenants::default());
         let err = auth.call(Request::new(())).unwrap_err();
         assert_eq!(err.code(), tonic::Code::Unauthenticated);
         assert!(principal(&Request::new(())).is_err());

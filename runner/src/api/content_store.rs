@@ -41,7 +41,7 @@ impl ContentStoreApi for Service {
                 Some(
                     runner
                         .db
-                        .readable_blobs(&caller.owner, digests.iter().map(String::as_str))?,
+                        .readable_blobs(&caller.owner_keys(), digests.iter().map(String::as_str))?,
                 )
             };
             let mut missing = Vec::new();
@@ -141,7 +141,7 @@ impl ContentStoreApi for Service {
             let may_read = caller.admin
                 || runner
                     .db
-                    .readable_blobs(&caller.owner, [digest.as_str()])?
+                    .readable_blobs(&caller.owner_keys(), [digest.as_str()])?
                     .contains(&digest);
             if !may_read {
                 return Err(RunnerError::NotFound(format!("blob {digest}")));

@@ -1,21 +1,110 @@
-//! The Jobs service: submit, watch, get and cancel, each for the caller's own jobs.
+//! The Jobs service: submit, watch, get, cancel and list, each for the caller's own
+//! jobs (its tenant's), and who the caller is.
 
 use std::pin::Pin;
 
 use agent_proto::v1::jobs_server::Jobs;
 use agent_proto::v1::{
-    CancelRequest, CancelResponse, GetRequest, Job, JobEvent, SubmitRequest, SubmitResponse,
-    WatchRequest,
+    CancelRequest, CancelResponse, GetRequest, Job, JobEvent, JobState, JobSummary,
+    ListJobsRequest, ListJobsResponse, SubmitRequest, SubmitResponse, WatchRequest, WhoAmIRequest,
+    WhoAmIResponse,
 };
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
-use crate::api::auth::principal;
+use crate::api::auth::{principal, Principal};
 use crate::api::service::{blocking, check_job_id, Service};
+use crate::config::Config;
 use crate::engine::watch;
 use crate::error::RunnerError;
 use crate::plan::ValidatedJob;
 use crate::spec::SpecLimits;
+
+/// Jobs per ListJobs page when the request names no size, and at most.
+const DEFAULT_PAGE_SIZE: u32 = 100;
+const MAX_PAGE_SIZE: u32 = 1000;
+
+/// The ceilings a caller's job is held to: its tenant's where it sets them, the
+/// runner's otherwise.
+pub fn spec_limits(config: &Config, caller: &Principal) -> SpecLimits {
+    let tenant = caller
+        .tenant
+        .as_deref()
+        .and_then(|name| config.tenants.get(name));
+    let mut tenant_caps = std::collections::BTreeSet::new();
+    let mut own = |cap: &'static str, set: bool| {
+        if set {
+            tenant_caps.insert(cap);
+        }
+    };
+    if let Some(t) = tenant {
+        own("max_memory", t.max_memory.is_some());
+        own("max_pids", t.max_pids.is_some());
+        own("max_cpus", t.max_cpus.is_some());
+        own("max_disk", t.max_disk.is_some());
+        own("max_timeout_seconds", t.max_timeout_seconds.is_some());
+        own("network_ceiling", t.network_ceiling.is_some());
+    }
+    SpecLimits {
+        max_timeout_seconds: tenant
+            .and_then(|t| t.max_timeout_seconds)
+            .unwrap_or(config.max_timeout_seconds),
+        max_memory_bytes: tenant
+            .and_then(|t| t.max_memory)
+            .unwrap_or(config.max_memory)
+            .0,
+        max_pids: tenant.and_then(|t| t.max_pids).unwrap_or(config.max_pids),
+        max_cpu_millis: tenant.and_then(|t| t.max_cpus).unwrap_or(config.max_cpus).0,
+        max_disk_bytes: tenant.and_then(|t| t.max_disk).unwrap_or(config.max_disk).0,
+        network_ceiling: config.network_ceiling_of(caller),
+        max_inputs: config.max_inputs,
+        max_spec_bytes: config.max_spec_bytes.0,
+        tenant: caller.tenant.clone(),
+        tenant_caps,
+    }
+}
+
+/// A ListJobs page token: where the previous page ended (its last job's creation time
+/// and id). Opaque to clients; it only positions the listing, which is owner-scoped
+/// whatever it says.
+fn page_token(created_ms: i64, id: &str) -> String {
+    hex::encode(format!("1:{created_ms}:{id}"))
+}
+
+fn parse_page_token(token: &str) -> Result<(i64, String), RunnerError> {
+    let bad = || RunnerError::invalid("page_token", "not a token this daemon made");
+    let bytes = hex::decode(token).map_err(|_| bad())?;
+    let text = String::from_utf8(bytes).map_err(|_| bad())?;
+    let mut parts = text.splitn(3, ':');
+    let (Some("1"), Some(created_ms), Some(id)) = (parts.next(), parts.next(), parts.next()) else {
+        return Err(bad());
+    };
+    let created_ms = created_ms.parse().map_err(|_| bad())?;
+    check_job_id(id).map_err(|_| bad())?;
+    Ok((created_ms, id.to_string()))
+}
+
+fn summary(job: Job, owner: &str) -> JobSummary {
+    let (name, image) = job
+        .spec
+        .map(|spec| (spec.name, spec.image))
+        .unwrap_or_default();
+    JobSummary {
+        job_id: job.job_id,
+        name,
+        image,
+        state: job.state,
+        message: job.message,
+        created_unix_ms: job.created_unix_ms,
+        started_unix_ms: job.started_unix_ms,
+        finished_unix_ms: job.finished_unix_ms,
+        step_count: u32::try_from(job.steps.len()).unwrap_or(u32::MAX),
+        owner: owner.to_string(),
+        tenant: crate::tenants::tenant_of_owner(owner)
+            .unwrap_or_default()
+            .to_string(),
+    }
+}
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<JobEvent, Status>> + Send>>;
 
@@ -31,17 +120,7 @@ impl Jobs for Service {
             .spec
             .ok_or_else(|| RunnerError::invalid("spec", "missing"))?;
         let config = &self.runner.config;
-        let limits = SpecLimits {
-            max_timeout_seconds: config.max_timeout_seconds,
-            max_memory_bytes: config.max_memory.0,
-            max_pids: config.max_pids,
-            max_cpu_millis: config.max_cpus.0,
-            max_disk_bytes: config.max_disk.0,
-            network_ceiling: config.network_ceiling_for(caller.uid),
-            max_inputs: config.max_inputs,
-            max_spec_bytes: config.max_spec_bytes.0,
-        };
-        let plan = ValidatedJob::validate(spec, &limits, config)?;
+        let plan = ValidatedJob::validate(spec, &spec_limits(config, &caller), config)?;
         let key = (!req.idempotency_key.is_empty()).then_some(req.idempotency_key);
         if key.as_ref().is_some_and(|k| k.len() > 256) {
             return Err(RunnerError::invalid("idempotency_key", "longer than 256 bytes").into());
@@ -120,6 +199,76 @@ impl Jobs for Service {
         let state = blocking(move || runner.cancel(&id, &caller)).await?;
         Ok(Response::new(CancelResponse {
             state: state as i32,
+        }))
+    }
+
+    async fn list_jobs(
+        &self,
+        request: Request<ListJobsRequest>,
+    ) -> Result<Response<ListJobsResponse>, Status> {
+        let caller = principal(&request)?;
+        let req = request.into_inner();
+        if req.all && !caller.admin {
+            return Err(Status::permission_denied(
+                "listing every client's jobs (all) is for operators only",
+            ));
+        }
+        let state = match req.state {
+            None => None,
+            Some(n) => Some(
+                JobState::try_from(n)
+                    .ok()
+                    .filter(|s| *s != JobState::Unspecified)
+                    .ok_or_else(|| {
+                        RunnerError::invalid("state", format!("{n} is not a job state"))
+                    })?,
+            ),
+        };
+        let page_size = match req.page_size {
+            0 => DEFAULT_PAGE_SIZE,
+            n => n.min(MAX_PAGE_SIZE),
+        };
+        let after = match req.page_token.as_str() {
+            "" => None,
+            token => Some(parse_page_token(token)?),
+        };
+        let runner = self.runner.clone();
+        let mut jobs = blocking(move || {
+            let owners = caller.owner_keys();
+            runner.db.list_jobs(
+                (!req.all).then_some(owners.as_slice()),
+                state,
+                after.as_ref().map(|(ms, id)| (*ms, id.as_str())),
+                // One more than the page: whether another page follows.
+                page_size + 1,
+                summary,
+            )
+        })
+        .await?;
+        let next_page_token = if jobs.len() > page_size as usize {
+            jobs.truncate(page_size as usize);
+            jobs.last()
+                .map(|last| page_token(last.created_unix_ms, &last.job_id))
+                .unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(Response::new(ListJobsResponse {
+            jobs,
+            next_page_token,
+        }))
+    }
+
+    async fn who_am_i(
+        &self,
+        request: Request<WhoAmIRequest>,
+    ) -> Result<Response<WhoAmIResponse>, Status> {
+        let caller = principal(&request)?;
+        Ok(Response::new(WhoAmIResponse {
+            principal: caller.owner,
+            tenant: caller.tenant.unwrap_or_default(),
+            admin: caller.admin,
+            uid: caller.uid,
         }))
     }
 }

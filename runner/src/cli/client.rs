@@ -355,6 +355,22 @@ impl Client {
             .state)
     }
 
+    /// One page of ListJobs.
+    pub async fn list_jobs(
+        &self,
+        request: agent_proto::v1::ListJobsRequest,
+    ) -> anyhow::Result<agent_proto::v1::ListJobsResponse> {
+        Ok(self.jobs().list_jobs(request).await?.into_inner())
+    }
+
+    pub async fn who_am_i(&self) -> anyhow::Result<agent_proto::v1::WhoAmIResponse> {
+        Ok(self
+            .jobs()
+            .who_am_i(agent_proto::v1::WhoAmIRequest {})
+            .await?
+            .into_inner())
+    }
+
     pub async fn public_key(&self) -> anyhow::Result<agent_proto::v1::PublicKey> {
         Ok(self
             .attestations()

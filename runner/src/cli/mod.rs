@@ -1,7 +1,8 @@
 //! The `kiln` command line's client side: the daemon client, job files, `kiln verify`,
-//! `kiln demo`.
+//! `kiln demo`, `kiln jobs` and `kiln whoami`.
 
 pub mod client;
 pub mod demo;
 pub mod jobfile;
+pub mod listing;
 pub mod verify;

@@ -301,6 +301,7 @@ async fn serve_grpc(
         // One identity per request, resolved before any service sees it.
         .layer(tonic::service::InterceptorLayer::new(Authenticator::new(
             &config.admin_uids,
+            &config.tenants,
         )))
         .add_service(health_service)
         .add_service(reflection_v1)

@@ -22,10 +22,10 @@ use crate::engine::now_ms;
 use crate::engine::signer::Signer;
 use crate::engine::watch::EventRing;
 use crate::error::{Result, RunnerError};
-use crate::images::Images;
+use crate::images::{Images, HOST_IMAGE};
 use crate::plan::ValidatedJob;
 use crate::store::cas::ContentStore;
-use crate::store::db::{Database, Inserted};
+use crate::store::db::{Database, Inserted, QueueCap};
 
 /// What the runner isolates steps with: the executor (see `executor`), and the host id
 /// ranges leased for the job slots.
@@ -233,6 +233,18 @@ impl Runner {
         // A job whose records and results cannot be kept is not accepted.
         self.cas.check_room(0)?;
         self.check_inputs_readable(spec, caller)?;
+        let tenant = caller
+            .tenant
+            .as_deref()
+            .and_then(|name| self.config.tenants.get(name).map(|t| (name, t)));
+        if let Some((name, tenant)) = tenant {
+            self.check_tenant_image(&spec.image, name, tenant)?;
+        }
+        let queue_key = tenant.map(|(name, _)| format!("tenants.{name}.max_queued_jobs"));
+        let queue_cap = tenant
+            .and_then(|(_, t)| t.max_queued_jobs)
+            .zip(queue_key.as_deref())
+            .map(|(max, key)| QueueCap { max, key });
         let steps = spec
             .steps
             .iter()
@@ -250,10 +262,13 @@ impl Runner {
             created_unix_ms: now_ms(),
             ..Default::default()
         };
-        match self
-            .db
-            .insert_job(&job, &caller.owner, idempotency_key, caller.uid)?
-        {
+        match self.db.insert_job_within(
+            &job,
+            &caller.owner,
+            idempotency_key,
+            caller.uid,
+            queue_cap,
+        )? {
             Inserted::New(id) => {
                 self.handle(&id).set_plan(Arc::new(plan));
                 self.emit(&id, job_event::Event::Queued(Default::default()));
@@ -265,16 +280,42 @@ impl Runner {
         }
     }
 
+    /// Whether a tenant's allow-list names the image (by name, or by the tree digest
+    /// of its record). The run checks the image it resolves again: the record may
+    /// change before the job starts.
+    fn check_tenant_image(
+        &self,
+        image: &str,
+        name: &str,
+        tenant: &crate::tenants::TenantConfig,
+    ) -> Result<()> {
+        let Some(images) = &tenant.images else {
+            return Ok(());
+        };
+        let digest = if images.has_digests() && image != HOST_IMAGE {
+            self.images.read_record(image)?.map(|r| r.tree_digest)
+        } else {
+            None
+        };
+        if !images.allows(image, digest.as_deref()) {
+            return Err(RunnerError::invalid(
+                "image",
+                format!("{image:?} is not among the images tenants.{name}.images allows"),
+            ));
+        }
+        Ok(())
+    }
+
     /// An input the caller may not read is answered like one the store does not hold,
     /// so Submit tells nothing about other clients' blobs.
     fn check_inputs_readable(&self, spec: &JobSpec, caller: &Principal) -> Result<()> {
         let readable = if caller.admin {
             None
         } else {
-            Some(
-                self.db
-                    .readable_blobs(&caller.owner, spec.inputs.iter().map(|i| i.digest.as_str()))?,
-            )
+            Some(self.db.readable_blobs(
+                &caller.owner_keys(),
+                spec.inputs.iter().map(|i| i.digest.as_str()),
+            )?)
         };
         for input in &spec.inputs {
             let known = match &readable {
@@ -298,6 +339,35 @@ impl Runner {
             Some((job, owner)) if caller.may_see(&owner) => Ok(job),
             _ => Err(RunnerError::NotFound(format!("job {id}"))),
         }
+    }
+
+    /// Whether the job's owner may run `image` as resolved for its run: a tenant's
+    /// allow-list is checked again on the image actually used.
+    pub(super) fn check_image_for_owner(
+        &self,
+        id: &str,
+        image: &crate::images::ResolvedImage,
+    ) -> Result<()> {
+        let owner = self.db.get_job_and_owner(id)?.map(|(_, owner)| owner);
+        let Some(name) = owner.as_deref().and_then(crate::tenants::tenant_of_owner) else {
+            return Ok(());
+        };
+        let allowed = match self
+            .config
+            .tenants
+            .get(name)
+            .and_then(|t| t.images.as_ref())
+        {
+            None => true,
+            Some(images) => images.allows(&image.name, image.digest.as_deref()),
+        };
+        if !allowed {
+            return Err(RunnerError::FailedPrecondition(format!(
+                "image {:?} (as it is now) is not among the images tenants.{name}.images allows",
+                image.name
+            )));
+        }
+        Ok(())
     }
 
     pub(super) fn get_any(&self, id: &str) -> Result<Job> {

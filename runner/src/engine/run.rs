@@ -119,8 +119,10 @@ impl Runner {
         let image = {
             let (runner, plan) = (self.clone(), plan.clone());
             let (enclosure, workspace) = (enclosure.to_path_buf(), workspace.to_path_buf());
+            let id = id.to_string();
             blocking(move || {
                 let image = runner.images.resolve(&plan.spec().image)?;
+                runner.check_image_for_owner(&id, &image)?;
                 let step_host_id = host_uid_base + BUILD_UID;
                 let enclosure = (enclosure.as_path(), host_uid_base);
                 runner.prepare_workspace(&plan, enclosure, &workspace, step_host_id)?;

@@ -78,9 +78,16 @@ impl Runner {
         self.queue_changed.notify_one();
     }
 
-    /// The share of the job slots of an owner: equal for every owner.
-    pub(super) fn share_of(&self, _owner: &str) -> Share {
-        Share::default()
+    /// The share of the job slots of an owner: its tenant's weight and running cap, or
+    /// weight 1 and no cap for an owner outside the tenants.
+    pub(super) fn share_of(&self, owner: &str) -> Share {
+        crate::tenants::tenant_of_owner(owner)
+            .and_then(|name| self.config.tenants.get(name))
+            .map(|tenant| Share {
+                weight: tenant.weight.max(1),
+                max_running: tenant.max_running_jobs,
+            })
+            .unwrap_or_default()
     }
 
     /// Starts no job from now on: queued jobs stay recorded as queued and run after the

@@ -129,6 +129,20 @@ impl Database {
         idempotency_key: Option<&str>,
         peer_uid: Option<u32>,
     ) -> Result<Inserted> {
+        self.insert_job_within(job, owner, idempotency_key, peer_uid, None)
+    }
+
+    /// [`Self::insert_job`], refusing the job while its owner has `owner_cap.max` jobs
+    /// queued (counted under the same lock as the insert). `owner_cap.key` names the
+    /// configuration key in the refusal.
+    pub fn insert_job_within(
+        &self,
+        job: &Job,
+        owner: &str,
+        idempotency_key: Option<&str>,
+        peer_uid: Option<u32>,
+        owner_cap: Option<QueueCap<'_>>,
+    ) -> Result<Inserted> {
         // A job recorded in a file nobody will read again would be lost while answered.
         self.check_file()?;
         let conn = self.lock()?;
@@ -160,6 +174,19 @@ impl Database {
             if queued >= max {
                 return Err(RunnerError::ResourceExhausted(format!(
                     "the queue is full: {queued} jobs are waiting, the runner's max_queued_jobs is {max}; submit again later"
+                )));
+            }
+        }
+        if let Some(cap) = owner_cap {
+            let queued: u64 = conn.query_row(
+                "SELECT COUNT(*) FROM jobs WHERE owner = ?1 AND state = ?2",
+                params![owner, JobState::Queued as i32],
+                |row| row.get(0),
+            )?;
+            if queued >= cap.max {
+                return Err(RunnerError::ResourceExhausted(format!(
+                    "{queued} of your jobs are waiting, {} is {}; submit again later",
+                    cap.key, cap.max
                 )));
             }
         }
@@ -259,6 +286,46 @@ impl Database {
         Ok(jobs)
     }
 
+    /// A page of jobs, newest first (by creation time, then id), after `after` (the
+    /// last job of the previous page), of the given `owners` (None: every owner's) and
+    /// `state`. Each record is decoded and handed to `summarize` with its owner in
+    /// turn, so only one full record is in memory at a time.
+    ///
+    /// The page's keys are read from an index per owner (each in order, at most
+    /// `limit`), merged, and only then are the page's records read: the cost of a page
+    /// does not grow with the number of jobs an owner has.
+    pub fn list_jobs<T>(
+        &self,
+        owners: Option<&[&str]>,
+        state: Option<JobState>,
+        after: Option<(i64, &str)>,
+        limit: u32,
+        mut summarize: impl FnMut(Job, &str) -> T,
+    ) -> Result<Vec<T>> {
+        let conn = self.lock()?;
+        let mut keys = match owners {
+            None => page_keys(&conn, None, state, after, limit)?,
+            Some(owners) => {
+                let mut keys = Vec::new();
+                for owner in owners {
+                    keys.extend(page_keys(&conn, Some(owner), state, after, limit)?);
+                }
+                keys
+            }
+        };
+        keys.sort_unstable_by(|a, b| b.cmp(a));
+        keys.dedup();
+        keys.truncate(limit as usize);
+        let mut record = conn.prepare_cached("SELECT owner, record FROM jobs WHERE id = ?1")?;
+        let mut jobs = Vec::with_capacity(keys.len());
+        for (_, id) in keys {
+            let (owner, bytes): (String, Vec<u8>) =
+                record.query_row(params![id], |row| Ok((row.get(0)?, row.get(1)?)))?;
+            jobs.push(summarize(decode(&id, &bytes)?, &owner));
+        }
+        Ok(jobs)
+    }
+
     /// Records that `owner` may read `digest`: it uploaded the content (the store
     /// hashed every byte it sent), so it has it.
     pub fn grant_blob(&self, owner: &str, digest: &str) -> Result<()> {
@@ -270,23 +337,28 @@ impl Database {
         Ok(())
     }
 
-    /// Which of `digests` `owner` may read. Asked in batches, each under the lock on
-    /// its own, so a client asking for many digests does not hold up other requests.
+    /// Which of `digests` any of `owners` may read. Asked in batches, each under the
+    /// lock on its own, so a client asking for many digests does not hold up others.
     pub fn readable_blobs<'a>(
         &self,
-        owner: &str,
+        owners: &[&str],
         digests: impl IntoIterator<Item = &'a str>,
     ) -> Result<std::collections::HashSet<String>> {
         const BATCH: usize = 500;
         let digests: Vec<&str> = digests.into_iter().collect();
         let mut readable = std::collections::HashSet::new();
+        let owner_marks = vec!["?"; owners.len()].join(",");
         for batch in digests.chunks(BATCH) {
             let marks = vec!["?"; batch.len()].join(",");
-            let sql =
-                format!("SELECT digest FROM blob_access WHERE owner = ? AND digest IN ({marks})");
+            let sql = format!(
+                "SELECT DISTINCT digest FROM blob_access
+                 WHERE owner IN ({owner_marks}) AND digest IN ({marks})"
+            );
             let conn = self.lock()?;
             let mut stmt = conn.prepare_cached(&sql)?;
-            let params = std::iter::once(&owner as &dyn rusqlite::ToSql)
+            let params = owners
+                .iter()
+                .map(|o| o as &dyn rusqlite::ToSql)
                 .chain(batch.iter().map(|d| d as &dyn rusqlite::ToSql));
             let rows = stmt.query_map(rusqlite::params_from_iter(params), |row| {
                 row.get::<_, String>(0)
@@ -313,6 +385,47 @@ fn holds_blobs(cas: &Path) -> bool {
             })
         })
         .unwrap_or(false)
+}
+
+/// The (created_ms, id) keys of up to `limit` jobs of one owner (or of all), newest
+/// first, after `after`, read from an index in order.
+fn page_keys(
+    conn: &Connection,
+    owner: Option<&str>,
+    state: Option<JobState>,
+    after: Option<(i64, &str)>,
+    limit: u32,
+) -> Result<Vec<(i64, String)>> {
+    let mut sql = String::from("SELECT created_ms, id FROM jobs WHERE 1 = 1");
+    let mut args: Vec<&dyn rusqlite::ToSql> = Vec::new();
+    if let Some(owner) = &owner {
+        sql.push_str(" AND owner = ?");
+        args.push(owner);
+    }
+    let state = state.map(|s| s as i32);
+    if let Some(state) = &state {
+        sql.push_str(" AND state = ?");
+        args.push(state);
+    }
+    if let Some((created_ms, id)) = &after {
+        sql.push_str(" AND (created_ms, id) < (?, ?)");
+        args.push(created_ms);
+        args.push(id);
+    }
+    sql.push_str(" ORDER BY created_ms DESC, id DESC LIMIT ?");
+    args.push(&limit);
+    let mut stmt = conn.prepare_cached(&sql)?;
+    let rows = stmt.query_map(rusqlite::params_from_iter(args), |row| {
+        Ok((row.get(0)?, row.get(1)?))
+    })?;
+    Ok(rows.collect::<rusqlite::Result<_>>()?)
+}
+
+/// A cap on one owner's queued jobs, and the configuration key that sets it.
+#[derive(Debug, Clone, Copy)]
+pub struct QueueCap<'a> {
+    pub max: u64,
+    pub key: &'a str,
 }
 
 /// The outcome of [`Database::insert_job`].
@@ -386,7 +499,21 @@ fn connect(path: &Path) -> Result<Connection> {
 }
 
 /// The schema version this daemon writes (`PRAGMA user_version`).
-const SCHEMA_VERSION: i64 = 1;
+const SCHEMA_VERSION: i64 = 2;
+
+/// Version 2: the indexes that keep job listings and per-owner queue counts from
+/// reading every record: an owner's jobs (in a state) newest first, every job (in a
+/// state) newest first.
+fn add_listing_indexes(tx: &rusqlite::Transaction<'_>) -> Result<()> {
+    tx.execute_batch(
+        "CREATE INDEX IF NOT EXISTS jobs_owner_state_created
+             ON jobs(owner, state, created_ms, id);
+         CREATE INDEX IF NOT EXISTS jobs_owner_created ON jobs(owner, created_ms, id);
+         CREATE INDEX IF NOT EXISTS jobs_created ON jobs(created_ms, id);
+         CREATE INDEX IF NOT EXISTS jobs_state_created ON jobs(state, created_ms, id);",
+    )?;
+    Ok(())
+}
 
 /// Creates the schema, or brings an older one up to date in one transaction.
 ///
@@ -402,6 +529,13 @@ fn migrate(conn: &mut Connection) -> Result<()> {
         )));
     }
     if version == SCHEMA_VERSION {
+        return Ok(());
+    }
+    if version == 1 {
+        let tx = conn.transaction()?;
+        add_listing_indexes(&tx)?;
+        tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+        tx.commit()?;
         return Ok(());
     }
     let tx = conn.transaction()?;
@@ -453,6 +587,7 @@ fn migrate(conn: &mut Connection) -> Result<()> {
         }
         drop(grant);
     }
+    add_listing_indexes(&tx)?;
     tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
     tx.commit()?;
     Ok(())
@@ -528,8 +663,8 @@ mod tests {
         db.grant_blob("uid:2", &"cd".repeat(32)).unwrap();
         let asked = ["ab".repeat(32), "cd".repeat(32)];
         let asked = asked.iter().map(String::as_str);
-        let one = db.readable_blobs("uid:1", asked.clone()).unwrap();
-        let two = db.readable_blobs("uid:2", asked).unwrap();
+        let one = db.readable_blobs(&["uid:1"], asked.clone()).unwrap();
+        let two = db.readable_blobs(&["uid:2"], asked).unwrap();
         assert_eq!(one.into_iter().collect::<Vec<_>>(), vec!["ab".repeat(32)]);
         assert_eq!(two.into_iter().collect::<Vec<_>>(), vec!["cd".repeat(32)]);
     }
@@ -569,7 +704,7 @@ mod tests {
         assert_eq!(db.get_job_and_owner("anon").unwrap().unwrap().1, "unknown");
         let digest = "ef".repeat(32);
         assert_eq!(
-            db.readable_blobs("uid:1000", [digest.as_str()])
+            db.readable_blobs(&["uid:1000"], [digest.as_str()])
                 .unwrap()
                 .len(),
             1
@@ -658,5 +793,108 @@ mod tests {
                 assert_eq!(meta.mode() & 0o077, 0, "{name}");
             }
         }
+    }
+
+    #[test]
+    fn an_owners_queue_cap_counts_its_own_queued_jobs() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Database::open(dir.path(), Creation::FreshStateOnly)
+            .unwrap()
+            .with_queue_limit(10);
+        let cap = Some(QueueCap {
+            max: 1,
+            key: "tenants.ci.max_queued_jobs",
+        });
+        db.insert_job_within(&job("a", "a"), "tenant:ci", Some("k"), None, cap)
+            .unwrap();
+        let err = db
+            .insert_job_within(&job("b", "b"), "tenant:ci", None, None, cap)
+            .unwrap_err();
+        assert!(matches!(err, RunnerError::ResourceExhausted(_)), "{err}");
+        assert!(
+            err.to_string().contains("tenants.ci.max_queued_jobs is 1"),
+            "{err}"
+        );
+        // A retry of the accepted job is not a new one; another owner's queue is its own.
+        assert_eq!(
+            db.insert_job_within(&job("a2", "a"), "tenant:ci", Some("k"), None, cap)
+                .unwrap(),
+            Inserted::Existing("a".into())
+        );
+        db.insert_job_within(&job("c", "c"), "tenant:web", None, None, cap)
+            .unwrap();
+    }
+
+    #[test]
+    fn listing_pages_newest_first_per_owner() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Database::open(dir.path(), Creation::FreshStateOnly).unwrap();
+        for (i, owner) in ["uid:1", "uid:1", "uid:2", "uid:1", "uid:1"]
+            .iter()
+            .enumerate()
+        {
+            let mut j = job(&format!("j{i}"), "a");
+            // Two jobs in the same millisecond: ordered by id.
+            j.created_unix_ms = [10, 20, 20, 20, 30][i];
+            db.insert_job(&j, owner, None, None).unwrap();
+        }
+        let ids = |owners: Option<&[&str]>, after: Option<(i64, &str)>, limit| {
+            db.list_jobs(owners, None, after, limit, |job, _| job.job_id)
+                .unwrap()
+        };
+        assert_eq!(ids(Some(&["uid:1"]), None, 10), ["j4", "j3", "j1", "j0"]);
+        assert_eq!(ids(Some(&["uid:1"]), None, 2), ["j4", "j3"]);
+        assert_eq!(ids(Some(&["uid:1"]), Some((20, "j3")), 2), ["j1", "j0"]);
+        assert_eq!(ids(None, Some((20, "j3")), 10), ["j2", "j1", "j0"]);
+        assert_eq!(ids(Some(&["uid:1", "uid:2"]), None, 10).len(), 5);
+        assert!(ids(Some(&["uid:3"]), None, 10).is_empty());
+        let running = db
+            .list_jobs(None, Some(JobState::Running), None, 10, |job, owner| {
+                (job.job_id, owner.to_string())
+            })
+            .unwrap();
+        assert!(running.is_empty());
+    }
+
+    #[test]
+    fn a_version_1_database_gets_the_listing_indexes() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let db = Database::open(dir.path(), Creation::FreshStateOnly).unwrap();
+            db.insert_job(&job("j1", "a"), "uid:1", Some("k"), Some(1))
+                .unwrap();
+        }
+        {
+            // As a version 1 daemon left it.
+            let conn = Connection::open(dir.path().join("kiln.db")).unwrap();
+            conn.execute_batch(
+                "DROP INDEX jobs_owner_state_created; DROP INDEX jobs_owner_created;
+                 DROP INDEX jobs_created; DROP INDEX jobs_state_created;
+                 PRAGMA user_version = 1;",
+            )
+            .unwrap();
+        }
+        let db = Database::open(dir.path(), Creation::FreshStateOnly).unwrap();
+        assert_eq!(db.get_job_and_owner("j1").unwrap().unwrap().1, "uid:1");
+        let conn = db.lock().unwrap();
+        let version: i64 = conn
+            .pragma_query_value(None, "user_version", |row| row.get(0))
+            .unwrap();
+        assert_eq!(version, 2);
+        // An owner's page is read from the index in order: no scan, no sort.
+        let mut explain = conn
+            .prepare(
+                "EXPLAIN QUERY PLAN SELECT created_ms, id FROM jobs WHERE owner = 'uid:1'
+                 AND (created_ms, id) < (5, 'x') ORDER BY created_ms DESC, id DESC LIMIT 5",
+            )
+            .unwrap();
+        let plan: Vec<String> = explain
+            .query_map([], |row| row.get(3))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap();
+        let plan = plan.join("; ");
+        assert!(plan.contains("INDEX jobs_owner_created"), "{plan}");
+        assert!(!plan.contains("TEMP B-TREE"), "{plan}");
     }
 }
