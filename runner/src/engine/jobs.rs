@@ -78,6 +78,8 @@ pub struct Runner {
     pub cas: ContentStore,
     pub images: Images,
     pub key: Signer,
+    /// Observers of job and step events (the audit log, metrics).
+    pub bus: Arc<crate::engine::bus::Bus>,
     pub(super) sandbox: Sandbox,
     pub(super) host: HostSupport,
     pub(super) profiles: crate::engine::profile::ProfileDigests,
@@ -103,6 +105,7 @@ impl Runner {
         images: Images,
         key: Signer,
         isolation: Isolation,
+        bus: Arc<crate::engine::bus::Bus>,
     ) -> Result<(Arc<Self>, mpsc::UnboundedReceiver<String>)> {
         let Isolation {
             sandbox,
@@ -120,6 +123,7 @@ impl Runner {
             cas,
             images,
             key,
+            bus,
             sandbox,
             host,
             profiles: Default::default(),
@@ -145,6 +149,7 @@ impl Runner {
             job.message = "interrupted: the daemon stopped while the job was running".into();
             job.finished_unix_ms = now_ms();
             self.db.update_job(&job)?;
+            self.announce_state(&job, Some(JobState::Running));
             tracing::warn!(job = %job.job_id, "job interrupted by a daemon restart");
         }
         for job in self.db.jobs_in_state(JobState::Queued)? {
@@ -223,6 +228,7 @@ impl Runner {
             .insert_job(&job, &caller.owner, idempotency_key, caller.uid)?
         {
             Inserted::New(id) => {
+                self.announce_state(&job, None);
                 self.emit(&id, job_event::Event::Queued(Default::default()));
                 self.enqueue(&id)?;
                 tracing::info!(job = %id, owner = %caller.owner, "job accepted");
@@ -284,6 +290,7 @@ impl Runner {
                 job.message = "cancelled before it started".into();
                 job.finished_unix_ms = now_ms();
                 if self.db.update_job_if_state(&job, JobState::Queued)? {
+                    self.announce_state(&job, Some(JobState::Queued));
                     self.finish_handle(id, job);
                     return Ok(JobState::Cancelled);
                 }

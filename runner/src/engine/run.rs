@@ -28,8 +28,15 @@ impl Runner {
         job.state = JobState::Running as i32;
         job.started_unix_ms = now_ms();
         let claimed = {
-            let (db, record) = (self.db.clone(), job.clone());
-            off_runtime(move || db.update_job_if_state(&record, JobState::Queued)).await?
+            let (runner, record) = (self.clone(), job.clone());
+            off_runtime(move || {
+                let claimed = runner.db.update_job_if_state(&record, JobState::Queued)?;
+                if claimed {
+                    runner.announce_state(&record, Some(JobState::Queued));
+                }
+                Ok(claimed)
+            })
+            .await?
         };
         if !claimed {
             return Ok(()); // cancelled while queued
@@ -89,6 +96,7 @@ impl Runner {
                     runner.attest_job(&mut job, &spec, image_digest.as_deref())?;
                 }
                 runner.db.update_job(&job)?;
+                runner.announce_state(&job, Some(JobState::Running));
                 Ok(job)
             })
             .await?
@@ -184,6 +192,7 @@ impl Runner {
                 let (db, record) = (self.db.clone(), job.clone());
                 blocking(move || db.update_progress(&record)).await?;
             }
+            self.bus.step_finished(id, &result);
             self.emit(id, job_event::Event::StepFinished(result));
             match state {
                 StepState::Succeeded => {}

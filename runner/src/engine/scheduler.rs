@@ -109,10 +109,15 @@ impl Runner {
         let Ok(Some(mut job)) = self.db.get_job(id) else {
             return;
         };
+        let from = JobState::try_from(job.state).ok();
         job.state = JobState::Error as i32;
         job.message = message.to_string();
         job.finished_unix_ms = now_ms();
-        if let Err(err) = self.db.update_job(&job) {
+        let recorded = self.db.update_job(&job);
+        if recorded.is_ok() {
+            self.announce_state(&job, from);
+        }
+        if let Err(err) = recorded {
             tracing::error!(job = %id, error = %err, "could not record the job's failure; retrying");
             let runner = self.clone();
             let job = job.clone();
