@@ -226,3 +226,86 @@ async fn audit_log_records_jobs_and_denials_and_verify_finds_each_tampering() {
     ]);
     assert!(with_key.status.success(), "{}", describe(&with_key));
 }
+
+/// With the state disk full to the last block, a call that must be audited is refused
+/// (RESOURCE_EXHAUSTED) rather than answered unaudited, and the log stays whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_that_cannot_be_audited_is_refused() {
+    use agent_proto::v1::attestations_client::AttestationsClient;
+    use agent_proto::v1::ListLinksRequest;
+    if !require_root("a_call_that_cannot_be_audited_is_refused") {
+        return;
+    }
+    let config = config_file("state_reserve = \"8M\"\n");
+    let args = ["--config", config.path().to_str().unwrap()];
+    let mut daemon = Daemon::start_with(&args);
+    daemon.stop();
+    std::fs::remove_dir_all(&daemon.state).unwrap();
+    std::fs::create_dir(&daemon.state).unwrap();
+    nix::mount::mount(
+        Some("tmpfs"),
+        &daemon.state,
+        Some("tmpfs"),
+        nix::mount::MsFlags::empty(),
+        Some("size=64m,mode=0711"),
+    )
+    .unwrap();
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+        }
+    }
+    let _unmount = Unmount(daemon.state.clone());
+    daemon.spawn(&args);
+    let ok = daemon.kiln(&["run", "--", "/bin/true"]);
+    assert!(ok.status.success(), "{}", describe(&ok));
+    let job_id = entries(&daemon.state)
+        .iter()
+        .find(|e| e["action"] == "job.submit")
+        .and_then(|e| e["object"].as_str())
+        .and_then(|o| o.strip_prefix("job:"))
+        .unwrap()
+        .to_string();
+    let mut attestations = AttestationsClient::new(channel_as(&daemon.socket, 0, 0).await);
+    let list = || ListLinksRequest {
+        job_id: job_id.clone(),
+    };
+    attestations.list_links(list()).await.unwrap();
+
+    let filler = daemon.state.join("filler");
+    {
+        let mut file = std::fs::File::create(&filler).unwrap();
+        let block = vec![0u8; 1 << 20];
+        while std::io::Write::write_all(&mut file, &block).is_ok() {}
+        while std::io::Write::write_all(&mut file, &[0u8; 512]).is_ok() {}
+    }
+    // An entry still fits in the log file's last allocated block: calls succeed, audited,
+    // until one needs a block the disk no longer has.
+    let mut answered = 1;
+    let err = loop {
+        match attestations.list_links(list()).await {
+            Ok(_) => answered += 1,
+            Err(err) => break err,
+        }
+        assert!(answered < 1000, "every ListLinks answered on a full disk");
+    };
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err}");
+    assert!(err.message().contains("audit"), "{err}");
+    assert!(
+        !err.message().contains(daemon.state.to_str().unwrap()),
+        "{err}"
+    );
+
+    std::fs::remove_file(&filler).unwrap();
+    attestations.list_links(list()).await.unwrap();
+    answered += 1;
+    assert!(daemon.stop().success());
+    let links = entries(&daemon.state)
+        .iter()
+        .filter(|e| e["action"] == "job.links")
+        .count();
+    assert_eq!(links, answered, "the refused call left no entry");
+    let intact = verify(&daemon, &daemon.state);
+    assert!(intact.status.success(), "{}", describe(&intact));
+}

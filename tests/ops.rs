@@ -89,12 +89,63 @@ fn metrics_after_jobs_pass_promtool_and_count_them() {
     ]);
     assert!(denied.status.success(), "{}", describe(&denied));
 
+    // Through the egress proxy: one fetch allowed (a server on loopback answering once),
+    // one to a port not on the list, denied.
+    let curl = host_tool(
+        "metrics_after_jobs_pass_promtool_and_count_them",
+        "curl",
+        "curl",
+    );
+    if curl.is_some() {
+        let server = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let allowed = server.local_addr().unwrap().port();
+        let denied_port = free_port();
+        let serving = std::thread::spawn(move || {
+            let (mut stream, _) = server.accept().unwrap();
+            let mut request = [0u8; 4096];
+            let _ = stream.read(&mut request).unwrap();
+            stream
+                .write_all(
+                    b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\nConnection: close\r\n\r\nhello\n",
+                )
+                .unwrap();
+        });
+        let fetched = daemon.kiln(&[
+            "run",
+            "--allow-net",
+            &format!("127.0.0.1:{allowed}"),
+            "--",
+            "/bin/sh",
+            "-c",
+            &format!(
+                "curl -sS --max-time 20 http://127.0.0.1:{allowed}/ && \
+                 ! curl -fsS --max-time 20 http://127.0.0.1:{denied_port}/"
+            ),
+        ]);
+        assert!(fetched.status.success(), "{}", describe(&fetched));
+        assert_eq!(text(&fetched.stdout), "hello\n");
+        serving.join().unwrap();
+    }
+
+    let succeeded = if curl.is_some() { 3.0 } else { 2.0 };
     let (status, body) = http(port, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
     assert!(status.contains(" 200 "), "{status}");
     assert_eq!(
         sample(&body, "kiln_jobs{state=\"succeeded\",tenant=\"uid:0\"}"),
-        2.0
+        succeeded
     );
+    if curl.is_some() {
+        assert_eq!(
+            sample(&body, "kiln_proxy_decisions_total{decision=\"allowed\"}"),
+            1.0
+        );
+        assert_eq!(
+            sample(&body, "kiln_proxy_decisions_total{decision=\"denied\"}"),
+            1.0
+        );
+        assert!(sample(&body, "kiln_proxy_bytes_total{direction=\"down\"}") >= 6.0);
+        assert!(sample(&body, "kiln_proxy_bytes_total{direction=\"up\"}") > 0.0);
+    }
     assert_eq!(
         sample(&body, "kiln_jobs{state=\"failed\",tenant=\"uid:0\"}"),
         1.0
@@ -104,8 +155,14 @@ fn metrics_after_jobs_pass_promtool_and_count_them() {
         0.0
     );
     assert_eq!(sample(&body, "kiln_queue_depth{tenant=\"uid:0\"}"), 0.0);
-    assert_eq!(sample(&body, "kiln_step_duration_seconds_count"), 3.0);
-    assert_eq!(sample(&body, "kiln_step_start_latency_seconds_count"), 3.0);
+    assert_eq!(
+        sample(&body, "kiln_step_duration_seconds_count"),
+        succeeded + 1.0
+    );
+    assert_eq!(
+        sample(&body, "kiln_step_start_latency_seconds_count"),
+        succeeded + 1.0
+    );
     assert_eq!(sample(&body, "kiln_seccomp_denials_total"), 2.0);
     assert!(sample(&body, "kiln_audit_entries_total") >= 10.0);
     assert!(sample(&body, "kiln_audit_last_checkpoint_timestamp_seconds") > 0.0);

@@ -144,4 +144,34 @@ mod tests {
             Decision::Allow
         );
     }
+
+    #[test]
+    fn every_refusal_of_the_authenticator_is_recorded() {
+        use tonic::service::Interceptor;
+        let dir = tempfile::tempdir().unwrap();
+        let (signer, _) = crate::engine::signer::Signer::open(&dir.path().join("keys")).unwrap();
+        let audit = Arc::new(
+            AuditLog::open(dir.path(), signer, 100, std::time::Duration::from_secs(60)).unwrap(),
+        );
+        let refuse = |_: Request<()>| -> std::result::Result<Request<()>, Status> {
+            Err(Status::permission_denied("uid 1234 maps to no tenant"))
+        };
+        let mut auth = AuditedAuthenticator::new(refuse, audit.clone());
+        let err = auth.call(Request::new(())).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::PermissionDenied);
+        let accept = |r: Request<()>| -> std::result::Result<Request<()>, Status> { Ok(r) };
+        AuditedAuthenticator::new(accept, audit.clone())
+            .call(Request::new(()))
+            .unwrap();
+        let lines = crate::store::audit::tail(dir.path(), 10).unwrap();
+        assert_eq!(lines.len(), 1, "{lines:?}");
+        let entry: serde_json::Value = serde_json::from_str(&lines[0]).unwrap();
+        assert_eq!(entry["action"], "authenticate");
+        assert_eq!(entry["decision"], "deny");
+        assert_eq!(entry["principal"], "unknown");
+        assert!(entry["reason"]
+            .as_str()
+            .unwrap()
+            .contains("maps to no tenant"));
+    }
 }
