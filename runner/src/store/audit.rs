@@ -201,11 +201,21 @@ impl AuditLog {
                 (entry.seq + 1, line_hash(&line))
             }
         };
-        let last_keyid = fs::read(dir.join(HEAD_FILE))
+        let head = fs::read(dir.join(HEAD_FILE))
             .ok()
-            .and_then(|bytes| serde_json::from_slice::<Entry>(bytes.trim_ascii_end()).ok())
-            .and_then(|entry| entry.checkpoint)
-            .map(|c| c.keyid);
+            .and_then(|bytes| serde_json::from_slice::<Entry>(bytes.trim_ascii_end()).ok());
+        // Continuing a log cut before its last checkpoint would replace the head file,
+        // the evidence of the cut: refuse, as for a lost job database.
+        if let Some(head) = head.as_ref().filter(|h| h.seq >= next_seq) {
+            return Err(RunnerError::FailedPrecondition(format!(
+                "the audit log in {} ends before its last signed checkpoint (seq {}): it was \
+                 truncated or lost. Check it with `kiln audit verify`; to start a new log, \
+                 move the audit directory aside",
+                dir.display(),
+                head.seq
+            )));
+        }
+        let last_keyid = head.and_then(|entry| entry.checkpoint).map(|c| c.keyid);
         Ok(AuditLog {
             dir,
             signer,
@@ -876,6 +886,29 @@ mod tests {
         let text = String::from_utf8(fixture.log()).unwrap();
         assert!(text.contains("\"action\":\"key.rotate\""), "{text}");
         assert_eq!(log.entries(), 5);
+    }
+
+    #[test]
+    fn a_log_cut_before_its_head_is_not_continued() {
+        let fixture = written();
+        let path = fixture.dir.path().join(AUDIT_DIR).join(LOG_FILE);
+        let log = fixture.log();
+        let cut: Vec<Vec<u8>> = lines(&log)[..5].to_vec();
+        fs::write(&path, cut.concat()).unwrap();
+        let (signer, _) = Signer::open(&fixture.dir.path().join("keys")).unwrap();
+        let err = AuditLog::open(fixture.dir.path(), signer, 3, Duration::from_secs(60))
+            .err()
+            .expect("a truncated log was continued");
+        assert!(
+            err.to_string()
+                .contains("before its last signed checkpoint"),
+            "{err}"
+        );
+        // Nothing was written: the evidence stays.
+        assert_eq!(fixture.log(), cut.concat());
+        fs::remove_file(&path).unwrap();
+        let (signer, _) = Signer::open(&fixture.dir.path().join("keys")).unwrap();
+        assert!(AuditLog::open(fixture.dir.path(), signer, 3, Duration::from_secs(60)).is_err());
     }
 
     #[test]
