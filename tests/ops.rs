@@ -224,6 +224,25 @@ fn json_log_format_writes_one_json_object_a_line() {
     let mut daemon = Daemon::start_with(&["--config", config.path().to_str().unwrap()]);
     let ok = daemon.kiln(&["run", "--", "/bin/true"]);
     assert!(ok.status.success(), "{}", describe(&ok));
+    // A step's egress proxy (a process of its own) logs each attempt, in the same format.
+    let curl = host_tool(
+        "json_log_format_writes_one_json_object_a_line",
+        "curl",
+        "curl",
+    );
+    if curl.is_some() {
+        let (listed, other) = (free_port(), free_port());
+        let denied = daemon.kiln(&[
+            "run",
+            "--allow-net",
+            &format!("127.0.0.1:{listed}"),
+            "--",
+            "/bin/sh",
+            "-c",
+            &format!("! curl -fsS --max-time 20 http://127.0.0.1:{other}/"),
+        ]);
+        assert!(denied.status.success(), "{}", describe(&denied));
+    }
     assert!(daemon.stop().success());
     let log = daemon.log();
     let mut messages = Vec::new();
@@ -243,6 +262,12 @@ fn json_log_format_writes_one_json_object_a_line() {
     }
     assert!(messages.iter().any(|m| m == "job finished"), "{log}");
     assert!(messages.iter().any(|m| m == "stopped"), "{log}");
+    if curl.is_some() {
+        assert!(
+            messages.iter().any(|m| m == "step network attempt"),
+            "{log}"
+        );
+    }
 }
 
 #[test]
