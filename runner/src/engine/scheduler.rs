@@ -113,11 +113,7 @@ impl Runner {
         job.state = JobState::Error as i32;
         job.message = message.to_string();
         job.finished_unix_ms = now_ms();
-        let recorded = self.db.update_job(&job);
-        if recorded.is_ok() {
-            self.announce_state(&job, from);
-        }
-        if let Err(err) = recorded {
+        if let Err(err) = self.commit_failure(&job, from) {
             tracing::error!(job = %id, error = %err, "could not record the job's failure; retrying");
             let runner = self.clone();
             let job = job.clone();
@@ -125,8 +121,10 @@ impl Runner {
                 let mut wait = std::time::Duration::from_millis(200);
                 loop {
                     tokio::time::sleep(wait).await;
-                    let (db, record) = (runner.db.clone(), job.clone());
-                    match tokio::task::spawn_blocking(move || db.update_job(&record)).await {
+                    let (failed, record) = (runner.clone(), job.clone());
+                    match tokio::task::spawn_blocking(move || failed.commit_failure(&record, from))
+                        .await
+                    {
                         Ok(Ok(())) => {
                             tracing::info!(job = %job.job_id, "recorded the job's failure");
                             return;
@@ -137,6 +135,13 @@ impl Runner {
             });
         }
         self.finish_handle(id, job);
+    }
+
+    /// Commits a job's failure and announces it (on the calling, blocking thread).
+    fn commit_failure(&self, job: &agent_proto::v1::Job, from: Option<JobState>) -> Result<()> {
+        self.db.update_job(job)?;
+        self.announce_state(job, from);
+        Ok(())
     }
 
     /// A supervisor for the next step: one already waiting, else a fresh one.
