@@ -118,7 +118,7 @@ impl Metrics {
         let step_duration = Histogram::new(exponential_buckets(0.01, 4.0, 10));
         registry.register_with_unit(
             "step_duration",
-            "Time a step took from its start to its signed link",
+            "Time a step took, from its start until its sandbox ended",
             Unit::Seconds,
             step_duration.clone(),
         );
