@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
+use sha2::Digest;
 
 use crate::error::{Result, RunnerError};
 pub use crate::tenants::{TenantConfig, Tenants};
@@ -82,6 +83,19 @@ pub struct Config {
     pub admin_uids: Vec<u32>,
     /// The builder id in SLSA provenance (default: `kiln://<hostname>`).
     pub builder_id: Option<String>,
+    /// The daemon's log lines on stderr: "text" (for people) or "json" (one JSON object
+    /// a line, for log collectors).
+    pub log_format: LogFormat,
+    /// Address of the Prometheus endpoint (`GET /metrics`, unauthenticated: keep it on
+    /// loopback or a monitoring network); none serves no metrics.
+    pub metrics_listen: Option<std::net::SocketAddr>,
+    /// The audit log is checkpointed (signed) after this many entries ...
+    pub audit_checkpoint_entries: u64,
+    /// ... or this many seconds after the last checkpoint, whichever comes first.
+    pub audit_checkpoint_seconds: u64,
+    /// SHA-256 of the configuration file as read (none: the defaults), for the audit log.
+    #[serde(skip)]
+    pub source_sha256: Option<String>,
     /// Memory of a step when the job gives none (cgroup limit, no swap), e.g. "4G".
     pub default_memory: Size,
     /// The most memory a job may ask for.
@@ -133,6 +147,15 @@ pub struct Config {
     pub tenants: Tenants,
 }
 
+/// How the daemon writes its log lines.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
 impl Default for Config {
     fn default() -> Self {
         Self {
@@ -161,6 +184,11 @@ impl Default for Config {
             connection_keepalive_seconds: 60,
             shutdown_grace_seconds: 600,
             builder_id: None,
+            log_format: LogFormat::Text,
+            metrics_listen: None,
+            audit_checkpoint_entries: 1000,
+            audit_checkpoint_seconds: 60,
+            source_sha256: None,
             default_memory: Size(4 << 30),
             max_memory: Size(8 << 30),
             default_pids: 1024,
@@ -193,9 +221,11 @@ impl Config {
             Some(path) => {
                 let text = std::fs::read_to_string(path)
                     .map_err(RunnerError::io_path("reading config", path))?;
-                toml::from_str(&text).map_err(|e| {
+                let mut config: Config = toml::from_str(&text).map_err(|e| {
                     RunnerError::invalid(format!("config {}", path.display()), e.to_string())
-                })?
+                })?;
+                config.source_sha256 = Some(hex::encode(sha2::Sha256::digest(text.as_bytes())));
+                config
             }
         };
         Ok(config)
@@ -231,6 +261,12 @@ impl Config {
         }
         if self.tmp_size_mib == 0 {
             return bad("tmp_size_mib", "must be positive");
+        }
+        if self.audit_checkpoint_entries == 0 {
+            return bad("audit_checkpoint_entries", "must be positive");
+        }
+        if self.audit_checkpoint_seconds == 0 {
+            return bad("audit_checkpoint_seconds", "must be positive");
         }
         if !self.state_dir.is_absolute() {
             return bad("state_dir", "must be an absolute path");

@@ -127,6 +127,11 @@ enum Command {
         /// Artifact files whose SHA-256 must be subjects of the provenance.
         files: Vec<PathBuf>,
     },
+    /// Check or read the audit log (offline, from the state directory's files).
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
     /// Check the content store.
     Store {
         /// State directory of the daemon.
@@ -237,6 +242,30 @@ enum KeyFormat {
 }
 
 #[derive(Subcommand)]
+enum AuditCommand {
+    /// Check the hash chain, every checkpoint's signature, and that the log still holds
+    /// its last signed checkpoint. Exits 1 naming the line and seq where it is broken.
+    Verify {
+        /// State directory of the daemon.
+        #[arg(long, default_value = config::DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+        /// The runner's public key(s): SPKI PEM or a key ring export (`kiln keys public
+        /// --format ring`) [default: the state directory's key ring].
+        #[arg(long)]
+        key: Option<PathBuf>,
+    },
+    /// Print the last entries, one JSON line each.
+    Tail {
+        /// How many.
+        #[arg(short = 'n', default_value_t = 20)]
+        n: usize,
+        /// State directory of the daemon.
+        #[arg(long, default_value = config::DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
 enum StoreCommand {
     /// Hash every blob and compare it with its name. A blob that does not match is moved
     /// to the store's quarantine/ (so it is missing, and a client's next upload of it
@@ -262,11 +291,14 @@ fn main() -> ExitCode {
     if std::env::args_os().nth(1).as_deref()
         == Some(std::ffi::OsStr::new(runner::egress::process::EGRESS_ARG))
     {
-        tracing_subscriber::fmt()
+        let logs = tracing_subscriber::fmt()
             .with_env_filter(tracing_subscriber::EnvFilter::new("info"))
             .with_writer(std::io::stderr)
-            .with_ansi(false)
-            .init();
+            .with_ansi(false);
+        match std::env::var(runner::egress::process::LOG_FORMAT_ENV).as_deref() {
+            Ok("json") => logs.json().init(),
+            _ => logs.init(),
+        }
         runner::egress::process::child_main();
     }
     let cli = Cli::parse();
@@ -275,15 +307,23 @@ fn main() -> ExitCode {
         Command::Serve { .. } => "warn,runner=info,kiln=info",
         _ => "warn",
     };
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("KILN_LOG")
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter)),
         )
-        .with_writer(std::io::stderr)
+        .with_writer(std::io::stderr);
+    match log_format(&cli.command) {
+        config::LogFormat::Json => {
+            // Still single-threaded: the daemon's egress proxies log alike (see process.rs).
+            std::env::set_var(runner::egress::process::LOG_FORMAT_ENV, "json");
+            logs.json().init()
+        }
         // Colour codes only for a terminal: journald and log files get plain text.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+        config::LogFormat::Text => logs
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+    }
     // The daemon serves many clients and jobs; a client command waits on one daemon, and
     // a single-threaded runtime starts faster (no worker threads, no CPU quota lookup).
     // The demo also stops its own daemon with a blocking wait, while its client
@@ -305,6 +345,19 @@ fn main() -> ExitCode {
             eprintln!("kiln: {}", describe_error(&err));
             exit_code(EXIT_KILN_ERROR)
         }
+    }
+}
+
+/// The daemon's `log_format`, read before the logs start (a configuration that does not
+/// load is reported by `kiln serve` itself, in text). Clients log text.
+fn log_format(command: &Command) -> config::LogFormat {
+    match command {
+        Command::Serve {
+            config: Some(path), ..
+        } => config::Config::load(Some(path))
+            .map(|c| c.log_format)
+            .unwrap_or_default(),
+        _ => config::LogFormat::Text,
     }
 }
 
@@ -411,6 +464,12 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                 "kiln verify needs --layout, --layout-key and --links, or --provenance, --key and --policy"
             ),
         },
+        Command::Audit {
+            command: AuditCommand::Verify { state_dir, key },
+        } => runner::cli::audit::verify(&state_dir, key.as_deref()),
+        Command::Audit {
+            command: AuditCommand::Tail { n, state_dir },
+        } => runner::cli::audit::tail(&state_dir, n),
         Command::Store {
             state_dir,
             command: StoreCommand::Verify,

@@ -8,7 +8,12 @@ use std::time::{Duration, Instant};
 pub const KILN: &str = env!("CARGO_BIN_EXE_kiln");
 
 pub struct Daemon {
+    /// The `kiln` binary the daemon and its clients run.
+    pub binary: PathBuf,
     pub socket: PathBuf,
+    /// Its state directory (read by the audit benchmark only).
+    #[allow(dead_code)]
+    pub state: PathBuf,
     pub log: PathBuf,
     child: Child,
     _dir: tempfile::TempDir,
@@ -16,15 +21,21 @@ pub struct Daemon {
 
 impl Daemon {
     pub fn start() -> Daemon {
+        Self::start_binary(KILN)
+    }
+
+    /// A daemon of another `kiln` binary (e.g. a baseline build to compare with).
+    pub fn start_binary(binary: &str) -> Daemon {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("kiln.sock");
+        let state = dir.path().join("state");
         let log = dir.path().join("daemon.log");
-        let child = Command::new(KILN)
+        let child = Command::new(binary)
             .arg("--socket")
             .arg(&socket)
             .arg("serve")
             .arg("--state-dir")
-            .arg(dir.path().join("state"))
+            .arg(&state)
             .env("KILN_LOG", "info")
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
@@ -35,7 +46,9 @@ impl Daemon {
             std::thread::sleep(Duration::from_millis(10));
         }
         Daemon {
+            binary: PathBuf::from(binary),
             socket,
+            state,
             log,
             child,
             _dir: dir,
@@ -44,7 +57,7 @@ impl Daemon {
 
     /// `kiln --socket SOCKET ARGS...`
     pub fn kiln(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(KILN);
+        let mut c = Command::new(&self.binary);
         c.arg("--socket").arg(&self.socket).args(args);
         c
     }

@@ -8,8 +8,10 @@ use agent_proto::v1::{
 };
 use tonic::{Request, Response, Status};
 
-use crate::api::auth::principal;
+use crate::api::audit::audited;
+use crate::api::auth::{principal, Principal};
 use crate::api::service::{blocking, check_job_id, Service, LIST_LINKS_CONTENT_BUDGET};
+use crate::engine::jobs::Runner;
 use crate::error::RunnerError;
 
 #[tonic::async_trait]
@@ -21,41 +23,10 @@ impl Attestations for Service {
         let caller = principal(&request)?;
         let id = request.into_inner().job_id;
         check_job_id(&id)?;
-        let runner = self.runner.clone();
+        let (runner, audit) = (self.runner.clone(), self.audit.clone());
         let links = blocking(move || {
-            let job = runner.get(&id, &caller)?;
-            let mut links = Vec::new();
-            let mut budget = LIST_LINKS_CONTENT_BUDGET;
-            for step in job.steps {
-                if step.link_digest.is_empty() {
-                    continue;
-                }
-                let mut link = Link {
-                    step: step.name,
-                    file_name: step.link_name,
-                    digest: step.link_digest,
-                    dsse_digest: step.link_dsse_digest,
-                    ..Default::default()
-                };
-                let content = runner.cas.read_all(&link.digest)?;
-                let dsse_content = if link.dsse_digest.is_empty() {
-                    Vec::new()
-                } else {
-                    runner.cas.read_all(&link.dsse_digest)?
-                };
-                let size = content.len() + dsse_content.len();
-                if size <= budget {
-                    budget -= size;
-                    link.content = content;
-                    link.dsse_content = dsse_content;
-                } else {
-                    // Every later link goes without content too: the client reads them.
-                    budget = 0;
-                    link.content_omitted = true;
-                }
-                links.push(link);
-            }
-            Ok(links)
+            let listed = list_links(&runner, &id, &caller);
+            audited(&audit, &caller, "job.links", format!("job:{id}"), listed)
         })
         .await?;
         Ok(Response::new(ListLinksResponse { links }))
@@ -68,18 +39,22 @@ impl Attestations for Service {
         let caller = principal(&request)?;
         let id = request.into_inner().job_id;
         check_job_id(&id)?;
-        let runner = self.runner.clone();
+        let (runner, audit) = (self.runner.clone(), self.audit.clone());
         let provenance = blocking(move || {
-            let job = runner.get(&id, &caller)?;
-            if job.provenance_digest.is_empty() {
-                return Err(RunnerError::NotFound(format!(
-                    "provenance of job {id} (written when a job succeeds with outputs)"
-                )));
-            }
-            Ok(Provenance {
-                envelope: runner.cas.read_all(&job.provenance_digest)?,
-                digest: job.provenance_digest,
-            })
+            let read = || {
+                let job = runner.get(&id, &caller)?;
+                if job.provenance_digest.is_empty() {
+                    return Err(RunnerError::NotFound(format!(
+                        "provenance of job {id} (written when a job succeeds with outputs)"
+                    )));
+                }
+                Ok(Provenance {
+                    envelope: runner.cas.read_all(&job.provenance_digest)?,
+                    digest: job.provenance_digest,
+                })
+            };
+            let read = read();
+            audited(&audit, &caller, "job.provenance", format!("job:{id}"), read)
         })
         .await?;
         Ok(Response::new(provenance))
@@ -104,4 +79,41 @@ impl Attestations for Service {
             keyring_json,
         }))
     }
+}
+
+/// The job's links, their content within the answer's budget.
+fn list_links(runner: &Runner, id: &str, caller: &Principal) -> Result<Vec<Link>, RunnerError> {
+    let job = runner.get(id, caller)?;
+    let mut links = Vec::new();
+    let mut budget = LIST_LINKS_CONTENT_BUDGET;
+    for step in job.steps {
+        if step.link_digest.is_empty() {
+            continue;
+        }
+        let mut link = Link {
+            step: step.name,
+            file_name: step.link_name,
+            digest: step.link_digest,
+            dsse_digest: step.link_dsse_digest,
+            ..Default::default()
+        };
+        let content = runner.cas.read_all(&link.digest)?;
+        let dsse_content = if link.dsse_digest.is_empty() {
+            Vec::new()
+        } else {
+            runner.cas.read_all(&link.dsse_digest)?
+        };
+        let size = content.len() + dsse_content.len();
+        if size <= budget {
+            budget -= size;
+            link.content = content;
+            link.dsse_content = dsse_content;
+        } else {
+            // Every later link goes without content too: the client reads them.
+            budget = 0;
+            link.content_omitted = true;
+        }
+        links.push(link);
+    }
+    Ok(links)
 }

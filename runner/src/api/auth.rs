@@ -38,6 +38,14 @@ pub struct Principal {
 }
 
 impl Principal {
+    /// Who the caller is, for the audit log: its uid on the socket, else its owner key.
+    pub fn name(&self) -> String {
+        match self.uid {
+            Some(uid) => format!("uid:{uid}"),
+            None => self.owner.clone(),
+        }
+    }
+
     /// A local caller on the Unix socket without tenants; uid 0 and `admin_uids` are
     /// operators.
     pub fn unix(uid: u32, admin_uids: &[u32]) -> Self {

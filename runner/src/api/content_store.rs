@@ -10,6 +10,7 @@ use agent_proto::v1::{
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::api::audit::audited;
 use crate::api::auth::principal;
 use crate::api::service::{blocking, Service};
 use crate::error::RunnerError;
@@ -136,17 +137,27 @@ impl ContentStoreApi for Service {
         let caller = principal(&request)?;
         let digest = request.into_inner().digest;
         check_digest("digest", &digest)?;
-        let runner = self.runner.clone();
+        let (runner, audit) = (self.runner.clone(), self.audit.clone());
         let mut reader = blocking(move || {
-            let may_read = caller.admin
-                || runner
-                    .db
-                    .readable_blobs(&caller.owner_keys(), [digest.as_str()])?
-                    .contains(&digest);
-            if !may_read {
-                return Err(RunnerError::NotFound(format!("blob {digest}")));
-            }
-            runner.cas.reader(&digest)
+            let open = || {
+                let may_read = caller.admin
+                    || runner
+                        .db
+                        .readable_blobs(&caller.owner_keys(), [digest.as_str()])?
+                        .contains(&digest);
+                if !may_read {
+                    return Err(RunnerError::NotFound(format!("blob {digest}")));
+                }
+                runner.cas.reader(&digest)
+            };
+            let opened = open();
+            audited(
+                &audit,
+                &caller,
+                "blob.read",
+                format!("blob:{digest}"),
+                opened,
+            )
         })
         .await?;
         let (tx, rx) = tokio::sync::mpsc::channel(4);

@@ -12,6 +12,7 @@ use agent_proto::v1::{
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
+use crate::api::audit::audited;
 use crate::api::auth::{principal, Principal};
 use crate::api::service::{blocking, check_job_id, Service};
 use crate::config::Config;
@@ -128,8 +129,15 @@ impl Jobs for Service {
         if key.as_ref().is_some_and(|k| k.contains('\0')) {
             return Err(RunnerError::invalid("idempotency_key", "contains a NUL byte").into());
         }
-        let runner = self.runner.clone();
-        let job_id = blocking(move || runner.submit(plan, key.as_deref(), &caller)).await?;
+        let (runner, audit) = (self.runner.clone(), self.audit.clone());
+        let job_id = blocking(move || {
+            let submitted = runner.submit(plan, key.as_deref(), &caller);
+            let object = submitted
+                .as_ref()
+                .map_or_else(|_| "job".to_string(), |id| format!("job:{id}"));
+            audited(&audit, &caller, "job.submit", object, submitted)
+        })
+        .await?;
         Ok(Response::new(SubmitResponse { job_id }))
     }
 
@@ -195,8 +203,18 @@ impl Jobs for Service {
         let caller = principal(&request)?;
         let id = request.into_inner().job_id;
         check_job_id(&id)?;
-        let runner = self.runner.clone();
-        let state = blocking(move || runner.cancel(&id, &caller)).await?;
+        let (runner, audit) = (self.runner.clone(), self.audit.clone());
+        let state = blocking(move || {
+            let cancelled = runner.cancel(&id, &caller);
+            audited(
+                &audit,
+                &caller,
+                "job.cancel",
+                format!("job:{id}"),
+                cancelled,
+            )
+        })
+        .await?;
         Ok(Response::new(CancelResponse {
             state: state as i32,
         }))

@@ -2,6 +2,7 @@
 //! every service), what they may see, and the services themselves.
 
 pub mod attestations;
+pub mod audit;
 pub mod auth;
 pub mod content_store;
 pub mod jobs;

@@ -6,10 +6,12 @@ use std::sync::Arc;
 use agent_proto::v1::Job;
 use tonic::Status;
 
+use crate::api::audit::audited_denial;
 use crate::api::auth::Principal;
 use crate::engine::end::off_runtime;
 use crate::engine::jobs::Runner;
 use crate::error::RunnerError;
+use crate::store::audit::AuditLog;
 
 /// Bytes of link content one ListLinks answer carries at most, below the 4 MiB that
 /// gRPC clients decode by default; the rest is read by digest.
@@ -18,6 +20,8 @@ pub(crate) const LIST_LINKS_CONTENT_BUDGET: usize = 3 << 20;
 #[derive(Clone)]
 pub struct Service {
     pub runner: Arc<Runner>,
+    /// Where the calls that act on jobs and read their results are recorded.
+    pub audit: Arc<AuditLog>,
 }
 
 pub(crate) fn check_job_id(id: &str) -> Result<(), RunnerError> {
@@ -40,8 +44,12 @@ pub(crate) async fn blocking<T: Send + 'static>(
 impl Service {
     /// The job, if the caller may see it; NOT_FOUND otherwise, as for no such job.
     pub(crate) async fn visible_job(&self, id: &str, caller: Principal) -> Result<Job, Status> {
-        let runner = self.runner.clone();
+        let (runner, audit) = (self.runner.clone(), self.audit.clone());
         let id = id.to_string();
-        blocking(move || runner.get(&id, &caller)).await
+        blocking(move || {
+            let found = runner.get(&id, &caller);
+            audited_denial(&audit, &caller, "job.read", format!("job:{id}"), found)
+        })
+        .await
     }
 }

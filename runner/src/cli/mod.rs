@@ -1,6 +1,7 @@
 //! The `kiln` command line's client side: the daemon client, job files, `kiln verify`,
-//! `kiln demo`, `kiln jobs` and `kiln whoami`.
+//! `kiln demo`, `kiln jobs` and `kiln whoami`, `kiln audit`.
 
+pub mod audit;
 pub mod client;
 pub mod demo;
 pub mod jobfile;

@@ -79,26 +79,11 @@ pub fn run_provenance(
     files: &[PathBuf],
     json: bool,
 ) -> anyhow::Result<i32> {
-    use provenance::keyring::{PublicKeyRing, TrustedKey};
     use provenance::verify::provenance::{verify_provenance, Artifact, Policy};
 
     let envelope_bytes =
         std::fs::read(envelope).with_context(|| format!("reading {}", envelope.display()))?;
-    let mut trusted = Vec::new();
-    for path in keys {
-        let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-        if bytes.starts_with(b"-----BEGIN") {
-            let pem = String::from_utf8_lossy(&bytes);
-            trusted.push(TrustedKey::unbounded(
-                PublicKey::from_spki_pem(&pem)
-                    .with_context(|| format!("key {}", path.display()))?,
-            ));
-        } else {
-            let ring = PublicKeyRing::from_json_bytes(&bytes)
-                .with_context(|| format!("key ring {}", path.display()))?;
-            trusted.extend(ring.keys);
-        }
-    }
+    let trusted = trusted_keys(keys)?;
     let policy_text =
         std::fs::read_to_string(policy).with_context(|| format!("reading {}", policy.display()))?;
     let policy =
@@ -116,4 +101,26 @@ pub fn run_provenance(
         println!("{}", verdict.summary());
     }
     Ok(if verdict.passed { 0 } else { 1 })
+}
+
+/// The runner keys in `paths`: SPKI PEM files (trusted at any time) or key ring exports
+/// (each key within its validity window).
+pub fn trusted_keys(paths: &[PathBuf]) -> anyhow::Result<Vec<provenance::keyring::TrustedKey>> {
+    use provenance::keyring::{PublicKeyRing, TrustedKey};
+    let mut trusted = Vec::new();
+    for path in paths {
+        let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+        if bytes.starts_with(b"-----BEGIN") {
+            let pem = String::from_utf8_lossy(&bytes);
+            trusted.push(TrustedKey::unbounded(
+                PublicKey::from_spki_pem(&pem)
+                    .with_context(|| format!("key {}", path.display()))?,
+            ));
+        } else {
+            let ring = PublicKeyRing::from_json_bytes(&bytes)
+                .with_context(|| format!("key ring {}", path.display()))?;
+            trusted.extend(ring.keys);
+        }
+    }
+    Ok(trusted)
 }

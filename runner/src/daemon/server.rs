@@ -13,14 +13,18 @@ use anyhow::{bail, Context};
 use sandbox::{HostSupport, Sandbox};
 use tokio::net::UnixListener;
 
+use crate::api::audit::AuditedAuthenticator;
 use crate::api::auth::Authenticator;
 use crate::api::service::Service;
 use crate::config::Config;
+use crate::daemon::metrics::Metrics;
+use crate::engine::bus::Bus;
 use crate::engine::executor::SandboxExecutor;
 use crate::engine::idranges::{self, IdRanges};
 use crate::engine::jobs::{Isolation, Runner};
 use crate::engine::signer::{RingOrigin, Signer};
 use crate::images::Images;
+use crate::store::audit::{AuditLog, Record};
 use crate::store::cas::ContentStore;
 use crate::store::db::{Creation, Database};
 
@@ -39,6 +43,11 @@ pub async fn serve(config: Config, creation: Creation) -> anyhow::Result<()> {
         images,
     } = open_state(&config, creation)?;
     let id_ranges = lease_id_ranges(&config)?;
+    let bus = Arc::new(Bus::default());
+    let audit = open_audit(&config)?;
+    bus.subscribe(audit.clone());
+    // Counted from the database before the runner's recovery changes any job's state.
+    let metrics = start_metrics(&config, &db, &audit, &bus).await?;
     let runner = Runner::new(
         config.clone(),
         db,
@@ -53,6 +62,7 @@ pub async fn serve(config: Config, creation: Creation) -> anyhow::Result<()> {
             )),
             id_ranges,
         },
+        bus,
     )?;
     tracing::info!(
         %keyid,
@@ -67,11 +77,19 @@ pub async fn serve(config: Config, creation: Creation) -> anyhow::Result<()> {
     // stop the daemon at once, and that must drain, not kill.
     let shutdown = stop_at_signal(runner.clone(), config.shutdown_grace_seconds)?;
     let listener = bind_socket(&config)?;
+    if let Some((metrics, listener)) = metrics {
+        tokio::spawn(crate::daemon::metrics::serve(listener, metrics));
+    }
+    let checkpoints = tokio::spawn(checkpoint_audit(
+        audit.clone(),
+        config.audit_checkpoint_seconds,
+    ));
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     let database_watch = tokio::spawn(watch_database(runner.db.clone(), health_reporter.clone()));
     let result = serve_grpc(
         &config,
         &runner,
+        &audit,
         listener,
         &health_reporter,
         health_service,
@@ -85,6 +103,12 @@ pub async fn serve(config: Config, creation: Creation) -> anyhow::Result<()> {
     runner.drain().await;
     scheduler.abort();
     database_watch.abort();
+    checkpoints.abort();
+    // What the drain recorded is signed before the daemon exits.
+    let closing = audit.clone();
+    if let Ok(Err(err)) = tokio::task::spawn_blocking(move || closing.checkpoint()).await {
+        tracing::error!(error = %err, "could not write the closing audit checkpoint");
+    }
     let _ = fs::remove_file(&config.socket);
     tracing::info!("stopped");
     result
@@ -227,6 +251,7 @@ fn stop_at_signal(
     Ok(async move {
         signal.await;
         runner.stop_starting();
+        crate::daemon::systemd::stopping();
         tracing::info!(
             grace_seconds = grace.as_secs(),
             "stopping: no queued job starts; running jobs may finish within the grace period"
@@ -246,6 +271,7 @@ fn stop_at_signal(
 async fn serve_grpc(
     config: &Config,
     runner: &Arc<Runner>,
+    audit: &Arc<AuditLog>,
     listener: UnixListener,
     health_reporter: &tonic_health::server::HealthReporter,
     health_service: tonic_health::pb::health_server::HealthServer<
@@ -255,6 +281,7 @@ async fn serve_grpc(
 ) -> anyhow::Result<()> {
     let service = Service {
         runner: runner.clone(),
+        audit: audit.clone(),
     };
     health_reporter.set_serving::<JobsServer<Service>>().await;
     health_reporter
@@ -292,6 +319,9 @@ async fn serve_grpc(
             ),
         },
     );
+    // Every listener is bound (the socket, the metrics endpoint): systemd may start
+    // what depends on the daemon.
+    crate::daemon::systemd::ready();
     tonic::transport::Server::builder()
         // A peer that stops answering pings is gone: its connection is closed.
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(
@@ -299,10 +329,12 @@ async fn serve_grpc(
         )))
         .http2_keepalive_timeout(Some(std::time::Duration::from_secs(20)))
         // One identity per request, resolved before any service sees it.
-        .layer(tonic::service::InterceptorLayer::new(Authenticator::new(
-            &config.admin_uids,
-            &config.tenants,
-        )))
+        .layer(tonic::service::InterceptorLayer::new(
+            AuditedAuthenticator::new(
+                Authenticator::new(&config.admin_uids, &config.tenants),
+                audit.clone(),
+            ),
+        ))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -417,4 +449,67 @@ fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
             _ = interrupt.recv() => tracing::info!("interrupt received"),
         }
     })
+}
+
+/// Opens the audit log and records the configuration the daemon starts with, signed by a
+/// checkpoint at once (which also records a key rotation made while it was stopped).
+fn open_audit(config: &Config) -> anyhow::Result<Arc<AuditLog>> {
+    let keys_dir = config.state_dir.join("keys");
+    let (signer, _) = Signer::open(&keys_dir).with_context(|| {
+        format!(
+            "opening the key ring in {} for the audit log",
+            keys_dir.display()
+        )
+    })?;
+    let audit = AuditLog::open(
+        &config.state_dir,
+        signer,
+        config.audit_checkpoint_entries,
+        std::time::Duration::from_secs(config.audit_checkpoint_seconds),
+    )
+    .context("opening the audit log")?;
+    let reason = match &config.source_sha256 {
+        Some(digest) => format!("configuration file sha256:{digest}"),
+        None => "built-in defaults (no configuration file)".into(),
+    };
+    audit
+        .append(Record::daemon("config.load", "config", &reason))
+        .context("writing the audit log")?;
+    audit.checkpoint().context("signing the audit log")?;
+    Ok(Arc::new(audit))
+}
+
+/// Signs the audit log's recent entries every `seconds`, so that few stay unsigned.
+async fn checkpoint_audit(audit: Arc<AuditLog>, seconds: u64) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(seconds));
+    loop {
+        tick.tick().await;
+        let audit = audit.clone();
+        if let Ok(Err(err)) = tokio::task::spawn_blocking(move || audit.checkpoint_if_due()).await {
+            tracing::error!(error = %err, "could not write an audit checkpoint");
+        }
+    }
+}
+
+/// With `metrics_listen`: the metrics, observing the engine from the jobs the database
+/// holds, and their endpoint, bound.
+async fn start_metrics(
+    config: &Config,
+    db: &Database,
+    audit: &Arc<AuditLog>,
+    bus: &Bus,
+) -> anyhow::Result<Option<(Arc<Metrics>, tokio::net::TcpListener)>> {
+    let Some(addr) = config.metrics_listen else {
+        return Ok(None);
+    };
+    let counts = db
+        .count_by_owner_and_state()
+        .context("counting jobs for the metrics")?;
+    let metrics = Arc::new(Metrics::new(&counts));
+    metrics.set_audit_source(audit.clone());
+    metrics.set_cas_root(config.state_dir.join("cas"));
+    bus.subscribe(metrics.clone());
+    let listener = crate::daemon::metrics::bind(addr).await?;
+    tracing::info!(%addr, "serving metrics at /metrics");
+    Ok(Some((metrics, listener)))
 }

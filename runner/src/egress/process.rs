@@ -22,6 +22,8 @@ use crate::egress::record::Report;
 use crate::egress::state::{system_resolver, ProxyLimits};
 
 /// argv[1] of the re-executed binary that serves one step's egress.
+/// "json" when the daemon logs JSON lines (set by `kiln serve`, passed to the proxy).
+pub const LOG_FORMAT_ENV: &str = "KILN_LOG_FORMAT";
 pub const EGRESS_ARG: &str = "__kiln-egress-proxy";
 
 /// What the daemon tells the proxy process.
@@ -61,6 +63,8 @@ impl EgressProcess {
         let child = tokio::process::Command::new("/proc/self/exe")
             .arg(EGRESS_ARG)
             .env_clear()
+            // The daemon's log format, for the lines the proxy writes to the same stderr.
+            .envs(std::env::var_os(LOG_FORMAT_ENV).map(|v| (LOG_FORMAT_ENV, v)))
             .stdin(Stdio::from(listener))
             .stdout(Stdio::from(OwnedFd::from(theirs)))
             .stderr(Stdio::inherit())

@@ -92,6 +92,8 @@ pub struct Runner {
     pub cas: ContentStore,
     pub images: Images,
     pub key: Signer,
+    /// Observers of job and step events (the audit log, metrics).
+    pub bus: Arc<crate::engine::bus::Bus>,
     pub(super) executor: Arc<dyn Executor>,
     pub(super) handles: Mutex<HashMap<String, Arc<JobHandle>>>,
     /// Queued jobs by owner, in the order they start (see `fairqueue`).
@@ -116,6 +118,7 @@ impl Runner {
         images: Images,
         key: Signer,
         isolation: Isolation,
+        bus: Arc<crate::engine::bus::Bus>,
     ) -> Result<Arc<Self>> {
         let Isolation {
             executor,
@@ -131,6 +134,7 @@ impl Runner {
             cas,
             images,
             key,
+            bus,
             executor,
             handles: Mutex::new(HashMap::new()),
             queue: Mutex::new(FairQueue::default()),
@@ -154,6 +158,7 @@ impl Runner {
             job.message = "interrupted: the daemon stopped while the job was running".into();
             job.finished_unix_ms = now_ms();
             self.db.update_job(&job)?;
+            self.announce_state(&job, Some(JobState::Running));
             tracing::warn!(job = %job.job_id, "job interrupted by a daemon restart");
         }
         for (mut job, owner) in self.db.owned_jobs_in_state(JobState::Queued)? {
@@ -271,6 +276,7 @@ impl Runner {
         )? {
             Inserted::New(id) => {
                 self.handle(&id).set_plan(Arc::new(plan));
+                self.announce_state(&job, None);
                 self.emit(&id, job_event::Event::Queued(Default::default()));
                 self.enqueue(&id, &caller.owner);
                 tracing::info!(job = %id, owner = %caller.owner, "job accepted");
@@ -387,6 +393,7 @@ impl Runner {
                 job.message = "cancelled before it started".into();
                 job.finished_unix_ms = now_ms();
                 if self.db.update_job_if_state(&job, JobState::Queued)? {
+                    self.announce_state(&job, Some(JobState::Queued));
                     self.finish_handle(id, job);
                     return Ok(JobState::Cancelled);
                 }

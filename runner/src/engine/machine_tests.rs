@@ -69,6 +69,7 @@ fn start_in(
             executor: executor.clone(),
             id_ranges,
         },
+        Arc::new(crate::engine::bus::Bus::default()),
     )
     .unwrap();
     tokio::spawn(runner.clone().schedule());

@@ -3,6 +3,7 @@
 //! signing, host id ranges.
 
 pub mod attest;
+pub mod bus;
 mod enclosure;
 pub(crate) mod end;
 pub mod executor;

@@ -35,8 +35,15 @@ impl Runner {
         job.state = JobState::Running as i32;
         job.started_unix_ms = now_ms();
         let claimed = {
-            let (db, record) = (self.db.clone(), job.clone());
-            off_runtime(move || db.update_job_if_state(&record, JobState::Queued)).await?
+            let (runner, record) = (self.clone(), job.clone());
+            off_runtime(move || {
+                let claimed = runner.db.update_job_if_state(&record, JobState::Queued)?;
+                if claimed {
+                    runner.announce_state(&record, Some(JobState::Queued));
+                }
+                Ok(claimed)
+            })
+            .await?
         };
         if !claimed {
             return Ok(()); // cancelled while queued
@@ -95,6 +102,7 @@ impl Runner {
                     runner.attest_job(&mut job, plan.spec(), image_digest.as_deref())?;
                 }
                 runner.db.update_job(&job)?;
+                runner.announce_state(&job, Some(JobState::Running));
                 Ok(job)
             })
             .await?
@@ -188,6 +196,7 @@ impl Runner {
                 *slot = result.clone();
             }
             self.save_progress(job).await?;
+            self.bus.step_finished(id, &result);
             self.emit(id, job_event::Event::StepFinished(result));
             match state {
                 StepState::Succeeded => {}

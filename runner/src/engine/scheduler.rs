@@ -10,6 +10,7 @@ use tokio::sync::watch;
 use crate::engine::fairqueue::Share;
 use crate::engine::jobs::{JobHandle, Runner};
 use crate::engine::now_ms;
+use crate::error::Result;
 
 impl Runner {
     /// Runs queued jobs, at most `max_concurrent_jobs` at a time, the slots shared
@@ -136,10 +137,11 @@ impl Runner {
         let Ok(Some(mut job)) = self.db.get_job(id) else {
             return;
         };
+        let from = JobState::try_from(job.state).ok();
         job.state = JobState::Error as i32;
         job.message = message.to_string();
         job.finished_unix_ms = now_ms();
-        if let Err(err) = self.db.update_job(&job) {
+        if let Err(err) = self.commit_failure(&job, from) {
             tracing::error!(job = %id, error = %err, "could not record the job's failure; retrying");
             let runner = self.clone();
             let job = job.clone();
@@ -147,8 +149,10 @@ impl Runner {
                 let mut wait = std::time::Duration::from_millis(200);
                 loop {
                     tokio::time::sleep(wait).await;
-                    let (db, record) = (runner.db.clone(), job.clone());
-                    match tokio::task::spawn_blocking(move || db.update_job(&record)).await {
+                    let (failed, record) = (runner.clone(), job.clone());
+                    match tokio::task::spawn_blocking(move || failed.commit_failure(&record, from))
+                        .await
+                    {
                         Ok(Ok(())) => {
                             tracing::info!(job = %job.job_id, "recorded the job's failure");
                             return;
@@ -159,5 +163,12 @@ impl Runner {
             });
         }
         self.finish_handle(id, job);
+    }
+
+    /// Commits a job's failure and announces it (on the calling, blocking thread).
+    fn commit_failure(&self, job: &agent_proto::v1::Job, from: Option<JobState>) -> Result<()> {
+        self.db.update_job(job)?;
+        self.announce_state(job, from);
+        Ok(())
     }
 }

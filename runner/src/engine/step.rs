@@ -307,6 +307,10 @@ impl Runner {
                 "a step status without a verdict".into(),
             ));
         };
+        self.bus
+            .emit(&crate::engine::bus::EngineEvent::SandboxSetupFailed {
+                layer: layer.clone(),
+            });
         result.state = StepState::Error as i32;
         result.exit_code = 125;
         // The supervisor's text may name the host's side of a mount.

@@ -239,6 +239,37 @@ impl Database {
         write_record(&mut conn, job, Some(expected))
     }
 
+    /// The owner key of a job, without decoding its record.
+    pub fn owner_of(&self, id: &str) -> Result<Option<String>> {
+        let conn = self.lock()?;
+        Ok(conn
+            .query_row("SELECT owner FROM jobs WHERE id = ?1", params![id], |row| {
+                row.get(0)
+            })
+            .optional()?)
+    }
+
+    /// How many jobs each owner has in each state (the metrics' starting point).
+    pub fn count_by_owner_and_state(&self) -> Result<Vec<(String, JobState, u64)>> {
+        let conn = self.lock()?;
+        let mut stmt =
+            conn.prepare("SELECT owner, state, COUNT(*) FROM jobs GROUP BY owner, state")?;
+        let rows = stmt.query_map([], |row| {
+            Ok((
+                row.get::<_, String>(0)?,
+                row.get::<_, i32>(1)?,
+                row.get::<_, i64>(2)?,
+            ))
+        })?;
+        let mut counts = Vec::new();
+        for row in rows {
+            let (owner, state, count) = row?;
+            let state = JobState::try_from(state).unwrap_or(JobState::Unspecified);
+            counts.push((owner, state, u64::try_from(count).unwrap_or(0)));
+        }
+        Ok(counts)
+    }
+
     pub fn get_job(&self, id: &str) -> Result<Option<Job>> {
         Ok(self.get_job_and_owner(id)?.map(|(job, _)| job))
     }

@@ -1,4 +1,5 @@
-//! Durable state: the content store and the job database.
+//! Durable state: the content store, the job database and the audit log.
 
+pub mod audit;
 pub mod cas;
 pub mod db;

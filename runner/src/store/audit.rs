@@ -1,0 +1,943 @@
+//! The audit log: who did what, and what the engine did to jobs, as a hash chain of JSON
+//! lines with signed checkpoints.
+//!
+//! `<state>/audit/audit.jsonl` holds one entry per line. Each entry carries `prev`, the
+//! SHA-256 of the previous line's exact bytes (without its newline; the first entry's is
+//! all zeros), and `seq`, its position from 0: an edited, deleted, inserted or reordered
+//! entry breaks the chain or the numbering at the next line. Every
+//! `audit_checkpoint_entries` entries or `audit_checkpoint_seconds` seconds a checkpoint
+//! entry signs the count of the entries before it and the hash of the last one with the
+//! runner's current key (named by key id, so it verifies after a rotation). The last
+//! checkpoint line is also kept in `head.json`, replaced atomically: a log cut before its
+//! last checkpoint no longer holds that line.
+//!
+//! One file rather than segments: a verification reads the whole chain anyway, and one
+//! file has no boundary for an attacker to cut at unnoticed. Each append is fsync'd before
+//! the call it records answers; one that cannot be written fails that call.
+//!
+//! What verification cannot see (README, "Audit log"): entries after the last checkpoint
+//! can be removed or rewritten by someone who can write the files (the daemon checkpoints
+//! within `audit_checkpoint_seconds` and when it stops, so this tail is short), and a
+//! writer who replaces both the log and `head.json` by an older, consistent pair rolls the
+//! log back. Checkpoints are also written to the daemon's log and counted in its metrics,
+//! off the host's disk, to catch the latter.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use provenance::keyring::{fmt_time, parse_time, TrustedKey};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use time::OffsetDateTime;
+
+use crate::engine::signer::Signer;
+use crate::error::{Result, RunnerError};
+use crate::store::cas::sync_dir;
+
+pub const AUDIT_DIR: &str = "audit";
+pub const LOG_FILE: &str = "audit.jsonl";
+pub const HEAD_FILE: &str = "head.json";
+/// The `prev` of the first entry.
+pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+pub const CHECKPOINT_ACTION: &str = "audit.checkpoint";
+/// The principal of what the daemon does on its own (job state changes, checkpoints).
+pub const DAEMON_PRINCIPAL: &str = "kiln";
+/// Longest `reason` kept, and longest other text field: an entry stays a short line.
+const MAX_REASON: usize = 1024;
+const MAX_FIELD: usize = 512;
+/// How much of the log's end is read at start to find its last entry: far more than the
+/// longest line the bounds above allow.
+const TAIL_READ: u64 = 1 << 20;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Decision {
+    Allow,
+    Deny,
+}
+
+/// What an entry records, before the log numbers and chains it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    pub principal: String,
+    pub tenant: Option<String>,
+    pub action: String,
+    pub object: String,
+    pub decision: Decision,
+    pub reason: String,
+}
+
+impl Record {
+    /// Something the daemon did on its own.
+    pub fn daemon(action: &str, object: &str, reason: &str) -> Self {
+        Record {
+            principal: DAEMON_PRINCIPAL.into(),
+            tenant: None,
+            action: action.into(),
+            object: object.into(),
+            decision: Decision::Allow,
+            reason: reason.into(),
+        }
+    }
+}
+
+/// One line of the log. Field order is the line's.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Entry {
+    pub seq: u64,
+    /// RFC 3339, UTC.
+    pub time: String,
+    pub principal: String,
+    pub tenant: Option<String>,
+    pub action: String,
+    pub object: String,
+    pub decision: Decision,
+    pub reason: String,
+    /// SHA-256 (hex) of the previous line's bytes; [`GENESIS`] for the first.
+    pub prev: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint: Option<Checkpoint>,
+}
+
+/// A signature over the log up to (not including) the checkpoint entry itself.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Checkpoint {
+    /// Entries before this one (so, this entry's `seq`).
+    pub count: u64,
+    /// SHA-256 of the line before this one (so, this entry's `prev`).
+    pub head: String,
+    pub keyid: String,
+    /// Ed25519 over [`checkpoint_message`], hex.
+    pub signature: String,
+}
+
+/// The bytes a checkpoint signs.
+pub fn checkpoint_message(count: u64, head: &str, time: &str) -> Vec<u8> {
+    format!("kiln audit checkpoint v1\ncount {count}\nhead {head}\ntime {time}\n").into_bytes()
+}
+
+pub fn line_hash(line: &[u8]) -> String {
+    hex::encode(Sha256::digest(line))
+}
+
+/// The log of one state directory, open for appending.
+pub struct AuditLog {
+    dir: PathBuf,
+    signer: Signer,
+    checkpoint_entries: u64,
+    checkpoint_interval: Duration,
+    inner: Mutex<Inner>,
+    /// Entries in the log (for metrics).
+    entries: AtomicU64,
+    /// Unix seconds of the last checkpoint written by this daemon; 0 before the first.
+    last_checkpoint_unix: AtomicI64,
+}
+
+struct Inner {
+    file: File,
+    /// Bytes of the log that hold whole entries.
+    len: u64,
+    next_seq: u64,
+    prev: String,
+    since_checkpoint: u64,
+    last_checkpoint: Instant,
+    /// The key id of the last checkpoint, to notice a rotation.
+    last_keyid: Option<String>,
+}
+
+impl AuditLog {
+    /// Opens (creating) `<state>/audit/`, signing checkpoints with the ring in `keys_dir`.
+    /// A last line cut short by a crash (its call never answered) is removed; a last line
+    /// that is whole but unreadable stops the start: the chain cannot be continued.
+    pub fn open(
+        state_dir: &Path,
+        signer: Signer,
+        checkpoint_entries: u64,
+        checkpoint_interval: Duration,
+    ) -> Result<Self> {
+        let dir = state_dir.join(AUDIT_DIR);
+        fs::create_dir_all(&dir).map_err(RunnerError::io_path("creating", &dir))?;
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o700))
+            .map_err(RunnerError::io_path("chmod", &dir))?;
+        let path = dir.join(LOG_FILE);
+        let mut file = OpenOptions::new()
+            .read(true)
+            .append(true)
+            .create(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&path)
+            .map_err(RunnerError::io_path("opening", &path))?;
+        let (len, last) = last_line(&mut file).map_err(RunnerError::io_path("reading", &path))?;
+        let file_len = file
+            .metadata()
+            .map_err(RunnerError::io_path("reading", &path))?
+            .len();
+        if file_len > len {
+            tracing::warn!(
+                bytes = file_len - len,
+                "the audit log ends in a partial entry (a crash while appending); removing it"
+            );
+            file.set_len(len)
+                .map_err(RunnerError::io_path("truncating", &path))?;
+            file.sync_all()
+                .map_err(RunnerError::io_path("syncing", &path))?;
+        }
+        let (next_seq, prev) = match last {
+            None => (0, GENESIS.to_string()),
+            Some(line) => {
+                let entry: Entry = serde_json::from_slice(&line).map_err(|e| {
+                    RunnerError::Internal(format!(
+                        "the audit log's last entry is unreadable ({e}); check it with `kiln audit verify`"
+                    ))
+                })?;
+                (entry.seq + 1, line_hash(&line))
+            }
+        };
+        let head = fs::read(dir.join(HEAD_FILE))
+            .ok()
+            .and_then(|bytes| serde_json::from_slice::<Entry>(bytes.trim_ascii_end()).ok());
+        // Continuing a log cut before its last checkpoint would replace the head file,
+        // the evidence of the cut: refuse, as for a lost job database.
+        if let Some(head) = head.as_ref().filter(|h| h.seq >= next_seq) {
+            return Err(RunnerError::FailedPrecondition(format!(
+                "the audit log in {} ends before its last signed checkpoint (seq {}): it was \
+                 truncated or lost. Check it with `kiln audit verify`; to start a new log, \
+                 move the audit directory aside",
+                dir.display(),
+                head.seq
+            )));
+        }
+        let last_keyid = head.and_then(|entry| entry.checkpoint).map(|c| c.keyid);
+        Ok(AuditLog {
+            dir,
+            signer,
+            checkpoint_entries: checkpoint_entries.max(1),
+            checkpoint_interval,
+            inner: Mutex::new(Inner {
+                file,
+                len,
+                next_seq,
+                prev,
+                since_checkpoint: 0,
+                last_checkpoint: Instant::now(),
+                last_keyid,
+            }),
+            entries: AtomicU64::new(next_seq),
+            last_checkpoint_unix: AtomicI64::new(0),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic mid-append leaves `len` at the last whole entry: still consistent.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Appends `record`, durably, and a checkpoint when one is due. Answers its seq. A
+    /// write that fails leaves the log as it was and answers RESOURCE_EXHAUSTED.
+    pub fn append(&self, record: Record) -> Result<u64> {
+        let mut inner = self.lock();
+        let (seq, _) = self.write_entry(&mut inner, record, None, now())?;
+        if inner.since_checkpoint >= self.checkpoint_entries
+            || inner.last_checkpoint.elapsed() >= self.checkpoint_interval
+        {
+            // The entry is recorded; a checkpoint that fails now is tried again later.
+            if let Err(err) = self.checkpoint_locked(&mut inner) {
+                tracing::error!(error = %err, "could not write an audit checkpoint");
+            }
+        }
+        Ok(seq)
+    }
+
+    /// Writes a checkpoint if entries were added since the last one and it is due by
+    /// time (the daemon calls this every `audit_checkpoint_seconds`).
+    pub fn checkpoint_if_due(&self) -> Result<()> {
+        let mut inner = self.lock();
+        if inner.since_checkpoint > 0 && inner.last_checkpoint.elapsed() >= self.checkpoint_interval
+        {
+            self.checkpoint_locked(&mut inner)?;
+        }
+        Ok(())
+    }
+
+    /// Writes a checkpoint now if any entry is not covered by one (at start and stop).
+    pub fn checkpoint(&self) -> Result<()> {
+        let mut inner = self.lock();
+        if inner.since_checkpoint > 0 || inner.next_seq == 0 || inner.last_keyid.is_none() {
+            self.checkpoint_locked(&mut inner)?;
+        }
+        Ok(())
+    }
+
+    /// Entries in the log.
+    pub fn entries(&self) -> u64 {
+        self.entries.load(Ordering::Relaxed)
+    }
+
+    /// Unix seconds of the last checkpoint this daemon wrote (0: none yet).
+    pub fn last_checkpoint_unix(&self) -> i64 {
+        self.last_checkpoint_unix.load(Ordering::Relaxed)
+    }
+
+    fn checkpoint_locked(&self, inner: &mut Inner) -> Result<()> {
+        let current = self.signer.current()?;
+        let keyid = current.key.keyid();
+        if let Some(previous) = inner.last_keyid.clone().filter(|k| *k != keyid) {
+            // The ring was rotated (`kiln keys rotate`) since the last checkpoint.
+            self.write_entry(
+                inner,
+                Record::daemon(
+                    "key.rotate",
+                    &format!("key:{keyid}"),
+                    &format!("the runner's signing key changed from {previous}"),
+                ),
+                None,
+                now(),
+            )?;
+        }
+        let time = now();
+        let (count, head) = (inner.next_seq, inner.prev.clone());
+        let signature = current.key.sign(&checkpoint_message(count, &head, &time));
+        let checkpoint = Checkpoint {
+            count,
+            head: head.clone(),
+            keyid: keyid.clone(),
+            signature: hex::encode(signature),
+        };
+        let (_, line) = self.write_entry(
+            inner,
+            Record::daemon(CHECKPOINT_ACTION, "audit", ""),
+            Some(checkpoint),
+            time,
+        )?;
+        self.write_head(&line)?;
+        inner.since_checkpoint = 0;
+        inner.last_checkpoint = Instant::now();
+        inner.last_keyid = Some(keyid.clone());
+        self.last_checkpoint_unix.store(
+            OffsetDateTime::now_utc().unix_timestamp(),
+            Ordering::Relaxed,
+        );
+        // A copy off this disk (the journal): a log and head file both rolled back to an
+        // older, consistent pair disagree with it.
+        tracing::info!(seq = count, head = %head, %keyid, "audit checkpoint");
+        Ok(())
+    }
+
+    /// Appends one entry and syncs it; answers its seq and line (without newline).
+    fn write_entry(
+        &self,
+        inner: &mut Inner,
+        record: Record,
+        checkpoint: Option<Checkpoint>,
+        time: String,
+    ) -> Result<(u64, Vec<u8>)> {
+        let entry = Entry {
+            seq: inner.next_seq,
+            time,
+            principal: bounded(record.principal, MAX_FIELD),
+            tenant: record.tenant.map(|t| bounded(t, MAX_FIELD)),
+            action: bounded(record.action, MAX_FIELD),
+            object: bounded(record.object, MAX_FIELD),
+            decision: record.decision,
+            reason: bounded(record.reason, MAX_REASON),
+            prev: inner.prev.clone(),
+            checkpoint,
+        };
+        let is_checkpoint = entry.checkpoint.is_some();
+        let mut line = serde_json::to_vec(&entry)
+            .map_err(|e| RunnerError::Internal(format!("encoding an audit entry: {e}")))?;
+        line.push(b'\n');
+        let written = inner
+            .file
+            .write_all(&line)
+            .and_then(|()| inner.file.sync_data());
+        if let Err(err) = written {
+            // Nothing half-written may stay: the next entry chains onto the last whole one.
+            let _ = inner.file.set_len(inner.len);
+            tracing::error!(error = %err, action = %entry.action, "could not write the audit log");
+            return Err(RunnerError::ResourceExhausted(format!(
+                "the audit log cannot be written ({}); the call is refused rather than left unaudited",
+                err.kind()
+            )));
+        }
+        line.pop();
+        inner.len += line.len() as u64 + 1;
+        inner.prev = line_hash(&line);
+        inner.next_seq += 1;
+        if !is_checkpoint {
+            inner.since_checkpoint += 1;
+        }
+        self.entries.store(inner.next_seq, Ordering::Relaxed);
+        Ok((entry.seq, line))
+    }
+
+    /// Replaces `head.json` with the checkpoint line, atomically and durably.
+    fn write_head(&self, line: &[u8]) -> Result<()> {
+        let tmp = self.dir.join(format!("{HEAD_FILE}.tmp"));
+        let head = self.dir.join(HEAD_FILE);
+        let write = || -> std::io::Result<()> {
+            let mut file = OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .custom_flags(libc::O_NOFOLLOW)
+                .open(&tmp)?;
+            file.write_all(line)?;
+            file.write_all(b"\n")?;
+            file.sync_all()?;
+            fs::rename(&tmp, &head)
+        };
+        write().map_err(|e| {
+            RunnerError::ResourceExhausted(format!(
+                "the audit head file cannot be written ({})",
+                e.kind()
+            ))
+        })?;
+        sync_dir(&self.dir)
+    }
+}
+
+/// Job state changes, as the engine commits them (from its blocking code: the entry is
+/// durable before the change is announced to anyone else).
+impl crate::engine::bus::Observer for AuditLog {
+    fn observe(&self, event: &crate::engine::bus::EngineEvent) {
+        let crate::engine::bus::EngineEvent::JobStateChanged {
+            job_id,
+            owner,
+            tenant,
+            from,
+            to,
+            reason,
+        } = event
+        else {
+            return;
+        };
+        let state = crate::engine::bus::state_label;
+        let change = match from {
+            None => format!("owner {owner}: accepted, {}", state(*to)),
+            Some(from) => format!("owner {owner}: {} -> {}", state(*from), state(*to)),
+        };
+        let record = Record {
+            // Accepting is the submitter's doing; every later change is the daemon's.
+            principal: if from.is_none() {
+                owner.clone()
+            } else {
+                DAEMON_PRINCIPAL.into()
+            },
+            tenant: tenant.clone(),
+            action: "job.state".into(),
+            object: format!("job:{job_id}"),
+            decision: Decision::Allow,
+            reason: if reason.is_empty() {
+                change
+            } else {
+                format!("{change}: {reason}")
+            },
+        };
+        if let Err(err) = self.append(record) {
+            tracing::error!(job = %job_id, error = %err, "JOB STATE CHANGE NOT AUDITED");
+        }
+    }
+}
+
+fn now() -> String {
+    fmt_time(OffsetDateTime::now_utc())
+}
+
+/// `text` cut to at most `max` bytes, on a character boundary.
+fn bounded(mut text: String, max: usize) -> String {
+    if text.len() > max {
+        let mut end = max.saturating_sub(3);
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+        text.push_str("...");
+    }
+    text
+}
+
+/// The length of the file's whole lines and its last whole line (without newline).
+fn last_line(file: &mut File) -> std::io::Result<(u64, Option<Vec<u8>>)> {
+    let len = file.metadata()?.len();
+    let start = len.saturating_sub(TAIL_READ);
+    file.seek(SeekFrom::Start(start))?;
+    let mut tail = Vec::new();
+    file.take(len - start).read_to_end(&mut tail)?;
+    let Some(end) = tail.iter().rposition(|&b| b == b'\n') else {
+        if start > 0 {
+            return Err(std::io::Error::other(
+                "the audit log's last line is too long",
+            ));
+        }
+        return Ok((0, None));
+    };
+    let body = &tail[..end];
+    let begin = body.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+    if begin == 0 && start > 0 {
+        return Err(std::io::Error::other(
+            "the audit log's last line is too long",
+        ));
+    }
+    Ok((start + end as u64 + 1, Some(body[begin..].to_vec())))
+}
+
+/// Where verification found the log broken.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// 1-based line of the log, if the problem is at one.
+    pub line: Option<u64>,
+    pub seq: Option<u64>,
+    pub message: String,
+}
+
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (self.line, self.seq) {
+            (Some(line), Some(seq)) => write!(f, "line {line} (seq {seq}): {}", self.message),
+            (Some(line), None) => write!(f, "line {line}: {}", self.message),
+            _ => write!(f, "{}", self.message),
+        }
+    }
+}
+
+/// What a log that verified holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verified {
+    pub entries: u64,
+    pub checkpoints: u64,
+    /// Seq of the last checkpoint in the log.
+    pub last_checkpoint: Option<u64>,
+    /// Entries after the last checkpoint: chained, but not yet signed.
+    pub unsigned_tail: u64,
+}
+
+/// Verifies a log and its head file against the runner's public keys.
+pub fn verify(
+    log: &[u8],
+    head: Option<&[u8]>,
+    keys: &[TrustedKey],
+) -> std::result::Result<Verified, Problem> {
+    let mut prev = GENESIS.to_string();
+    let mut lines: Vec<&[u8]> = Vec::new();
+    let mut checkpoints = 0;
+    let mut last_checkpoint = None;
+    for (index, raw) in log.split_inclusive(|&b| b == b'\n').enumerate() {
+        let line_no = index as u64 + 1;
+        let expected = index as u64;
+        let at = |seq: Option<u64>, message: String| Problem {
+            line: Some(line_no),
+            seq,
+            message,
+        };
+        let Some(line) = raw.strip_suffix(b"\n") else {
+            return Err(at(None, "the last line is incomplete (no newline)".into()));
+        };
+        let entry: Entry = serde_json::from_slice(line)
+            .map_err(|e| at(None, format!("not an audit entry: {e}")))?;
+        let seq = Some(entry.seq);
+        if entry.seq > expected {
+            return Err(at(
+                seq,
+                format!(
+                    "seq {} where {expected} was expected: entries {expected}..{} are missing (deleted)",
+                    entry.seq,
+                    entry.seq - 1
+                ),
+            ));
+        }
+        if entry.seq < expected {
+            return Err(at(
+                seq,
+                format!("seq {} where {expected} was expected: an entry was inserted, repeated or moved here", entry.seq),
+            ));
+        }
+        if entry.prev != prev {
+            let message = if index == 0 {
+                "the first entry does not start the chain (prev is not all zeros)".to_string()
+            } else {
+                format!(
+                    "prev does not match line {index}: line {index} (seq {}) was edited, or an entry was inserted or removed before this one",
+                    expected - 1
+                )
+            };
+            return Err(at(seq, message));
+        }
+        if let Some(checkpoint) = &entry.checkpoint {
+            check_checkpoint(&entry, checkpoint, keys).map_err(|m| at(seq, m))?;
+            checkpoints += 1;
+            last_checkpoint = Some(entry.seq);
+        } else if entry.action == CHECKPOINT_ACTION {
+            return Err(at(seq, "a checkpoint entry without its signature".into()));
+        }
+        prev = line_hash(line);
+        lines.push(line);
+    }
+    let entries = lines.len() as u64;
+    let Some(head) = head else {
+        return Err(Problem {
+            line: None,
+            seq: None,
+            message: format!(
+                "{HEAD_FILE} is missing: cannot tell whether the log ({entries} entries) was truncated"
+            ),
+        });
+    };
+    let head = head.strip_suffix(b"\n").unwrap_or(head);
+    let head_problem = |message: String| Problem {
+        line: None,
+        seq: None,
+        message: format!("{HEAD_FILE}: {message}"),
+    };
+    let head_entry: Entry = serde_json::from_slice(head)
+        .map_err(|e| head_problem(format!("not an audit entry: {e}")))?;
+    let checkpoint = head_entry
+        .checkpoint
+        .as_ref()
+        .ok_or_else(|| head_problem("not a checkpoint".into()))?;
+    check_checkpoint(&head_entry, checkpoint, keys).map_err(head_problem)?;
+    match usize::try_from(head_entry.seq).ok().and_then(|i| lines.get(i)) {
+        None => {
+            return Err(Problem {
+                line: None,
+                seq: Some(head_entry.seq),
+                message: format!(
+                    "the log was truncated: it ends after {entries} entries, but {HEAD_FILE} holds a signed checkpoint at seq {}",
+                    head_entry.seq
+                ),
+            })
+        }
+        Some(line) if *line != head => {
+            return Err(Problem {
+                line: Some(head_entry.seq + 1),
+                seq: Some(head_entry.seq),
+                message: format!("differs from the signed checkpoint in {HEAD_FILE}"),
+            })
+        }
+        Some(_) => {}
+    }
+    Ok(Verified {
+        entries,
+        checkpoints,
+        last_checkpoint,
+        unsigned_tail: last_checkpoint.map_or(entries, |seq| entries - seq - 1),
+    })
+}
+
+fn check_checkpoint(
+    entry: &Entry,
+    checkpoint: &Checkpoint,
+    keys: &[TrustedKey],
+) -> std::result::Result<(), String> {
+    if entry.action != CHECKPOINT_ACTION {
+        return Err(format!("a checkpoint in a {:?} entry", entry.action));
+    }
+    if checkpoint.count != entry.seq || checkpoint.head != entry.prev {
+        return Err("the checkpoint's count or head is not the entry's own seq and prev".into());
+    }
+    let key = keys
+        .iter()
+        .find(|k| k.keyid() == checkpoint.keyid)
+        .ok_or_else(|| {
+            format!(
+                "checkpoint signed by key {}, which is not among the trusted keys",
+                checkpoint.keyid
+            )
+        })?;
+    let time = parse_time(&entry.time).map_err(|e| format!("checkpoint time: {e}"))?;
+    if !key.valid_at(time) {
+        return Err(format!(
+            "checkpoint signed by key {} outside its validity window",
+            checkpoint.keyid
+        ));
+    }
+    let signature = hex::decode(&checkpoint.signature)
+        .map_err(|_| "the checkpoint signature is not hex".to_string())?;
+    if !key.key.verify(
+        &checkpoint_message(checkpoint.count, &checkpoint.head, &entry.time),
+        &signature,
+    ) {
+        return Err("bad checkpoint signature".into());
+    }
+    Ok(())
+}
+
+/// The log's last `n` lines, as stored.
+pub fn tail(state_dir: &Path, n: usize) -> std::io::Result<Vec<String>> {
+    let path = state_dir.join(AUDIT_DIR).join(LOG_FILE);
+    let mut file = File::open(path)?;
+    let len = file.metadata()?.len();
+    // Every line is far shorter than this bound (see MAX_REASON).
+    let want = (n as u64 + 1).saturating_mul(8 << 10);
+    let start = len.saturating_sub(want);
+    file.seek(SeekFrom::Start(start))?;
+    let mut text = String::new();
+    file.read_to_string(&mut text)?;
+    let mut lines: Vec<&str> = text.lines().collect();
+    if start > 0 && !lines.is_empty() {
+        lines.remove(0); // cut in the middle
+    }
+    let skip = lines.len().saturating_sub(n);
+    Ok(lines[skip..].iter().map(|l| l.to_string()).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    struct Fixture {
+        dir: tempfile::TempDir,
+    }
+
+    impl Fixture {
+        fn new() -> Self {
+            Fixture {
+                dir: tempfile::tempdir().unwrap(),
+            }
+        }
+        fn open(&self, every: u64) -> AuditLog {
+            let (signer, _) = Signer::open(&self.dir.path().join("keys")).unwrap();
+            AuditLog::open(self.dir.path(), signer, every, Duration::from_secs(3600)).unwrap()
+        }
+        fn keys(&self) -> Vec<TrustedKey> {
+            let bytes = fs::read(
+                self.dir
+                    .path()
+                    .join("keys")
+                    .join(provenance::keyring::KEYRING_FILE),
+            )
+            .unwrap();
+            provenance::keyring::PublicKeyRing::from_json_bytes(&bytes)
+                .unwrap()
+                .keys
+        }
+        fn log(&self) -> Vec<u8> {
+            fs::read(self.dir.path().join(AUDIT_DIR).join(LOG_FILE)).unwrap()
+        }
+        fn head(&self) -> Vec<u8> {
+            fs::read(self.dir.path().join(AUDIT_DIR).join(HEAD_FILE)).unwrap()
+        }
+        fn verify(&self, log: &[u8]) -> std::result::Result<Verified, Problem> {
+            verify(log, Some(&self.head()), &self.keys())
+        }
+    }
+
+    fn record(i: usize) -> Record {
+        Record {
+            principal: "uid:1000".into(),
+            tenant: None,
+            action: "job.submit".into(),
+            object: format!("job:{i}"),
+            decision: Decision::Allow,
+            reason: String::new(),
+        }
+    }
+
+    /// A log of 10 entries with a checkpoint after every 3 (and one at the end).
+    fn written() -> Fixture {
+        let fixture = Fixture::new();
+        let log = fixture.open(3);
+        for i in 0..10 {
+            log.append(record(i)).unwrap();
+        }
+        log.checkpoint().unwrap();
+        fixture
+    }
+
+    fn lines(log: &[u8]) -> Vec<Vec<u8>> {
+        log.split_inclusive(|&b| b == b'\n')
+            .map(<[u8]>::to_vec)
+            .collect()
+    }
+
+    #[test]
+    fn a_written_log_verifies_with_its_checkpoints() {
+        let fixture = written();
+        let verified = fixture.verify(&fixture.log()).unwrap();
+        // 10 entries, a checkpoint after every 3 (3 of them), one at the end.
+        assert_eq!(verified.entries, 14);
+        assert_eq!(verified.checkpoints, 4);
+        assert_eq!(verified.unsigned_tail, 0);
+        let first: Entry = serde_json::from_slice(&lines(&fixture.log())[0]).unwrap();
+        assert_eq!(first.prev, GENESIS);
+    }
+
+    #[test]
+    fn an_edited_entry_is_found() {
+        let fixture = written();
+        let mut lines = lines(&fixture.log());
+        let edited = String::from_utf8(lines[4].clone())
+            .unwrap()
+            .replace("uid:1000", "uid:1001");
+        lines[4] = edited.into_bytes();
+        let problem = fixture.verify(&lines.concat()).unwrap_err();
+        assert_eq!(problem.line, Some(6));
+        assert!(
+            problem.message.contains("line 5 (seq 4) was edited"),
+            "{problem}"
+        );
+    }
+
+    #[test]
+    fn a_deleted_entry_is_found() {
+        let fixture = written();
+        let mut lines = lines(&fixture.log());
+        lines.remove(5);
+        let problem = fixture.verify(&lines.concat()).unwrap_err();
+        assert_eq!((problem.line, problem.seq), (Some(6), Some(6)));
+        assert!(problem.message.contains("missing"), "{problem}");
+    }
+
+    #[test]
+    fn reordered_entries_are_found() {
+        let fixture = written();
+        let mut lines = lines(&fixture.log());
+        lines.swap(1, 2);
+        let problem = fixture.verify(&lines.concat()).unwrap_err();
+        assert_eq!(problem.line, Some(2));
+    }
+
+    #[test]
+    fn an_inserted_entry_is_found() {
+        let fixture = written();
+        let mut lines = lines(&fixture.log());
+        let copy = lines[2].clone();
+        lines.insert(3, copy);
+        let problem = fixture.verify(&lines.concat()).unwrap_err();
+        assert_eq!(problem.line, Some(4));
+        assert!(problem.message.contains("inserted"), "{problem}");
+    }
+
+    #[test]
+    fn a_forged_checkpoint_signature_is_found() {
+        let fixture = written();
+        let mut lines = lines(&fixture.log());
+        let mut entry: Entry =
+            serde_json::from_slice(lines[3].strip_suffix(b"\n").unwrap()).unwrap();
+        let checkpoint = entry.checkpoint.as_mut().expect("line 4 is a checkpoint");
+        checkpoint.signature = hex::encode([7u8; 64]);
+        let mut line = serde_json::to_vec(&entry).unwrap();
+        line.push(b'\n');
+        lines[3] = line;
+        let problem = fixture.verify(&lines.concat()).unwrap_err();
+        assert_eq!(problem.line, Some(4));
+        assert!(
+            problem.message.contains("bad checkpoint signature"),
+            "{problem}"
+        );
+        // A checkpoint signed by a key the verifier does not trust is refused too.
+        let other = tempfile::tempdir().unwrap();
+        let (signer, _) = Signer::open(other.path()).unwrap();
+        let _ = signer;
+        let foreign = provenance::keyring::PublicKeyRing::from_json_bytes(
+            &fs::read(other.path().join(provenance::keyring::KEYRING_FILE)).unwrap(),
+        )
+        .unwrap()
+        .keys;
+        let problem = verify(&fixture.log(), Some(&fixture.head()), &foreign).unwrap_err();
+        assert!(
+            problem.message.contains("not among the trusted keys"),
+            "{problem}"
+        );
+    }
+
+    #[test]
+    fn a_log_truncated_before_its_last_checkpoint_is_found() {
+        let fixture = written();
+        let lines = lines(&fixture.log());
+        let problem = fixture.verify(&lines[..10].concat()).unwrap_err();
+        assert!(problem.message.contains("truncated"), "{problem}");
+        // Without the head file, nothing tells a truncation apart: refused.
+        let problem = verify(&fixture.log(), None, &fixture.keys()).unwrap_err();
+        assert!(problem.message.contains("missing"), "{problem}");
+    }
+
+    #[test]
+    fn the_chain_continues_across_reopen_and_rotation() {
+        let fixture = Fixture::new();
+        {
+            let log = fixture.open(100);
+            log.append(record(0)).unwrap();
+            log.checkpoint().unwrap();
+        }
+        // A crash mid-append left half a line: removed at the next open.
+        let path = fixture.dir.path().join(AUDIT_DIR).join(LOG_FILE);
+        let mut file = OpenOptions::new().append(true).open(&path).unwrap();
+        file.write_all(b"{\"seq\":2,\"ti").unwrap();
+        drop(file);
+        let mut ring =
+            provenance::keyring::KeyRing::open(&fixture.dir.path().join("keys")).unwrap();
+        ring.rotate().unwrap();
+        let log = fixture.open(100);
+        log.append(record(1)).unwrap();
+        log.checkpoint().unwrap();
+        let verified = fixture.verify(&fixture.log()).unwrap();
+        assert_eq!(verified.entries, 5);
+        let text = String::from_utf8(fixture.log()).unwrap();
+        assert!(text.contains("\"action\":\"key.rotate\""), "{text}");
+        assert_eq!(log.entries(), 5);
+    }
+
+    #[test]
+    fn a_log_cut_before_its_head_is_not_continued() {
+        let fixture = written();
+        let path = fixture.dir.path().join(AUDIT_DIR).join(LOG_FILE);
+        let log = fixture.log();
+        let cut: Vec<Vec<u8>> = lines(&log)[..5].to_vec();
+        fs::write(&path, cut.concat()).unwrap();
+        let (signer, _) = Signer::open(&fixture.dir.path().join("keys")).unwrap();
+        let err = AuditLog::open(fixture.dir.path(), signer, 3, Duration::from_secs(60))
+            .err()
+            .expect("a truncated log was continued");
+        assert!(
+            err.to_string()
+                .contains("before its last signed checkpoint"),
+            "{err}"
+        );
+        // Nothing was written: the evidence stays.
+        assert_eq!(fixture.log(), cut.concat());
+        fs::remove_file(&path).unwrap();
+        let (signer, _) = Signer::open(&fixture.dir.path().join("keys")).unwrap();
+        assert!(AuditLog::open(fixture.dir.path(), signer, 3, Duration::from_secs(60)).is_err());
+    }
+
+    #[test]
+    fn a_failed_write_leaves_the_log_whole_and_answers_resource_exhausted() {
+        let fixture = Fixture::new();
+        let log = fixture.open(100);
+        log.append(record(0)).unwrap();
+        // A file that refuses writes stands in for a full disk.
+        {
+            let mut inner = log.lock();
+            let path = fixture.dir.path().join(AUDIT_DIR).join(LOG_FILE);
+            inner.file = File::open(&path).unwrap();
+        }
+        let err = log.append(record(1)).unwrap_err();
+        assert!(matches!(err, RunnerError::ResourceExhausted(_)), "{err}");
+        assert_eq!(log.entries(), 1);
+    }
+
+    #[test]
+    fn long_fields_are_cut_on_a_character_boundary() {
+        let cut = bounded("é".repeat(600), 1024);
+        assert!(cut.len() <= 1024 && cut.ends_with("..."));
+    }
+
+    #[test]
+    fn tail_answers_the_last_lines() {
+        let fixture = written();
+        let last = tail(fixture.dir.path(), 2).unwrap();
+        assert_eq!(last.len(), 2);
+        assert!(last[1].contains(CHECKPOINT_ACTION));
+    }
+}
