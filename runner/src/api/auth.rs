@@ -4,7 +4,8 @@
 //! into a [`Principal`] carried in the request's extensions; the services only ask
 //! [`principal`] for it. On the Unix socket the identity is the peer's credentials
 //! (SO_PEERCRED, taken by the kernel at connect time, so a client cannot claim another);
-//! a TLS client certificate's identity is another constructor of the same type.
+//! on a TLS listener it is the client certificate's SAN URIs and DNS names
+//! ([`TlsIdentities`]), verified against the listener's client CA in the handshake.
 //!
 //! The rules: a job, its links, provenance and logs are visible to the principal that
 //! submitted it; a blob is readable by a principal that uploaded it or whose job stored
@@ -42,6 +43,12 @@ impl Principal {
     }
 }
 
+/// The identities of a TLS client, taken from its verified leaf certificate: each SAN
+/// URI as written (`spiffe://example.org/ci`) and each SAN DNS name as `dns:NAME`, in
+/// the certificate's order. Put into every request's extensions by the TLS listener.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TlsIdentities(pub Vec<String>);
+
 /// The owner key of a local uid.
 pub fn unix_owner(uid: u32) -> String {
     format!("uid:{uid}")
@@ -63,6 +70,11 @@ impl Authenticator {
 
 impl tonic::service::Interceptor for Authenticator {
     fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        if let Some(identities) = request.extensions().get::<TlsIdentities>() {
+            let principal = tls_principal(identities)?;
+            request.extensions_mut().insert(principal);
+            return Ok(request);
+        }
         let uid = request
             .extensions()
             .get::<tonic::transport::server::UdsConnectInfo>()
@@ -78,6 +90,21 @@ impl tonic::service::Interceptor for Authenticator {
             .insert(Principal::unix(uid, &self.admin_uids));
         Ok(request)
     }
+}
+
+/// The principal of a TLS client: its first identity. A certificate that names none
+/// (no SAN URI or DNS name) identifies nobody.
+fn tls_principal(identities: &TlsIdentities) -> Result<Principal, Status> {
+    let Some(first) = identities.0.first() else {
+        return Err(Status::unauthenticated(
+            "the client certificate names no identity (no SAN URI or DNS name)",
+        ));
+    };
+    Ok(Principal {
+        owner: format!("tls:{first}"),
+        uid: None,
+        admin: false,
+    })
 }
 
 /// The caller of a request that passed the [`Authenticator`].
@@ -114,5 +141,25 @@ mod tests {
         let err = auth.call(Request::new(())).unwrap_err();
         assert_eq!(err.code(), tonic::Code::Unauthenticated);
         assert!(principal(&Request::new(())).is_err());
+    }
+
+    #[test]
+    fn a_tls_client_is_its_first_identity_and_never_an_operator() {
+        let mut auth = Authenticator::new(&[0]);
+        let mut request = Request::new(());
+        request.extensions_mut().insert(TlsIdentities(vec![
+            "spiffe://example.org/ci".into(),
+            "dns:ci.example.org".into(),
+        ]));
+        let request = auth.call(request).unwrap();
+        let caller = principal(&request).unwrap();
+        assert_eq!(caller.owner, "tls:spiffe://example.org/ci");
+        assert_eq!(caller.uid, None);
+        assert!(!caller.admin);
+
+        let mut nameless = Request::new(());
+        nameless.extensions_mut().insert(TlsIdentities(Vec::new()));
+        let err = auth.call(nameless).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Unauthenticated);
     }
 }

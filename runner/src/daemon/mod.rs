@@ -1,4 +1,5 @@
-//! `kiln serve`: start-up, the socket and its accept loop, signals and drain.
+//! `kiln serve`: start-up, the listeners and their accept loops, TLS, signals and drain.
 
 pub mod listener;
 pub mod server;
+pub mod tls;
