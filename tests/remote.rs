@@ -164,9 +164,13 @@ fn free_port() -> u16 {
 /// A daemon with its `--socket`, a second Unix socket of mode 0600, and a TLS listener
 /// on loopback.
 fn start_daemon(pki: &Pki) -> (Daemon, u16, tempfile::NamedTempFile) {
+    start_daemon_with(pki, "")
+}
+
+fn start_daemon_with(pki: &Pki, extra: &str) -> (Daemon, u16, tempfile::NamedTempFile) {
     let port = free_port();
     let config = support::config_file(&format!(
-        "[[listen]]\nunix = {:?}\nmode = \"0600\"\n\n[[listen]]\ntcp = \"127.0.0.1:{port}\"\ntls_cert = {:?}\ntls_key = {:?}\nclient_ca = {:?}\n",
+        "{extra}[[listen]]\nunix = {:?}\nmode = \"0600\"\n\n[[listen]]\ntcp = \"127.0.0.1:{port}\"\ntls_cert = {:?}\ntls_key = {:?}\nclient_ca = {:?}\n",
         pki.path("second.sock"),
         pki.path("server.pem"),
         pki.path("server.key"),
@@ -402,6 +406,85 @@ fn a_job_runs_over_mutual_tls_and_bad_clients_are_refused_in_the_handshake() {
         "{}",
         daemon.log()
     );
+
+    // A certificate from the right CA that names no identity (no SAN URI or DNS name)
+    // gets through the handshake but identifies nobody.
+    let (cert, key) = pki.client_ca.leaf(Vec::new(), false, 9, false);
+    let status = rt.block_on(async {
+        let channel = runner::cli::client::channel_over_tls(
+            &format!("https://localhost:{port}"),
+            Arc::new(pki.client_config(&cert, &key)),
+        )
+        .await
+        .unwrap();
+        agent_proto::v1::attestations_client::AttestationsClient::new(channel)
+            .get_public_key(agent_proto::v1::GetPublicKeyRequest {})
+            .await
+            .unwrap_err()
+    });
+    assert_eq!(status.code(), tonic::Code::Unauthenticated, "{status:?}");
+}
+
+/// Whether the peer closed the connection within `wait` (reads reach end of file).
+fn closed_by_peer(stream: &mut std::net::TcpStream, wait: Duration) -> bool {
+    stream.set_read_timeout(Some(wait)).unwrap();
+    let mut buf = [0u8; 4096];
+    loop {
+        match std::io::Read::read(stream, &mut buf) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(e) => return e.kind() == std::io::ErrorKind::ConnectionReset,
+        }
+    }
+}
+
+/// Idle TCP connections count in the caps before any handshake (per peer address), and
+/// are closed when no handshake finished by the deadline; the socket's clients are
+/// served meanwhile, and TLS clients again once the flood is gone.
+#[test]
+fn tls_connections_count_in_the_caps_and_must_finish_the_handshake_in_time() {
+    if !require_root("tls_connections_count_in_the_caps_and_must_finish_the_handshake_in_time") {
+        return;
+    }
+    let pki = Pki::new();
+    let (daemon, port, _config) = start_daemon_with(
+        &pki,
+        "max_connections_per_client = 3\nconnection_handshake_timeout_seconds = 2\n",
+    );
+    let rt = runtime();
+    // Half a ClientHello, then nothing.
+    let mut flood: Vec<_> = (0..10)
+        .map(|_| {
+            let mut stream = std::net::TcpStream::connect((Ipv4Addr::LOCALHOST, port)).unwrap();
+            std::io::Write::write_all(&mut stream, &[0x16, 0x03, 0x01, 0x01, 0x00]).unwrap();
+            stream
+        })
+        .collect();
+    // The socket's clients count apart: served during the flood.
+    rt.block_on(async {
+        let client = runner::cli::client::Client::connect(&daemon.socket)
+            .await
+            .unwrap();
+        client.public_key().await.unwrap();
+    });
+    let closed = flood
+        .iter_mut()
+        .map(|stream| closed_by_peer(stream, Duration::from_secs(15)))
+        .filter(|closed| *closed)
+        .count();
+    assert_eq!(closed, 10, "idle connections the daemon never closed");
+    let log = daemon.log();
+    assert!(log.contains("max_connections_per_client"), "{log}");
+    assert!(
+        log.contains("no TLS handshake before the handshake deadline"),
+        "{log}"
+    );
+    // Their places are given back.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while let Err(err) = rt.block_on(probe(port, pki.good_client())) {
+        assert!(Instant::now() < deadline, "{err}\n{}", daemon.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 use rustls::pki_types::pem::PemObject;

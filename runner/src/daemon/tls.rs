@@ -344,3 +344,37 @@ impl AsyncWrite for TlsIo {
         self.stream.is_write_vectored()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn certificate(sans: Vec<rcgen::SanType>) -> CertificateDer<'static> {
+        let mut params = rcgen::CertificateParams::default();
+        params.subject_alt_names = sans;
+        let key = rcgen::KeyPair::generate().unwrap();
+        params.self_signed(&key).unwrap().der().clone()
+    }
+
+    #[test]
+    fn identities_are_san_uris_as_written_and_dns_names_marked() {
+        use rcgen::SanType;
+        let cert = certificate(vec![
+            SanType::URI("spiffe://example.org/ci".try_into().unwrap()),
+            SanType::IpAddress(std::net::Ipv4Addr::LOCALHOST.into()),
+            SanType::DnsName("orchestrator.example.org".try_into().unwrap()),
+            SanType::Rfc822Name("ci@example.org".try_into().unwrap()),
+        ]);
+        assert_eq!(
+            identities(&cert).0,
+            ["spiffe://example.org/ci", "dns:orchestrator.example.org"]
+        );
+        assert!(identities(&certificate(Vec::new())).0.is_empty());
+        assert!(
+            identities(&CertificateDer::from(b"not a certificate".to_vec()))
+                .0
+                .is_empty()
+        );
+    }
+}
