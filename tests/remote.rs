@@ -401,6 +401,21 @@ fn a_job_runs_over_mutual_tls_and_bad_clients_are_refused_in_the_handshake() {
         };
         assert!(refused.await.is_err());
     });
+    // The CLI with that certificate fails, saying it was the TLS connection.
+    let (cert, key) = Ca::new("a third CA").client(false);
+    pki.write("stranger.pem", &cert);
+    pki.write("stranger.key", &key);
+    let mut args = remote_flags(&pki, port);
+    args[3] = pki.path("stranger.pem").display().to_string();
+    args[5] = pki.path("stranger.key").display().to_string();
+    args.extend(["keys", "public"].map(String::from));
+    let out = kiln(&daemon, &args);
+    assert_eq!(out.status.code(), Some(125), "{}", describe(&out));
+    assert!(
+        text(&out.stderr).contains("TLS connection"),
+        "{}",
+        describe(&out)
+    );
     assert!(
         daemon.log().contains("TLS handshake failed"),
         "{}",

@@ -606,7 +606,27 @@ fn describe_error(err: &anyhow::Error) -> String {
             if !text.is_empty() {
                 text.push_str(": ");
             }
-            format!("{text}{:?}: {}", status.code(), status.message())
+            // A transport failure says why underneath (e.g. the daemon's TLS alert
+            // refusing the client certificate).
+            let mut cause = String::new();
+            let mut source = std::error::Error::source(status);
+            while let Some(err) = source {
+                let said = err.to_string();
+                if !cause.contains(&said) {
+                    cause.push_str(": ");
+                    cause.push_str(&said);
+                }
+                source = err.source();
+            }
+            // A connection that ended under the call: say what is known of why.
+            let transport = matches!(
+                status.code(),
+                tonic::Code::Cancelled | tonic::Code::Unavailable | tonic::Code::Unknown
+            ) && std::error::Error::source(status).is_some();
+            if let Some(hint) = client::tls_failure_hint().filter(|_| transport) {
+                cause.push_str(&format!(" ({hint})"));
+            }
+            format!("{text}{:?}: {}{cause}", status.code(), status.message())
         }
         None => format!("{err:#}"),
     }

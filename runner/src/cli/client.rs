@@ -147,11 +147,95 @@ pub async fn channel_over_tls(
                 let tcp = tokio::net::TcpStream::connect((host.as_str(), port)).await?;
                 tcp.set_nodelay(true)?;
                 let tls = connector.connect(server_name, tcp).await?;
-                Ok::<_, std::io::Error>(TokioIo::new(tls))
+                TLS_USED.store(true, std::sync::atomic::Ordering::Relaxed);
+                Ok::<_, std::io::Error>(TokioIo::new(ReadFailureKept(tls)))
             }
         }))
         .await
         .with_context(|| format!("connecting to the kiln daemon at {server}"))
+}
+
+/// The last error reading from a TLS connection to the daemon, e.g. the alert with which
+/// it refused the client certificate: in TLS 1.3 that arrives after the client's side
+/// of the handshake, and the HTTP/2 layer reports only a closed connection.
+static TLS_READ_FAILURE: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
+
+/// Whether this process opened a TLS connection to a daemon.
+static TLS_USED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// What is known of why a TLS connection to the daemon ended: the alert it sent, when
+/// it was read before the call failed, or else a hint where to look. None without TLS.
+pub fn tls_failure_hint() -> Option<String> {
+    if !TLS_USED.load(std::sync::atomic::Ordering::Relaxed) {
+        return None;
+    }
+    let failure = match TLS_READ_FAILURE.lock() {
+        Ok(failure) => failure.clone(),
+        Err(poisoned) => poisoned.into_inner().clone(),
+    };
+    Some(match failure {
+        Some(failure) => format!("the daemon's TLS connection: {failure}"),
+        None => "the daemon closed the TLS connection; if it refused this client's certificate, \
+                 the daemon's log says why"
+            .to_string(),
+    })
+}
+
+/// A client TLS stream that keeps its read errors for [`tls_read_failure`].
+struct ReadFailureKept(tokio_rustls::client::TlsStream<tokio::net::TcpStream>);
+
+impl tokio::io::AsyncRead for ReadFailureKept {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let poll = std::pin::Pin::new(&mut self.0).poll_read(cx, buf);
+        if let std::task::Poll::Ready(Err(err)) = &poll {
+            let mut failure = match TLS_READ_FAILURE.lock() {
+                Ok(failure) => failure,
+                Err(poisoned) => poisoned.into_inner(),
+            };
+            *failure = Some(err.to_string());
+        }
+        poll
+    }
+}
+
+impl tokio::io::AsyncWrite for ReadFailureKept {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.0).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.0.is_write_vectored()
+    }
 }
 
 #[derive(Clone)]
