@@ -213,6 +213,17 @@ async fn probe(port: u16, config: rustls::ClientConfig) -> Result<u8, String> {
     }
 }
 
+/// How a TLS handshake with the listener went (a full one, or a resumed session).
+async fn probe_kind(port: u16, config: rustls::ClientConfig) -> Option<rustls::HandshakeKind> {
+    let tcp = tokio::net::TcpStream::connect((Ipv4Addr::LOCALHOST, port))
+        .await
+        .unwrap();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let tls = connector.connect(name, tcp).await.unwrap();
+    tls.get_ref().1.handshake_kind()
+}
+
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -343,6 +354,14 @@ fn a_job_runs_over_mutual_tls_and_bad_clients_are_refused_in_the_handshake() {
     // handshake: an alert, never the daemon's HTTP/2 SETTINGS.
     rt.block_on(async {
         probe(port, pki.good_client()).await.unwrap();
+        // No resumption: a second connection of the same client is a full handshake,
+        // its certificate checked again.
+        let client = pki.good_client();
+        probe(port, client.clone()).await.unwrap();
+        assert_eq!(
+            probe_kind(port, client).await,
+            Some(rustls::HandshakeKind::Full)
+        );
 
         let provider = runner::daemon::tls::crypto_provider();
         let roots = runner::cli::client::ca_roots(pki.server_ca.pem.as_bytes()).unwrap();

@@ -132,6 +132,10 @@ pub fn server_config(listen: &TlsListen) -> Result<Arc<ServerConfig>, TlsFilesEr
         .with_single_cert(chain, key)?;
     // gRPC clients (grpcio among them) insist on HTTP/2 chosen by ALPN.
     config.alpn_protocols = vec![b"h2".to_vec()];
+    // No session resumption: every connection proves its certificate anew, so one that
+    // has expired since, or that the reloaded client CA no longer trusts, gets nowhere.
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
     Ok(Arc::new(config))
 }
 
