@@ -124,7 +124,7 @@ impl Listeners {
                     Err(_) => "no TLS handshake before the handshake deadline".to_string(),
                 };
                 tls::count_handshake_failure();
-                lock(&said).info("tls_handshake", || {
+                lock(&said).log("tls_handshake", || {
                     tracing::info!(listener, ?peer, reason = %failure, "TLS handshake failed; connection closed");
                 });
             });
@@ -161,7 +161,7 @@ impl Listeners {
                 Err(err) => {
                     // EMFILE/ENFILE and the like: the pending connection stays in the backlog,
                     // so accepting again at once would spin. Wait, longer each time.
-                    lock(&self.said).warn("accept", || {
+                    lock(&self.said).log("accept", || {
                         tracing::warn!(error = %err, backoff_ms = u64::try_from(backoff.as_millis()).unwrap_or(u64::MAX), "cannot accept connections; backing off");
                     });
                     tokio::time::sleep(backoff).await;
@@ -183,7 +183,7 @@ impl Listeners {
                 }
             };
             if let Err(limit) = admitted {
-                lock(&self.said).warn(limit, || {
+                lock(&self.said).log(limit, || {
                     tracing::warn!(
                         ?client,
                         limit,
@@ -227,11 +227,7 @@ struct RateLimitedLog {
 }
 
 impl RateLimitedLog {
-    fn info(&mut self, kind: &'static str, log: impl FnOnce()) {
-        self.warn(kind, log);
-    }
-
-    fn warn(&mut self, kind: &'static str, log: impl FnOnce()) {
+    fn log(&mut self, kind: &'static str, log: impl FnOnce()) {
         let now = Instant::now();
         if self
             .last
