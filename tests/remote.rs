@@ -650,3 +650,41 @@ fn a_python_grpcio_client_runs_a_job_over_mutual_tls() {
         "{seen}"
     );
 }
+
+/// A TCP listener whose files do not load stops the start, naming the listener and the
+/// file; the daemon never runs without a listener it was configured with.
+#[test]
+fn a_bad_tls_file_at_start_stops_the_daemon_naming_the_listener() {
+    if !require_root("a_bad_tls_file_at_start_stops_the_daemon_naming_the_listener") {
+        return;
+    }
+    let pki = Pki::new();
+    pki.write("server.key", "not a key\n");
+    let config = support::config_file(&format!(
+        "[[listen]]\ntcp = \"127.0.0.1:{}\"\ntls_cert = {:?}\ntls_key = {:?}\nclient_ca = {:?}\n",
+        free_port(),
+        pki.path("server.pem"),
+        pki.path("server.key"),
+        pki.path("clients.pem"),
+    ));
+    let state = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(support::KILN)
+        .arg("--socket")
+        .arg(pki.path("kiln.sock"))
+        .args([
+            "serve",
+            "--config",
+            config.path().to_str().unwrap(),
+            "--state-dir",
+        ])
+        .arg(state.path().join("state"))
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "{}", describe(&out));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("listen[0]") && err.contains("tls_key"),
+        "{err}"
+    );
+}

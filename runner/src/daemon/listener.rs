@@ -348,3 +348,67 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Connection<S> {
         self.stream.is_write_vectored()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::config::TlsListen;
+    use tokio::io::AsyncWriteExt;
+
+    /// A TLS listener's files: a self-signed server certificate, its key, and a CA.
+    fn tls_listen(dir: &std::path::Path) -> TlsListen {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let params = rcgen::CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        let write = |name: &str, text: String| {
+            let path = dir.join(name);
+            std::fs::write(&path, text).unwrap();
+            path
+        };
+        TlsListen {
+            name: "listen[0]".into(),
+            address: "127.0.0.1:0".parse().unwrap(),
+            cert: write("server.pem", cert.pem()),
+            key: write("server.key", key.serialize_pem()),
+            client_ca: write("ca.pem", cert.pem()),
+        }
+    }
+
+    #[tokio::test]
+    async fn failed_tls_handshakes_are_counted_and_free_their_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = ReloadingConfig::load(&tls_listen(dir.path())).unwrap();
+        let tcp = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = tcp.local_addr().unwrap();
+        let listeners = Listeners::new(ConnectionLimits {
+            max_connections: 1,
+            max_per_client: 1,
+            handshake_timeout: Duration::from_secs(30),
+        });
+        let incoming = listeners.tls(tcp, config);
+        let before = tls::tls_handshake_failures();
+        // Not TLS at all: the handshake fails at once.
+        let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
+        stream
+            .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut rest = Vec::new();
+        let _ = tokio::io::AsyncReadExt::read_to_end(&mut stream, &mut rest).await;
+        // Counted, and its place in the caps (one connection in all) given back; a
+        // broken count or slot never gets there.
+        let settled = async {
+            while tls::tls_handshake_failures() == before || lock(&listeners.counts).total != 0 {
+                tokio::task::yield_now().await;
+            }
+        };
+        assert!(
+            tokio::time::timeout(Duration::from_secs(30), settled)
+                .await
+                .is_ok(),
+            "the failure was not counted or its place not given back"
+        );
+        drop(incoming);
+    }
+}
