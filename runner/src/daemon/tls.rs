@@ -109,6 +109,7 @@ pub fn pem_private_key(
 pub fn server_config(listen: &TlsListen) -> Result<Arc<ServerConfig>, TlsFilesError> {
     let chain = pem_certificates("tls_cert", &listen.cert)?;
     let key = pem_private_key("tls_key", &listen.key)?;
+    warn_if_others_read(listen);
     let mut roots = RootCertStore::empty();
     for ca in pem_certificates("client_ca", &listen.client_ca)? {
         roots.add(ca).map_err(|e| TlsFilesError::ClientCa {
@@ -137,6 +138,21 @@ pub fn server_config(listen: &TlsListen) -> Result<Arc<ServerConfig>, TlsFilesEr
     config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
     config.send_tls13_tickets = 0;
     Ok(Arc::new(config))
+}
+
+/// The server's key is as secret as the signing key: say so when other users may read it.
+fn warn_if_others_read(listen: &TlsListen) {
+    use std::os::unix::fs::MetadataExt;
+    if let Ok(meta) = std::fs::metadata(&listen.key) {
+        if meta.mode() & 0o004 != 0 || (meta.mode() & 0o040 != 0 && meta.gid() != 0) {
+            tracing::warn!(
+                listener = %listen.name,
+                key = %listen.key.display(),
+                mode = format!("{:o}", meta.mode() & 0o777),
+                "the TLS key is readable by users other than root: anyone who reads it can pose as this daemon"
+            );
+        }
+    }
 }
 
 /// What a file looked like when last loaded: a change of any of these is a new file.
