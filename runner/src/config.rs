@@ -22,8 +22,11 @@ const MAX_WORKSPACE_ENTRIES_CEILING: u64 = 1_000_000;
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
-    /// Unix socket the daemon listens on (mode 0660).
+    /// Unix socket the daemon listens on (mode 0660) when no `[[listen]]` is given.
     pub socket: PathBuf,
+    /// Where the daemon listens: Unix sockets and TLS listeners on TCP. Empty: the one
+    /// Unix socket `socket`.
+    pub listen: Vec<Listen>,
     /// Content store, job database, images, workspaces and the signing key.
     pub state_dir: PathBuf,
     /// Jobs that run at the same time; more are queued.
@@ -160,6 +163,7 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             socket: PathBuf::from(DEFAULT_SOCKET),
+            listen: Vec::new(),
             state_dir: PathBuf::from(DEFAULT_STATE_DIR),
             max_concurrent_jobs: 2,
             default_timeout_seconds: 600,
@@ -210,6 +214,194 @@ impl Default for Config {
             proxy_idle_timeout_seconds: 60,
             waive: Vec::new(),
             tenants: Tenants::default(),
+        }
+    }
+}
+
+/// Mode of a Unix socket whose entry gives none: owner and group read and write.
+pub const DEFAULT_SOCKET_MODE: u32 = 0o660;
+
+/// One `[[listen]]` entry as written: a Unix socket (`unix`, with `mode` and
+/// `socket_gid`) or a TLS listener on TCP (`tcp`, with `tls_cert`, `tls_key` and
+/// `client_ca`, all required: there is no plaintext TCP).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Listen {
+    pub unix: Option<PathBuf>,
+    /// The socket file's permission bits, e.g. "0660" (a TOML string of octal digits,
+    /// or an integer such as 0o660).
+    pub mode: Option<SocketMode>,
+    pub socket_gid: Option<u32>,
+    /// `ADDR:PORT` with a literal address, e.g. "0.0.0.0:7443" or "[::]:7443".
+    pub tcp: Option<String>,
+    /// The server's certificate chain (PEM), leaf first.
+    pub tls_cert: Option<PathBuf>,
+    /// The server's private key (PEM: PKCS#8, PKCS#1 or SEC1).
+    pub tls_key: Option<PathBuf>,
+    /// The CA certificates (PEM) client certificates must chain to.
+    pub client_ca: Option<PathBuf>,
+}
+
+/// Permission bits of a socket file, written as octal digits or as an integer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SocketMode(pub u32);
+
+impl<'de> Deserialize<'de> for SocketMode {
+    fn deserialize<D: serde::Deserializer<'de>>(
+        deserializer: D,
+    ) -> std::result::Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Written {
+            Number(u32),
+            Octal(String),
+        }
+        match Written::deserialize(deserializer)? {
+            Written::Number(mode) => Ok(SocketMode(mode)),
+            Written::Octal(text) => u32::from_str_radix(text.trim_start_matches("0o"), 8)
+                .map(SocketMode)
+                .map_err(|_| {
+                    serde::de::Error::custom(format!(
+                        "mode {text:?} is not octal digits such as \"0660\""
+                    ))
+                }),
+        }
+    }
+}
+
+/// A listener, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Listener {
+    Unix(UnixListen),
+    Tls(TlsListen),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnixListen {
+    /// How the config names it in messages (`listen[0]`, or `socket`).
+    pub name: String,
+    pub path: PathBuf,
+    pub mode: u32,
+    pub gid: Option<u32>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsListen {
+    /// How the config names it in messages (`listen[1]`).
+    pub name: String,
+    pub address: std::net::SocketAddr,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub client_ca: PathBuf,
+}
+
+impl Listener {
+    pub fn name(&self) -> &str {
+        match self {
+            Listener::Unix(unix) => &unix.name,
+            Listener::Tls(tls) => &tls.name,
+        }
+    }
+
+    fn same_place(&self, other: &Listener) -> bool {
+        match (self, other) {
+            (Listener::Unix(a), Listener::Unix(b)) => a.path == b.path,
+            (Listener::Tls(a), Listener::Tls(b)) => a.address == b.address,
+            _ => false,
+        }
+    }
+}
+
+impl Listen {
+    /// A Unix listener entry for `path` (what `--socket` adds to `[[listen]]`).
+    pub fn unix(path: PathBuf, socket_gid: Option<u32>) -> Self {
+        Self {
+            unix: Some(path),
+            socket_gid,
+            ..Self::default()
+        }
+    }
+
+    fn validate(&self, name: &str) -> Result<Listener> {
+        let key = |k: &str| format!("{name}.{k}");
+        let absolute = |k: &str, path: &Option<PathBuf>| -> Result<PathBuf> {
+            match path {
+                None => Err(RunnerError::invalid(
+                    key(k),
+                    "is required for a tcp listener (TLS with client certificates; there is no plaintext TCP)",
+                )),
+                Some(path) if !path.is_absolute() => {
+                    Err(RunnerError::invalid(key(k), "must be an absolute path"))
+                }
+                Some(path) => Ok(path.clone()),
+            }
+        };
+        match (&self.unix, &self.tcp) {
+            (Some(_), Some(_)) => Err(RunnerError::invalid(
+                name,
+                "has both `unix` and `tcp`: one listener per entry",
+            )),
+            (None, None) => Err(RunnerError::invalid(
+                name,
+                "needs `unix = PATH` or `tcp = \"ADDR:PORT\"`",
+            )),
+            (Some(path), None) => {
+                for (k, given) in [
+                    ("tls_cert", self.tls_cert.is_some()),
+                    ("tls_key", self.tls_key.is_some()),
+                    ("client_ca", self.client_ca.is_some()),
+                ] {
+                    if given {
+                        return Err(RunnerError::invalid(key(k), "is for tcp listeners only"));
+                    }
+                }
+                if !path.is_absolute() {
+                    return Err(RunnerError::invalid(
+                        key("unix"),
+                        "must be an absolute path",
+                    ));
+                }
+                let mode = self.mode.map_or(DEFAULT_SOCKET_MODE, |m| m.0);
+                if mode > 0o777 {
+                    return Err(RunnerError::invalid(
+                        key("mode"),
+                        "must be permission bits, at most 0777",
+                    ));
+                }
+                Ok(Listener::Unix(UnixListen {
+                    name: name.to_string(),
+                    path: path.clone(),
+                    mode,
+                    gid: self.socket_gid,
+                }))
+            }
+            (None, Some(address)) => {
+                if self.mode.is_some() {
+                    return Err(RunnerError::invalid(
+                        key("mode"),
+                        "is for unix listeners only",
+                    ));
+                }
+                if self.socket_gid.is_some() {
+                    return Err(RunnerError::invalid(
+                        key("socket_gid"),
+                        "is for unix listeners only",
+                    ));
+                }
+                let address = address.parse().map_err(|_| {
+                    RunnerError::invalid(
+                        key("tcp"),
+                        format!("{address:?} is not ADDR:PORT with a literal address (e.g. \"0.0.0.0:7443\", \"[::]:7443\")"),
+                    )
+                })?;
+                Ok(Listener::Tls(TlsListen {
+                    name: name.to_string(),
+                    address,
+                    cert: absolute("tls_cert", &self.tls_cert)?,
+                    key: absolute("tls_key", &self.tls_key)?,
+                    client_ca: absolute("client_ca", &self.client_ca)?,
+                }))
+            }
         }
     }
 }
@@ -272,6 +464,7 @@ impl Config {
             return bad("state_dir", "must be an absolute path");
         }
         self.validate_waivers()?;
+        self.validate_listeners()?;
         self.validate_network()?;
         self.validate_limits()?;
         self.validate_tenants()
@@ -357,6 +550,46 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    fn validate_listeners(&self) -> Result<()> {
+        if !self.listen.is_empty() && self.socket != Path::new(DEFAULT_SOCKET) {
+            return Err(RunnerError::invalid(
+                "socket",
+                "is for a daemon without [[listen]]: with [[listen]], list the socket as a `unix` entry",
+            ));
+        }
+        let listeners = self.listeners()?;
+        for (i, listener) in listeners.iter().enumerate() {
+            if listeners[..i]
+                .iter()
+                .any(|earlier| earlier.same_place(listener))
+            {
+                return Err(RunnerError::invalid(
+                    format!("listen[{i}]"),
+                    "listed twice: two listeners on the same socket or address",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Every listener the daemon serves, validated: the `[[listen]]` entries, or else
+    /// the one Unix socket `socket`.
+    pub fn listeners(&self) -> Result<Vec<Listener>> {
+        if self.listen.is_empty() {
+            return Ok(vec![Listener::Unix(UnixListen {
+                name: "socket".into(),
+                path: self.socket.clone(),
+                mode: DEFAULT_SOCKET_MODE,
+                gid: self.socket_gid,
+            })]);
+        }
+        self.listen
+            .iter()
+            .enumerate()
+            .map(|(i, entry)| entry.validate(&format!("listen[{i}]")))
+            .collect()
     }
 
     fn validate_network(&self) -> Result<()> {
@@ -548,6 +781,50 @@ mod tests {
             .contains("max_concurrent_jobs"));
 
         Config::default().validate().unwrap();
+    }
+
+    #[test]
+    fn listeners_are_unix_sockets_or_tls_with_every_file() {
+        let cfg = Config::default();
+        assert_eq!(
+            cfg.listeners().unwrap(),
+            [Listener::Unix(UnixListen {
+                name: "socket".into(),
+                path: DEFAULT_SOCKET.into(),
+                mode: 0o660,
+                gid: None
+            })]
+        );
+        let cfg: Config = toml::from_str(
+            "[[listen]]\nunix = \"/run/k.sock\"\nmode = \"0600\"\nsocket_gid = 7\n\
+             [[listen]]\ntcp = \"127.0.0.1:7443\"\ntls_cert = \"/c.pem\"\ntls_key = \"/k.pem\"\nclient_ca = \"/ca.pem\"\n",
+        )
+        .unwrap();
+        cfg.validate().unwrap();
+        let listeners = cfg.listeners().unwrap();
+        assert!(matches!(&listeners[0], Listener::Unix(u) if u.mode == 0o600 && u.gid == Some(7)));
+        assert!(
+            matches!(&listeners[1], Listener::Tls(t) if t.name == "listen[1]" && t.address.port() == 7443)
+        );
+        let tcp = "[[listen]]\nunix = \"/run/k.sock\"\n[[listen]]\ntcp = \"127.0.0.1:7443\"\n";
+        for (text, key) in [
+            (format!("{tcp}tls_cert = \"/c\"\nclient_ca = \"/a\"\n"), "listen[1].tls_key"),
+            (format!("{tcp}tls_cert = \"/c\"\ntls_key = \"/k\"\n"), "listen[1].client_ca"),
+            (format!("{tcp}tls_cert = \"c\"\ntls_key = \"/k\"\nclient_ca = \"/a\"\n"), "listen[1].tls_cert"),
+            ("[[listen]]\nunix = \"/a\"\ntls_key = \"/k\"\n".into(), "listen[0].tls_key"),
+            ("[[listen]]\nunix = \"/a\"\nmode = \"01777\"\n".into(), "listen[0].mode"),
+            ("[[listen]]\ntcp = \"localhost:1\"\ntls_cert = \"/c\"\ntls_key = \"/k\"\nclient_ca = \"/a\"\n".into(), "listen[0].tcp"),
+            ("[[listen]]\nunix = \"/a\"\ntcp = \"127.0.0.1:1\"\n".into(), "listen[0]"),
+            ("[[listen]]\nmode = \"0600\"\n".into(), "listen[0]"),
+            ("[[listen]]\nunix = \"/a\"\n[[listen]]\nunix = \"/a\"\n".into(), "listen[1]"),
+            ("socket = \"/b\"\n[[listen]]\nunix = \"/a\"\n".into(), "socket"),
+        ] {
+            let cfg: Config = toml::from_str(&text).unwrap();
+            let err = cfg.validate().unwrap_err().to_string();
+            assert!(err.contains(key), "{text}: {err}");
+        }
+        assert!(toml::from_str::<Config>("[[listen]]\nunix = \"/a\"\nmode = \"rw\"\n").is_err());
+        assert!(toml::from_str::<Config>("[[listen]]\nunix = \"/a\"\ncert = \"/c\"\n").is_err());
     }
 
     #[test]

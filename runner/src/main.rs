@@ -26,6 +26,19 @@ struct Cli {
     /// The daemon's socket [default: /run/kiln/kiln.sock].
     #[arg(long, global = true, env = "KILN_SOCKET")]
     socket: Option<PathBuf>,
+    /// A remote daemon's TLS listener, https://HOST:PORT, instead of the socket; needs
+    /// --tls-cert, --tls-key and --tls-ca.
+    #[arg(long, global = true, env = "KILN_SERVER")]
+    server: Option<String>,
+    /// The client certificate (PEM, leaf first) for --server.
+    #[arg(long, global = true, env = "KILN_TLS_CERT")]
+    tls_cert: Option<PathBuf>,
+    /// The client certificate's private key (PEM) for --server.
+    #[arg(long, global = true, env = "KILN_TLS_KEY")]
+    tls_key: Option<PathBuf>,
+    /// The CA certificate(s) (PEM) the daemon's certificate must chain to, for --server.
+    #[arg(long, global = true, env = "KILN_TLS_CA")]
+    tls_ca: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -366,11 +379,32 @@ fn exit_code(code: i32) -> ExitCode {
     ExitCode::from(u8::try_from(code.clamp(0, 255)).unwrap_or(u8::MAX))
 }
 
+/// Where the client commands reach the daemon: --server with its TLS files, or else the
+/// socket. Checked only by the commands that connect.
+fn target(cli: &Cli) -> anyhow::Result<client::Target> {
+    let Some(server) = cli.server.clone() else {
+        return Ok(client::Target::Socket(
+            cli.socket
+                .clone()
+                .unwrap_or_else(|| PathBuf::from(config::DEFAULT_SOCKET)),
+        ));
+    };
+    let file = |given: &Option<PathBuf>, flag: &str, var: &str| {
+        given
+            .clone()
+            .with_context(|| format!("--server needs {flag} (or {var})"))
+    };
+    Ok(client::Target::Remote {
+        server,
+        cert: file(&cli.tls_cert, "--tls-cert", "KILN_TLS_CERT")?,
+        key: file(&cli.tls_key, "--tls-key", "KILN_TLS_KEY")?,
+        ca: file(&cli.tls_ca, "--tls-ca", "KILN_TLS_CA")?,
+    })
+}
+
 async fn run(cli: Cli) -> anyhow::Result<i32> {
+    let target = target(&cli);
     let socket_flag = cli.socket;
-    let socket = socket_flag
-        .clone()
-        .unwrap_or_else(|| PathBuf::from(config::DEFAULT_SOCKET));
     match cli.command {
         Command::Serve {
             config,
@@ -383,7 +417,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                 (args.attest_dir.clone(), args.link_format, args.out.clone());
             let (spec, locals) = single_step_job(args)?;
             run_job(
-                &socket,
+                &target?,
                 spec,
                 &locals,
                 attest_dir.as_deref(),
@@ -401,7 +435,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             detach,
         } => {
             submit_command(
-                &socket,
+                &target?,
                 &job_file,
                 attest_dir.as_deref(),
                 link_format,
@@ -411,7 +445,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             .await
         }
         Command::Status { job_id, json } => {
-            let client = Client::connect(&socket).await?;
+            let client = Client::connect_to(&target?).await?;
             let job = client.get(&job_id).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&client::job_json(&job))?);
@@ -421,22 +455,22 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             Ok(0)
         }
         Command::Cancel { job_id } => {
-            let client = Client::connect(&socket).await?;
+            let client = Client::connect_to(&target?).await?;
             let state = client.cancel(&job_id).await?;
             println!("{}", client::state_name(state));
             Ok(0)
         }
         Command::Jobs { state, all, json } => {
-            let client = Client::connect(&socket).await?;
+            let client = Client::connect_to(&target?).await?;
             listing::jobs_command(&client, state, all, json).await
         }
         Command::Whoami { json } => {
-            let client = Client::connect(&socket).await?;
+            let client = Client::connect_to(&target?).await?;
             listing::whoami_command(&client, json).await
         }
         Command::Keys {
             command: KeysCommand::Public { format },
-        } => keys_public(&socket, format).await,
+        } => keys_public(&target?, format).await,
         Command::Keys {
             command: KeysCommand::Generate { state_dir },
         } => keys_generate(&state_dir),
@@ -480,8 +514,8 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
 }
 
 /// `kiln keys public`: the daemon's current key, or its ring.
-async fn keys_public(socket: &Path, format: KeyFormat) -> anyhow::Result<i32> {
-    let client = Client::connect(socket).await?;
+async fn keys_public(target: &client::Target, format: KeyFormat) -> anyhow::Result<i32> {
+    let client = Client::connect_to(target).await?;
     let key = client.public_key().await?;
     match format {
         KeyFormat::Pem => print!("{}", key.pem),
@@ -496,7 +530,7 @@ async fn keys_public(socket: &Path, format: KeyFormat) -> anyhow::Result<i32> {
 
 /// `kiln submit`: a job file's job, followed to its end unless detached.
 async fn submit_command(
-    socket: &Path,
+    target: &client::Target,
     job_file: &Path,
     attest_dir: Option<&Path>,
     link_format: LinkFormat,
@@ -505,12 +539,12 @@ async fn submit_command(
 ) -> anyhow::Result<i32> {
     let (spec, locals) = jobfile::load(job_file)?;
     if detach {
-        let client = Client::connect(socket).await?;
+        let client = Client::connect_to(target).await?;
         client.upload(&locals).await?;
         println!("{}", client.submit(spec).await?);
         return Ok(0);
     }
-    run_job(socket, spec, &locals, attest_dir, link_format, out, true).await
+    run_job(target, spec, &locals, attest_dir, link_format, out, true).await
 }
 
 /// The one-step job of `kiln run`, and the local files it uploads.
@@ -619,7 +653,14 @@ async fn serve_command(
 ) -> anyhow::Result<i32> {
     let mut cfg = config::Config::load(config.as_deref())?;
     if let Some(socket) = socket {
-        cfg.socket = absolute(&socket)?;
+        let socket = absolute(&socket)?;
+        if cfg.listen.is_empty() {
+            cfg.socket = socket;
+        } else if !cfg.listen.iter().any(|l| l.unix.as_ref() == Some(&socket)) {
+            // With [[listen]] entries, --socket is one more Unix listener.
+            cfg.listen
+                .push(config::Listen::unix(socket, cfg.socket_gid));
+        }
     }
     if let Some(dir) = state_dir {
         cfg.state_dir = absolute(&dir)?;
@@ -649,7 +690,27 @@ fn describe_error(err: &anyhow::Error) -> String {
             if !text.is_empty() {
                 text.push_str(": ");
             }
-            format!("{text}{:?}: {}", status.code(), status.message())
+            // A transport failure says why underneath (e.g. the daemon's TLS alert
+            // refusing the client certificate).
+            let mut cause = String::new();
+            let mut source = std::error::Error::source(status);
+            while let Some(err) = source {
+                let said = err.to_string();
+                if !cause.contains(&said) {
+                    cause.push_str(": ");
+                    cause.push_str(&said);
+                }
+                source = err.source();
+            }
+            // A connection that ended under the call: say what is known of why.
+            let transport = matches!(
+                status.code(),
+                tonic::Code::Cancelled | tonic::Code::Unavailable | tonic::Code::Unknown
+            ) && std::error::Error::source(status).is_some();
+            if let Some(hint) = client::tls_failure_hint().filter(|_| transport) {
+                cause.push_str(&format!(" ({hint})"));
+            }
+            format!("{text}{:?}: {}{cause}", status.code(), status.message())
         }
         None => format!("{err:#}"),
     }
@@ -707,7 +768,7 @@ fn absolute(path: &Path) -> anyhow::Result<PathBuf> {
 
 /// Uploads, submits, follows, downloads; returns the process-style exit code.
 async fn run_job(
-    socket: &Path,
+    target: &client::Target,
     spec: JobSpec,
     locals: &[client::LocalInput],
     attest_dir: Option<&Path>,
@@ -715,7 +776,7 @@ async fn run_job(
     out: Option<&Path>,
     print_summary: bool,
 ) -> anyhow::Result<i32> {
-    let client = Client::connect(socket).await?;
+    let client = Client::connect_to(target).await?;
     client.upload(locals).await?;
     let job_id = client.submit(spec).await?;
     let job = client.follow(&job_id, false).await?;

@@ -3,8 +3,9 @@
 //! Every request is authenticated once, by [`Authenticator`] in front of every service,
 //! into a [`Principal`] carried in the request's extensions; the services only ask
 //! [`principal`] for it. The peer is a Unix socket uid (SO_PEERCRED, taken by the kernel
-//! at connect time, so a client cannot claim another) or the identities of a verified TLS
-//! client certificate; [`Authenticator::resolve`] is the one mapping of both.
+//! at connect time, so a client cannot claim another) or the SAN URIs and DNS names of a
+//! TLS client certificate ([`TlsIdentities`]) verified against the listener's client CA
+//! in the handshake; [`Authenticator::resolve`] is the one mapping of both.
 //!
 //! Without tenants, each uid is a client of its own (owner `uid:N`). With tenants, a
 //! caller is its tenant (owner `tenant:NAME`), shared by every member; root on the socket
@@ -35,14 +36,18 @@ pub struct Principal {
     /// Owner keys of records the caller's tenant inherits: those its member uids made
     /// before they joined it (`uid:N`). Read only: new records use `owner`.
     pub inherited_owners: Vec<String>,
+    /// A TLS caller's certificate identity (its first SAN), for the audit log.
+    pub identity: Option<String>,
 }
 
 impl Principal {
-    /// Who the caller is, for the audit log: its uid on the socket, else its owner key.
+    /// Who the caller is, for the audit log: its uid on the socket, its certificate's
+    /// identity over TLS.
     pub fn name(&self) -> String {
-        match self.uid {
-            Some(uid) => format!("uid:{uid}"),
-            None => self.owner.clone(),
+        match (self.uid, &self.identity) {
+            (Some(uid), _) => format!("uid:{uid}"),
+            (None, Some(identity)) => format!("tls:{identity}"),
+            (None, None) => self.owner.clone(),
         }
     }
 
@@ -55,6 +60,7 @@ impl Principal {
             admin: uid == 0 || admin_uids.contains(&uid),
             tenant: None,
             inherited_owners: Vec::new(),
+            identity: None,
         }
     }
 
@@ -70,6 +76,12 @@ impl Principal {
             .collect()
     }
 }
+
+/// The identities of a TLS client, taken from its verified leaf certificate: each SAN
+/// URI as written (`spiffe://example.org/ci`) and each SAN DNS name as `dns:NAME`, in
+/// the certificate's order. Put into every request's extensions by the TLS listener.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TlsIdentities(pub Vec<String>);
 
 /// The owner key of a local uid.
 pub fn unix_owner(uid: u32) -> String {
@@ -119,10 +131,18 @@ impl Authenticator {
                 )))
             }
             Peer::Tls { identities } => {
+                if identities.is_empty() {
+                    return Err(Status::unauthenticated(
+                        "the client certificate names no identity (no SAN URI or DNS name)",
+                    ));
+                }
                 let tenants = self.tenants.of_identities(&identities);
                 let mut tenants = tenants.into_iter();
                 match (tenants.next(), tenants.next()) {
-                    (Some(name), None) => Ok(self.tenant_principal(name, None)),
+                    (Some(name), None) => Ok(Principal {
+                        identity: identities.first().cloned(),
+                        ..self.tenant_principal(name, None)
+                    }),
                     (Some(_), Some(_)) => Err(Status::unauthenticated(
                         "the client certificate's identities belong to more than one tenant",
                     )),
@@ -144,6 +164,7 @@ impl Authenticator {
             inherited_owners: tenant
                 .map(|t| t.uids.iter().map(|&uid| unix_owner(uid)).collect())
                 .unwrap_or_default(),
+            identity: None,
         }
     }
 }
@@ -161,10 +182,15 @@ impl tonic::service::Interceptor for Authenticator {
     }
 }
 
-/// The peer of a request, as its connection's transport proved it: the kernel's peer
-/// credentials of a Unix socket connection. (A TLS listener's verified client
-/// identities become [`Peer::Tls`] here.)
+/// The peer of a request, as its connection's transport proved it: the verified client
+/// identities of a TLS connection, or the kernel's peer credentials of a Unix socket
+/// connection.
 fn peer_of<T>(request: &Request<T>) -> Option<Peer> {
+    if let Some(identities) = request.extensions().get::<TlsIdentities>() {
+        return Some(Peer::Tls {
+            identities: identities.0.clone(),
+        });
+    }
     request
         .extensions()
         .get::<tonic::transport::server::UdsConnectInfo>()
@@ -313,5 +339,35 @@ mod tests {
         let err = auth.call(Request::new(())).unwrap_err();
         assert_eq!(err.code(), tonic::Code::Unauthenticated);
         assert!(principal(&Request::new(())).is_err());
+    }
+
+    #[test]
+    fn a_tls_client_is_its_certificates_tenant_through_the_interceptor() {
+        let mut auth = Authenticator::new(&[0], &tenants());
+        let mut request = Request::new(());
+        request.extensions_mut().insert(TlsIdentities(vec![
+            "spiffe://example.org/ci".into(),
+            "dns:ci.example.org".into(),
+        ]));
+        let request = auth.call(request).unwrap();
+        let caller = principal(&request).unwrap();
+        assert_eq!(caller.owner, "tenant:ci");
+        assert_eq!(caller.uid, None);
+        assert!(!caller.admin);
+        assert_eq!(caller.name(), "tls:spiffe://example.org/ci");
+
+        let mut nameless = Request::new(());
+        nameless.extensions_mut().insert(TlsIdentities(Vec::new()));
+        let err = auth.call(nameless).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Unauthenticated);
+
+        // Without tenants, a TLS client belongs to none: refused.
+        let mut untenanted = Authenticator::new(&[0], &Tenants::default());
+        let mut request = Request::new(());
+        request
+            .extensions_mut()
+            .insert(TlsIdentities(vec!["spiffe://example.org/ci".into()]));
+        let err = untenanted.call(request).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Unauthenticated);
     }
 }

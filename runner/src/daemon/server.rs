@@ -1,5 +1,6 @@
 //! `kiln serve`: the daemon. Checks the host can sandbox, opens the state
-//! directory, and serves kiln.v1 (plus health and reflection) on a Unix socket.
+//! directory, and serves kiln.v1 (plus health and reflection) on every listener: Unix
+//! sockets, and TCP with mutual TLS.
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
@@ -11,13 +12,15 @@ use agent_proto::v1::content_store_server::ContentStoreServer;
 use agent_proto::v1::jobs_server::JobsServer;
 use anyhow::{bail, Context};
 use sandbox::{HostSupport, Sandbox};
-use tokio::net::UnixListener;
+use tokio::net::{TcpListener, UnixListener};
 
 use crate::api::audit::AuditedAuthenticator;
 use crate::api::auth::Authenticator;
 use crate::api::service::Service;
-use crate::config::Config;
+use crate::config::{Config, Listener, UnixListen};
+use crate::daemon::listener::{ConnectionLimits, Listeners};
 use crate::daemon::metrics::Metrics;
+use crate::daemon::tls::{self, ReloadingConfig};
 use crate::engine::bus::Bus;
 use crate::engine::executor::SandboxExecutor;
 use crate::engine::idranges::{self, IdRanges};
@@ -30,6 +33,7 @@ use crate::store::db::{Creation, Database};
 
 pub async fn serve(config: Config, creation: Creation) -> anyhow::Result<()> {
     config.validate()?;
+    let listeners = config.listeners()?;
     if !nix::unistd::geteuid().is_root() {
         bail!("kiln serve must run as root: it creates user namespaces with mapped id ranges and mounts");
     }
@@ -76,8 +80,19 @@ pub async fn serve(config: Config, creation: Creation) -> anyhow::Result<()> {
     // Watch for SIGTERM before the socket exists: a supervisor that sees the socket may
     // stop the daemon at once, and that must drain, not kill.
     let shutdown = stop_at_signal(runner.clone(), config.shutdown_grace_seconds)?;
-    let listener = bind_socket(&config)?;
+    let bound = bind_all(&listeners).await?;
+    let reloads = tls::watch(
+        bound
+            .iter()
+            .filter_map(|b| match b {
+                Bound::Tls(_, config) => Some(config.clone()),
+                Bound::Unix(..) => None,
+            })
+            .collect(),
+        audit_reloads(audit.clone()),
+    )?;
     if let Some((metrics, listener)) = metrics {
+        metrics.set_tls_handshake_failures_source(Box::new(tls::tls_handshake_failures));
         tokio::spawn(crate::daemon::metrics::serve(listener, metrics));
     }
     let checkpoints = tokio::spawn(checkpoint_audit(
@@ -90,12 +105,13 @@ pub async fn serve(config: Config, creation: Creation) -> anyhow::Result<()> {
         &config,
         &runner,
         &audit,
-        listener,
+        bound,
         &health_reporter,
         health_service,
         shutdown,
     )
     .await;
+    reloads.abort();
     health_reporter
         .set_not_serving::<JobsServer<Service>>()
         .await;
@@ -109,9 +125,28 @@ pub async fn serve(config: Config, creation: Creation) -> anyhow::Result<()> {
     if let Ok(Err(err)) = tokio::task::spawn_blocking(move || closing.checkpoint()).await {
         tracing::error!(error = %err, "could not write the closing audit checkpoint");
     }
-    let _ = fs::remove_file(&config.socket);
+    for listener in &listeners {
+        if let Listener::Unix(unix) = listener {
+            let _ = fs::remove_file(&unix.path);
+        }
+    }
     tracing::info!("stopped");
     result
+}
+
+/// Records every TLS reload in the audit log: a certificate or CA change decides who
+/// may connect.
+fn audit_reloads(audit: Arc<AuditLog>) -> tls::OnReload {
+    Arc::new(move |listener, outcome| {
+        let reason = match outcome {
+            Ok(()) => "reloaded the TLS certificate, key and client CA".to_string(),
+            Err(err) => format!("failed, the listener keeps its files: {err}"),
+        };
+        let record = Record::daemon("config.reload", &format!("listener:{listener}"), &reason);
+        if let Err(err) = audit.append(record) {
+            tracing::error!(error = %err, "could not audit a TLS reload");
+        }
+    })
 }
 
 /// Checks the host can set up every sandbox layer (failing closed unless the config
@@ -266,13 +301,42 @@ fn stop_at_signal(
     })
 }
 
-/// Serves kiln.v1, health and reflection on the socket until `shutdown` resolves and
-/// every stream has ended.
+/// A listener, bound.
+enum Bound {
+    Unix(UnixListen, UnixListener),
+    Tls(TcpListener, Arc<ReloadingConfig>),
+}
+
+/// Binds every listener, loading each TCP listener's certificate, key and client CA; a
+/// listener that cannot be set up stops the start, naming it.
+async fn bind_all(listeners: &[Listener]) -> anyhow::Result<Vec<Bound>> {
+    let mut bound = Vec::with_capacity(listeners.len());
+    for listener in listeners {
+        bound.push(match listener {
+            Listener::Unix(unix) => Bound::Unix(
+                unix.clone(),
+                bind_socket(unix).with_context(|| format!("listener {}", unix.name))?,
+            ),
+            Listener::Tls(listen) => {
+                let config = ReloadingConfig::load(listen)
+                    .with_context(|| format!("listener {}: TLS files", listen.name))?;
+                let tcp = TcpListener::bind(listen.address).await.with_context(|| {
+                    format!("listener {}: binding {}", listen.name, listen.address)
+                })?;
+                Bound::Tls(tcp, config)
+            }
+        });
+    }
+    Ok(bound)
+}
+
+/// Serves kiln.v1, health and reflection on every listener until `shutdown` resolves
+/// and every stream has ended.
 async fn serve_grpc(
     config: &Config,
     runner: &Arc<Runner>,
     audit: &Arc<AuditLog>,
-    listener: UnixListener,
+    bound: Vec<Bound>,
     health_reporter: &tonic_health::server::HealthReporter,
     health_service: tonic_health::pb::health_server::HealthServer<
         impl tonic_health::pb::health_server::Health,
@@ -308,21 +372,7 @@ async fn serve_grpc(
     // clients' upload chunks are sized for.
     let max_request =
         usize::try_from(config.max_spec_bytes.0.max(4 << 20) + (64 << 10)).unwrap_or(usize::MAX);
-    tracing::info!(socket = %config.socket.display(), "listening");
-    let incoming = crate::daemon::listener::incoming(
-        listener,
-        crate::daemon::listener::ConnectionLimits {
-            max_connections: config.max_connections,
-            max_per_client: config.max_connections_per_client,
-            handshake_timeout: std::time::Duration::from_secs(
-                config.connection_handshake_timeout_seconds,
-            ),
-        },
-    );
-    // Every listener is bound (the socket, the metrics endpoint): systemd may start
-    // what depends on the daemon.
-    crate::daemon::systemd::ready();
-    tonic::transport::Server::builder()
+    let router = tonic::transport::Server::builder()
         // A peer that stops answering pings is gone: its connection is closed.
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(
             config.connection_keepalive_seconds,
@@ -342,10 +392,74 @@ async fn serve_grpc(
         .add_service(
             ContentStoreServer::new(service.clone()).max_decoding_message_size(max_request),
         )
-        .add_service(AttestationsServer::new(service).max_decoding_message_size(max_request))
-        .serve_with_incoming_shutdown(incoming, shutdown)
-        .await
-        .context("serving gRPC")
+        .add_service(AttestationsServer::new(service).max_decoding_message_size(max_request));
+
+    // Every listener serves the same services, and all stop together.
+    let listeners = Listeners::new(ConnectionLimits {
+        max_connections: config.max_connections,
+        max_per_client: config.max_connections_per_client,
+        handshake_timeout: std::time::Duration::from_secs(
+            config.connection_handshake_timeout_seconds,
+        ),
+    });
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let stop_signal = move || {
+        let mut stopped = stopped.clone();
+        async move {
+            let _ = stopped.wait_for(|stop| *stop).await;
+        }
+    };
+    let mut servers = tokio::task::JoinSet::new();
+    for listener in bound {
+        let router = router.clone();
+        let stop_signal = stop_signal();
+        match listener {
+            Bound::Unix(unix, socket) => {
+                tracing::info!(listener = %unix.name, socket = %unix.path.display(), "listening");
+                let incoming = listeners.unix(socket);
+                servers.spawn(async move {
+                    router
+                        .serve_with_incoming_shutdown(incoming, stop_signal)
+                        .await
+                        .with_context(|| format!("serving gRPC on {}", unix.name))
+                });
+            }
+            Bound::Tls(tcp, tls) => {
+                let address = tcp.local_addr()?;
+                tracing::info!(listener = %tls.name(), %address, "listening (TLS 1.3, client certificates required)");
+                let name = tls.name().to_string();
+                let incoming = listeners.tls(tcp, tls);
+                servers.spawn(async move {
+                    router
+                        .serve_with_incoming_shutdown(incoming, stop_signal)
+                        .await
+                        .with_context(|| format!("serving gRPC on {name}"))
+                });
+            }
+        }
+    }
+    // Every listener is bound (the sockets, TCP, the metrics endpoint): systemd may start
+    // what depends on the daemon.
+    crate::daemon::systemd::ready();
+    let mut result = Ok(());
+    tokio::select! {
+        () = shutdown => {}
+        // A listener that fails stops the daemon: it must not run on a subset silently.
+        Some(ended) = servers.join_next() => {
+            result = ended.context("a listener's server task")?;
+            if result.is_ok() {
+                result = Err(anyhow::anyhow!("a listener stopped serving"));
+            }
+        }
+    }
+    let _ = stop.send(true);
+    while let Some(ended) = servers.join_next().await {
+        let ended = ended.context("a listener's server task")?;
+        if result.is_ok() {
+            result = ended;
+        }
+    }
+    result
 }
 
 /// Raises the soft RLIMIT_NOFILE to the hard one: every connection is a descriptor,
@@ -387,8 +501,8 @@ fn proc_hides_pids() -> bool {
         .unwrap_or(false)
 }
 
-fn bind_socket(config: &Config) -> anyhow::Result<UnixListener> {
-    let socket = &config.socket;
+fn bind_socket(unix: &UnixListen) -> anyhow::Result<UnixListener> {
+    let socket = &unix.path;
     if let Some(dir) = socket.parent() {
         if !dir.exists() {
             fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -400,10 +514,10 @@ fn bind_socket(config: &Config) -> anyhow::Result<UnixListener> {
     let listener =
         UnixListener::bind(socket).with_context(|| format!("binding {}", socket.display()))?;
     // The group first: while the mode opens to the group it is already the right one.
-    if let Some(gid) = config.socket_gid {
+    if let Some(gid) = unix.gid {
         std::os::unix::fs::chown(socket, None, Some(gid))?;
     }
-    fs::set_permissions(socket, fs::Permissions::from_mode(0o660))?;
+    fs::set_permissions(socket, fs::Permissions::from_mode(unix.mode))?;
     Ok(listener)
 }
 
