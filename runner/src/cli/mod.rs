@@ -1,6 +1,7 @@
-//! The `kiln` command line's client side: the daemon client, job files, `kiln verify`,
-//! `kiln demo`, `kiln jobs` and `kiln whoami`, `kiln audit`.
+//! The `kiln` command line's client side: its arguments, the daemon client, job files,
+//! `kiln verify`, `kiln demo`, `kiln jobs` and `kiln whoami`, `kiln audit`.
 
+pub mod args;
 pub mod audit;
 pub mod client;
 pub mod demo;

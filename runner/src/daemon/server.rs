@@ -360,12 +360,12 @@ async fn serve_grpc(
             .register_encoded_file_descriptor_set(agent_proto::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
     };
-    let reflection_v1 = reflection()
-        .build_v1()
-        .context("building the reflection service")?;
-    let reflection_v1alpha = reflection()
-        .build_v1alpha()
-        .context("building the reflection service")?;
+    let (reflection_v1, reflection_v1alpha) = (
+        reflection().build_v1().context("building reflection")?,
+        reflection()
+            .build_v1alpha()
+            .context("building reflection")?,
+    );
 
     // The largest request the daemon decodes: a Submit of the largest spec allowed (its
     // own check names max_spec_bytes), and never less than gRPC's usual 4 MiB, which
@@ -395,13 +395,7 @@ async fn serve_grpc(
         .add_service(AttestationsServer::new(service).max_decoding_message_size(max_request));
 
     // Every listener serves the same services, and all stop together.
-    let listeners = Listeners::new(ConnectionLimits {
-        max_connections: config.max_connections,
-        max_per_client: config.max_connections_per_client,
-        handshake_timeout: std::time::Duration::from_secs(
-            config.connection_handshake_timeout_seconds,
-        ),
-    });
+    let listeners = Listeners::new(connection_limits(config));
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let stop_signal = move || {
         let mut stopped = stopped.clone();
@@ -441,10 +435,19 @@ async fn serve_grpc(
     // Every listener is bound (the sockets, TCP, the metrics endpoint): systemd may start
     // what depends on the daemon.
     crate::daemon::systemd::ready();
+    until_stopped(servers, stop, shutdown).await
+}
+
+/// Serves until `shutdown`, or until one listener fails (then the daemon stops: it must
+/// not run on a subset silently); then stops every listener and waits for them.
+async fn until_stopped(
+    mut servers: tokio::task::JoinSet<anyhow::Result<()>>,
+    stop: tokio::sync::watch::Sender<bool>,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
     let mut result = Ok(());
     tokio::select! {
         () = shutdown => {}
-        // A listener that fails stops the daemon: it must not run on a subset silently.
         Some(ended) = servers.join_next() => {
             result = ended.context("a listener's server task")?;
             if result.is_ok() {
@@ -460,6 +463,17 @@ async fn serve_grpc(
         }
     }
     result
+}
+
+/// The caps on connections, shared by every listener.
+fn connection_limits(config: &Config) -> ConnectionLimits {
+    ConnectionLimits {
+        max_connections: config.max_connections,
+        max_per_client: config.max_connections_per_client,
+        handshake_timeout: std::time::Duration::from_secs(
+            config.connection_handshake_timeout_seconds,
+        ),
+    }
 }
 
 /// Raises the soft RLIMIT_NOFILE to the hard one: every connection is a descriptor,

@@ -1,0 +1,288 @@
+//! The `kiln` command line: its global options and subcommands, as clap parses them
+//! (`src/main.rs` dispatches them).
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::cli::client::LinkFormat;
+use crate::cli::listing;
+use crate::{config, images, units};
+
+#[derive(Parser)]
+#[command(
+    name = "kiln",
+    version,
+    about = "Kiln: a hardened, hermetic build runner"
+)]
+pub struct Cli {
+    /// The daemon's socket [default: /run/kiln/kiln.sock].
+    #[arg(long, global = true, env = "KILN_SOCKET")]
+    pub socket: Option<PathBuf>,
+    /// A remote daemon's TLS listener, https://HOST:PORT, instead of the socket; needs
+    /// --tls-cert, --tls-key and --tls-ca.
+    #[arg(long, global = true, env = "KILN_SERVER")]
+    pub server: Option<String>,
+    /// The client certificate (PEM, leaf first) for --server.
+    #[arg(long, global = true, env = "KILN_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// The client certificate's private key (PEM) for --server.
+    #[arg(long, global = true, env = "KILN_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// The CA certificate(s) (PEM) the daemon's certificate must chain to, for --server.
+    #[arg(long, global = true, env = "KILN_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Run the daemon.
+    Serve {
+        /// TOML configuration file (see README).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// State directory (overrides the config).
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+        /// Jobs run at once (overrides the config).
+        #[arg(long)]
+        max_jobs: Option<u32>,
+        /// Start an empty job database although the state directory holds Kiln data
+        /// (its database was lost: every earlier job record stays lost).
+        #[arg(long)]
+        new_database: bool,
+    },
+    /// Run one command as a single-step job and stream its output.
+    Run(RunArgs),
+    /// Submit a multi-step job described by a TOML file and follow it.
+    Submit {
+        job_file: PathBuf,
+        #[arg(long)]
+        attest_dir: Option<PathBuf>,
+        /// Form of the link files written to --attest-dir.
+        #[arg(long, value_enum, default_value = "metablock")]
+        link_format: LinkFormat,
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Print the job id and return at once instead of following the job.
+        #[arg(long, conflicts_with_all = ["attest_dir", "out"])]
+        detach: bool,
+    },
+    /// Show a job's record.
+    Status {
+        job_id: String,
+        /// The whole record as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Cancel a queued or running job; every process of its running step is killed.
+    Cancel { job_id: String },
+    /// List your jobs (your tenant's), newest first.
+    Jobs {
+        /// Only jobs in this state.
+        #[arg(long, value_enum)]
+        state: Option<listing::StateFilter>,
+        /// Every client's jobs (operators only).
+        #[arg(long)]
+        all: bool,
+        /// As a JSON array.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show the principal and tenant the daemon sees you as.
+    Whoami {
+        #[arg(long)]
+        json: bool,
+    },
+    /// The runner's signing keys: create, rotate, export.
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
+    /// Verify links against an in-toto layout, as in-toto-verify does.
+    ///
+    /// Layout mode: --layout, --layout-key, --links [--artifacts].
+    /// Provenance mode: --provenance ENVELOPE --key KEY... --policy POLICY [--json] FILE...
+    Verify {
+        /// An in-toto layout (metablock).
+        #[arg(long, required_unless_present = "provenance", requires_all = ["layout_keys", "links"])]
+        layout: Option<PathBuf>,
+        /// PEM public key(s) of the layout owner; repeatable.
+        #[arg(long = "layout-key")]
+        layout_keys: Vec<PathBuf>,
+        /// Directory holding the links.
+        #[arg(long)]
+        links: Option<PathBuf>,
+        /// Directory of artifacts to check against the final step's products.
+        #[arg(long)]
+        artifacts: Option<PathBuf>,
+        /// A job's SLSA provenance (DSSE envelope) to check instead of a layout.
+        #[arg(long, conflicts_with = "layout", requires_all = ["keys", "policy"])]
+        provenance: Option<PathBuf>,
+        /// Runner public key(s): SPKI PEM, or a key ring export (JSON, with validity windows).
+        #[arg(long = "key")]
+        keys: Vec<PathBuf>,
+        /// Verification policy (TOML; see README).
+        #[arg(long)]
+        policy: Option<PathBuf>,
+        /// Print the verdict as JSON.
+        #[arg(long)]
+        json: bool,
+        /// Artifact files whose SHA-256 must be subjects of the provenance.
+        files: Vec<PathBuf>,
+    },
+    /// Check or read the audit log (offline, from the state directory's files).
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+    /// Check the content store.
+    Store {
+        /// State directory of the daemon.
+        #[arg(long, global = true, default_value = config::DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+        #[command(subcommand)]
+        command: StoreCommand,
+    },
+    /// Build and list images.
+    Image {
+        /// State directory of the daemon.
+        #[arg(long, global = true, default_value = config::DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+        #[command(subcommand)]
+        command: ImageCommand,
+    },
+    /// Start a daemon on a temporary socket, build and run a C program in the
+    /// sandbox, and verify the signed links.
+    Demo {
+        /// Keep the temporary directory (links, layout, outputs) for inspection.
+        #[arg(long)]
+        keep: bool,
+    },
+}
+
+/// `kiln run`'s arguments.
+#[derive(clap::Args)]
+pub struct RunArgs {
+    #[arg(long, default_value = images::HOST_IMAGE)]
+    pub image: String,
+    /// HOSTPATH[:WORKSPACEPATH], a file or directory; repeatable.
+    #[arg(long = "input", value_name = "HOSTPATH[:WORKSPACEPATH]")]
+    pub inputs: Vec<String>,
+    /// Workspace path to collect after the step; repeatable.
+    #[arg(long = "output", value_name = "PATH")]
+    pub outputs: Vec<String>,
+    /// Step timeout in seconds (default: the daemon's).
+    #[arg(long)]
+    pub timeout: Option<u32>,
+    /// Step name (names its link).
+    #[arg(long, default_value = "run")]
+    pub step: String,
+    /// NAME=VALUE added to the step's environment; repeatable.
+    #[arg(long = "env", value_name = "NAME=VALUE")]
+    pub env: Vec<String>,
+    /// Where to write the step's signed link.
+    #[arg(long)]
+    pub attest_dir: Option<PathBuf>,
+    /// Form of the link files written to --attest-dir.
+    #[arg(long, value_enum, default_value = "metablock")]
+    pub link_format: LinkFormat,
+    /// Where to write the outputs.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Memory limit of the step, e.g. 512M, 2G (default: the daemon's).
+    #[arg(long, value_name = "SIZE", value_parser = units::parse_size)]
+    pub memory: Option<u64>,
+    /// Most processes and threads of the step (default: the daemon's).
+    #[arg(long, value_name = "N")]
+    pub pids: Option<u32>,
+    /// CPUs of the step, may be fractional, e.g. 1.5 (default: the daemon's).
+    #[arg(long, value_name = "N", value_parser = units::parse_cpus)]
+    pub cpus: Option<u32>,
+    /// Workspace quota of the step, e.g. 1G (default: the daemon's).
+    #[arg(long, value_name = "SIZE", value_parser = units::parse_size)]
+    pub disk: Option<u64>,
+    /// A destination the step may reach through its egress proxy: HOST:PORT,
+    /// *.DOMAIN:PORT, IP:PORT, CIDR:PORT, [IPv6]:PORT (PORT may be *); repeatable.
+    /// Without any, the step has no network at all.
+    #[arg(long = "allow-net", value_name = "HOST:PORT")]
+    pub allow_net: Vec<String>,
+    #[arg(required = true, last = true)]
+    pub argv: Vec<String>,
+}
+
+#[derive(Subcommand)]
+pub enum KeysCommand {
+    /// Print the runner's public key (asks the daemon).
+    Public {
+        #[arg(long, value_enum, default_value = "pem")]
+        format: KeyFormat,
+    },
+    /// Create the key ring in the state directory if it has none; print the current key id.
+    Generate {
+        /// State directory of the daemon.
+        #[arg(long, default_value = config::DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+    },
+    /// Replace the current key by a new one; the old public key stays in the
+    /// ring with its window closed, its private key is deleted. A running
+    /// daemon signs with the new key from its next signature on.
+    Rotate {
+        /// State directory of the daemon.
+        #[arg(long, default_value = config::DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum KeyFormat {
+    /// The current key, SPKI PEM.
+    Pem,
+    /// The current key as in-toto layouts embed it.
+    Securesystemslib,
+    /// Every key the runner signed with and its validity window (JSON), for
+    /// `kiln verify --provenance --key`.
+    Ring,
+}
+
+#[derive(Subcommand)]
+pub enum AuditCommand {
+    /// Check the hash chain, every checkpoint's signature, and that the log still holds
+    /// its last signed checkpoint. Exits 1 naming the line and seq where it is broken.
+    Verify {
+        /// State directory of the daemon.
+        #[arg(long, default_value = config::DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+        /// The runner's public key(s): SPKI PEM or a key ring export (`kiln keys public
+        /// --format ring`) [default: the state directory's key ring].
+        #[arg(long)]
+        key: Option<PathBuf>,
+    },
+    /// Print the last entries, one JSON line each.
+    Tail {
+        /// How many.
+        #[arg(short = 'n', default_value_t = 20)]
+        n: usize,
+        /// State directory of the daemon.
+        #[arg(long, default_value = config::DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum StoreCommand {
+    /// Hash every blob and compare it with its name. A blob that does not match is moved
+    /// to the store's quarantine/ (so it is missing, and a client's next upload of it
+    /// repairs it). Exits 1 if any was. Safe while the daemon runs.
+    Verify,
+}
+
+#[derive(Subcommand)]
+pub enum ImageCommand {
+    /// Build an image from a recipe directory (e.g. images/busybox).
+    Build { recipe: PathBuf },
+    /// List installed images.
+    List,
+}
