@@ -5,6 +5,8 @@ use std::collections::BTreeSet;
 
 use agent_proto::v1::JobSpec;
 
+use crate::api::auth::Principal;
+use crate::config::Config;
 use crate::egress::netpolicy::AllowList;
 use crate::error::{Result, RunnerError};
 use crate::store::cas::check_digest;
@@ -54,6 +56,48 @@ impl SpecLimits {
         match self.tenant_key(cap) {
             Some(key) => format!("{key}, which is"),
             None => "the runner's maximum of".into(),
+        }
+    }
+}
+
+impl SpecLimits {
+    /// The ceilings a caller's job is held to: its tenant's where it sets them, the
+    /// runner's otherwise.
+    pub fn of(config: &Config, caller: &Principal) -> SpecLimits {
+        let tenant = caller
+            .tenant
+            .as_deref()
+            .and_then(|name| config.tenants.get(name));
+        let mut tenant_caps = std::collections::BTreeSet::new();
+        let mut own = |cap: &'static str, set: bool| {
+            if set {
+                tenant_caps.insert(cap);
+            }
+        };
+        if let Some(t) = tenant {
+            own("max_memory", t.max_memory.is_some());
+            own("max_pids", t.max_pids.is_some());
+            own("max_cpus", t.max_cpus.is_some());
+            own("max_disk", t.max_disk.is_some());
+            own("max_timeout_seconds", t.max_timeout_seconds.is_some());
+            own("network_ceiling", t.network_ceiling.is_some());
+        }
+        SpecLimits {
+            max_timeout_seconds: tenant
+                .and_then(|t| t.max_timeout_seconds)
+                .unwrap_or(config.max_timeout_seconds),
+            max_memory_bytes: tenant
+                .and_then(|t| t.max_memory)
+                .unwrap_or(config.max_memory)
+                .0,
+            max_pids: tenant.and_then(|t| t.max_pids).unwrap_or(config.max_pids),
+            max_cpu_millis: tenant.and_then(|t| t.max_cpus).unwrap_or(config.max_cpus).0,
+            max_disk_bytes: tenant.and_then(|t| t.max_disk).unwrap_or(config.max_disk).0,
+            network_ceiling: config.network_ceiling_of(caller),
+            max_inputs: config.max_inputs,
+            max_spec_bytes: config.max_spec_bytes.0,
+            tenant: caller.tenant.clone(),
+            tenant_caps,
         }
     }
 }

@@ -64,6 +64,25 @@ impl Principal {
         }
     }
 
+    /// The principal whose records carry the owner key `owner`, as the configuration
+    /// makes it now: a tenant (`tenant:NAME`) or a local uid (`uid:N`). For checking a
+    /// stored job against today's ceilings; `None` for a key of neither form.
+    pub fn of_owner(owner: &str, config: &crate::config::Config) -> Option<Self> {
+        if let Some(name) = crate::tenants::tenant_of_owner(owner) {
+            let tenant = config.tenants.get(name);
+            return Some(Self {
+                owner: owner.to_string(),
+                uid: None,
+                admin: tenant.is_some_and(|t| t.admin),
+                tenant: Some(name.to_string()),
+                inherited_owners: Vec::new(),
+                identity: None,
+            });
+        }
+        let uid = owner.strip_prefix("uid:")?.parse().ok()?;
+        Some(Self::unix(uid, &config.admin_uids))
+    }
+
     /// Whether this caller may see what `owner` owns.
     pub fn may_see(&self, owner: &str) -> bool {
         self.admin || self.owner == owner || self.inherited_owners.iter().any(|o| o == owner)

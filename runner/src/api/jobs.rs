@@ -13,9 +13,8 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
 use crate::api::audit::audited;
-use crate::api::auth::{principal, Principal};
+use crate::api::auth::principal;
 use crate::api::service::{blocking, check_job_id, Service};
-use crate::config::Config;
 use crate::engine::watch;
 use crate::error::RunnerError;
 use crate::plan::ValidatedJob;
@@ -24,46 +23,6 @@ use crate::spec::SpecLimits;
 /// Jobs per ListJobs page when the request names no size, and at most.
 const DEFAULT_PAGE_SIZE: u32 = 100;
 const MAX_PAGE_SIZE: u32 = 1000;
-
-/// The ceilings a caller's job is held to: its tenant's where it sets them, the
-/// runner's otherwise.
-pub fn spec_limits(config: &Config, caller: &Principal) -> SpecLimits {
-    let tenant = caller
-        .tenant
-        .as_deref()
-        .and_then(|name| config.tenants.get(name));
-    let mut tenant_caps = std::collections::BTreeSet::new();
-    let mut own = |cap: &'static str, set: bool| {
-        if set {
-            tenant_caps.insert(cap);
-        }
-    };
-    if let Some(t) = tenant {
-        own("max_memory", t.max_memory.is_some());
-        own("max_pids", t.max_pids.is_some());
-        own("max_cpus", t.max_cpus.is_some());
-        own("max_disk", t.max_disk.is_some());
-        own("max_timeout_seconds", t.max_timeout_seconds.is_some());
-        own("network_ceiling", t.network_ceiling.is_some());
-    }
-    SpecLimits {
-        max_timeout_seconds: tenant
-            .and_then(|t| t.max_timeout_seconds)
-            .unwrap_or(config.max_timeout_seconds),
-        max_memory_bytes: tenant
-            .and_then(|t| t.max_memory)
-            .unwrap_or(config.max_memory)
-            .0,
-        max_pids: tenant.and_then(|t| t.max_pids).unwrap_or(config.max_pids),
-        max_cpu_millis: tenant.and_then(|t| t.max_cpus).unwrap_or(config.max_cpus).0,
-        max_disk_bytes: tenant.and_then(|t| t.max_disk).unwrap_or(config.max_disk).0,
-        network_ceiling: config.network_ceiling_of(caller),
-        max_inputs: config.max_inputs,
-        max_spec_bytes: config.max_spec_bytes.0,
-        tenant: caller.tenant.clone(),
-        tenant_caps,
-    }
-}
 
 /// A ListJobs page token: where the previous page ended (its last job's creation time
 /// and id). Opaque to clients; it only positions the listing, which is owner-scoped
@@ -121,7 +80,7 @@ impl Jobs for Service {
             .spec
             .ok_or_else(|| RunnerError::invalid("spec", "missing"))?;
         let config = &self.runner.config;
-        let plan = ValidatedJob::validate(spec, &spec_limits(config, &caller), config)?;
+        let plan = ValidatedJob::validate(spec, &SpecLimits::of(config, &caller), config)?;
         let key = (!req.idempotency_key.is_empty()).then_some(req.idempotency_key);
         if key.as_ref().is_some_and(|k| k.len() > 256) {
             return Err(RunnerError::invalid("idempotency_key", "longer than 256 bytes").into());

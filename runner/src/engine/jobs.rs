@@ -166,7 +166,7 @@ impl Runner {
                 .spec
                 .clone()
                 .ok_or_else(|| RunnerError::Internal("the record has no spec".into()))
-                .and_then(|spec| ValidatedJob::from_record(spec, &self.config));
+                .and_then(|spec| self.revalidate(spec, &owner));
             match loaded {
                 Ok(plan) => {
                     tracing::info!(job = %job.job_id, "requeueing job accepted before a restart");
@@ -177,7 +177,8 @@ impl Runner {
                     tracing::error!(job = %job.job_id, error = %err, "a queued job's record does not load");
                     job.state = JobState::Error as i32;
                     job.message = format!(
-                        "the job's record could not be loaded after a restart: {}",
+                        "after a restart, the job is no longer accepted by the runner's \
+                         configuration: {}",
                         err.client_message()
                     );
                     job.finished_unix_ms = now_ms();
@@ -186,6 +187,17 @@ impl Runner {
             }
         }
         Ok(())
+    }
+
+    /// A job queued before a restart, validated again for its owner against the
+    /// configuration the daemon runs with now: a ceiling the operator lowered since
+    /// holds for it too.
+    fn revalidate(&self, spec: JobSpec, owner: &str) -> Result<ValidatedJob> {
+        let caller = Principal::of_owner(owner, &self.config).ok_or_else(|| {
+            RunnerError::Internal(format!("a job record with the owner key {owner:?}"))
+        })?;
+        let caps = crate::spec::SpecLimits::of(&self.config, &caller);
+        ValidatedJob::validate(spec, &caps, &self.config)
     }
 
     pub fn handle(&self, id: &str) -> Arc<JobHandle> {

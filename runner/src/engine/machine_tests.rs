@@ -464,3 +464,34 @@ async fn one_clients_flood_delays_anothers_job_by_at_most_one_slot_turnover() {
     assert_eq!(argv[..2], ["slow", "single"], "{argv:?}");
     assert_eq!(state_of(&single_done), JobState::Succeeded);
 }
+
+#[tokio::test]
+async fn a_queued_job_is_held_to_a_ceiling_lowered_across_a_restart() {
+    let state = tempfile::tempdir().unwrap();
+    {
+        let db = Database::open(state.path(), Creation::Allowed).unwrap();
+        let mut spec = job(&["fetch"], &[]);
+        spec.steps[0].allow_net = vec!["example.org:443".into()];
+        let record = Job {
+            job_id: "wide".into(),
+            spec: Some(spec),
+            state: JobState::Queued as i32,
+            steps: vec![Default::default()],
+            ..Default::default()
+        };
+        db.insert_job(&record, &client().owner, None, Some(1000))
+            .unwrap();
+    }
+    // Accepted under a ceiling that allowed it; the runner now allows only its mirror.
+    let h = start_in(state, by_argv(vec![]), |config| {
+        config.network_ceiling = vec!["mirror.internal:443".into()];
+    });
+    let done = h.finished("wide").await;
+    assert_eq!(state_of(&done), JobState::Error);
+    assert!(
+        done.message.contains("no longer accepted") && done.message.contains("allow_net"),
+        "{}",
+        done.message
+    );
+    assert!(h.executor.started.lock().unwrap().is_empty());
+}
