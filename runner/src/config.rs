@@ -145,6 +145,18 @@ pub struct Config {
     /// `[tenants.NAME]`: groups of callers sharing their jobs and blobs, under their own
     /// ceilings. With none, every uid on the socket is a client of its own.
     pub tenants: Tenants,
+    /// `[images]`: which images jobs may use.
+    pub images: ImagesConfig,
+}
+
+/// The `[images]` table.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImagesConfig {
+    /// Images every job may use: names, `NAME@sha256:HEX`, or `sha256:HEX` digests (a
+    /// manifest or tree digest). Absent: any installed image. A job naming another is
+    /// refused at Submit (PERMISSION_DENIED); a tenant's `images` narrows it further.
+    pub allowed: Option<crate::images::allow::ImageAllowList>,
 }
 
 /// How the daemon writes its log lines.
@@ -210,6 +222,7 @@ impl Default for Config {
             proxy_idle_timeout_seconds: 60,
             waive: Vec::new(),
             tenants: Tenants::default(),
+            images: ImagesConfig::default(),
         }
     }
 }

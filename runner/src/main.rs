@@ -140,7 +140,8 @@ enum Command {
         #[command(subcommand)]
         command: StoreCommand,
     },
-    /// Build and list images.
+    /// Build, import, list, inspect and remove images (locally, as root, in the state
+    /// directory).
     Image {
         /// State directory of the daemon.
         #[arg(long, global = true, default_value = config::DEFAULT_STATE_DIR)]
@@ -160,6 +161,7 @@ enum Command {
 /// `kiln run`'s arguments.
 #[derive(clap::Args)]
 struct RunArgs {
+    /// NAME, NAME@sha256:DIGEST or sha256:DIGEST.
     #[arg(long, default_value = images::HOST_IMAGE)]
     image: String,
     /// HOSTPATH[:WORKSPACEPATH], a file or directory; repeatable.
@@ -277,8 +279,29 @@ enum StoreCommand {
 enum ImageCommand {
     /// Build an image from a recipe directory (e.g. images/busybox).
     Build { recipe: PathBuf },
+    /// Import an OCI image: oci:DIR[:TAG], oci-archive:FILE[:TAG] or docker-archive:FILE
+    /// (what skopeo, umoci, buildah and `docker save` write). Prints NAME@sha256:DIGEST.
+    Import {
+        source: String,
+        /// The image's name [default: the archive's repository, else the file's name].
+        #[arg(long)]
+        name: Option<String>,
+        /// Most bytes of files the layers may unpack to, e.g. 8G.
+        #[arg(long, value_name = "SIZE", value_parser = units::parse_size)]
+        max_size: Option<u64>,
+        /// Most entries the layers may hold.
+        #[arg(long, value_name = "N")]
+        max_entries: Option<u64>,
+    },
     /// List installed images.
     List,
+    /// Show an image's record (JSON): digests, source, Env, skipped entries.
+    Inspect {
+        /// NAME, NAME@sha256:DIGEST or sha256:DIGEST.
+        image: String,
+    },
+    /// Remove an image's name, and its tree when no other name uses it.
+    Rm { name: String },
 }
 
 fn main() -> ExitCode {
@@ -580,7 +603,7 @@ fn store_verify(state_dir: &Path) -> anyhow::Result<i32> {
     Ok(if report.quarantined.is_empty() { 0 } else { 1 })
 }
 
-/// `kiln image build|list`.
+/// `kiln image build|import|list|inspect|rm`.
 fn image_command(state_dir: &Path, command: ImageCommand) -> anyhow::Result<i32> {
     let images = images::Images::open(state_dir)?;
     match command {
@@ -591,19 +614,68 @@ fn image_command(state_dir: &Path, command: ImageCommand) -> anyhow::Result<i32>
                 record.name, record.tree_digest, record.source
             );
         }
-        ImageCommand::List => {
-            println!("{:<12} {:<72} SOURCE", "NAME", "TREE DIGEST");
+        ImageCommand::Import {
+            source,
+            name,
+            max_size,
+            max_entries,
+        } => {
+            let defaults = images::unpack::Limits::default();
+            let limits = images::unpack::Limits {
+                max_bytes: max_size.unwrap_or(defaults.max_bytes),
+                max_entries: max_entries.unwrap_or(defaults.max_entries),
+            };
+            let imported = images.import(&source, name.as_deref(), limits)?;
+            let report = &imported.report;
+            if imported.already_installed {
+                eprintln!("the image's tree was already installed; named it");
+            } else {
+                eprintln!(
+                    "unpacked {} entries, {}, tree sha256:{}",
+                    report.entries,
+                    units::format_size(report.bytes),
+                    imported.record.tree_digest
+                );
+            }
+            if report.skipped_count > 0 {
+                eprintln!(
+                    "skipped {} special entries (device nodes, FIFOs...): {}",
+                    report.skipped_count,
+                    report.skipped.join(", ")
+                );
+            }
             println!(
-                "{:<12} {:<72} host /usr (unpinned)",
+                "{}@sha256:{}",
+                imported.record.name,
+                imported.record.digest()
+            );
+        }
+        ImageCommand::List => {
+            println!("{:<16} {:<72} SOURCE", "NAME", "DIGEST");
+            println!(
+                "{:<16} {:<72} host /usr (unpinned)",
                 images::HOST_IMAGE,
                 "-"
             );
             for record in images.list()? {
                 println!(
-                    "{:<12} sha256:{:<65} {}",
-                    record.name, record.tree_digest, record.source
+                    "{:<16} sha256:{:<65} {}",
+                    record.name,
+                    record.digest(),
+                    record.source
                 );
             }
+        }
+        ImageCommand::Inspect { image } => {
+            let reference = images::reference::ImageRef::parse(&image)?;
+            let record = images
+                .lookup(&reference)?
+                .with_context(|| format!("image {image:?} is not installed"))?;
+            println!("{}", serde_json::to_string_pretty(&record)?);
+        }
+        ImageCommand::Rm { name } => {
+            let record = images.remove(&name)?;
+            println!("removed {}@sha256:{}", record.name, record.digest());
         }
     }
     Ok(0)
