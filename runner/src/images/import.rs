@@ -25,6 +25,7 @@ const MAX_ENV_VARS: usize = 1024;
 const MAX_ENV_BYTES: usize = 1 << 20;
 
 /// What an import did.
+#[derive(Debug)]
 pub struct Imported {
     pub record: ImageRecord,
     pub report: Report,
