@@ -106,7 +106,13 @@ struct Meter {
     stream_limit: u64,
     entry_left: Cell<u64>,
     /// Which budget ran out, for the error message (the tar reader wraps the io error).
-    exceeded: Cell<Option<fn(u64) -> UnpackError>>,
+    exceeded: Cell<Option<Budget>>,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Budget {
+    Stream,
+    EntryMetadata,
 }
 
 /// A reader that fails once the meter's budget is spent.
@@ -125,12 +131,11 @@ impl<R: Read> Read for Metered<R> {
             if self.inner.read(&mut probe)? == 0 {
                 return Ok(0);
             }
-            let make: fn(u64) -> UnpackError = if stream == 0 {
-                UnpackError::StreamTooLarge
+            self.meter.exceeded.set(Some(if stream == 0 {
+                Budget::Stream
             } else {
-                |_| UnpackError::MetadataTooLarge
-            };
-            self.meter.exceeded.set(Some(make));
+                Budget::EntryMetadata
+            }));
             return Err(io::Error::other("unpack limit reached"));
         }
         let cap = usize::try_from(stream.min(entry)).unwrap_or(usize::MAX);
@@ -233,7 +238,8 @@ impl Unpacker {
 
     fn read_error(&self, err: io::Error) -> UnpackError {
         match self.meter.exceeded.take() {
-            Some(make) => make(self.meter.stream_limit),
+            Some(Budget::Stream) => UnpackError::StreamTooLarge(self.meter.stream_limit),
+            Some(Budget::EntryMetadata) => UnpackError::MetadataTooLarge,
             None => UnpackError::Read(err),
         }
     }

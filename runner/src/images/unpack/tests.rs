@@ -429,7 +429,8 @@ fn a_million_tiny_entries_stop_at_the_entry_limit() {
 #[test]
 fn an_oversized_long_name_fails_before_it_is_buffered() {
     let f = Fixture::new();
-    let long = vec![b'a'; (MAX_ENTRY_METADATA_BYTES as usize) * 4];
+    let long = vec![b'a'; 4 << 20];
+    assert!(long.len() as u64 > MAX_ENTRY_METADATA_BYTES);
     let layer = Layer::new()
         .raw(
             header(
