@@ -434,6 +434,22 @@ mod tests {
     }
 
     #[test]
+    fn imported_image_is_pinned_by_its_manifest_digest() {
+        let (manifest, tree) = (sha256_bytes(b"manifest"), sha256_bytes(b"tree"));
+        let d = ResourceDescriptor::oci_image("debian", &manifest, "amd64", &tree, "oci:debian:12");
+        let v = serde_json::to_value(&d).unwrap();
+        assert_eq!(
+            v["uri"],
+            format!("pkg:oci/debian@sha256%3A{manifest}?arch=amd64")
+        );
+        assert_eq!(v["digest"], json!({"sha256": manifest}));
+        assert_eq!(v["annotations"]["pinned"], true);
+        assert_eq!(v["annotations"]["treeDigest"]["sha256"], tree);
+        assert_eq!(d.annotation_str("source"), Some("oci:debian:12"));
+        assert_eq!(d.annotation_str("kind"), Some("image"));
+    }
+
+    #[test]
     fn unpinned_host_image() {
         let d = ResourceDescriptor::image("host", None);
         let v = serde_json::to_value(&d).unwrap();

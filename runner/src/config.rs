@@ -685,6 +685,31 @@ mod tests {
     }
 
     #[test]
+    fn the_images_table_parses_its_allow_list_and_nothing_else() {
+        let hex = "ab".repeat(32);
+        let cfg: Config = toml::from_str(&format!(
+            "[images]\nallowed = [\"host\", \"debian@sha256:{hex}\", \"sha256:{hex}\"]\n"
+        ))
+        .unwrap();
+        cfg.validate().unwrap();
+        let allowed = cfg.images.allowed.unwrap();
+        let image = |name: &str, digest: &str| crate::images::allow::ImageIdentity {
+            name: Some(name.into()),
+            digests: vec![digest.into()],
+        };
+        assert!(allowed.allows(&image("debian", &hex)));
+        assert!(!allowed.allows(&image("debian", &"cd".repeat(32))));
+        assert!(Config::default().images.allowed.is_none());
+        for bad in [
+            "[images]\nallowed = [\"debian:12\"]\n",
+            "[images]\nallowed = [\"sha256:12\"]\n",
+            "[images]\nallow = []\n",
+        ] {
+            assert!(toml::from_str::<Config>(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
     fn a_uid_configured_twice_is_refused() {
         let cfg: Config = toml::from_str(
             "[network_ceiling_by_uid]\n1001 = [\"*:443\"]\n[tenants.ci]\nuids = [1001]\n",

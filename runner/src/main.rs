@@ -605,7 +605,7 @@ fn store_verify(state_dir: &Path) -> anyhow::Result<i32> {
 
 /// `kiln image build|import|list|inspect|rm`.
 fn image_command(state_dir: &Path, command: ImageCommand) -> anyhow::Result<i32> {
-    let images = images::Images::open(state_dir)?;
+    let images = images::Images::attach(state_dir)?;
     match command {
         ImageCommand::Build { recipe } => {
             let record = images.build(&recipe)?;

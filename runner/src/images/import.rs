@@ -69,10 +69,12 @@ impl Images {
         let content = self.oci_dir().join(&manifest);
         let existing = self.read_content_record(&manifest)?;
 
-        let (tree, report, already_installed) = match existing {
-            Some(record) if content.join("rootfs").is_dir() => {
-                (record.tree_digest, Report::default(), true)
-            }
+        // An installed tree that still matches its record is only named again.
+        let intact = existing.filter(|record| {
+            tree_digest(&content.join("rootfs")).is_ok_and(|d| d == record.tree_digest)
+        });
+        let (tree, report, already_installed) = match intact {
+            Some(record) => (record.tree_digest, Report::default(), true),
             _ => {
                 let unpacked = staging.path().join("content");
                 let rootfs = unpacked.join("rootfs");
@@ -100,7 +102,7 @@ impl Images {
                 fs::set_permissions(self.oci_dir(), fs::Permissions::from_mode(0o711))
                     .map_err(RunnerError::io_path("chmod", &self.oci_dir()))?;
                 if content.exists() {
-                    // A tree without its record: an import that died while moving in.
+                    // A tree that no longer matches its record, or one without a record.
                     fs::remove_dir_all(&content)
                         .map_err(RunnerError::io_path("removing", &content))?;
                 }

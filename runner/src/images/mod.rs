@@ -166,12 +166,19 @@ fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<Option<T>> {
 }
 
 impl Images {
+    /// The daemon's images: the host image's /etc is written afresh.
     pub fn open(state_dir: &Path) -> Result<Self> {
-        let dir = state_dir.join("images");
-        fs::create_dir_all(&dir).map_err(RunnerError::io_path("creating", &dir))?;
-        let images = Self { dir };
+        let images = Self::attach(state_dir)?;
         images.write_host_etc()?;
         Ok(images)
+    }
+
+    /// The images of a state directory, for `kiln image`: beside a running daemon, whose
+    /// jobs bind the host image's /etc, that is left alone.
+    pub fn attach(state_dir: &Path) -> Result<Self> {
+        let dir = state_dir.join("images");
+        fs::create_dir_all(&dir).map_err(RunnerError::io_path("creating", &dir))?;
+        Ok(Self { dir })
     }
 
     fn oci_dir(&self) -> PathBuf {

@@ -205,6 +205,19 @@ fn layers_of_each_compression_import_and_resolve_with_the_config_env() {
     std::fs::write(rootfs.join("usr/bin/b"), "evil").unwrap();
     let err = s.images.resolve("tools").unwrap_err().to_string();
     assert!(err.contains("was modified"), "{err}");
+    // Importing it again repairs it; an intact tree is only named again.
+    let again = s
+        .images
+        .import(&source, Some("tools"), Limits::default())
+        .unwrap();
+    assert!(!again.already_installed);
+    s.images.resolve("tools").unwrap();
+    let named = s
+        .images
+        .import(&source, Some("tools2"), Limits::default())
+        .unwrap();
+    assert!(named.already_installed);
+    assert_eq!(s.images.resolve("tools2").unwrap().digest, resolved.digest);
 }
 
 #[test]
