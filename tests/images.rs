@@ -37,7 +37,7 @@ fn busybox_layer() -> Vec<u8> {
     h.set_size(binary.len() as u64);
     tar.append_data(&mut h, "bin/busybox", binary.as_slice())
         .unwrap();
-    for applet in ["sh", "echo", "cat", "env", "test", "true"] {
+    for applet in ["sh", "echo", "cat", "env", "test", "true", "sleep"] {
         let mut h = tar::Header::new_gnu();
         h.set_entry_type(tar::EntryType::Symlink);
         h.set_mode(0o777);
@@ -55,11 +55,15 @@ fn busybox_layer() -> Vec<u8> {
 }
 
 fn config_json(layer_tar: &[u8]) -> Vec<u8> {
+    config_json_greeting(layer_tar, "from-image-config")
+}
+
+fn config_json_greeting(layer_tar: &[u8], greeting: &str) -> Vec<u8> {
     serde_json::to_vec(&serde_json::json!({
         "architecture": "amd64",
         "os": "linux",
         "config": {
-            "Env": ["PATH=/bin", "GREETING=from-image-config", "OVERRIDE=image"],
+            "Env": ["PATH=/bin", format!("GREETING={greeting}"), "OVERRIDE=image"],
             "WorkingDir": "/nonexistent",
         },
         "rootfs": {"type": "layers", "diff_ids": [format!("sha256:{}", sha256(layer_tar))]},
@@ -69,6 +73,10 @@ fn config_json(layer_tar: &[u8]) -> Vec<u8> {
 
 /// An OCI image layout (gzip layer) tagged `latest`; answers its manifest digest.
 fn write_oci_layout(dir: &Path) -> String {
+    write_oci_layout_greeting(dir, "from-image-config")
+}
+
+fn write_oci_layout_greeting(dir: &Path, greeting: &str) -> String {
     let blobs = dir.join("blobs/sha256");
     std::fs::create_dir_all(&blobs).unwrap();
     let put = |bytes: &[u8]| {
@@ -82,7 +90,7 @@ fn write_oci_layout(dir: &Path) -> String {
     let gz = gz.finish().unwrap();
     let mut layer_desc = put(&gz);
     layer_desc["mediaType"] = "application/vnd.oci.image.layer.v1.tar+gzip".into();
-    let mut config_desc = put(&config_json(&layer));
+    let mut config_desc = put(&config_json_greeting(&layer, greeting));
     config_desc["mediaType"] = "application/vnd.oci.image.config.v1+json".into();
     let manifest = serde_json::to_vec(&serde_json::json!({
         "schemaVersion": 2,
@@ -354,4 +362,85 @@ fn a_docker_archive_runs_by_digest_and_rm_uninstalls_it() {
         .unwrap()
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
+}
+
+fn status_json(daemon: &Daemon, id: &str) -> serde_json::Value {
+    let out = daemon.kiln(&["status", "--json", id]);
+    assert!(out.status.success(), "{}", describe(&out));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn submit_detached(daemon: &Daemon, dir: &Path, name: &str, image: &str, argv: &str) -> String {
+    let file = dir.join(format!("{name}.toml"));
+    std::fs::write(
+        &file,
+        format!("name = \"{name}\"\nimage = \"{image}\"\n[[steps]]\nname = \"s\"\nrun = {argv}\n"),
+    )
+    .unwrap();
+    let out = daemon.kiln(&["submit", "--detach", file.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", describe(&out));
+    text(&out.stdout).trim().to_string()
+}
+
+#[test]
+fn an_image_swapped_after_submit_is_refused_when_the_job_starts() {
+    if !require_root("an_image_swapped_after_submit_is_refused_when_the_job_starts") {
+        return;
+    }
+    let work = tempfile::tempdir().unwrap();
+    let (first, second) = (work.path().join("first"), work.path().join("second"));
+    let allowed = write_oci_layout(&first);
+    let swapped = write_oci_layout_greeting(&second, "swapped");
+    assert_ne!(allowed, swapped);
+    let config = config_file(&format!(
+        "max_concurrent_jobs = 1\n[images]\nallowed = [\"bb@sha256:{allowed}\", \"host\"]\n"
+    ));
+    let daemon = Daemon::start_with(&["--config", config.path().to_str().unwrap()]);
+    import(
+        &daemon,
+        &[&format!("oci:{}", first.display()), "--name", "bb"],
+    );
+
+    // The one job slot is taken; the job on `bb` is allowed when it is submitted ...
+    let blocker = submit_detached(
+        &daemon,
+        work.path(),
+        "blocker",
+        "host",
+        r#"["sleep", "60"]"#,
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while status_json(&daemon, &blocker)["state"] != "running" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the blocker never ran"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let queued = submit_detached(&daemon, work.path(), "queued", "bb", r#"["true"]"#);
+    // ... then `bb` names another image: the job is refused when it starts.
+    import(
+        &daemon,
+        &[&format!("oci:{}", second.display()), "--name", "bb"],
+    );
+    let out = daemon.kiln(&["cancel", &blocker]);
+    assert!(out.status.success(), "{}", describe(&out));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let job = loop {
+        let job = status_json(&daemon, &queued);
+        if job["state"] != "queued" && job["state"] != "running" {
+            break job;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the queued job never ended"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert_eq!(job["state"], "error", "{job}");
+    let message = job["message"].as_str().unwrap();
+    assert!(
+        message.contains("\"bb\" (as it is now)") && message.contains("[images] allowed"),
+        "{message}"
+    );
 }
