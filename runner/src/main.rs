@@ -300,7 +300,8 @@ enum ImageCommand {
         /// NAME, NAME@sha256:DIGEST or sha256:DIGEST.
         image: String,
     },
-    /// Remove an image's name, and its tree when no other name uses it.
+    /// Remove an image's name, and its tree when no other name uses it; or, as
+    /// sha256:DIGEST, an imported tree no name uses any more.
     Rm { name: String },
 }
 
@@ -637,6 +638,12 @@ fn image_command(state_dir: &Path, command: ImageCommand) -> anyhow::Result<i32>
                     imported.record.tree_digest
                 );
             }
+            if let Some(old) = &imported.replaced {
+                eprintln!(
+                    "{} named sha256:{old} before; that tree stays for jobs that pin its digest",
+                    imported.record.name
+                );
+            }
             if report.skipped_count > 0 {
                 eprintln!(
                     "skipped {} special entries (device nodes, FIFOs...): {}",
@@ -663,6 +670,15 @@ fn image_command(state_dir: &Path, command: ImageCommand) -> anyhow::Result<i32>
                     record.name,
                     record.digest(),
                     record.source
+                );
+            }
+            for record in images.unnamed()? {
+                println!(
+                    "{:<16} sha256:{:<65} {} (was {}; no name now)",
+                    "-",
+                    record.digest(),
+                    record.source,
+                    record.name
                 );
             }
         }

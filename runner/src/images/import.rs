@@ -31,6 +31,8 @@ pub struct Imported {
     pub report: Report,
     /// The same manifest was already installed: its tree was kept.
     pub already_installed: bool,
+    /// The digest the name had before, if it named another image.
+    pub replaced: Option<String>,
 }
 
 impl Images {
@@ -121,6 +123,10 @@ impl Images {
             platform: Some(format!("linux/{}", oci::host_arch())),
             skipped: report.skipped.clone(),
         };
+        let replaced = self
+            .read_record(&name)?
+            .map(|old| old.digest().to_string())
+            .filter(|old| old != record.digest());
         let name_dir = self.dir.join(&name);
         fs::create_dir_all(&name_dir).map_err(RunnerError::io_path("creating", &name_dir))?;
         write_json_atomically(&self.record_path(&name), &record)?;
@@ -128,6 +134,7 @@ impl Images {
             record,
             report,
             already_installed,
+            replaced,
         })
     }
 }

@@ -344,10 +344,14 @@ impl Images {
         Ok(records)
     }
 
-    /// Removes a name, and its tree when no other name uses it. A job that names it and
+    /// Removes a name, and its tree when no other name uses it (or, given `sha256:HEX`,
+    /// an imported tree no name uses any more). A job that names it and
     /// has not started fails when it starts ("not installed"); do not remove an image a
     /// running job uses (its steps would see files vanish).
     pub fn remove(&self, name: &str) -> Result<ImageRecord> {
+        if let Some(digest) = name.strip_prefix("sha256:") {
+            return self.remove_unnamed(digest);
+        }
         if name == HOST_IMAGE {
             return Err(RunnerError::invalid("name", "\"host\" is built in"));
         }
@@ -373,5 +377,53 @@ impl Images {
         // Only empty: a built image's other trees stay until removed by hand.
         let _ = fs::remove_dir(&name_dir);
         Ok(record)
+    }
+
+    /// Removes an imported tree no name uses any more (a name was imported again).
+    fn remove_unnamed(&self, digest: &str) -> Result<ImageRecord> {
+        let record = self
+            .read_content_record(digest)?
+            .ok_or_else(|| RunnerError::NotFound(format!("imported image sha256:{digest}")))?;
+        let names: Vec<String> = self
+            .list()?
+            .into_iter()
+            .filter(|r| r.manifest_digest.as_deref() == Some(digest))
+            .map(|r| r.name)
+            .collect();
+        if !names.is_empty() {
+            return Err(RunnerError::FailedPrecondition(format!(
+                "sha256:{digest} is named {}: remove the name",
+                names.join(", ")
+            )));
+        }
+        let tree = self.oci_dir().join(digest);
+        fs::remove_dir_all(&tree).map_err(RunnerError::io_path("removing", &tree))?;
+        Ok(record)
+    }
+
+    /// Imported trees no name uses (a name was imported again since), by digest.
+    pub fn unnamed(&self) -> Result<Vec<ImageRecord>> {
+        let named: Vec<String> = self
+            .list()?
+            .into_iter()
+            .filter_map(|r| r.manifest_digest)
+            .collect();
+        let mut unnamed = Vec::new();
+        let Ok(entries) = fs::read_dir(self.oci_dir()) else {
+            return Ok(unnamed);
+        };
+        for entry in entries.flatten() {
+            let Some(digest) = entry.file_name().to_str().map(String::from) else {
+                continue;
+            };
+            if named.contains(&digest) || crate::store::cas::check_digest("image", &digest).is_err()
+            {
+                continue;
+            }
+            if let Some(record) = self.read_content_record(&digest)? {
+                unnamed.push(record);
+            }
+        }
+        Ok(unnamed)
     }
 }

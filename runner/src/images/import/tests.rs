@@ -210,6 +210,7 @@ fn layers_of_each_compression_import_and_resolve_with_the_config_env() {
         .images
         .import(&source, Some("tools"), Limits::default())
         .unwrap();
+    assert_eq!(again.replaced, None);
     assert!(!again.already_installed);
     s.images.resolve("tools").unwrap();
     let named = s
@@ -371,7 +372,35 @@ fn an_index_selects_this_hosts_platform_and_a_tag_selects_an_image() {
             "oci-archive:{}:v2",
             archive.file_name().unwrap().to_string_lossy()
         )
-    );
+    ); // The name `multi` now names another image: the import says so.
+    let renamed = s
+        .images
+        .import(
+            &format!("oci-archive:{}:v2", archive.display()),
+            Some("multi"),
+            Limits::default(),
+        )
+        .unwrap();
+    assert_eq!(renamed.replaced.as_deref(), Some(native.as_str()));
+    let unnamed: Vec<_> = s
+        .images
+        .unnamed()
+        .unwrap()
+        .into_iter()
+        .map(|r| r.source_sha256)
+        .collect();
+    assert_eq!(unnamed, [native.clone()]);
+    // Still runnable by digest until removed.
+    s.images.resolve(&format!("sha256:{native}")).unwrap();
+    let err = s
+        .images
+        .remove(&format!("sha256:{other}"))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("is named multi, v2"), "{err}");
+    s.images.remove(&format!("sha256:{native}")).unwrap();
+    assert!(s.images.unnamed().unwrap().is_empty());
+    assert!(s.images.resolve(&format!("sha256:{native}")).is_err());
 }
 
 #[test]
