@@ -389,7 +389,7 @@ fn an_index_selects_this_hosts_platform_and_a_tag_selects_an_image() {
         .into_iter()
         .map(|r| r.source_sha256)
         .collect();
-    assert_eq!(unnamed, [native.clone()]);
+    assert_eq!(unnamed, vec![native.as_str()]);
     // Still runnable by digest until removed.
     s.images.resolve(&format!("sha256:{native}")).unwrap();
     let err = s
