@@ -435,7 +435,7 @@ async fn a_tenants_ceilings_are_enforced_at_submit_naming_the_key() {
     let mut other_image = job("img", None, "true");
     other_image.image = "busybox".into();
     let err = narrow.submit(other_image.clone(), "").await.unwrap_err();
-    assert_eq!(err.code(), Code::InvalidArgument, "{err}");
+    assert_eq!(err.code(), Code::PermissionDenied, "{err}");
     assert!(err.message().contains("tenants.narrow.images"), "{err}");
 
     let mut outside = job("net", None, "true");

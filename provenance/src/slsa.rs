@@ -16,7 +16,13 @@
 //!   absence as "unknown" (see [`crate::verify::provenance`]).
 //! - `resolvedDependencies`: the image, with `annotations.kind = "image"`,
 //!   `annotations.pinned` and, when pinned, `digest.sha256` = the image tree
-//!   digest ([`ResourceDescriptor::image`]; the `host` image is unpinned);
+//!   digest ([`ResourceDescriptor::image`]; the `host` image is unpinned); an
+//!   imported OCI image has `uri` = its package URL
+//!   (`pkg:oci/NAME@sha256%3AHEX?arch=ARCH`), `digest.sha256` = its manifest
+//!   digest, and `annotations.treeDigest` and `annotations.source` (how it
+//!   was imported: `oci:DIR[:TAG]`, `oci-archive:FILE[:TAG]` or
+//!   `docker-archive:FILE`, with the file's own name only)
+//!   ([`ResourceDescriptor::oci_image`]);
 //!   every input with `annotations.kind = "input"`
 //!   ([`ResourceDescriptor::input`]).
 //! - `runDetails.byproducts`: one entry per step link, `name` = the link
@@ -86,6 +92,32 @@ impl ResourceDescriptor {
             digest: tree_sha256
                 .map(|d| [("sha256".to_string(), d.to_string())].into())
                 .unwrap_or_default(),
+            name: Some(name.to_string()),
+            annotations: Some(annotations),
+            ..Default::default()
+        }
+    }
+
+    /// An imported OCI image, pinned by its manifest digest.
+    pub fn oci_image(
+        name: &str,
+        manifest_sha256: &str,
+        arch: &str,
+        tree_sha256: &str,
+        source: &str,
+    ) -> Self {
+        let mut annotations = Map::new();
+        annotations.insert("kind".into(), "image".into());
+        annotations.insert("pinned".into(), true.into());
+        annotations.insert("treeDigest".into(), json!({"sha256": tree_sha256}));
+        annotations.insert("source".into(), source.into());
+        ResourceDescriptor {
+            // The package URL of an OCI image (purl's `oci` type): no registry for an
+            // imported one, so no repository_url qualifier.
+            uri: Some(format!(
+                "pkg:oci/{name}@sha256%3A{manifest_sha256}?arch={arch}"
+            )),
+            digest: [("sha256".to_string(), manifest_sha256.to_string())].into(),
             name: Some(name.to_string()),
             annotations: Some(annotations),
             ..Default::default()
@@ -399,6 +431,22 @@ mod tests {
         // Round trip.
         let back: Statement = serde_json::from_value(v).unwrap();
         assert_eq!(back, st);
+    }
+
+    #[test]
+    fn imported_image_is_pinned_by_its_manifest_digest() {
+        let (manifest, tree) = (sha256_bytes(b"manifest"), sha256_bytes(b"tree"));
+        let d = ResourceDescriptor::oci_image("debian", &manifest, "amd64", &tree, "oci:debian:12");
+        let v = serde_json::to_value(&d).unwrap();
+        assert_eq!(
+            v["uri"],
+            format!("pkg:oci/debian@sha256%3A{manifest}?arch=amd64")
+        );
+        assert_eq!(v["digest"], json!({"sha256": manifest}));
+        assert_eq!(v["annotations"]["pinned"], true);
+        assert_eq!(v["annotations"]["treeDigest"]["sha256"], tree);
+        assert_eq!(d.annotation_str("source"), Some("oci:debian:12"));
+        assert_eq!(d.annotation_str("kind"), Some("image"));
     }
 
     #[test]

@@ -148,6 +148,18 @@ pub struct Config {
     /// `[tenants.NAME]`: groups of callers sharing their jobs and blobs, under their own
     /// ceilings. With none, every uid on the socket is a client of its own.
     pub tenants: Tenants,
+    /// `[images]`: which images jobs may use.
+    pub images: ImagesConfig,
+}
+
+/// The `[images]` table.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImagesConfig {
+    /// Images every job may use: names, `NAME@sha256:HEX`, or `sha256:HEX` digests (a
+    /// manifest or tree digest). Absent: any installed image. A job naming another is
+    /// refused at Submit (PERMISSION_DENIED); a tenant's `images` narrows it further.
+    pub allowed: Option<crate::images::allow::ImageAllowList>,
 }
 
 /// How the daemon writes its log lines.
@@ -214,6 +226,7 @@ impl Default for Config {
             proxy_idle_timeout_seconds: 60,
             waive: Vec::new(),
             tenants: Tenants::default(),
+            images: ImagesConfig::default(),
         }
     }
 }
@@ -945,6 +958,31 @@ mod tests {
             let cfg: Config = toml::from_str(&format!("{base}{extra}")).unwrap();
             let err = cfg.validate().unwrap_err().to_string();
             assert!(err.contains(key), "{extra}: {err}");
+        }
+    }
+
+    #[test]
+    fn the_images_table_parses_its_allow_list_and_nothing_else() {
+        let hex = "ab".repeat(32);
+        let cfg: Config = toml::from_str(&format!(
+            "[images]\nallowed = [\"host\", \"debian@sha256:{hex}\", \"sha256:{hex}\"]\n"
+        ))
+        .unwrap();
+        cfg.validate().unwrap();
+        let allowed = cfg.images.allowed.unwrap();
+        let image = |name: &str, digest: &str| crate::images::allow::ImageIdentity {
+            name: Some(name.into()),
+            digests: vec![digest.into()],
+        };
+        assert!(allowed.allows(&image("debian", &hex)));
+        assert!(!allowed.allows(&image("debian", &"cd".repeat(32))));
+        assert!(Config::default().images.allowed.is_none());
+        for bad in [
+            "[images]\nallowed = [\"debian:12\"]\n",
+            "[images]\nallowed = [\"sha256:12\"]\n",
+            "[images]\nallow = []\n",
+        ] {
+            assert!(toml::from_str::<Config>(bad).is_err(), "{bad}");
         }
     }
 

@@ -339,9 +339,9 @@ fn store_verify(state_dir: &Path) -> anyhow::Result<i32> {
     Ok(if report.quarantined.is_empty() { 0 } else { 1 })
 }
 
-/// `kiln image build|list`.
+/// `kiln image build|import|list|inspect|rm`.
 fn image_command(state_dir: &Path, command: ImageCommand) -> anyhow::Result<i32> {
-    let images = images::Images::open(state_dir)?;
+    let images = images::Images::attach(state_dir)?;
     match command {
         ImageCommand::Build { recipe } => {
             let record = images.build(&recipe)?;
@@ -350,19 +350,83 @@ fn image_command(state_dir: &Path, command: ImageCommand) -> anyhow::Result<i32>
                 record.name, record.tree_digest, record.source
             );
         }
-        ImageCommand::List => {
-            println!("{:<12} {:<72} SOURCE", "NAME", "TREE DIGEST");
+        ImageCommand::Import {
+            source,
+            name,
+            max_size,
+            max_entries,
+        } => {
+            let defaults = images::unpack::Limits::default();
+            let limits = images::unpack::Limits {
+                max_bytes: max_size.unwrap_or(defaults.max_bytes),
+                max_entries: max_entries.unwrap_or(defaults.max_entries),
+            };
+            let imported = images.import(&source, name.as_deref(), limits)?;
+            let report = &imported.report;
+            if imported.already_installed {
+                eprintln!("the image's tree was already installed; named it");
+            } else {
+                eprintln!(
+                    "unpacked {} entries, {}, tree sha256:{}",
+                    report.entries,
+                    units::format_size(report.bytes),
+                    imported.record.tree_digest
+                );
+            }
+            if let Some(old) = &imported.replaced {
+                eprintln!(
+                    "{} named sha256:{old} before; that tree stays for jobs that pin its digest",
+                    imported.record.name
+                );
+            }
+            if report.skipped_count > 0 {
+                eprintln!(
+                    "skipped {} special entries (device nodes, FIFOs...): {}",
+                    report.skipped_count,
+                    report.skipped.join(", ")
+                );
+            }
             println!(
-                "{:<12} {:<72} host /usr (unpinned)",
+                "{}@sha256:{}",
+                imported.record.name,
+                imported.record.digest()
+            );
+        }
+        ImageCommand::List => {
+            println!("{:<16} {:<72} SOURCE", "NAME", "DIGEST");
+            println!(
+                "{:<16} {:<72} host /usr (unpinned)",
                 images::HOST_IMAGE,
                 "-"
             );
             for record in images.list()? {
                 println!(
-                    "{:<12} sha256:{:<65} {}",
-                    record.name, record.tree_digest, record.source
+                    "{:<16} sha256:{:<65} {}",
+                    record.name,
+                    record.digest(),
+                    record.source
                 );
             }
+            for record in images.unnamed()? {
+                println!(
+                    "{:<16} sha256:{:<65} {} (was {}; no name now)",
+                    "-",
+                    record.digest(),
+                    record.source,
+                    record.name
+                );
+            }
+        }
+        ImageCommand::Inspect { image } => {
+            let reference = images::reference::ImageRef::parse(&image)?;
+            let record = images
+                .lookup(&reference)?
+                .with_context(|| format!("image {image:?} is not installed"))?;
+            println!("{}", serde_json::to_string_pretty(&record)?);
+        }
+        ImageCommand::Rm { name } => {
+            let record = images.remove(&name)?;
+            println!("removed {}@sha256:{}", record.name, record.digest());
         }
     }
     Ok(0)

@@ -225,6 +225,7 @@ pub fn check_step_name(field: &str, name: &str) -> Result<()> {
     Ok(())
 }
 
+/// An image's name (a-z, 0-9, '-', '_', '.'; not starting with '.'), as installed.
 pub fn check_image_name(name: &str) -> Result<()> {
     if name.is_empty() || name.len() > 64 {
         return Err(RunnerError::invalid("image", "must be 1 to 64 characters"));
@@ -239,6 +240,11 @@ pub fn check_image_name(name: &str) -> Result<()> {
         ));
     }
     Ok(())
+}
+
+/// A job's image: `NAME`, `NAME@sha256:HEX` or `sha256:HEX`, and nothing else.
+pub fn check_image_reference(reference: &str) -> Result<()> {
+    crate::images::reference::ImageRef::parse(reference).map(drop)
 }
 
 /// Checks a submitted spec against the caps; answers each step's allow-list, parsed
@@ -261,7 +267,7 @@ pub fn validate(spec: &JobSpec, limits: &SpecLimits) -> Result<Vec<Option<AllowL
             "must be at most 256 bytes without NUL",
         ));
     }
-    check_image_name(&spec.image)?;
+    check_image_reference(&spec.image)?;
 
     check_inputs(spec, limits)?;
     if spec.steps.is_empty() {
@@ -553,6 +559,15 @@ mod tests {
         let mut spec = good();
         spec.image = "../etc".into();
         assert!(err_of(&spec).contains("image"));
+        for bad in ["busybox:latest", "busybox@sha256:12", "docker.io/busybox"] {
+            spec.image = bad.into();
+            assert!(err_of(&spec).contains("image"), "{bad}");
+        }
+        let hex = "0a".repeat(32);
+        for good in [format!("busybox@sha256:{hex}"), format!("sha256:{hex}")] {
+            spec.image = good.clone();
+            assert!(validate(&spec, &limits()).is_ok(), "{good}");
+        }
 
         let mut spec = good();
         spec.steps[0].timeout_seconds = 7200;

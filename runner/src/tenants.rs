@@ -35,7 +35,8 @@ pub struct TenantConfig {
     /// Members are operators: they see and may cancel every job, read every blob.
     #[serde(default)]
     pub admin: bool,
-    /// Images its jobs may use, by name or `sha256:` tree digest; absent: any.
+    /// Images its jobs may use: names, `NAME@sha256:HEX` or `sha256:HEX` digests (see
+    /// [`ImageAllowList`]); absent: any the global `[images] allowed` admits.
     #[serde(default)]
     pub images: Option<ImageAllowList>,
     /// Replaces the global `network_ceiling` for its jobs.
@@ -98,44 +99,7 @@ fn normalize_identity(identity: &str) -> Result<String, String> {
     }
 }
 
-/// The images a tenant's jobs may use.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct ImageAllowList {
-    names: BTreeSet<String>,
-    /// Tree digests (hex), from `sha256:HEX` entries.
-    digests: BTreeSet<String>,
-}
-
-impl<'de> Deserialize<'de> for ImageAllowList {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let mut list = ImageAllowList::default();
-        for entry in Vec::<String>::deserialize(d)? {
-            if let Some(hex) = entry.strip_prefix("sha256:") {
-                crate::store::cas::check_digest("images", hex)
-                    .map_err(|e| serde::de::Error::custom(e.to_string()))?;
-                list.digests.insert(hex.to_string());
-            } else {
-                crate::spec::check_image_name(&entry)
-                    .map_err(|e| serde::de::Error::custom(e.to_string()))?;
-                list.names.insert(entry);
-            }
-        }
-        Ok(list)
-    }
-}
-
-impl ImageAllowList {
-    /// Whether an image of this name, whose tree has this digest (none for the
-    /// unpinned host image), is allowed.
-    pub fn allows(&self, name: &str, digest: Option<&str>) -> bool {
-        self.names.contains(name) || digest.is_some_and(|d| self.digests.contains(d))
-    }
-
-    /// Whether any entry is a digest (answering needs the image's record).
-    pub fn has_digests(&self) -> bool {
-        !self.digests.is_empty()
-    }
-}
+pub use crate::images::allow::ImageAllowList;
 
 /// Every tenant, and who belongs to which, checked when the configuration is read: a
 /// uid or identity in two tenants is an error.
@@ -270,10 +234,14 @@ mod tests {
         assert_eq!(ci.max_memory.unwrap().0, 1 << 30);
         assert!(ci.network_ceiling.is_some());
         let images = ci.images.as_ref().unwrap();
-        assert!(images.allows("busybox", None));
-        assert!(images.allows("other", Some(&"ab".repeat(32))));
-        assert!(!images.allows("host", None));
-        assert!(!images.allows("other", Some(&"cd".repeat(32))));
+        let image = |name: &str, digest: Option<String>| crate::images::allow::ImageIdentity {
+            name: Some(name.into()),
+            digests: digest.into_iter().collect(),
+        };
+        assert!(images.allows(&image("busybox", None)));
+        assert!(images.allows(&image("other", Some("ab".repeat(32)))));
+        assert!(!images.allows(&image("host", None)));
+        assert!(!images.allows(&image("other", Some("cd".repeat(32)))));
         assert_eq!(tenants.get("web-2").unwrap().weight, 3);
         assert!(tenants.get("web-2").unwrap().images.is_none());
         // DNS names compare without case; URIs exactly.

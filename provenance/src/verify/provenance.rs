@@ -19,8 +19,10 @@
 //! ```toml
 //! # Required: builder ids (runDetails.builder.id) accepted, exactly.
 //! allowed_builder_ids = ["kiln://buildhost"]
-//! # Optional: image tree digests accepted. Absent = any pinned image.
-//! allowed_images = ["sha256:3b0c...64 hex"]
+//! # Optional: images accepted, by digest (a built image's tree digest, an
+//! # imported image's manifest digest) or by name and digest. Absent = any
+//! # pinned image.
+//! allowed_images = ["sha256:3b0c...64 hex", "debian@sha256:9f2a...64 hex"]
 //! # Default false: an unpinned image (the `host` image) fails.
 //! allow_unpinned_images = false
 //! # Default false: a build that had network access fails. Network access
@@ -50,7 +52,7 @@ use crate::{hash, ProvenanceError};
 pub struct Policy {
     /// `None` only when built in code without a policy file: any builder.
     pub allowed_builder_ids: Option<Vec<String>>,
-    /// `sha256:<hex>` tree digests; `None` = any pinned image.
+    /// `sha256:<hex>` or `<name>@sha256:<hex>` image digests; `None` = any pinned image.
     pub allowed_images: Option<Vec<String>>,
     pub allow_unpinned_images: bool,
     pub allow_network: bool,
@@ -84,12 +86,23 @@ impl Policy {
             ));
         }
         for img in f.allowed_images.iter().flatten() {
-            let ok = img
+            let digest =
+                img.split_once('@').map_or(
+                    img.as_str(),
+                    |(name, digest)| {
+                        if name.is_empty() {
+                            ""
+                        } else {
+                            digest
+                        }
+                    },
+                );
+            let ok = digest
                 .strip_prefix("sha256:")
                 .is_some_and(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()));
             if !ok {
                 return Err(ProvenanceError::Format(format!(
-                    "policy: allowed_images entry {img:?} is not sha256:<64 hex digits>"
+                    "policy: allowed_images entry {img:?} is not sha256:<64 hex digits> or NAME@sha256:<64 hex digits>"
                 )));
             }
         }
@@ -344,7 +357,8 @@ fn check_policy(st: &Statement, policy: &Policy) -> Vec<String> {
             Some(d) => {
                 let id = format!("sha256:{}", d.to_ascii_lowercase());
                 if let Some(allowed) = &policy.allowed_images {
-                    if !allowed.contains(&id) {
+                    let pinned_name = format!("{}@{id}", name.to_ascii_lowercase());
+                    if !allowed.contains(&id) && !allowed.contains(&pinned_name) {
                         reasons.push(format!("image {name:?} ({id}) is not in allowed_images"));
                     }
                 }

@@ -146,7 +146,8 @@ pub enum Command {
         #[command(subcommand)]
         command: StoreCommand,
     },
-    /// Build and list images.
+    /// Build, import, list, inspect and remove images (locally, as root, in the state
+    /// directory).
     Image {
         /// State directory of the daemon.
         #[arg(long, global = true, default_value = config::DEFAULT_STATE_DIR)]
@@ -166,6 +167,7 @@ pub enum Command {
 /// `kiln run`'s arguments.
 #[derive(clap::Args)]
 pub struct RunArgs {
+    /// NAME, NAME@sha256:DIGEST or sha256:DIGEST.
     #[arg(long, default_value = images::HOST_IMAGE)]
     pub image: String,
     /// HOSTPATH[:WORKSPACEPATH], a file or directory; repeatable.
@@ -283,6 +285,28 @@ pub enum StoreCommand {
 pub enum ImageCommand {
     /// Build an image from a recipe directory (e.g. images/busybox).
     Build { recipe: PathBuf },
+    /// Import an OCI image: oci:DIR[:TAG], oci-archive:FILE[:TAG] or docker-archive:FILE
+    /// (what skopeo, umoci, buildah and `docker save` write). Prints NAME@sha256:DIGEST.
+    Import {
+        source: String,
+        /// The image's name [default: the archive's repository, else the file's name].
+        #[arg(long)]
+        name: Option<String>,
+        /// Most bytes of files the layers may unpack to, e.g. 8G.
+        #[arg(long, value_name = "SIZE", value_parser = units::parse_size)]
+        max_size: Option<u64>,
+        /// Most entries the layers may hold.
+        #[arg(long, value_name = "N")]
+        max_entries: Option<u64>,
+    },
     /// List installed images.
     List,
+    /// Show an image's record (JSON): digests, source, Env, skipped entries.
+    Inspect {
+        /// NAME, NAME@sha256:DIGEST or sha256:DIGEST.
+        image: String,
+    },
+    /// Remove an image's name, and its tree when no other name uses it; or, as
+    /// sha256:DIGEST, an imported tree no name uses any more.
+    Rm { name: String },
 }

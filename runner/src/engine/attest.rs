@@ -47,7 +47,7 @@ fn time_of(ms: i64) -> Result<time::OffsetDateTime> {
 pub fn job_provenance(
     job: &Job,
     spec: &JobSpec,
-    image_digest: Option<&str>,
+    image: Option<&ResourceDescriptor>,
     builder_id: &str,
     signer: &Signer,
 ) -> Result<Option<Vec<u8>>> {
@@ -60,7 +60,11 @@ pub fn job_provenance(
     // signing key's window: the claim moves to the window's start, later than
     // the record by no more than that race lasted.
     let finished_on = time_of(job.finished_unix_ms)?.max(current.not_before);
-    let mut resolved_dependencies = vec![ResourceDescriptor::image(&spec.image, image_digest)];
+    // The image as resolved for the run (a job that never resolved it has no outputs).
+    let image = image
+        .cloned()
+        .unwrap_or_else(|| ResourceDescriptor::image(&spec.image, None));
+    let mut resolved_dependencies = vec![image];
     resolved_dependencies.extend(
         spec.inputs
             .iter()

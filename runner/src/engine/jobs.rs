@@ -22,7 +22,7 @@ use crate::engine::now_ms;
 use crate::engine::signer::Signer;
 use crate::engine::watch::EventRing;
 use crate::error::{Result, RunnerError};
-use crate::images::{Images, HOST_IMAGE};
+use crate::images::Images;
 use crate::plan::ValidatedJob;
 use crate::store::cas::ContentStore;
 use crate::store::db::{Database, Inserted, QueueCap};
@@ -254,9 +254,7 @@ impl Runner {
             .tenant
             .as_deref()
             .and_then(|name| self.config.tenants.get(name).map(|t| (name, t)));
-        if let Some((name, tenant)) = tenant {
-            self.check_tenant_image(&spec.image, name, tenant)?;
-        }
+        self.check_image_at_submit(&spec.image, tenant)?;
         let queue_key = tenant.map(|(name, _)| format!("tenants.{name}.max_queued_jobs"));
         let queue_cap = tenant
             .and_then(|(_, t)| t.max_queued_jobs)
@@ -298,28 +296,33 @@ impl Runner {
         }
     }
 
-    /// Whether a tenant's allow-list names the image (by name, or by the tree digest
-    /// of its record). The run checks the image it resolves again: the record may
-    /// change before the job starts.
-    fn check_tenant_image(
+    /// Whether the operator's `[images] allowed` and the caller's tenant's `images` admit
+    /// the image, as its records name it now (by name, by digest, or both). The run checks
+    /// the image it resolves again: a record may change before the job starts.
+    fn check_image_at_submit(
         &self,
         image: &str,
-        name: &str,
-        tenant: &crate::tenants::TenantConfig,
+        tenant: Option<(&str, &crate::tenants::TenantConfig)>,
     ) -> Result<()> {
-        let Some(images) = &tenant.images else {
+        let global = self.config.images.allowed.as_ref();
+        let tenant_list = tenant.and_then(|(name, t)| t.images.as_ref().map(|l| (name, l)));
+        if global.is_none() && tenant_list.is_none() {
             return Ok(());
-        };
-        let digest = if images.has_digests() && image != HOST_IMAGE {
-            self.images.read_record(image)?.map(|r| r.tree_digest)
-        } else {
-            None
-        };
-        if !images.allows(image, digest.as_deref()) {
-            return Err(RunnerError::invalid(
-                "image",
-                format!("{image:?} is not among the images tenants.{name}.images allows"),
-            ));
+        }
+        let identity = self.images.identity_of(image)?;
+        if let Some(list) = global {
+            if !list.allows(&identity) {
+                return Err(RunnerError::PermissionDenied(format!(
+                    "image {image:?} is not among the images [images] allowed lists"
+                )));
+            }
+        }
+        if let Some((name, list)) = tenant_list {
+            if !list.allows(&identity) {
+                return Err(RunnerError::PermissionDenied(format!(
+                    "image {image:?} is not among the images tenants.{name}.images allows"
+                )));
+            }
         }
         Ok(())
     }
@@ -359,13 +362,22 @@ impl Runner {
         }
     }
 
-    /// Whether the job's owner may run `image` as resolved for its run: a tenant's
-    /// allow-list is checked again on the image actually used.
+    /// Whether the job may run `image` as resolved for its run: `[images] allowed` and
+    /// its owner's tenant's allow-list are checked again on the image actually used.
     pub(super) fn check_image_for_owner(
         &self,
         id: &str,
         image: &crate::images::ResolvedImage,
     ) -> Result<()> {
+        let identity = image.identity();
+        if let Some(list) = &self.config.images.allowed {
+            if !list.allows(&identity) {
+                return Err(RunnerError::FailedPrecondition(format!(
+                    "image {:?} (as it is now) is not among the images [images] allowed lists",
+                    image.name
+                )));
+            }
+        }
         let owner = self.db.get_job_and_owner(id)?.map(|(_, owner)| owner);
         let Some(name) = owner.as_deref().and_then(crate::tenants::tenant_of_owner) else {
             return Ok(());
@@ -377,7 +389,7 @@ impl Runner {
             .and_then(|t| t.images.as_ref())
         {
             None => true,
-            Some(images) => images.allows(&image.name, image.digest.as_deref()),
+            Some(images) => images.allows(&identity),
         };
         if !allowed {
             return Err(RunnerError::FailedPrecondition(format!(

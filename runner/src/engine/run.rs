@@ -15,6 +15,7 @@ use crate::engine::now_ms;
 use crate::error::{Result, RunnerError};
 use crate::images::BUILD_UID;
 use crate::plan::ValidatedJob;
+use provenance::slsa::ResourceDescriptor;
 
 impl Runner {
     pub(super) async fn run_job(self: Arc<Self>, id: &str, slot: u32) -> Result<()> {
@@ -65,7 +66,7 @@ impl Runner {
             .join(uuid::Uuid::new_v4().simple().to_string());
         let workspace = enclosure.join(WORKSPACE_DIR);
         tracing::debug!(job = %id, workspace = %workspace.display(), "workspace");
-        let mut image_digest = None;
+        let mut image_used = None;
         let outcome = self
             .clone()
             .run_steps(
@@ -74,7 +75,7 @@ impl Runner {
                 &plan,
                 &enclosure,
                 host_uid_base,
-                &mut image_digest,
+                &mut image_used,
             )
             .await;
         self.remove_workspace(id, &enclosure, &workspace);
@@ -99,7 +100,7 @@ impl Runner {
             let runner = self.clone();
             off_runtime(move || {
                 if state == JobState::Succeeded {
-                    runner.attest_job(&mut job, plan.spec(), image_digest.as_deref())?;
+                    runner.attest_job(&mut job, plan.spec(), image_used.as_ref())?;
                 }
                 runner.db.update_job(&job)?;
                 runner.announce_state(&job, Some(JobState::Running));
@@ -120,7 +121,7 @@ impl Runner {
         plan: &Arc<ValidatedJob>,
         enclosure: &Path,
         host_uid_base: u32,
-        image_digest: &mut Option<String>,
+        image_used: &mut Option<ResourceDescriptor>,
     ) -> Result<(), JobEnd> {
         let workspace = &enclosure.join(WORKSPACE_DIR);
         let spec = plan.spec();
@@ -138,7 +139,7 @@ impl Runner {
             })
             .await?
         };
-        image_digest.clone_from(&image.digest);
+        *image_used = Some(image.provenance());
         // What the previous step left: nothing runs between two steps (the previous
         // one's every process died with its pid namespace, and the daemon does not touch
         // the files), so it is exactly what the next step starts from, without a re-read.
@@ -219,14 +220,18 @@ impl Runner {
 
     /// Signs the provenance of a job that succeeded and stores it; a job whose outputs
     /// cannot be attested ends in error instead.
-    fn attest_job(&self, job: &mut Job, spec: &JobSpec, image_digest: Option<&str>) -> Result<()> {
+    fn attest_job(
+        &self,
+        job: &mut Job,
+        spec: &JobSpec,
+        image: Option<&ResourceDescriptor>,
+    ) -> Result<()> {
         let builder_id = self
             .config
             .builder_id
             .clone()
             .unwrap_or_else(provenance::slsa::default_builder_id);
-        match crate::engine::attest::job_provenance(job, spec, image_digest, &builder_id, &self.key)
-        {
+        match crate::engine::attest::job_provenance(job, spec, image, &builder_id, &self.key) {
             Ok(Some(envelope)) => job.provenance_digest = self.cas.put_bytes(&envelope)?,
             Ok(None) => {}
             Err(err) => {

@@ -31,7 +31,8 @@ type Tree = BTreeMap<String, String>;
 const EGRESS_PROXY_PORT: u16 = 3128;
 
 impl Runner {
-    fn step_env(step: &agent_proto::v1::Step) -> Vec<(String, String)> {
+    /// Kiln's defaults, then the image config's Env, then the job's own.
+    fn step_env(step: &agent_proto::v1::Step, image: &ResolvedImage) -> Vec<(String, String)> {
         let mut env: BTreeMap<String, String> = [
             ("PATH", "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin"),
             ("HOME", "/workspace"),
@@ -43,6 +44,11 @@ impl Runner {
         .into_iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();
+        for var in &image.env {
+            if let Some((k, v)) = var.split_once('=') {
+                env.insert(k.to_string(), v.to_string());
+            }
+        }
         for (k, v) in &step.env {
             env.insert(k.clone(), v.clone());
         }
@@ -142,7 +148,7 @@ impl Runner {
         // A step with an allow-list gets the egress proxy on its loopback, and TCP only to
         // it; a step without one has neither.
         let proxy_port = plan.allow_list.as_ref().map(|_| EGRESS_PROXY_PORT);
-        let mut env = Self::step_env(step);
+        let mut env = Self::step_env(step, image);
         if let Some(port) = proxy_port {
             crate::egress::proxy::set_proxy_env(&mut env, port);
         }

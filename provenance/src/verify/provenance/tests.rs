@@ -244,3 +244,46 @@ fn policy_file_errors() {
     let p = Policy::from_toml("allowed_builder_ids = [\"a\"]").unwrap();
     assert!(!p.allow_network && !p.allow_unpinned_images && p.allowed_images.is_none());
 }
+
+#[test]
+fn an_imported_image_is_allowed_by_its_manifest_digest_or_its_name_and_digest() {
+    let (key, keys, _, arts) = setup();
+    let (manifest, tree) = (sha256_bytes(b"manifest"), sha256_bytes(b"tree"));
+    let mut i = input();
+    i.resolved_dependencies = vec![ResourceDescriptor::oci_image(
+        "debian",
+        &manifest,
+        "amd64",
+        &tree,
+        "oci:debian:12",
+    )];
+    let env = i.sign(&key).unwrap();
+    let with = |allowed: &str| {
+        Policy::from_toml(&format!(
+            "allowed_builder_ids = [\"kiln://buildhost\"]\nallowed_images = [\"{allowed}\"]\n"
+        ))
+        .unwrap()
+    };
+    for allowed in [
+        format!("sha256:{manifest}"),
+        format!("debian@sha256:{manifest}"),
+    ] {
+        let v = verify_provenance(&env, &keys, &arts, &with(&allowed));
+        assert!(v.passed, "{allowed}: {}", v.summary());
+    }
+    for refused in [format!("other@sha256:{manifest}"), format!("sha256:{tree}")] {
+        let v = verify_provenance(&env, &keys, &arts, &with(&refused));
+        assert!(!v.passed, "{refused}");
+        assert!(
+            v.reasons
+                .iter()
+                .any(|r| r.contains("not in allowed_images")),
+            "{refused}: {}",
+            v.summary()
+        );
+    }
+    for malformed in ["@sha256:00", "debian@", "debian@sha256:12"] {
+        let text = format!("allowed_builder_ids = [\"a\"]\nallowed_images = [\"{malformed}\"]");
+        assert!(Policy::from_toml(&text).is_err(), "{malformed}");
+    }
+}
