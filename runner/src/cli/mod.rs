@@ -4,6 +4,7 @@
 pub mod args;
 pub mod audit;
 pub mod client;
+pub mod connect;
 pub mod demo;
 pub mod jobfile;
 pub mod listing;
