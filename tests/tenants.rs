@@ -745,3 +745,45 @@ async fn a_tenant_at_its_running_cap_waits_while_others_use_the_free_slot() {
         capped.message
     );
 }
+
+/// The runner's `max_queued_jobs` is shared: a tenant that fills it cannot keep another
+/// tenant from queueing its share (by weight) of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_filling_the_runners_queue_leaves_others_their_share() {
+    if !require_root("a_tenant_filling_the_runners_queue_leaves_others_their_share") {
+        return;
+    }
+    let config = config_file(&format!(
+        "socket_gid = {CLIENTS_GID}\nmax_concurrent_jobs = 1\ndefault_timeout_seconds = 60\n\
+         default_memory = \"512M\"\nmax_queued_jobs = 4\n\
+         [tenants.red]\nuids = [{RED_1}]\n\
+         [tenants.blue]\nuids = [{BLUE}]\n"
+    ));
+    let daemon = Daemon::start_with(&["--config", config.path().to_str().unwrap()]);
+    std::fs::set_permissions(daemon.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mut red = Client::new(&daemon, RED_1).await;
+    let mut blue = Client::new(&daemon, BLUE).await;
+    let blocker = red
+        .submit(job("blocker", None, "sleep 60"), "")
+        .await
+        .unwrap();
+    red.wait_running(&blocker).await;
+    // Red fills the runner's whole queue ...
+    for i in 0..4 {
+        red.submit(job(&format!("r{i}"), None, "true"), "")
+            .await
+            .unwrap();
+    }
+    let err = red.submit(job("r4", None, "true"), "").await.unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err}");
+    // ... and blue still queues its half of it (equal weights), then no more.
+    for i in 0..2 {
+        blue.submit(job(&format!("b{i}"), None, "true"), "")
+            .await
+            .unwrap_or_else(|e| panic!("blue's job {i} was refused: {e}"));
+    }
+    let err = blue.submit(job("b2", None, "true"), "").await.unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err}");
+    assert!(err.message().contains("max_queued_jobs"), "{err}");
+    red.cancel(&blocker).await.unwrap();
+}

@@ -25,7 +25,7 @@ use crate::error::{Result, RunnerError};
 use crate::images::{Images, HOST_IMAGE};
 use crate::plan::ValidatedJob;
 use crate::store::cas::ContentStore;
-use crate::store::db::{Database, Inserted, QueueCap};
+use crate::store::db::{Database, Inserted, OwnerQueue, QueueCap};
 
 /// What the runner isolates steps with: the executor (see `executor`), and the host id
 /// ranges leased for the job slots.
@@ -246,10 +246,18 @@ impl Runner {
             self.check_tenant_image(&spec.image, name, tenant)?;
         }
         let queue_key = tenant.map(|(name, _)| format!("tenants.{name}.max_queued_jobs"));
-        let queue_cap = tenant
-            .and_then(|(_, t)| t.max_queued_jobs)
-            .zip(queue_key.as_deref())
-            .map(|(max, key)| QueueCap { max, key });
+        let queue = OwnerQueue {
+            cap: tenant
+                .and_then(|(_, t)| t.max_queued_jobs)
+                .zip(queue_key.as_deref())
+                .map(|(max, key)| QueueCap { max, key }),
+            // One tenant filling the runner's queue must not lock the others out.
+            reserved: tenant.map_or(0, |(_, t)| {
+                self.config
+                    .tenants
+                    .queue_share(t.weight, self.config.max_queued_jobs)
+            }),
+        };
         let steps = spec
             .steps
             .iter()
@@ -267,13 +275,10 @@ impl Runner {
             created_unix_ms: now_ms(),
             ..Default::default()
         };
-        match self.db.insert_job_within(
-            &job,
-            &caller.owner,
-            idempotency_key,
-            caller.uid,
-            queue_cap,
-        )? {
+        match self
+            .db
+            .insert_job_within(&job, &caller.owner, idempotency_key, caller.uid, queue)?
+        {
             Inserted::New(id) => {
                 self.handle(&id).set_plan(Arc::new(plan));
                 self.announce_state(&job, None);

@@ -129,19 +129,18 @@ impl Database {
         idempotency_key: Option<&str>,
         peer_uid: Option<u32>,
     ) -> Result<Inserted> {
-        self.insert_job_within(job, owner, idempotency_key, peer_uid, None)
+        self.insert_job_within(job, owner, idempotency_key, peer_uid, OwnerQueue::default())
     }
 
-    /// [`Self::insert_job`], refusing the job while its owner has `owner_cap.max` jobs
-    /// queued (counted under the same lock as the insert). `owner_cap.key` names the
-    /// configuration key in the refusal.
+    /// [`Self::insert_job`], with the owner's queue bounded as `queue` says (its jobs
+    /// counted under the same lock as the insert).
     pub fn insert_job_within(
         &self,
         job: &Job,
         owner: &str,
         idempotency_key: Option<&str>,
         peer_uid: Option<u32>,
-        owner_cap: Option<QueueCap<'_>>,
+        queue: OwnerQueue<'_>,
     ) -> Result<Inserted> {
         // A job recorded in a file nobody will read again would be lost while answered.
         self.check_file()?;
@@ -165,24 +164,31 @@ impl Database {
                 return Ok(Inserted::Existing(id));
             }
         }
+        let owner_queued = || -> Result<u64> {
+            Ok(conn.query_row(
+                "SELECT COUNT(*) FROM jobs WHERE owner = ?1 AND state = ?2",
+                params![owner, JobState::Queued as i32],
+                |row| row.get(0),
+            )?)
+        };
+        let owner_queued = match (queue.cap, queue.reserved) {
+            (None, 0) => None,
+            _ => Some(owner_queued()?),
+        };
         if let Some(max) = self.max_queued {
             let queued: u64 = conn.query_row(
                 "SELECT COUNT(*) FROM jobs WHERE state = ?1",
                 params![JobState::Queued as i32],
                 |row| row.get(0),
             )?;
-            if queued >= max {
+            let within_reserve = owner_queued.is_some_and(|own| own < queue.reserved);
+            if queued >= max && !within_reserve {
                 return Err(RunnerError::ResourceExhausted(format!(
                     "the queue is full: {queued} jobs are waiting, the runner's max_queued_jobs is {max}; submit again later"
                 )));
             }
         }
-        if let Some(cap) = owner_cap {
-            let queued: u64 = conn.query_row(
-                "SELECT COUNT(*) FROM jobs WHERE owner = ?1 AND state = ?2",
-                params![owner, JobState::Queued as i32],
-                |row| row.get(0),
-            )?;
+        if let Some((cap, queued)) = queue.cap.zip(owner_queued) {
             if queued >= cap.max {
                 return Err(RunnerError::ResourceExhausted(format!(
                     "{queued} of your jobs are waiting, {} is {}; submit again later",
@@ -457,6 +463,17 @@ fn page_keys(
 pub struct QueueCap<'a> {
     pub max: u64,
     pub key: &'a str,
+}
+
+/// How one owner's queued jobs are bounded at Submit.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct OwnerQueue<'a> {
+    /// The owner's own cap, if it has one.
+    pub cap: Option<QueueCap<'a>>,
+    /// The owner's share of the runner's `max_queued_jobs`: while fewer of its jobs
+    /// wait, a queue full of other owners' jobs does not refuse it (so the queue holds at
+    /// most `max_queued_jobs` plus every owner's reserve).
+    pub reserved: u64,
 }
 
 /// The outcome of [`Database::insert_job`].
@@ -832,10 +849,13 @@ mod tests {
         let db = Database::open(dir.path(), Creation::FreshStateOnly)
             .unwrap()
             .with_queue_limit(10);
-        let cap = Some(QueueCap {
-            max: 1,
-            key: "tenants.ci.max_queued_jobs",
-        });
+        let cap = OwnerQueue {
+            cap: Some(QueueCap {
+                max: 1,
+                key: "tenants.ci.max_queued_jobs",
+            }),
+            reserved: 0,
+        };
         db.insert_job_within(&job("a", "a"), "tenant:ci", Some("k"), None, cap)
             .unwrap();
         let err = db
@@ -854,6 +874,34 @@ mod tests {
         );
         db.insert_job_within(&job("c", "c"), "tenant:web", None, None, cap)
             .unwrap();
+    }
+
+    #[test]
+    fn an_owner_within_its_reserve_is_queued_past_a_full_runner_queue() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Database::open(dir.path(), Creation::FreshStateOnly)
+            .unwrap()
+            .with_queue_limit(2);
+        let reserve = OwnerQueue {
+            cap: None,
+            reserved: 1,
+        };
+        for id in ["a1", "a2"] {
+            db.insert_job_within(&job(id, id), "tenant:a", None, None, reserve)
+                .unwrap();
+        }
+        let full = db
+            .insert_job_within(&job("a3", "a3"), "tenant:a", None, None, reserve)
+            .unwrap_err();
+        assert!(matches!(full, RunnerError::ResourceExhausted(_)), "{full}");
+        db.insert_job_within(&job("b1", "b1"), "tenant:b", None, None, reserve)
+            .unwrap();
+        let err = db
+            .insert_job_within(&job("b2", "b2"), "tenant:b", None, None, reserve)
+            .unwrap_err();
+        assert!(err.to_string().contains("max_queued_jobs is 2"), "{err}");
+        // Without a reserve the runner's cap holds as before.
+        assert!(db.insert_job(&job("c", "c"), "uid:0", None, None).is_err());
     }
 
     #[test]
