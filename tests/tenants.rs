@@ -787,3 +787,47 @@ async fn a_tenant_filling_the_runners_queue_leaves_others_their_share() {
     assert!(err.message().contains("max_queued_jobs"), "{err}");
     red.cancel(&blocker).await.unwrap();
 }
+
+/// A job still queued at a restart is held to its owner's limits as configured now: a
+/// uid's job from before tenants to the tenant the uid joined (its images, its ceilings),
+/// as a tenant's own job to its narrowed ceilings.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_queued_across_a_restart_is_held_to_its_owners_limits_as_they_are_now() {
+    if !require_root("a_job_queued_across_a_restart_is_held_to_its_owners_limits_as_they_are_now") {
+        return;
+    }
+    let config = |tenants: &str| {
+        config_file(&format!(
+            "socket_gid = {CLIENTS_GID}\nmax_concurrent_jobs = 1\ndefault_timeout_seconds = 30\n\
+             default_memory = \"512M\"\nshutdown_grace_seconds = 1\n{tenants}"
+        ))
+    };
+    // Before tenants: NARROW's jobs wait behind another uid's long one.
+    let plain = config("");
+    let mut daemon = Daemon::start_with(&["--config", plain.path().to_str().unwrap()]);
+    std::fs::set_permissions(daemon.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let (host_image, big) = {
+        let mut red = Client::new(&daemon, RED_1).await;
+        let mut narrow = Client::new(&daemon, NARROW).await;
+        let long = red.submit(job("long", None, "sleep 60"), "").await.unwrap();
+        red.wait_running(&long).await;
+        let host_image = narrow.submit(job("host", None, "true"), "").await.unwrap();
+        let mut spec = job("big", None, "true");
+        spec.steps[0].limits = Some(ResourceLimits {
+            memory_bytes: 2 << 30,
+            ..Default::default()
+        });
+        (host_image, narrow.submit(spec, "").await.unwrap())
+    };
+    assert!(daemon.stop().success());
+    // NARROW is now the one member of tenant narrow: busybox only, at most 1G.
+    let tenants = config(&TENANTS.replace("images = [\"host\"]", "images = [\"busybox\"]"));
+    daemon.spawn(&["--config", tenants.path().to_str().unwrap()]);
+    let mut narrow = Client::new(&daemon, NARROW).await;
+    let job = narrow.wait(&host_image).await;
+    assert_eq!(job.state, JobState::Error as i32, "{job:?}");
+    assert!(job.message.contains("tenants.narrow.images"), "{job:?}");
+    let job = narrow.wait(&big).await;
+    assert_eq!(job.state, JobState::Error as i32, "{job:?}");
+    assert!(job.message.contains("tenants.narrow.max_memory"), "{job:?}");
+}

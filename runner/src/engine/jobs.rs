@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use agent_proto::v1::{job_event, Job, JobSpec, JobState, StepResult, StepState};
 use tokio::sync::{watch, Notify, Semaphore};
 
-use crate::api::auth::Principal;
+use crate::api::auth::{current_principal, Principal};
 use crate::config::Config;
 use crate::engine::enclosure::reset_work_dir;
 use crate::engine::executor::{Cancel, Executor};
@@ -166,7 +166,7 @@ impl Runner {
                 .spec
                 .clone()
                 .ok_or_else(|| RunnerError::Internal("the record has no spec".into()))
-                .and_then(|spec| ValidatedJob::from_record(spec, &self.config));
+                .and_then(|spec| self.revalidate(spec, &owner));
             match loaded {
                 Ok(plan) => {
                     tracing::info!(job = %job.job_id, "requeueing job accepted before a restart");
@@ -177,7 +177,7 @@ impl Runner {
                     tracing::error!(job = %job.job_id, error = %err, "a queued job's record does not load");
                     job.state = JobState::Error as i32;
                     job.message = format!(
-                        "the job's record could not be loaded after a restart: {}",
+                        "the job could not be queued again after a restart: {}",
                         err.client_message()
                     );
                     job.finished_unix_ms = now_ms();
@@ -186,6 +186,24 @@ impl Runner {
             }
         }
         Ok(())
+    }
+
+    /// A queued job's spec from its record, validated again against its owner's limits
+    /// as configured now: since it was accepted the operator may have narrowed them, or
+    /// moved the owner's uid into a tenant.
+    fn revalidate(&self, spec: JobSpec, owner: &str) -> Result<ValidatedJob> {
+        let caller = self.current_principal(owner)?;
+        let limits = crate::api::jobs::spec_limits(&self.config, &caller);
+        ValidatedJob::validate(spec, &limits, &self.config)
+    }
+
+    /// Who answers now for what `owner` recorded (see [`current_principal`]).
+    fn current_principal(&self, owner: &str) -> Result<Principal> {
+        current_principal(owner, &self.config.admin_uids, &self.config.tenants).ok_or_else(|| {
+            RunnerError::FailedPrecondition(format!(
+                "the job's owner ({owner}) is a tenant that is no longer configured"
+            ))
+        })
     }
 
     pub fn handle(&self, id: &str) -> Arc<JobHandle> {
@@ -359,14 +377,17 @@ impl Runner {
         id: &str,
         image: &crate::images::ResolvedImage,
     ) -> Result<()> {
-        let owner = self.db.get_job_and_owner(id)?.map(|(_, owner)| owner);
-        let Some(name) = owner.as_deref().and_then(crate::tenants::tenant_of_owner) else {
+        let Some(owner) = self.db.owner_of(id)? else {
+            return Ok(());
+        };
+        // A uid's job from before it joined a tenant is held to that tenant's list too.
+        let Some(name) = self.current_principal(&owner)?.tenant else {
             return Ok(());
         };
         let allowed = match self
             .config
             .tenants
-            .get(name)
+            .get(&name)
             .and_then(|t| t.images.as_ref())
         {
             None => true,
