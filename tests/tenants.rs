@@ -831,3 +831,34 @@ async fn a_job_queued_across_a_restart_is_held_to_its_owners_limits_as_they_are_
     assert_eq!(job.state, JobState::Error as i32, "{job:?}");
     assert!(job.message.contains("tenants.narrow.max_memory"), "{job:?}");
 }
+
+/// Every Submit is audited, also one refused by its spec's checks: an allow-list beyond
+/// the tenant's network ceiling is an authorization denial, recorded as one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_submit_beyond_a_tenants_ceiling_is_audited_as_a_denial() {
+    if !require_root("a_submit_beyond_a_tenants_ceiling_is_audited_as_a_denial") {
+        return;
+    }
+    let (daemon, _config) = tenant_daemon();
+    let mut narrow = Client::new(&daemon, NARROW).await;
+    let mut outside = job("net", None, "true");
+    outside.steps[0].allow_net = vec!["example.com:443".into()];
+    let err = narrow.submit(outside, "").await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err}");
+    let log = std::fs::read_to_string(daemon.state.join("audit/audit.jsonl")).unwrap();
+    let denial = log
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .find(|e| e["action"] == "job.submit")
+        .unwrap_or_else(|| panic!("the refused Submit is not in the audit log:\n{log}"));
+    assert_eq!(denial["decision"], "deny", "{denial}");
+    assert_eq!(denial["principal"], format!("uid:{NARROW}"), "{denial}");
+    assert_eq!(denial["tenant"], "narrow", "{denial}");
+    assert!(
+        denial["reason"]
+            .as_str()
+            .unwrap()
+            .contains("tenants.narrow.network_ceiling"),
+        "{denial}"
+    );
+}

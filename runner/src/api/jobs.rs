@@ -120,8 +120,6 @@ impl Jobs for Service {
         let spec = req
             .spec
             .ok_or_else(|| RunnerError::invalid("spec", "missing"))?;
-        let config = &self.runner.config;
-        let plan = ValidatedJob::validate(spec, &spec_limits(config, &caller), config)?;
         let key = (!req.idempotency_key.is_empty()).then_some(req.idempotency_key);
         if key.as_ref().is_some_and(|k| k.len() > 256) {
             return Err(RunnerError::invalid("idempotency_key", "longer than 256 bytes").into());
@@ -131,7 +129,11 @@ impl Jobs for Service {
         }
         let (runner, audit) = (self.runner.clone(), self.audit.clone());
         let job_id = blocking(move || {
-            let submitted = runner.submit(plan, key.as_deref(), &caller);
+            // A spec refused by the caller's ceilings is audited like any other refusal
+            // (one beyond its network ceiling is PERMISSION_DENIED: a denial).
+            let config = &runner.config;
+            let submitted = ValidatedJob::validate(spec, &spec_limits(config, &caller), config)
+                .and_then(|plan| runner.submit(plan, key.as_deref(), &caller));
             let object = submitted
                 .as_ref()
                 .map_or_else(|_| "job".to_string(), |id| format!("job:{id}"));
