@@ -23,7 +23,7 @@
 //! off the host's disk, to catch the latter.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::io::{BufRead, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
@@ -521,25 +521,55 @@ pub struct Verified {
     pub unsigned_tail: u64,
 }
 
-/// Verifies a log and its head file against the runner's public keys.
+/// Longest line verification reads: far more than the bounds on an entry's fields let
+/// the daemon write, so that a log of any size is verified in bounded memory.
+pub const MAX_LINE: usize = 64 << 10;
+
+/// Verifies a log, read a line at a time, and its head file against the runner's public
+/// keys. Memory does not grow with the log: only the line `head.json` names is compared,
+/// as it passes.
 pub fn verify(
-    log: &[u8],
+    mut log: impl BufRead,
     head: Option<&[u8]>,
     keys: &[TrustedKey],
 ) -> std::result::Result<Verified, Problem> {
+    let head = head.map(|head| head.strip_suffix(b"\n").unwrap_or(head));
+    // Parsed first, to know which line to compare; its problems are told after the
+    // chain's, which say more.
+    let head_entry = head.map(|head| serde_json::from_slice::<Entry>(head));
+    let head_seq = match &head_entry {
+        Some(Ok(entry)) => Some(entry.seq),
+        _ => None,
+    };
+    let mut head_line_matches = None;
     let mut prev = GENESIS.to_string();
-    let mut lines: Vec<&[u8]> = Vec::new();
+    let mut entries = 0u64;
     let mut checkpoints = 0;
     let mut last_checkpoint = None;
-    for (index, raw) in log.split_inclusive(|&b| b == b'\n').enumerate() {
-        let line_no = index as u64 + 1;
-        let expected = index as u64;
+    let mut raw = Vec::new();
+    loop {
+        let line_no = entries + 1;
+        let expected = entries;
         let at = |seq: Option<u64>, message: String| Problem {
             line: Some(line_no),
             seq,
             message,
         };
+        raw.clear();
+        let read = (&mut log)
+            .take(MAX_LINE as u64 + 1)
+            .read_until(b'\n', &mut raw)
+            .map_err(|e| at(None, format!("cannot be read: {e}")))?;
+        if read == 0 {
+            break;
+        }
         let Some(line) = raw.strip_suffix(b"\n") else {
+            if raw.len() > MAX_LINE {
+                return Err(at(
+                    None,
+                    format!("longer than {MAX_LINE} bytes: not an audit entry"),
+                ));
+            }
             return Err(at(None, "the last line is incomplete (no newline)".into()));
         };
         let entry: Entry = serde_json::from_slice(line)
@@ -562,11 +592,11 @@ pub fn verify(
             ));
         }
         if entry.prev != prev {
-            let message = if index == 0 {
+            let message = if expected == 0 {
                 "the first entry does not start the chain (prev is not all zeros)".to_string()
             } else {
                 format!(
-                    "prev does not match line {index}: line {index} (seq {}) was edited, or an entry was inserted or removed before this one",
+                    "prev does not match line {expected}: line {expected} (seq {}) was edited, or an entry was inserted or removed before this one",
                     expected - 1
                 )
             };
@@ -579,11 +609,13 @@ pub fn verify(
         } else if entry.action == CHECKPOINT_ACTION {
             return Err(at(seq, "a checkpoint entry without its signature".into()));
         }
+        if head_seq == Some(entry.seq) {
+            head_line_matches = Some(Some(line) == head);
+        }
         prev = line_hash(line);
-        lines.push(line);
+        entries += 1;
     }
-    let entries = lines.len() as u64;
-    let Some(head) = head else {
+    let Some(head_entry) = head_entry else {
         return Err(Problem {
             line: None,
             seq: None,
@@ -592,20 +624,18 @@ pub fn verify(
             ),
         });
     };
-    let head = head.strip_suffix(b"\n").unwrap_or(head);
     let head_problem = |message: String| Problem {
         line: None,
         seq: None,
         message: format!("{HEAD_FILE}: {message}"),
     };
-    let head_entry: Entry = serde_json::from_slice(head)
-        .map_err(|e| head_problem(format!("not an audit entry: {e}")))?;
+    let head_entry = head_entry.map_err(|e| head_problem(format!("not an audit entry: {e}")))?;
     let checkpoint = head_entry
         .checkpoint
         .as_ref()
         .ok_or_else(|| head_problem("not a checkpoint".into()))?;
     check_checkpoint(&head_entry, checkpoint, keys).map_err(head_problem)?;
-    match usize::try_from(head_entry.seq).ok().and_then(|i| lines.get(i)) {
+    match head_line_matches {
         None => {
             return Err(Problem {
                 line: None,
@@ -616,14 +646,14 @@ pub fn verify(
                 ),
             })
         }
-        Some(line) if *line != head => {
+        Some(false) => {
             return Err(Problem {
                 line: Some(head_entry.seq + 1),
                 seq: Some(head_entry.seq),
                 message: format!("differs from the signed checkpoint in {HEAD_FILE}"),
             })
         }
-        Some(_) => {}
+        Some(true) => {}
     }
     Ok(Verified {
         entries,
@@ -844,7 +874,7 @@ mod tests {
         )
         .unwrap()
         .keys;
-        let problem = verify(&fixture.log(), Some(&fixture.head()), &foreign).unwrap_err();
+        let problem = verify(&fixture.log()[..], Some(&fixture.head()), &foreign).unwrap_err();
         assert!(
             problem.message.contains("not among the trusted keys"),
             "{problem}"
@@ -858,7 +888,7 @@ mod tests {
         let problem = fixture.verify(&lines[..10].concat()).unwrap_err();
         assert!(problem.message.contains("truncated"), "{problem}");
         // Without the head file, nothing tells a truncation apart: refused.
-        let problem = verify(&fixture.log(), None, &fixture.keys()).unwrap_err();
+        let problem = verify(&fixture.log()[..], None, &fixture.keys()).unwrap_err();
         assert!(problem.message.contains("missing"), "{problem}");
     }
 
