@@ -201,20 +201,7 @@ impl AuditLog {
                 (entry.seq + 1, line_hash(&line))
             }
         };
-        let head = fs::read(dir.join(HEAD_FILE))
-            .ok()
-            .and_then(|bytes| serde_json::from_slice::<Entry>(bytes.trim_ascii_end()).ok());
-        // Continuing a log cut before its last checkpoint would replace the head file,
-        // the evidence of the cut: refuse, as for a lost job database.
-        if let Some(head) = head.as_ref().filter(|h| h.seq >= next_seq) {
-            return Err(RunnerError::FailedPrecondition(format!(
-                "the audit log in {} ends before its last signed checkpoint (seq {}): it was \
-                 truncated or lost. Check it with `kiln audit verify`; to start a new log, \
-                 move the audit directory aside",
-                dir.display(),
-                head.seq
-            )));
-        }
+        let head = check_head(&dir, &mut file, len, next_seq)?;
         let last_keyid = head.and_then(|entry| entry.checkpoint).map(|c| c.keyid);
         Ok(AuditLog {
             dir,
@@ -464,6 +451,105 @@ fn bounded(mut text: String, max: usize) -> String {
         text.push_str("...");
     }
     text
+}
+
+/// Entries a first start writes before its first checkpoint reaches `head.json` (the
+/// configuration it loads, the checkpoint): a log of more has had a head file.
+const FIRST_START_ENTRIES: u64 = 2;
+
+/// The checkpoint in `head.json`, checked against the log (its whole lines end at
+/// `len`, the next entry is `next_seq`). Continuing a log that does not hold that
+/// checkpoint line would sign whatever it holds instead and replace the head file, the
+/// evidence: a log cut before its last checkpoint, one whose signed entries were
+/// rewritten (however long it is now), or one whose head file is gone, is refused, as
+/// a lost job database is.
+fn check_head(dir: &Path, file: &mut File, len: u64, next_seq: u64) -> Result<Option<Entry>> {
+    let refuse = |what: String| {
+        RunnerError::FailedPrecondition(format!(
+            "the audit log in {} {what}. Check it with `kiln audit verify`; to start a new \
+             log, move the audit directory aside",
+            dir.display()
+        ))
+    };
+    let path = dir.join(HEAD_FILE);
+    let bytes = match fs::read(&path) {
+        Ok(bytes) => bytes,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+            if next_seq > FIRST_START_ENTRIES {
+                return Err(refuse(format!(
+                    "has {next_seq} entries but no {HEAD_FILE}: it was removed, and with it \
+                     what tells whether the log was cut"
+                )));
+            }
+            return Ok(None);
+        }
+        Err(err) => return Err(RunnerError::io_path("reading", &path)(err)),
+    };
+    let line = bytes.strip_suffix(b"\n").unwrap_or(&bytes);
+    let head: Entry = serde_json::from_slice(line)
+        .map_err(|e| refuse(format!("has an unreadable {HEAD_FILE} ({e})")))?;
+    if head.seq >= next_seq {
+        return Err(refuse(format!(
+            "ends before its last signed checkpoint (seq {}): it was truncated or lost",
+            head.seq
+        )));
+    }
+    let signed = line_from_end(file, len, next_seq - 1 - head.seq)
+        .map_err(RunnerError::io_path("reading", &dir.join(LOG_FILE)))?;
+    if signed.as_deref() != Some(line) {
+        return Err(refuse(format!(
+            "holds an entry at seq {} that differs from the signed checkpoint in \
+             {HEAD_FILE}: it was rewritten",
+            head.seq
+        )));
+    }
+    Ok(Some(head))
+}
+
+/// The whole line `back` lines before the last one (0: the last) of a file whose whole
+/// lines end at `len`, without its newline. Read backwards in blocks: the head
+/// checkpoint is among the last few lines of a log the daemon wrote.
+fn line_from_end(file: &mut File, len: u64, back: u64) -> std::io::Result<Option<Vec<u8>>> {
+    const BLOCK: u64 = 64 << 10;
+    // Position of the newline that ends the line looked at.
+    let Some(mut end) = len.checked_sub(1) else {
+        return Ok(None);
+    };
+    let mut wanted = back;
+    let mut pos = end;
+    let mut block = Vec::new();
+    loop {
+        // The newline before `end`, searched backwards from `pos`.
+        let start = pos.saturating_sub(BLOCK);
+        block.resize(usize::try_from(pos - start).unwrap_or(0), 0);
+        file.seek(SeekFrom::Start(start))?;
+        file.read_exact(&mut block)?;
+        let found = block.iter().rposition(|&b| b == b'\n');
+        let line_start = match found {
+            Some(i) => Some(start + i as u64 + 1),
+            None if start == 0 => Some(0),
+            None => None,
+        };
+        let Some(line_start) = line_start else {
+            pos = start;
+            continue;
+        };
+        if wanted == 0 {
+            if end - line_start > MAX_LINE as u64 {
+                return Ok(None); // no entry: not the checkpoint looked for
+            }
+            let mut line = vec![0; usize::try_from(end - line_start).unwrap_or(0)];
+            file.seek(SeekFrom::Start(line_start))?;
+            file.read_exact(&mut line)?;
+            return Ok(Some(line));
+        }
+        if line_start == 0 {
+            return Ok(None);
+        }
+        wanted -= 1;
+        end = line_start - 1;
+        pos = end;
+    }
 }
 
 /// The length of the file's whole lines and its last whole line (without newline).
@@ -939,6 +1025,98 @@ mod tests {
         fs::remove_file(&path).unwrap();
         let (signer, _) = Signer::open(&fixture.dir.path().join("keys")).unwrap();
         assert!(AuditLog::open(fixture.dir.path(), signer, 3, Duration::from_secs(60)).is_err());
+    }
+
+    /// `lines` followed by `extra` entries chained onto them, as someone without the
+    /// signing key can write them.
+    fn extended(lines: &[Vec<u8>], extra: u64) -> Vec<u8> {
+        let mut log = lines.concat();
+        let last = lines.last().unwrap().strip_suffix(b"\n").unwrap();
+        let mut prev = line_hash(last);
+        let mut seq = lines.len() as u64;
+        for _ in 0..extra {
+            let entry = Entry {
+                seq,
+                time: now(),
+                principal: "uid:1000".into(),
+                tenant: None,
+                action: "job.submit".into(),
+                object: "job:innocent".into(),
+                decision: Decision::Allow,
+                reason: String::new(),
+                prev: prev.clone(),
+                checkpoint: None,
+            };
+            let line = serde_json::to_vec(&entry).unwrap();
+            prev = line_hash(&line);
+            log.extend(line);
+            log.push(b'\n');
+            seq += 1;
+        }
+        log
+    }
+
+    fn reopen(fixture: &Fixture) -> Result<AuditLog> {
+        let (signer, _) = Signer::open(&fixture.dir.path().join("keys")).unwrap();
+        AuditLog::open(fixture.dir.path(), signer, 3, Duration::from_secs(60))
+    }
+
+    #[test]
+    fn a_log_rewritten_past_its_head_is_not_continued() {
+        let fixture = written();
+        let path = fixture.dir.path().join(AUDIT_DIR).join(LOG_FILE);
+        // Signed entries replaced by as many and more unsigned ones: the log is longer
+        // than head.json's checkpoint again, but that line is not the one it signed.
+        // Continuing would sign the rewritten chain and replace head.json.
+        let rewritten = extended(&lines(&fixture.log())[..5], 20);
+        fs::write(&path, &rewritten).unwrap();
+        let err = reopen(&fixture)
+            .err()
+            .expect("a rewritten log was continued");
+        assert!(err.to_string().contains("differs from"), "{err}");
+        assert_eq!(fixture.log(), rewritten, "the evidence was changed");
+        assert!(fixture.verify(&rewritten).is_err());
+    }
+
+    #[test]
+    fn a_log_without_its_head_is_not_continued() {
+        let fixture = written();
+        let head = fixture.dir.path().join(AUDIT_DIR).join(HEAD_FILE);
+        fs::write(&head, b"not a checkpoint\n").unwrap();
+        let err = reopen(&fixture)
+            .err()
+            .expect("continued past a broken head");
+        assert!(err.to_string().contains(HEAD_FILE), "{err}");
+        fs::remove_file(&head).unwrap();
+        let err = reopen(&fixture).err().expect("continued without a head");
+        assert!(err.to_string().contains(HEAD_FILE), "{err}");
+        // A first start that stopped before its first checkpoint reached head.json
+        // (its entry, the checkpoint line) is continued.
+        let fresh = Fixture::new();
+        {
+            let log = fresh.open(100);
+            log.append(record(0)).unwrap();
+        }
+        let log = reopen(&fresh).unwrap();
+        log.checkpoint().unwrap();
+        fresh.verify(&fresh.log()).unwrap();
+    }
+
+    #[test]
+    fn lines_are_found_from_the_end_across_blocks() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log");
+        let long = "x".repeat(150 << 10);
+        fs::write(&path, format!("first\n{long}\n\nlast\n")).unwrap();
+        let mut file = File::open(&path).unwrap();
+        let len = file.metadata().unwrap().len();
+        let at = |file: &mut File, back| line_from_end(file, len, back).unwrap();
+        assert_eq!(at(&mut file, 0).unwrap(), b"last");
+        assert_eq!(at(&mut file, 1).unwrap(), b"");
+        // Longer than any entry: never taken for one.
+        assert_eq!(at(&mut file, 2), None);
+        assert_eq!(at(&mut file, 3).unwrap(), b"first");
+        assert_eq!(at(&mut file, 4), None);
     }
 
     #[test]
