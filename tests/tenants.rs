@@ -862,3 +862,49 @@ async fn a_submit_beyond_a_tenants_ceiling_is_audited_as_a_denial() {
         "{denial}"
     );
 }
+
+/// A ListJobs page reads a bounded amount of job records (under the database's lock,
+/// which every other client's Submit and every job's state change wait for): jobs with
+/// big specs make shorter pages, and paging still lists every job once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_list_jobs_page_reads_a_bounded_amount_of_records() {
+    if !require_root("a_list_jobs_page_reads_a_bounded_amount_of_records") {
+        return;
+    }
+    let (daemon, _config) = tenant_daemon();
+    let mut red = Client::new(&daemon, RED_1).await;
+    let blocker = red
+        .submit(job("blocker", None, "sleep 60"), "")
+        .await
+        .unwrap();
+    red.wait_running(&blocker).await;
+    let mut submitted = BTreeSet::from([blocker.clone()]);
+    for i in 0..24 {
+        // About 1 MB each, within the spec and environment limits.
+        let mut spec = job(&format!("big-{i}"), None, "true");
+        for v in 0..8 {
+            spec.steps[0]
+                .env
+                .insert(format!("BIG{v}"), "x".repeat(120_000));
+        }
+        submitted.insert(red.submit(spec, "").await.unwrap());
+    }
+    let first = red
+        .jobs
+        .list_jobs(ListJobsRequest {
+            page_size: 1000,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        first.jobs.len() < submitted.len() && !first.next_page_token.is_empty(),
+        "one page read {} jobs of about 1 MB each",
+        first.jobs.len()
+    );
+    let listed = red.list(false, None, 1000).await.unwrap();
+    assert_eq!(listed.len(), submitted.len(), "a job listed twice");
+    assert_eq!(listed.into_iter().collect::<BTreeSet<_>>(), submitted);
+    red.cancel(&blocker).await.unwrap();
+}

@@ -253,7 +253,7 @@ impl Jobs for Service {
             token => Some(parse_page_token(token)?),
         };
         let runner = self.runner.clone();
-        let mut jobs = blocking(move || {
+        let page = blocking(move || {
             let owners = caller.owner_keys();
             runner.db.list_jobs(
                 (!req.all).then_some(owners.as_slice()),
@@ -265,7 +265,10 @@ impl Jobs for Service {
             )
         })
         .await?;
-        let next_page_token = if jobs.len() > page_size as usize {
+        let mut jobs = page.jobs;
+        // More follow when the page was cut short by its records' size, or when the one
+        // more asked for exists.
+        let next_page_token = if page.cut || jobs.len() > page_size as usize {
             jobs.truncate(page_size as usize);
             jobs.last()
                 .map(|last| page_token(last.created_unix_ms, &last.job_id))

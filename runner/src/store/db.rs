@@ -330,7 +330,9 @@ impl Database {
     ///
     /// The page's keys are read from an index per owner (each in order, at most
     /// `limit`), merged, and only then are the page's records read: the cost of a page
-    /// does not grow with the number of jobs an owner has.
+    /// does not grow with the number of jobs an owner has. Nor with the size of their
+    /// records: the page ends early (`cut`) once it read [`LIST_RECORD_BYTES`] of them,
+    /// since every other use of the database waits meanwhile.
     pub fn list_jobs<T>(
         &self,
         owners: Option<&[&str]>,
@@ -338,7 +340,7 @@ impl Database {
         after: Option<(i64, &str)>,
         limit: u32,
         mut summarize: impl FnMut(Job, &str) -> T,
-    ) -> Result<Vec<T>> {
+    ) -> Result<JobPage<T>> {
         let conn = self.lock()?;
         let mut keys = match owners {
             None => page_keys(&conn, None, state, after, limit)?,
@@ -355,12 +357,17 @@ impl Database {
         keys.truncate(limit as usize);
         let mut record = conn.prepare_cached("SELECT owner, record FROM jobs WHERE id = ?1")?;
         let mut jobs = Vec::with_capacity(keys.len());
+        let mut read = 0;
         for (_, id) in keys {
+            if read >= LIST_RECORD_BYTES {
+                return Ok(JobPage { jobs, cut: true });
+            }
             let (owner, bytes): (String, Vec<u8>) =
                 record.query_row(params![id], |row| Ok((row.get(0)?, row.get(1)?)))?;
+            read += bytes.len();
             jobs.push(summarize(decode(&id, &bytes)?, &owner));
         }
-        Ok(jobs)
+        Ok(JobPage { jobs, cut: false })
     }
 
     /// Records that `owner` may read `digest`: it uploaded the content (the store
@@ -456,6 +463,18 @@ fn page_keys(
         Ok((row.get(0)?, row.get(1)?))
     })?;
     Ok(rows.collect::<rusqlite::Result<_>>()?)
+}
+
+/// Bytes of job records one [`Database::list_jobs`] page reads at most (past the first
+/// record): far more than a page of ordinary jobs, and a short hold of the database.
+pub const LIST_RECORD_BYTES: usize = 16 << 20;
+
+/// A page of [`Database::list_jobs`].
+#[derive(Debug)]
+pub struct JobPage<T> {
+    pub jobs: Vec<T>,
+    /// Ended before `limit` jobs because of the bytes their records took: more may follow.
+    pub cut: bool,
 }
 
 /// A cap on one owner's queued jobs, and the configuration key that sets it.
@@ -920,6 +939,7 @@ mod tests {
         let ids = |owners: Option<&[&str]>, after: Option<(i64, &str)>, limit| {
             db.list_jobs(owners, None, after, limit, |job, _| job.job_id)
                 .unwrap()
+                .jobs
         };
         assert_eq!(ids(Some(&["uid:1"]), None, 10), ["j4", "j3", "j1", "j0"]);
         assert_eq!(ids(Some(&["uid:1"]), None, 2), ["j4", "j3"]);
@@ -932,7 +952,7 @@ mod tests {
                 (job.job_id, owner.to_string())
             })
             .unwrap();
-        assert!(running.is_empty());
+        assert!(running.jobs.is_empty() && !running.cut);
     }
 
     #[test]
