@@ -421,6 +421,14 @@ impl Runner {
                 if self.db.update_job_if_state(&job, JobState::Queued)? {
                     self.announce_state(&job, Some(JobState::Queued));
                     self.finish_handle(id, job);
+                    // Nothing of it stays in memory: submitting and cancelling in a
+                    // loop, within any queue cap, would grow the queue without bound.
+                    if let Some(owner) = self.db.owner_of(id)? {
+                        match self.queue.lock() {
+                            Ok(mut queue) => queue.remove(&owner, id),
+                            Err(poisoned) => poisoned.into_inner().remove(&owner, id),
+                        }
+                    }
                     return Ok(JobState::Cancelled);
                 }
                 // The scheduler started it meanwhile: cancel it as a running job.

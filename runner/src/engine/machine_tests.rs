@@ -464,3 +464,23 @@ async fn one_clients_flood_delays_anothers_job_by_at_most_one_slot_turnover() {
     assert_eq!(argv[..2], ["slow", "single"], "{argv:?}");
     assert_eq!(state_of(&single_done), JobState::Succeeded);
 }
+
+#[tokio::test]
+async fn jobs_cancelled_while_queued_leave_the_queue() {
+    let h = start(by_argv(vec![("slow", Script::holds())]));
+    let first = h.submit(job(&["slow"], &[]));
+    let executor = h.executor.clone();
+    tokio::task::spawn_blocking(move || executor.wait_running(1))
+        .await
+        .unwrap();
+    // Submitted and cancelled while every slot is busy: nothing of them may stay in
+    // memory, or a client doing this in a loop grows the daemon without bound (its
+    // queue cap counts only jobs still queued).
+    for _ in 0..50 {
+        let id = h.submit(job(&["quick"], &[]));
+        h.runner.cancel(&id, &client()).unwrap();
+    }
+    assert_eq!(h.runner.queue.lock().unwrap().len(), 0);
+    h.runner.cancel(&first, &client()).unwrap();
+    assert_eq!(state_of(&h.finished(&first).await), JobState::Cancelled);
+}
