@@ -622,7 +622,7 @@ pub fn verify(
     let head = head.map(|head| head.strip_suffix(b"\n").unwrap_or(head));
     // Parsed first, to know which line to compare; its problems are told after the
     // chain's, which say more.
-    let head_entry = head.map(|head| serde_json::from_slice::<Entry>(head));
+    let head_entry = head.map(serde_json::from_slice::<Entry>);
     let head_seq = match &head_entry {
         Some(Ok(entry)) => Some(entry.seq),
         _ => None,
@@ -1033,8 +1033,8 @@ mod tests {
         let mut log = lines.concat();
         let last = lines.last().unwrap().strip_suffix(b"\n").unwrap();
         let mut prev = line_hash(last);
-        let mut seq = lines.len() as u64;
-        for _ in 0..extra {
+        let first = lines.len() as u64;
+        for seq in first..first + extra {
             let entry = Entry {
                 seq,
                 time: now(),
@@ -1051,7 +1051,6 @@ mod tests {
             prev = line_hash(&line);
             log.extend(line);
             log.push(b'\n');
-            seq += 1;
         }
         log
     }
