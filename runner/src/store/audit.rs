@@ -30,6 +30,7 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use nix::fcntl::{Flock, FlockArg};
 use provenance::keyring::{fmt_time, parse_time, TrustedKey};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -130,6 +131,8 @@ pub fn line_hash(line: &[u8]) -> String {
 /// The log of one state directory, open for appending.
 pub struct AuditLog {
     dir: PathBuf,
+    /// Held while the log is open: it has one writer (see [`lock_writer`]).
+    _writer_lock: Flock<File>,
     signer: Signer,
     checkpoint_entries: u64,
     checkpoint_interval: Duration,
@@ -175,6 +178,7 @@ impl AuditLog {
             .custom_flags(libc::O_NOFOLLOW)
             .open(&path)
             .map_err(RunnerError::io_path("opening", &path))?;
+        let writer_lock = lock_writer(&path, &dir)?;
         let (len, last) = last_line(&mut file).map_err(RunnerError::io_path("reading", &path))?;
         let file_len = file
             .metadata()
@@ -205,6 +209,7 @@ impl AuditLog {
         let last_keyid = head.and_then(|entry| entry.checkpoint).map(|c| c.keyid);
         Ok(AuditLog {
             dir,
+            _writer_lock: writer_lock,
             signer,
             checkpoint_entries: checkpoint_entries.max(1),
             checkpoint_interval,
@@ -451,6 +456,28 @@ fn bounded(mut text: String, max: usize) -> String {
         text.push_str("...");
     }
     text
+}
+
+/// An exclusive lock on the log, for as long as it is open for appending: a second
+/// daemon on the same state directory would chain its entries onto its own idea of the
+/// last one, and the log would never verify again.
+fn lock_writer(path: &Path, dir: &Path) -> Result<Flock<File>> {
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .map_err(RunnerError::io_path("opening", path))?;
+    Flock::lock(file, FlockArg::LockExclusiveNonblock).map_err(|(_, errno)| {
+        if errno == nix::errno::Errno::EWOULDBLOCK {
+            RunnerError::FailedPrecondition(format!(
+                "the audit log in {} is open in another daemon: one state directory \
+                 serves one daemon",
+                dir.display()
+            ))
+        } else {
+            RunnerError::io_path("locking", path)(std::io::Error::from(errno))
+        }
+    })
 }
 
 /// Entries a first start writes before its first checkpoint reaches `head.json` (the
@@ -1099,6 +1126,26 @@ mod tests {
         let log = reopen(&fresh).unwrap();
         log.checkpoint().unwrap();
         fresh.verify(&fresh.log()).unwrap();
+    }
+
+    #[test]
+    fn a_second_writer_of_the_same_log_is_refused() {
+        let fixture = Fixture::new();
+        let first = fixture.open(100);
+        first.append(record(0)).unwrap();
+        // A second daemon on the same state directory would chain its entries onto its
+        // own idea of the last one: two entries of each seq, and a log that never
+        // verifies again.
+        let (signer, _) = Signer::open(&fixture.dir.path().join("keys")).unwrap();
+        let second = AuditLog::open(fixture.dir.path(), signer, 100, Duration::from_secs(60));
+        if let Ok(second) = &second {
+            second.append(record(1)).unwrap();
+        }
+        let err = second.err().expect("a second writer was let in");
+        assert!(err.to_string().contains("another"), "{err}");
+        first.append(record(2)).unwrap();
+        first.checkpoint().unwrap();
+        fixture.verify(&fixture.log()).unwrap();
     }
 
     #[test]
