@@ -227,12 +227,20 @@ impl Runner {
     }
 
     fn enqueue(&self, id: &str, owner: &str) {
-        let share = self.share_of(owner);
+        let owner = self.queue_owner(owner);
+        let share = self.share_of(&owner);
         match self.queue.lock() {
-            Ok(mut queue) => queue.push(owner, share, id.to_string()),
-            Err(poisoned) => poisoned.into_inner().push(owner, share, id.to_string()),
+            Ok(mut queue) => queue.push(&owner, share, id.to_string()),
+            Err(poisoned) => poisoned.into_inner().push(&owner, share, id.to_string()),
         }
         self.queue_changed.notify_one();
+    }
+
+    /// Whose share of the slots a job of `owner` takes: its tenant's today, also for a
+    /// uid's job from before the uid joined it (held to the tenant's running cap).
+    fn queue_owner(&self, owner: &str) -> String {
+        self.current_principal(owner)
+            .map_or_else(|_| owner.to_string(), |caller| caller.owner)
     }
 
     pub(super) fn emit(&self, id: &str, event: job_event::Event) {
@@ -424,6 +432,7 @@ impl Runner {
                     // Nothing of it stays in memory: submitting and cancelling in a
                     // loop, within any queue cap, would grow the queue without bound.
                     if let Some(owner) = self.db.owner_of(id)? {
+                        let owner = self.queue_owner(&owner);
                         match self.queue.lock() {
                             Ok(mut queue) => queue.remove(&owner, id),
                             Err(poisoned) => poisoned.into_inner().remove(&owner, id),

@@ -484,3 +484,39 @@ async fn jobs_cancelled_while_queued_leave_the_queue() {
     h.runner.cancel(&first, &client()).unwrap();
     assert_eq!(state_of(&h.finished(&first).await), JobState::Cancelled);
 }
+
+#[tokio::test]
+async fn a_uids_jobs_requeued_into_its_tenant_are_held_to_its_running_cap() {
+    let state = tempfile::tempdir().unwrap();
+    {
+        // Queued by uid 1000 before it joined tenant t.
+        let db = Database::open(state.path(), Creation::Allowed).unwrap();
+        for id in ["a", "b"] {
+            let record = Job {
+                job_id: id.into(),
+                spec: Some(job(&["slow"], &[])),
+                state: JobState::Queued as i32,
+                steps: vec![Default::default()],
+                ..Default::default()
+            };
+            db.insert_job(&record, &client().owner, None, Some(1000))
+                .unwrap();
+        }
+    }
+    let h = start_in(state, by_argv(vec![("slow", Script::holds())]), |config| {
+        config.max_concurrent_jobs = 2;
+        config.tenants = toml::from_str("[t]\nuids = [1000]\nmax_running_jobs = 1\n").unwrap();
+    });
+    let executor = h.executor.clone();
+    tokio::task::spawn_blocking(move || executor.wait_running(1))
+        .await
+        .unwrap();
+    // Two slots, but the tenant runs one job at a time: the other waits, as its own.
+    let depths = h.runner.queue.lock().unwrap().depths();
+    let operator = Principal::unix(0, &[]);
+    for id in ["a", "b"] {
+        h.runner.cancel(id, &operator).unwrap();
+        h.finished(id).await;
+    }
+    assert_eq!(depths, [("tenant:t".to_string(), 1)]);
+}
