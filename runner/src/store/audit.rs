@@ -46,6 +46,8 @@ pub const HEAD_FILE: &str = "head.json";
 /// The `prev` of the first entry.
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 pub const CHECKPOINT_ACTION: &str = "audit.checkpoint";
+/// The object of every checkpoint entry (its other fields are fixed too).
+const CHECKPOINT_OBJECT: &str = "audit";
 /// The principal of what the daemon does on its own (job state changes, checkpoints).
 pub const DAEMON_PRINCIPAL: &str = "kiln";
 /// Longest `reason` kept, and longest other text field: an entry stays a short line.
@@ -305,7 +307,7 @@ impl AuditLog {
         };
         let (_, line) = self.write_entry(
             inner,
-            Record::daemon(CHECKPOINT_ACTION, "audit", ""),
+            Record::daemon(CHECKPOINT_ACTION, CHECKPOINT_OBJECT, ""),
             Some(checkpoint),
             time,
         )?;
@@ -787,6 +789,17 @@ fn check_checkpoint(
     if checkpoint.count != entry.seq || checkpoint.head != entry.prev {
         return Err("the checkpoint's count or head is not the entry's own seq and prev".into());
     }
+    // The signature covers count, head and time only: every other field must be what
+    // the daemon writes, or it would read as signed text nobody signed.
+    let fixed = Record::daemon(CHECKPOINT_ACTION, CHECKPOINT_OBJECT, "");
+    if entry.principal != fixed.principal
+        || entry.tenant != fixed.tenant
+        || entry.object != fixed.object
+        || entry.decision != fixed.decision
+        || entry.reason != fixed.reason
+    {
+        return Err("a checkpoint entry with fields its signature does not cover".into());
+    }
     let key = keys
         .iter()
         .find(|k| k.keyid() == checkpoint.keyid)
@@ -992,6 +1005,24 @@ mod tests {
             problem.message.contains("not among the trusted keys"),
             "{problem}"
         );
+    }
+
+    #[test]
+    fn a_checkpoint_carries_nothing_its_signature_does_not_cover() {
+        // The last checkpoint is covered only by its signature (over count, head and
+        // time) and head.json: text put in its other fields, in both files, must not
+        // pass for a signed record.
+        let fixture = written();
+        let mut lines = lines(&fixture.log());
+        let last = lines.len() - 1;
+        let mut entry: Entry =
+            serde_json::from_slice(lines[last].strip_suffix(b"\n").unwrap()).unwrap();
+        entry.reason = "uid:1001 cancelled job:42 by mistake; nothing else happened".into();
+        let line = serde_json::to_vec(&entry).unwrap();
+        lines[last] = [line.as_slice(), b"\n"].concat();
+        let problem = verify(&lines.concat()[..], Some(&lines[last]), &fixture.keys())
+            .expect_err("an unsigned reason passed for signed");
+        assert_eq!(problem.line, Some(last as u64 + 1), "{problem}");
     }
 
     #[test]
