@@ -309,3 +309,41 @@ async fn a_call_that_cannot_be_audited_is_refused() {
     let intact = verify(&daemon, &daemon.state);
     assert!(intact.status.success(), "{}", describe(&intact));
 }
+
+/// `kiln audit verify` reads the log a line at a time, in memory that does not grow with
+/// the file: a log that goes on for a GiB past its entries, with no line end (a sparse
+/// file here), is refused at that line, within a 256 MiB address space.
+#[test]
+fn verify_reads_a_log_of_any_size_in_bounded_memory() {
+    if !require_root("verify_reads_a_log_of_any_size_in_bounded_memory") {
+        return;
+    }
+    let mut daemon = Daemon::start();
+    assert!(daemon.stop().success());
+    let limited = |state: &Path| {
+        std::process::Command::new("sh")
+            .args(["-c", "ulimit -v 262144 && exec \"$0\" \"$@\"", KILN])
+            .args(["audit", "verify", "--state-dir", state.to_str().unwrap()])
+            .output()
+            .unwrap()
+    };
+    // The limit leaves room for verifying a real log ...
+    let intact = limited(&daemon.state);
+    assert!(intact.status.success(), "{}", describe(&intact));
+    // ... but not for reading a huge one whole.
+    let (_copy, state) = tampered(&daemon.state, |_| {});
+    let entries = entries(&state).len();
+    let log = std::fs::OpenOptions::new()
+        .write(true)
+        .open(state.join("audit/audit.jsonl"))
+        .unwrap();
+    log.set_len(log.metadata().unwrap().len() + (1 << 30))
+        .unwrap();
+    let out = limited(&state);
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    assert!(
+        text(&out.stderr).contains(&format!("line {}", entries + 1)),
+        "{}",
+        describe(&out)
+    );
+}

@@ -745,3 +745,166 @@ async fn a_tenant_at_its_running_cap_waits_while_others_use_the_free_slot() {
         capped.message
     );
 }
+
+/// The runner's `max_queued_jobs` is shared: a tenant that fills it cannot keep another
+/// tenant from queueing its share (by weight) of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_filling_the_runners_queue_leaves_others_their_share() {
+    if !require_root("a_tenant_filling_the_runners_queue_leaves_others_their_share") {
+        return;
+    }
+    let config = config_file(&format!(
+        "socket_gid = {CLIENTS_GID}\nmax_concurrent_jobs = 1\ndefault_timeout_seconds = 60\n\
+         default_memory = \"512M\"\nmax_queued_jobs = 4\n\
+         [tenants.red]\nuids = [{RED_1}]\n\
+         [tenants.blue]\nuids = [{BLUE}]\n"
+    ));
+    let daemon = Daemon::start_with(&["--config", config.path().to_str().unwrap()]);
+    std::fs::set_permissions(daemon.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mut red = Client::new(&daemon, RED_1).await;
+    let mut blue = Client::new(&daemon, BLUE).await;
+    let blocker = red
+        .submit(job("blocker", None, "sleep 60"), "")
+        .await
+        .unwrap();
+    red.wait_running(&blocker).await;
+    // Red fills the runner's whole queue ...
+    for i in 0..4 {
+        red.submit(job(&format!("r{i}"), None, "true"), "")
+            .await
+            .unwrap();
+    }
+    let err = red.submit(job("r4", None, "true"), "").await.unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err}");
+    // ... and blue still queues its half of it (equal weights), then no more.
+    for i in 0..2 {
+        blue.submit(job(&format!("b{i}"), None, "true"), "")
+            .await
+            .unwrap_or_else(|e| panic!("blue's job {i} was refused: {e}"));
+    }
+    let err = blue.submit(job("b2", None, "true"), "").await.unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err}");
+    assert!(err.message().contains("max_queued_jobs"), "{err}");
+    red.cancel(&blocker).await.unwrap();
+}
+
+/// A job still queued at a restart is held to its owner's limits as configured now: a
+/// uid's job from before tenants to the tenant the uid joined (its images, its ceilings),
+/// as a tenant's own job to its narrowed ceilings.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_queued_across_a_restart_is_held_to_its_owners_limits_as_they_are_now() {
+    if !require_root("a_job_queued_across_a_restart_is_held_to_its_owners_limits_as_they_are_now") {
+        return;
+    }
+    let config = |tenants: &str| {
+        config_file(&format!(
+            "socket_gid = {CLIENTS_GID}\nmax_concurrent_jobs = 1\ndefault_timeout_seconds = 30\n\
+             default_memory = \"512M\"\nshutdown_grace_seconds = 1\n{tenants}"
+        ))
+    };
+    // Before tenants: NARROW's jobs wait behind another uid's long one.
+    let plain = config("");
+    let mut daemon = Daemon::start_with(&["--config", plain.path().to_str().unwrap()]);
+    std::fs::set_permissions(daemon.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let (host_image, big) = {
+        let mut red = Client::new(&daemon, RED_1).await;
+        let mut narrow = Client::new(&daemon, NARROW).await;
+        let long = red.submit(job("long", None, "sleep 60"), "").await.unwrap();
+        red.wait_running(&long).await;
+        let host_image = narrow.submit(job("host", None, "true"), "").await.unwrap();
+        let mut spec = job("big", None, "true");
+        spec.steps[0].limits = Some(ResourceLimits {
+            memory_bytes: 2 << 30,
+            ..Default::default()
+        });
+        (host_image, narrow.submit(spec, "").await.unwrap())
+    };
+    assert!(daemon.stop().success());
+    // NARROW is now the one member of tenant narrow: busybox only, at most 1G.
+    let tenants = config(&TENANTS.replace("images = [\"host\"]", "images = [\"busybox\"]"));
+    daemon.spawn(&["--config", tenants.path().to_str().unwrap()]);
+    let mut narrow = Client::new(&daemon, NARROW).await;
+    let job = narrow.wait(&host_image).await;
+    assert_eq!(job.state, JobState::Error as i32, "{job:?}");
+    assert!(job.message.contains("tenants.narrow.images"), "{job:?}");
+    let job = narrow.wait(&big).await;
+    assert_eq!(job.state, JobState::Error as i32, "{job:?}");
+    assert!(job.message.contains("tenants.narrow.max_memory"), "{job:?}");
+}
+
+/// Every Submit is audited, also one refused by its spec's checks: an allow-list beyond
+/// the tenant's network ceiling is an authorization denial, recorded as one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_submit_beyond_a_tenants_ceiling_is_audited_as_a_denial() {
+    if !require_root("a_submit_beyond_a_tenants_ceiling_is_audited_as_a_denial") {
+        return;
+    }
+    let (daemon, _config) = tenant_daemon();
+    let mut narrow = Client::new(&daemon, NARROW).await;
+    let mut outside = job("net", None, "true");
+    outside.steps[0].allow_net = vec!["example.com:443".into()];
+    let err = narrow.submit(outside, "").await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err}");
+    let log = std::fs::read_to_string(daemon.state.join("audit/audit.jsonl")).unwrap();
+    let denial = log
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .find(|e| e["action"] == "job.submit")
+        .unwrap_or_else(|| panic!("the refused Submit is not in the audit log:\n{log}"));
+    assert_eq!(denial["decision"], "deny", "{denial}");
+    assert_eq!(denial["principal"], format!("uid:{NARROW}"), "{denial}");
+    assert_eq!(denial["tenant"], "narrow", "{denial}");
+    assert!(
+        denial["reason"]
+            .as_str()
+            .unwrap()
+            .contains("tenants.narrow.network_ceiling"),
+        "{denial}"
+    );
+}
+
+/// A ListJobs page reads a bounded amount of job records (under the database's lock,
+/// which every other client's Submit and every job's state change wait for): jobs with
+/// big specs make shorter pages, and paging still lists every job once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_list_jobs_page_reads_a_bounded_amount_of_records() {
+    if !require_root("a_list_jobs_page_reads_a_bounded_amount_of_records") {
+        return;
+    }
+    let (daemon, _config) = tenant_daemon();
+    let mut red = Client::new(&daemon, RED_1).await;
+    let blocker = red
+        .submit(job("blocker", None, "sleep 60"), "")
+        .await
+        .unwrap();
+    red.wait_running(&blocker).await;
+    let mut submitted = BTreeSet::from([blocker.clone()]);
+    for i in 0..24 {
+        // About 1 MB each, within the spec and environment limits.
+        let mut spec = job(&format!("big-{i}"), None, "true");
+        for v in 0..8 {
+            spec.steps[0]
+                .env
+                .insert(format!("BIG{v}"), "x".repeat(120_000));
+        }
+        submitted.insert(red.submit(spec, "").await.unwrap());
+    }
+    let first = red
+        .jobs
+        .list_jobs(ListJobsRequest {
+            page_size: 1000,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        first.jobs.len() < submitted.len() && !first.next_page_token.is_empty(),
+        "one page read {} jobs of about 1 MB each",
+        first.jobs.len()
+    );
+    let listed = red.list(false, None, 1000).await.unwrap();
+    assert_eq!(listed.len(), submitted.len(), "a job listed twice");
+    assert_eq!(listed.into_iter().collect::<BTreeSet<_>>(), submitted);
+    red.cancel(&blocker).await.unwrap();
+}

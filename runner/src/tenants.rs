@@ -185,6 +185,17 @@ impl Tenants {
         self.by_name.iter().map(|(n, t)| (n.as_str(), t))
     }
 
+    /// A tenant's share, by weight, of the runner's `max_queued_jobs` (rounded up): what
+    /// it may queue even while other tenants' jobs fill the runner's queue.
+    pub fn queue_share(&self, weight: u32, max_queued_jobs: u64) -> u64 {
+        let total: u128 = self.by_name.values().map(|t| u128::from(t.weight)).sum();
+        if total == 0 {
+            return 0;
+        }
+        let share = (u128::from(max_queued_jobs) * u128::from(weight)).div_ceil(total);
+        u64::try_from(share).unwrap_or(max_queued_jobs)
+    }
+
     /// The tenant a Unix socket uid belongs to.
     pub fn of_uid(&self, uid: u32) -> Option<&str> {
         self.by_uid.get(&uid).map(String::as_str)
@@ -243,6 +254,9 @@ mod tests {
         assert!(!images.allows(&image("host", None)));
         assert!(!images.allows(&image("other", Some("cd".repeat(32)))));
         assert_eq!(tenants.get("web-2").unwrap().weight, 3);
+        // Shares of a queue of 10 by weight (1 and 3), rounded up.
+        assert_eq!(tenants.queue_share(1, 10), 3);
+        assert_eq!(tenants.queue_share(3, 10), 8);
         assert!(tenants.get("web-2").unwrap().images.is_none());
         // DNS names compare without case; URIs exactly.
         assert_eq!(

@@ -64,25 +64,6 @@ impl Principal {
         }
     }
 
-    /// The principal whose records carry the owner key `owner`, as the configuration
-    /// makes it now: a tenant (`tenant:NAME`) or a local uid (`uid:N`). For checking a
-    /// stored job against today's ceilings; `None` for a key of neither form.
-    pub fn of_owner(owner: &str, config: &crate::config::Config) -> Option<Self> {
-        if let Some(name) = crate::tenants::tenant_of_owner(owner) {
-            let tenant = config.tenants.get(name);
-            return Some(Self {
-                owner: owner.to_string(),
-                uid: None,
-                admin: tenant.is_some_and(|t| t.admin),
-                tenant: Some(name.to_string()),
-                inherited_owners: Vec::new(),
-                identity: None,
-            });
-        }
-        let uid = owner.strip_prefix("uid:")?.parse().ok()?;
-        Some(Self::unix(uid, &config.admin_uids))
-    }
-
     /// Whether this caller may see what `owner` owns.
     pub fn may_see(&self, owner: &str) -> bool {
         self.admin || self.owner == owner || self.inherited_owners.iter().any(|o| o == owner)
@@ -174,18 +155,50 @@ impl Authenticator {
     }
 
     fn tenant_principal(&self, name: &str, uid: Option<u32>) -> Principal {
-        let tenant = self.tenants.get(name);
-        Principal {
-            owner: tenant_owner(name),
-            uid,
-            admin: tenant.is_some_and(|t| t.admin),
-            tenant: Some(name.to_string()),
-            inherited_owners: tenant
-                .map(|t| t.uids.iter().map(|&uid| unix_owner(uid)).collect())
-                .unwrap_or_default(),
-            identity: None,
-        }
+        tenant_principal(&self.tenants, name, uid)
     }
+}
+
+fn tenant_principal(tenants: &Tenants, name: &str, uid: Option<u32>) -> Principal {
+    let tenant = tenants.get(name);
+    Principal {
+        owner: tenant_owner(name),
+        uid,
+        admin: tenant.is_some_and(|t| t.admin),
+        tenant: Some(name.to_string()),
+        inherited_owners: tenant
+            .map(|t| t.uids.iter().map(|&uid| unix_owner(uid)).collect())
+            .unwrap_or_default(),
+        identity: None,
+    }
+}
+
+/// Who answers today for a record kept under `owner`, with the tenants configured now:
+/// a uid's records go with the uid into its tenant. `None` for a tenant that is no
+/// longer configured. A job accepted before a restart is held to this principal's
+/// limits when it runs, not to those it was accepted under.
+pub fn current_principal(owner: &str, admin_uids: &[u32], tenants: &Tenants) -> Option<Principal> {
+    if let Some(name) = crate::tenants::tenant_of_owner(owner) {
+        return tenants
+            .get(name)
+            .map(|_| tenant_principal(tenants, name, None));
+    }
+    let uid = owner.strip_prefix("uid:").and_then(|uid| uid.parse().ok());
+    Some(match uid {
+        Some(uid) => match tenants.of_uid(uid) {
+            Some(name) => tenant_principal(tenants, name, Some(uid)),
+            None => Principal::unix(uid, admin_uids),
+        },
+        // A record from before owners were kept: the runner's own limits.
+        None => Principal {
+            owner: owner.to_string(),
+            uid: None,
+            admin: false,
+            tenant: None,
+            inherited_owners: Vec::new(),
+            identity: None,
+        },
+    })
 }
 
 impl tonic::service::Interceptor for Authenticator {
@@ -308,6 +321,23 @@ mod tests {
         let err = auth.resolve(Peer::Unix { uid: 1004 }).unwrap_err();
         assert_eq!(err.code(), tonic::Code::PermissionDenied);
         assert_eq!(err.message(), "uid 1004 is not a member of any tenant");
+    }
+
+    #[test]
+    fn a_recorded_owner_answers_to_its_tenant_as_configured_now() {
+        let tenants = tenants();
+        let of = |owner: &str| current_principal(owner, &[1500], &tenants);
+        assert_eq!(of("tenant:ci").unwrap().tenant.as_deref(), Some("ci"));
+        // A uid's record from before it joined a tenant: the tenant's now.
+        let joined = of("uid:1002").unwrap();
+        assert_eq!(
+            (joined.owner.as_str(), joined.tenant.as_deref()),
+            ("tenant:ci", Some("ci"))
+        );
+        let outside = of("uid:1500").unwrap();
+        assert!(outside.admin && outside.tenant.is_none());
+        assert!(of("tenant:gone").is_none());
+        assert_eq!(of("unknown").unwrap().tenant, None);
     }
 
     #[test]

@@ -79,8 +79,6 @@ impl Jobs for Service {
         let spec = req
             .spec
             .ok_or_else(|| RunnerError::invalid("spec", "missing"))?;
-        let config = &self.runner.config;
-        let plan = ValidatedJob::validate(spec, &SpecLimits::of(config, &caller), config)?;
         let key = (!req.idempotency_key.is_empty()).then_some(req.idempotency_key);
         if key.as_ref().is_some_and(|k| k.len() > 256) {
             return Err(RunnerError::invalid("idempotency_key", "longer than 256 bytes").into());
@@ -90,7 +88,11 @@ impl Jobs for Service {
         }
         let (runner, audit) = (self.runner.clone(), self.audit.clone());
         let job_id = blocking(move || {
-            let submitted = runner.submit(plan, key.as_deref(), &caller);
+            // A spec refused by the caller's ceilings is audited like any other refusal
+            // (one beyond its network ceiling is PERMISSION_DENIED: a denial).
+            let config = &runner.config;
+            let submitted = ValidatedJob::validate(spec, &SpecLimits::of(config, &caller), config)
+                .and_then(|plan| runner.submit(plan, key.as_deref(), &caller));
             let object = submitted
                 .as_ref()
                 .map_or_else(|_| "job".to_string(), |id| format!("job:{id}"));
@@ -210,7 +212,7 @@ impl Jobs for Service {
             token => Some(parse_page_token(token)?),
         };
         let runner = self.runner.clone();
-        let mut jobs = blocking(move || {
+        let page = blocking(move || {
             let owners = caller.owner_keys();
             runner.db.list_jobs(
                 (!req.all).then_some(owners.as_slice()),
@@ -222,7 +224,10 @@ impl Jobs for Service {
             )
         })
         .await?;
-        let next_page_token = if jobs.len() > page_size as usize {
+        let mut jobs = page.jobs;
+        // More follow when the page was cut short by its records' size, or when the one
+        // more asked for exists.
+        let next_page_token = if page.cut || jobs.len() > page_size as usize {
             jobs.truncate(page_size as usize);
             jobs.last()
                 .map(|last| page_token(last.created_unix_ms, &last.job_id))

@@ -1,5 +1,6 @@
 //! `kiln audit verify` and `kiln audit tail`: offline, on the state directory's files.
 
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
@@ -11,11 +12,20 @@ use crate::store::audit::{self, AUDIT_DIR, HEAD_FILE, LOG_FILE};
 pub fn verify(state_dir: &Path, key: Option<&Path>) -> anyhow::Result<i32> {
     let dir = state_dir.join(AUDIT_DIR);
     let log_path = dir.join(LOG_FILE);
-    let log =
-        std::fs::read(&log_path).with_context(|| format!("reading {}", log_path.display()))?;
+    // Read a line at a time: the log grows for as long as the daemon runs.
+    let log = std::fs::File::open(&log_path)
+        .map(std::io::BufReader::new)
+        .with_context(|| format!("reading {}", log_path.display()))?;
     let head_path = dir.join(HEAD_FILE);
-    let head = match std::fs::read(&head_path) {
-        Ok(bytes) => Some(bytes),
+    // One line: anything longer is no head file the daemon wrote (and is refused as such).
+    let head = match std::fs::File::open(&head_path) {
+        Ok(file) => {
+            let mut bytes = Vec::new();
+            file.take(audit::MAX_LINE as u64 + 1)
+                .read_to_end(&mut bytes)
+                .with_context(|| format!("reading {}", head_path.display()))?;
+            Some(bytes)
+        }
         Err(err) if err.kind() == std::io::ErrorKind::NotFound => None,
         Err(err) => return Err(err).with_context(|| format!("reading {}", head_path.display())),
     };
@@ -26,7 +36,7 @@ pub fn verify(state_dir: &Path, key: Option<&Path>) -> anyhow::Result<i32> {
             .join(provenance::keyring::KEYRING_FILE),
     };
     let keys = crate::cli::verify::trusted_keys(&[PathBuf::from(&key_file)])?;
-    match audit::verify(&log, head.as_deref(), &keys) {
+    match audit::verify(log, head.as_deref(), &keys) {
         Ok(verified) => {
             println!(
                 "audit log intact: {} entries, {} signed checkpoints{}",

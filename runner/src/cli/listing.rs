@@ -87,8 +87,24 @@ pub fn summary_line(job: &JobSummary) -> String {
         state_name(job.state),
         created,
         job.owner,
-        job.name
+        printable(&job.name)
     )
+}
+
+/// `text` with its control characters and bidirectional overrides escaped (`\n`,
+/// `\u{1b}`, `\u{202e}`): a name a client chose must not start a line of its own, move
+/// the terminal's cursor or reorder what follows in the listing an operator reads.
+fn printable(text: &str) -> String {
+    let bidi = |c: char| matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}');
+    text.chars()
+        .map(|c| {
+            if c.is_control() || bidi(c) {
+                c.escape_debug().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
 }
 
 /// `kiln jobs`.
@@ -134,4 +150,35 @@ pub async fn whoami_command(client: &Client, json: bool) -> anyhow::Result<i32> 
         println!("admin: {}", me.admin);
     }
     Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_job_name_cannot_forge_or_hide_lines_of_the_listing() {
+        // A client names its job; an operator lists everyone's.
+        let job = JobSummary {
+            job_id: "6f0c".into(),
+            state: JobState::Running as i32,
+            owner: "tenant:red".into(),
+            name: "x\n1234  succeeded  2026-11-27T00:00:00Z  tenant:blue  deploy\r\x1b[2K".into(),
+            ..Default::default()
+        };
+        let line = summary_line(&job);
+        assert!(!line.chars().any(char::is_control), "{line:?}");
+        assert!(line.starts_with("6f0c  running"), "{line:?}");
+        assert!(
+            line.ends_with(
+                r"x\n1234  succeeded  2026-11-27T00:00:00Z  tenant:blue  deploy\r\u{1b}[2K"
+            ),
+            "{line:?}"
+        );
+        let reversed = summary_line(&JobSummary {
+            name: "build\u{202e}dlrow".into(),
+            ..job
+        });
+        assert!(reversed.ends_with(r"build\u{202e}dlrow"), "{reversed:?}");
+    }
 }

@@ -205,9 +205,10 @@ impl Metrics {
         };
         for (owner, state, count) in jobs_by_owner_and_state {
             let count = i64::try_from(*count).unwrap_or(i64::MAX);
-            metrics.job_gauge(*state, owner).inc_by(count);
+            let tenant = tenant_label(owner);
+            metrics.job_gauge(*state, tenant).inc_by(count);
             if *state == JobState::Queued {
-                metrics.queue_gauge(owner).inc_by(count);
+                metrics.queue_gauge(tenant).inc_by(count);
             }
         }
         metrics
@@ -294,13 +295,9 @@ impl Observer for Metrics {
     fn observe(&self, event: &EngineEvent) {
         match event {
             EngineEvent::JobStateChanged {
-                owner,
-                tenant,
-                from,
-                to,
-                ..
+                owner, from, to, ..
             } => {
-                let tenant = tenant.as_deref().unwrap_or(owner);
+                let tenant = tenant_label(owner);
                 if let Some(from) = from {
                     self.job_gauge(*from, tenant).dec();
                     if *from == JobState::Queued {
@@ -357,6 +354,13 @@ impl Observer for Metrics {
             }
         }
     }
+}
+
+/// The `tenant` label of an owner's jobs: the tenant's name, or the owner key of an owner
+/// outside the tenants. One function for the counts read at start and the changes seen
+/// later, so both land on the same series.
+fn tenant_label(owner: &str) -> &str {
+    crate::tenants::tenant_of_owner(owner).unwrap_or(owner)
 }
 
 /// Blobs and their bytes in the content store's shard directories (`<2 hex>/<digest>`),
@@ -559,5 +563,26 @@ mod tests {
             "{classic}"
         );
         assert!(!classic.contains("# EOF") && !classic.contains("# UNIT"));
+    }
+
+    #[test]
+    fn a_tenants_jobs_counted_at_start_and_changed_later_share_one_label() {
+        // After a restart, the database names the owner key; the engine's events the tenant.
+        let metrics = Metrics::new(&[("tenant:ci".into(), JobState::Queued, 2)]);
+        metrics.observe(&EngineEvent::JobStateChanged {
+            job_id: "a".into(),
+            owner: "tenant:ci".into(),
+            tenant: Some("ci".into()),
+            from: Some(JobState::Queued),
+            to: JobState::Running,
+            reason: String::new(),
+        });
+        let text = metrics.render();
+        assert!(
+            text.contains("kiln_jobs{state=\"queued\",tenant=\"ci\"} 1"),
+            "{text}"
+        );
+        assert!(text.contains("kiln_queue_depth{tenant=\"ci\"} 1"), "{text}");
+        assert!(!text.contains("tenant:ci"), "{text}");
     }
 }

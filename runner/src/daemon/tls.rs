@@ -293,6 +293,12 @@ pub fn watch(
 
 /// The identities a verified client certificate names: SAN URIs as written, SAN DNS
 /// names as `dns:NAME`. A certificate that does not parse names none.
+/// Whether a URI has the `dns` scheme (case-insensitive, as URI schemes are).
+fn is_dns_scheme(uri: &str) -> bool {
+    uri.get(..4)
+        .is_some_and(|scheme| scheme.eq_ignore_ascii_case("dns:"))
+}
+
 pub fn identities(leaf: &CertificateDer<'_>) -> TlsIdentities {
     use x509_parser::extensions::GeneralName;
     let Ok((_, cert)) = x509_parser::parse_x509_certificate(leaf.as_ref()) else {
@@ -306,6 +312,8 @@ pub fn identities(leaf: &CertificateDer<'_>) -> TlsIdentities {
             .general_names
             .iter()
             .filter_map(|name| match name {
+                // A URI SAN `dns:...` would pass for a DNS name: such URIs name nobody.
+                GeneralName::URI(uri) if is_dns_scheme(uri) => None,
                 GeneralName::URI(uri) => Some((*uri).to_string()),
                 GeneralName::DNSName(dns) => Some(format!("dns:{dns}")),
                 _ => None,
@@ -411,6 +419,20 @@ mod tests {
             identities(&CertificateDer::from(b"not a certificate".to_vec()))
                 .0
                 .is_empty()
+        );
+    }
+
+    #[test]
+    fn a_uri_san_cannot_pass_for_a_dns_name() {
+        use rcgen::SanType;
+        let forged = certificate(vec![
+            SanType::URI("dns:ci.example.org".try_into().unwrap()),
+            SanType::URI("DNS:ops.example.org".try_into().unwrap()),
+        ]);
+        assert!(
+            identities(&forged).0.is_empty(),
+            "{:?}",
+            identities(&forged).0
         );
     }
 }

@@ -111,6 +111,14 @@ impl FairQueue {
         self.forget_idle();
     }
 
+    /// Takes a job that will not start (cancelled while queued) out of `owner`'s queue.
+    pub fn remove(&mut self, owner: &str, job: &str) {
+        if let Some(o) = self.owners.get_mut(owner) {
+            o.waiting.retain(|(_, waiting)| waiting != job);
+        }
+        self.forget_idle();
+    }
+
     /// Jobs waiting, all owners together.
     pub fn len(&self) -> usize {
         self.owners.values().map(|o| o.waiting.len()).sum()
@@ -225,6 +233,19 @@ mod tests {
         q.finished("a");
         assert_eq!(q.pop().unwrap().1, "a2");
         assert!(q.is_empty());
+    }
+
+    #[test]
+    fn a_removed_job_never_starts() {
+        let mut q = FairQueue::default();
+        q.push("a", share(1), "a1".into());
+        q.push("a", share(1), "a2".into());
+        q.remove("a", "a1");
+        q.remove("b", "a2");
+        assert_eq!(q.len(), 1);
+        assert_eq!(q.pop().unwrap().1, "a2");
+        q.remove("a", "a2");
+        assert!(q.is_empty() && q.pop().is_none());
     }
 
     #[test]

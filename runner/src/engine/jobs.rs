@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use agent_proto::v1::{job_event, Job, JobSpec, JobState, StepResult, StepState};
 use tokio::sync::{watch, Notify, Semaphore};
 
-use crate::api::auth::Principal;
+use crate::api::auth::{current_principal, Principal};
 use crate::config::Config;
 use crate::engine::enclosure::reset_work_dir;
 use crate::engine::executor::{Cancel, Executor};
@@ -25,7 +25,7 @@ use crate::error::{Result, RunnerError};
 use crate::images::Images;
 use crate::plan::ValidatedJob;
 use crate::store::cas::ContentStore;
-use crate::store::db::{Database, Inserted, QueueCap};
+use crate::store::db::{Database, Inserted, OwnerQueue, QueueCap};
 
 /// What the runner isolates steps with: the executor (see `executor`), and the host id
 /// ranges leased for the job slots.
@@ -177,8 +177,7 @@ impl Runner {
                     tracing::error!(job = %job.job_id, error = %err, "a queued job's record does not load");
                     job.state = JobState::Error as i32;
                     job.message = format!(
-                        "after a restart, the job is no longer accepted by the runner's \
-                         configuration: {}",
+                        "the job could not be queued again after a restart: {}",
                         err.client_message()
                     );
                     job.finished_unix_ms = now_ms();
@@ -189,15 +188,22 @@ impl Runner {
         Ok(())
     }
 
-    /// A job queued before a restart, validated again for its owner against the
-    /// configuration the daemon runs with now: a ceiling the operator lowered since
-    /// holds for it too.
+    /// A queued job's spec from its record, validated again against its owner's limits
+    /// as configured now: since it was accepted the operator may have narrowed them, or
+    /// moved the owner's uid into a tenant.
     fn revalidate(&self, spec: JobSpec, owner: &str) -> Result<ValidatedJob> {
-        let caller = Principal::of_owner(owner, &self.config).ok_or_else(|| {
-            RunnerError::Internal(format!("a job record with the owner key {owner:?}"))
-        })?;
-        let caps = crate::spec::SpecLimits::of(&self.config, &caller);
-        ValidatedJob::validate(spec, &caps, &self.config)
+        let caller = self.current_principal(owner)?;
+        let limits = crate::spec::SpecLimits::of(&self.config, &caller);
+        ValidatedJob::validate(spec, &limits, &self.config)
+    }
+
+    /// Who answers now for what `owner` recorded (see [`current_principal`]).
+    fn current_principal(&self, owner: &str) -> Result<Principal> {
+        current_principal(owner, &self.config.admin_uids, &self.config.tenants).ok_or_else(|| {
+            RunnerError::FailedPrecondition(format!(
+                "the job's owner ({owner}) is a tenant that is no longer configured"
+            ))
+        })
     }
 
     pub fn handle(&self, id: &str) -> Arc<JobHandle> {
@@ -221,12 +227,20 @@ impl Runner {
     }
 
     fn enqueue(&self, id: &str, owner: &str) {
-        let share = self.share_of(owner);
+        let owner = self.queue_owner(owner);
+        let share = self.share_of(&owner);
         match self.queue.lock() {
-            Ok(mut queue) => queue.push(owner, share, id.to_string()),
-            Err(poisoned) => poisoned.into_inner().push(owner, share, id.to_string()),
+            Ok(mut queue) => queue.push(&owner, share, id.to_string()),
+            Err(poisoned) => poisoned.into_inner().push(&owner, share, id.to_string()),
         }
         self.queue_changed.notify_one();
+    }
+
+    /// Whose share of the slots a job of `owner` takes: its tenant's today, also for a
+    /// uid's job from before the uid joined it (held to the tenant's running cap).
+    fn queue_owner(&self, owner: &str) -> String {
+        self.current_principal(owner)
+            .map_or_else(|_| owner.to_string(), |caller| caller.owner)
     }
 
     pub(super) fn emit(&self, id: &str, event: job_event::Event) {
@@ -256,10 +270,18 @@ impl Runner {
             .and_then(|name| self.config.tenants.get(name).map(|t| (name, t)));
         self.check_image_at_submit(&spec.image, tenant)?;
         let queue_key = tenant.map(|(name, _)| format!("tenants.{name}.max_queued_jobs"));
-        let queue_cap = tenant
-            .and_then(|(_, t)| t.max_queued_jobs)
-            .zip(queue_key.as_deref())
-            .map(|(max, key)| QueueCap { max, key });
+        let queue = OwnerQueue {
+            cap: tenant
+                .and_then(|(_, t)| t.max_queued_jobs)
+                .zip(queue_key.as_deref())
+                .map(|(max, key)| QueueCap { max, key }),
+            // One tenant filling the runner's queue must not lock the others out.
+            reserved: tenant.map_or(0, |(_, t)| {
+                self.config
+                    .tenants
+                    .queue_share(t.weight, self.config.max_queued_jobs)
+            }),
+        };
         let steps = spec
             .steps
             .iter()
@@ -277,13 +299,10 @@ impl Runner {
             created_unix_ms: now_ms(),
             ..Default::default()
         };
-        match self.db.insert_job_within(
-            &job,
-            &caller.owner,
-            idempotency_key,
-            caller.uid,
-            queue_cap,
-        )? {
+        match self
+            .db
+            .insert_job_within(&job, &caller.owner, idempotency_key, caller.uid, queue)?
+        {
             Inserted::New(id) => {
                 self.handle(&id).set_plan(Arc::new(plan));
                 self.announce_state(&job, None);
@@ -378,14 +397,17 @@ impl Runner {
                 )));
             }
         }
-        let owner = self.db.get_job_and_owner(id)?.map(|(_, owner)| owner);
-        let Some(name) = owner.as_deref().and_then(crate::tenants::tenant_of_owner) else {
+        let Some(owner) = self.db.owner_of(id)? else {
+            return Ok(());
+        };
+        // A uid's job from before it joined a tenant is held to that tenant's list too.
+        let Some(name) = self.current_principal(&owner)?.tenant else {
             return Ok(());
         };
         let allowed = match self
             .config
             .tenants
-            .get(name)
+            .get(&name)
             .and_then(|t| t.images.as_ref())
         {
             None => true,
@@ -419,6 +441,15 @@ impl Runner {
                 if self.db.update_job_if_state(&job, JobState::Queued)? {
                     self.announce_state(&job, Some(JobState::Queued));
                     self.finish_handle(id, job);
+                    // Nothing of it stays in memory: submitting and cancelling in a
+                    // loop, within any queue cap, would grow the queue without bound.
+                    if let Some(owner) = self.db.owner_of(id)? {
+                        let owner = self.queue_owner(&owner);
+                        match self.queue.lock() {
+                            Ok(mut queue) => queue.remove(&owner, id),
+                            Err(poisoned) => poisoned.into_inner().remove(&owner, id),
+                        }
+                    }
                     return Ok(JobState::Cancelled);
                 }
                 // The scheduler started it meanwhile: cancel it as a running job.

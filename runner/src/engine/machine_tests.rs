@@ -489,9 +489,65 @@ async fn a_queued_job_is_held_to_a_ceiling_lowered_across_a_restart() {
     let done = h.finished("wide").await;
     assert_eq!(state_of(&done), JobState::Error);
     assert!(
-        done.message.contains("no longer accepted") && done.message.contains("allow_net"),
+        done.message.contains("could not be queued again") && done.message.contains("allow_net"),
         "{}",
         done.message
     );
     assert!(h.executor.started.lock().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn jobs_cancelled_while_queued_leave_the_queue() {
+    let h = start(by_argv(vec![("slow", Script::holds())]));
+    let first = h.submit(job(&["slow"], &[]));
+    let executor = h.executor.clone();
+    tokio::task::spawn_blocking(move || executor.wait_running(1))
+        .await
+        .unwrap();
+    // Submitted and cancelled while every slot is busy: nothing of them may stay in
+    // memory, or a client doing this in a loop grows the daemon without bound (its
+    // queue cap counts only jobs still queued).
+    for _ in 0..50 {
+        let id = h.submit(job(&["quick"], &[]));
+        h.runner.cancel(&id, &client()).unwrap();
+    }
+    assert_eq!(h.runner.queue.lock().unwrap().len(), 0);
+    h.runner.cancel(&first, &client()).unwrap();
+    assert_eq!(state_of(&h.finished(&first).await), JobState::Cancelled);
+}
+
+#[tokio::test]
+async fn a_uids_jobs_requeued_into_its_tenant_are_held_to_its_running_cap() {
+    let state = tempfile::tempdir().unwrap();
+    {
+        // Queued by uid 1000 before it joined tenant t.
+        let db = Database::open(state.path(), Creation::Allowed).unwrap();
+        for id in ["a", "b"] {
+            let record = Job {
+                job_id: id.into(),
+                spec: Some(job(&["slow"], &[])),
+                state: JobState::Queued as i32,
+                steps: vec![Default::default()],
+                ..Default::default()
+            };
+            db.insert_job(&record, &client().owner, None, Some(1000))
+                .unwrap();
+        }
+    }
+    let h = start_in(state, by_argv(vec![("slow", Script::holds())]), |config| {
+        config.max_concurrent_jobs = 2;
+        config.tenants = toml::from_str("[t]\nuids = [1000]\nmax_running_jobs = 1\n").unwrap();
+    });
+    let executor = h.executor.clone();
+    tokio::task::spawn_blocking(move || executor.wait_running(1))
+        .await
+        .unwrap();
+    // Two slots, but the tenant runs one job at a time: the other waits, as its own.
+    let depths = h.runner.queue.lock().unwrap().depths();
+    let operator = Principal::unix(0, &[]);
+    for id in ["a", "b"] {
+        h.runner.cancel(id, &operator).unwrap();
+        h.finished(id).await;
+    }
+    assert_eq!(depths, [("tenant:t".to_string(), 1)]);
 }

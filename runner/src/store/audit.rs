@@ -23,13 +23,14 @@
 //! off the host's disk, to catch the latter.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::io::{BufRead, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use nix::fcntl::{Flock, FlockArg};
 use provenance::keyring::{fmt_time, parse_time, TrustedKey};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -45,6 +46,8 @@ pub const HEAD_FILE: &str = "head.json";
 /// The `prev` of the first entry.
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 pub const CHECKPOINT_ACTION: &str = "audit.checkpoint";
+/// The object of every checkpoint entry (its other fields are fixed too).
+const CHECKPOINT_OBJECT: &str = "audit";
 /// The principal of what the daemon does on its own (job state changes, checkpoints).
 pub const DAEMON_PRINCIPAL: &str = "kiln";
 /// Longest `reason` kept, and longest other text field: an entry stays a short line.
@@ -130,6 +133,8 @@ pub fn line_hash(line: &[u8]) -> String {
 /// The log of one state directory, open for appending.
 pub struct AuditLog {
     dir: PathBuf,
+    /// Held while the log is open: it has one writer (see [`lock_writer`]).
+    _writer_lock: Flock<File>,
     signer: Signer,
     checkpoint_entries: u64,
     checkpoint_interval: Duration,
@@ -175,6 +180,7 @@ impl AuditLog {
             .custom_flags(libc::O_NOFOLLOW)
             .open(&path)
             .map_err(RunnerError::io_path("opening", &path))?;
+        let writer_lock = lock_writer(&path, &dir)?;
         let (len, last) = last_line(&mut file).map_err(RunnerError::io_path("reading", &path))?;
         let file_len = file
             .metadata()
@@ -201,23 +207,11 @@ impl AuditLog {
                 (entry.seq + 1, line_hash(&line))
             }
         };
-        let head = fs::read(dir.join(HEAD_FILE))
-            .ok()
-            .and_then(|bytes| serde_json::from_slice::<Entry>(bytes.trim_ascii_end()).ok());
-        // Continuing a log cut before its last checkpoint would replace the head file,
-        // the evidence of the cut: refuse, as for a lost job database.
-        if let Some(head) = head.as_ref().filter(|h| h.seq >= next_seq) {
-            return Err(RunnerError::FailedPrecondition(format!(
-                "the audit log in {} ends before its last signed checkpoint (seq {}): it was \
-                 truncated or lost. Check it with `kiln audit verify`; to start a new log, \
-                 move the audit directory aside",
-                dir.display(),
-                head.seq
-            )));
-        }
+        let head = check_head(&dir, &mut file, len, next_seq)?;
         let last_keyid = head.and_then(|entry| entry.checkpoint).map(|c| c.keyid);
         Ok(AuditLog {
             dir,
+            _writer_lock: writer_lock,
             signer,
             checkpoint_entries: checkpoint_entries.max(1),
             checkpoint_interval,
@@ -313,7 +307,7 @@ impl AuditLog {
         };
         let (_, line) = self.write_entry(
             inner,
-            Record::daemon(CHECKPOINT_ACTION, "audit", ""),
+            Record::daemon(CHECKPOINT_ACTION, CHECKPOINT_OBJECT, ""),
             Some(checkpoint),
             time,
         )?;
@@ -466,6 +460,127 @@ fn bounded(mut text: String, max: usize) -> String {
     text
 }
 
+/// An exclusive lock on the log, for as long as it is open for appending: a second
+/// daemon on the same state directory would chain its entries onto its own idea of the
+/// last one, and the log would never verify again.
+fn lock_writer(path: &Path, dir: &Path) -> Result<Flock<File>> {
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .map_err(RunnerError::io_path("opening", path))?;
+    Flock::lock(file, FlockArg::LockExclusiveNonblock).map_err(|(_, errno)| {
+        if errno == nix::errno::Errno::EWOULDBLOCK {
+            RunnerError::FailedPrecondition(format!(
+                "the audit log in {} is open in another daemon: one state directory \
+                 serves one daemon",
+                dir.display()
+            ))
+        } else {
+            RunnerError::io_path("locking", path)(std::io::Error::from(errno))
+        }
+    })
+}
+
+/// Entries a first start writes before its first checkpoint reaches `head.json` (the
+/// configuration it loads, the checkpoint): a log of more has had a head file.
+const FIRST_START_ENTRIES: u64 = 2;
+
+/// The checkpoint in `head.json`, checked against the log (its whole lines end at
+/// `len`, the next entry is `next_seq`). Continuing a log that does not hold that
+/// checkpoint line would sign whatever it holds instead and replace the head file, the
+/// evidence: a log cut before its last checkpoint, one whose signed entries were
+/// rewritten (however long it is now), or one whose head file is gone, is refused, as
+/// a lost job database is.
+fn check_head(dir: &Path, file: &mut File, len: u64, next_seq: u64) -> Result<Option<Entry>> {
+    let refuse = |what: String| {
+        RunnerError::FailedPrecondition(format!(
+            "the audit log in {} {what}. Check it with `kiln audit verify`; to start a new \
+             log, move the audit directory aside",
+            dir.display()
+        ))
+    };
+    let path = dir.join(HEAD_FILE);
+    let bytes = match fs::read(&path) {
+        Ok(bytes) => bytes,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+            if next_seq > FIRST_START_ENTRIES {
+                return Err(refuse(format!(
+                    "has {next_seq} entries but no {HEAD_FILE}: it was removed, and with it \
+                     what tells whether the log was cut"
+                )));
+            }
+            return Ok(None);
+        }
+        Err(err) => return Err(RunnerError::io_path("reading", &path)(err)),
+    };
+    let line = bytes.strip_suffix(b"\n").unwrap_or(&bytes);
+    let head: Entry = serde_json::from_slice(line)
+        .map_err(|e| refuse(format!("has an unreadable {HEAD_FILE} ({e})")))?;
+    if head.seq >= next_seq {
+        return Err(refuse(format!(
+            "ends before its last signed checkpoint (seq {}): it was truncated or lost",
+            head.seq
+        )));
+    }
+    let signed = line_from_end(file, len, next_seq - 1 - head.seq)
+        .map_err(RunnerError::io_path("reading", &dir.join(LOG_FILE)))?;
+    if signed.as_deref() != Some(line) {
+        return Err(refuse(format!(
+            "holds an entry at seq {} that differs from the signed checkpoint in \
+             {HEAD_FILE}: it was rewritten",
+            head.seq
+        )));
+    }
+    Ok(Some(head))
+}
+
+/// The whole line `back` lines before the last one (0: the last) of a file whose whole
+/// lines end at `len`, without its newline. Read backwards in blocks: the head
+/// checkpoint is among the last few lines of a log the daemon wrote.
+fn line_from_end(file: &mut File, len: u64, back: u64) -> std::io::Result<Option<Vec<u8>>> {
+    const BLOCK: u64 = 64 << 10;
+    // Position of the newline that ends the line looked at.
+    let Some(mut end) = len.checked_sub(1) else {
+        return Ok(None);
+    };
+    let mut wanted = back;
+    let mut pos = end;
+    let mut block = Vec::new();
+    loop {
+        // The newline before `end`, searched backwards from `pos`.
+        let start = pos.saturating_sub(BLOCK);
+        block.resize(usize::try_from(pos - start).unwrap_or(0), 0);
+        file.seek(SeekFrom::Start(start))?;
+        file.read_exact(&mut block)?;
+        let found = block.iter().rposition(|&b| b == b'\n');
+        let line_start = match found {
+            Some(i) => Some(start + i as u64 + 1),
+            None if start == 0 => Some(0),
+            None => None,
+        };
+        let Some(line_start) = line_start else {
+            pos = start;
+            continue;
+        };
+        if wanted == 0 {
+            if end - line_start > MAX_LINE as u64 {
+                return Ok(None); // no entry: not the checkpoint looked for
+            }
+            let mut line = vec![0; usize::try_from(end - line_start).unwrap_or(0)];
+            file.seek(SeekFrom::Start(line_start))?;
+            file.read_exact(&mut line)?;
+            return Ok(Some(line));
+        }
+        if line_start == 0 {
+            return Ok(None);
+        }
+        wanted -= 1;
+        end = line_start - 1;
+        pos = end;
+    }
+}
+
 /// The length of the file's whole lines and its last whole line (without newline).
 fn last_line(file: &mut File) -> std::io::Result<(u64, Option<Vec<u8>>)> {
     let len = file.metadata()?.len();
@@ -521,25 +636,55 @@ pub struct Verified {
     pub unsigned_tail: u64,
 }
 
-/// Verifies a log and its head file against the runner's public keys.
+/// Longest line verification reads: far more than the bounds on an entry's fields let
+/// the daemon write, so that a log of any size is verified in bounded memory.
+pub const MAX_LINE: usize = 64 << 10;
+
+/// Verifies a log, read a line at a time, and its head file against the runner's public
+/// keys. Memory does not grow with the log: only the line `head.json` names is compared,
+/// as it passes.
 pub fn verify(
-    log: &[u8],
+    mut log: impl BufRead,
     head: Option<&[u8]>,
     keys: &[TrustedKey],
 ) -> std::result::Result<Verified, Problem> {
+    let head = head.map(|head| head.strip_suffix(b"\n").unwrap_or(head));
+    // Parsed first, to know which line to compare; its problems are told after the
+    // chain's, which say more.
+    let head_entry = head.map(serde_json::from_slice::<Entry>);
+    let head_seq = match &head_entry {
+        Some(Ok(entry)) => Some(entry.seq),
+        _ => None,
+    };
+    let mut head_line_matches = None;
     let mut prev = GENESIS.to_string();
-    let mut lines: Vec<&[u8]> = Vec::new();
+    let mut entries = 0u64;
     let mut checkpoints = 0;
     let mut last_checkpoint = None;
-    for (index, raw) in log.split_inclusive(|&b| b == b'\n').enumerate() {
-        let line_no = index as u64 + 1;
-        let expected = index as u64;
+    let mut raw = Vec::new();
+    loop {
+        let line_no = entries + 1;
+        let expected = entries;
         let at = |seq: Option<u64>, message: String| Problem {
             line: Some(line_no),
             seq,
             message,
         };
+        raw.clear();
+        let read = (&mut log)
+            .take(MAX_LINE as u64 + 1)
+            .read_until(b'\n', &mut raw)
+            .map_err(|e| at(None, format!("cannot be read: {e}")))?;
+        if read == 0 {
+            break;
+        }
         let Some(line) = raw.strip_suffix(b"\n") else {
+            if raw.len() > MAX_LINE {
+                return Err(at(
+                    None,
+                    format!("longer than {MAX_LINE} bytes: not an audit entry"),
+                ));
+            }
             return Err(at(None, "the last line is incomplete (no newline)".into()));
         };
         let entry: Entry = serde_json::from_slice(line)
@@ -562,11 +707,11 @@ pub fn verify(
             ));
         }
         if entry.prev != prev {
-            let message = if index == 0 {
+            let message = if expected == 0 {
                 "the first entry does not start the chain (prev is not all zeros)".to_string()
             } else {
                 format!(
-                    "prev does not match line {index}: line {index} (seq {}) was edited, or an entry was inserted or removed before this one",
+                    "prev does not match line {expected}: line {expected} (seq {}) was edited, or an entry was inserted or removed before this one",
                     expected - 1
                 )
             };
@@ -579,11 +724,13 @@ pub fn verify(
         } else if entry.action == CHECKPOINT_ACTION {
             return Err(at(seq, "a checkpoint entry without its signature".into()));
         }
+        if head_seq == Some(entry.seq) {
+            head_line_matches = Some(Some(line) == head);
+        }
         prev = line_hash(line);
-        lines.push(line);
+        entries += 1;
     }
-    let entries = lines.len() as u64;
-    let Some(head) = head else {
+    let Some(head_entry) = head_entry else {
         return Err(Problem {
             line: None,
             seq: None,
@@ -592,20 +739,18 @@ pub fn verify(
             ),
         });
     };
-    let head = head.strip_suffix(b"\n").unwrap_or(head);
     let head_problem = |message: String| Problem {
         line: None,
         seq: None,
         message: format!("{HEAD_FILE}: {message}"),
     };
-    let head_entry: Entry = serde_json::from_slice(head)
-        .map_err(|e| head_problem(format!("not an audit entry: {e}")))?;
+    let head_entry = head_entry.map_err(|e| head_problem(format!("not an audit entry: {e}")))?;
     let checkpoint = head_entry
         .checkpoint
         .as_ref()
         .ok_or_else(|| head_problem("not a checkpoint".into()))?;
     check_checkpoint(&head_entry, checkpoint, keys).map_err(head_problem)?;
-    match usize::try_from(head_entry.seq).ok().and_then(|i| lines.get(i)) {
+    match head_line_matches {
         None => {
             return Err(Problem {
                 line: None,
@@ -616,14 +761,14 @@ pub fn verify(
                 ),
             })
         }
-        Some(line) if *line != head => {
+        Some(false) => {
             return Err(Problem {
                 line: Some(head_entry.seq + 1),
                 seq: Some(head_entry.seq),
                 message: format!("differs from the signed checkpoint in {HEAD_FILE}"),
             })
         }
-        Some(_) => {}
+        Some(true) => {}
     }
     Ok(Verified {
         entries,
@@ -643,6 +788,17 @@ fn check_checkpoint(
     }
     if checkpoint.count != entry.seq || checkpoint.head != entry.prev {
         return Err("the checkpoint's count or head is not the entry's own seq and prev".into());
+    }
+    // The signature covers count, head and time only: every other field must be what
+    // the daemon writes, or it would read as signed text nobody signed.
+    let fixed = Record::daemon(CHECKPOINT_ACTION, CHECKPOINT_OBJECT, "");
+    if entry.principal != fixed.principal
+        || entry.tenant != fixed.tenant
+        || entry.object != fixed.object
+        || entry.decision != fixed.decision
+        || entry.reason != fixed.reason
+    {
+        return Err("a checkpoint entry with fields its signature does not cover".into());
     }
     let key = keys
         .iter()

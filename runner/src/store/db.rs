@@ -129,19 +129,18 @@ impl Database {
         idempotency_key: Option<&str>,
         peer_uid: Option<u32>,
     ) -> Result<Inserted> {
-        self.insert_job_within(job, owner, idempotency_key, peer_uid, None)
+        self.insert_job_within(job, owner, idempotency_key, peer_uid, OwnerQueue::default())
     }
 
-    /// [`Self::insert_job`], refusing the job while its owner has `owner_cap.max` jobs
-    /// queued (counted under the same lock as the insert). `owner_cap.key` names the
-    /// configuration key in the refusal.
+    /// [`Self::insert_job`], with the owner's queue bounded as `queue` says (its jobs
+    /// counted under the same lock as the insert).
     pub fn insert_job_within(
         &self,
         job: &Job,
         owner: &str,
         idempotency_key: Option<&str>,
         peer_uid: Option<u32>,
-        owner_cap: Option<QueueCap<'_>>,
+        queue: OwnerQueue<'_>,
     ) -> Result<Inserted> {
         // A job recorded in a file nobody will read again would be lost while answered.
         self.check_file()?;
@@ -165,24 +164,31 @@ impl Database {
                 return Ok(Inserted::Existing(id));
             }
         }
+        let owner_queued = || -> Result<u64> {
+            Ok(conn.query_row(
+                "SELECT COUNT(*) FROM jobs WHERE owner = ?1 AND state = ?2",
+                params![owner, JobState::Queued as i32],
+                |row| row.get(0),
+            )?)
+        };
+        let owner_queued = match (queue.cap, queue.reserved) {
+            (None, 0) => None,
+            _ => Some(owner_queued()?),
+        };
         if let Some(max) = self.max_queued {
             let queued: u64 = conn.query_row(
                 "SELECT COUNT(*) FROM jobs WHERE state = ?1",
                 params![JobState::Queued as i32],
                 |row| row.get(0),
             )?;
-            if queued >= max {
+            let within_reserve = owner_queued.is_some_and(|own| own < queue.reserved);
+            if queued >= max && !within_reserve {
                 return Err(RunnerError::ResourceExhausted(format!(
                     "the queue is full: {queued} jobs are waiting, the runner's max_queued_jobs is {max}; submit again later"
                 )));
             }
         }
-        if let Some(cap) = owner_cap {
-            let queued: u64 = conn.query_row(
-                "SELECT COUNT(*) FROM jobs WHERE owner = ?1 AND state = ?2",
-                params![owner, JobState::Queued as i32],
-                |row| row.get(0),
-            )?;
+        if let Some((cap, queued)) = queue.cap.zip(owner_queued) {
             if queued >= cap.max {
                 return Err(RunnerError::ResourceExhausted(format!(
                     "{queued} of your jobs are waiting, {} is {}; submit again later",
@@ -324,7 +330,9 @@ impl Database {
     ///
     /// The page's keys are read from an index per owner (each in order, at most
     /// `limit`), merged, and only then are the page's records read: the cost of a page
-    /// does not grow with the number of jobs an owner has.
+    /// does not grow with the number of jobs an owner has. Nor with the size of their
+    /// records: the page ends early (`cut`) once it read [`LIST_RECORD_BYTES`] of them,
+    /// since every other use of the database waits meanwhile.
     pub fn list_jobs<T>(
         &self,
         owners: Option<&[&str]>,
@@ -332,7 +340,7 @@ impl Database {
         after: Option<(i64, &str)>,
         limit: u32,
         mut summarize: impl FnMut(Job, &str) -> T,
-    ) -> Result<Vec<T>> {
+    ) -> Result<JobPage<T>> {
         let conn = self.lock()?;
         let mut keys = match owners {
             None => page_keys(&conn, None, state, after, limit)?,
@@ -349,12 +357,17 @@ impl Database {
         keys.truncate(limit as usize);
         let mut record = conn.prepare_cached("SELECT owner, record FROM jobs WHERE id = ?1")?;
         let mut jobs = Vec::with_capacity(keys.len());
+        let mut read = 0;
         for (_, id) in keys {
+            if read >= LIST_RECORD_BYTES {
+                return Ok(JobPage { jobs, cut: true });
+            }
             let (owner, bytes): (String, Vec<u8>) =
                 record.query_row(params![id], |row| Ok((row.get(0)?, row.get(1)?)))?;
+            read += bytes.len();
             jobs.push(summarize(decode(&id, &bytes)?, &owner));
         }
-        Ok(jobs)
+        Ok(JobPage { jobs, cut: false })
     }
 
     /// Records that `owner` may read `digest`: it uploaded the content (the store
@@ -452,11 +465,34 @@ fn page_keys(
     Ok(rows.collect::<rusqlite::Result<_>>()?)
 }
 
+/// Bytes of job records one [`Database::list_jobs`] page reads at most (past the first
+/// record): far more than a page of ordinary jobs, and a short hold of the database.
+pub const LIST_RECORD_BYTES: usize = 16 << 20;
+
+/// A page of [`Database::list_jobs`].
+#[derive(Debug)]
+pub struct JobPage<T> {
+    pub jobs: Vec<T>,
+    /// Ended before `limit` jobs because of the bytes their records took: more may follow.
+    pub cut: bool,
+}
+
 /// A cap on one owner's queued jobs, and the configuration key that sets it.
 #[derive(Debug, Clone, Copy)]
 pub struct QueueCap<'a> {
     pub max: u64,
     pub key: &'a str,
+}
+
+/// How one owner's queued jobs are bounded at Submit.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct OwnerQueue<'a> {
+    /// The owner's own cap, if it has one.
+    pub cap: Option<QueueCap<'a>>,
+    /// The owner's share of the runner's `max_queued_jobs`: while fewer of its jobs
+    /// wait, a queue full of other owners' jobs does not refuse it (so the queue holds at
+    /// most `max_queued_jobs` plus every owner's reserve).
+    pub reserved: u64,
 }
 
 /// The outcome of [`Database::insert_job`].

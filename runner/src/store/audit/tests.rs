@@ -149,11 +149,29 @@ fn a_forged_checkpoint_signature_is_found() {
     )
     .unwrap()
     .keys;
-    let problem = verify(&fixture.log(), Some(&fixture.head()), &foreign).unwrap_err();
+    let problem = verify(&fixture.log()[..], Some(&fixture.head()), &foreign).unwrap_err();
     assert!(
         problem.message.contains("not among the trusted keys"),
         "{problem}"
     );
+}
+
+#[test]
+fn a_checkpoint_carries_nothing_its_signature_does_not_cover() {
+    // The last checkpoint is covered only by its signature (over count, head and
+    // time) and head.json: text put in its other fields, in both files, must not
+    // pass for a signed record.
+    let fixture = written();
+    let mut lines = lines(&fixture.log());
+    let last = lines.len() - 1;
+    let mut entry: Entry =
+        serde_json::from_slice(lines[last].strip_suffix(b"\n").unwrap()).unwrap();
+    entry.reason = "uid:1001 cancelled job:42 by mistake; nothing else happened".into();
+    let line = serde_json::to_vec(&entry).unwrap();
+    lines[last] = [line.as_slice(), b"\n"].concat();
+    let problem = verify(&lines.concat()[..], Some(&lines[last]), &fixture.keys())
+        .expect_err("an unsigned reason passed for signed");
+    assert_eq!(problem.line, Some(last as u64 + 1), "{problem}");
 }
 
 #[test]
@@ -163,7 +181,7 @@ fn a_log_truncated_before_its_last_checkpoint_is_found() {
     let problem = fixture.verify(&lines[..10].concat()).unwrap_err();
     assert!(problem.message.contains("truncated"), "{problem}");
     // Without the head file, nothing tells a truncation apart: refused.
-    let problem = verify(&fixture.log(), None, &fixture.keys()).unwrap_err();
+    let problem = verify(&fixture.log()[..], None, &fixture.keys()).unwrap_err();
     assert!(problem.message.contains("missing"), "{problem}");
 }
 
@@ -213,6 +231,117 @@ fn a_log_cut_before_its_head_is_not_continued() {
     fs::remove_file(&path).unwrap();
     let (signer, _) = Signer::open(&fixture.dir.path().join("keys")).unwrap();
     assert!(AuditLog::open(fixture.dir.path(), signer, 3, Duration::from_secs(60)).is_err());
+}
+
+/// `lines` followed by `extra` entries chained onto them, as someone without the
+/// signing key can write them.
+fn extended(lines: &[Vec<u8>], extra: u64) -> Vec<u8> {
+    let mut log = lines.concat();
+    let last = lines.last().unwrap().strip_suffix(b"\n").unwrap();
+    let mut prev = line_hash(last);
+    let first = lines.len() as u64;
+    for seq in first..first + extra {
+        let entry = Entry {
+            seq,
+            time: now(),
+            principal: "uid:1000".into(),
+            tenant: None,
+            action: "job.submit".into(),
+            object: "job:innocent".into(),
+            decision: Decision::Allow,
+            reason: String::new(),
+            prev: prev.clone(),
+            checkpoint: None,
+        };
+        let line = serde_json::to_vec(&entry).unwrap();
+        prev = line_hash(&line);
+        log.extend(line);
+        log.push(b'\n');
+    }
+    log
+}
+
+fn reopen(fixture: &Fixture) -> Result<AuditLog> {
+    let (signer, _) = Signer::open(&fixture.dir.path().join("keys")).unwrap();
+    AuditLog::open(fixture.dir.path(), signer, 3, Duration::from_secs(60))
+}
+
+#[test]
+fn a_log_rewritten_past_its_head_is_not_continued() {
+    let fixture = written();
+    let path = fixture.dir.path().join(AUDIT_DIR).join(LOG_FILE);
+    // Signed entries replaced by as many and more unsigned ones: the log is longer
+    // than head.json's checkpoint again, but that line is not the one it signed.
+    // Continuing would sign the rewritten chain and replace head.json.
+    let rewritten = extended(&lines(&fixture.log())[..5], 20);
+    fs::write(&path, &rewritten).unwrap();
+    let err = reopen(&fixture)
+        .err()
+        .expect("a rewritten log was continued");
+    assert!(err.to_string().contains("differs from"), "{err}");
+    assert_eq!(fixture.log(), rewritten, "the evidence was changed");
+    assert!(fixture.verify(&rewritten).is_err());
+}
+
+#[test]
+fn a_log_without_its_head_is_not_continued() {
+    let fixture = written();
+    let head = fixture.dir.path().join(AUDIT_DIR).join(HEAD_FILE);
+    fs::write(&head, b"not a checkpoint\n").unwrap();
+    let err = reopen(&fixture)
+        .err()
+        .expect("continued past a broken head");
+    assert!(err.to_string().contains(HEAD_FILE), "{err}");
+    fs::remove_file(&head).unwrap();
+    let err = reopen(&fixture).err().expect("continued without a head");
+    assert!(err.to_string().contains(HEAD_FILE), "{err}");
+    // A first start that stopped before its first checkpoint reached head.json
+    // (its entry, the checkpoint line) is continued.
+    let fresh = Fixture::new();
+    {
+        let log = fresh.open(100);
+        log.append(record(0)).unwrap();
+    }
+    let log = reopen(&fresh).unwrap();
+    log.checkpoint().unwrap();
+    fresh.verify(&fresh.log()).unwrap();
+}
+
+#[test]
+fn a_second_writer_of_the_same_log_is_refused() {
+    let fixture = Fixture::new();
+    let first = fixture.open(100);
+    first.append(record(0)).unwrap();
+    // A second daemon on the same state directory would chain its entries onto its
+    // own idea of the last one: two entries of each seq, and a log that never
+    // verifies again.
+    let (signer, _) = Signer::open(&fixture.dir.path().join("keys")).unwrap();
+    let second = AuditLog::open(fixture.dir.path(), signer, 100, Duration::from_secs(60));
+    if let Ok(second) = &second {
+        second.append(record(1)).unwrap();
+    }
+    let err = second.err().expect("a second writer was let in");
+    assert!(err.to_string().contains("another"), "{err}");
+    first.append(record(2)).unwrap();
+    first.checkpoint().unwrap();
+    fixture.verify(&fixture.log()).unwrap();
+}
+
+#[test]
+fn lines_are_found_from_the_end_across_blocks() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("log");
+    let long = "x".repeat(150 << 10);
+    fs::write(&path, format!("first\n{long}\n\nlast\n")).unwrap();
+    let mut file = File::open(&path).unwrap();
+    let len = file.metadata().unwrap().len();
+    let at = |file: &mut File, back| line_from_end(file, len, back).unwrap();
+    assert_eq!(at(&mut file, 0).unwrap(), b"last");
+    assert_eq!(at(&mut file, 1).unwrap(), b"");
+    // Longer than any entry: never taken for one.
+    assert_eq!(at(&mut file, 2), None);
+    assert_eq!(at(&mut file, 3).unwrap(), b"first");
+    assert_eq!(at(&mut file, 4), None);
 }
 
 #[test]

@@ -204,10 +204,13 @@ fn an_owners_queue_cap_counts_its_own_queued_jobs() {
     let db = Database::open(dir.path(), Creation::FreshStateOnly)
         .unwrap()
         .with_queue_limit(10);
-    let cap = Some(QueueCap {
-        max: 1,
-        key: "tenants.ci.max_queued_jobs",
-    });
+    let cap = OwnerQueue {
+        cap: Some(QueueCap {
+            max: 1,
+            key: "tenants.ci.max_queued_jobs",
+        }),
+        reserved: 0,
+    };
     db.insert_job_within(&job("a", "a"), "tenant:ci", Some("k"), None, cap)
         .unwrap();
     let err = db
@@ -229,6 +232,34 @@ fn an_owners_queue_cap_counts_its_own_queued_jobs() {
 }
 
 #[test]
+fn an_owner_within_its_reserve_is_queued_past_a_full_runner_queue() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = Database::open(dir.path(), Creation::FreshStateOnly)
+        .unwrap()
+        .with_queue_limit(2);
+    let reserve = OwnerQueue {
+        cap: None,
+        reserved: 1,
+    };
+    for id in ["a1", "a2"] {
+        db.insert_job_within(&job(id, id), "tenant:a", None, None, reserve)
+            .unwrap();
+    }
+    let full = db
+        .insert_job_within(&job("a3", "a3"), "tenant:a", None, None, reserve)
+        .unwrap_err();
+    assert!(matches!(full, RunnerError::ResourceExhausted(_)), "{full}");
+    db.insert_job_within(&job("b1", "b1"), "tenant:b", None, None, reserve)
+        .unwrap();
+    let err = db
+        .insert_job_within(&job("b2", "b2"), "tenant:b", None, None, reserve)
+        .unwrap_err();
+    assert!(err.to_string().contains("max_queued_jobs is 2"), "{err}");
+    // Without a reserve the runner's cap holds as before.
+    assert!(db.insert_job(&job("c", "c"), "uid:0", None, None).is_err());
+}
+
+#[test]
 fn listing_pages_newest_first_per_owner() {
     let dir = tempfile::tempdir().unwrap();
     let db = Database::open(dir.path(), Creation::FreshStateOnly).unwrap();
@@ -244,6 +275,7 @@ fn listing_pages_newest_first_per_owner() {
     let ids = |owners: Option<&[&str]>, after: Option<(i64, &str)>, limit| {
         db.list_jobs(owners, None, after, limit, |job, _| job.job_id)
             .unwrap()
+            .jobs
     };
     assert_eq!(ids(Some(&["uid:1"]), None, 10), ["j4", "j3", "j1", "j0"]);
     assert_eq!(ids(Some(&["uid:1"]), None, 2), ["j4", "j3"]);
@@ -256,7 +288,7 @@ fn listing_pages_newest_first_per_owner() {
             (job.job_id, owner.to_string())
         })
         .unwrap();
-    assert!(running.is_empty());
+    assert!(running.jobs.is_empty() && !running.cut);
 }
 
 #[test]
