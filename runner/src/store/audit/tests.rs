@@ -1,5 +1,6 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 use super::*;
+use provenance::keyring::TrustedKey;
 
 struct Fixture {
     dir: tempfile::TempDir,
