@@ -386,6 +386,16 @@ fn image_command(state_dir: &Path, command: ImageCommand) -> anyhow::Result<i32>
                     report.skipped.join(", ")
                 );
             }
+            if let Some(sbom) = images.sbom(imported.record.digest())? {
+                match images::sbom::summary(&sbom.document) {
+                    (_, databases) if databases.is_empty() => eprintln!(
+                        "the image has no package database (dpkg, apk): its SBOM lists no packages"
+                    ),
+                    (components, databases) => {
+                        eprintln!("SBOM: {components} packages from {}", databases.join(", "))
+                    }
+                }
+            }
             println!(
                 "{}@sha256:{}",
                 imported.record.name,
@@ -423,6 +433,29 @@ fn image_command(state_dir: &Path, command: ImageCommand) -> anyhow::Result<i32>
                 .lookup(&reference)?
                 .with_context(|| format!("image {image:?} is not installed"))?;
             println!("{}", serde_json::to_string_pretty(&record)?);
+        }
+        ImageCommand::Sbom { image } => {
+            let reference = images::reference::ImageRef::parse(&image)?;
+            let record = images
+                .lookup(&reference)?
+                .with_context(|| format!("image {image:?} is not installed"))?;
+            let Some(manifest) = &record.manifest_digest else {
+                anyhow::bail!(
+                    "image {image:?} was built, not imported: only imported images have an SBOM"
+                );
+            };
+            let sbom = images.sbom(manifest)?.with_context(|| {
+                format!("image {image:?} has no SBOM (it was imported before Kiln recorded them: import it again)")
+            })?;
+            let (components, databases) = images::sbom::summary(&sbom.document);
+            if databases.is_empty() {
+                eprintln!(
+                    "the image has no package database (dpkg, apk): the SBOM lists no packages"
+                );
+            } else {
+                eprintln!("{components} packages from {}", databases.join(", "));
+            }
+            println!("{}", serde_json::to_string_pretty(&sbom.document)?);
         }
         ImageCommand::Rm { name } => {
             let record = images.remove(&name)?;
@@ -572,6 +605,7 @@ async fn run_job(
     if let Some(dir) = attest_dir {
         client.download_links(&job_id, dir, link_format).await?;
         client.download_provenance(&job, dir).await?;
+        client.download_sbom(&job, dir).await?;
     }
     if let Some(dir) = out {
         client.download_outputs(&job, dir).await?;

@@ -306,6 +306,12 @@ pub enum ImageCommand {
         /// NAME, NAME@sha256:DIGEST or sha256:DIGEST.
         image: String,
     },
+    /// Print an imported image's SBOM: the packages of its package databases (dpkg,
+    /// apk) as a CycloneDX 1.5 JSON document, recorded at import.
+    Sbom {
+        /// NAME, NAME@sha256:DIGEST or sha256:DIGEST.
+        image: String,
+    },
     /// Remove an image's name, and its tree when no other name uses it; or, as
     /// sha256:DIGEST, an imported tree no name uses any more.
     Rm { name: String },

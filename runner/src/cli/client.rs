@@ -313,6 +313,19 @@ impl Client {
         Ok(Some(path))
     }
 
+    /// Writes the signed SBOM of the job's image (a DSSE envelope) into `dir` as
+    /// `<job id>.sbom.intoto.json`, if the job has one.
+    pub async fn download_sbom(&self, job: &Job, dir: &Path) -> anyhow::Result<Option<PathBuf>> {
+        if job.sbom_digest.is_empty() {
+            return Ok(None);
+        }
+        fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let envelope = self.read_blob(&job.sbom_digest).await?;
+        let path = dir.join(format!("{}.sbom.intoto.json", job.job_id));
+        fs::write(&path, envelope).with_context(|| format!("writing {}", path.display()))?;
+        Ok(Some(path))
+    }
+
     /// Writes the job's outputs into `dir`, each hash-checked.
     pub async fn download_outputs(&self, job: &Job, dir: &Path) -> anyhow::Result<()> {
         for output in &job.outputs {

@@ -1,7 +1,8 @@
 //! SLSA v1 provenance for a finished job: the outputs as subjects, the job spec
 //! as submitted as external parameters, the image and inputs as resolved
 //! dependencies, the step links as byproducts; signed as a DSSE envelope with
-//! the runner key. And the two forms of a step's link, signed by one key.
+//! the runner key. The SBOM of the job's image, signed by the same key. And the two
+//! forms of a step's link, signed by one key.
 
 use std::collections::BTreeMap;
 
@@ -12,6 +13,8 @@ use serde_json::{json, Value};
 use crate::engine::signer::Signer;
 use crate::engine::RUNNER_VERSION;
 use crate::error::{Result, RunnerError};
+use crate::images::sbom::ImageSbom;
+use provenance::dsse::IN_TOTO_PAYLOAD_TYPE;
 
 /// The job spec as the client submitted it. Kiln has no secret inputs: every
 /// field here came from the client and is part of what was built.
@@ -98,6 +101,20 @@ pub fn job_provenance(
             .collect(),
     };
     Ok(Some(input.sign(&current.key)?))
+}
+
+/// The image's SBOM as an in-toto Statement (predicateType
+/// `https://cyclonedx.org/bom`) in a DSSE envelope signed by the current key, as the
+/// provenance is.
+pub fn image_sbom(sbom: &ImageSbom, signer: &Signer) -> Result<Vec<u8>> {
+    let key = signer.current()?.key;
+    let payload = serde_json::to_vec(&sbom.statement())
+        .map_err(|e| RunnerError::Internal(format!("encoding the SBOM statement: {e}")))?;
+    let envelope = provenance::dsse::sign_envelope(IN_TOTO_PAYLOAD_TYPE, &payload, &key);
+    let mut out = serde_json::to_vec_pretty(&envelope)
+        .map_err(|e| RunnerError::Internal(format!("encoding the SBOM envelope: {e}")))?;
+    out.push(b'\n');
+    Ok(out)
 }
 
 /// A step's link in both forms, signed by the same (current) key.

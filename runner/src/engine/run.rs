@@ -13,6 +13,7 @@ use crate::engine::end::{blocking, off_runtime, JobEnd};
 use crate::engine::jobs::Runner;
 use crate::engine::now_ms;
 use crate::error::{Result, RunnerError};
+use crate::images::sbom::ImageSbom;
 use crate::images::BUILD_UID;
 use crate::plan::ValidatedJob;
 use provenance::slsa::ResourceDescriptor;
@@ -99,8 +100,16 @@ impl Runner {
         let job = {
             let runner = self.clone();
             off_runtime(move || {
+                let (image, sbom) = match image_used {
+                    Some((image, sbom)) => (Some(image), sbom),
+                    None => (None, None),
+                };
+                // Whatever its end, a job that ran on an imported image gets its SBOM.
+                if let Some(sbom) = &sbom {
+                    runner.attest_image_sbom(&mut job, sbom);
+                }
                 if state == JobState::Succeeded {
-                    runner.attest_job(&mut job, plan.spec(), image_used.as_ref())?;
+                    runner.attest_job(&mut job, plan.spec(), image.as_ref())?;
                 }
                 runner.db.update_job(&job)?;
                 runner.announce_state(&job, Some(JobState::Running));
@@ -121,7 +130,7 @@ impl Runner {
         plan: &Arc<ValidatedJob>,
         enclosure: &Path,
         host_uid_base: u32,
-        image_used: &mut Option<ResourceDescriptor>,
+        image_used: &mut Option<(ResourceDescriptor, Option<ImageSbom>)>,
     ) -> Result<(), JobEnd> {
         let workspace = &enclosure.join(WORKSPACE_DIR);
         let spec = plan.spec();
@@ -135,11 +144,13 @@ impl Runner {
                 let step_host_id = host_uid_base + BUILD_UID;
                 let enclosure = (enclosure.as_path(), host_uid_base);
                 runner.prepare_workspace(&plan, enclosure, &workspace, step_host_id)?;
-                Ok(image)
+                let sbom = runner.images.sbom_of(&image)?;
+                Ok((image, sbom))
             })
             .await?
         };
-        *image_used = Some(image.provenance());
+        let (image, sbom) = image;
+        *image_used = Some((image.provenance(), sbom));
         // What the previous step left: nothing runs between two steps (the previous
         // one's every process died with its pid namespace, and the daemon does not touch
         // the files), so it is exactly what the next step starts from, without a re-read.
@@ -218,6 +229,23 @@ impl Runner {
         blocking(move || db.update_progress(&record)).await
     }
 
+    /// Signs the SBOM of the job's image and stores it. A job that succeeded but whose
+    /// SBOM cannot be signed ends in error (its provenance would name no SBOM).
+    fn attest_image_sbom(&self, job: &mut Job, sbom: &ImageSbom) {
+        let signed = crate::engine::attest::image_sbom(sbom, &self.key)
+            .and_then(|envelope| self.cas.put_bytes(&envelope));
+        match signed {
+            Ok(digest) => job.sbom_digest = digest,
+            Err(err) if job.state == JobState::Succeeded as i32 => {
+                job.state = JobState::Error as i32;
+                job.message = format!("could not sign the image's SBOM: {}", err.client_message());
+            }
+            Err(err) => {
+                tracing::warn!(job = %job.job_id, error = %err, "could not sign the image's SBOM")
+            }
+        }
+    }
+
     /// Signs the provenance of a job that succeeded and stores it; a job whose outputs
     /// cannot be attested ends in error instead.
     fn attest_job(
@@ -231,7 +259,27 @@ impl Runner {
             .builder_id
             .clone()
             .unwrap_or_else(provenance::slsa::default_builder_id);
-        match crate::engine::attest::job_provenance(job, spec, image, &builder_id, &self.key) {
+        // The image's entry names its SBOM attestation.
+        let image = image.map(|image| {
+            let mut image = image.clone();
+            if !job.sbom_digest.is_empty() {
+                image
+                    .annotations
+                    .get_or_insert_with(Default::default)
+                    .insert(
+                        "sbom".into(),
+                        serde_json::json!({"sha256": job.sbom_digest}),
+                    );
+            }
+            image
+        });
+        match crate::engine::attest::job_provenance(
+            job,
+            spec,
+            image.as_ref(),
+            &builder_id,
+            &self.key,
+        ) {
             Ok(Some(envelope)) => job.provenance_digest = self.cas.put_bytes(&envelope)?,
             Ok(None) => {}
             Err(err) => {

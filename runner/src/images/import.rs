@@ -98,6 +98,7 @@ impl Images {
                     platform: Some(format!("linux/{}", oci::host_arch())),
                     skipped: report.skipped.clone(),
                 };
+                self.ensure_sbom(&unpacked, &name, &manifest)?;
                 write_json_atomically(&unpacked.join("image.json"), &record)?;
                 fs::create_dir_all(self.oci_dir())
                     .map_err(RunnerError::io_path("creating", &self.oci_dir()))?;
@@ -113,6 +114,8 @@ impl Images {
                 (tree, report, false)
             }
         };
+        // A tree imported before Kiln recorded SBOMs gets one now.
+        self.ensure_sbom(&content, &name, &manifest)?;
         let record = ImageRecord {
             name: name.clone(),
             tree_digest: tree,

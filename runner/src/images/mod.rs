@@ -19,6 +19,7 @@ mod host;
 pub mod import;
 pub mod oci;
 pub mod reference;
+pub mod sbom;
 pub mod unpack;
 
 use std::fs;

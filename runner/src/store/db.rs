@@ -509,7 +509,7 @@ fn decode(id: &str, bytes: &[u8]) -> Result<Job> {
 }
 
 /// The content-store blobs a job record names as its own products (links, logs,
-/// outputs, provenance): they become
+/// outputs, provenance, the image's SBOM): they become
 /// readable by the job's owner in the same transaction as the record.
 fn job_blobs(job: &Job) -> impl Iterator<Item = &str> {
     let steps = job.steps.iter().flat_map(|s| {
@@ -523,7 +523,7 @@ fn job_blobs(job: &Job) -> impl Iterator<Item = &str> {
     let outputs = job.outputs.iter().map(|o| o.digest.as_str());
     steps
         .chain(outputs)
-        .chain(std::iter::once(job.provenance_digest.as_str()))
+        .chain([job.provenance_digest.as_str(), job.sbom_digest.as_str()])
         .filter(|d| !d.is_empty())
 }
 
