@@ -970,3 +970,37 @@ fn seccomp_denials_are_counted_in_the_signed_link() {
         serde_json::json!([])
     );
 }
+
+#[test]
+fn a_directory_input_lands_at_the_workspace_root_with_dot() {
+    if !require_root("a_directory_input_lands_at_the_workspace_root_with_dot") {
+        return;
+    }
+    let daemon = Daemon::start();
+    let src = daemon.path("src");
+    std::fs::create_dir_all(src.join("sub")).unwrap();
+    std::fs::write(src.join("top.txt"), "top\n").unwrap();
+    std::fs::write(src.join("sub/inner.txt"), "inner\n").unwrap();
+    let input = format!("{}:.", src.display());
+    let out = daemon.kiln(&[
+        "run",
+        "--input",
+        &input,
+        "--",
+        "/bin/sh",
+        "-c",
+        "cat top.txt sub/inner.txt; test ! -e src",
+    ]);
+    assert!(out.status.success(), "{}", describe(&out));
+    assert_eq!(text(&out.stdout), "top\ninner\n");
+
+    // A file has no name at the root.
+    let file_input = format!("{}:.", src.join("top.txt").display());
+    let out = daemon.kiln(&["run", "--input", &file_input, "--", "true"]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("only a directory can land at the workspace root"),
+        "{}",
+        describe(&out)
+    );
+}

@@ -444,3 +444,50 @@ fn an_image_swapped_after_submit_is_refused_when_the_job_starts() {
         "{message}"
     );
 }
+
+#[test]
+fn the_host_image_has_the_hosts_ca_certificates_read_only_and_their_digest_in_the_link() {
+    let test =
+        "the_host_image_has_the_hosts_ca_certificates_read_only_and_their_digest_in_the_link";
+    if !require_root(test) {
+        return;
+    }
+    let host_bundle = Path::new("/etc/ssl/certs/ca-certificates.crt");
+    if !host_bundle.is_file() {
+        eprintln!("SKIPPED: {test}: the host has no {}", host_bundle.display());
+        return;
+    }
+    let daemon = Daemon::start();
+    let out = daemon.kiln(&[
+        "run",
+        "--attest-dir",
+        "links",
+        "--output",
+        "bundle.crt",
+        "--out",
+        "out",
+        "--",
+        "/bin/sh",
+        "-c",
+        "cp /etc/ssl/certs/ca-certificates.crt bundle.crt && ! (echo x >> /etc/ssl/certs/ca-certificates.crt) 2>/dev/null",
+    ]);
+    assert!(out.status.success(), "{}\n{}", describe(&out), daemon.log());
+    assert_eq!(
+        std::fs::read(daemon.path("out/bundle.crt")).unwrap(),
+        std::fs::read(host_bundle).unwrap()
+    );
+    // The link names the digest of exactly the tree the step saw.
+    let link = signed_link(&daemon.path("links"), "run");
+    let certs = &link["environment"]["image"]["ca_certificates"];
+    assert_eq!(certs["path"], "/etc/ssl/certs", "{link}");
+    let seen = daemon.state.join("images/host/etc/ssl/certs");
+    assert_eq!(
+        std::fs::read(seen.join("ca-certificates.crt")).unwrap(),
+        std::fs::read(host_bundle).unwrap()
+    );
+    assert_eq!(
+        certs["tree_digest"]["sha256"],
+        runner::images::tree_digest(&seen).unwrap().as_str(),
+        "{link}"
+    );
+}

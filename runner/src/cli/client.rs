@@ -438,12 +438,26 @@ fn sha256_file(path: &Path) -> anyhow::Result<String> {
     Ok(hex::encode(hasher.finalize()))
 }
 
-/// Expands a host file or directory into workspace inputs under `workspace_path`.
+/// `path = "."`: a directory input whose files land at the workspace root.
+pub const WORKSPACE_ROOT: &str = ".";
+
+/// Expands a host file or directory into workspace inputs under `workspace_path`
+/// ([`WORKSPACE_ROOT`] for a directory's files at the root).
 pub fn collect_inputs(source: &Path, workspace_path: &str) -> anyhow::Result<Vec<LocalInput>> {
     let meta = fs::metadata(source).with_context(|| format!("reading {}", source.display()))?;
     let mut found = BTreeMap::new();
+    let at_root = workspace_path == WORKSPACE_ROOT;
     if meta.is_dir() {
-        walk(source, workspace_path, &mut found)?;
+        walk(
+            source,
+            if at_root { "" } else { workspace_path },
+            &mut found,
+        )?;
+    } else if at_root {
+        bail!(
+            "{}: only a directory can land at the workspace root (\".\"); name the file",
+            source.display()
+        );
     } else if meta.is_file() {
         found.insert(workspace_path.to_string(), source.to_path_buf());
     } else {
@@ -469,7 +483,11 @@ fn walk(dir: &Path, prefix: &str, found: &mut BTreeMap<String, PathBuf>) -> anyh
             .file_name()
             .into_string()
             .map_err(|n| anyhow::anyhow!("{n:?} in {} is not UTF-8", dir.display()))?;
-        let path = format!("{prefix}/{name}");
+        let path = if prefix.is_empty() {
+            name
+        } else {
+            format!("{prefix}/{name}")
+        };
         let meta = fs::metadata(entry.path())?;
         if meta.is_dir() {
             walk(&entry.path(), &path, found)?;

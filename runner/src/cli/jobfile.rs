@@ -172,4 +172,35 @@ path = "hello"
         std::fs::write(&job, "[[steps]]\nname='a'\nrun=['x']\nbogus=1\n").unwrap();
         assert!(format!("{:#}", load(&job).unwrap_err()).contains("bogus"));
     }
+
+    #[test]
+    fn a_directory_input_lands_at_the_workspace_root_with_path_dot() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("src/lib")).unwrap();
+        std::fs::write(dir.path().join("src/main.c"), "int main(){return 0;}").unwrap();
+        std::fs::write(dir.path().join("src/lib/util.c"), "").unwrap();
+        let job = dir.path().join("job.toml");
+        let with_input = |path: &str, from: &str| {
+            format!(
+                "[[inputs]]\npath = {path:?}\nfrom = {from:?}\n[[steps]]\nname='a'\nrun=['x']\n"
+            )
+        };
+        for root in [".", "./"] {
+            std::fs::write(&job, with_input(root, "src")).unwrap();
+            let (spec, locals) = load(&job).unwrap();
+            let paths: Vec<&str> = spec.inputs.iter().map(|i| i.path.as_str()).collect();
+            assert_eq!(paths, ["lib/util.c", "main.c"]);
+            for input in &spec.inputs {
+                crate::spec::check_workspace_path("inputs", &input.path).unwrap();
+            }
+            assert_eq!(locals.len(), 2);
+        }
+        // A file needs a name in the workspace.
+        std::fs::write(&job, with_input(".", "src/main.c")).unwrap();
+        let err = format!("{:#}", load(&job).unwrap_err());
+        assert!(
+            err.contains("only a directory can land at the workspace root"),
+            "{err}"
+        );
+    }
 }

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use sandbox::RootEntry;
 
-use super::{Images, ResolvedImage, HOST_IMAGE};
+use super::{tree_digest, Images, ResolvedImage, HOST_IMAGE};
 use crate::error::{Result, RunnerError};
 
 impl Images {
@@ -46,6 +46,7 @@ impl Images {
             }
         }
         copy_symlinks(Path::new("/etc/alternatives"), &etc.join("alternatives"))?;
+        copy_ca_certificates(Path::new(HOST_CA_CERTIFICATES), &etc.join("ssl/certs"))?;
         let ld_conf_d = Path::new("/etc/ld.so.conf.d");
         if ld_conf_d.is_dir() {
             let dest = etc.join("ld.so.conf.d");
@@ -95,7 +96,15 @@ impl Images {
             source: self.host_etc(),
             target: "/etc".into(),
         });
+        // What the steps' /etc/ssl/certs holds, hashed as they see it.
+        let certs = self.host_etc().join("ssl/certs");
+        let ca_certificates = if certs.is_dir() {
+            tree_digest(&certs).ok()
+        } else {
+            None
+        };
         ResolvedImage {
+            ca_certificates,
             name: HOST_IMAGE.into(),
             digest: None,
             tree_digest: None,
@@ -104,6 +113,52 @@ impl Images {
             root,
         }
     }
+}
+
+/// The host's CA certificates (Debian's layout, which Alpine and the OpenSSL default
+/// share; on Fedora it is a link to /etc/pki/tls/certs, followed).
+pub const HOST_CA_CERTIFICATES: &str = "/etc/ssl/certs";
+/// Files and bytes copied from it: far above any real store.
+const MAX_CA_FILES: usize = 10_000;
+const MAX_CA_BYTES: u64 = 256 << 20;
+
+/// Copies the host's CA certificates with every symlink resolved (the hash links and
+/// the links into /usr/share/ca-certificates become files): unmodified TLS clients in a
+/// step find their usual bundle, and its digest covers every byte they can read. A
+/// snapshot taken when the daemon starts, like the rest of the host image's /etc.
+fn copy_ca_certificates(src: &Path, dest: &Path) -> Result<()> {
+    if !src.is_dir() {
+        return Ok(());
+    }
+    let (mut files, mut bytes) = (0usize, 0u64);
+    let mut dirs = vec![(src.to_path_buf(), dest.to_path_buf())];
+    while let Some((from, to)) = dirs.pop() {
+        fs::create_dir_all(&to).map_err(RunnerError::io_path("creating", &to))?;
+        for entry in fs::read_dir(&from)
+            .map_err(RunnerError::io_path("reading", &from))?
+            .flatten()
+        {
+            // Dangling links and unreadable entries are not certificates a client could use.
+            let Ok(meta) = fs::metadata(entry.path()) else {
+                continue;
+            };
+            let target = to.join(entry.file_name());
+            if meta.is_dir() && entry.file_type().is_ok_and(|t| !t.is_symlink()) {
+                dirs.push((entry.path(), target));
+            } else if meta.is_file() {
+                files += 1;
+                bytes += meta.len();
+                if files > MAX_CA_FILES || bytes > MAX_CA_BYTES {
+                    return Err(RunnerError::FailedPrecondition(format!(
+                        "{HOST_CA_CERTIFICATES} holds more than {MAX_CA_FILES} files or {MAX_CA_BYTES} bytes"
+                    )));
+                }
+                fs::copy(entry.path(), &target)
+                    .map_err(RunnerError::io_path("copying", &entry.path()))?;
+            }
+        }
+    }
+    Ok(())
 }
 
 fn copy_symlinks(src: &Path, dest: &Path) -> Result<()> {

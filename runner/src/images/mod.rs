@@ -55,6 +55,9 @@ pub struct ResolvedImage {
     /// The image config's Env, `KEY=VALUE` each: the steps' default environment.
     pub env: Vec<String>,
     pub root: Vec<RootEntry>,
+    /// The tree digest of the host image's /etc/ssl/certs (the host's CA certificates),
+    /// if the host has any.
+    pub ca_certificates: Option<String>,
 }
 
 impl ResolvedImage {
@@ -71,7 +74,16 @@ impl ResolvedImage {
             (Some(digest), None) => {
                 serde_json::json!({"name": self.name, "digest": {"sha256": digest}})
             }
-            (None, _) => serde_json::json!({"name": self.name, "pinned": false}),
+            (None, _) => {
+                let mut described = serde_json::json!({"name": self.name, "pinned": false});
+                if let Some(digest) = &self.ca_certificates {
+                    described["ca_certificates"] = serde_json::json!({
+                        "path": host::HOST_CA_CERTIFICATES,
+                        "tree_digest": {"sha256": digest},
+                    });
+                }
+                described
+            }
         }
     }
 
@@ -322,6 +334,7 @@ impl Images {
                 .map(|_| record.source.clone()),
             env: record.env,
             root,
+            ca_certificates: None,
         })
     }
 
