@@ -232,8 +232,7 @@ fn imported_images_have_a_valid_sbom_and_jobs_get_it_signed_and_referenced() {
     let key = daemon.kiln(&["keys", "public"]);
     assert!(key.status.success(), "{}", describe(&key));
     let public = provenance::PublicKey::from_spki_pem(&text(&key.stdout)).unwrap();
-    let verified =
-        provenance::dsse::verify_envelope(&sbom_envelope, std::slice::from_ref(&public)).unwrap();
+    let verified = provenance::dsse::verify_envelope(&sbom_envelope, &[public]).unwrap();
     assert_eq!(verified.signed_by, vec![public.keyid()]);
     assert_eq!(verified.payload_type, "application/vnd.in-toto+json");
     let statement: serde_json::Value = serde_json::from_slice(&verified.payload).unwrap();
@@ -254,7 +253,7 @@ fn imported_images_have_a_valid_sbom_and_jobs_get_it_signed_and_referenced() {
     forged["payload"] = base64::engine::general_purpose::STANDARD
         .encode(&payload)
         .into();
-    assert!(provenance::dsse::verify_envelope(&forged, &[public.clone()]).is_err());
+    assert!(provenance::dsse::verify_envelope(&forged, &[public]).is_err());
 
     // The provenance names the SBOM attestation in the image's entry.
     let provenance: serde_json::Value =

@@ -22,7 +22,9 @@
 //!   digest, and `annotations.treeDigest` and `annotations.source` (how it
 //!   was imported: `oci:DIR[:TAG]`, `oci-archive:FILE[:TAG]` or
 //!   `docker-archive:FILE`, with the file's own name only)
-//!   ([`ResourceDescriptor::oci_image`]);
+//!   ([`ResourceDescriptor::oci_image`]), and the runner adds
+//!   `annotations.sbom = {"sha256": ..}`, the digest of the image's signed SBOM
+//!   attestation (predicateType `https://cyclonedx.org/bom`);
 //!   every input with `annotations.kind = "input"`
 //!   ([`ResourceDescriptor::input`]).
 //! - `runDetails.byproducts`: one entry per step link, `name` = the link
