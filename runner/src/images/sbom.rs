@@ -145,6 +145,8 @@ impl TreeReader {
         if SFlag::from_bits_truncate(stat.st_mode) & SFlag::S_IFMT != SFlag::S_IFREG {
             return Err(database_error(path, "not a regular file"));
         }
+        // Which limit binds: this file's, or what is left of all files' together.
+        let by_budget = self.budget < limit;
         let limit = limit.min(self.budget);
         let mut bytes = Vec::new();
         File::from(fd)
@@ -153,7 +155,7 @@ impl TreeReader {
             .map_err(|e| database_error(path, format!("reading: {e}")))?;
         let read = bytes.len() as u64;
         if read > limit {
-            return Err(if limit < MAX_DATABASE_BYTES {
+            return Err(if by_budget {
                 SbomError::TotalTooLarge
             } else {
                 SbomError::TooLarge {

@@ -238,3 +238,21 @@ fn too_many_packages_are_refused() {
     let err = parse_dpkg_status("status", text.as_bytes()).unwrap_err();
     assert_eq!(err, SbomError::TooManyPackages);
 }
+
+#[test]
+fn database_files_share_one_byte_budget() {
+    let d = tree();
+    fs::write(d.path().join("a"), "123456").unwrap();
+    fs::write(d.path().join("b"), "123456").unwrap();
+    let mut reader = TreeReader::open(d.path()).unwrap();
+    reader.budget = 10;
+    assert_eq!(
+        reader.read("a", MAX_DATABASE_BYTES).unwrap().unwrap(),
+        b"123456"
+    );
+    // Within its own limit, beyond what the first left of the total.
+    assert_eq!(
+        reader.read("b", MAX_DATABASE_BYTES).unwrap_err(),
+        SbomError::TotalTooLarge
+    );
+}
