@@ -22,7 +22,10 @@
 //!   digest, and `annotations.treeDigest` and `annotations.source` (how it
 //!   was imported: `oci:DIR[:TAG]`, `oci-archive:FILE[:TAG]` or
 //!   `docker-archive:FILE`, with the file's own name only)
-//!   ([`ResourceDescriptor::oci_image`]);
+//!   ([`ResourceDescriptor::oci_image`]); a pulled one has `uri` =
+//!   `oci://REGISTRY/REPO@sha256:HEX` (where it was pulled from, by the manifest
+//!   digest it runs) and `annotations.source` = `REGISTRY/REPO@sha256:HEX`
+//!   ([`ResourceDescriptor::pulled_oci_image`]);
 //!   every input with `annotations.kind = "input"`
 //!   ([`ResourceDescriptor::input`]).
 //! - `runDetails.byproducts`: one entry per step link, `name` = the link
@@ -122,6 +125,20 @@ impl ResourceDescriptor {
             annotations: Some(annotations),
             ..Default::default()
         }
+    }
+
+    /// An OCI image pulled from a registry (`source` = `REGISTRY/REPO@sha256:HEX`): as
+    /// [`Self::oci_image`], but its `uri` says where it came from, `oci://` and the source.
+    pub fn pulled_oci_image(
+        name: &str,
+        manifest_sha256: &str,
+        arch: &str,
+        tree_sha256: &str,
+        source: &str,
+    ) -> Self {
+        let mut descriptor = Self::oci_image(name, manifest_sha256, arch, tree_sha256, source);
+        descriptor.uri = Some(format!("oci://{source}"));
+        descriptor
     }
 
     /// An input file placed in the workspace.
