@@ -398,8 +398,11 @@ fn pulled_by_digest_tag_or_index_runs_pinned_and_is_recorded_with_its_registry()
 /// path and Authorization header are kept.
 struct FakeRegistry {
     addr: String,
-    requests: Arc<Mutex<Vec<(String, Option<String>)>>>,
+    requests: Arc<Mutex<Vec<Request>>>,
 }
+
+/// A request's path and Authorization header.
+type Request = (String, Option<String>);
 
 type Answerer = dyn Fn(&str) -> (u16, &'static str, Vec<u8>, bool) + Send + Sync;
 

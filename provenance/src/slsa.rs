@@ -467,6 +467,19 @@ mod tests {
     }
 
     #[test]
+    fn pulled_image_names_its_registry_and_digest() {
+        let (manifest, tree) = (sha256_bytes(b"manifest"), sha256_bytes(b"tree"));
+        let source = format!("registry.example.org/tools/gcc@sha256:{manifest}");
+        let d = ResourceDescriptor::pulled_oci_image("gcc", &manifest, "amd64", &tree, &source);
+        let v = serde_json::to_value(&d).unwrap();
+        assert_eq!(v["uri"], format!("oci://{source}"));
+        assert_eq!(v["digest"], json!({"sha256": manifest}));
+        assert_eq!(v["annotations"]["treeDigest"]["sha256"], tree);
+        assert_eq!(d.annotation_str("source"), Some(source.as_str()));
+        assert_eq!(d.annotation_str("kind"), Some("image"));
+    }
+
+    #[test]
     fn unpinned_host_image() {
         let d = ResourceDescriptor::image("host", None);
         let v = serde_json::to_value(&d).unwrap();

@@ -395,11 +395,16 @@ async fn image_command(state_dir: &Path, command: ImageCommand) -> anyhow::Resul
         ImageCommand::Pull {
             reference,
             name,
-            insecure_registries,
+            mut insecure_registries,
+            config,
             registry_auth,
             max_size,
             max_entries,
         } => {
+            if let Some(path) = &config {
+                let config = config::Config::load(Some(path))?;
+                insecure_registries.extend(config.images.insecure_registries);
+            }
             let defaults = images::unpack::Limits::default();
             let options = images::pull::PullOptions {
                 name,

@@ -310,6 +310,9 @@ pub enum ImageCommand {
         /// HOST:PORT of a registry spoken to over plain HTTP; repeatable.
         #[arg(long = "insecure-registry", value_name = "HOST:PORT")]
         insecure_registries: Vec<String>,
+        /// The daemon's configuration file: its `[images] insecure_registries` count too.
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
         /// A docker-style config.json with the registry's credentials [default:
         /// $DOCKER_CONFIG/config.json or ~/.docker/config.json when present].
         #[arg(long, value_name = "FILE")]

@@ -73,7 +73,10 @@ pub struct Pulled {
 /// Where to pull from, decided before any connection.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Target {
+    /// As the reference names it (and records keep it).
     pub registry: String,
+    /// The host spoken to: `registry` but Docker Hub's API host for `docker.io`.
+    endpoint: String,
     pub repository: String,
     /// `sha256:HEX` or a tag.
     pub reference: String,
@@ -126,6 +129,7 @@ impl Target {
             _ => may_be_plain,
         };
         Ok(Target {
+            endpoint: parsed.resolve_registry().to_string(),
             registry,
             repository: parsed.repository().to_string(),
             reference,
@@ -153,7 +157,7 @@ impl Target {
         format!(
             "{}://{}/v2/{}/manifests/{reference}",
             if self.plain_http { "http" } else { "https" },
-            self.registry,
+            self.endpoint,
             self.repository
         )
     }
@@ -281,7 +285,8 @@ impl Session {
     async fn open(target: Target, auth: RegistryAuth) -> Result<Self> {
         install_tls_provider();
         let protocol = if target.plain_http {
-            ClientProtocol::HttpsExcept(vec![target.registry.clone()])
+            // oci-client compares the host it speaks to.
+            ClientProtocol::HttpsExcept(vec![target.endpoint.clone()])
         } else {
             ClientProtocol::Https
         };
@@ -672,6 +677,13 @@ mod tests {
         let t = target("https://127.0.0.1:5000/cc:1", &[]).unwrap();
         assert!(!t.plain_http && !t.pinned);
         assert_eq!(t.reference, "1");
+        // Docker Hub is named, and spoken to at its API host.
+        let hub = target("docker.io/library/debian:12", &[]).unwrap();
+        assert_eq!(hub.registry, "docker.io");
+        assert_eq!(
+            hub.manifest_url(&hub.reference),
+            "https://index.docker.io/v2/library/debian/manifests/12"
+        );
         // No implicit Docker Hub, no other scheme, no other digest.
         for bad in [
             format!("busybox@sha256:{hex}"),
@@ -681,6 +693,20 @@ mod tests {
         ] {
             assert!(target(&bad, &[]).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn the_daemon_config_lists_insecure_registries() {
+        let config: crate::config::Config =
+            toml::from_str("[images]\ninsecure_registries = [\"registry.example:5000\"]\n")
+                .unwrap();
+        let text = format!("http://registry.example:5000/cc@sha256:{}", "ab".repeat(32));
+        assert!(
+            Target::parse(&text, &config.images.insecure_registries)
+                .unwrap()
+                .plain_http
+        );
+        assert!(Target::parse(&text, &[]).is_err());
     }
 
     #[test]
