@@ -22,7 +22,10 @@
 //!   digest, and `annotations.treeDigest` and `annotations.source` (how it
 //!   was imported: `oci:DIR[:TAG]`, `oci-archive:FILE[:TAG]` or
 //!   `docker-archive:FILE`, with the file's own name only)
-//!   ([`ResourceDescriptor::oci_image`]), and the runner adds
+//!   ([`ResourceDescriptor::oci_image`]); a pulled one has `uri` =
+//!   `oci://REGISTRY/REPO@sha256:HEX` (where it was pulled from, by the manifest
+//!   digest it runs) and `annotations.source` = `REGISTRY/REPO@sha256:HEX`
+//!   ([`ResourceDescriptor::pulled_oci_image`]); the runner adds
 //!   `annotations.sbom = {"sha256": ..}`, the digest of the image's signed SBOM
 //!   attestation (predicateType `https://cyclonedx.org/bom`);
 //!   every input with `annotations.kind = "input"`
@@ -124,6 +127,20 @@ impl ResourceDescriptor {
             annotations: Some(annotations),
             ..Default::default()
         }
+    }
+
+    /// An OCI image pulled from a registry (`source` = `REGISTRY/REPO@sha256:HEX`): as
+    /// [`Self::oci_image`], but its `uri` says where it came from, `oci://` and the source.
+    pub fn pulled_oci_image(
+        name: &str,
+        manifest_sha256: &str,
+        arch: &str,
+        tree_sha256: &str,
+        source: &str,
+    ) -> Self {
+        let mut descriptor = Self::oci_image(name, manifest_sha256, arch, tree_sha256, source);
+        descriptor.uri = Some(format!("oci://{source}"));
+        descriptor
     }
 
     /// An input file placed in the workspace.
@@ -448,6 +465,19 @@ mod tests {
         assert_eq!(v["annotations"]["pinned"], true);
         assert_eq!(v["annotations"]["treeDigest"]["sha256"], tree);
         assert_eq!(d.annotation_str("source"), Some("oci:debian:12"));
+        assert_eq!(d.annotation_str("kind"), Some("image"));
+    }
+
+    #[test]
+    fn pulled_image_names_its_registry_and_digest() {
+        let (manifest, tree) = (sha256_bytes(b"manifest"), sha256_bytes(b"tree"));
+        let source = format!("registry.example.org/tools/gcc@sha256:{manifest}");
+        let d = ResourceDescriptor::pulled_oci_image("gcc", &manifest, "amd64", &tree, &source);
+        let v = serde_json::to_value(&d).unwrap();
+        assert_eq!(v["uri"], format!("oci://{source}"));
+        assert_eq!(v["digest"], json!({"sha256": manifest}));
+        assert_eq!(v["annotations"]["treeDigest"]["sha256"], tree);
+        assert_eq!(d.annotation_str("source"), Some(source.as_str()));
         assert_eq!(d.annotation_str("kind"), Some("image"));
     }
 

@@ -163,6 +163,10 @@ pub struct ImagesConfig {
     /// manifest or tree digest). Absent: any installed image. A job naming another is
     /// refused at Submit (PERMISSION_DENIED); a tenant's `images` narrows it further.
     pub allowed: Option<crate::images::allow::ImageAllowList>,
+    /// Registries (`HOST:PORT` or `HOST`) `kiln image pull --config` speaks to over plain
+    /// HTTP, as Docker's `insecure-registries`; loopback ones always may.
+    #[serde(default)]
+    pub insecure_registries: Vec<String>,
 }
 
 /// How the daemon writes its log lines.

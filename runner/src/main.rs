@@ -222,7 +222,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             state_dir,
             command: StoreCommand::Verify,
         } => store_verify(&state_dir),
-        Command::Image { state_dir, command } => image_command(&state_dir, command),
+        Command::Image { state_dir, command } => image_command(&state_dir, command).await,
         Command::Demo { keep } => demo::run(keep).await,
     }
 }
@@ -339,8 +339,8 @@ fn store_verify(state_dir: &Path) -> anyhow::Result<i32> {
     Ok(if report.quarantined.is_empty() { 0 } else { 1 })
 }
 
-/// `kiln image build|import|list|inspect|rm`.
-fn image_command(state_dir: &Path, command: ImageCommand) -> anyhow::Result<i32> {
+/// `kiln image build|import|pull|list|inspect|rm`.
+async fn image_command(state_dir: &Path, command: ImageCommand) -> anyhow::Result<i32> {
     let images = images::Images::attach(state_dir)?;
     match command {
         ImageCommand::Build { recipe } => {
@@ -395,6 +395,56 @@ fn image_command(state_dir: &Path, command: ImageCommand) -> anyhow::Result<i32>
                         eprintln!("SBOM: {components} packages from {}", databases.join(", "))
                     }
                 }
+            }
+            println!(
+                "{}@sha256:{}",
+                imported.record.name,
+                imported.record.digest()
+            );
+        }
+        ImageCommand::Pull {
+            reference,
+            name,
+            mut insecure_registries,
+            config,
+            registry_auth,
+            max_size,
+            max_entries,
+        } => {
+            if let Some(path) = &config {
+                let config = config::Config::load(Some(path))?;
+                insecure_registries.extend(config.images.insecure_registries);
+            }
+            let defaults = images::unpack::Limits::default();
+            let options = images::pull::PullOptions {
+                name,
+                insecure_registries,
+                auth_file: registry_auth,
+                limits: images::unpack::Limits {
+                    max_bytes: max_size.unwrap_or(defaults.max_bytes),
+                    max_entries: max_entries.unwrap_or(defaults.max_entries),
+                },
+            };
+            let pulled = images.pull(&reference, &options).await?;
+            if let Some(tag) = &pulled.tag {
+                eprintln!("tag {tag} is {}: pinned by that digest", pulled.reference);
+            }
+            let imported = &pulled.imported;
+            if imported.already_installed {
+                eprintln!("the image's tree was already installed; named it");
+            } else {
+                eprintln!(
+                    "unpacked {} entries, {}, tree sha256:{}",
+                    imported.report.entries,
+                    units::format_size(imported.report.bytes),
+                    imported.record.tree_digest
+                );
+            }
+            if let Some(old) = &imported.replaced {
+                eprintln!(
+                    "{} named sha256:{old} before; that tree stays for jobs that pin its digest",
+                    imported.record.name
+                );
             }
             println!(
                 "{}@sha256:{}",

@@ -299,6 +299,31 @@ pub enum ImageCommand {
         #[arg(long, value_name = "N")]
         max_entries: Option<u64>,
     },
+    /// Pull an image from an OCI registry: REGISTRY/REPO@sha256:DIGEST, or
+    /// REGISTRY/REPO:TAG (resolved once to a digest, printed and pinned). HTTPS, except
+    /// for loopback registries and --insecure-registry ones. Prints NAME@sha256:DIGEST.
+    Pull {
+        reference: String,
+        /// The image's name [default: the repository's last component].
+        #[arg(long)]
+        name: Option<String>,
+        /// HOST:PORT of a registry spoken to over plain HTTP; repeatable.
+        #[arg(long = "insecure-registry", value_name = "HOST:PORT")]
+        insecure_registries: Vec<String>,
+        /// The daemon's configuration file: its `[images] insecure_registries` count too.
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// A docker-style config.json with the registry's credentials [default:
+        /// $DOCKER_CONFIG/config.json or ~/.docker/config.json when present].
+        #[arg(long, value_name = "FILE")]
+        registry_auth: Option<PathBuf>,
+        /// Most bytes of files the layers may unpack to (and may download), e.g. 8G.
+        #[arg(long, value_name = "SIZE", value_parser = units::parse_size)]
+        max_size: Option<u64>,
+        /// Most entries the layers may hold.
+        #[arg(long, value_name = "N")]
+        max_entries: Option<u64>,
+    },
     /// List installed images.
     List,
     /// Show an image's record (JSON): digests, source, Env, skipped entries.

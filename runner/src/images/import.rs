@@ -39,7 +39,17 @@ impl Images {
     /// Imports the image at `source` (see [`Source::parse`]) as `name` (or a name derived
     /// from its tag or file name).
     pub fn import(&self, source: &str, name: Option<&str>, limits: Limits) -> Result<Imported> {
-        let source = Source::parse(source)?;
+        self.import_from(Source::parse(source)?, name, limits)
+    }
+
+    /// [`Images::import`] of a parsed source; `kiln image pull` hands over its layout here
+    /// so that pulled and imported images are checked and unpacked by the same code.
+    pub(super) fn import_from(
+        &self,
+        source: Source,
+        name: Option<&str>,
+        limits: Limits,
+    ) -> Result<Imported> {
         let staging = tempfile::Builder::new()
             .prefix(".import-")
             .tempdir_in(&self.dir)
@@ -55,6 +65,7 @@ impl Images {
                 let (layout, repo_tag) = oci::unpack_docker_archive(file, staging.path())?;
                 (layout, None, repo_tag)
             }
+            Source::Pulled { layout, .. } => (Layout::at(layout), None, None),
         };
         let chosen = layout.choose(tag)?;
         let name = match name {

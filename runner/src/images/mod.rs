@@ -7,7 +7,7 @@
 //! - imported images ([`import`]): an OCI image (an OCI layout, a tar of one, or a Docker
 //!   archive) read by [`oci`], unpacked by [`unpack`] into `.oci/MANIFEST_DIGEST/rootfs`.
 //!   Their digest is the manifest digest; their config's Env is the steps' default
-//!   environment.
+//!   environment. [`pull`] fetches one from a registry into a layout and imports that.
 //!
 //! `NAME/image.json` names an image ([`ImageRecord`]). The daemon re-hashes an image's tree
 //! before each job and refuses it when the digest differs from the record. Jobs name an
@@ -18,6 +18,7 @@ mod build;
 mod host;
 pub mod import;
 pub mod oci;
+pub mod pull;
 pub mod reference;
 pub mod sbom;
 pub mod unpack;
@@ -90,6 +91,15 @@ impl ResolvedImage {
     /// The image among the provenance's resolvedDependencies.
     pub fn provenance(&self) -> ResourceDescriptor {
         match (&self.digest, &self.imported, &self.tree_digest) {
+            (Some(manifest), Some(source), Some(tree)) if pull::is_registry_source(source) => {
+                ResourceDescriptor::pulled_oci_image(
+                    &self.name,
+                    manifest,
+                    oci::host_arch(),
+                    tree,
+                    source,
+                )
+            }
             (Some(manifest), Some(source), Some(tree)) => {
                 ResourceDescriptor::oci_image(&self.name, manifest, oci::host_arch(), tree, source)
             }

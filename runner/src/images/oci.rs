@@ -21,12 +21,12 @@ pub const MAX_DOCUMENT_BYTES: u64 = 4 << 20;
 /// Members of an archive (an OCI layout's blobs, a Docker archive's files).
 const MAX_ARCHIVE_MEMBERS: usize = 100_000;
 /// How deep an index may nest indexes.
-const MAX_INDEX_DEPTH: usize = 3;
+pub(super) const MAX_INDEX_DEPTH: usize = 3;
 
-const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
-const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
-const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
-const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
+pub(super) const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+pub(super) const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
+pub(super) const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+pub(super) const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
 const CONFIG_TYPES: [&str; 2] = [
     "application/vnd.oci.image.config.v1+json",
     "application/vnd.docker.container.image.v1+json",
@@ -36,9 +36,23 @@ const REF_NAME: &str = "org.opencontainers.image.ref.name";
 /// Where an import reads from, as `kiln image import` names it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Source {
-    OciDir { dir: PathBuf, tag: Option<String> },
-    OciArchive { file: PathBuf, tag: Option<String> },
-    DockerArchive { file: PathBuf },
+    OciDir {
+        dir: PathBuf,
+        tag: Option<String>,
+    },
+    OciArchive {
+        file: PathBuf,
+        tag: Option<String>,
+    },
+    DockerArchive {
+        file: PathBuf,
+    },
+    /// An image `kiln image pull` fetched into a layout of its own (never parsed from
+    /// text): `reference` is `REGISTRY/REPO@sha256:HEX`.
+    Pulled {
+        layout: PathBuf,
+        reference: String,
+    },
 }
 
 impl Source {
@@ -102,6 +116,7 @@ impl Source {
                 with_tag(&format!("oci-archive:{}", base(file)), tag)
             }
             Source::DockerArchive { file } => format!("docker-archive:{}", base(file)),
+            Source::Pulled { reference, .. } => reference.clone(),
         }
     }
 
@@ -109,6 +124,10 @@ impl Source {
     /// file's name without extension, made an image name if it can be.
     pub fn default_name(&self, repo_tag: Option<&str>) -> String {
         let from = match (self, repo_tag) {
+            (Source::Pulled { reference, .. }, _) => {
+                let repo = reference.split('@').next().unwrap_or(reference);
+                repo.rsplit('/').next().unwrap_or(repo).to_string()
+            }
             (_, Some(repo_tag)) => {
                 let repo = repo_tag.rsplit_once(':').map_or(repo_tag, |(r, _)| r);
                 repo.rsplit('/').next().unwrap_or(repo).to_string()
@@ -349,7 +368,7 @@ pub fn host_arch() -> &'static str {
 
 /// The manifest for linux on this host's architecture, or the only one (without a
 /// platform, its config says).
-fn choose_platform(manifests: Vec<Descriptor>) -> Result<Descriptor> {
+pub(super) fn choose_platform(manifests: Vec<Descriptor>) -> Result<Descriptor> {
     let described = |d: &Descriptor| {
         d.platform()
             .as_ref()
