@@ -9,7 +9,7 @@ use anyhow::Context;
 use clap::Parser;
 
 use runner::cli::args::{
-    AuditCommand, Cli, Command, ImageCommand, KeyFormat, KeysCommand, RunArgs, StoreCommand,
+    AuditCommand, Cli, Command, KeyFormat, KeysCommand, RunArgs, StoreCommand,
 };
 use runner::cli::client::LinkFormat;
 use runner::cli::client::{Client, EXIT_KILN_ERROR};
@@ -17,7 +17,7 @@ use runner::cli::{client, demo, jobfile, listing, verify};
 use runner::daemon::server;
 use runner::engine::signer;
 use runner::store::{cas, db};
-use runner::{config, images, units};
+use runner::{config, units};
 
 fn main() -> ExitCode {
     // The sandbox init is this same binary, re-executed by the daemon: it must
@@ -222,7 +222,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             state_dir,
             command: StoreCommand::Verify,
         } => store_verify(&state_dir),
-        Command::Image { state_dir, command } => image_command(&state_dir, command).await,
+        Command::Image { state_dir, command } => runner::cli::image::command(&state_dir, command).await,
         Command::Demo { keep } => demo::run(keep).await,
     }
 }
@@ -337,182 +337,6 @@ fn store_verify(state_dir: &Path) -> anyhow::Result<i32> {
         println!("corrupt: {digest}");
     }
     Ok(if report.quarantined.is_empty() { 0 } else { 1 })
-}
-
-/// `kiln image build|import|pull|list|inspect|rm`.
-async fn image_command(state_dir: &Path, command: ImageCommand) -> anyhow::Result<i32> {
-    let images = images::Images::attach(state_dir)?;
-    match command {
-        ImageCommand::Build { recipe } => {
-            let record = images.build(&recipe)?;
-            println!(
-                "built image {} tree sha256:{} from {}",
-                record.name, record.tree_digest, record.source
-            );
-        }
-        ImageCommand::Import {
-            source,
-            name,
-            max_size,
-            max_entries,
-        } => {
-            let defaults = images::unpack::Limits::default();
-            let limits = images::unpack::Limits {
-                max_bytes: max_size.unwrap_or(defaults.max_bytes),
-                max_entries: max_entries.unwrap_or(defaults.max_entries),
-            };
-            let imported = images.import(&source, name.as_deref(), limits)?;
-            let report = &imported.report;
-            if imported.already_installed {
-                eprintln!("the image's tree was already installed; named it");
-            } else {
-                eprintln!(
-                    "unpacked {} entries, {}, tree sha256:{}",
-                    report.entries,
-                    units::format_size(report.bytes),
-                    imported.record.tree_digest
-                );
-            }
-            if let Some(old) = &imported.replaced {
-                eprintln!(
-                    "{} named sha256:{old} before; that tree stays for jobs that pin its digest",
-                    imported.record.name
-                );
-            }
-            if report.skipped_count > 0 {
-                eprintln!(
-                    "skipped {} special entries (device nodes, FIFOs...): {}",
-                    report.skipped_count,
-                    report.skipped.join(", ")
-                );
-            }
-            if let Some(sbom) = images.sbom(imported.record.digest())? {
-                match images::sbom::summary(&sbom.document) {
-                    (_, databases) if databases.is_empty() => eprintln!(
-                        "the image has no package database (dpkg, apk): its SBOM lists no packages"
-                    ),
-                    (components, databases) => {
-                        eprintln!("SBOM: {components} packages from {}", databases.join(", "))
-                    }
-                }
-            }
-            println!(
-                "{}@sha256:{}",
-                imported.record.name,
-                imported.record.digest()
-            );
-        }
-        ImageCommand::Pull {
-            reference,
-            name,
-            mut insecure_registries,
-            config,
-            registry_auth,
-            max_size,
-            max_entries,
-        } => {
-            if let Some(path) = &config {
-                let config = config::Config::load(Some(path))?;
-                insecure_registries.extend(config.images.insecure_registries);
-            }
-            let defaults = images::unpack::Limits::default();
-            let options = images::pull::PullOptions {
-                name,
-                insecure_registries,
-                auth_file: registry_auth,
-                limits: images::unpack::Limits {
-                    max_bytes: max_size.unwrap_or(defaults.max_bytes),
-                    max_entries: max_entries.unwrap_or(defaults.max_entries),
-                },
-            };
-            let pulled = images.pull(&reference, &options).await?;
-            if let Some(tag) = &pulled.tag {
-                eprintln!("tag {tag} is {}: pinned by that digest", pulled.reference);
-            }
-            let imported = &pulled.imported;
-            if imported.already_installed {
-                eprintln!("the image's tree was already installed; named it");
-            } else {
-                eprintln!(
-                    "unpacked {} entries, {}, tree sha256:{}",
-                    imported.report.entries,
-                    units::format_size(imported.report.bytes),
-                    imported.record.tree_digest
-                );
-            }
-            if let Some(old) = &imported.replaced {
-                eprintln!(
-                    "{} named sha256:{old} before; that tree stays for jobs that pin its digest",
-                    imported.record.name
-                );
-            }
-            println!(
-                "{}@sha256:{}",
-                imported.record.name,
-                imported.record.digest()
-            );
-        }
-        ImageCommand::List => {
-            println!("{:<16} {:<72} SOURCE", "NAME", "DIGEST");
-            println!(
-                "{:<16} {:<72} host /usr (unpinned)",
-                images::HOST_IMAGE,
-                "-"
-            );
-            for record in images.list()? {
-                println!(
-                    "{:<16} sha256:{:<65} {}",
-                    record.name,
-                    record.digest(),
-                    record.source
-                );
-            }
-            for record in images.unnamed()? {
-                println!(
-                    "{:<16} sha256:{:<65} {} (was {}; no name now)",
-                    "-",
-                    record.digest(),
-                    record.source,
-                    record.name
-                );
-            }
-        }
-        ImageCommand::Inspect { image } => {
-            let reference = images::reference::ImageRef::parse(&image)?;
-            let record = images
-                .lookup(&reference)?
-                .with_context(|| format!("image {image:?} is not installed"))?;
-            println!("{}", serde_json::to_string_pretty(&record)?);
-        }
-        ImageCommand::Sbom { image } => {
-            let reference = images::reference::ImageRef::parse(&image)?;
-            let record = images
-                .lookup(&reference)?
-                .with_context(|| format!("image {image:?} is not installed"))?;
-            let Some(manifest) = &record.manifest_digest else {
-                anyhow::bail!(
-                    "image {image:?} was built, not imported: only imported images have an SBOM"
-                );
-            };
-            let sbom = images.sbom(manifest)?.with_context(|| {
-                format!("image {image:?} has no SBOM (it was imported before Kiln recorded them: import it again)")
-            })?;
-            let (components, databases) = images::sbom::summary(&sbom.document);
-            if databases.is_empty() {
-                eprintln!(
-                    "the image has no package database (dpkg, apk): the SBOM lists no packages"
-                );
-            } else {
-                eprintln!("{components} packages from {}", databases.join(", "));
-            }
-            println!("{}", serde_json::to_string_pretty(&sbom.document)?);
-        }
-        ImageCommand::Rm { name } => {
-            let record = images.remove(&name)?;
-            println!("removed {}@sha256:{}", record.name, record.digest());
-        }
-    }
-    Ok(0)
 }
 
 /// `kiln serve`: the configuration file, overridden by the flags.

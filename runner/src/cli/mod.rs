@@ -6,6 +6,7 @@ pub mod audit;
 pub mod client;
 pub mod connect;
 pub mod demo;
+pub mod image;
 pub mod jobfile;
 pub mod listing;
 pub mod verify;
