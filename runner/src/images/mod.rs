@@ -301,7 +301,14 @@ impl Images {
         })?;
         let name = record.name.clone();
         let rootfs = self.rootfs(&record);
+        // Every job reads the whole tree again: what it costs is worth seeing in the log.
+        let started = std::time::Instant::now();
         let actual = tree_digest(&rootfs)?;
+        tracing::debug!(
+            image = %name,
+            elapsed_ms = started.elapsed().as_millis(),
+            "image tree re-hashed"
+        );
         if actual != record.tree_digest {
             return Err(RunnerError::FailedPrecondition(format!(
                 "image {name:?} was modified: its tree hashes to {actual}, the record says {}",
