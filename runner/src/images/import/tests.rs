@@ -466,3 +466,64 @@ fn sources_parse_and_describe_themselves_without_their_directories() {
         "gcc"
     );
 }
+
+/// `[images] allowed = ["tools"]` admits what `tools` names. Once `tools` is imported
+/// again, its old tree is reachable by digest alone, but it is no longer `tools`: neither
+/// Submit's check nor the run's may admit it by that name.
+#[test]
+fn an_old_image_by_digest_is_not_admitted_by_the_name_that_moved_on() {
+    let s = state();
+    let src = tempfile::tempdir().unwrap();
+    let mut oci = Oci::new(src.path());
+    let old = oci.image(
+        &[(layer(&[("bin/tool", "old")]), Compression::None)],
+        oci::host_arch(),
+        Some("v1"),
+    );
+    let new = oci.image(
+        &[(layer(&[("bin/tool", "new")]), Compression::None)],
+        oci::host_arch(),
+        Some("v2"),
+    );
+    let dir = src.path().display();
+    for tag in ["v1", "v2"] {
+        s.images
+            .import(
+                &format!("oci:{dir}:{tag}"),
+                Some("tools"),
+                Limits::default(),
+            )
+            .unwrap();
+    }
+    #[derive(serde::Deserialize)]
+    struct T {
+        allowed: crate::images::allow::ImageAllowList,
+    }
+    let allowed = toml::from_str::<T>("allowed = [\"tools\"]\n")
+        .unwrap()
+        .allowed;
+    assert!(allowed.allows(&s.images.identity_of("tools").unwrap()));
+    assert!(allowed.allows(&s.images.identity_of(&format!("sha256:{new}")).unwrap()));
+    let by_old = format!("sha256:{old}");
+    assert!(!allowed.allows(&s.images.identity_of(&by_old).unwrap()));
+    assert!(!allowed.allows(&s.images.resolve(&by_old).unwrap().identity()));
+    // Named again, it is that name's image again.
+    s.images
+        .import(
+            &format!("oci:{dir}:v1"),
+            Some("tools-old"),
+            Limits::default(),
+        )
+        .unwrap();
+    let identity = s.images.identity_of(&by_old).unwrap();
+    assert_eq!(identity.name.as_deref(), Some("tools-old"));
+    assert_eq!(
+        s.images
+            .resolve(&by_old)
+            .unwrap()
+            .identity()
+            .name
+            .as_deref(),
+        Some("tools-old")
+    );
+}
