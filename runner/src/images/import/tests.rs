@@ -527,3 +527,96 @@ fn an_old_image_by_digest_is_not_admitted_by_the_name_that_moved_on() {
         Some("tools-old")
     );
 }
+
+/// A manifest with more layers than its config has diff_ids (or fewer) is not an image
+/// other runtimes would run: unpacking only the layers that pair up would run a tree that
+/// leaves out the last layers (say, the one removing a vulnerable binary).
+#[test]
+fn layers_and_diff_ids_that_do_not_pair_up_fail_and_install_nothing() {
+    for keep in [1, 3] {
+        let s = state();
+        let src = tempfile::tempdir().unwrap();
+        let mut oci = Oci::new(src.path());
+        let (first, second) = (
+            layer(&[("bin/tool", "vulnerable")]),
+            layer(&[("bin/.wh.tool", "")]),
+        );
+        oci.image(
+            &[
+                (first.clone(), Compression::None),
+                (second.clone(), Compression::None),
+            ],
+            oci::host_arch(),
+            None,
+        );
+        let index: Value =
+            serde_json::from_slice(&std::fs::read(src.path().join("index.json")).unwrap()).unwrap();
+        let manifest_hex = index["manifests"][0]["digest"].as_str().unwrap()[7..].to_string();
+        let mut manifest: Value =
+            serde_json::from_slice(&std::fs::read(oci.blob(&manifest_hex)).unwrap()).unwrap();
+        let diff_ids: Vec<String> = [&first, &second, &first]
+            .iter()
+            .take(keep)
+            .map(|tar| format!("sha256:{}", sha256(tar)))
+            .collect();
+        let config = json!({
+            "architecture": oci::host_arch(), "os": "linux",
+            "rootfs": {"type": "layers", "diff_ids": diff_ids},
+        });
+        manifest["config"] = oci.put(
+            &serde_json::to_vec(&config).unwrap(),
+            "application/vnd.oci.image.config.v1+json",
+        );
+        let bytes = serde_json::to_vec(&manifest).unwrap();
+        oci.manifests = vec![oci.put(&bytes, OCI_MANIFEST_TYPE)];
+        oci.write_index();
+        let err = s
+            .images
+            .import(
+                &format!("oci:{}", src.path().display()),
+                Some("x"),
+                Limits::default(),
+            )
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("layer digests"), "{keep}: {err}");
+        assert!(s.installed().is_empty(), "{:?}", s.installed());
+    }
+}
+
+/// An index that names one nested index many times, each naming many manifests, would
+/// have the import gather (and a pull fetch) their product: the entries of all indexes
+/// together are bounded.
+#[test]
+fn indexes_that_multiply_their_entries_stop_at_the_entry_limit() {
+    let s = state();
+    let src = tempfile::tempdir().unwrap();
+    let mut oci = Oci::new(src.path());
+    oci.image(
+        &[(layer(&[("a", "a")]), Compression::None)],
+        oci::host_arch(),
+        None,
+    );
+    let manifest = oci.manifests[0].clone();
+    let nested = json!({"schemaVersion": 2, "manifests": vec![manifest; 100]});
+    let nested = oci.put(
+        &serde_json::to_vec(&nested).unwrap(),
+        "application/vnd.oci.image.index.v1+json",
+    );
+    oci.manifests = vec![nested; 100];
+    oci.write_index();
+    let err = s
+        .images
+        .import(
+            &format!("oci:{}", src.path().display()),
+            Some("x"),
+            Limits::default(),
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains(&format!("more than {} entries", oci::MAX_INDEX_ENTRIES)),
+        "{err}"
+    );
+    assert!(s.installed().is_empty(), "{:?}", s.installed());
+}
