@@ -17,10 +17,11 @@
 //!   capabilities included) are never written.
 //! - [`Limits`] bound the bytes written, the entries and the metadata read between two
 //!   entries (long names, PAX records), so a decompression bomb fails quickly with a
-//!   clear error; [`MAX_PATH_BYTES`] bounds every name and link target.
+//!   clear error; [`MAX_PATH_BYTES`] bounds every name and link target, [`MAX_DEPTH`]
+//!   how deep a directory lies, whatever symlinks its name went through.
 
 use std::cell::Cell;
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::ffi::OsStr;
 use std::fs::File;
 use std::io::{self, Read, Write};
@@ -36,6 +37,10 @@ use nix::unistd::{linkat, symlinkat, unlinkat, UnlinkatFlags};
 
 /// The longest entry name or link target, in bytes (Linux's PATH_MAX).
 pub const MAX_PATH_BYTES: usize = 4096;
+/// How deep a directory may lie below the root. Names through symlinks to deep
+/// directories could otherwise build a tree deeper than any name says, which would
+/// overflow the stack of whatever walks it recursively (removing it, for one).
+pub const MAX_DEPTH: usize = 1024;
 /// Metadata a layer may hold for one entry (headers, long names, PAX records): beyond it
 /// the layer is refused before the tar reader buffers more.
 pub const MAX_ENTRY_METADATA_BYTES: u64 = 1 << 20;
@@ -167,6 +172,8 @@ pub struct Unpacker {
     /// Inodes the current layer created: an opaque marker or whiteout removes only
     /// entries of lower layers.
     this_layer: HashSet<(u64, u64)>,
+    /// How deep each directory of the tree lies (the root is 0), by inode.
+    depths: HashMap<(u64, u64), usize>,
 }
 
 impl Unpacker {
@@ -179,6 +186,7 @@ impl Unpacker {
         )
         .map_err(|e| entry_error("/", "opening the tree", e))?;
         let stream_limit = limits.max_stream_bytes();
+        let stat = fstat(root.as_fd()).map_err(|e| entry_error("/", "reading the tree", e))?;
         Ok(Self {
             root,
             limits,
@@ -190,6 +198,7 @@ impl Unpacker {
             }),
             report: Report::default(),
             this_layer: HashSet::new(),
+            depths: HashMap::from([((stat.st_dev, stat.st_ino), 0)]),
         })
     }
 
@@ -317,7 +326,7 @@ impl Unpacker {
 
     /// The directory of `components`, opened inside the tree (symlinks resolved within
     /// it); missing directories are created.
-    fn parent(&self, components: &[&[u8]], shown: &str) -> Result<OwnedFd, UnpackError> {
+    fn parent(&mut self, components: &[&[u8]], shown: &str) -> Result<OwnedFd, UnpackError> {
         match self.open_in_root(components) {
             Err(Errno::ENOENT) => {}
             other => return other.map_err(|e| entry_error(shown, "opening its directory", e)),
@@ -330,6 +339,7 @@ impl Unpacker {
             match self.open_in_root(&components[..=i]) {
                 Ok(next) => dir = next,
                 Err(Errno::ENOENT) => {
+                    let depth = self.child_depth(&dir, shown)?;
                     let name = OsStr::from_bytes(components[i]);
                     match mkdirat(dir.as_fd(), name, Mode::from_bits_truncate(0o755)) {
                         // EEXIST: a dangling symlink, which the next open refuses.
@@ -339,6 +349,7 @@ impl Unpacker {
                     dir = self
                         .open_in_root(&components[..=i])
                         .map_err(|e| entry_error(shown, "opening its directory", e))?;
+                    self.record_depth(&dir, depth, shown)?;
                 }
                 Err(e) => return Err(entry_error(shown, "opening its directory", e)),
             }
@@ -388,7 +399,9 @@ impl Unpacker {
         mode: u32,
         shown: &str,
     ) -> Result<(), UnpackError> {
-        if !self.replace(parent, name, true, shown)? {
+        let depth = self.child_depth(parent, shown)?;
+        let created = !self.replace(parent, name, true, shown)?;
+        if created {
             mkdirat(parent.as_fd(), name, Mode::from_bits_truncate(0o700))
                 .map_err(|e| entry_error(shown, "creating the directory", e))?;
         }
@@ -399,6 +412,9 @@ impl Unpacker {
             Mode::empty(),
         )
         .map_err(|e| entry_error(shown, "opening the directory", e))?;
+        if created {
+            self.record_depth(&dir, depth, shown)?;
+        }
         fchmod(dir.as_fd(), Mode::from_bits_truncate(mode))
             .map_err(|e| entry_error(shown, "setting its mode", e))?;
         self.mark_fd(&dir, shown)
@@ -556,6 +572,38 @@ impl Unpacker {
                 self.clear_lower(child)?;
             }
         }
+        Ok(())
+    }
+
+    /// How deep a new directory in `parent` would lie; refused beyond [`MAX_DEPTH`].
+    fn child_depth(&self, parent: &OwnedFd, shown: &str) -> Result<usize, UnpackError> {
+        let stat =
+            fstat(parent.as_fd()).map_err(|e| entry_error(shown, "reading its directory", e))?;
+        // Every directory of the tree was made here and recorded; one that was not is
+        // taken as too deep rather than guessed.
+        let depth = self
+            .depths
+            .get(&(stat.st_dev, stat.st_ino))
+            .map_or(usize::MAX, |d| d.saturating_add(1));
+        if depth > MAX_DEPTH {
+            return Err(entry_error(
+                shown,
+                &format!("a directory deeper than {MAX_DEPTH} levels"),
+                Errno::ELOOP,
+            ));
+        }
+        Ok(depth)
+    }
+
+    fn record_depth(
+        &mut self,
+        dir: &OwnedFd,
+        depth: usize,
+        shown: &str,
+    ) -> Result<(), UnpackError> {
+        let stat =
+            fstat(dir.as_fd()).map_err(|e| entry_error(shown, "reading the directory", e))?;
+        self.depths.insert((stat.st_dev, stat.st_ino), depth);
         Ok(())
     }
 

@@ -460,3 +460,56 @@ fn names_clean_inside_the_root() {
     assert!(clean_str("./").is_empty());
     assert!(clean_str("..").is_empty());
 }
+
+/// A layer of entries with long names (GNU long-name records): directories, and symlinks
+/// where a target is given.
+fn long_names(entries: &[(String, Option<String>)]) -> Vec<u8> {
+    let mut layer = tar::Builder::new(Vec::new());
+    for (name, target) in entries {
+        let mut h = Header::new_gnu();
+        h.set_size(0);
+        h.set_mode(0o755);
+        match target {
+            Some(target) => {
+                h.set_entry_type(EntryType::Symlink);
+                layer.append_link(&mut h, name, target).unwrap();
+            }
+            None => {
+                h.set_entry_type(EntryType::Directory);
+                layer.append_data(&mut h, name, io::empty()).unwrap();
+            }
+        }
+    }
+    layer.into_inner().unwrap()
+}
+
+/// A layer of long names through a symlink to the deepest directory, repeated, builds a
+/// tree far deeper than any name can say (each name stays under 4096 bytes); whatever
+/// walks the tree recursively (removing it, an opaque marker, a later whiteout) would
+/// overflow its stack. Directories stop at MAX_DEPTH levels, however they are reached.
+#[test]
+fn directories_deeper_than_the_depth_limit_are_refused_through_symlinks_too() {
+    let deep = |levels: usize| vec!["d"; levels].join("/");
+    // Directly: one name one level too deep.
+    let f = Fixture::new();
+    let direct = long_names(&[(format!("{}/", deep(MAX_DEPTH + 1)), None)]);
+    let err = f.unpack(&[direct]).unwrap_err().to_string();
+    assert!(err.contains("deeper than"), "{err}");
+
+    // Through a symlink: each name is half the limit deep, the tree deeper.
+    let f = Fixture::new();
+    let half = MAX_DEPTH / 2 + 1;
+    let layer = long_names(&[
+        (format!("{}/", deep(half)), None),
+        ("s".into(), Some(deep(half))),
+        (format!("s/{}/", deep(half)), None),
+    ]);
+    let err = f.unpack(&[layer]).unwrap_err().to_string();
+    assert!(err.contains("deeper than"), "{err}");
+    f.assert_host_untouched();
+
+    // At the limit, it unpacks.
+    let f = Fixture::new();
+    f.unpack(&[long_names(&[(format!("{}/", deep(MAX_DEPTH)), None)])])
+        .unwrap();
+}
