@@ -12,9 +12,10 @@
 //! - A hard link must name an existing non-directory entry of the tree (resolved inside
 //!   it): a tree can never hold a host file's inode.
 //! - Device nodes, FIFOs and other special entries are skipped and reported; setuid,
-//!   setgid and sticky bits are dropped; owners are not kept (the tree belongs to root, and
-//!   steps read it through the "other" permission bits); extended attributes (file
-//!   capabilities included) are never written.
+//!   setgid and sticky bits are dropped, and so is write permission for group and other
+//!   (the stored tree is reachable by every host user); owners are not kept (the tree
+//!   belongs to root, and steps read it through the "other" permission bits); extended
+//!   attributes (file capabilities included) are never written.
 //! - [`Limits`] bound the bytes written, the entries and the metadata read between two
 //!   entries (long names, PAX records), so a decompression bomb fails quickly with a
 //!   clear error; [`MAX_PATH_BYTES`] bounds every name and link target, [`MAX_DEPTH`]
@@ -269,7 +270,10 @@ impl Unpacker {
         if let Some(target) = name.as_bytes().strip_prefix(WHITEOUT_PREFIX) {
             return self.whiteout(parents, target, shown);
         }
-        let mode = entry.header().mode().map_err(|e| self.read_error(e))? & 0o777;
+        // No special bits, and no write bits for group or other: the stored tree is
+        // reachable by every host user (steps read it through "other"), and a
+        // world-writable directory there would let one change the image under a job.
+        let mode = entry.header().mode().map_err(|e| self.read_error(e))? & 0o755;
         match kind {
             tar::EntryType::Directory => {
                 let parent = self.parent(parents, shown)?;

@@ -513,3 +513,36 @@ fn directories_deeper_than_the_depth_limit_are_refused_through_symlinks_too() {
     f.unpack(&[long_names(&[(format!("{}/", deep(MAX_DEPTH)), None)])])
         .unwrap();
 }
+
+/// The stored tree is reachable by every host user (steps read it through its "other"
+/// bits, from a path any uid may traverse): a world-writable directory of an image (a
+/// 1777 /var/tmp once its sticky bit is dropped, or any 0777 directory) would let a
+/// local user change the image on the host between its per-job re-hash and the step,
+/// or make every job using it fail. Group and other never get write permission; the
+/// tree is mounted read-only in the sandbox, so steps lose nothing.
+#[test]
+fn no_entry_of_the_tree_is_writable_by_group_or_other() {
+    let f = Fixture::new();
+    let mut sticky = header(b"var/tmp/", EntryType::Directory, 0, 0o1777);
+    sticky.set_mode(0o1777);
+    let layer = Layer::new()
+        .raw(sticky, b"")
+        .raw(header(b"opt/tool/", EntryType::Directory, 0, 0o777), b"")
+        .file_mode("opt/tool/bin", b"tool", 0o777)
+        .file_mode("etc/shared", b"x", 0o664)
+        .file_mode("implied/dir/file", b"x", 0o644)
+        .bytes();
+    f.unpack(&[layer]).unwrap();
+    let mode = |p: &str| {
+        fs::symlink_metadata(f.root.join(p))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o7777
+    };
+    assert_eq!(mode("var/tmp"), 0o755);
+    assert_eq!(mode("opt/tool"), 0o755);
+    assert_eq!(mode("opt/tool/bin"), 0o755);
+    assert_eq!(mode("etc/shared"), 0o644);
+    assert_eq!(mode("implied/dir"), 0o755);
+}
