@@ -620,3 +620,52 @@ fn indexes_that_multiply_their_entries_stop_at_the_entry_limit() {
     );
     assert!(s.installed().is_empty(), "{:?}", s.installed());
 }
+
+/// Without --name, an import names the image after its own metadata (the ref.name
+/// annotation, a Docker archive's RepoTags): an archive that calls itself `debian` must
+/// not silently re-point the operator's `debian` (which allow-lists and jobs name).
+#[test]
+fn an_image_cannot_take_over_an_installed_name_by_its_own_metadata() {
+    let s = state();
+    let trusted = tempfile::tempdir().unwrap();
+    let mut oci = Oci::new(trusted.path());
+    let debian = oci.image(
+        &[(layer(&[("etc/debian_version", "12")]), Compression::None)],
+        oci::host_arch(),
+        None,
+    );
+    s.images
+        .import(
+            &format!("oci:{}", trusted.path().display()),
+            Some("debian"),
+            Limits::default(),
+        )
+        .unwrap();
+
+    let vendor = tempfile::tempdir().unwrap();
+    let mut oci = Oci::new(vendor.path());
+    oci.image(
+        &[(layer(&[("bin/backdoor", "x")]), Compression::None)],
+        oci::host_arch(),
+        Some("docker.io/library/debian:12"),
+    );
+    let source = format!("oci:{}", vendor.path().display());
+    let err = s
+        .images
+        .import(&source, None, Limits::default())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("--name debian"), "{err}");
+    assert_eq!(
+        s.images.read_record("debian").unwrap().unwrap().digest(),
+        debian
+    );
+    // Named on purpose, it replaces.
+    let imported = s
+        .images
+        .import(&source, Some("debian"), Limits::default())
+        .unwrap();
+    assert_eq!(imported.replaced.as_deref(), Some(debian.as_str()));
+    // The same image again, by its own name, is only named again.
+    s.images.import(&source, None, Limits::default()).unwrap();
+}
