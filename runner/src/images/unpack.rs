@@ -18,8 +18,8 @@
 //!   attributes (file capabilities included) are never written.
 //! - [`Limits`] bound the bytes written, the entries and the metadata read between two
 //!   entries (long names, PAX records), so a decompression bomb fails quickly with a
-//!   clear error; [`MAX_PATH_BYTES`] bounds every name and link target, [`MAX_DEPTH`]
-//!   how deep a directory lies, whatever symlinks its name went through.
+//!   clear error; [`MAX_PATH_BYTES`] bounds every name and link target, and the path
+//!   where each entry lies in the tree, whatever symlinks its name went through.
 
 use std::cell::Cell;
 use std::collections::{HashMap, HashSet};
@@ -38,10 +38,6 @@ use nix::unistd::{linkat, symlinkat, unlinkat, UnlinkatFlags};
 
 /// The longest entry name or link target, in bytes (Linux's PATH_MAX).
 pub const MAX_PATH_BYTES: usize = 4096;
-/// How deep a directory may lie below the root. Names through symlinks to deep
-/// directories could otherwise build a tree deeper than any name says, which would
-/// overflow the stack of whatever walks it recursively (removing it, for one).
-pub const MAX_DEPTH: usize = 1024;
 /// Metadata a layer may hold for one entry (headers, long names, PAX records): beyond it
 /// the layer is refused before the tar reader buffers more.
 pub const MAX_ENTRY_METADATA_BYTES: u64 = 1 << 20;
@@ -173,8 +169,11 @@ pub struct Unpacker {
     /// Inodes the current layer created: an opaque marker or whiteout removes only
     /// entries of lower layers.
     this_layer: HashSet<(u64, u64)>,
-    /// How deep each directory of the tree lies (the root is 0), by inode.
-    depths: HashMap<(u64, u64), usize>,
+    /// The length of each directory's path in the tree (the root's is 0), by inode.
+    /// Names through symlinks to deep directories could otherwise build paths far longer
+    /// than any name: a tree too deep for whatever walks it recursively (removing it,
+    /// for one) and too large for the per-job re-hash, which holds every path.
+    dir_paths: HashMap<(u64, u64), usize>,
 }
 
 impl Unpacker {
@@ -199,7 +198,7 @@ impl Unpacker {
             }),
             report: Report::default(),
             this_layer: HashSet::new(),
-            depths: HashMap::from([((stat.st_dev, stat.st_ino), 0)]),
+            dir_paths: HashMap::from([((stat.st_dev, stat.st_ino), 0)]),
         })
     }
 
@@ -288,6 +287,7 @@ impl Unpacker {
                     });
                 }
                 let parent = self.parent(parents, shown)?;
+                self.path_len_in(&parent, name, shown)?;
                 self.make_file(&parent, name, mode, entry, shown)
             }
             tar::EntryType::Symlink => {
@@ -299,6 +299,7 @@ impl Unpacker {
                     return Err(entry_error(shown, "bad symlink target", Errno::EINVAL));
                 }
                 let parent = self.parent(parents, shown)?;
+                self.path_len_in(&parent, name, shown)?;
                 self.replace(&parent, name, false, shown)?;
                 // The target is stored as it is: it is only ever resolved inside the
                 // sandbox's root, and by this unpacker inside the tree.
@@ -343,8 +344,8 @@ impl Unpacker {
             match self.open_in_root(&components[..=i]) {
                 Ok(next) => dir = next,
                 Err(Errno::ENOENT) => {
-                    let depth = self.child_depth(&dir, shown)?;
                     let name = OsStr::from_bytes(components[i]);
+                    let path_len = self.path_len_in(&dir, name, shown)?;
                     match mkdirat(dir.as_fd(), name, Mode::from_bits_truncate(0o755)) {
                         // EEXIST: a dangling symlink, which the next open refuses.
                         Ok(()) | Err(Errno::EEXIST) => {}
@@ -353,7 +354,7 @@ impl Unpacker {
                     dir = self
                         .open_in_root(&components[..=i])
                         .map_err(|e| entry_error(shown, "opening its directory", e))?;
-                    self.record_depth(&dir, depth, shown)?;
+                    self.record_dir(&dir, path_len, shown)?;
                 }
                 Err(e) => return Err(entry_error(shown, "opening its directory", e)),
             }
@@ -403,7 +404,7 @@ impl Unpacker {
         mode: u32,
         shown: &str,
     ) -> Result<(), UnpackError> {
-        let depth = self.child_depth(parent, shown)?;
+        let path_len = self.path_len_in(parent, name, shown)?;
         let created = !self.replace(parent, name, true, shown)?;
         if created {
             mkdirat(parent.as_fd(), name, Mode::from_bits_truncate(0o700))
@@ -417,7 +418,7 @@ impl Unpacker {
         )
         .map_err(|e| entry_error(shown, "opening the directory", e))?;
         if created {
-            self.record_depth(&dir, depth, shown)?;
+            self.record_dir(&dir, path_len, shown)?;
         }
         fchmod(dir.as_fd(), Mode::from_bits_truncate(mode))
             .map_err(|e| entry_error(shown, "setting its mode", e))?;
@@ -501,6 +502,7 @@ impl Unpacker {
             return Err(entry_error(shown, "hard link to a directory", Errno::EPERM));
         }
         let parent = self.parent(parents, shown)?;
+        self.path_len_in(&parent, name, shown)?;
         self.replace(&parent, name, false, shown)?;
         // No AT_SYMLINK_FOLLOW: a link to a symlink links the symlink itself.
         linkat(
@@ -579,35 +581,42 @@ impl Unpacker {
         Ok(())
     }
 
-    /// How deep a new directory in `parent` would lie; refused beyond [`MAX_DEPTH`].
-    fn child_depth(&self, parent: &OwnedFd, shown: &str) -> Result<usize, UnpackError> {
+    /// The length of the path `name` in `parent` has in the tree; refused beyond
+    /// [`MAX_PATH_BYTES`].
+    fn path_len_in(
+        &self,
+        parent: &OwnedFd,
+        name: &OsStr,
+        shown: &str,
+    ) -> Result<usize, UnpackError> {
         let stat =
             fstat(parent.as_fd()).map_err(|e| entry_error(shown, "reading its directory", e))?;
         // Every directory of the tree was made here and recorded; one that was not is
         // taken as too deep rather than guessed.
-        let depth = self
-            .depths
-            .get(&(stat.st_dev, stat.st_ino))
-            .map_or(usize::MAX, |d| d.saturating_add(1));
-        if depth > MAX_DEPTH {
+        let len = match self.dir_paths.get(&(stat.st_dev, stat.st_ino)) {
+            Some(0) => name.len(),
+            Some(parent_len) => parent_len.saturating_add(1 + name.len()),
+            None => usize::MAX,
+        };
+        if len > MAX_PATH_BYTES {
             return Err(entry_error(
                 shown,
-                &format!("a directory deeper than {MAX_DEPTH} levels"),
-                Errno::ELOOP,
+                &format!("its path in the tree is longer than {MAX_PATH_BYTES} bytes"),
+                Errno::ENAMETOOLONG,
             ));
         }
-        Ok(depth)
+        Ok(len)
     }
 
-    fn record_depth(
+    fn record_dir(
         &mut self,
         dir: &OwnedFd,
-        depth: usize,
+        path_len: usize,
         shown: &str,
     ) -> Result<(), UnpackError> {
         let stat =
             fstat(dir.as_fd()).map_err(|e| entry_error(shown, "reading the directory", e))?;
-        self.depths.insert((stat.st_dev, stat.st_ino), depth);
+        self.dir_paths.insert((stat.st_dev, stat.st_ino), path_len);
         Ok(())
     }
 

@@ -461,8 +461,8 @@ fn names_clean_inside_the_root() {
     assert!(clean_str("..").is_empty());
 }
 
-/// A layer of entries with long names (GNU long-name records): directories, and symlinks
-/// where a target is given.
+/// A layer of entries with long names (GNU long-name records): symlinks where a target
+/// is given, else directories (names ending in '/') and empty files.
 fn long_names(entries: &[(String, Option<String>)]) -> Vec<u8> {
     let mut layer = tar::Builder::new(Vec::new());
     for (name, target) in entries {
@@ -475,7 +475,11 @@ fn long_names(entries: &[(String, Option<String>)]) -> Vec<u8> {
                 layer.append_link(&mut h, name, target).unwrap();
             }
             None => {
-                h.set_entry_type(EntryType::Directory);
+                h.set_entry_type(if name.ends_with('/') {
+                    EntryType::Directory
+                } else {
+                    EntryType::Regular
+                });
                 layer.append_data(&mut h, name, io::empty()).unwrap();
             }
         }
@@ -483,35 +487,49 @@ fn long_names(entries: &[(String, Option<String>)]) -> Vec<u8> {
     layer.into_inner().unwrap()
 }
 
-/// A layer of long names through a symlink to the deepest directory, repeated, builds a
-/// tree far deeper than any name can say (each name stays under 4096 bytes); whatever
-/// walks the tree recursively (removing it, an opaque marker, a later whiteout) would
-/// overflow its stack. Directories stop at MAX_DEPTH levels, however they are reached.
+/// Each name is at most 4096 bytes, but a name through a symlink to a deep directory
+/// goes on from there: repeated, a layer builds paths far longer than any name (a tree
+/// too deep for whatever walks it recursively, removing it for one, and paths too large
+/// for the per-job re-hash, which holds them all). Where an entry lies in the tree, its
+/// path stays within MAX_PATH_BYTES, however its name reached it.
 #[test]
-fn directories_deeper_than_the_depth_limit_are_refused_through_symlinks_too() {
+fn entries_whose_path_in_the_tree_is_too_long_are_refused_through_symlinks_too() {
+    // "d/d/.../d": `levels` components, 2 * levels - 1 bytes.
     let deep = |levels: usize| vec!["d"; levels].join("/");
-    // Directly: one name one level too deep.
-    let f = Fixture::new();
-    let direct = long_names(&[(format!("{}/", deep(MAX_DEPTH + 1)), None)]);
-    let err = f.unpack(&[direct]).unwrap_err().to_string();
-    assert!(err.contains("deeper than"), "{err}");
+    let half = MAX_PATH_BYTES / 4 + 1;
+    for leaf in [None, Some("file"), Some("symlink")] {
+        let f = Fixture::new();
+        let mut entries = vec![
+            (format!("{}/", deep(half)), None),
+            ("s".into(), Some(deep(half))),
+        ];
+        let through = format!("s/{}", deep(half));
+        match leaf {
+            None => entries.push((format!("{through}/"), None)),
+            // Its directory fits; the entry in it does not.
+            Some(kind) => {
+                let dir = deep(half - 2);
+                entries.push((format!("s/{dir}/"), None));
+                let name = format!("s/{dir}/{}", "x".repeat(8));
+                entries.push((name, (kind == "symlink").then(|| "y".to_string())));
+            }
+        }
+        let layer = long_names(&entries);
+        let err = f.unpack(&[layer]).unwrap_err().to_string();
+        assert!(err.contains("longer than"), "{leaf:?}: {err}");
+        f.assert_host_untouched();
+    }
 
-    // Through a symlink: each name is half the limit deep, the tree deeper.
+    // Up to the limit, it unpacks: this directory's path in the tree is 4096 bytes.
     let f = Fixture::new();
-    let half = MAX_DEPTH / 2 + 1;
+    let rest = format!("{}/dd", deep(half - 3));
+    assert_eq!(deep(half).len() + 1 + rest.len(), MAX_PATH_BYTES);
     let layer = long_names(&[
         (format!("{}/", deep(half)), None),
         ("s".into(), Some(deep(half))),
-        (format!("s/{}/", deep(half)), None),
+        (format!("s/{rest}/"), None),
     ]);
-    let err = f.unpack(&[layer]).unwrap_err().to_string();
-    assert!(err.contains("deeper than"), "{err}");
-    f.assert_host_untouched();
-
-    // At the limit, it unpacks.
-    let f = Fixture::new();
-    f.unpack(&[long_names(&[(format!("{}/", deep(MAX_DEPTH)), None)])])
-        .unwrap();
+    f.unpack(&[layer]).unwrap();
 }
 
 /// The stored tree is reachable by every host user (steps read it through its "other"
