@@ -41,6 +41,9 @@ pub const MAX_PATH_BYTES: usize = 4096;
 /// Metadata a layer may hold for one entry (headers, long names, PAX records): beyond it
 /// the layer is refused before the tar reader buffers more.
 pub const MAX_ENTRY_METADATA_BYTES: u64 = 1 << 20;
+/// The paths of all entries together, per entry the import may hold (256 MiB at the
+/// default entry limit; real images average well under 128 bytes).
+const PATH_BYTES_PER_ENTRY: u64 = 512;
 /// Skipped entries named in the report; more are only counted.
 const MAX_REPORTED: usize = 100;
 const OPAQUE_MARKER: &[u8] = b".wh..wh..opq";
@@ -65,6 +68,12 @@ impl Default for Limits {
 }
 
 impl Limits {
+    /// The bytes the paths of all entries may add up to: the per-job re-hash of the
+    /// tree holds every path, so this bounds what it holds.
+    pub fn max_path_bytes(&self) -> u64 {
+        self.max_entries.saturating_mul(PATH_BYTES_PER_ENTRY)
+    }
+
     /// The decompressed bytes all layers may add up to: the content, and per entry its
     /// metadata and padding.
     pub fn max_stream_bytes(&self) -> u64 {
@@ -82,6 +91,8 @@ pub enum UnpackError {
     TooManyEntries(u64),
     #[error("{path}: the layers hold more than {limit} bytes of files (the import's size limit)")]
     TooLarge { path: String, limit: u64 },
+    #[error("the paths of the tree's entries add up to more than {0} bytes")]
+    PathsTooLarge(u64),
     #[error("the layers decompress to more than {0} bytes")]
     StreamTooLarge(u64),
     #[error("an entry's metadata (long name or PAX records) is larger than {MAX_ENTRY_METADATA_BYTES} bytes")]
@@ -174,6 +185,8 @@ pub struct Unpacker {
     /// than any name: a tree too deep for whatever walks it recursively (removing it,
     /// for one) and too large for the per-job re-hash, which holds every path.
     dir_paths: HashMap<(u64, u64), usize>,
+    /// The lengths of the paths of every entry made so far, added up.
+    path_bytes: u64,
 }
 
 impl Unpacker {
@@ -199,6 +212,7 @@ impl Unpacker {
             report: Report::default(),
             this_layer: HashSet::new(),
             dir_paths: HashMap::from([((stat.st_dev, stat.st_ino), 0)]),
+            path_bytes: 0,
         })
     }
 
@@ -582,9 +596,9 @@ impl Unpacker {
     }
 
     /// The length of the path `name` in `parent` has in the tree; refused beyond
-    /// [`MAX_PATH_BYTES`].
+    /// [`MAX_PATH_BYTES`], and once all paths add up to more than the limits allow.
     fn path_len_in(
-        &self,
+        &mut self,
         parent: &OwnedFd,
         name: &OsStr,
         shown: &str,
@@ -604,6 +618,10 @@ impl Unpacker {
                 &format!("its path in the tree is longer than {MAX_PATH_BYTES} bytes"),
                 Errno::ENAMETOOLONG,
             ));
+        }
+        self.path_bytes = self.path_bytes.saturating_add(len as u64);
+        if self.path_bytes > self.limits.max_path_bytes() {
+            return Err(UnpackError::PathsTooLarge(self.limits.max_path_bytes()));
         }
         Ok(len)
     }

@@ -564,3 +564,32 @@ fn no_entry_of_the_tree_is_writable_by_group_or_other() {
     assert_eq!(mode("etc/shared"), 0o644);
     assert_eq!(mode("implied/dir"), 0o755);
 }
+
+/// Paths of up to 4096 bytes each, as many as the entry limit allows, would have the
+/// per-job re-hash hold gigabytes: the paths of all entries together are bounded too.
+#[test]
+fn the_paths_of_all_entries_together_stop_at_their_limit() {
+    let f = Fixture::new();
+    let limits = Limits {
+        max_bytes: 1 << 20,
+        max_entries: 64,
+    };
+    // 16 components of 250 bytes: a 4015-byte directory, then files in it.
+    let dir: String = (0..16)
+        .map(|i| format!("{i:x}").repeat(250))
+        .collect::<Vec<_>>()
+        .join("/");
+    let mut entries = vec![(format!("{dir}/"), None)];
+    entries.extend((0..20).map(|i| (format!("{dir}/f{i}"), None)));
+    let err = unpack_with(&f.root, &[long_names(&entries)], limits)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains(&format!("add up to more than {}", limits.max_path_bytes())),
+        "{err}"
+    );
+    // The same entries with short paths fit.
+    let f = Fixture::new();
+    let short: Vec<(String, Option<String>)> = (0..60).map(|i| (format!("d/f{i}"), None)).collect();
+    unpack_with(&f.root, &[long_names(&short)], limits).unwrap();
+}
