@@ -593,3 +593,39 @@ fn the_paths_of_all_entries_together_stop_at_their_limit() {
     let short: Vec<(String, Option<String>)> = (0..60).map(|i| (format!("d/f{i}"), None)).collect();
     unpack_with(&f.root, &[long_names(&short)], limits).unwrap();
 }
+
+/// A hard link to an entry a later layer replaces by a symlink to a host file, then
+/// files written at both names, and a directory replaced by a symlink to the host then
+/// written through: every write stays inside the tree, and the hard link keeps its own
+/// inode (the replaced entry is unlinked, never written through).
+#[test]
+fn hard_links_and_directories_replaced_by_symlinks_are_never_written_through() {
+    let f = Fixture::new();
+    let host_file = format!("/{}/canary", f.host_rel());
+    let lower = Layer::new()
+        .file("etc/f", b"lower")
+        .hardlink("etc/h", "etc/f")
+        .dir("usr/lib/")
+        .bytes();
+    // The tree has a directory at the host directory's path: the symlink resolves to it.
+    let host_dir = long_names(&[(format!("{}/", f.host_rel()), None)]);
+    let middle = Layer::new()
+        .symlink("etc/f", &host_file)
+        .symlink("usr/lib", &format!("/{}", f.host_rel()))
+        .hardlink("etc/h2", "etc/f")
+        .bytes();
+    let upper = Layer::new()
+        .file("etc/f", b"upper f")
+        .file("etc/h2", b"upper h2")
+        .file("usr/lib/canary", b"through")
+        .file("usr/lib/new", b"new")
+        .bytes();
+    f.unpack(&[lower, host_dir, middle, upper]).unwrap();
+    f.assert_host_untouched();
+    assert_eq!(fs::read(f.root.join("etc/h")).unwrap(), b"lower");
+    assert_eq!(fs::read(f.root.join("etc/f")).unwrap(), b"upper f");
+    assert_eq!(fs::read(f.root.join("etc/h2")).unwrap(), b"upper h2");
+    assert!(f.root.join("etc/h").symlink_metadata().unwrap().is_file());
+    assert_eq!(fs::read(f.contained().join("canary")).unwrap(), b"through");
+    assert_eq!(fs::read(f.contained().join("new")).unwrap(), b"new");
+}
