@@ -239,6 +239,21 @@ fn unpack_layers(
     rootfs: &Path,
     limits: Limits,
 ) -> Result<Report> {
+    // Each blob is read in full (twice: checked, then unpacked) whatever it decompresses
+    // to, and data a decompressor skips (a zstd skippable frame) is never metered: the
+    // blobs together are held to what the layers may decompress to.
+    let blob_bytes = chosen
+        .manifest
+        .layers()
+        .iter()
+        .try_fold(0u64, |sum, layer| sum.checked_add(layer.size()))
+        .unwrap_or(u64::MAX);
+    if blob_bytes > limits.max_stream_bytes() {
+        return Err(RunnerError::FailedPrecondition(format!(
+            "the layers are {blob_bytes} bytes, more than the {} they may decompress to",
+            limits.max_stream_bytes()
+        )));
+    }
     let mut unpacker = Unpacker::new(rootfs, limits).map_err(layer_error(0))?;
     let diff_ids = chosen.config.rootfs().diff_ids();
     for (i, (descriptor, diff_id)) in chosen.manifest.layers().iter().zip(diff_ids).enumerate() {

@@ -669,3 +669,49 @@ fn an_image_cannot_take_over_an_installed_name_by_its_own_metadata() {
     // The same image again, by its own name, is only named again.
     s.images.import(&source, None, Limits::default()).unwrap();
 }
+
+/// Each layer blob is read (and hashed) in full, twice, while its decompressed content
+/// is metered: a zstd skippable frame (data the decoder skips) makes a blob of any size
+/// that decompresses to almost nothing, and a manifest may list it thousands of times.
+/// The layers' blobs add up to no more than the import may decompress.
+#[test]
+fn layer_blobs_larger_than_what_they_may_decompress_to_are_refused_before_reading() {
+    let s = state();
+    let src = tempfile::tempdir().unwrap();
+    let oci = Oci::new(src.path());
+    let tar = layer(&[("a", "a")]);
+    let junk = 3usize << 20;
+    let mut blob = zstd::encode_all(tar.as_slice(), 1).unwrap();
+    blob.extend_from_slice(&[0x50, 0x2a, 0x4d, 0x18]);
+    blob.extend_from_slice(&u32::try_from(junk).unwrap().to_le_bytes());
+    blob.resize(blob.len() + junk, 0);
+    let descriptor = oci.put(&blob, "application/vnd.oci.image.layer.v1.tar+zstd");
+    let diff_id = format!("sha256:{}", sha256(&tar));
+    let config = json!({
+        "architecture": oci::host_arch(), "os": "linux",
+        "rootfs": {"type": "layers", "diff_ids": [diff_id, diff_id]},
+    });
+    let config = oci.put(
+        &serde_json::to_vec(&config).unwrap(),
+        "application/vnd.oci.image.config.v1+json",
+    );
+    let manifest = json!({
+        "schemaVersion": 2, "mediaType": OCI_MANIFEST_TYPE,
+        "config": config, "layers": [descriptor, descriptor],
+    });
+    let mut oci = oci;
+    oci.manifests = vec![oci.put(&serde_json::to_vec(&manifest).unwrap(), OCI_MANIFEST_TYPE)];
+    oci.write_index();
+    let limits = Limits {
+        max_bytes: 1 << 20,
+        max_entries: 100,
+    };
+    let source = format!("oci:{}", src.path().display());
+    let err = s
+        .images
+        .import(&source, Some("x"), limits)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("layers are"), "{err}");
+    assert!(s.installed().is_empty(), "{:?}", s.installed());
+}
