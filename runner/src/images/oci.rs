@@ -586,9 +586,18 @@ pub fn unpack_docker_archive(archive: &Path, dir: &Path) -> Result<(Layout, Opti
     }
     let (config_hex, config_size) = store(&config_path)?;
     let mut layers = Vec::new();
+    // A member listed again is not read again: reading stays bounded by the archive.
+    let mut stored: HashMap<PathBuf, (String, u64)> = HashMap::new();
     for layer in &image.layers {
         let path = member(layer)?.clone();
-        let (hex, size) = store(&path)?;
+        let (hex, size) = match stored.get(&path) {
+            Some(known) => known.clone(),
+            None => {
+                let known = store(&path)?;
+                stored.insert(path.clone(), known.clone());
+                known
+            }
+        };
         let media_type = match compression_of(
             &mut File::open(&path).map_err(RunnerError::io_path("reading", &path))?,
         )

@@ -715,3 +715,54 @@ fn layer_blobs_larger_than_what_they_may_decompress_to_are_refused_before_readin
     assert!(err.contains("layers are"), "{err}");
     assert!(s.installed().is_empty(), "{:?}", s.installed());
 }
+
+/// The same in a Docker archive: its manifest.json lists one layer member again and
+/// again (each listing is a layer to read); the archive is refused on the layers' size.
+#[test]
+fn a_docker_archive_listing_one_large_layer_again_and_again_is_refused() {
+    let s = state();
+    let dir = tempfile::tempdir().unwrap();
+    let tar = layer(&[("a", "a")]);
+    let mut blob = zstd::encode_all(tar.as_slice(), 1).unwrap();
+    blob.extend_from_slice(&[0x50, 0x2a, 0x4d, 0x18]);
+    blob.extend_from_slice(&(1u32 << 20).to_le_bytes());
+    blob.resize(blob.len() + (1 << 20), 0);
+    let diff_id = format!("sha256:{}", sha256(&tar));
+    let config = json!({
+        "architecture": oci::host_arch(), "os": "linux",
+        "rootfs": {"type": "layers", "diff_ids": vec![diff_id; 3]},
+    });
+    let manifest = json!([{
+        "Config": "config.json",
+        "RepoTags": ["tool:1"],
+        "Layers": ["layer.tar", "layer.tar", "layer.tar"],
+    }]);
+    let archive = dir.path().join("tool.tar");
+    let mut out = tar::Builder::new(std::fs::File::create(&archive).unwrap());
+    for (name, bytes) in [
+        ("manifest.json", serde_json::to_vec(&manifest).unwrap()),
+        ("config.json", serde_json::to_vec(&config).unwrap()),
+        ("layer.tar", blob),
+    ] {
+        let mut h = tar::Header::new_gnu();
+        h.set_mode(0o644);
+        h.set_size(bytes.len() as u64);
+        out.append_data(&mut h, name, bytes.as_slice()).unwrap();
+    }
+    out.finish().unwrap();
+    let limits = Limits {
+        max_bytes: 1 << 20,
+        max_entries: 100,
+    };
+    let err = s
+        .images
+        .import(
+            &format!("docker-archive:{}", archive.display()),
+            None,
+            limits,
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("layers are"), "{err}");
+    assert!(s.installed().is_empty(), "{:?}", s.installed());
+}
