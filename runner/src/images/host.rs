@@ -106,6 +106,7 @@ impl Images {
         ResolvedImage {
             ca_certificates,
             name: HOST_IMAGE.into(),
+            named: true,
             digest: None,
             tree_digest: None,
             imported: None,

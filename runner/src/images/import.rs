@@ -68,6 +68,7 @@ impl Images {
             Source::Pulled { layout, .. } => (Layout::at(layout), None, None),
         };
         let chosen = layout.choose(tag)?;
+        let given = name.is_some();
         let name = match name {
             Some(name) => name.to_string(),
             None => source.default_name(archive_tag.as_deref().or(chosen.repo_tag.as_deref())),
@@ -76,6 +77,20 @@ impl Images {
             .map_err(|e| RunnerError::invalid("name", format!("{e} (give one with --name)")))?;
         if name == HOST_IMAGE {
             return Err(RunnerError::invalid("name", "\"host\" is built in"));
+        }
+        // A name from the image's own metadata (its ref.name or RepoTags) or its file
+        // name never re-points one jobs and allow-lists already use; a pull's name is the
+        // repository the operator typed.
+        if !given && !matches!(source, Source::Pulled { .. }) {
+            if let Some(old) = self.read_record(&name)? {
+                if old.digest() != chosen.manifest_digest {
+                    return Err(RunnerError::FailedPrecondition(format!(
+                        "{name:?} names sha256:{} already, and this image would take that \
+                         name from its own tag or file name: give --name {name} to replace it",
+                        old.digest()
+                    )));
+                }
+            }
         }
         let env = image_env(&chosen.config)?;
         let manifest = chosen.manifest_digest.clone();
@@ -224,6 +239,21 @@ fn unpack_layers(
     rootfs: &Path,
     limits: Limits,
 ) -> Result<Report> {
+    // Each blob is read in full (twice: checked, then unpacked) whatever it decompresses
+    // to, and data a decompressor skips (a zstd skippable frame) is never metered: the
+    // blobs together are held to what the layers may decompress to.
+    let blob_bytes = chosen
+        .manifest
+        .layers()
+        .iter()
+        .try_fold(0u64, |sum, layer| sum.checked_add(layer.size()))
+        .unwrap_or(u64::MAX);
+    if blob_bytes > limits.max_stream_bytes() {
+        return Err(RunnerError::FailedPrecondition(format!(
+            "the layers are {blob_bytes} bytes, more than the {} they may decompress to",
+            limits.max_stream_bytes()
+        )));
+    }
     let mut unpacker = Unpacker::new(rootfs, limits).map_err(layer_error(0))?;
     let diff_ids = chosen.config.rootfs().diff_ids();
     for (i, (descriptor, diff_id)) in chosen.manifest.layers().iter().zip(diff_ids).enumerate() {

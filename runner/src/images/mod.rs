@@ -47,6 +47,9 @@ const SANDBOX_OWNED: [&str; 4] = ["proc", "dev", "tmp", "workspace"];
 #[derive(Debug, Clone)]
 pub struct ResolvedImage {
     pub name: String,
+    /// Whether `name` names this image now (false for an imported tree reached by digest
+    /// after its name was imported again): only then do allow-lists see the name.
+    pub named: bool,
     /// The image's digest: the manifest digest of an imported image, the tree digest of a
     /// built one; None for the unpinned host image.
     pub digest: Option<String>,
@@ -110,7 +113,7 @@ impl ResolvedImage {
     /// The image as allow-lists see it.
     pub fn identity(&self) -> ImageIdentity {
         ImageIdentity {
-            name: Some(self.name.clone()),
+            name: self.named.then(|| self.name.clone()),
             digests: self
                 .digest
                 .iter()
@@ -238,16 +241,33 @@ impl Images {
                 other => Ok(other),
             },
             ImageRef::Digest(digest) => {
-                if let Some(record) = self.read_content_record(digest)? {
-                    return Ok(Some(record));
-                }
-                // A built image, by its tree digest.
-                Ok(self
+                // A name's record when a name points here now (an imported image by its
+                // manifest digest, a built one by its tree digest); else the record
+                // beside an imported tree, whose name has moved on.
+                let content = self.read_content_record(digest)?;
+                let mut named: Vec<ImageRecord> = self
                     .list()?
                     .into_iter()
-                    .find(|r| r.manifest_digest.is_none() && r.tree_digest == *digest))
+                    .filter(|r| r.digest() == digest)
+                    .collect();
+                if let Some(own) = content.as_ref().and_then(|c| {
+                    let at = named.iter().position(|r| r.name == c.name)?;
+                    Some(named.swap_remove(at))
+                }) {
+                    return Ok(Some(own));
+                }
+                Ok(named.into_iter().next().or(content))
             }
         }
+    }
+
+    /// Whether the record's name names that image now: an imported tree reached by its
+    /// digest after its name was imported again is no longer that name's, and an
+    /// allow-list entry of the name must not admit it.
+    fn named_now(&self, record: &ImageRecord) -> Result<bool> {
+        Ok(self
+            .read_record(&record.name)?
+            .is_some_and(|current| current.digest() == record.digest()))
     }
 
     /// Who a job's image is for the allow-lists at Submit, from the records (the trees
@@ -269,10 +289,11 @@ impl Images {
                 }
             }
         }
-        let name = reference
-            .name()
-            .map(String::from)
-            .or_else(|| record.map(|r| r.name));
+        let name = match (reference.name(), record) {
+            (Some(name), _) => Some(name.to_string()),
+            (None, Some(record)) if self.named_now(&record)? => Some(record.name),
+            (None, _) => None,
+        };
         Ok(ImageIdentity { name, digests })
     }
 
@@ -300,6 +321,7 @@ impl Images {
             ))
         })?;
         let name = record.name.clone();
+        let named = self.named_now(&record)?;
         let rootfs = self.rootfs(&record);
         // Every job reads the whole tree again: what it costs is worth seeing in the log.
         let started = std::time::Instant::now();
@@ -343,6 +365,7 @@ impl Images {
         let digest = record.digest().to_string();
         Ok(ResolvedImage {
             name,
+            named,
             digest: Some(digest),
             tree_digest: Some(record.tree_digest.clone()),
             imported: record

@@ -22,6 +22,25 @@ pub const MAX_DOCUMENT_BYTES: u64 = 4 << 20;
 const MAX_ARCHIVE_MEMBERS: usize = 100_000;
 /// How deep an index may nest indexes.
 pub(super) const MAX_INDEX_DEPTH: usize = 3;
+/// Entries of an index and the indexes it nests, together: nesting multiplies them (an
+/// index naming one nested index a thousand times, each naming a thousand manifests).
+pub const MAX_INDEX_ENTRIES: usize = 4096;
+
+/// Counts index entries against [`MAX_INDEX_ENTRIES`].
+#[derive(Debug, Default)]
+pub(super) struct IndexBudget(usize);
+
+impl IndexBudget {
+    pub(super) fn spend(&mut self, entries: usize) -> Result<()> {
+        self.0 = self.0.saturating_add(entries);
+        if self.0 > MAX_INDEX_ENTRIES {
+            return Err(RunnerError::FailedPrecondition(format!(
+                "the image indexes have more than {MAX_INDEX_ENTRIES} entries together"
+            )));
+        }
+        Ok(())
+    }
+}
 
 pub(super) const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 pub(super) const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
@@ -274,7 +293,7 @@ impl Layout {
             }
         }
         let repo_tag = candidates.iter().find_map(ref_name).map(String::from);
-        let manifests = self.flatten(candidates, 0)?;
+        let manifests = self.flatten(candidates, 0, &mut IndexBudget::default())?;
         let descriptor = choose_platform(manifests)?;
         let (manifest_digest, manifest) = self.manifest(&descriptor)?;
         let config = self.config(&manifest)?;
@@ -287,7 +306,13 @@ impl Layout {
     }
 
     /// Image manifests behind these descriptors, nested indexes opened.
-    fn flatten(&self, descriptors: Vec<Descriptor>, depth: usize) -> Result<Vec<Descriptor>> {
+    fn flatten(
+        &self,
+        descriptors: Vec<Descriptor>,
+        depth: usize,
+        budget: &mut IndexBudget,
+    ) -> Result<Vec<Descriptor>> {
+        budget.spend(descriptors.len())?;
         let mut manifests = Vec::new();
         for descriptor in descriptors {
             match descriptor.media_type().as_ref() {
@@ -296,7 +321,11 @@ impl Layout {
                     let bytes = self.read_document(&descriptor)?;
                     let nested: ImageIndex = serde_json::from_slice(&bytes)
                         .map_err(|e| bad_document("an image index", e))?;
-                    manifests.extend(self.flatten(nested.manifests().clone(), depth + 1)?);
+                    manifests.extend(self.flatten(
+                        nested.manifests().clone(),
+                        depth + 1,
+                        budget,
+                    )?);
                 }
                 OCI_INDEX | DOCKER_LIST => {
                     return Err(RunnerError::FailedPrecondition(
@@ -557,9 +586,18 @@ pub fn unpack_docker_archive(archive: &Path, dir: &Path) -> Result<(Layout, Opti
     }
     let (config_hex, config_size) = store(&config_path)?;
     let mut layers = Vec::new();
+    // A member listed again is not read again: reading stays bounded by the archive.
+    let mut stored: HashMap<PathBuf, (String, u64)> = HashMap::new();
     for layer in &image.layers {
         let path = member(layer)?.clone();
-        let (hex, size) = store(&path)?;
+        let (hex, size) = match stored.get(&path) {
+            Some(known) => known.clone(),
+            None => {
+                let known = store(&path)?;
+                stored.insert(path.clone(), known.clone());
+                known
+            }
+        };
         let media_type = match compression_of(
             &mut File::open(&path).map_err(RunnerError::io_path("reading", &path))?,
         )

@@ -474,8 +474,10 @@ impl Session {
         depth: usize,
     ) -> Result<Vec<Descriptor>> {
         let mut manifests = Vec::new();
+        let mut budget = oci::IndexBudget::default();
         let mut pending = vec![(descriptors, depth)];
         while let Some((descriptors, depth)) = pending.pop() {
+            budget.spend(descriptors.len())?;
             for descriptor in descriptors {
                 match descriptor.media_type().as_ref() {
                     oci::OCI_MANIFEST | oci::DOCKER_MANIFEST => manifests.push(descriptor),

@@ -12,15 +12,17 @@
 //! - A hard link must name an existing non-directory entry of the tree (resolved inside
 //!   it): a tree can never hold a host file's inode.
 //! - Device nodes, FIFOs and other special entries are skipped and reported; setuid,
-//!   setgid and sticky bits are dropped; owners are not kept (the tree belongs to root, and
-//!   steps read it through the "other" permission bits); extended attributes (file
-//!   capabilities included) are never written.
+//!   setgid and sticky bits are dropped, and so is write permission for group and other
+//!   (the stored tree is reachable by every host user); owners are not kept (the tree
+//!   belongs to root, and steps read it through the "other" permission bits); extended
+//!   attributes (file capabilities included) are never written.
 //! - [`Limits`] bound the bytes written, the entries and the metadata read between two
 //!   entries (long names, PAX records), so a decompression bomb fails quickly with a
-//!   clear error; [`MAX_PATH_BYTES`] bounds every name and link target.
+//!   clear error; [`MAX_PATH_BYTES`] bounds every name and link target, and the path
+//!   where each entry lies in the tree, whatever symlinks its name went through.
 
 use std::cell::Cell;
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::ffi::OsStr;
 use std::fs::File;
 use std::io::{self, Read, Write};
@@ -39,6 +41,9 @@ pub const MAX_PATH_BYTES: usize = 4096;
 /// Metadata a layer may hold for one entry (headers, long names, PAX records): beyond it
 /// the layer is refused before the tar reader buffers more.
 pub const MAX_ENTRY_METADATA_BYTES: u64 = 1 << 20;
+/// The paths of all entries together, per entry the import may hold (256 MiB at the
+/// default entry limit; real images average well under 128 bytes).
+const PATH_BYTES_PER_ENTRY: u64 = 512;
 /// Skipped entries named in the report; more are only counted.
 const MAX_REPORTED: usize = 100;
 const OPAQUE_MARKER: &[u8] = b".wh..wh..opq";
@@ -63,6 +68,12 @@ impl Default for Limits {
 }
 
 impl Limits {
+    /// The bytes the paths of all entries may add up to: the per-job re-hash of the
+    /// tree holds every path, so this bounds what it holds.
+    pub fn max_path_bytes(&self) -> u64 {
+        self.max_entries.saturating_mul(PATH_BYTES_PER_ENTRY)
+    }
+
     /// The decompressed bytes all layers may add up to: the content, and per entry its
     /// metadata and padding.
     pub fn max_stream_bytes(&self) -> u64 {
@@ -80,6 +91,8 @@ pub enum UnpackError {
     TooManyEntries(u64),
     #[error("{path}: the layers hold more than {limit} bytes of files (the import's size limit)")]
     TooLarge { path: String, limit: u64 },
+    #[error("the paths of the tree's entries add up to more than {0} bytes")]
+    PathsTooLarge(u64),
     #[error("the layers decompress to more than {0} bytes")]
     StreamTooLarge(u64),
     #[error("an entry's metadata (long name or PAX records) is larger than {MAX_ENTRY_METADATA_BYTES} bytes")]
@@ -167,6 +180,13 @@ pub struct Unpacker {
     /// Inodes the current layer created: an opaque marker or whiteout removes only
     /// entries of lower layers.
     this_layer: HashSet<(u64, u64)>,
+    /// The length of each directory's path in the tree (the root's is 0), by inode.
+    /// Names through symlinks to deep directories could otherwise build paths far longer
+    /// than any name: a tree too deep for whatever walks it recursively (removing it,
+    /// for one) and too large for the per-job re-hash, which holds every path.
+    dir_paths: HashMap<(u64, u64), usize>,
+    /// The lengths of the paths of every entry made so far, added up.
+    path_bytes: u64,
 }
 
 impl Unpacker {
@@ -179,6 +199,7 @@ impl Unpacker {
         )
         .map_err(|e| entry_error("/", "opening the tree", e))?;
         let stream_limit = limits.max_stream_bytes();
+        let stat = fstat(root.as_fd()).map_err(|e| entry_error("/", "reading the tree", e))?;
         Ok(Self {
             root,
             limits,
@@ -190,6 +211,8 @@ impl Unpacker {
             }),
             report: Report::default(),
             this_layer: HashSet::new(),
+            dir_paths: HashMap::from([((stat.st_dev, stat.st_ino), 0)]),
+            path_bytes: 0,
         })
     }
 
@@ -260,7 +283,10 @@ impl Unpacker {
         if let Some(target) = name.as_bytes().strip_prefix(WHITEOUT_PREFIX) {
             return self.whiteout(parents, target, shown);
         }
-        let mode = entry.header().mode().map_err(|e| self.read_error(e))? & 0o777;
+        // No special bits, and no write bits for group or other: the stored tree is
+        // reachable by every host user (steps read it through "other"), and a
+        // world-writable directory there would let one change the image under a job.
+        let mode = entry.header().mode().map_err(|e| self.read_error(e))? & 0o755;
         match kind {
             tar::EntryType::Directory => {
                 let parent = self.parent(parents, shown)?;
@@ -275,6 +301,7 @@ impl Unpacker {
                     });
                 }
                 let parent = self.parent(parents, shown)?;
+                self.path_len_in(&parent, name, shown)?;
                 self.make_file(&parent, name, mode, entry, shown)
             }
             tar::EntryType::Symlink => {
@@ -286,6 +313,7 @@ impl Unpacker {
                     return Err(entry_error(shown, "bad symlink target", Errno::EINVAL));
                 }
                 let parent = self.parent(parents, shown)?;
+                self.path_len_in(&parent, name, shown)?;
                 self.replace(&parent, name, false, shown)?;
                 // The target is stored as it is: it is only ever resolved inside the
                 // sandbox's root, and by this unpacker inside the tree.
@@ -317,7 +345,7 @@ impl Unpacker {
 
     /// The directory of `components`, opened inside the tree (symlinks resolved within
     /// it); missing directories are created.
-    fn parent(&self, components: &[&[u8]], shown: &str) -> Result<OwnedFd, UnpackError> {
+    fn parent(&mut self, components: &[&[u8]], shown: &str) -> Result<OwnedFd, UnpackError> {
         match self.open_in_root(components) {
             Err(Errno::ENOENT) => {}
             other => return other.map_err(|e| entry_error(shown, "opening its directory", e)),
@@ -331,6 +359,7 @@ impl Unpacker {
                 Ok(next) => dir = next,
                 Err(Errno::ENOENT) => {
                     let name = OsStr::from_bytes(components[i]);
+                    let path_len = self.path_len_in(&dir, name, shown)?;
                     match mkdirat(dir.as_fd(), name, Mode::from_bits_truncate(0o755)) {
                         // EEXIST: a dangling symlink, which the next open refuses.
                         Ok(()) | Err(Errno::EEXIST) => {}
@@ -339,6 +368,7 @@ impl Unpacker {
                     dir = self
                         .open_in_root(&components[..=i])
                         .map_err(|e| entry_error(shown, "opening its directory", e))?;
+                    self.record_dir(&dir, path_len, shown)?;
                 }
                 Err(e) => return Err(entry_error(shown, "opening its directory", e)),
             }
@@ -388,7 +418,9 @@ impl Unpacker {
         mode: u32,
         shown: &str,
     ) -> Result<(), UnpackError> {
-        if !self.replace(parent, name, true, shown)? {
+        let path_len = self.path_len_in(parent, name, shown)?;
+        let created = !self.replace(parent, name, true, shown)?;
+        if created {
             mkdirat(parent.as_fd(), name, Mode::from_bits_truncate(0o700))
                 .map_err(|e| entry_error(shown, "creating the directory", e))?;
         }
@@ -399,6 +431,9 @@ impl Unpacker {
             Mode::empty(),
         )
         .map_err(|e| entry_error(shown, "opening the directory", e))?;
+        if created {
+            self.record_dir(&dir, path_len, shown)?;
+        }
         fchmod(dir.as_fd(), Mode::from_bits_truncate(mode))
             .map_err(|e| entry_error(shown, "setting its mode", e))?;
         self.mark_fd(&dir, shown)
@@ -481,6 +516,7 @@ impl Unpacker {
             return Err(entry_error(shown, "hard link to a directory", Errno::EPERM));
         }
         let parent = self.parent(parents, shown)?;
+        self.path_len_in(&parent, name, shown)?;
         self.replace(&parent, name, false, shown)?;
         // No AT_SYMLINK_FOLLOW: a link to a symlink links the symlink itself.
         linkat(
@@ -556,6 +592,49 @@ impl Unpacker {
                 self.clear_lower(child)?;
             }
         }
+        Ok(())
+    }
+
+    /// The length of the path `name` in `parent` has in the tree; refused beyond
+    /// [`MAX_PATH_BYTES`], and once all paths add up to more than the limits allow.
+    fn path_len_in(
+        &mut self,
+        parent: &OwnedFd,
+        name: &OsStr,
+        shown: &str,
+    ) -> Result<usize, UnpackError> {
+        let stat =
+            fstat(parent.as_fd()).map_err(|e| entry_error(shown, "reading its directory", e))?;
+        // Every directory of the tree was made here and recorded; one that was not is
+        // taken as too deep rather than guessed.
+        let len = match self.dir_paths.get(&(stat.st_dev, stat.st_ino)) {
+            Some(0) => name.len(),
+            Some(parent_len) => parent_len.saturating_add(1 + name.len()),
+            None => usize::MAX,
+        };
+        if len > MAX_PATH_BYTES {
+            return Err(entry_error(
+                shown,
+                &format!("its path in the tree is longer than {MAX_PATH_BYTES} bytes"),
+                Errno::ENAMETOOLONG,
+            ));
+        }
+        self.path_bytes = self.path_bytes.saturating_add(len as u64);
+        if self.path_bytes > self.limits.max_path_bytes() {
+            return Err(UnpackError::PathsTooLarge(self.limits.max_path_bytes()));
+        }
+        Ok(len)
+    }
+
+    fn record_dir(
+        &mut self,
+        dir: &OwnedFd,
+        path_len: usize,
+        shown: &str,
+    ) -> Result<(), UnpackError> {
+        let stat =
+            fstat(dir.as_fd()).map_err(|e| entry_error(shown, "reading the directory", e))?;
+        self.dir_paths.insert((stat.st_dev, stat.st_ino), path_len);
         Ok(())
     }
 

@@ -466,3 +466,303 @@ fn sources_parse_and_describe_themselves_without_their_directories() {
         "gcc"
     );
 }
+
+/// `[images] allowed = ["tools"]` admits what `tools` names. Once `tools` is imported
+/// again, its old tree is reachable by digest alone, but it is no longer `tools`: neither
+/// Submit's check nor the run's may admit it by that name.
+#[test]
+fn an_old_image_by_digest_is_not_admitted_by_the_name_that_moved_on() {
+    let s = state();
+    let src = tempfile::tempdir().unwrap();
+    let mut oci = Oci::new(src.path());
+    let old = oci.image(
+        &[(layer(&[("bin/tool", "old")]), Compression::None)],
+        oci::host_arch(),
+        Some("v1"),
+    );
+    let new = oci.image(
+        &[(layer(&[("bin/tool", "new")]), Compression::None)],
+        oci::host_arch(),
+        Some("v2"),
+    );
+    let dir = src.path().display();
+    for tag in ["v1", "v2"] {
+        s.images
+            .import(
+                &format!("oci:{dir}:{tag}"),
+                Some("tools"),
+                Limits::default(),
+            )
+            .unwrap();
+    }
+    #[derive(serde::Deserialize)]
+    struct T {
+        allowed: crate::images::allow::ImageAllowList,
+    }
+    let allowed = toml::from_str::<T>("allowed = [\"tools\"]\n")
+        .unwrap()
+        .allowed;
+    assert!(allowed.allows(&s.images.identity_of("tools").unwrap()));
+    assert!(allowed.allows(&s.images.identity_of(&format!("sha256:{new}")).unwrap()));
+    let by_old = format!("sha256:{old}");
+    assert!(!allowed.allows(&s.images.identity_of(&by_old).unwrap()));
+    assert!(!allowed.allows(&s.images.resolve(&by_old).unwrap().identity()));
+    // Named again, it is that name's image again.
+    s.images
+        .import(
+            &format!("oci:{dir}:v1"),
+            Some("tools-old"),
+            Limits::default(),
+        )
+        .unwrap();
+    let identity = s.images.identity_of(&by_old).unwrap();
+    assert_eq!(identity.name.as_deref(), Some("tools-old"));
+    assert_eq!(
+        s.images
+            .resolve(&by_old)
+            .unwrap()
+            .identity()
+            .name
+            .as_deref(),
+        Some("tools-old")
+    );
+}
+
+/// A manifest with more layers than its config has diff_ids (or fewer) is not an image
+/// other runtimes would run: unpacking only the layers that pair up would run a tree that
+/// leaves out the last layers (say, the one removing a vulnerable binary).
+#[test]
+fn layers_and_diff_ids_that_do_not_pair_up_fail_and_install_nothing() {
+    for keep in [1, 3] {
+        let s = state();
+        let src = tempfile::tempdir().unwrap();
+        let mut oci = Oci::new(src.path());
+        let (first, second) = (
+            layer(&[("bin/tool", "vulnerable")]),
+            layer(&[("bin/.wh.tool", "")]),
+        );
+        oci.image(
+            &[
+                (first.clone(), Compression::None),
+                (second.clone(), Compression::None),
+            ],
+            oci::host_arch(),
+            None,
+        );
+        let index: Value =
+            serde_json::from_slice(&std::fs::read(src.path().join("index.json")).unwrap()).unwrap();
+        let manifest_hex = index["manifests"][0]["digest"].as_str().unwrap()[7..].to_string();
+        let mut manifest: Value =
+            serde_json::from_slice(&std::fs::read(oci.blob(&manifest_hex)).unwrap()).unwrap();
+        let diff_ids: Vec<String> = [&first, &second, &first]
+            .iter()
+            .take(keep)
+            .map(|tar| format!("sha256:{}", sha256(tar)))
+            .collect();
+        let config = json!({
+            "architecture": oci::host_arch(), "os": "linux",
+            "rootfs": {"type": "layers", "diff_ids": diff_ids},
+        });
+        manifest["config"] = oci.put(
+            &serde_json::to_vec(&config).unwrap(),
+            "application/vnd.oci.image.config.v1+json",
+        );
+        let bytes = serde_json::to_vec(&manifest).unwrap();
+        oci.manifests = vec![oci.put(&bytes, OCI_MANIFEST_TYPE)];
+        oci.write_index();
+        let err = s
+            .images
+            .import(
+                &format!("oci:{}", src.path().display()),
+                Some("x"),
+                Limits::default(),
+            )
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("layer digests"), "{keep}: {err}");
+        assert!(s.installed().is_empty(), "{:?}", s.installed());
+    }
+}
+
+/// An index that names one nested index many times, each naming many manifests, would
+/// have the import gather (and a pull fetch) their product: the entries of all indexes
+/// together are bounded.
+#[test]
+fn indexes_that_multiply_their_entries_stop_at_the_entry_limit() {
+    let s = state();
+    let src = tempfile::tempdir().unwrap();
+    let mut oci = Oci::new(src.path());
+    oci.image(
+        &[(layer(&[("a", "a")]), Compression::None)],
+        oci::host_arch(),
+        None,
+    );
+    let manifest = oci.manifests[0].clone();
+    let nested = json!({"schemaVersion": 2, "manifests": vec![manifest; 100]});
+    let nested = oci.put(
+        &serde_json::to_vec(&nested).unwrap(),
+        "application/vnd.oci.image.index.v1+json",
+    );
+    oci.manifests = vec![nested; 100];
+    oci.write_index();
+    let err = s
+        .images
+        .import(
+            &format!("oci:{}", src.path().display()),
+            Some("x"),
+            Limits::default(),
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains(&format!("more than {} entries", oci::MAX_INDEX_ENTRIES)),
+        "{err}"
+    );
+    assert!(s.installed().is_empty(), "{:?}", s.installed());
+}
+
+/// Without --name, an import names the image after its own metadata (the ref.name
+/// annotation, a Docker archive's RepoTags): an archive that calls itself `debian` must
+/// not silently re-point the operator's `debian` (which allow-lists and jobs name).
+#[test]
+fn an_image_cannot_take_over_an_installed_name_by_its_own_metadata() {
+    let s = state();
+    let trusted = tempfile::tempdir().unwrap();
+    let mut oci = Oci::new(trusted.path());
+    let debian = oci.image(
+        &[(layer(&[("etc/debian_version", "12")]), Compression::None)],
+        oci::host_arch(),
+        None,
+    );
+    s.images
+        .import(
+            &format!("oci:{}", trusted.path().display()),
+            Some("debian"),
+            Limits::default(),
+        )
+        .unwrap();
+
+    let vendor = tempfile::tempdir().unwrap();
+    let mut oci = Oci::new(vendor.path());
+    oci.image(
+        &[(layer(&[("bin/backdoor", "x")]), Compression::None)],
+        oci::host_arch(),
+        Some("docker.io/library/debian:12"),
+    );
+    let source = format!("oci:{}", vendor.path().display());
+    let err = s
+        .images
+        .import(&source, None, Limits::default())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("--name debian"), "{err}");
+    assert_eq!(
+        s.images.read_record("debian").unwrap().unwrap().digest(),
+        debian
+    );
+    // Named on purpose, it replaces.
+    let imported = s
+        .images
+        .import(&source, Some("debian"), Limits::default())
+        .unwrap();
+    assert_eq!(imported.replaced.as_deref(), Some(debian.as_str()));
+    // The same image again, by its own name, is only named again.
+    s.images.import(&source, None, Limits::default()).unwrap();
+}
+
+/// Each layer blob is read (and hashed) in full, twice, while its decompressed content
+/// is metered: a zstd skippable frame (data the decoder skips) makes a blob of any size
+/// that decompresses to almost nothing, and a manifest may list it thousands of times.
+/// The layers' blobs add up to no more than the import may decompress.
+#[test]
+fn layer_blobs_larger_than_what_they_may_decompress_to_are_refused_before_reading() {
+    let s = state();
+    let src = tempfile::tempdir().unwrap();
+    let oci = Oci::new(src.path());
+    let tar = layer(&[("a", "a")]);
+    let junk = 3usize << 20;
+    let mut blob = zstd::encode_all(tar.as_slice(), 1).unwrap();
+    blob.extend_from_slice(&[0x50, 0x2a, 0x4d, 0x18]);
+    blob.extend_from_slice(&u32::try_from(junk).unwrap().to_le_bytes());
+    blob.resize(blob.len() + junk, 0);
+    let descriptor = oci.put(&blob, "application/vnd.oci.image.layer.v1.tar+zstd");
+    let diff_id = format!("sha256:{}", sha256(&tar));
+    let config = json!({
+        "architecture": oci::host_arch(), "os": "linux",
+        "rootfs": {"type": "layers", "diff_ids": [diff_id, diff_id]},
+    });
+    let config = oci.put(
+        &serde_json::to_vec(&config).unwrap(),
+        "application/vnd.oci.image.config.v1+json",
+    );
+    let manifest = json!({
+        "schemaVersion": 2, "mediaType": OCI_MANIFEST_TYPE,
+        "config": config, "layers": [descriptor, descriptor],
+    });
+    let mut oci = oci;
+    oci.manifests = vec![oci.put(&serde_json::to_vec(&manifest).unwrap(), OCI_MANIFEST_TYPE)];
+    oci.write_index();
+    let limits = Limits {
+        max_bytes: 1 << 20,
+        max_entries: 100,
+    };
+    let source = format!("oci:{}", src.path().display());
+    let err = s
+        .images
+        .import(&source, Some("x"), limits)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("layers are"), "{err}");
+    assert!(s.installed().is_empty(), "{:?}", s.installed());
+}
+
+/// The same in a Docker archive: its manifest.json lists one layer member again and
+/// again (each listing is a layer to read); the archive is refused on the layers' size.
+#[test]
+fn a_docker_archive_listing_one_large_layer_again_and_again_is_refused() {
+    let s = state();
+    let dir = tempfile::tempdir().unwrap();
+    let tar = layer(&[("a", "a")]);
+    let mut blob = zstd::encode_all(tar.as_slice(), 1).unwrap();
+    blob.extend_from_slice(&[0x50, 0x2a, 0x4d, 0x18]);
+    blob.extend_from_slice(&(1u32 << 20).to_le_bytes());
+    blob.resize(blob.len() + (1 << 20), 0);
+    let diff_id = format!("sha256:{}", sha256(&tar));
+    let config = json!({
+        "architecture": oci::host_arch(), "os": "linux",
+        "rootfs": {"type": "layers", "diff_ids": vec![diff_id; 3]},
+    });
+    let manifest = json!([{
+        "Config": "config.json",
+        "RepoTags": ["tool:1"],
+        "Layers": ["layer.tar", "layer.tar", "layer.tar"],
+    }]);
+    let archive = dir.path().join("tool.tar");
+    let mut out = tar::Builder::new(std::fs::File::create(&archive).unwrap());
+    for (name, bytes) in [
+        ("manifest.json", serde_json::to_vec(&manifest).unwrap()),
+        ("config.json", serde_json::to_vec(&config).unwrap()),
+        ("layer.tar", blob),
+    ] {
+        let mut h = tar::Header::new_gnu();
+        h.set_mode(0o644);
+        h.set_size(bytes.len() as u64);
+        out.append_data(&mut h, name, bytes.as_slice()).unwrap();
+    }
+    out.finish().unwrap();
+    let limits = Limits {
+        max_bytes: 1 << 20,
+        max_entries: 100,
+    };
+    let err = s
+        .images
+        .import(
+            &format!("docker-archive:{}", archive.display()),
+            None,
+            limits,
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("layers are"), "{err}");
+    assert!(s.installed().is_empty(), "{:?}", s.installed());
+}

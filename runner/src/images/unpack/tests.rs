@@ -460,3 +460,172 @@ fn names_clean_inside_the_root() {
     assert!(clean_str("./").is_empty());
     assert!(clean_str("..").is_empty());
 }
+
+/// A layer of entries with long names (GNU long-name records): symlinks where a target
+/// is given, else directories (names ending in '/') and empty files.
+fn long_names(entries: &[(String, Option<String>)]) -> Vec<u8> {
+    let mut layer = tar::Builder::new(Vec::new());
+    for (name, target) in entries {
+        let mut h = Header::new_gnu();
+        h.set_size(0);
+        h.set_mode(0o755);
+        match target {
+            Some(target) => {
+                h.set_entry_type(EntryType::Symlink);
+                layer.append_link(&mut h, name, target).unwrap();
+            }
+            None => {
+                h.set_entry_type(if name.ends_with('/') {
+                    EntryType::Directory
+                } else {
+                    EntryType::Regular
+                });
+                layer.append_data(&mut h, name, io::empty()).unwrap();
+            }
+        }
+    }
+    layer.into_inner().unwrap()
+}
+
+/// Each name is at most 4096 bytes, but a name through a symlink to a deep directory
+/// goes on from there: repeated, a layer builds paths far longer than any name (a tree
+/// too deep for whatever walks it recursively, removing it for one, and paths too large
+/// for the per-job re-hash, which holds them all). Where an entry lies in the tree, its
+/// path stays within MAX_PATH_BYTES, however its name reached it.
+#[test]
+fn entries_whose_path_in_the_tree_is_too_long_are_refused_through_symlinks_too() {
+    // "d/d/.../d": `levels` components, 2 * levels - 1 bytes.
+    let deep = |levels: usize| vec!["d"; levels].join("/");
+    let half = MAX_PATH_BYTES / 4 + 1;
+    for leaf in [None, Some("file"), Some("symlink")] {
+        let f = Fixture::new();
+        let mut entries = vec![
+            (format!("{}/", deep(half)), None),
+            ("s".into(), Some(deep(half))),
+        ];
+        let through = format!("s/{}", deep(half));
+        match leaf {
+            None => entries.push((format!("{through}/"), None)),
+            // Its directory fits; the entry in it does not.
+            Some(kind) => {
+                let dir = deep(half - 2);
+                entries.push((format!("s/{dir}/"), None));
+                let name = format!("s/{dir}/{}", "x".repeat(8));
+                entries.push((name, (kind == "symlink").then(|| "y".to_string())));
+            }
+        }
+        let layer = long_names(&entries);
+        let err = f.unpack(&[layer]).unwrap_err().to_string();
+        assert!(err.contains("longer than"), "{leaf:?}: {err}");
+        f.assert_host_untouched();
+    }
+
+    // Up to the limit, it unpacks: this directory's path in the tree is 4096 bytes.
+    let f = Fixture::new();
+    let rest = format!("{}/dd", deep(half - 3));
+    assert_eq!(deep(half).len() + 1 + rest.len(), MAX_PATH_BYTES);
+    let layer = long_names(&[
+        (format!("{}/", deep(half)), None),
+        ("s".into(), Some(deep(half))),
+        (format!("s/{rest}/"), None),
+    ]);
+    f.unpack(&[layer]).unwrap();
+}
+
+/// The stored tree is reachable by every host user (steps read it through its "other"
+/// bits, from a path any uid may traverse): a world-writable directory of an image (a
+/// 1777 /var/tmp once its sticky bit is dropped, or any 0777 directory) would let a
+/// local user change the image on the host between its per-job re-hash and the step,
+/// or make every job using it fail. Group and other never get write permission; the
+/// tree is mounted read-only in the sandbox, so steps lose nothing.
+#[test]
+fn no_entry_of_the_tree_is_writable_by_group_or_other() {
+    let f = Fixture::new();
+    let mut sticky = header(b"var/tmp/", EntryType::Directory, 0, 0o1777);
+    sticky.set_mode(0o1777);
+    let layer = Layer::new()
+        .raw(sticky, b"")
+        .raw(header(b"opt/tool/", EntryType::Directory, 0, 0o777), b"")
+        .file_mode("opt/tool/bin", b"tool", 0o777)
+        .file_mode("etc/shared", b"x", 0o664)
+        .file_mode("implied/dir/file", b"x", 0o644)
+        .bytes();
+    f.unpack(&[layer]).unwrap();
+    let mode = |p: &str| {
+        fs::symlink_metadata(f.root.join(p))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o7777
+    };
+    assert_eq!(mode("var/tmp"), 0o755);
+    assert_eq!(mode("opt/tool"), 0o755);
+    assert_eq!(mode("opt/tool/bin"), 0o755);
+    assert_eq!(mode("etc/shared"), 0o644);
+    assert_eq!(mode("implied/dir"), 0o755);
+}
+
+/// Paths of up to 4096 bytes each, as many as the entry limit allows, would have the
+/// per-job re-hash hold gigabytes: the paths of all entries together are bounded too.
+#[test]
+fn the_paths_of_all_entries_together_stop_at_their_limit() {
+    let f = Fixture::new();
+    let limits = Limits {
+        max_bytes: 1 << 20,
+        max_entries: 64,
+    };
+    // 16 components of 250 bytes: a 4015-byte directory, then files in it.
+    let dir: String = (0..16)
+        .map(|i| format!("{i:x}").repeat(250))
+        .collect::<Vec<_>>()
+        .join("/");
+    let mut entries = vec![(format!("{dir}/"), None)];
+    entries.extend((0..20).map(|i| (format!("{dir}/f{i}"), None)));
+    let err = unpack_with(&f.root, &[long_names(&entries)], limits)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains(&format!("add up to more than {}", limits.max_path_bytes())),
+        "{err}"
+    );
+    // The same entries with short paths fit.
+    let f = Fixture::new();
+    let short: Vec<(String, Option<String>)> = (0..60).map(|i| (format!("d/f{i}"), None)).collect();
+    unpack_with(&f.root, &[long_names(&short)], limits).unwrap();
+}
+
+/// A hard link to an entry a later layer replaces by a symlink to a host file, then
+/// files written at both names, and a directory replaced by a symlink to the host then
+/// written through: every write stays inside the tree, and the hard link keeps its own
+/// inode (the replaced entry is unlinked, never written through).
+#[test]
+fn hard_links_and_directories_replaced_by_symlinks_are_never_written_through() {
+    let f = Fixture::new();
+    let host_file = format!("/{}/canary", f.host_rel());
+    let lower = Layer::new()
+        .file("etc/f", b"lower")
+        .hardlink("etc/h", "etc/f")
+        .dir("usr/lib/")
+        .bytes();
+    // The tree has a directory at the host directory's path: the symlink resolves to it.
+    let host_dir = long_names(&[(format!("{}/", f.host_rel()), None)]);
+    let middle = Layer::new()
+        .symlink("etc/f", &host_file)
+        .symlink("usr/lib", &format!("/{}", f.host_rel()))
+        .hardlink("etc/h2", "etc/f")
+        .bytes();
+    let upper = Layer::new()
+        .file("etc/f", b"upper f")
+        .file("etc/h2", b"upper h2")
+        .file("usr/lib/canary", b"through")
+        .file("usr/lib/new", b"new")
+        .bytes();
+    f.unpack(&[lower, host_dir, middle, upper]).unwrap();
+    f.assert_host_untouched();
+    assert_eq!(fs::read(f.root.join("etc/h")).unwrap(), b"lower");
+    assert_eq!(fs::read(f.root.join("etc/f")).unwrap(), b"upper f");
+    assert_eq!(fs::read(f.root.join("etc/h2")).unwrap(), b"upper h2");
+    assert!(f.root.join("etc/h").symlink_metadata().unwrap().is_file());
+    assert_eq!(fs::read(f.contained().join("canary")).unwrap(), b"through");
+    assert_eq!(fs::read(f.contained().join("new")).unwrap(), b"new");
+}
