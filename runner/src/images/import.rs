@@ -68,30 +68,8 @@ impl Images {
             Source::Pulled { layout, .. } => (Layout::at(layout), None, None),
         };
         let chosen = layout.choose(tag)?;
-        let given = name.is_some();
-        let name = match name {
-            Some(name) => name.to_string(),
-            None => source.default_name(archive_tag.as_deref().or(chosen.repo_tag.as_deref())),
-        };
-        check_image_name(&name)
-            .map_err(|e| RunnerError::invalid("name", format!("{e} (give one with --name)")))?;
-        if name == HOST_IMAGE {
-            return Err(RunnerError::invalid("name", "\"host\" is built in"));
-        }
-        // A name from the image's own metadata (its ref.name or RepoTags) or its file
-        // name never re-points one jobs and allow-lists already use; a pull's name is the
-        // repository the operator typed.
-        if !given && !matches!(source, Source::Pulled { .. }) {
-            if let Some(old) = self.read_record(&name)? {
-                if old.digest() != chosen.manifest_digest {
-                    return Err(RunnerError::FailedPrecondition(format!(
-                        "{name:?} names sha256:{} already, and this image would take that \
-                         name from its own tag or file name: give --name {name} to replace it",
-                        old.digest()
-                    )));
-                }
-            }
-        }
+        let repo_tag = archive_tag.as_deref().or(chosen.repo_tag.as_deref());
+        let name = self.import_name(&source, name, repo_tag, &chosen.manifest_digest)?;
         let env = image_env(&chosen.config)?;
         let manifest = chosen.manifest_digest.clone();
         let content = self.oci_dir().join(&manifest);
@@ -165,6 +143,43 @@ impl Images {
             already_installed,
             replaced,
         })
+    }
+
+    /// The name an import installs under: `name` if given, else one from the image's
+    /// own metadata or file name, which may not take over a name that names another
+    /// image.
+    fn import_name(
+        &self,
+        source: &Source,
+        name: Option<&str>,
+        repo_tag: Option<&str>,
+        manifest_digest: &str,
+    ) -> Result<String> {
+        let given = name.is_some();
+        let name = match name {
+            Some(name) => name.to_string(),
+            None => source.default_name(repo_tag),
+        };
+        check_image_name(&name)
+            .map_err(|e| RunnerError::invalid("name", format!("{e} (give one with --name)")))?;
+        if name == HOST_IMAGE {
+            return Err(RunnerError::invalid("name", "\"host\" is built in"));
+        }
+        // A name from the image's own metadata (its ref.name or RepoTags) or its file
+        // name never re-points one jobs and allow-lists already use; a pull's name is the
+        // repository the operator typed.
+        if !given && !matches!(source, Source::Pulled { .. }) {
+            if let Some(old) = self.read_record(&name)? {
+                if old.digest() != manifest_digest {
+                    return Err(RunnerError::FailedPrecondition(format!(
+                        "{name:?} names sha256:{} already, and this image would take that \
+                         name from its own tag or file name: give --name {name} to replace it",
+                        old.digest()
+                    )));
+                }
+            }
+        }
+        Ok(name)
     }
 }
 

@@ -34,7 +34,7 @@ use std::rc::Rc;
 use nix::errno::Errno;
 use nix::fcntl::{openat, openat2, AtFlags, OFlag, OpenHow, ResolveFlag};
 use nix::sys::stat::{fchmod, fstat, fstatat, mkdirat, Mode, SFlag};
-use nix::unistd::{linkat, symlinkat, unlinkat, UnlinkatFlags};
+use nix::unistd::{linkat, symlinkat};
 
 /// The longest entry name or link target, in bytes (Linux's PATH_MAX).
 pub const MAX_PATH_BYTES: usize = 4096;
@@ -683,48 +683,8 @@ fn entry_error(path: &str, what: &str, err: Errno) -> UnpackError {
     }
 }
 
-/// A readable fd of a directory opened O_PATH.
-fn reopen_dir(dir: &OwnedFd) -> Result<OwnedFd, Errno> {
-    openat(
-        dir.as_fd(),
-        ".",
-        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
-        Mode::empty(),
-    )
-}
-
-fn child_names(dir: &OwnedFd) -> Result<Vec<std::ffi::OsString>, Errno> {
-    let mut listing = nix::dir::Dir::from_fd(reopen_dir(dir)?)?;
-    let mut names = Vec::new();
-    for entry in listing.iter() {
-        let entry = entry?;
-        let name = entry.file_name().to_bytes();
-        if name != b"." && name != b".." {
-            names.push(OsStr::from_bytes(name).to_os_string());
-        }
-    }
-    Ok(names)
-}
-
-/// Removes `name` of `parent` and, for a directory, everything below it, through
-/// directory fds: a symlink is removed, never followed.
-fn remove_all(parent: &OwnedFd, name: &OsStr) -> Result<(), Errno> {
-    match unlinkat(parent.as_fd(), name, UnlinkatFlags::NoRemoveDir) {
-        Ok(()) | Err(Errno::ENOENT) => return Ok(()),
-        Err(Errno::EISDIR) => {}
-        Err(e) => return Err(e),
-    }
-    let dir = openat(
-        parent.as_fd(),
-        name,
-        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
-        Mode::empty(),
-    )?;
-    for child in child_names(&dir)? {
-        remove_all(&dir, &child)?;
-    }
-    unlinkat(parent.as_fd(), name, UnlinkatFlags::RemoveDir)
-}
+mod dirfd;
+use dirfd::{child_names, remove_all, reopen_dir};
 
 #[cfg(test)]
 mod tests;
