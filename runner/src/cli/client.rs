@@ -36,6 +36,7 @@ use crate::cli::connect::read_client_file;
 pub use crate::cli::connect::{
     ca_roots, channel_over, channel_over_tls, client_tls_config, tls_failure_hint, Target,
 };
+use crate::cli::printable;
 
 #[derive(Clone)]
 pub struct Client {
@@ -589,36 +590,36 @@ pub fn summary(job: &Job) -> String {
         };
         out.push_str(&format!(
             "  step {:<12} {:<10} exit {:<4} {:>6} ms  cpu {} ms  peak {}  {reason}{}\n",
-            step.name,
+            printable(&step.name),
             state,
             step.exit_code,
             step.duration_ms,
             step.cpu_time_ms,
             crate::units::format_size(step.peak_memory_bytes),
-            if step.message.is_empty() {
-                step.link_name.clone()
+            printable(if step.message.is_empty() {
+                &step.link_name
             } else {
-                step.message.clone()
-            }
+                &step.message
+            })
         ));
         for a in &step.network {
             let via = if a.address.is_empty() {
                 String::new()
             } else {
-                format!(" via {}", a.address)
+                format!(" via {}", printable(&a.address))
             };
             let sni = if a.sni.is_empty() {
                 String::new()
             } else {
-                format!(" sni {}", a.sni)
+                format!(" sni {}", printable(&a.sni))
             };
             out.push_str(&format!(
                 "    net {} {}:{}{sni}{via} {}: {}  up {} B down {} B {} ms\n",
-                a.method,
-                a.host,
+                printable(&a.method),
+                printable(&a.host),
                 a.port,
-                a.decision,
-                a.reason,
+                printable(&a.decision),
+                printable(&a.reason),
                 a.bytes_up,
                 a.bytes_down,
                 a.duration_ms
@@ -645,7 +646,7 @@ pub fn summary(job: &Job) -> String {
     }
     out.push_str(&format!("  job {} {}", job.job_id, state_name(job.state)));
     if !job.message.is_empty() {
-        out.push_str(&format!(": {}", job.message));
+        out.push_str(&format!(": {}", printable(&job.message)));
     }
     out
 }

@@ -87,24 +87,8 @@ pub fn summary_line(job: &JobSummary) -> String {
         state_name(job.state),
         created,
         job.owner,
-        printable(&job.name)
+        super::printable(&job.name)
     )
-}
-
-/// `text` with its control characters and bidirectional overrides escaped (`\n`,
-/// `\u{1b}`, `\u{202e}`): a name a client chose must not start a line of its own, move
-/// the terminal's cursor or reorder what follows in the listing an operator reads.
-fn printable(text: &str) -> String {
-    let bidi = |c: char| matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}');
-    text.chars()
-        .map(|c| {
-            if c.is_control() || bidi(c) {
-                c.escape_debug().to_string()
-            } else {
-                c.to_string()
-            }
-        })
-        .collect()
 }
 
 /// `kiln jobs`.
