@@ -608,15 +608,25 @@ fn last_line(file: &mut File) -> std::io::Result<(u64, Option<Vec<u8>>)> {
 
 /// The log's last `n` lines, as stored.
 pub fn tail(state_dir: &Path, n: usize) -> std::io::Result<Vec<String>> {
+    const BLOCK: u64 = 64 << 10;
     let path = state_dir.join(AUDIT_DIR).join(LOG_FILE);
     let mut file = File::open(path)?;
     let len = file.metadata()?.len();
-    // Every line is far shorter than this bound (see MAX_REASON).
-    let want = (n as u64 + 1).saturating_mul(8 << 10);
-    let start = len.saturating_sub(want);
-    file.seek(SeekFrom::Start(start))?;
-    let mut text = String::new();
-    file.read_to_string(&mut text)?;
+    // Read back from the end a block at a time until the last n lines are in: memory
+    // follows what is printed, however long the lines or the log.
+    let (mut start, mut newlines) = (len, 0);
+    let mut tail: Vec<u8> = Vec::new();
+    while start > 0 && newlines <= n {
+        let from = start.saturating_sub(BLOCK);
+        let mut block = vec![0; usize::try_from(start - from).unwrap_or(0)];
+        file.seek(SeekFrom::Start(from))?;
+        file.read_exact(&mut block)?;
+        newlines += block.iter().filter(|&&b| b == b'\n').count();
+        block.extend_from_slice(&tail);
+        tail = block;
+        start = from;
+    }
+    let text = String::from_utf8_lossy(&tail);
     let mut lines: Vec<&str> = text.lines().collect();
     if start > 0 && !lines.is_empty() {
         lines.remove(0); // cut in the middle

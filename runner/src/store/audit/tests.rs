@@ -374,3 +374,20 @@ fn tail_answers_the_last_lines() {
     assert_eq!(last.len(), 2);
     assert!(last[1].contains(CHECKPOINT_ACTION));
 }
+
+#[test]
+fn tail_answers_the_last_lines_however_long() {
+    let dir = tempfile::tempdir().unwrap();
+    fs::create_dir_all(dir.path().join(AUDIT_DIR)).unwrap();
+    let lines: Vec<String> = (0..5)
+        .map(|i| format!("{{\"seq\":{i},\"reason\":\"{}\"}}", "x".repeat(100_000)))
+        .collect();
+    fs::write(
+        dir.path().join(AUDIT_DIR).join(LOG_FILE),
+        lines.join("\n") + "\n",
+    )
+    .unwrap();
+    assert_eq!(tail(dir.path(), 2).unwrap(), lines[3..]);
+    assert_eq!(tail(dir.path(), 9).unwrap(), lines);
+    assert!(tail(dir.path(), 0).unwrap().is_empty());
+}
