@@ -18,12 +18,14 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, UnixListener, UnixStream};
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio::sync::mpsc;
+use tokio_rustls::server::TlsStream;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::server::Connected;
+use tonic::transport::server::{Connected, UdsConnectInfo};
 
-use crate::daemon::tls::{self, ReloadingConfig, TlsIo};
+use crate::api::auth::TlsIdentities;
+use crate::daemon::tls::{self, ReloadingConfig};
 
 #[derive(Debug, Clone, Copy)]
 pub struct ConnectionLimits {
@@ -58,7 +60,7 @@ pub struct Listeners {
     said: Arc<Mutex<RateLimitedLog>>,
 }
 
-type Incoming<S> = ReceiverStream<io::Result<Connection<S>>>;
+type Incoming<S, I> = ReceiverStream<io::Result<Connection<S, I>>>;
 
 impl Listeners {
     pub fn new(limits: ConnectionLimits) -> Self {
@@ -71,7 +73,7 @@ impl Listeners {
 
     /// Accepts on a Unix socket for as long as the returned stream is polled, handing
     /// over connections within the limits and closing the others at once.
-    pub fn unix(&self, listener: UnixListener) -> Incoming<UnixStream> {
+    pub fn unix(&self, listener: UnixListener) -> Incoming<UnixStream, UdsConnectInfo> {
         let (tx, rx) = mpsc::channel(16);
         let accept = move |cx: &mut Context<'_>| {
             listener.poll_accept(cx).map_ok(|(stream, _)| {
@@ -79,10 +81,11 @@ impl Listeners {
                 (stream, ClientKey::Uid(uid))
             })
         };
-        let hand_over = |stream, slot, deadline, tx: &mpsc::Sender<_>| {
+        let hand_over = |stream: UnixStream, slot, deadline, tx: &mpsc::Sender<_>| {
             let tx = tx.clone();
             async move {
-                tx.send(Ok(Connection::new(stream, slot, deadline)))
+                let info = stream.connect_info();
+                tx.send(Ok(Connection::new(stream, info, slot, deadline)))
                     .await
                     .is_ok()
             }
@@ -94,7 +97,11 @@ impl Listeners {
     /// Accepts on TCP for as long as the returned stream is polled; each connection
     /// within the limits is handed over once its TLS handshake succeeded, within the
     /// handshake deadline.
-    pub fn tls(&self, listener: TcpListener, config: Arc<ReloadingConfig>) -> Incoming<TlsIo> {
+    pub fn tls(
+        &self,
+        listener: TcpListener,
+        config: Arc<ReloadingConfig>,
+    ) -> Incoming<TlsStream<TcpStream>, TlsIdentities> {
         let (tx, rx) = mpsc::channel(16);
         let accept = move |cx: &mut Context<'_>| {
             listener.poll_accept(cx).map_ok(|(stream, peer)| {
@@ -116,7 +123,8 @@ impl Listeners {
                 let failure = match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await
                 {
                     Ok(Ok(stream)) => {
-                        let connection = Connection::new(TlsIo::new(stream), slot, deadline);
+                        let identities = tls::peer_identities(&stream);
+                        let connection = Connection::new(stream, identities, slot, deadline);
                         let _ = tx.send(Ok(connection)).await;
                         return;
                     }
@@ -137,14 +145,14 @@ impl Listeners {
     /// Accepts with `accept`, admits each connection within the caps, and gives it with
     /// its place in the counts and its deadline to `hand_over` (false: no one is
     /// listening any more).
-    async fn accept_loop<S, T, A, H, HF>(
+    async fn accept_loop<S, T, I, A, H, HF>(
         self,
         mut accept: A,
         mut hand_over: H,
-        tx: mpsc::Sender<io::Result<Connection<T>>>,
+        tx: mpsc::Sender<io::Result<Connection<T, I>>>,
     ) where
         A: FnMut(&mut Context<'_>) -> Poll<io::Result<(S, ClientKey)>>,
-        H: FnMut(S, Slot, tokio::time::Instant, &mpsc::Sender<io::Result<Connection<T>>>) -> HF,
+        H: FnMut(S, Slot, tokio::time::Instant, &mpsc::Sender<io::Result<Connection<T, I>>>) -> HF,
         HF: Future<Output = bool>,
     {
         let mut backoff = MIN_BACKOFF;
@@ -260,18 +268,21 @@ impl Drop for Slot {
 }
 
 /// An accepted connection: the stream (a Unix stream, or TLS over TCP after its
-/// handshake), its place in the counts, and the deadline for its preface.
-pub struct Connection<S> {
+/// handshake), who the transport proved the caller is, its place in the counts, and the
+/// deadline for its preface.
+pub struct Connection<S, I> {
     stream: S,
+    info: I,
     slot: Option<Slot>,
     received: usize,
     deadline: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
-impl<S> Connection<S> {
-    fn new(stream: S, slot: Slot, deadline: tokio::time::Instant) -> Self {
+impl<S, I> Connection<S, I> {
+    fn new(stream: S, info: I, slot: Slot, deadline: tokio::time::Instant) -> Self {
         Self {
             stream,
+            info,
             slot: Some(slot),
             received: 0,
             deadline: Some(Box::pin(tokio::time::sleep_until(deadline))),
@@ -281,15 +292,15 @@ impl<S> Connection<S> {
 
 /// The caller's identity goes with the connection: the peer credentials of a Unix
 /// stream, the certificate's identities of a TLS one.
-impl<S: Connected> Connected for Connection<S> {
-    type ConnectInfo = S::ConnectInfo;
+impl<S, I: Clone + Send + Sync + 'static> Connected for Connection<S, I> {
+    type ConnectInfo = I;
 
     fn connect_info(&self) -> Self::ConnectInfo {
-        self.stream.connect_info()
+        self.info.clone()
     }
 }
 
-impl<S: AsyncRead + Unpin> AsyncRead for Connection<S> {
+impl<S: AsyncRead + Unpin, I: Unpin> AsyncRead for Connection<S, I> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -319,7 +330,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for Connection<S> {
     }
 }
 
-impl<S: AsyncWrite + Unpin> AsyncWrite for Connection<S> {
+impl<S: AsyncWrite + Unpin, I: Unpin> AsyncWrite for Connection<S, I> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,

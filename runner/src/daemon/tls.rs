@@ -5,19 +5,17 @@
 
 use std::io;
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::task::{Context, Poll};
+
 use std::time::{Duration, SystemTime};
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConfig};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
 use tokio::net::TcpStream;
-use tonic::transport::server::Connected;
 
 use crate::api::auth::TlsIdentities;
 use crate::config::TlsListen;
@@ -322,71 +320,16 @@ pub fn identities(leaf: &CertificateDer<'_>) -> TlsIdentities {
     )
 }
 
-/// A TLS connection whose handshake succeeded, with the client's identities.
-pub struct TlsIo {
-    stream: tokio_rustls::server::TlsStream<TcpStream>,
-    identities: TlsIdentities,
-}
-
-impl TlsIo {
-    pub fn new(stream: tokio_rustls::server::TlsStream<TcpStream>) -> Self {
-        let identities = stream
-            .get_ref()
-            .1
-            .peer_certificates()
-            .and_then(|chain| chain.first())
-            .map(identities)
-            .unwrap_or_default();
-        Self { stream, identities }
-    }
-}
-
-impl Connected for TlsIo {
-    type ConnectInfo = TlsIdentities;
-
-    fn connect_info(&self) -> Self::ConnectInfo {
-        self.identities.clone()
-    }
-}
-
-impl AsyncRead for TlsIo {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().stream).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for TlsIo {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().stream).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.stream.is_write_vectored()
-    }
+/// The identities of the client of a TLS connection whose handshake succeeded (its
+/// verified leaf certificate's).
+pub fn peer_identities(stream: &tokio_rustls::server::TlsStream<TcpStream>) -> TlsIdentities {
+    stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|chain| chain.first())
+        .map(identities)
+        .unwrap_or_default()
 }
 
 #[cfg(test)]
