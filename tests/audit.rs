@@ -239,25 +239,7 @@ async fn a_call_that_cannot_be_audited_is_refused() {
     let config = config_file("state_reserve = \"8M\"\n");
     let args = ["--config", config.path().to_str().unwrap()];
     let mut daemon = Daemon::start_with(&args);
-    daemon.stop();
-    std::fs::remove_dir_all(&daemon.state).unwrap();
-    std::fs::create_dir(&daemon.state).unwrap();
-    nix::mount::mount(
-        Some("tmpfs"),
-        &daemon.state,
-        Some("tmpfs"),
-        nix::mount::MsFlags::empty(),
-        Some("size=64m,mode=0711"),
-    )
-    .unwrap();
-    struct Unmount(std::path::PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
-        }
-    }
-    let _unmount = Unmount(daemon.state.clone());
-    daemon.spawn(&args);
+    let _small_disk = daemon.restart_on_small_state_disk(&args);
     let ok = daemon.kiln(&["run", "--", "/bin/true"]);
     assert!(ok.status.success(), "{}", describe(&ok));
     let job_id = entries(&daemon.state)

@@ -446,25 +446,7 @@ async fn a_full_state_disk_refuses_clearly_and_recovers_without_a_restart() {
     let args = ["--config", config.path().to_str().unwrap()];
     // The daemon's state directory on a small filesystem of its own.
     let mut daemon = Daemon::start_with(&args);
-    daemon.stop();
-    std::fs::remove_dir_all(&daemon.state).unwrap();
-    std::fs::create_dir(&daemon.state).unwrap();
-    nix::mount::mount(
-        Some("tmpfs"),
-        &daemon.state,
-        Some("tmpfs"),
-        nix::mount::MsFlags::empty(),
-        Some("size=64m,mode=0711"),
-    )
-    .unwrap();
-    struct Unmount(std::path::PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
-        }
-    }
-    let _unmount = Unmount(daemon.state.clone());
-    daemon.spawn(&args);
+    let _small_disk = daemon.restart_on_small_state_disk(&args);
     let channel = channel_as(&daemon.socket, 0, 0).await;
     let mut store = ContentStoreClient::new(channel.clone());
     let mut jobs = JobsClient::new(channel);

@@ -593,3 +593,34 @@ pub fn write_messages(data: &[u8]) -> (String, Vec<agent_proto::v1::WriteRequest
     ];
     (digest, messages)
 }
+
+/// Unmounts a test's filesystem when dropped.
+pub struct Unmount(PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
+impl Daemon {
+    /// Stops the daemon, gives it an empty state directory on a 64 MiB tmpfs of its own
+    /// (a disk that fills up), and starts it again with `args`; the tmpfs goes with the
+    /// returned guard.
+    pub fn restart_on_small_state_disk(&mut self, args: &[&str]) -> Unmount {
+        self.stop();
+        std::fs::remove_dir_all(&self.state).unwrap();
+        std::fs::create_dir(&self.state).unwrap();
+        nix::mount::mount(
+            Some("tmpfs"),
+            &self.state,
+            Some("tmpfs"),
+            nix::mount::MsFlags::empty(),
+            Some("size=64m,mode=0711"),
+        )
+        .unwrap();
+        let unmount = Unmount(self.state.clone());
+        self.spawn(args);
+        unmount
+    }
+}
