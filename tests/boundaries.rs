@@ -7,15 +7,14 @@ mod support;
 
 use std::os::unix::fs::PermissionsExt;
 
-use agent_proto::v1::attestations_client::AttestationsClient;
-use agent_proto::v1::content_store_client::ContentStoreClient;
-use agent_proto::v1::jobs_client::JobsClient;
 use agent_proto::v1::{
-    job_event, CancelRequest, FindMissingRequest, GetProvenanceRequest, GetRequest, Input, Job,
-    JobSpec, JobState, ListLinksRequest, ReadRequest, Step, SubmitRequest, WatchRequest,
+    CancelRequest, FindMissingRequest, GetProvenanceRequest, Input, JobSpec, JobState,
+    ListLinksRequest, Step, WatchRequest,
 };
 use support::*;
-use tonic::transport::Channel;
+
+/// The daemon's services as one client; `new` connects as a host uid.
+type Client = ApiClient;
 use tonic::Code;
 
 /// The socket's group; both clients are in it.
@@ -26,41 +25,9 @@ const OPERATOR: u32 = 47_003;
 /// A host user with no access to the socket.
 const OUTSIDER: u32 = 47_004;
 
-struct Client {
-    jobs: JobsClient<Channel>,
-    store: ContentStoreClient<Channel>,
-    attestations: AttestationsClient<Channel>,
-}
-
 impl Client {
     async fn new(daemon: &Daemon, uid: u32) -> Client {
-        let channel = channel_as(&daemon.socket, uid, CLIENTS_GID).await;
-        Client {
-            jobs: JobsClient::new(channel.clone()),
-            store: ContentStoreClient::new(channel.clone()),
-            attestations: AttestationsClient::new(channel),
-        }
-    }
-
-    async fn upload(&mut self, data: &[u8]) -> Result<String, tonic::Status> {
-        let (digest, messages) = write_messages(data);
-        self.store.write(tokio_stream::iter(messages)).await?;
-        Ok(digest)
-    }
-
-    async fn read(&mut self, digest: &str) -> Result<Vec<u8>, tonic::Status> {
-        let mut stream = self
-            .store
-            .read(ReadRequest {
-                digest: digest.to_string(),
-            })
-            .await?
-            .into_inner();
-        let mut data = Vec::new();
-        while let Some(chunk) = stream.message().await? {
-            data.extend(chunk.data);
-        }
-        Ok(data)
+        Client::over(channel_as(&daemon.socket, uid, CLIENTS_GID).await)
     }
 
     async fn missing(&mut self, digests: &[&str]) -> Vec<String> {
@@ -72,46 +39,6 @@ impl Client {
             .unwrap()
             .into_inner()
             .missing
-    }
-
-    async fn submit(&mut self, spec: JobSpec, key: &str) -> Result<String, tonic::Status> {
-        Ok(self
-            .jobs
-            .submit(SubmitRequest {
-                spec: Some(spec),
-                idempotency_key: key.to_string(),
-            })
-            .await?
-            .into_inner()
-            .job_id)
-    }
-
-    async fn get(&mut self, id: &str) -> Result<Job, tonic::Status> {
-        Ok(self
-            .jobs
-            .get(GetRequest {
-                job_id: id.to_string(),
-            })
-            .await?
-            .into_inner())
-    }
-
-    /// Follows the job with Watch to its end.
-    async fn wait(&mut self, id: &str) -> Job {
-        let mut stream = self
-            .jobs
-            .watch(WatchRequest {
-                job_id: id.to_string(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        while let Some(event) = stream.message().await.unwrap() {
-            if let Some(job_event::Event::JobFinished(job)) = event.event {
-                return job;
-            }
-        }
-        panic!("watch ended without the job finishing");
     }
 }
 

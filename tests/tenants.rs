@@ -10,16 +10,14 @@ use std::collections::BTreeSet;
 use std::os::unix::fs::PermissionsExt;
 use std::time::{Duration, Instant};
 
-use agent_proto::v1::attestations_client::AttestationsClient;
-use agent_proto::v1::content_store_client::ContentStoreClient;
-use agent_proto::v1::jobs_client::JobsClient;
 use agent_proto::v1::{
-    job_event, CancelRequest, FindMissingRequest, GetProvenanceRequest, GetRequest, Input, Job,
-    JobSpec, JobState, JobSummary, ListJobsRequest, ListLinksRequest, ReadRequest, ResourceLimits,
-    Step, SubmitRequest, WatchRequest, WhoAmIRequest,
+    CancelRequest, FindMissingRequest, GetProvenanceRequest, Input, JobSpec, JobState, JobSummary,
+    ListJobsRequest, ListLinksRequest, ResourceLimits, Step, WatchRequest, WhoAmIRequest,
 };
 use support::*;
-use tonic::transport::Channel;
+
+/// The daemon's services as one client; `new` connects as a host uid.
+type Client = ApiClient;
 use tonic::Code;
 
 const CLIENTS_GID: u32 = 48_000;
@@ -49,44 +47,9 @@ max_timeout_seconds = 60
 max_queued_jobs = 1
 ";
 
-struct Client {
-    jobs: JobsClient<Channel>,
-    store: ContentStoreClient<Channel>,
-    attestations: AttestationsClient<Channel>,
-}
-
 impl Client {
     async fn new(daemon: &Daemon, uid: u32) -> Client {
         Self::over(channel_as(&daemon.socket, uid, CLIENTS_GID).await)
-    }
-
-    fn over(channel: Channel) -> Client {
-        Client {
-            jobs: JobsClient::new(channel.clone()),
-            store: ContentStoreClient::new(channel.clone()),
-            attestations: AttestationsClient::new(channel),
-        }
-    }
-
-    async fn upload(&mut self, data: &[u8]) -> Result<String, tonic::Status> {
-        let (digest, messages) = write_messages(data);
-        self.store.write(tokio_stream::iter(messages)).await?;
-        Ok(digest)
-    }
-
-    async fn read(&mut self, digest: &str) -> Result<Vec<u8>, tonic::Status> {
-        let mut stream = self
-            .store
-            .read(ReadRequest {
-                digest: digest.to_string(),
-            })
-            .await?
-            .into_inner();
-        let mut data = Vec::new();
-        while let Some(chunk) = stream.message().await? {
-            data.extend(chunk.data);
-        }
-        Ok(data)
     }
 
     async fn missing(&mut self, digest: &str) -> bool {
@@ -102,28 +65,6 @@ impl Client {
             .is_empty()
     }
 
-    async fn submit(&mut self, spec: JobSpec, key: &str) -> Result<String, tonic::Status> {
-        Ok(self
-            .jobs
-            .submit(SubmitRequest {
-                spec: Some(spec),
-                idempotency_key: key.to_string(),
-            })
-            .await?
-            .into_inner()
-            .job_id)
-    }
-
-    async fn get(&mut self, id: &str) -> Result<Job, tonic::Status> {
-        Ok(self
-            .jobs
-            .get(GetRequest {
-                job_id: id.to_string(),
-            })
-            .await?
-            .into_inner())
-    }
-
     async fn cancel(&mut self, id: &str) -> Result<i32, tonic::Status> {
         Ok(self
             .jobs
@@ -133,23 +74,6 @@ impl Client {
             .await?
             .into_inner()
             .state)
-    }
-
-    async fn wait(&mut self, id: &str) -> Job {
-        let mut stream = self
-            .jobs
-            .watch(WatchRequest {
-                job_id: id.to_string(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        while let Some(event) = stream.message().await.unwrap() {
-            if let Some(job_event::Event::JobFinished(job)) = event.event {
-                return job;
-            }
-        }
-        panic!("watch ended without the job finishing");
     }
 
     async fn wait_running(&mut self, id: &str) {

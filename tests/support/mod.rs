@@ -624,3 +624,87 @@ impl Daemon {
         unmount
     }
 }
+
+/// A gRPC client of the daemon's three services over one channel, with the calls the
+/// ownership tests make.
+pub struct ApiClient {
+    pub jobs: agent_proto::v1::jobs_client::JobsClient<tonic::transport::Channel>,
+    pub store: agent_proto::v1::content_store_client::ContentStoreClient<tonic::transport::Channel>,
+    pub attestations:
+        agent_proto::v1::attestations_client::AttestationsClient<tonic::transport::Channel>,
+}
+
+impl ApiClient {
+    pub fn over(channel: tonic::transport::Channel) -> ApiClient {
+        ApiClient {
+            jobs: agent_proto::v1::jobs_client::JobsClient::new(channel.clone()),
+            store: agent_proto::v1::content_store_client::ContentStoreClient::new(channel.clone()),
+            attestations: agent_proto::v1::attestations_client::AttestationsClient::new(channel),
+        }
+    }
+
+    pub async fn upload(&mut self, data: &[u8]) -> Result<String, tonic::Status> {
+        let (digest, messages) = write_messages(data);
+        self.store.write(tokio_stream::iter(messages)).await?;
+        Ok(digest)
+    }
+
+    pub async fn read(&mut self, digest: &str) -> Result<Vec<u8>, tonic::Status> {
+        let mut stream = self
+            .store
+            .read(agent_proto::v1::ReadRequest {
+                digest: digest.to_string(),
+            })
+            .await?
+            .into_inner();
+        let mut data = Vec::new();
+        while let Some(chunk) = stream.message().await? {
+            data.extend(chunk.data);
+        }
+        Ok(data)
+    }
+
+    pub async fn submit(
+        &mut self,
+        spec: agent_proto::v1::JobSpec,
+        key: &str,
+    ) -> Result<String, tonic::Status> {
+        Ok(self
+            .jobs
+            .submit(agent_proto::v1::SubmitRequest {
+                spec: Some(spec),
+                idempotency_key: key.to_string(),
+            })
+            .await?
+            .into_inner()
+            .job_id)
+    }
+
+    pub async fn get(&mut self, id: &str) -> Result<agent_proto::v1::Job, tonic::Status> {
+        Ok(self
+            .jobs
+            .get(agent_proto::v1::GetRequest {
+                job_id: id.to_string(),
+            })
+            .await?
+            .into_inner())
+    }
+
+    /// Follows the job with Watch to its end.
+    pub async fn wait(&mut self, id: &str) -> agent_proto::v1::Job {
+        let mut stream = self
+            .jobs
+            .watch(agent_proto::v1::WatchRequest {
+                job_id: id.to_string(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        while let Some(event) = stream.message().await.unwrap() {
+            if let Some(agent_proto::v1::job_event::Event::JobFinished(job)) = event.event {
+                return job;
+            }
+        }
+        panic!("watch ended without the job finishing");
+    }
+}
