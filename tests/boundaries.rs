@@ -58,6 +58,7 @@ fn spec(name: &str, input_digest: &str, script: &str) -> JobSpec {
             ..Default::default()
         }],
         outputs: vec!["out.txt".into()],
+        publish_repository: String::new(),
     }
 }
 

@@ -6,28 +6,23 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
 
 use base64::Engine;
 use sha2::{Digest, Sha256};
+use support::registry::Registry;
 use support::*;
 
 const BUSYBOX: &str = "/bin/busybox";
-const REGISTRY_BIN: &str = "/usr/bin/docker-registry";
 const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
 
 fn sha256(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
-}
-
-fn in_ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| v == "true")
 }
 
 /// One gzip layer: /bin/busybox, sh and echo.
@@ -96,171 +91,16 @@ fn image_for(arch: &str) -> Image {
     }
 }
 
-/// An HTTP/1.1 answer.
-struct Answer {
-    status: u16,
-    headers: Vec<(String, String)>,
-    body: Vec<u8>,
-}
-
-impl Answer {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-    }
-}
-
-/// One request on its own connection (`Connection: close`), plain HTTP on loopback.
-fn http(addr: &str, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Answer {
-    let mut stream = TcpStream::connect(addr).unwrap();
-    let mut request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
-        body.len()
-    );
-    for (name, value) in headers {
-        request.push_str(&format!("{name}: {value}\r\n"));
-    }
-    request.push_str("\r\n");
-    stream.write_all(request.as_bytes()).unwrap();
-    stream.write_all(body).unwrap();
-    let mut reader = BufReader::new(stream);
-    let mut line = String::new();
-    reader.read_line(&mut line).unwrap();
-    let status: u16 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
-    let mut headers = Vec::new();
-    loop {
-        line.clear();
-        reader.read_line(&mut line).unwrap();
-        let trimmed = line.trim_end();
-        if trimmed.is_empty() {
-            break;
-        }
-        let (name, value) = trimmed.split_once(':').unwrap();
-        headers.push((name.trim().to_string(), value.trim().to_string()));
-    }
-    let mut body = Vec::new();
-    reader.read_to_end(&mut body).unwrap();
-    Answer {
-        status,
-        headers,
-        body,
-    }
-}
-
-/// Debian's docker-registry on 127.0.0.1, storing in a temporary directory.
-struct Registry {
-    addr: String,
-    child: Child,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Registry {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Registry {
-    /// None (and says so) outside CI when docker-registry is not installed.
-    fn start(test: &str) -> Option<Registry> {
-        if !Path::new(REGISTRY_BIN).is_file() {
-            assert!(!in_ci(), "{test}: CI=true but {REGISTRY_BIN} is missing");
-            eprintln!("SKIPPED: {test} needs {REGISTRY_BIN} (apt-get install docker-registry)");
-            return None;
-        }
-        let dir = tempfile::tempdir().unwrap();
-        // A free port: taken from the kernel, released just before the registry binds it.
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let addr = format!("127.0.0.1:{port}");
-        let config = dir.path().join("config.yml");
-        std::fs::write(
-            &config,
-            format!(
-                "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\n",
-                dir.path().join("storage").display()
-            ),
-        )
-        .unwrap();
-        let log = std::fs::File::create(dir.path().join("registry.log")).unwrap();
-        let mut child = Command::new(REGISTRY_BIN)
-            .arg("serve")
-            .arg(&config)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                panic!(
-                    "docker-registry exited ({status}):\n{}",
-                    std::fs::read_to_string(dir.path().join("registry.log")).unwrap_or_default()
-                );
-            }
-            if TcpStream::connect(&addr).is_ok()
-                && http(&addr, "GET", "/v2/", &[], b"").status == 200
-            {
-                break;
-            }
-            assert!(Instant::now() < deadline, "docker-registry did not start");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Some(Registry {
-            addr,
-            child,
-            _dir: dir,
-        })
-    }
-
-    /// A blob upload as the distribution API has it: POST, then PUT with the digest.
-    fn push_blob(&self, repo: &str, blob: &[u8]) {
-        let started = http(
-            &self.addr,
-            "POST",
-            &format!("/v2/{repo}/blobs/uploads/"),
-            &[],
-            b"",
-        );
-        assert_eq!(started.status, 202, "{}", text(&started.body));
-        let location = started.header("Location").unwrap();
-        let path = location
-            .strip_prefix(&format!("http://{}", self.addr))
-            .unwrap_or(location);
-        let separator = if path.contains('?') { '&' } else { '?' };
-        let done = http(
-            &self.addr,
-            "PUT",
-            &format!("{path}{separator}digest=sha256:{}", sha256(blob)),
-            &[("Content-Type", "application/octet-stream")],
-            blob,
-        );
-        assert_eq!(done.status, 201, "{}", text(&done.body));
-    }
-
-    fn push_manifest(&self, repo: &str, reference: &str, media_type: &str, manifest: &[u8]) {
-        let done = http(
-            &self.addr,
-            "PUT",
-            &format!("/v2/{repo}/manifests/{reference}"),
-            &[("Content-Type", media_type)],
-            manifest,
-        );
-        assert_eq!(done.status, 201, "{}", text(&done.body));
-    }
-
+impl RegistryImage for Registry {
     fn push_image(&self, repo: &str, tag: &str, image: &Image) {
         self.push_blob(repo, &image.config);
         self.push_blob(repo, &image.layer);
         self.push_manifest(repo, tag, OCI_MANIFEST, &image.manifest);
     }
+}
+
+trait RegistryImage {
+    fn push_image(&self, repo: &str, tag: &str, image: &Image);
 }
 
 /// `kiln image pull` with its own docker config directory (none of the host's).

@@ -150,6 +150,7 @@ fn job(name: &str, input: Option<&str>, script: &str) -> JobSpec {
         } else {
             Vec::new()
         },
+        publish_repository: String::new(),
     }
 }
 

@@ -5,6 +5,7 @@
 //! Pure library: no sandbox, no gRPC, no async runtime.
 #![forbid(unsafe_code)]
 
+pub mod bundle;
 pub mod cjson;
 pub mod dsse;
 mod error;

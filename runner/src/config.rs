@@ -153,6 +153,8 @@ pub struct Config {
     pub tenants: Tenants,
     /// `[images]`: which images jobs may use.
     pub images: ImagesConfig,
+    /// `[publish]`: where job outputs may be pushed, and with which credentials.
+    pub publish: PublishConfig,
 }
 
 /// The `[images]` table.
@@ -167,6 +169,35 @@ pub struct ImagesConfig {
     /// HTTP, as Docker's `insecure-registries`; loopback ones always may.
     #[serde(default)]
     pub insecure_registries: Vec<String>,
+}
+
+/// The `[publish]` table.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PublishConfig {
+    /// Repositories callers in no tenant may publish to (`REGISTRY/REPO` or
+    /// `REGISTRY/PREFIX/*`); a tenant's own are its `publish`. None: no publishing.
+    #[serde(default)]
+    pub repositories: crate::registry::policy::RepositoryPatterns,
+    /// A docker-style config.json with the daemon's registry credentials.
+    pub auth_file: Option<PathBuf>,
+    /// A publish that has not finished by then fails (and fails its job).
+    #[serde(default = "default_publish_timeout")]
+    pub timeout_seconds: u64,
+}
+
+fn default_publish_timeout() -> u64 {
+    1800
+}
+
+impl Default for PublishConfig {
+    fn default() -> Self {
+        PublishConfig {
+            repositories: Default::default(),
+            auth_file: None,
+            timeout_seconds: default_publish_timeout(),
+        }
+    }
 }
 
 /// How the daemon writes its log lines.
@@ -234,6 +265,7 @@ impl Default for Config {
             waive: Vec::new(),
             tenants: Tenants::default(),
             images: ImagesConfig::default(),
+            publish: PublishConfig::default(),
         }
     }
 }
@@ -464,6 +496,21 @@ impl Config {
         match tenant_ceiling {
             Some(ceiling) => ceiling,
             None => self.network_ceiling_for(caller.uid),
+        }
+    }
+
+    /// Where `caller` may publish, and the configuration key that says so.
+    pub fn publish_scope(
+        &self,
+        caller: &crate::api::auth::Principal,
+    ) -> (&crate::registry::policy::RepositoryPatterns, String) {
+        match caller
+            .tenant
+            .as_deref()
+            .and_then(|name| self.tenants.get(name).map(|t| (name, t)))
+        {
+            Some((name, tenant)) => (&tenant.publish, format!("tenants.{name}.publish")),
+            None => (&self.publish.repositories, "[publish] repositories".into()),
         }
     }
 

@@ -13,6 +13,7 @@ pub mod error;
 pub mod images;
 pub mod limits;
 pub mod plan;
+pub mod registry;
 pub mod spec;
 pub mod store;
 pub mod tenants;

@@ -13,7 +13,7 @@ use runner::cli::args::{
 };
 use runner::cli::client::LinkFormat;
 use runner::cli::client::{Client, EXIT_KILN_ERROR};
-use runner::cli::{client, demo, jobfile, listing, verify};
+use runner::cli::{artifact, client, demo, jobfile, listing, verify};
 use runner::daemon::server;
 use runner::engine::signer;
 use runner::store::{cas, db};
@@ -199,11 +199,21 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             links,
             artifacts,
             provenance,
+            image,
+            registry,
             keys,
             policy,
             json,
             files,
         } => match (provenance, policy, layout, links) {
+            (None, Some(policy), _, _) if image.is_some() => {
+                let trust = artifact::Trust {
+                    keys: &keys,
+                    policy: &policy,
+                };
+                let reference = image.unwrap_or_default();
+                artifact::verify_image(&reference, &trust, &registry.options(), json).await
+            }
             (Some(envelope), Some(policy), _, _) => {
                 verify::run_provenance(&envelope, &keys, &policy, &files, json)
             }
@@ -212,6 +222,26 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             }
             _ => anyhow::bail!("kiln verify needs --layout, --layout-key and --links, or --provenance, --key and --policy"),
         },
+        Command::Push {
+            job_id,
+            repository,
+        } => {
+            let client = Client::connect_to(&target?).await?;
+            artifact::push(&client, &job_id, &repository).await
+        }
+        Command::PullArtifact {
+            reference,
+            out,
+            keys,
+            policy,
+            registry,
+        } => {
+            let trust = artifact::Trust {
+                keys: &keys,
+                policy: &policy,
+            };
+            artifact::pull_artifact(&reference, &out, &trust, &registry.options()).await
+        }
         Command::Audit {
             command: AuditCommand::Verify { state_dir, key },
         } => runner::cli::audit::verify(&state_dir, key.as_deref()),
@@ -315,6 +345,7 @@ fn single_step_job(args: RunArgs) -> anyhow::Result<(JobSpec, Vec<client::LocalI
             allow_net: args.allow_net,
         }],
         outputs: args.outputs,
+        publish_repository: String::new(),
     };
     Ok((spec, locals))
 }

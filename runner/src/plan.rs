@@ -117,6 +117,10 @@ mod tests {
             max_spec_bytes: config.max_spec_bytes.0,
             tenant: None,
             tenant_caps: Default::default(),
+            publish: crate::registry::policy::RepositoryPatterns::parse(&["127.0.0.1:5000/ok/*"])
+                .unwrap(),
+            publish_key: "[publish] repositories".into(),
+            insecure_registries: Vec::new(),
         }
     }
 

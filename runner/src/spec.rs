@@ -40,6 +40,11 @@ pub struct SpecLimits {
     /// `max_memory`, `network_ceiling`) are its own: a refusal names that tenant's key.
     pub tenant: Option<String>,
     pub tenant_caps: BTreeSet<&'static str>,
+    /// Where its jobs may publish, the key that says so, and the registries spoken to
+    /// in plain HTTP.
+    pub publish: crate::registry::policy::RepositoryPatterns,
+    pub publish_key: String,
+    pub insecure_registries: Vec<String>,
 }
 
 impl SpecLimits {
@@ -98,6 +103,9 @@ impl SpecLimits {
             max_spec_bytes: config.max_spec_bytes.0,
             tenant: caller.tenant.clone(),
             tenant_caps,
+            publish: config.publish_scope(caller).0.clone(),
+            publish_key: config.publish_scope(caller).1,
+            insecure_registries: config.images.insecure_registries.clone(),
         }
     }
 }
@@ -174,6 +182,23 @@ fn check_resource_limits(
         caps.max_disk_bytes,
         &size,
     )
+}
+
+/// Whether the caller may publish to `repository`; answers where it goes and its tag.
+pub fn check_publish(
+    repository: &str,
+    limits: &SpecLimits,
+) -> Result<(crate::registry::Target, Option<String>)> {
+    let (target, tag) =
+        crate::registry::Target::parse_push(repository, &limits.insecure_registries)?;
+    if !limits.publish.allows(&target) {
+        return Err(RunnerError::PermissionDenied(format!(
+            "publishing to {} is not allowed: {} does not list it",
+            target.repository_name(),
+            limits.publish_key
+        )));
+    }
+    Ok((target, tag))
 }
 
 /// A relative, '/'-separated path inside the workspace, without "." or ".."
@@ -268,6 +293,9 @@ pub fn validate(spec: &JobSpec, limits: &SpecLimits) -> Result<Vec<Option<AllowL
         ));
     }
     check_image_reference(&spec.image)?;
+    if !spec.publish_repository.is_empty() {
+        check_publish(&spec.publish_repository, limits)?;
+    }
 
     check_inputs(spec, limits)?;
     if spec.steps.is_empty() {

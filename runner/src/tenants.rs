@@ -51,6 +51,10 @@ pub struct TenantConfig {
     pub max_running_jobs: Option<u32>,
     /// Its jobs waiting to run; a Submit beyond it is RESOURCE_EXHAUSTED.
     pub max_queued_jobs: Option<u64>,
+    /// Repositories its members may publish to (`REGISTRY/REPO` or `REGISTRY/PREFIX/*`);
+    /// none when absent.
+    #[serde(default)]
+    pub publish: crate::registry::policy::RepositoryPatterns,
     /// Its share of the job slots against other tenants with queued work.
     #[serde(default = "one")]
     pub weight: u32,

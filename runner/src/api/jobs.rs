@@ -6,8 +6,8 @@ use std::pin::Pin;
 use agent_proto::v1::jobs_server::Jobs;
 use agent_proto::v1::{
     CancelRequest, CancelResponse, GetRequest, Job, JobEvent, JobState, JobSummary,
-    ListJobsRequest, ListJobsResponse, SubmitRequest, SubmitResponse, WatchRequest, WhoAmIRequest,
-    WhoAmIResponse,
+    ListJobsRequest, ListJobsResponse, PublishRequest, PublishResponse, SubmitRequest,
+    SubmitResponse, WatchRequest, WhoAmIRequest, WhoAmIResponse,
 };
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
@@ -253,4 +253,31 @@ impl Jobs for Service {
             uid: caller.uid,
         }))
     }
+
+    async fn publish(
+        &self,
+        request: Request<PublishRequest>,
+    ) -> Result<Response<PublishResponse>, Status> {
+        let caller = principal(&request)?;
+        let req = request.into_inner();
+        check_job_id(&req.job_id)?;
+        if req.repository.len() > MAX_REPOSITORY_BYTES {
+            return Err(RunnerError::invalid("repository", "longer than 1024 bytes").into());
+        }
+        let published = self
+            .runner
+            .publish(&req.job_id, &req.repository, &caller)
+            .await;
+        let audit = self.audit.clone();
+        let object = format!("job:{}", req.job_id);
+        let published =
+            blocking(move || audited(&audit, &caller, "job.publish", object, published)).await?;
+        Ok(Response::new(PublishResponse {
+            reference: published.reference,
+            attestations: u32::try_from(published.attestations).unwrap_or(u32::MAX),
+        }))
+    }
 }
+
+/// The longest repository a Publish may name.
+const MAX_REPOSITORY_BYTES: usize = 1024;

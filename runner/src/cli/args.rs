@@ -105,9 +105,10 @@ pub enum Command {
     ///
     /// Layout mode: --layout, --layout-key, --links [--artifacts].
     /// Provenance mode: --provenance ENVELOPE --key KEY... --policy POLICY [--json] FILE...
+    /// Registry mode: --image REGISTRY/REPO@sha256:DIGEST --key KEY... --policy POLICY [--json]
     Verify {
         /// An in-toto layout (metablock).
-        #[arg(long, required_unless_present = "provenance", requires_all = ["layout_keys", "links"])]
+        #[arg(long, required_unless_present_any = ["provenance", "image"], requires_all = ["layout_keys", "links"])]
         layout: Option<PathBuf>,
         /// PEM public key(s) of the layout owner; repeatable.
         #[arg(long = "layout-key")]
@@ -119,8 +120,14 @@ pub enum Command {
         #[arg(long)]
         artifacts: Option<PathBuf>,
         /// A job's SLSA provenance (DSSE envelope) to check instead of a layout.
-        #[arg(long, conflicts_with = "layout", requires_all = ["keys", "policy"])]
+        #[arg(long, conflicts_with_all = ["layout", "image"], requires_all = ["keys", "policy"])]
         provenance: Option<PathBuf>,
+        /// An artifact in an OCI registry (REGISTRY/REPO@sha256:DIGEST): its attached
+        /// provenance is checked against every layer, and each layer against its digest.
+        #[arg(long, conflicts_with = "layout", requires_all = ["keys", "policy"])]
+        image: Option<String>,
+        #[command(flatten)]
+        registry: RegistryArgs,
         /// Runner public key(s): SPKI PEM, or a key ring export (JSON, with validity windows).
         #[arg(long = "key")]
         keys: Vec<PathBuf>,
@@ -132,6 +139,30 @@ pub enum Command {
         json: bool,
         /// Artifact files whose SHA-256 must be subjects of the provenance.
         files: Vec<PathBuf>,
+    },
+    /// Have the daemon publish a succeeded job to an OCI registry: its outputs as one
+    /// artifact, its provenance, links and SBOM attached as Sigstore bundles. Prints
+    /// REGISTRY/REPO@sha256:DIGEST.
+    Push {
+        job_id: String,
+        /// REGISTRY/REPO or REGISTRY/REPO:TAG.
+        repository: String,
+    },
+    /// Verify an artifact in a registry as `kiln verify --image` does, then download its
+    /// outputs into a new or empty directory.
+    PullArtifact {
+        /// REGISTRY/REPO@sha256:DIGEST.
+        reference: String,
+        #[arg(long)]
+        out: PathBuf,
+        /// Runner public key(s): SPKI PEM, or a key ring export.
+        #[arg(long = "key", required = true)]
+        keys: Vec<PathBuf>,
+        /// Verification policy (TOML; see README).
+        #[arg(long)]
+        policy: PathBuf,
+        #[command(flatten)]
+        registry: RegistryArgs,
     },
     /// Check or read the audit log (offline, from the state directory's files).
     Audit {
@@ -162,6 +193,28 @@ pub enum Command {
         #[arg(long)]
         keep: bool,
     },
+}
+
+/// How the client reaches a registry.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct RegistryArgs {
+    /// HOST:PORT of a registry spoken to over plain HTTP (loopback ones always may be);
+    /// repeatable.
+    #[arg(long = "insecure-registry", value_name = "HOST:PORT")]
+    pub insecure_registries: Vec<String>,
+    /// A docker-style config.json with the registry's credentials [default:
+    /// $DOCKER_CONFIG/config.json or ~/.docker/config.json when present].
+    #[arg(long, value_name = "FILE")]
+    pub registry_auth: Option<PathBuf>,
+}
+
+impl RegistryArgs {
+    pub fn options(self) -> crate::cli::artifact::RegistryOptions {
+        crate::cli::artifact::RegistryOptions {
+            insecure_registries: self.insecure_registries,
+            auth_file: self.registry_auth,
+        }
+    }
 }
 
 /// `kiln run`'s arguments.

@@ -370,6 +370,22 @@ impl Client {
             .into_inner())
     }
 
+    /// Asks the daemon to push a job's outputs and attestations to a registry.
+    pub async fn publish(
+        &self,
+        job_id: &str,
+        repository: &str,
+    ) -> anyhow::Result<agent_proto::v1::PublishResponse> {
+        Ok(self
+            .jobs()
+            .publish(agent_proto::v1::PublishRequest {
+                job_id: job_id.to_string(),
+                repository: repository.to_string(),
+            })
+            .await?
+            .into_inner())
+    }
+
     pub async fn cancel(&self, job_id: &str) -> anyhow::Result<i32> {
         Ok(self
             .jobs()
@@ -573,6 +589,7 @@ pub fn job_json(job: &Job) -> serde_json::Value {
         "outputs": job.outputs.iter().map(|o| serde_json::json!({
             "path": o.path, "digest": o.digest, "size": o.size, "executable": o.executable,
         })).collect::<Vec<_>>(),
+        "published": job.published,
     })
 }
 

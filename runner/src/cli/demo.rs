@@ -134,6 +134,7 @@ async fn build_hello(
         inputs: locals.iter().map(LocalInput::to_input).collect(),
         steps: vec![step("compile", &COMPILE), step("run", &RUN)],
         outputs: vec!["hello".into(), "greeting.txt".into()],
+        publish_repository: String::new(),
     };
     client.upload(&locals).await?;
     let job_id = client.submit(spec).await?;

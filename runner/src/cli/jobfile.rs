@@ -21,6 +21,15 @@ pub struct JobFile {
     pub steps: Vec<StepEntry>,
     #[serde(default)]
     pub outputs: Vec<OutputEntry>,
+    /// Where the daemon publishes the outputs when the job succeeds.
+    pub publish: Option<PublishEntry>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PublishEntry {
+    /// `REGISTRY/REPO[:TAG]`.
+    pub repository: String,
 }
 
 fn default_image() -> String {
@@ -80,6 +89,7 @@ pub fn load(path: &Path) -> anyhow::Result<(JobSpec, Vec<LocalInput>)> {
         );
     }
     let spec = JobSpec {
+        publish_repository: file.publish.map(|p| p.repository).unwrap_or_default(),
         name: file.name,
         image: file.image,
         inputs: locals.iter().map(LocalInput::to_input).collect(),

@@ -2,6 +2,7 @@
 //! `kiln verify`, `kiln demo`, `kiln jobs` and `kiln whoami`, `kiln audit`.
 
 pub mod args;
+pub mod artifact;
 pub mod audit;
 pub mod client;
 pub mod connect;

@@ -198,7 +198,7 @@ impl Runner {
     }
 
     /// Who answers now for what `owner` recorded (see [`current_principal`]).
-    fn current_principal(&self, owner: &str) -> Result<Principal> {
+    pub(super) fn current_principal(&self, owner: &str) -> Result<Principal> {
         current_principal(owner, &self.config.admin_uids, &self.config.tenants).ok_or_else(|| {
             RunnerError::FailedPrecondition(format!(
                 "the job's owner ({owner}) is a tenant that is no longer configured"

@@ -15,6 +15,7 @@ mod logs;
 mod machine_tests;
 pub mod outcome;
 pub mod profile;
+mod publish;
 mod run;
 mod scheduler;
 pub mod signer;

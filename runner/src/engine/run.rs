@@ -97,8 +97,8 @@ impl Runner {
         job.state = state as i32;
         job.message = message;
         job.finished_unix_ms = now_ms();
-        let job = {
-            let runner = self.clone();
+        let mut job = {
+            let (runner, plan) = (self.clone(), plan.clone());
             off_runtime(move || {
                 let (image, sbom) = match image_used {
                     Some((image, sbom)) => (Some(image), sbom),
@@ -111,6 +111,17 @@ impl Runner {
                 if state == JobState::Succeeded {
                     runner.attest_job(&mut job, plan.spec(), image.as_ref())?;
                 }
+                Ok(job)
+            })
+            .await?
+        };
+        let repository = &plan.spec().publish_repository;
+        if job.state == JobState::Succeeded as i32 && !repository.is_empty() {
+            self.publish_finished_job(id, &mut job, repository).await;
+        }
+        let job = {
+            let runner = self.clone();
+            off_runtime(move || {
                 runner.db.update_job(&job)?;
                 runner.announce_state(&job, Some(JobState::Running));
                 Ok(job)

@@ -42,12 +42,13 @@ impl IndexBudget {
     }
 }
 
-pub(super) const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
-pub(super) const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
-pub(super) const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
-pub(super) const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
+pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+pub const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
+pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+pub const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
+pub const OCI_IMAGE_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
 const CONFIG_TYPES: [&str; 2] = [
-    "application/vnd.oci.image.config.v1+json",
+    OCI_IMAGE_CONFIG,
     "application/vnd.docker.container.image.v1+json",
 ];
 const REF_NAME: &str = "org.opencontainers.image.ref.name";

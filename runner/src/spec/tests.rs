@@ -14,6 +14,10 @@ fn limits() -> SpecLimits {
         max_spec_bytes: 1 << 20,
         tenant: None,
         tenant_caps: BTreeSet::new(),
+        publish: crate::registry::policy::RepositoryPatterns::parse(&["127.0.0.1:5000/ok/*"])
+            .unwrap(),
+        publish_key: "[publish] repositories".into(),
+        insecure_registries: Vec::new(),
     }
 }
 
@@ -32,6 +36,7 @@ fn good() -> JobSpec {
             ..Default::default()
         }],
         outputs: vec!["out/a".into()],
+        publish_repository: String::new(),
     }
 }
 
@@ -268,4 +273,25 @@ fn a_tenants_own_caps_are_named_by_their_key() {
     caps.tenant_caps.insert("max_timeout_seconds");
     let err = validate(&spec, &caps).unwrap_err().to_string();
     assert!(err.contains("tenants.ci.max_timeout_seconds"), "{err}");
+}
+
+#[test]
+fn a_job_publishes_only_where_its_caller_may() {
+    let mut spec = good();
+    spec.publish_repository = "127.0.0.1:5000/ok/app:v1".into();
+    assert!(validate(&spec, &limits()).is_ok());
+    for (refused, words) in [
+        (
+            "127.0.0.1:5000/other/app",
+            "[publish] repositories does not list",
+        ),
+        ("127.0.0.1:5000/ok", "[publish] repositories does not list"),
+        ("127.0.0.1:5000/ok/app@sha256:00", "not a digest"),
+        ("127.0.0.1:5000/ok/app:sha256-abc", "referrers"),
+        ("ok/app", "registry"),
+    ] {
+        spec.publish_repository = refused.into();
+        let err = validate(&spec, &limits()).unwrap_err().to_string();
+        assert!(err.contains(words), "{refused}: {err}");
+    }
 }
