@@ -121,6 +121,23 @@ pub fn fnmatch(pattern: &str, name: &str) -> bool {
     toks[ti..].iter().all(|t| *t == Tok::Star)
 }
 
+/// A pattern that matches `literal` and nothing else (Python's `glob.escape`
+/// for fnmatch): each of `*`, `?` and `[` becomes a one-character class.
+pub fn escape(literal: &str) -> String {
+    let mut out = String::with_capacity(literal.len());
+    for c in literal.chars() {
+        match c {
+            '*' | '?' | '[' => {
+                out.push('[');
+                out.push(c);
+                out.push(']');
+            }
+            c => out.push(c),
+        }
+    }
+    out
+}
+
 /// The entries of `names` that match `pattern` (Python's `fnmatch.filter`).
 pub fn filter<'a, I>(names: I, pattern: &str) -> Vec<&'a str>
 where
@@ -131,7 +148,26 @@ where
 
 #[cfg(test)]
 mod tests {
-    use super::fnmatch;
+    use super::{escape, fnmatch};
+
+    #[test]
+    fn an_escaped_name_matches_itself_only() {
+        for name in [
+            "a*b",
+            "x?",
+            "[ab]",
+            "dist/[v1]/*.tar",
+            "plain/name.txt",
+            "]",
+            "[!x]",
+        ] {
+            assert!(fnmatch(&escape(name), name), "{name}");
+        }
+        assert!(!fnmatch(&escape("a*b"), "axxb"));
+        assert!(!fnmatch(&escape("x?"), "xy"));
+        assert!(!fnmatch(&escape("[ab]"), "a"));
+        assert_eq!(escape("plain/name.txt"), "plain/name.txt");
+    }
 
     #[test]
     fn basics() {

@@ -11,6 +11,8 @@ use crate::keys::{PublicKey, SigningKey};
 use crate::link::sign_metablock;
 use crate::ProvenanceError;
 
+pub mod job;
+
 /// Which artifact set of a link a rule looks at.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ArtifactKind {
@@ -224,6 +226,45 @@ impl Step {
     }
 }
 
+/// One inspection of a layout: a command in-toto-verify runs in its cwd, whose
+/// recorded cwd (before and after) its rules check.
+#[derive(Debug, Clone)]
+pub struct Inspection {
+    pub name: String,
+    pub run: Vec<String>,
+    pub expected_materials: Vec<Vec<String>>,
+    pub expected_products: Vec<Vec<String>>,
+}
+
+impl Inspection {
+    pub fn new<I, S>(name: impl Into<String>, run: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        Inspection {
+            name: name.into(),
+            run: run.into_iter().map(Into::into).collect(),
+            expected_materials: Vec::new(),
+            expected_products: Vec::new(),
+        }
+    }
+
+    /// Append a material rule (the recorded cwd before the command).
+    pub fn material_rule<S: AsRef<str>>(mut self, rule: &[S]) -> Self {
+        self.expected_materials
+            .push(rule.iter().map(|s| s.as_ref().to_owned()).collect());
+        self
+    }
+
+    /// Append a product rule (the recorded cwd after the command).
+    pub fn product_rule<S: AsRef<str>>(mut self, rule: &[S]) -> Self {
+        self.expected_products
+            .push(rule.iter().map(|s| s.as_ref().to_owned()).collect());
+        self
+    }
+}
+
 /// Builds the `signed` object of an in-toto v0.9 layout.
 #[derive(Debug, Clone)]
 pub struct LayoutBuilder {
@@ -231,6 +272,7 @@ pub struct LayoutBuilder {
     readme: String,
     keys: BTreeMap<String, PublicKey>,
     steps: Vec<Step>,
+    inspections: Vec<Inspection>,
 }
 
 impl LayoutBuilder {
@@ -240,6 +282,7 @@ impl LayoutBuilder {
             readme: String::new(),
             keys: BTreeMap::new(),
             steps: Vec::new(),
+            inspections: Vec::new(),
         }
     }
 
@@ -268,9 +311,16 @@ impl LayoutBuilder {
         self
     }
 
-    /// The layout's `signed` object. Every field of in-toto's Layout and Step
-    /// models is present (in-toto fills in missing ones before checking the
-    /// signature, which would break it) and `inspect` is empty.
+    /// Add an inspection (run by in-toto-verify after all steps' rules).
+    pub fn inspection(mut self, inspection: Inspection) -> Self {
+        self.inspections.push(inspection);
+        self
+    }
+
+    /// The layout's `signed` object. Every field of in-toto's Layout, Step and
+    /// Inspection models is present (in-toto fills in missing ones before
+    /// checking the signature, which would break it). Steps and inspections
+    /// share one namespace of names, as in in-toto.
     pub fn build(&self) -> Result<Value, ProvenanceError> {
         parse_expires(&self.expires).map_err(ProvenanceError::Format)?;
         let mut names = std::collections::BTreeSet::new();
@@ -303,6 +353,27 @@ impl LayoutBuilder {
                 "expected_products": s.expected_products,
             }));
         }
+        let mut inspect = Vec::new();
+        for i in &self.inspections {
+            if i.name.is_empty() || !names.insert(i.name.as_str()) {
+                return Err(ProvenanceError::Format(format!(
+                    "inspection name {:?} is empty or repeats a step or inspection",
+                    i.name
+                )));
+            }
+            for r in i.expected_materials.iter().chain(&i.expected_products) {
+                Rule::parse(r).map_err(|e| {
+                    ProvenanceError::Format(format!("inspection {:?}: {e}", i.name))
+                })?;
+            }
+            inspect.push(json!({
+                "_type": "inspection",
+                "name": i.name,
+                "run": i.run,
+                "expected_materials": i.expected_materials,
+                "expected_products": i.expected_products,
+            }));
+        }
         let keys: serde_json::Map<String, Value> = self
             .keys
             .iter()
@@ -314,7 +385,7 @@ impl LayoutBuilder {
             "readme": self.readme,
             "keys": keys,
             "steps": steps,
-            "inspect": [],
+            "inspect": inspect,
         }))
     }
 }

@@ -9,7 +9,7 @@ use anyhow::Context;
 use clap::Parser;
 
 use runner::cli::args::{
-    AuditCommand, Cli, Command, KeyFormat, KeysCommand, RunArgs, StoreCommand,
+    AuditCommand, Cli, Command, KeyFormat, KeysCommand, LayoutCommand, RunArgs, StoreCommand,
 };
 use runner::cli::client::LinkFormat;
 use runner::cli::client::{Client, EXIT_KILN_ERROR};
@@ -193,6 +193,9 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Keys {
             command: KeysCommand::Rotate { state_dir },
         } => keys_rotate(&state_dir),
+        Command::Layout {
+            command: LayoutCommand::Init(args),
+        } => runner::cli::layout::init(target, &args).await,
         Command::Verify {
             layout,
             layout_keys,

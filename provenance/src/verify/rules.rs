@@ -65,11 +65,93 @@ pub(super) fn verify_item_rules(
         .map(String::as_str)
         .collect();
     for (index, (raw, rule)) in rules.iter().enumerate() {
-        let consumed = consumed_by(rule, kind, link, links, &queue)
-            .map_err(|detail| rule_error(item, step, kind, index, raw, detail))?;
+        let consumed = consumed_by(rule, kind, link, links, &queue).map_err(|detail| {
+            let detail = match rule {
+                Rule::Disallow(pattern) => {
+                    let hit = queue
+                        .iter()
+                        .copied()
+                        .filter(|p| fnmatch::fnmatch(pattern, p));
+                    let why = explain_unmatched(hit, &rules[..index], kind, link, links);
+                    why.into_iter().fold(detail, |d, w| format!("{d}; {w}"))
+                }
+                _ => detail,
+            };
+            rule_error(item, step, kind, index, raw, detail)
+        })?;
         queue.retain(|a| !consumed.contains(a));
     }
     Ok(())
+}
+
+/// Why artifacts that reach a DISALLOW were not consumed by an earlier MATCH that
+/// selects them: the step (and the path there) each should have matched, and the two
+/// hashes or what is missing. A reader of the failure learns which file differs from
+/// which step's artifact, not only that something was left over.
+fn explain_unmatched<'a>(
+    hit: impl Iterator<Item = &'a str>,
+    earlier: &[(Vec<String>, Rule)],
+    kind: ArtifactKind,
+    link: &ParsedLink,
+    links: &BTreeMap<&str, &ParsedLink>,
+) -> Vec<String> {
+    const MAX: usize = 10;
+    let sha256 = |hashes: &BTreeMap<String, String>| {
+        hashes
+            .get("sha256")
+            .cloned()
+            .unwrap_or_else(|| format!("{hashes:?}"))
+    };
+    let mut out = Vec::new();
+    for full in hit.take(MAX) {
+        let explanation = earlier.iter().find_map(|(_, rule)| {
+            let Rule::Match {
+                pattern,
+                source_prefix,
+                dest_kind,
+                dest_prefix,
+                dest_step,
+            } = rule
+            else {
+                return None;
+            };
+            let prefix = if source_prefix.is_empty() {
+                String::new()
+            } else {
+                join(source_prefix, "")
+            };
+            let rel = full.strip_prefix(prefix.as_str())?;
+            if !fnmatch::fnmatch(pattern, rel) {
+                return None;
+            }
+            let what = dest_kind.as_str();
+            let dest_path = join(dest_prefix, rel);
+            Some(match links.get(dest_step.as_str()) {
+                None => format!(
+                    "{full:?} should match the {what} of step '{dest_step}', which has no link"
+                ),
+                Some(dest) => match artifacts_of(dest, *dest_kind).get(&dest_path) {
+                    None => format!(
+                        "{full:?} should match {dest_path:?} among the {what} of step \
+                         '{dest_step}', which has no such file"
+                    ),
+                    Some(expected) => {
+                        let found = artifacts_of(link, kind)
+                            .get(full)
+                            .map(sha256)
+                            .unwrap_or_default();
+                        format!(
+                            "{full:?} (sha256 {found}) does not match {dest_path:?} among the \
+                             {what} of step '{dest_step}' (sha256 {})",
+                            sha256(expected)
+                        )
+                    }
+                },
+            })
+        });
+        out.extend(explanation);
+    }
+    out
 }
 
 /// The error for rule number `index` (from 0; reported from 1) of `step`.

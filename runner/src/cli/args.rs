@@ -101,6 +101,11 @@ pub enum Command {
         #[command(subcommand)]
         command: KeysCommand,
     },
+    /// In-toto layouts for reviewers.
+    Layout {
+        #[command(subcommand)]
+        command: LayoutCommand,
+    },
     /// Verify links against an in-toto layout, as in-toto-verify does.
     ///
     /// Layout mode: --layout, --layout-key, --links [--artifacts].
@@ -266,6 +271,15 @@ pub struct RunArgs {
     pub allow_net: Vec<String>,
     #[arg(required = true, last = true)]
     pub argv: Vec<String>,
+}
+
+#[derive(Subcommand)]
+pub enum LayoutCommand {
+    /// Write a signed in-toto layout for a job file's steps: each step's materials are
+    /// the previous step's products (the first step's the job's inputs), the outputs
+    /// are matched by an inspection that runs `true`. For in-toto-verify and
+    /// `kiln verify --layout`.
+    Init(crate::cli::layout::InitArgs),
 }
 
 #[derive(Subcommand)]

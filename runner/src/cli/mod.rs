@@ -1,5 +1,5 @@
 //! The `kiln` command line's client side: its arguments, the daemon client, job files,
-//! `kiln verify`, `kiln demo`, `kiln jobs` and `kiln whoami`, `kiln audit`.
+//! `kiln layout init`, `kiln verify`, `kiln demo`, `kiln jobs` and `kiln whoami`, `kiln audit`.
 
 pub mod args;
 pub mod artifact;
@@ -9,6 +9,7 @@ pub mod connect;
 pub mod demo;
 pub mod image;
 pub mod jobfile;
+pub mod layout;
 pub mod listing;
 pub mod verify;
 
