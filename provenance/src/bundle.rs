@@ -1,6 +1,6 @@
 //! Sigstore bundles (v0.3) around Kiln's DSSE envelopes, so that standard
-//! verifiers (`@sigstore/verify`, cosign's `verify-blob-attestation --bundle`)
-//! check Kiln's attestations against the runner's public key.
+//! Sigstore verifiers (tested: npm's `@sigstore/verify`) check Kiln's
+//! attestations against the runner's public key.
 //!
 //! Kiln's bundles carry no transparency log entries and no timestamps: the
 //! key is the runner's own, named by `verificationMaterial.publicKey.hint`

@@ -131,6 +131,12 @@ impl SigningKey {
             }
             Err(e) => e,
         };
+        if pem.contains("-----BEGIN EC PRIVATE KEY-----") {
+            // What `openssl ecparam -genkey` writes; one command turns it into PKCS#8.
+            return Err(ProvenanceError::Key(
+                "an EC key in SEC1 form (\"BEGIN EC PRIVATE KEY\"), not PKCS#8: convert it with `openssl pkcs8 -topk8 -nocrypt -in KEY -out KEY.pem`".into(),
+            ));
+        }
         match p256::ecdsa::SigningKey::from_pkcs8_pem(pem) {
             Ok(k) => Ok(SigningKey {
                 inner: SecretKey::EcdsaP256(k),
@@ -573,6 +579,9 @@ Yfps5mliLmDyn7Z5A/4QCLi8maQa6elWKLxk8vGyDC1+n1F3o8KU1EYimQ==
         // Written and read back in PKCS#8.
         let again = SigningKey::from_pkcs8_pem(&k.to_pkcs8_pem()).unwrap();
         assert_eq!(again.keyid(), P256_KEYID);
+        let sec1 = "-----BEGIN EC PRIVATE KEY-----\nAA==\n-----END EC PRIVATE KEY-----\n";
+        let e = SigningKey::from_pkcs8_pem(sec1).unwrap_err().to_string();
+        assert!(e.contains("openssl pkcs8 -topk8"), "{e}");
         let fresh = SigningKey::generate_of(KeyType::EcdsaP256);
         assert_eq!(fresh.key_type(), KeyType::EcdsaP256);
         assert_ne!(fresh.keyid(), P256_KEYID);
