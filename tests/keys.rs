@@ -589,7 +589,7 @@ fn sigstore_bundles_of_p256_and_ed25519_runner_keys_verify_with_sigstore_js_and_
         return;
     }
     let config = config_file("key_type = \"ecdsa-p256\"\n");
-    let daemon = Daemon::start_with(&["--config", config.path().to_str().unwrap()]);
+    let mut daemon = Daemon::start_with(&["--config", config.path().to_str().unwrap()]);
     let state = daemon.state.to_str().unwrap().to_string();
 
     // The configured type made the ring's first key.
@@ -664,6 +664,17 @@ fn sigstore_bundles_of_p256_and_ed25519_runner_keys_verify_with_sigstore_js_and_
             kiln_verify_provenance(&daemon, bundle, &ring_path, &policy, &dir.join("out.txt"));
         assert!(out.status.success(), "{}", describe(&out));
     }
+
+    // Restarted with the same configuration, the daemon keeps the ring's ed25519 key
+    // (key_type chooses new keys only) and says so.
+    assert!(daemon.stop().success(), "{}", daemon.log());
+    daemon.spawn(&["--config", config_arg]);
+    assert_eq!(export_current_key(&daemon, "again.pub").0, ed_id);
+    assert!(
+        daemon.log().contains("not of the configured key_type"),
+        "{}",
+        daemon.log()
+    );
 
     // A payload byte changed under the signature: Kiln refuses the bundle.
     let forged_payload = edited_bundle(&p256_bundle, "forged-payload.sigstore.json", forge_payload);

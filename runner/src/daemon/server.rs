@@ -232,7 +232,17 @@ fn open_state(config: &Config, creation: Creation) -> anyhow::Result<State> {
     // The ring refuses key files another user owns or could read, naming the file.
     let (key, origin) = Signer::open_with(&keys_dir, config.key_type)
         .with_context(|| format!("opening the signing key ring in {}", keys_dir.display()))?;
-    let keyid = key.current().context("the signing key")?.key.keyid();
+    let current = key.current().context("the signing key")?.key;
+    let keyid = current.keyid();
+    if current.key_type() != config.key_type {
+        // key_type only chooses new keys: an existing ring keeps signing as it is.
+        tracing::warn!(
+            %keyid,
+            current_type = %current.key_type(),
+            key_type = %config.key_type,
+            "the ring's current key is not of the configured key_type; `kiln keys rotate --config` makes one that is"
+        );
+    }
     match origin {
         RingOrigin::Created => {
             tracing::info!(%keyid, key_type = %config.key_type, "created a key ring")
