@@ -37,13 +37,15 @@ fn run_streams_output_writes_link_and_outputs_that_in_toto_verify_accepts() {
         .flatten()
         .partition(|e| e.file_name().to_str().unwrap().ends_with(".link"));
     assert_eq!(links.len(), 1);
-    // Besides the link: the job's SLSA provenance.
-    assert_eq!(others.len(), 1);
-    assert!(others[0]
-        .file_name()
-        .to_str()
-        .unwrap()
-        .ends_with(".provenance.json"));
+    // Besides the link: the job's SLSA provenance, and the same as a Sigstore bundle.
+    let mut others: Vec<String> = others
+        .iter()
+        .map(|e| e.file_name().into_string().unwrap())
+        .collect();
+    others.sort();
+    assert_eq!(others.len(), 2, "{others:?}");
+    let job_id = others[0].strip_suffix(".provenance.json").unwrap();
+    assert_eq!(others[1], format!("{job_id}.provenance.sigstore.json"));
     let name = links[0].file_name().into_string().unwrap();
     assert!(
         name.starts_with("run.") && name.ends_with(".link"),

@@ -461,3 +461,472 @@ fn keys_generate_creates_a_ring_once_and_rotate_needs_one() {
     assert_eq!(files.len(), 2, "{files:?}");
     assert!(files.contains(&format!("{second}.pem")), "{files:?}");
 }
+
+// ---- ECDSA P-256 runner keys and Sigstore bundles, checked by the standard tools.
+
+/// The daemon's current key: (key id, securesystemslib keytype), and its SPKI PEM
+/// written to `name`.
+fn export_current_key(daemon: &Daemon, name: &str) -> (String, String, PathBuf) {
+    let out = daemon.kiln(&["keys", "public", "--format", "securesystemslib"]);
+    assert!(out.status.success(), "{}", describe(&out));
+    let key: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let pem = daemon.kiln(&["keys", "public"]);
+    assert!(pem.status.success(), "{}", describe(&pem));
+    let path = daemon.path(name);
+    std::fs::write(&path, &pem.stdout).unwrap();
+    (
+        key["keyid"].as_str().unwrap().to_string(),
+        key["keytype"].as_str().unwrap().to_string(),
+        path,
+    )
+}
+
+/// `kiln run` of one step writing out.txt, with DSSE links and the provenance in `dir`.
+fn build_into(daemon: &Daemon, name: &str) -> PathBuf {
+    let dir = daemon.path(name);
+    let out = daemon.kiln(&[
+        "run",
+        "--output",
+        "out.txt",
+        "--attest-dir",
+        dir.to_str().unwrap(),
+        "--link-format",
+        "dsse",
+        "--out",
+        dir.to_str().unwrap(),
+        "--",
+        "/bin/sh",
+        "-c",
+        &format!("echo {name} > out.txt"),
+    ]);
+    assert!(out.status.success(), "{}\n{}", describe(&out), daemon.log());
+    dir
+}
+
+/// Checks the bundle written beside `envelope_path`: named `<stem>.sigstore.json`,
+/// the v0.3 media type, the key id as the hint, the very envelope inside.
+fn bundle_beside(envelope_path: &Path, keyid: &str) -> PathBuf {
+    let stem = envelope_path.file_stem().unwrap().to_str().unwrap();
+    let bundle_path = envelope_path.with_file_name(format!("{stem}.sigstore.json"));
+    let bundle = read_json(&bundle_path);
+    assert_eq!(
+        bundle["mediaType"],
+        "application/vnd.dev.sigstore.bundle.v0.3+json"
+    );
+    assert_eq!(bundle["verificationMaterial"]["publicKey"]["hint"], keyid);
+    assert_eq!(bundle["verificationMaterial"]["tlogEntries"], json!([]));
+    assert_eq!(bundle["dsseEnvelope"], read_json(envelope_path));
+    bundle_path
+}
+
+fn provenance_policy(daemon: &Daemon, statement_dir: &Path) -> PathBuf {
+    let (statement, _) = open_envelope(&read_json(&only_file(statement_dir, ".provenance.json")));
+    let policy = daemon.path("policy.toml");
+    std::fs::write(
+        &policy,
+        format!(
+            "allowed_builder_ids = [{:?}]\nallow_unpinned_images = true\nrequired_steps = [\"run\"]\n",
+            statement["predicate"]["runDetails"]["builder"]["id"]
+                .as_str()
+                .unwrap()
+        ),
+    )
+    .unwrap();
+    policy
+}
+
+fn kiln_verify_provenance(
+    daemon: &Daemon,
+    file: &Path,
+    key: &Path,
+    policy: &Path,
+    artifact: &Path,
+) -> std::process::Output {
+    daemon.kiln(&[
+        "verify",
+        "--provenance",
+        file.to_str().unwrap(),
+        "--key",
+        key.to_str().unwrap(),
+        "--policy",
+        policy.to_str().unwrap(),
+        artifact.to_str().unwrap(),
+    ])
+}
+
+/// Changes one byte of the bundle's payload (out.txt becomes out.txu), its signature kept.
+fn forge_payload(bundle: &mut Value) {
+    let envelope = &mut bundle["dsseEnvelope"];
+    let mut payload = STANDARD
+        .decode(envelope["payload"].as_str().unwrap())
+        .unwrap();
+    let at = payload.windows(7).position(|w| w == b"out.txt").unwrap();
+    payload[at + 6] = b'u';
+    envelope["payload"] = json!(STANDARD.encode(&payload));
+}
+
+/// `@sigstore/verify` refuses the bundle, saying `why`.
+fn assert_sigstore_refuses(package: &Path, bundle: &Path, key: &Path, keyid: &str, why: &str) {
+    let out = run_sigstore_verify(package, bundle, key, keyid);
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    assert!(text(&out.stderr).contains(why), "{}", describe(&out));
+}
+
+/// Writes `bundle` edited by `edit` as `name` beside it.
+fn edited_bundle(bundle: &Path, name: &str, edit: impl FnOnce(&mut Value)) -> PathBuf {
+    let mut v = read_json(bundle);
+    edit(&mut v);
+    let path = bundle.with_file_name(name);
+    std::fs::write(&path, serde_json::to_vec_pretty(&v).unwrap()).unwrap();
+    path
+}
+
+#[test]
+fn sigstore_bundles_of_p256_and_ed25519_runner_keys_verify_with_sigstore_js_and_tampered_ones_fail()
+{
+    let test = "sigstore_bundles_of_p256_and_ed25519_runner_keys_verify_with_sigstore_js_and_tampered_ones_fail";
+    if !require_root(test) {
+        return;
+    }
+    let config = config_file("key_type = \"ecdsa-p256\"\n");
+    let mut daemon = Daemon::start_with(&["--config", config.path().to_str().unwrap()]);
+    let state = daemon.state.to_str().unwrap().to_string();
+
+    // The configured type made the ring's first key.
+    let (p256_id, keytype, p256_pub) = export_current_key(&daemon, "p256.pub");
+    assert_eq!(keytype, "ecdsa");
+    let p256_build = build_into(&daemon, "p256");
+    let p256_envelope = only_file(&p256_build, ".provenance.json");
+    let (_, signers) = open_envelope(&read_json(&p256_envelope));
+    assert_eq!(signers, vec![p256_id.clone()]);
+    let p256_bundle = bundle_beside(&p256_envelope, &p256_id);
+    let p256_link = only_file(&p256_build, ".link");
+    let p256_link_bundle = bundle_beside(&p256_link, &p256_id);
+    assert!(p256_link_bundle.ends_with(format!("run.{}.sigstore.json", &p256_id[..8])));
+
+    // `kiln verify --provenance` takes the bundle as it takes the envelope.
+    let policy = provenance_policy(&daemon, &p256_build);
+    let artifact = p256_build.join("out.txt");
+    for file in [&p256_envelope, &p256_bundle] {
+        let out = kiln_verify_provenance(&daemon, file, &p256_pub, &policy, &artifact);
+        assert!(out.status.success(), "{}", describe(&out));
+        assert!(text(&out.stdout).starts_with("PASS"), "{}", describe(&out));
+    }
+
+    // Rotated by the configuration (P-256 again), then to ed25519 by the flag: one
+    // ring, keys of both types.
+    let config_arg = config.path().to_str().unwrap();
+    let out = daemon.kiln(&[
+        "keys",
+        "rotate",
+        "--config",
+        config_arg,
+        "--state-dir",
+        &state,
+    ]);
+    assert!(out.status.success(), "{}", describe(&out));
+    let (second_id, keytype, _) = export_current_key(&daemon, "second.pub");
+    assert_eq!(
+        (second_id.as_str(), keytype.as_str()),
+        (text(&out.stdout).trim(), "ecdsa")
+    );
+    let out = daemon.kiln(&[
+        "keys",
+        "rotate",
+        "--state-dir",
+        &state,
+        "--key-type",
+        "ed25519",
+    ]);
+    assert!(out.status.success(), "{}", describe(&out));
+    let (ed_id, keytype, ed_pub) = export_current_key(&daemon, "ed25519.pub");
+    assert_eq!(keytype, "ed25519");
+    let ed_build = build_into(&daemon, "ed25519");
+    let ed_envelope = only_file(&ed_build, ".provenance.json");
+    let ed_bundle = bundle_beside(&ed_envelope, &ed_id);
+    let ed_link_bundle = bundle_beside(&only_file(&ed_build, ".link"), &ed_id);
+
+    let out = daemon.kiln(&["keys", "public", "--format", "ring"]);
+    assert!(out.status.success(), "{}", describe(&out));
+    let ring_path = daemon.path("ring.json");
+    std::fs::write(&ring_path, &out.stdout).unwrap();
+    let ring: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let types: Vec<&str> = ring["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["keytype"].as_str().unwrap())
+        .collect();
+    assert_eq!(types, ["ecdsa", "ecdsa", "ed25519"]);
+    // The ring vouches for both builds' bundles, each within its key's window.
+    for (bundle, dir) in [(&p256_bundle, &p256_build), (&ed_bundle, &ed_build)] {
+        let out =
+            kiln_verify_provenance(&daemon, bundle, &ring_path, &policy, &dir.join("out.txt"));
+        assert!(out.status.success(), "{}", describe(&out));
+    }
+
+    // Restarted with the same configuration, the daemon keeps the ring's ed25519 key
+    // (key_type chooses new keys only) and says so.
+    assert!(daemon.stop().success(), "{}", daemon.log());
+    daemon.spawn(&["--config", config_arg]);
+    assert_eq!(export_current_key(&daemon, "again.pub").0, ed_id);
+    assert!(
+        daemon.log().contains("not of the configured key_type"),
+        "{}",
+        daemon.log()
+    );
+
+    // A payload byte changed under the signature: Kiln refuses the bundle.
+    let forged_payload = edited_bundle(&p256_bundle, "forged-payload.sigstore.json", forge_payload);
+    let out = kiln_verify_provenance(&daemon, &forged_payload, &p256_pub, &policy, &artifact);
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    assert!(
+        text(&out.stdout).contains("signature"),
+        "{}",
+        describe(&out)
+    );
+    // A hint that is not the signature's key: refused as malformed.
+    let rehinted = edited_bundle(&p256_bundle, "rehinted.sigstore.json", |v| {
+        v["verificationMaterial"]["publicKey"]["hint"] = json!(ed_id);
+    });
+    let out = kiln_verify_provenance(&daemon, &rehinted, &ring_path, &policy, &artifact);
+    assert_eq!(out.status.code(), Some(125), "{}", describe(&out));
+    assert!(
+        text(&out.stderr).contains("Sigstore bundle"),
+        "{}",
+        describe(&out)
+    );
+
+    let Some(sigstore) = sigstore_verify(test) else {
+        return;
+    };
+    // npm's verifier, offline, with only the runner's key: every bundle verifies.
+    for (bundle, key, keyid) in [
+        (&p256_bundle, &p256_pub, &p256_id),
+        (&p256_link_bundle, &p256_pub, &p256_id),
+        (&ed_bundle, &ed_pub, &ed_id),
+        (&ed_link_bundle, &ed_pub, &ed_id),
+    ] {
+        let out = run_sigstore_verify(&sigstore, bundle, key, keyid);
+        assert!(
+            out.status.success(),
+            "{}: {}",
+            bundle.display(),
+            describe(&out)
+        );
+        assert!(
+            text(&out.stdout).starts_with("verified: application/vnd.in-toto+json"),
+            "{}",
+            describe(&out)
+        );
+    }
+    for (bundle, key, keyid) in [
+        (&p256_bundle, &p256_pub, &p256_id),
+        (&ed_bundle, &ed_pub, &ed_id),
+    ] {
+        // A payload byte changed.
+        let forged = edited_bundle(bundle, "forged.sigstore.json", forge_payload);
+        assert_sigstore_refuses(&sigstore, &forged, key, keyid, "SIGNATURE_ERROR");
+        // A signature byte changed (in the middle: inside an ECDSA signature's integers).
+        let resigned = edited_bundle(bundle, "bad-signature.sigstore.json", |v| {
+            let sig = &mut v["dsseEnvelope"]["signatures"][0]["sig"];
+            let mut bytes = STANDARD.decode(sig.as_str().unwrap()).unwrap();
+            let mid = bytes.len() / 2;
+            bytes[mid] ^= 0x01;
+            *sig = json!(STANDARD.encode(&bytes));
+        });
+        assert_sigstore_refuses(&sigstore, &resigned, key, keyid, "SIGNATURE_ERROR");
+        // The right key id, the wrong key (of either type).
+        for other_type in [provenance::KeyType::EcdsaP256, provenance::KeyType::Ed25519] {
+            let stranger = daemon.path("stranger.pub");
+            let other = provenance::SigningKey::generate_of(other_type);
+            std::fs::write(&stranger, other.public_key().to_spki_pem()).unwrap();
+            assert_sigstore_refuses(&sigstore, bundle, &stranger, keyid, "SIGNATURE_ERROR");
+        }
+        // A key the hint does not name is not used.
+        assert_sigstore_refuses(&sigstore, bundle, key, &"0".repeat(64), "key not found");
+        // The untouched bundle still verifies: the edits caused the refusals.
+        assert!(run_sigstore_verify(&sigstore, bundle, key, keyid)
+            .status
+            .success());
+    }
+}
+
+#[test]
+fn in_toto_verify_accepts_links_of_a_p256_runner_key_under_a_p256_layout_key() {
+    let test = "in_toto_verify_accepts_links_of_a_p256_runner_key_under_a_p256_layout_key";
+    if !require_root(test) {
+        return;
+    }
+    let config = config_file("key_type = \"ecdsa-p256\"\n");
+    let daemon = Daemon::start_with(&["--config", config.path().to_str().unwrap()]);
+    let (keyid, keytype, runner_pub) = export_current_key(&daemon, "runner.pub");
+    assert_eq!(keytype, "ecdsa");
+    let (Some(python), Some(verifier)) = (python(test), in_toto_verify(test)) else {
+        return;
+    };
+    // The layout, written and signed by the reference implementation with a P-256 owner key.
+    let mut spec = hello_layout_spec();
+    spec["owner_key_type"] = json!("ecdsa");
+    let (layout, owner) = make_layout(&python, daemon.dir.path(), &runner_pub, spec);
+    let signed_layout = read_json(&layout);
+    assert_eq!(signed_layout["signed"]["keys"][&keyid]["keytype"], "ecdsa");
+    assert_eq!(
+        signed_layout["signed"]["keys"][&keyid]["scheme"],
+        "ecdsa-sha2-nistp256"
+    );
+    let owner_key =
+        provenance::PublicKey::from_spki_pem(&std::fs::read_to_string(&owner).unwrap()).unwrap();
+    assert_eq!(owner_key.key_type(), provenance::KeyType::EcdsaP256);
+
+    let links = daemon.path("links");
+    let out_dir = daemon.path("out");
+    for format in ["metablock", "dsse"] {
+        let out = run_hello(&daemon, &["--link-format", format]);
+        assert!(out.status.success(), "{}\n{}", describe(&out), daemon.log());
+        let link_path = only_file(&links, ".link");
+        assert!(link_path.ends_with(format!("run.{}.link", &keyid[..8])));
+        let verdict = run_in_toto_verify(&verifier, &layout, &owner, &links, &out_dir);
+        assert!(
+            verdict.status.success(),
+            "{format}: in-toto-verify: {}",
+            describe(&verdict)
+        );
+        let ours = kiln_verify(&daemon, &layout, &owner, &links, &out_dir);
+        assert!(
+            ours.status.success(),
+            "{format}: kiln verify: {}",
+            describe(&ours)
+        );
+
+        // The stdout the link records, changed with its signature kept: both refuse.
+        let good = std::fs::read(&link_path).unwrap();
+        let mut link = read_json(&link_path);
+        if format == "dsse" {
+            let (mut payload, _) = open_envelope(&link);
+            payload["byproducts"]["stdout"] = json!("hello, mallory\n");
+            link["payload"] = json!(STANDARD.encode(serde_json::to_vec(&payload).unwrap()));
+        } else {
+            link["signed"]["byproducts"]["stdout"] = json!("hello, mallory\n");
+        }
+        std::fs::write(&link_path, serde_json::to_vec_pretty(&link).unwrap()).unwrap();
+        let verdict = run_in_toto_verify(&verifier, &layout, &owner, &links, &out_dir);
+        assert!(
+            !verdict.status.success(),
+            "{format}: in-toto-verify accepted a tampered link"
+        );
+        assert!(
+            text(&verdict.stderr).contains("validly signed"),
+            "{}",
+            describe(&verdict)
+        );
+        let ours = kiln_verify(&daemon, &layout, &owner, &links, &out_dir);
+        assert!(
+            !ours.status.success(),
+            "{format}: kiln verify accepted a tampered link"
+        );
+        std::fs::write(&link_path, good).unwrap();
+        let verdict = run_in_toto_verify(&verifier, &layout, &owner, &links, &out_dir);
+        assert!(verdict.status.success(), "{}", describe(&verdict));
+        std::fs::remove_dir_all(&links).unwrap();
+    }
+}
+
+#[test]
+fn keys_generate_takes_the_key_type_from_the_config_or_the_flag() {
+    let dir = tempfile::tempdir().unwrap();
+    let kiln = |args: &[&str]| Command::new(KILN).args(args).output().unwrap();
+    let state = dir.path().join("p256");
+    let config = config_file(&format!(
+        "state_dir = {:?}\nkey_type = \"ecdsa-p256\"\n",
+        state.to_str().unwrap()
+    ));
+    let out = kiln(&[
+        "keys",
+        "generate",
+        "--config",
+        config.path().to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", describe(&out));
+    assert!(
+        text(&out.stderr).contains("ecdsa-p256"),
+        "{}",
+        describe(&out)
+    );
+    let ring = read_json(&state.join("keys/keyring.json"));
+    assert_eq!(ring["keys"][0]["keytype"], "ecdsa");
+    assert_eq!(ring["current"].as_str().unwrap(), text(&out.stdout).trim());
+    let private = std::fs::read_to_string(
+        state.join(format!("keys/{}.pem", ring["current"].as_str().unwrap())),
+    )
+    .unwrap();
+    assert!(
+        private.starts_with("-----BEGIN PRIVATE KEY-----"),
+        "{private}"
+    );
+
+    let state = dir.path().join("flag");
+    let out = kiln(&[
+        "keys",
+        "generate",
+        "--state-dir",
+        state.to_str().unwrap(),
+        "--key-type",
+        "ecdsa-p256",
+    ]);
+    assert!(out.status.success(), "{}", describe(&out));
+    assert_eq!(
+        read_json(&state.join("keys/keyring.json"))["keys"][0]["scheme"],
+        "ecdsa-sha2-nistp256"
+    );
+
+    // An unknown type is refused, by the flag and in the config, naming it.
+    let out = kiln(&[
+        "keys",
+        "generate",
+        "--state-dir",
+        state.to_str().unwrap(),
+        "--key-type",
+        "rsa",
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{}", describe(&out));
+    assert!(
+        text(&out.stderr).contains("unknown key type \"rsa\""),
+        "{}",
+        describe(&out)
+    );
+    let bad = config_file("key_type = \"ecdsa-p384\"\n");
+    for args in [
+        vec![
+            "keys",
+            "rotate",
+            "--config",
+            bad.path().to_str().unwrap(),
+            "--state-dir",
+            state.to_str().unwrap(),
+        ],
+        vec![
+            "serve",
+            "--config",
+            bad.path().to_str().unwrap(),
+            "--state-dir",
+            state.to_str().unwrap(),
+        ],
+    ] {
+        let out = kiln(&args);
+        assert_eq!(out.status.code(), Some(125), "{}", describe(&out));
+        assert!(
+            text(&out.stderr).contains("key_type: unknown key type \"ecdsa-p384\""),
+            "{}",
+            describe(&out)
+        );
+    }
+    // Nothing was rotated by the refused command.
+    assert_eq!(
+        read_json(&state.join("keys/keyring.json"))["keys"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+}

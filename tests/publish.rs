@@ -25,10 +25,11 @@ fn sha256(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
 }
 
-/// A daemon that may publish below `REGISTRY/builds/` only.
-fn daemon_publishing_to(registry: &Registry) -> (Daemon, tempfile::NamedTempFile) {
+/// A daemon that may publish below `REGISTRY/builds/` only, signing with keys of
+/// `key_type`.
+fn daemon_publishing_to(registry: &Registry, key_type: &str) -> (Daemon, tempfile::NamedTempFile) {
     let config = config_file(&format!(
-        "socket_gid = 65534\n[publish]\nrepositories = [\"{}/builds/*\"]\ntimeout_seconds = 120\n",
+        "socket_gid = 65534\nkey_type = \"{key_type}\"\n[publish]\nrepositories = [\"{}/builds/*\"]\ntimeout_seconds = 120\n",
         registry.addr
     ));
     let daemon = Daemon::start_with(&["--config", config.path().to_str().unwrap()]);
@@ -159,7 +160,7 @@ fn a_pushed_job_verifies_by_digest_and_downloads_for_a_second_client() {
     let Some(registry) = Registry::start(test) else {
         return;
     };
-    let (daemon, _config) = daemon_publishing_to(&registry);
+    let (daemon, _config) = daemon_publishing_to(&registry, "ed25519");
     let id = build(&daemon, None);
     let job = status(&daemon, &id);
     assert_eq!(job["state"], "succeeded", "{job}");
@@ -217,6 +218,37 @@ fn a_pushed_job_verifies_by_digest_and_downloads_for_a_second_client() {
         cosign["layers"][0]["annotations"]["predicateType"],
         "https://slsa.dev/provenance/v1"
     );
+
+    // npm's @sigstore/verify accepts the provenance bundle as the registry serves it.
+    if let Some(package) = sigstore_verify(test) {
+        let referrer: Value = serde_json::from_slice(&get(
+            &registry,
+            &format!(
+                "/v2/builds/app/manifests/{}",
+                index["manifests"][0]["digest"].as_str().unwrap()
+            ),
+            OCI_MANIFEST,
+        ))
+        .unwrap();
+        let bundle = get(
+            &registry,
+            &format!(
+                "/v2/builds/app/blobs/{}",
+                referrer["layers"][0]["digest"].as_str().unwrap()
+            ),
+            BUNDLE,
+        );
+        let bundle_file = daemon.path("provenance.sigstore.json");
+        std::fs::write(&bundle_file, &bundle).unwrap();
+        let keyid = serde_json::from_slice::<Value>(&bundle).unwrap()["verificationMaterial"]
+            ["publicKey"]["hint"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let (runner_pub, _) = trust(&daemon);
+        let out = run_sigstore_verify(&package, &bundle_file, &runner_pub, &keyid);
+        assert!(out.status.success(), "{}", describe(&out));
+    }
 
     // skopeo reads the artifact as the registry serves it.
     if Path::new(SKOPEO).is_file() {
@@ -285,7 +317,11 @@ fn tampered_layers_and_attestations_in_the_registry_fail_verification() {
     let Some(registry) = Registry::start(test) else {
         return;
     };
-    let (daemon, _config) = daemon_publishing_to(&registry);
+    // Signed with a P-256 key: the verdict does not depend on the key type.
+    let (daemon, _config) = daemon_publishing_to(&registry, "ecdsa-p256");
+    let key = daemon.kiln(&["keys", "public", "--format", "securesystemslib"]);
+    let key: Value = serde_json::from_slice(&key.stdout).unwrap();
+    assert_eq!(key["keytype"], "ecdsa", "{key}");
     let id = build(&daemon, None);
     let (runner_pub, policy) = trust(&daemon);
     let push = |repo: &str| {
@@ -418,7 +454,7 @@ fn publishing_is_only_where_the_configuration_allows_and_a_job_file_publishes_on
     let Some(registry) = Registry::start(test) else {
         return;
     };
-    let (daemon, _config) = daemon_publishing_to(&registry);
+    let (daemon, _config) = daemon_publishing_to(&registry, "ed25519");
     let id = build(&daemon, None);
     for (repository, words) in [
         (format!("{}/elsewhere/app", registry.addr), "does not list"),

@@ -1,8 +1,8 @@
 //! The runner's signing keys over time: generation, rotation, export.
 //!
 //! A key ring is a directory (the daemon's `<state>/keys/`):
-//! - `<keyid>.pem`: the private key of the current key, PKCS#8 v1 PEM, mode
-//!   0600, owned by the daemon's effective uid;
+//! - `<keyid>.pem`: the private key of the current key, PKCS#8 PEM (ed25519
+//!   or ECDSA P-256), mode 0600, owned by the daemon's effective uid;
 //! - `keyring.json`: every public key the runner ever signed with, each a
 //!   securesystemslib key dict (`keyid`, `keytype`, `scheme`, `keyval`) plus
 //!   its validity window `not_before` / `not_after` (RFC 3339, `null` = still
@@ -10,7 +10,8 @@
 //!   `{"_type":"kiln/keyring","version":1,"current":..,"keys":[..]}`.
 //!
 //! Rotation closes the current key's window at the rotation instant, opens a
-//! new key's window there, and deletes the retired private key (nothing may
+//! new key's window there (the new key of the type asked, so a ring may hold
+//! keys of both types), and deletes the retired private key (nothing may
 //! sign with it any more); its public key stays listed so provenance it
 //! signed earlier still verifies. Verifiers accept a signature only from a
 //! key whose window contains the statement's `finishedOn`
@@ -32,7 +33,7 @@ use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
 use crate::keyfile::{check_dir, read_owned_file, sync_dir, write_atomic};
-use crate::keys::{PublicKey, SigningKey};
+use crate::keys::{KeyType, PublicKey, SigningKey};
 use crate::ProvenanceError;
 
 /// The public part of the ring inside the key directory.
@@ -293,10 +294,21 @@ impl KeyRing {
         })
     }
 
-    /// Open the ring at `dir`, creating it (directory 0700, a fresh key) if
-    /// it has no `keyring.json`. Returns the ring and whether it was created.
+    /// Open the ring at `dir`, creating it (directory 0700, a fresh ed25519
+    /// key) if it has no `keyring.json`. Returns the ring and whether it was
+    /// created.
     pub fn generate(dir: &Path) -> Result<(Self, bool), ProvenanceError> {
-        Self::generate_at(dir, OffsetDateTime::now_utc())
+        Self::generate_of(dir, KeyType::Ed25519)
+    }
+
+    /// [`KeyRing::generate`] with a first key of `key_type`; an existing ring
+    /// is opened as it is, whatever its keys' types.
+    pub fn generate_of(dir: &Path, key_type: KeyType) -> Result<(Self, bool), ProvenanceError> {
+        Self::create_with(
+            dir,
+            SigningKey::generate_of(key_type),
+            OffsetDateTime::now_utc(),
+        )
     }
 
     /// [`KeyRing::generate`] with an explicit creation time.
@@ -350,16 +362,31 @@ impl KeyRing {
         ))
     }
 
-    /// Replace the current key by a fresh one now (see [`KeyRing::rotate_at`]).
+    /// Replace the current key by a fresh ed25519 key now (see
+    /// [`KeyRing::rotate_to_at`]).
     pub fn rotate(&mut self) -> Result<(), ProvenanceError> {
-        self.rotate_at(OffsetDateTime::now_utc())
+        self.rotate_to(KeyType::Ed25519)
     }
 
-    /// Close the current key's window at `now`, make a new key current from
-    /// `now`, persist, then delete the retired private key.
+    /// Replace the current key by a fresh one of `key_type` now.
+    pub fn rotate_to(&mut self, key_type: KeyType) -> Result<(), ProvenanceError> {
+        self.rotate_to_at(key_type, OffsetDateTime::now_utc())
+    }
+
+    /// [`KeyRing::rotate`] at `now`.
     pub fn rotate_at(&mut self, now: OffsetDateTime) -> Result<(), ProvenanceError> {
+        self.rotate_to_at(KeyType::Ed25519, now)
+    }
+
+    /// Close the current key's window at `now`, make a new key of `key_type`
+    /// current from `now`, persist, then delete the retired private key.
+    pub fn rotate_to_at(
+        &mut self,
+        key_type: KeyType,
+        now: OffsetDateTime,
+    ) -> Result<(), ProvenanceError> {
         let old_id = self.public.current.clone();
-        let new = SigningKey::generate();
+        let new = SigningKey::generate_of(key_type);
         let new_id = new.keyid();
         let mut public = self.public.clone();
         for k in &mut public.keys {
@@ -516,6 +543,46 @@ mod tests {
         let mut wrong_id = v;
         wrong_id["keys"][0]["keyid"] = "00".into();
         assert!(PublicKeyRing::from_json_bytes(&serde_json::to_vec(&wrong_id).unwrap()).is_err());
+    }
+
+    #[test]
+    fn a_ring_rotates_across_key_types_and_reads_back_both() {
+        let (_d, dir) = ring_dir();
+        let (mut ring, _) = KeyRing::generate(&dir).unwrap();
+        let ed = ring.public().current.clone();
+        ring.rotate_to(KeyType::EcdsaP256).unwrap();
+        assert_eq!(ring.signing_key().key_type(), KeyType::EcdsaP256);
+        let reopened = KeyRing::open(&dir).unwrap();
+        assert_eq!(reopened.signing_key().key_type(), KeyType::EcdsaP256);
+        assert_eq!(reopened.signing_key().keyid(), ring.public().current);
+        let keys = &reopened.public().keys;
+        assert_eq!(keys[0].keyid(), ed);
+        assert_eq!(keys[0].key.key_type(), KeyType::Ed25519);
+        assert_eq!(keys[1].key.key_type(), KeyType::EcdsaP256);
+        // The export carries each key as securesystemslib writes it.
+        let v: Value = serde_json::from_slice(&reopened.public().to_json_bytes()).unwrap();
+        assert_eq!(v["keys"][0]["keytype"], "ed25519");
+        assert_eq!(v["keys"][1]["keytype"], "ecdsa");
+        assert_eq!(v["keys"][1]["scheme"], "ecdsa-sha2-nistp256");
+        assert!(v["keys"][1]["keyval"]["public"]
+            .as_str()
+            .unwrap()
+            .starts_with("-----BEGIN PUBLIC KEY-----"));
+        assert_eq!(
+            PublicKeyRing::from_json_bytes(&reopened.public().to_json_bytes()).unwrap(),
+            *reopened.public()
+        );
+        // And back to ed25519; a fresh ring can start with P-256.
+        ring.rotate().unwrap();
+        assert_eq!(KeyRing::open(&dir).unwrap().public().keys.len(), 3);
+        let (_d2, dir2) = ring_dir();
+        let (p256, created) = KeyRing::generate_of(&dir2, KeyType::EcdsaP256).unwrap();
+        assert!(created);
+        assert_eq!(p256.signing_key().key_type(), KeyType::EcdsaP256);
+        // An existing ring is opened as it is, whatever type is asked.
+        let (same, created) = KeyRing::generate_of(&dir2, KeyType::Ed25519).unwrap();
+        assert!(!created);
+        assert_eq!(same.signing_key().key_type(), KeyType::EcdsaP256);
     }
 
     #[test]

@@ -1,21 +1,25 @@
-//! ed25519 keys in the formats the reference verifier reads.
+//! Signing keys (ed25519, the default, or ECDSA P-256) in the formats the
+//! reference verifier reads.
 //!
 //! Facts established against in-toto 3.1.0 / securesystemslib 1.6.0 (see
 //! `tests/python_crosscheck.rs`):
 //! - `in-toto-verify --verification-keys owner.pub` reads the file with
-//!   `cryptography`'s `load_pem_public_key` (so an RFC 8410 SPKI PEM,
-//!   "BEGIN PUBLIC KEY") and converts it with `SSlibKey.from_crypto`, which for
-//!   ed25519 gives keytype "ed25519", scheme "ed25519", keyval
-//!   `{"public": <hex of the 32 raw bytes>}` and keyid =
-//!   sha256(canonical JSON of exactly those three fields); there is no
-//!   `keyid_hash_algorithms` in 1.x, so keyids from old 0.x tools differ.
+//!   `cryptography`'s `load_pem_public_key` (so an SPKI PEM,
+//!   "BEGIN PUBLIC KEY") and converts it with `SSlibKey.from_crypto`, which
+//!   gives for ed25519: keytype "ed25519", scheme "ed25519", keyval
+//!   `{"public": <hex of the 32 raw bytes>}`; for a P-256 key: keytype
+//!   "ecdsa", scheme "ecdsa-sha2-nistp256", keyval `{"public": <the SPKI PEM,
+//!   final newline included>}`. The keyid is sha256(canonical JSON of exactly
+//!   those three fields); there is no `keyid_hash_algorithms` in 1.x, so
+//!   keyids from old 0.x tools differ.
 //! - Layout `keys` entries are that dict plus `"keyid"`; in-toto's format
 //!   check (`_check_public_key`) requires the `keyid` field.
-//! - Signatures are the 64-byte ed25519 signature, hex-encoded in metablocks.
-//! - The private key is PKCS#8 v1 PEM ("BEGIN PRIVATE KEY"). ed25519-dalek's
-//!   default v2 form (public key embedded) is NOT readable by Python
-//!   `cryptography` 50 ("ASN.1 parsing error: extra data"), so v1 is written;
-//!   both forms are read.
+//! - Signatures: ed25519's 64 bytes; ECDSA's DER `SEQUENCE {r, s}` over the
+//!   SHA-256 of the message. Hex-encoded in metablocks, base64 in DSSE.
+//! - The private key is PKCS#8 PEM ("BEGIN PRIVATE KEY"). For ed25519 v1 is
+//!   written: ed25519-dalek's default v2 form (public key embedded) is NOT
+//!   readable by Python `cryptography` 50 ("ASN.1 parsing error: extra
+//!   data"); both forms are read.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
@@ -24,53 +28,144 @@ use std::path::Path;
 
 use ed25519_dalek::pkcs8::spki::der::pem::LineEnding;
 use ed25519_dalek::pkcs8::{DecodePrivateKey, DecodePublicKey, EncodePrivateKey, EncodePublicKey};
-use ed25519_dalek::{Signer, Verifier};
 use serde_json::{json, Value};
 
 use crate::{cjson, hash, ProvenanceError};
 
-/// An ed25519 signing key (the runner's or a layout owner's).
+/// The algorithm of a key, named as the runner's `key_type` setting names it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum KeyType {
+    #[default]
+    Ed25519,
+    /// ECDSA over NIST P-256 with SHA-256.
+    EcdsaP256,
+}
+
+impl KeyType {
+    /// Every type, in the order they are documented.
+    pub const ALL: [KeyType; 2] = [KeyType::Ed25519, KeyType::EcdsaP256];
+
+    /// `"ed25519"` or `"ecdsa-p256"`.
+    pub fn name(self) -> &'static str {
+        match self {
+            KeyType::Ed25519 => "ed25519",
+            KeyType::EcdsaP256 => "ecdsa-p256",
+        }
+    }
+}
+
+impl std::fmt::Display for KeyType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A `key_type` that names no supported type.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown key type {0:?} (expected \"ed25519\" or \"ecdsa-p256\")")]
+pub struct UnknownKeyType(pub String);
+
+impl std::str::FromStr for KeyType {
+    type Err = UnknownKeyType;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        KeyType::ALL
+            .into_iter()
+            .find(|t| t.name() == s)
+            .ok_or_else(|| UnknownKeyType(s.to_string()))
+    }
+}
+
+#[derive(Clone)]
+enum SecretKey {
+    Ed25519(ed25519_dalek::SigningKey),
+    EcdsaP256(p256::ecdsa::SigningKey),
+}
+
+/// A signing key (the runner's or a layout owner's): ed25519 or ECDSA P-256.
 #[derive(Clone)]
 pub struct SigningKey {
-    inner: ed25519_dalek::SigningKey,
+    inner: SecretKey,
 }
 
 impl std::fmt::Debug for SigningKey {
     // Never print secret material.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "SigningKey(keyid={})", self.keyid())
+        write!(f, "SigningKey({}, keyid={})", self.key_type(), self.keyid())
     }
 }
 
 impl SigningKey {
-    /// A fresh key from the OS random source.
+    /// A fresh ed25519 key from the OS random source.
     pub fn generate() -> Self {
-        SigningKey {
-            inner: ed25519_dalek::SigningKey::generate(&mut rand_core::OsRng),
+        Self::generate_of(KeyType::Ed25519)
+    }
+
+    /// A fresh key of `key_type` from the OS random source.
+    pub fn generate_of(key_type: KeyType) -> Self {
+        let inner = match key_type {
+            KeyType::Ed25519 => {
+                SecretKey::Ed25519(ed25519_dalek::SigningKey::generate(&mut rand_core::OsRng))
+            }
+            KeyType::EcdsaP256 => {
+                SecretKey::EcdsaP256(p256::ecdsa::SigningKey::random(&mut rand_core::OsRng))
+            }
+        };
+        SigningKey { inner }
+    }
+
+    pub fn key_type(&self) -> KeyType {
+        match self.inner {
+            SecretKey::Ed25519(_) => KeyType::Ed25519,
+            SecretKey::EcdsaP256(_) => KeyType::EcdsaP256,
         }
     }
 
-    /// Parse a PKCS#8 PEM ("-----BEGIN PRIVATE KEY-----") ed25519 key.
+    /// Parse a PKCS#8 PEM ("-----BEGIN PRIVATE KEY-----") ed25519 or P-256 key.
     pub fn from_pkcs8_pem(pem: &str) -> Result<Self, ProvenanceError> {
-        let inner = ed25519_dalek::SigningKey::from_pkcs8_pem(pem).map_err(|e| {
-            ProvenanceError::Key(format!("not a PKCS#8 PEM ed25519 private key: {e}"))
-        })?;
-        Ok(SigningKey { inner })
+        let ed25519 = match ed25519_dalek::SigningKey::from_pkcs8_pem(pem) {
+            Ok(k) => {
+                return Ok(SigningKey {
+                    inner: SecretKey::Ed25519(k),
+                })
+            }
+            Err(e) => e,
+        };
+        if pem.contains("-----BEGIN EC PRIVATE KEY-----") {
+            // What `openssl ecparam -genkey` writes; one command turns it into PKCS#8.
+            return Err(ProvenanceError::Key(
+                "an EC key in SEC1 form (\"BEGIN EC PRIVATE KEY\"), not PKCS#8: convert it with `openssl pkcs8 -topk8 -nocrypt -in KEY -out KEY.pem`".into(),
+            ));
+        }
+        match p256::ecdsa::SigningKey::from_pkcs8_pem(pem) {
+            Ok(k) => Ok(SigningKey {
+                inner: SecretKey::EcdsaP256(k),
+            }),
+            Err(p256) => Err(ProvenanceError::Key(format!(
+                "not a PKCS#8 PEM ed25519 or ECDSA P-256 private key (as ed25519: {ed25519}; as P-256: {p256})"
+            ))),
+        }
     }
 
-    /// PKCS#8 v1 PEM encoding ("-----BEGIN PRIVATE KEY-----", RFC 8410).
+    /// PKCS#8 PEM encoding ("-----BEGIN PRIVATE KEY-----").
     ///
-    /// v1 (no embedded public key) on purpose: ed25519-dalek's default v2
-    /// encoding is rejected by Python `cryptography` ("ASN.1 parsing error:
-    /// extra data"), and OpenSSL-based tools all read v1.
+    /// ed25519 keys as v1 (RFC 8410, no embedded public key) on purpose:
+    /// ed25519-dalek's default v2 encoding is rejected by Python
+    /// `cryptography` ("ASN.1 parsing error: extra data"), and OpenSSL-based
+    /// tools all read v1. P-256 keys as RFC 5915 inside PKCS#8, as OpenSSL
+    /// writes them.
     pub fn to_pkcs8_pem(&self) -> String {
-        let bytes = ed25519_dalek::pkcs8::KeypairBytes {
-            secret_key: self.inner.to_bytes(),
-            public_key: None,
+        let encoded = match &self.inner {
+            SecretKey::Ed25519(k) => ed25519_dalek::pkcs8::KeypairBytes {
+                secret_key: k.to_bytes(),
+                public_key: None,
+            }
+            .to_pkcs8_pem(LineEnding::LF),
+            SecretKey::EcdsaP256(k) => k.to_pkcs8_pem(LineEnding::LF),
         };
-        match bytes.to_pkcs8_pem(LineEnding::LF) {
+        match encoded {
             Ok(pem) => pem.to_string(),
-            // Encoding a 32-byte key into a fixed DER template cannot fail;
+            // Encoding a fixed-size key into a fixed DER template cannot fail;
             // an empty string would then fail loudly on load.
             Err(_) => String::new(),
         }
@@ -153,14 +248,28 @@ impl SigningKey {
     }
 
     pub fn public_key(&self) -> PublicKey {
-        PublicKey {
-            inner: self.inner.verifying_key(),
-        }
+        let inner = match &self.inner {
+            SecretKey::Ed25519(k) => VerifyingKey::Ed25519(k.verifying_key()),
+            SecretKey::EcdsaP256(k) => VerifyingKey::EcdsaP256(*k.verifying_key()),
+        };
+        PublicKey { inner }
     }
 
-    /// Raw 64-byte ed25519 signature of `msg`.
+    /// The signature of `msg`: ed25519's 64 bytes, or for P-256 the DER
+    /// encoding of an ECDSA signature over SHA-256(`msg`) (deterministic,
+    /// RFC 6979).
     pub fn sign(&self, msg: &[u8]) -> Vec<u8> {
-        self.inner.sign(msg).to_bytes().to_vec()
+        match &self.inner {
+            SecretKey::Ed25519(k) => {
+                use ed25519_dalek::Signer as _;
+                k.sign(msg).to_bytes().to_vec()
+            }
+            SecretKey::EcdsaP256(k) => {
+                use p256::ecdsa::signature::Signer as _;
+                let sig: p256::ecdsa::DerSignature = k.sign(msg);
+                sig.as_bytes().to_vec()
+            }
+        }
     }
 
     /// The keyid of the public half (see [`PublicKey::keyid`]).
@@ -169,35 +278,72 @@ impl SigningKey {
     }
 }
 
-/// An ed25519 public key.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum VerifyingKey {
+    Ed25519(ed25519_dalek::VerifyingKey),
+    EcdsaP256(p256::ecdsa::VerifyingKey),
+}
+
+/// A public key: ed25519 or ECDSA P-256.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub struct PublicKey {
-    inner: ed25519_dalek::VerifyingKey,
+    inner: VerifyingKey,
 }
 
 impl std::fmt::Debug for PublicKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "PublicKey(keyid={})", self.keyid())
+        write!(f, "PublicKey({}, keyid={})", self.key_type(), self.keyid())
+    }
+}
+
+/// securesystemslib's names of a key type: (keytype, scheme).
+fn sslib_names(key_type: KeyType) -> (&'static str, &'static str) {
+    match key_type {
+        KeyType::Ed25519 => ("ed25519", "ed25519"),
+        KeyType::EcdsaP256 => ("ecdsa", "ecdsa-sha2-nistp256"),
     }
 }
 
 impl PublicKey {
-    /// Parse an RFC 8410 SubjectPublicKeyInfo PEM ("-----BEGIN PUBLIC KEY-----").
+    pub fn key_type(&self) -> KeyType {
+        match self.inner {
+            VerifyingKey::Ed25519(_) => KeyType::Ed25519,
+            VerifyingKey::EcdsaP256(_) => KeyType::EcdsaP256,
+        }
+    }
+
+    /// Parse a SubjectPublicKeyInfo PEM ("-----BEGIN PUBLIC KEY-----") of an
+    /// ed25519 (RFC 8410) or P-256 (RFC 5480) key.
     pub fn from_spki_pem(pem: &str) -> Result<Self, ProvenanceError> {
-        let inner = ed25519_dalek::VerifyingKey::from_public_key_pem(pem).map_err(|e| {
-            ProvenanceError::Key(format!("not an SPKI PEM ed25519 public key: {e}"))
-        })?;
-        Ok(PublicKey { inner })
+        let ed25519 = match ed25519_dalek::VerifyingKey::from_public_key_pem(pem) {
+            Ok(k) => {
+                return Ok(PublicKey {
+                    inner: VerifyingKey::Ed25519(k),
+                })
+            }
+            Err(e) => e,
+        };
+        match p256::ecdsa::VerifyingKey::from_public_key_pem(pem) {
+            Ok(k) => Ok(PublicKey {
+                inner: VerifyingKey::EcdsaP256(k),
+            }),
+            Err(p256) => Err(ProvenanceError::Key(format!(
+                "not an SPKI PEM ed25519 or ECDSA P-256 public key (as ed25519: {ed25519}; as P-256: {p256})"
+            ))),
+        }
     }
 
-    /// RFC 8410 SPKI PEM, readable by `in-toto-verify --verification-keys`.
+    /// SPKI PEM, readable by `in-toto-verify --verification-keys` (an
+    /// uncompressed point for P-256, as `cryptography` writes it).
     pub fn to_spki_pem(&self) -> String {
-        self.inner
-            .to_public_key_pem(LineEnding::LF)
-            .unwrap_or_default()
+        match &self.inner {
+            VerifyingKey::Ed25519(k) => k.to_public_key_pem(LineEnding::LF),
+            VerifyingKey::EcdsaP256(k) => k.to_public_key_pem(LineEnding::LF),
+        }
+        .unwrap_or_default()
     }
 
-    /// From the 32 raw public key bytes.
+    /// An ed25519 key from its 32 raw public key bytes.
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, ProvenanceError> {
         let arr: [u8; 32] = bytes.try_into().map_err(|_| {
             ProvenanceError::Key(format!(
@@ -207,20 +353,23 @@ impl PublicKey {
         })?;
         let inner = ed25519_dalek::VerifyingKey::from_bytes(&arr)
             .map_err(|e| ProvenanceError::Key(format!("invalid ed25519 public key: {e}")))?;
-        Ok(PublicKey { inner })
-    }
-
-    pub fn to_bytes(&self) -> [u8; 32] {
-        self.inner.to_bytes()
+        Ok(PublicKey {
+            inner: VerifyingKey::Ed25519(inner),
+        })
     }
 
     /// The securesystemslib key fields without `keyid`; the keyid is the
     /// sha256 of exactly this object in canonical JSON.
     fn sslib_fields(&self) -> Value {
+        let (keytype, scheme) = sslib_names(self.key_type());
+        let public = match &self.inner {
+            VerifyingKey::Ed25519(k) => hex::encode(k.to_bytes()),
+            VerifyingKey::EcdsaP256(_) => self.to_spki_pem(),
+        };
         json!({
-            "keytype": "ed25519",
-            "keyval": {"public": hex::encode(self.inner.to_bytes())},
-            "scheme": "ed25519",
+            "keytype": keytype,
+            "keyval": {"public": public},
+            "scheme": scheme,
         })
     }
 
@@ -234,8 +383,8 @@ impl PublicKey {
         }
     }
 
-    /// The entry for a layout's `keys` map:
-    /// `{"keyid","keytype":"ed25519","keyval":{"public":hex},"scheme":"ed25519"}`.
+    /// The entry for a layout's `keys` map: `{"keyid","keytype","keyval":{"public"},"scheme"}`
+    /// (ed25519: `"ed25519"`, hex; P-256: `"ecdsa"`, SPKI PEM, `"ecdsa-sha2-nistp256"`).
     pub fn to_securesystemslib(&self) -> Value {
         let mut v = self.sslib_fields();
         if let Value::Object(m) = &mut v {
@@ -244,20 +393,23 @@ impl PublicKey {
         v
     }
 
-    /// Parse a securesystemslib key dict. Only ed25519/ed25519 is supported;
-    /// a present `keyid` must equal the default keyid, because Kiln finds
-    /// links and signatures by that keyid.
+    /// Parse a securesystemslib key dict: ed25519/ed25519 or
+    /// ecdsa/ecdsa-sha2-nistp256. A present `keyid` must equal the default
+    /// keyid, because Kiln finds links and signatures by that keyid.
     pub fn from_securesystemslib(v: &Value) -> Result<Self, ProvenanceError> {
         let obj = v
             .as_object()
             .ok_or_else(|| ProvenanceError::Format("public key must be a JSON object".into()))?;
         let keytype = obj.get("keytype").and_then(Value::as_str).unwrap_or("");
         let scheme = obj.get("scheme").and_then(Value::as_str).unwrap_or("");
-        if keytype != "ed25519" || scheme != "ed25519" {
+        let Some(key_type) = KeyType::ALL
+            .into_iter()
+            .find(|t| sslib_names(*t) == (keytype, scheme))
+        else {
             return Err(ProvenanceError::Key(format!(
-                "unsupported key type/scheme {keytype:?}/{scheme:?} (only ed25519/ed25519 is supported)"
+                "unsupported key type/scheme {keytype:?}/{scheme:?} (supported: ed25519/ed25519, ecdsa/ecdsa-sha2-nistp256)"
             )));
-        }
+        };
         if obj.contains_key("subkeys") {
             return Err(ProvenanceError::Key(
                 "unsupported: keys with subkeys (GPG)".into(),
@@ -268,9 +420,24 @@ impl PublicKey {
             .and_then(|kv| kv.get("public"))
             .and_then(Value::as_str)
             .ok_or_else(|| ProvenanceError::Format("key has no keyval.public string".into()))?;
-        let bytes = hex::decode(public)
-            .map_err(|e| ProvenanceError::Key(format!("keyval.public is not hex: {e}")))?;
-        let key = Self::from_bytes(&bytes)?;
+        let key = match key_type {
+            KeyType::Ed25519 => {
+                let bytes = hex::decode(public)
+                    .map_err(|e| ProvenanceError::Key(format!("keyval.public is not hex: {e}")))?;
+                Self::from_bytes(&bytes)?
+            }
+            KeyType::EcdsaP256 => {
+                let inner =
+                    p256::ecdsa::VerifyingKey::from_public_key_pem(public).map_err(|e| {
+                        ProvenanceError::Key(format!(
+                            "keyval.public is not an SPKI PEM P-256 public key: {e}"
+                        ))
+                    })?;
+                PublicKey {
+                    inner: VerifyingKey::EcdsaP256(inner),
+                }
+            }
+        };
         if let Some(id) = obj.get("keyid") {
             let id = id
                 .as_str()
@@ -285,14 +452,29 @@ impl PublicKey {
         Ok(key)
     }
 
-    /// True when `sig` is a valid ed25519 signature of `msg` by this key.
-    /// Uses strict verification (rejects malleable and small-order forms).
+    /// True when `sig` is a valid signature of `msg` by this key. ed25519:
+    /// strict verification (rejects malleable and small-order forms). P-256:
+    /// a DER-encoded ECDSA signature over SHA-256(`msg`); any other encoding
+    /// (BER variants, raw r||s) is refused.
     pub fn verify(&self, msg: &[u8], sig: &[u8]) -> bool {
-        let Ok(arr) = <[u8; 64]>::try_from(sig) else {
-            return false;
-        };
-        let sig = ed25519_dalek::Signature::from_bytes(&arr);
-        self.inner.verify_strict(msg, &sig).is_ok() && self.inner.verify(msg, &sig).is_ok()
+        match &self.inner {
+            VerifyingKey::Ed25519(k) => {
+                use ed25519_dalek::Verifier as _;
+                let Ok(arr) = <[u8; 64]>::try_from(sig) else {
+                    return false;
+                };
+                let sig = ed25519_dalek::Signature::from_bytes(&arr);
+                k.verify_strict(msg, &sig).is_ok() && k.verify(msg, &sig).is_ok()
+            }
+            VerifyingKey::EcdsaP256(k) => {
+                use p256::ecdsa::signature::Verifier as _;
+                let Ok(parsed) = p256::ecdsa::Signature::from_der(sig) else {
+                    return false;
+                };
+                // DER is unique; re-encoding catches any leniency of the parser.
+                parsed.to_der().as_bytes() == sig && k.verify(msg, &parsed).is_ok()
+            }
+        }
     }
 }
 
@@ -319,7 +501,10 @@ mod tests {
         assert!(!p.verify(b"msh", &sig));
         assert!(!p.verify(b"msg", &sig[..63]));
         // The PKCS#8 v2 form (public key embedded) other tools write is read too.
-        let v2 = k.inner.to_pkcs8_pem(LineEnding::LF).unwrap();
+        let SecretKey::Ed25519(inner) = &k.inner else {
+            panic!("generate() makes ed25519 keys")
+        };
+        let v2 = inner.to_pkcs8_pem(LineEnding::LF).unwrap();
         assert_ne!(v2.as_str(), pem);
         assert_eq!(SigningKey::from_pkcs8_pem(&v2).unwrap().keyid(), k.keyid());
         assert!(PublicKey::from_spki_pem(&pem).is_err());
@@ -350,6 +535,100 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("unsupported"), "{e}");
+    }
+
+    /// The RFC 6979 A.2.5 P-256 private key, as Python `cryptography` writes it
+    /// (PKCS#8); its public PEM and keyid as securesystemslib 1.6.0's
+    /// `SSlibKey.from_crypto` gives them.
+    const P256_PKCS8: &str = "-----BEGIN PRIVATE KEY-----
+MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQgya+p2EW6dRZrXCFX
+Z7HWk05Qw9s26JsSe4piKxIPZyGhRANCAARg/tS6JVqdMclh63TGNW1owEm4kjth
++mzmaWIuYPKftnkD/hAIuLyZpBrp6VYovGTy8bIMLX6fUXejwpTURiKZ
+-----END PRIVATE KEY-----
+";
+    const P256_SPKI: &str = "-----BEGIN PUBLIC KEY-----
+MFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAEYP7UuiVanTHJYet0xjVtaMBJuJI7
+Yfps5mliLmDyn7Z5A/4QCLi8maQa6elWKLxk8vGyDC1+n1F3o8KU1EYimQ==
+-----END PUBLIC KEY-----
+";
+    const P256_KEYID: &str = "716d622ec609eff48475645919645bb30ef604f59a69c764608fb64272dd5fe5";
+
+    #[test]
+    fn p256_keys_match_securesystemslib() {
+        let k = SigningKey::from_pkcs8_pem(P256_PKCS8).unwrap();
+        assert_eq!(k.key_type(), KeyType::EcdsaP256);
+        let p = k.public_key();
+        assert_eq!(p.to_spki_pem(), P256_SPKI);
+        assert_eq!(p.keyid(), P256_KEYID);
+        assert_eq!(PublicKey::from_spki_pem(P256_SPKI).unwrap(), p);
+        let v = p.to_securesystemslib();
+        assert_eq!(
+            v,
+            json!({"keyid": P256_KEYID, "keytype": "ecdsa", "scheme": "ecdsa-sha2-nistp256",
+                   "keyval": {"public": P256_SPKI}})
+        );
+        assert_eq!(PublicKey::from_securesystemslib(&v).unwrap(), p);
+        // The right names with an ed25519 key's value, or the reverse, are refused.
+        let mut swapped = v.clone();
+        swapped["keyval"]["public"] = json!(hex::encode([7u8; 32]));
+        assert!(PublicKey::from_securesystemslib(&swapped).is_err());
+        let mut renamed = v;
+        renamed["keytype"] = "ed25519".into();
+        assert!(PublicKey::from_securesystemslib(&renamed).is_err());
+
+        // Written and read back in PKCS#8.
+        let again = SigningKey::from_pkcs8_pem(&k.to_pkcs8_pem()).unwrap();
+        assert_eq!(again.keyid(), P256_KEYID);
+        let sec1 = "-----BEGIN EC PRIVATE KEY-----\nAA==\n-----END EC PRIVATE KEY-----\n";
+        let e = SigningKey::from_pkcs8_pem(sec1).unwrap_err().to_string();
+        assert!(e.contains("openssl pkcs8 -topk8"), "{e}");
+        let fresh = SigningKey::generate_of(KeyType::EcdsaP256);
+        assert_eq!(fresh.key_type(), KeyType::EcdsaP256);
+        assert_ne!(fresh.keyid(), P256_KEYID);
+        let pem = fresh.to_pkcs8_pem();
+        assert!(pem.starts_with("-----BEGIN PRIVATE KEY-----\n"), "{pem}");
+        assert_eq!(
+            SigningKey::from_pkcs8_pem(&pem).unwrap().keyid(),
+            fresh.keyid()
+        );
+    }
+
+    #[test]
+    fn p256_signatures_are_strict_der_over_sha256() {
+        let k = SigningKey::from_pkcs8_pem(P256_PKCS8).unwrap();
+        let p = k.public_key();
+        let sig = k.sign(b"msg");
+        // SEQUENCE { INTEGER r, INTEGER s }
+        assert_eq!(sig[0], 0x30);
+        assert_eq!(usize::from(sig[1]) + 2, sig.len());
+        assert!(p.verify(b"msg", &sig));
+        assert!(!p.verify(b"msh", &sig));
+        let other = SigningKey::generate_of(KeyType::EcdsaP256).public_key();
+        assert!(!other.verify(b"msg", &sig));
+        // An ed25519 key never accepts it, nor a P-256 key an ed25519 signature.
+        let ed = SigningKey::generate();
+        assert!(!ed.public_key().verify(b"msg", &sig));
+        assert!(!p.verify(b"msg", &ed.sign(b"msg")));
+        // The same (r, s) as raw r||s, or with a long-form length: refused.
+        let parsed = p256::ecdsa::Signature::from_der(&sig).unwrap();
+        assert!(!p.verify(b"msg", &parsed.to_bytes()));
+        let mut long_form = vec![0x30, 0x81, sig[1]];
+        long_form.extend_from_slice(&sig[2..]);
+        assert!(!p.verify(b"msg", &long_form));
+        let mut trailing = sig.clone();
+        trailing.push(0);
+        assert!(!p.verify(b"msg", &trailing));
+    }
+
+    #[test]
+    fn key_type_names() {
+        for t in KeyType::ALL {
+            assert_eq!(t.name().parse::<KeyType>().unwrap(), t);
+            assert_eq!(SigningKey::generate_of(t).public_key().key_type(), t);
+        }
+        assert_eq!(KeyType::default(), KeyType::Ed25519);
+        let e = "rsa".parse::<KeyType>().unwrap_err().to_string();
+        assert!(e.contains("\"rsa\"") && e.contains("ecdsa-p256"), "{e}");
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! Provenance for Kiln: tree hashing, securesystemslib canonical JSON, ed25519
-//! keys, in-toto v0.9 links and layouts, DSSE envelopes, and a verifier that
-//! implements the subset of `in-toto-verify` Kiln relies on.
+//! and ECDSA P-256 keys, in-toto v0.9 links and layouts, DSSE envelopes,
+//! Sigstore bundles, and a verifier that implements the subset of
+//! `in-toto-verify` Kiln relies on.
 //!
 //! Pure library: no sandbox, no gRPC, no async runtime.
 #![forbid(unsafe_code)]
@@ -21,5 +22,5 @@ pub mod verify;
 pub mod walk;
 
 pub use error::ProvenanceError;
-pub use keys::{PublicKey, SigningKey};
+pub use keys::{KeyType, PublicKey, SigningKey};
 pub use link::Link;

@@ -1,7 +1,7 @@
 //! Verification of a layout and its links: the subset of `in-toto-verify`
 //! (in-toto 3.1) that Kiln uses, in the same order and with the same rule
-//! semantics. Anything outside that subset (sublayouts, non-ed25519 or GPG
-//! keys, parameter substitution fields, unknown rule types or metadata
+//! semantics. Anything outside that subset (sublayouts, keys other than
+//! ed25519 and ECDSA P-256, GPG keys, parameter substitution fields, unknown rule types or metadata
 //! fields) is an "unsupported" error, never a silent pass.
 //!
 //! Inspections: the reference runs each inspection's `run` command in its

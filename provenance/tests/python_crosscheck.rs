@@ -24,7 +24,7 @@ use provenance::dsse::{sign_envelope, IN_TOTO_PAYLOAD_TYPE};
 use provenance::layout::{rule, sign_layout, LayoutBuilder, Step};
 use provenance::link::link_file_name;
 use provenance::verify::{verify_layout, verify_layout_with_artifacts, VerifyError};
-use provenance::{cjson, fnmatch, hash, Link, SigningKey};
+use provenance::{cjson, fnmatch, hash, KeyType, Link, PublicKey, SigningKey};
 use serde_json::{json, Value};
 
 fn python() -> Option<PathBuf> {
@@ -88,15 +88,21 @@ fn canonical_json_matches_securesystemslib() {
 #[test]
 fn keyid_and_key_formats_match_in_toto() {
     let Some(python) = python() else { return };
+    for key_type in KeyType::ALL {
+        keyid_and_key_formats_match_in_toto_for(&python, key_type);
+    }
+}
+
+fn keyid_and_key_formats_match_in_toto_for(python: &Path, key_type: KeyType) {
     let dir = tempfile::tempdir().unwrap();
-    let key = SigningKey::generate();
+    let key = SigningKey::generate_of(key_type);
     let pubp = dir.path().join("k.pub");
     let privp = dir.path().join("k.pem");
     std::fs::write(&pubp, key.public_key().to_spki_pem()).unwrap();
     std::fs::write(&privp, key.to_pkcs8_pem()).unwrap();
     // The exact loader in-toto-verify uses for --verification-keys.
     let out = py(
-        &python,
+        python,
         "import json,sys\nfrom in_toto.models._signer import load_public_key_from_file\n\
          print(json.dumps(load_public_key_from_file(sys.argv[1]), sort_keys=True))",
         &[&pubp],
@@ -106,7 +112,7 @@ fn keyid_and_key_formats_match_in_toto() {
     assert_eq!(theirs["keyid"], key.keyid());
     // securesystemslib's signer API loads the PKCS#8 private key and derives the same key.
     let out = py(
-        &python,
+        python,
         "import sys\nfrom cryptography.hazmat.primitives.serialization import load_pem_private_key\n\
          from securesystemslib.signer import CryptoSigner\n\
          s = CryptoSigner(load_pem_private_key(open(sys.argv[1],'rb').read(), None))\n\
@@ -114,6 +120,32 @@ fn keyid_and_key_formats_match_in_toto() {
         &[&privp],
     );
     assert_eq!(String::from_utf8(out).unwrap().trim(), key.keyid());
+}
+
+/// The other direction: a P-256 key and a DSSE signature made by
+/// securesystemslib's CryptoSigner (DER ECDSA over SHA-256) are read and
+/// verified by Kiln, under the keyid securesystemslib gives.
+#[test]
+fn securesystemslib_p256_signatures_verify_in_kiln() {
+    let Some(python) = python() else { return };
+    let out = py(
+        &python,
+        "import json\nfrom cryptography.hazmat.primitives.asymmetric import ec\n\
+         from securesystemslib.signer import CryptoSigner\nfrom securesystemslib.dsse import Envelope\n\
+         s = CryptoSigner(ec.generate_private_key(ec.SECP256R1()))\n\
+         e = Envelope(payload=b'{\"a\":1}', payload_type='application/vnd.in-toto+json', signatures={})\n\
+         e.sign(s)\n\
+         print(json.dumps({'key': s.public_key.to_dict() | {'keyid': s.public_key.keyid}, 'env': e.to_dict()}))",
+        &[],
+    );
+    let v: Value = serde_json::from_slice(&out).unwrap();
+    let key = PublicKey::from_securesystemslib(&v["key"]).unwrap();
+    assert_eq!(key.key_type(), KeyType::EcdsaP256);
+    assert_eq!(key.keyid(), v["key"]["keyid"].as_str().unwrap());
+    let verified = provenance::dsse::verify_envelope(&v["env"], &[key]).unwrap();
+    assert_eq!(verified.payload, br#"{"a":1}"#);
+    let other = SigningKey::generate_of(KeyType::EcdsaP256).public_key();
+    assert!(provenance::dsse::verify_envelope(&v["env"], &[other]).is_err());
 }
 
 fn tricky_link() -> Link {
@@ -137,8 +169,14 @@ fn tricky_link() -> Link {
 #[test]
 fn link_and_dsse_verify_with_securesystemslib() {
     let Some(python) = python() else { return };
+    for key_type in KeyType::ALL {
+        link_and_dsse_verify_with_securesystemslib_for(&python, key_type);
+    }
+}
+
+fn link_and_dsse_verify_with_securesystemslib_for(python: &Path, key_type: KeyType) {
     let dir = tempfile::tempdir().unwrap();
-    let key = SigningKey::generate();
+    let key = SigningKey::generate_of(key_type);
     let linkp = dir.path().join("compile.link");
     let keyp = dir.path().join("key.json");
     let envp = dir.path().join("env.json");
@@ -151,7 +189,7 @@ fn link_and_dsse_verify_with_securesystemslib() {
     let env = sign_envelope(IN_TOTO_PAYLOAD_TYPE, b"{\"_type\":\"link\"}\n\x01", &key);
     std::fs::write(&envp, serde_json::to_vec(&env).unwrap()).unwrap();
     let out = py(
-        &python,
+        python,
         "import json,sys\nfrom in_toto.models.metadata import Metadata\n\
          from securesystemslib.signer import Key\nfrom securesystemslib.dsse import Envelope\n\
          k = json.load(open(sys.argv[2]))\n\
@@ -267,11 +305,24 @@ fn in_toto_verify(python: &Path, dir: &Path) -> std::process::Output {
 #[test]
 fn in_toto_verify_end_to_end() {
     let Some(python) = python() else { return };
+    end_to_end(&python, KeyType::Ed25519, KeyType::Ed25519);
+}
+
+/// The same with a P-256 runner key and a P-256 layout owner key, and mixed.
+#[test]
+fn in_toto_verify_end_to_end_with_p256_keys() {
+    let Some(python) = python() else { return };
+    end_to_end(&python, KeyType::EcdsaP256, KeyType::EcdsaP256);
+    end_to_end(&python, KeyType::Ed25519, KeyType::EcdsaP256);
+}
+
+fn end_to_end(python: &Path, owner_type: KeyType, runner_type: KeyType) {
+    let python = python.to_path_buf();
     let dir = tempfile::tempdir().unwrap();
     let links = dir.path().join("links");
     std::fs::create_dir(&links).unwrap();
-    let owner = SigningKey::generate();
-    let runner = SigningKey::generate();
+    let owner = SigningKey::generate_of(owner_type);
+    let runner = SigningKey::generate_of(runner_type);
     let rk = runner.public_key();
     let layout = LayoutBuilder::new(time::OffsetDateTime::now_utc() + time::Duration::days(30))
         .readme("kiln cross-check")
@@ -365,10 +416,13 @@ fn in_toto_verify_end_to_end() {
     )
     .is_err());
 
-    // Tamper one byte of the signature.
+    // Tamper one byte of the signature (in its middle: inside the DER of an ECDSA
+    // signature's integers, not its framing).
     let mut v: Value = serde_json::from_slice(&good).unwrap();
     let s = v["signatures"][0]["sig"].as_str().unwrap().to_owned();
-    let flipped = format!("{}{}", if s.starts_with('0') { '1' } else { '0' }, &s[1..]);
+    let mid = s.len() / 2;
+    let digit = if &s[mid..=mid] == "0" { "1" } else { "0" };
+    let flipped = format!("{}{digit}{}", &s[..mid], &s[mid + 1..]);
     v["signatures"][0]["sig"] = flipped.into();
     std::fs::write(&compile_file, serde_json::to_vec_pretty(&v).unwrap()).unwrap();
     let out = in_toto_verify(&python, dir.path());

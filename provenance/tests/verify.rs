@@ -11,7 +11,7 @@ use provenance::link::{link_file_name, sign_metablock};
 use provenance::verify::{
     check_artifacts, verify_layout, verify_layout_with_artifacts, VerifyError, VerifyReport,
 };
-use provenance::{hash, Link, SigningKey};
+use provenance::{hash, KeyType, Link, SigningKey};
 use serde_json::{json, Value};
 use time::macros::datetime;
 use time::OffsetDateTime;
@@ -54,9 +54,13 @@ struct Fixture {
 
 impl Fixture {
     fn new() -> Self {
+        Self::of(KeyType::Ed25519, KeyType::Ed25519)
+    }
+
+    fn of(owner: KeyType, functionary: KeyType) -> Self {
         Fixture {
-            owner: SigningKey::generate(),
-            func: SigningKey::generate(),
+            owner: SigningKey::generate_of(owner),
+            func: SigningKey::generate_of(functionary),
             dir: tempfile::tempdir().unwrap(),
         }
     }
@@ -344,6 +348,65 @@ fn dsse_link_is_accepted() {
     )
     .unwrap();
     f.verify(&f.two_step_layout()).unwrap();
+}
+
+#[test]
+fn p256_layout_and_functionary_keys_verify_and_tampering_fails() {
+    for (owner, functionary) in [
+        (KeyType::EcdsaP256, KeyType::EcdsaP256),
+        (KeyType::Ed25519, KeyType::EcdsaP256),
+        (KeyType::EcdsaP256, KeyType::Ed25519),
+    ] {
+        let f = Fixture::of(owner, functionary);
+        f.write_two_step_links();
+        let layout = f.two_step_layout();
+        assert_eq!(
+            layout["keys"][f.func.keyid()]["keytype"],
+            if functionary == KeyType::EcdsaP256 {
+                "ecdsa"
+            } else {
+                "ed25519"
+            }
+        );
+        let r = f.verify(&layout).unwrap();
+        assert_eq!(r.steps[1].functionaries, vec![f.func.keyid()]);
+        assert_eq!(r.layout_keyids, vec![f.owner.keyid()]);
+
+        // The compile link as a DSSE envelope: accepted, and refused once its payload
+        // changes under the signature.
+        let l = link(
+            "compile",
+            &["cc", "-o", "hello", "hello.c"],
+            &[("hello.c", "src")],
+            &[("hello.c", "src"), ("hello", "bin")],
+        );
+        let path = f
+            .dir
+            .path()
+            .join(link_file_name("compile", &f.func.keyid()));
+        let payload = serde_json::to_vec(&l.to_signed()).unwrap();
+        let env = sign_envelope(IN_TOTO_PAYLOAD_TYPE, &payload, &f.func);
+        std::fs::write(&path, serde_json::to_vec(&env).unwrap()).unwrap();
+        f.verify(&layout).unwrap();
+        let mut forged = l.clone();
+        forged.products.insert("hello".into(), h("evil"));
+        let mut tampered = env.clone();
+        tampered["payload"] = json!(base64::Engine::encode(
+            &base64::engine::general_purpose::STANDARD,
+            serde_json::to_vec(&forged.to_signed()).unwrap()
+        ));
+        std::fs::write(&path, serde_json::to_vec(&tampered).unwrap()).unwrap();
+        let e = f.verify(&layout).unwrap_err();
+        assert!(
+            matches!(&e, VerifyError::Threshold { step, found: 0, .. } if step == "compile"),
+            "{e}"
+        );
+        // A layout signed by another P-256 key is refused.
+        let stranger = SigningKey::generate_of(KeyType::EcdsaP256);
+        let signed = sign_layout(&layout, &stranger).unwrap();
+        let e = verify_layout(&signed, &[f.owner.public_key()], f.dir.path(), NOW).unwrap_err();
+        assert!(matches!(e, VerifyError::LayoutSignature(_)), "{e}");
+    }
 }
 
 // ---- artifact rules, one step at a time ----

@@ -3,6 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
+use provenance::keys::KeyType;
 use serde::Deserialize;
 use sha2::Digest;
 
@@ -89,6 +90,11 @@ pub struct Config {
     pub admin_uids: Vec<u32>,
     /// The builder id in SLSA provenance (default: `kiln://<hostname>`).
     pub builder_id: Option<String>,
+    /// The type of the signing keys the daemon creates (a new ring) and `kiln keys
+    /// rotate --config` rotates to: "ed25519" or "ecdsa-p256". A ring keeps the public
+    /// keys of both types across rotations.
+    #[serde(deserialize_with = "deserialize_key_type")]
+    pub key_type: KeyType,
     /// The daemon's log lines on stderr: "text" (for people) or "json" (one JSON object
     /// a line, for log collectors).
     pub log_format: LogFormat,
@@ -200,6 +206,16 @@ impl Default for PublishConfig {
     }
 }
 
+/// `key_type = "..."`: an unknown name is an error naming the key and the choices.
+fn deserialize_key_type<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> std::result::Result<KeyType, D::Error> {
+    let name = String::deserialize(deserializer)?;
+    name.parse().map_err(|e: provenance::keys::UnknownKeyType| {
+        serde::de::Error::custom(format!("key_type: {e}"))
+    })
+}
+
 /// How the daemon writes its log lines.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -238,6 +254,7 @@ impl Default for Config {
             connection_keepalive_seconds: 60,
             shutdown_grace_seconds: 600,
             builder_id: None,
+            key_type: KeyType::Ed25519,
             log_format: LogFormat::Text,
             metrics_listen: None,
             audit_checkpoint_entries: 1000,

@@ -8,12 +8,15 @@ use agent_proto::v1::{JobSpec, ResourceLimits, Step};
 use anyhow::Context;
 use clap::Parser;
 
+use provenance::keys::KeyType;
 use runner::cli::args::{
-    AuditCommand, Cli, Command, KeyFormat, KeysCommand, LayoutCommand, RunArgs, StoreCommand,
+    AuditCommand, Cli, Command, KeyFormat, KeyRingArgs, KeysCommand, LayoutCommand, RunArgs,
+    StoreCommand,
 };
 use runner::cli::client::LinkFormat;
 use runner::cli::client::{Client, EXIT_KILN_ERROR};
 use runner::cli::{artifact, client, demo, jobfile, listing, verify};
+use runner::config::Config;
 use runner::daemon::server;
 use runner::engine::signer;
 use runner::store::{cas, db};
@@ -188,11 +191,11 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             command: KeysCommand::Public { format },
         } => keys_public(&target?, format).await,
         Command::Keys {
-            command: KeysCommand::Generate { state_dir },
-        } => keys_generate(&state_dir),
+            command: KeysCommand::Generate(args),
+        } => keys_generate(&args),
         Command::Keys {
-            command: KeysCommand::Rotate { state_dir },
-        } => keys_rotate(&state_dir),
+            command: KeysCommand::Rotate(args),
+        } => keys_rotate(&args),
         Command::Layout {
             command: LayoutCommand::Init(args),
         } => runner::cli::layout::init(target, &args).await,
@@ -446,18 +449,39 @@ fn describe_error(err: &anyhow::Error) -> String {
     }
 }
 
+/// The state directory and key type `kiln keys generate|rotate` use: the flags, else
+/// the daemon's configuration, else the defaults.
+fn key_ring_settings(args: &KeyRingArgs) -> anyhow::Result<(PathBuf, KeyType)> {
+    let config = match &args.config {
+        Some(path) => {
+            let config = Config::load(Some(path))?;
+            config.validate()?;
+            config
+        }
+        None => Config::default(),
+    };
+    Ok((
+        args.state_dir.clone().unwrap_or(config.state_dir),
+        args.key_type.unwrap_or(config.key_type),
+    ))
+}
+
 /// `kiln keys generate`: the key id on stdout, what happened on stderr.
-fn keys_generate(state_dir: &Path) -> anyhow::Result<i32> {
+fn keys_generate(args: &KeyRingArgs) -> anyhow::Result<i32> {
     use signer::RingOrigin;
+    let (state_dir, key_type) = key_ring_settings(args)?;
     // The daemon makes the state directory traversable (0711) when it starts.
-    std::fs::create_dir_all(state_dir)
+    std::fs::create_dir_all(&state_dir)
         .with_context(|| format!("creating {}", state_dir.display()))?;
     let dir = state_dir.join("keys");
-    let (ring, origin) =
-        signer::open_ring(&dir, true).with_context(|| format!("key ring in {}", dir.display()))?;
+    let (ring, origin) = signer::open_ring(&dir, true, key_type)
+        .with_context(|| format!("key ring in {}", dir.display()))?;
     let keyid = &ring.public().current;
     match origin {
-        RingOrigin::Created => eprintln!("created a key ring in {}", dir.display()),
+        RingOrigin::Created => eprintln!(
+            "created a key ring in {} with an {key_type} key",
+            dir.display()
+        ),
         RingOrigin::Migrated => eprintln!(
             "moved {} into a key ring in {}, keeping its key id",
             signer::LEGACY_KEY_FILE,
@@ -473,16 +497,17 @@ fn keys_generate(state_dir: &Path) -> anyhow::Result<i32> {
 }
 
 /// `kiln keys rotate`: the new key id on stdout.
-fn keys_rotate(state_dir: &Path) -> anyhow::Result<i32> {
+fn keys_rotate(args: &KeyRingArgs) -> anyhow::Result<i32> {
+    let (state_dir, key_type) = key_ring_settings(args)?;
     let dir = state_dir.join("keys");
-    let (mut ring, _) =
-        signer::open_ring(&dir, false).with_context(|| format!("key ring in {}", dir.display()))?;
+    let (mut ring, _) = signer::open_ring(&dir, false, key_type)
+        .with_context(|| format!("key ring in {}", dir.display()))?;
     let old = ring.public().current.clone();
-    ring.rotate()
+    ring.rotate_to(key_type)
         .with_context(|| format!("rotating the key ring in {}", dir.display()))?;
     let new = &ring.public().current;
     eprintln!(
-        "retired key {old} (its window is closed, its private key deleted); signing key is now {new}"
+        "retired key {old} (its window is closed, its private key deleted); signing key is now {new} ({key_type})"
     );
     println!("{new}");
     Ok(0)

@@ -6,6 +6,7 @@ usage: make_layout.py SPEC.json OUT_LAYOUT OUT_OWNER_PUB
 
 SPEC.json:
   {"functionary_pub": "runner.pub",            # SPKI PEM of the runner key
+   "owner_key_type": "ed25519" | "ecdsa",      # optional, default ed25519
    "steps":   [{"name", "expected_command", "expected_materials", "expected_products"}],
    "inspect": [{"name", "run", "expected_materials", "expected_products"}]}
 """
@@ -23,7 +24,10 @@ def main() -> None:
     with open(spec_path) as f:
         spec = json.load(f)
 
-    owner = CryptoSigner.generate_ed25519()
+    if spec.get("owner_key_type", "ed25519") == "ecdsa":
+        owner = CryptoSigner.generate_ecdsa()
+    else:
+        owner = CryptoSigner.generate_ed25519()
     pem = owner._private_key.public_key().public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
     )

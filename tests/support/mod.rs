@@ -35,6 +35,48 @@ pub fn python(test: &str) -> Option<PathBuf> {
     reference_tool(test, "KILN_PYTHON")
 }
 
+/// npm's `@sigstore/verify` package directory (KILN_SIGSTORE_VERIFY, installed by
+/// scripts/test), with `node` to run it. Outside CI a missing one skips the test
+/// (saying so); in CI it fails.
+pub fn sigstore_verify(test: &str) -> Option<PathBuf> {
+    let package = std::env::var_os("KILN_SIGSTORE_VERIFY")
+        .map(PathBuf::from)
+        .filter(|dir| dir.join("package.json").is_file());
+    let node = Command::new("node")
+        .arg("--version")
+        .output()
+        .is_ok_and(|out| out.status.success());
+    match package {
+        Some(dir) if node => Some(dir),
+        _ => {
+            assert!(
+                !in_ci(),
+                "{test}: CI=true but node or KILN_SIGSTORE_VERIFY (the @sigstore/verify package) is missing"
+            );
+            eprintln!("SKIPPED: {test} needs node and KILN_SIGSTORE_VERIFY (run scripts/test)");
+            None
+        }
+    }
+}
+
+/// Verifies a Sigstore bundle offline with `@sigstore/verify` (tests/node/verify-bundle.js),
+/// trusting only `public_pem` under the key id `keyid`.
+pub fn run_sigstore_verify(
+    package: &Path,
+    bundle: &Path,
+    public_pem: &Path,
+    keyid: &str,
+) -> Output {
+    Command::new("node")
+        .arg(repo_root().join("tests/node/verify-bundle.js"))
+        .arg(bundle)
+        .arg(public_pem)
+        .arg(keyid)
+        .env("KILN_SIGSTORE_VERIFY", package)
+        .output()
+        .unwrap()
+}
+
 fn reference_tool(test: &str, var: &str) -> Option<PathBuf> {
     match std::env::var_os(var) {
         Some(path) if Path::new(&path).is_file() => Some(path.into()),
@@ -295,24 +337,24 @@ pub fn run_hello(daemon: &Daemon, extra: &[&str]) -> Output {
 /// `cc -O2 -o hello hello.c && ./hello`), with the runner key as functionary and an
 /// inspection matching the downloaded `hello` with the step's product.
 pub fn hello_layout(python: &Path, dir: &Path, runner_pub: &Path) -> (PathBuf, PathBuf) {
-    make_layout(
-        python,
-        dir,
-        runner_pub,
-        serde_json::json!({
-            "steps": [{
-                "name": "run",
-                "expected_command": ["/bin/sh", "-c", "cc -O2 -o hello hello.c && ./hello"],
-                "expected_materials": [["ALLOW", "hello.c"], ["DISALLOW", "*"]],
-                "expected_products": [["CREATE", "hello"], ["ALLOW", "hello.c"], ["DISALLOW", "*"]],
-            }],
-            "inspect": [{
-                "name": "outputs",
-                "run": ["true"],
-                "expected_materials": [["MATCH", "hello", "WITH", "PRODUCTS", "FROM", "run"], ["DISALLOW", "*"]],
-            }],
-        }),
-    )
+    make_layout(python, dir, runner_pub, hello_layout_spec())
+}
+
+/// The spec `make_layout` turns into [`hello_layout`].
+pub fn hello_layout_spec() -> serde_json::Value {
+    serde_json::json!({
+        "steps": [{
+            "name": "run",
+            "expected_command": ["/bin/sh", "-c", "cc -O2 -o hello hello.c && ./hello"],
+            "expected_materials": [["ALLOW", "hello.c"], ["DISALLOW", "*"]],
+            "expected_products": [["CREATE", "hello"], ["ALLOW", "hello.c"], ["DISALLOW", "*"]],
+        }],
+        "inspect": [{
+            "name": "outputs",
+            "run": ["true"],
+            "expected_materials": [["MATCH", "hello", "WITH", "PRODUCTS", "FROM", "run"], ["DISALLOW", "*"]],
+        }],
+    })
 }
 
 /// Runs the reference `in-toto-verify`; `cwd` is where inspections run.

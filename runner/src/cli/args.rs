@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::cli::client::LinkFormat;
 use crate::cli::listing;
@@ -115,7 +115,7 @@ pub enum Command {
         /// An in-toto layout (metablock).
         #[arg(long, required_unless_present_any = ["provenance", "image"], requires_all = ["layout_keys", "links"])]
         layout: Option<PathBuf>,
-        /// PEM public key(s) of the layout owner; repeatable.
+        /// PEM public key(s) of the layout owner (ed25519 or ECDSA P-256); repeatable.
         #[arg(long = "layout-key")]
         layout_keys: Vec<PathBuf>,
         /// Directory holding the links.
@@ -124,7 +124,8 @@ pub enum Command {
         /// Directory of artifacts to check against the final step's products.
         #[arg(long)]
         artifacts: Option<PathBuf>,
-        /// A job's SLSA provenance (DSSE envelope) to check instead of a layout.
+        /// A job's SLSA provenance (DSSE envelope, or the Sigstore bundle holding it) to
+        /// check instead of a layout.
         #[arg(long, conflicts_with_all = ["layout", "image"], requires_all = ["keys", "policy"])]
         provenance: Option<PathBuf>,
         /// An artifact in an OCI registry (REGISTRY/REPO@sha256:DIGEST): its attached
@@ -133,7 +134,8 @@ pub enum Command {
         image: Option<String>,
         #[command(flatten)]
         registry: RegistryArgs,
-        /// Runner public key(s): SPKI PEM, or a key ring export (JSON, with validity windows).
+        /// Runner public key(s): SPKI PEM (ed25519 or ECDSA P-256), or a key ring export
+        /// (JSON, with validity windows).
         #[arg(long = "key")]
         keys: Vec<PathBuf>,
         /// Verification policy (TOML; see README).
@@ -290,19 +292,32 @@ pub enum KeysCommand {
         format: KeyFormat,
     },
     /// Create the key ring in the state directory if it has none; print the current key id.
-    Generate {
-        /// State directory of the daemon.
-        #[arg(long, default_value = config::DEFAULT_STATE_DIR)]
-        state_dir: PathBuf,
-    },
+    Generate(KeyRingArgs),
     /// Replace the current key by a new one; the old public key stays in the
     /// ring with its window closed, its private key is deleted. A running
     /// daemon signs with the new key from its next signature on.
-    Rotate {
-        /// State directory of the daemon.
-        #[arg(long, default_value = config::DEFAULT_STATE_DIR)]
-        state_dir: PathBuf,
-    },
+    Rotate(KeyRingArgs),
+}
+
+/// Where the key ring is and the type of key a new one gets.
+#[derive(Args)]
+pub struct KeyRingArgs {
+    /// State directory of the daemon [default: the config's `state_dir`, else
+    /// /var/lib/kiln].
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
+    /// The daemon's configuration file: its `state_dir` and `key_type` count.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// The new key's type: ed25519 or ecdsa-p256 [default: the config's `key_type`,
+    /// else ed25519].
+    #[arg(long, value_name = "TYPE", value_parser = parse_key_type)]
+    pub key_type: Option<provenance::keys::KeyType>,
+}
+
+fn parse_key_type(s: &str) -> Result<provenance::keys::KeyType, String> {
+    s.parse()
+        .map_err(|e: provenance::keys::UnknownKeyType| e.to_string())
 }
 
 #[derive(Clone, Copy, ValueEnum)]

@@ -28,8 +28,27 @@ pub const EXIT_KILN_ERROR: i32 = 125;
 pub enum LinkFormat {
     /// An in-toto metablock (`signed` + `signatures`).
     Metablock,
-    /// A DSSE envelope (payloadType application/vnd.in-toto+json).
+    /// A DSSE envelope (payloadType application/vnd.in-toto+json), with the same
+    /// envelope as a Sigstore bundle beside it.
     Dsse,
+}
+
+/// Writes the Sigstore bundle v0.3 of the DSSE envelope written at `path` beside
+/// it, as `<path's stem>.sigstore.json`: the same envelope, its signature's key id as
+/// the key hint, for verifiers such as `@sigstore/verify` (see README).
+fn write_bundle_beside(path: &Path, envelope: &[u8]) -> anyhow::Result<PathBuf> {
+    use provenance::bundle;
+    let stem = path
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .with_context(|| format!("{}: no file name to put a bundle beside", path.display()))?;
+    let keyid = bundle::envelope_keyid(envelope)
+        .with_context(|| format!("making the Sigstore bundle of {}", path.display()))?;
+    let bytes = bundle::envelope_to_bundle(envelope, &keyid)
+        .with_context(|| format!("making the Sigstore bundle of {}", path.display()))?;
+    let bundle_path = path.with_file_name(format!("{stem}{}", bundle::BUNDLE_FILE_SUFFIX));
+    fs::write(&bundle_path, bytes).with_context(|| format!("writing {}", bundle_path.display()))?;
+    Ok(bundle_path)
 }
 
 use crate::cli::connect::read_client_file;
@@ -292,13 +311,17 @@ impl Client {
             }
             let path = dir.join(name);
             fs::write(&path, &content).with_context(|| format!("writing {}", path.display()))?;
+            if format == LinkFormat::Dsse {
+                write_bundle_beside(&path, &content)?;
+            }
             written.push(path);
         }
         Ok(written)
     }
 
     /// Writes the job's SLSA provenance (a DSSE envelope) into `dir` as
-    /// `<job id>.provenance.json`, if the job has one.
+    /// `<job id>.provenance.json`, and as a Sigstore bundle as
+    /// `<job id>.provenance.sigstore.json`, if the job has one.
     pub async fn download_provenance(
         &self,
         job: &Job,
@@ -310,12 +333,14 @@ impl Client {
         fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let envelope = self.read_blob(&job.provenance_digest).await?;
         let path = dir.join(format!("{}.provenance.json", job.job_id));
-        fs::write(&path, envelope).with_context(|| format!("writing {}", path.display()))?;
+        fs::write(&path, &envelope).with_context(|| format!("writing {}", path.display()))?;
+        write_bundle_beside(&path, &envelope)?;
         Ok(Some(path))
     }
 
     /// Writes the signed SBOM of the job's image (a DSSE envelope) into `dir` as
-    /// `<job id>.sbom.intoto.json`, if the job has one.
+    /// `<job id>.sbom.intoto.json`, and as a Sigstore bundle as
+    /// `<job id>.sbom.intoto.sigstore.json`, if the job has one.
     pub async fn download_sbom(&self, job: &Job, dir: &Path) -> anyhow::Result<Option<PathBuf>> {
         if job.sbom_digest.is_empty() {
             return Ok(None);
@@ -323,7 +348,8 @@ impl Client {
         fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let envelope = self.read_blob(&job.sbom_digest).await?;
         let path = dir.join(format!("{}.sbom.intoto.json", job.job_id));
-        fs::write(&path, envelope).with_context(|| format!("writing {}", path.display()))?;
+        fs::write(&path, &envelope).with_context(|| format!("writing {}", path.display()))?;
+        write_bundle_beside(&path, &envelope)?;
         Ok(Some(path))
     }
 

@@ -71,7 +71,8 @@ pub fn run(
 }
 
 /// Checks SLSA provenance: signature by one of `keys` (valid at the build's
-/// finish), every file a subject, and the policy. Exit code 0 only on a pass.
+/// finish), every file a subject, and the policy. `envelope` is the DSSE envelope
+/// or a Sigstore bundle holding it. Exit code 0 only on a pass.
 pub fn run_provenance(
     envelope: &Path,
     keys: &[PathBuf],
@@ -81,8 +82,7 @@ pub fn run_provenance(
 ) -> anyhow::Result<i32> {
     use provenance::verify::provenance::{verify_provenance, Artifact, Policy};
 
-    let envelope_bytes =
-        std::fs::read(envelope).with_context(|| format!("reading {}", envelope.display()))?;
+    let envelope_bytes = read_envelope(envelope)?;
     let trusted = trusted_keys(keys)?;
     let policy_text =
         std::fs::read_to_string(policy).with_context(|| format!("reading {}", policy.display()))?;
@@ -103,8 +103,20 @@ pub fn run_provenance(
     Ok(if verdict.passed { 0 } else { 1 })
 }
 
-/// The runner keys in `paths`: SPKI PEM files (trusted at any time) or key ring exports
-/// (each key within its validity window).
+/// The DSSE envelope in `path`: the file itself, or the envelope inside a Sigstore
+/// bundle (the same signature is checked either way).
+pub fn read_envelope(path: &Path) -> anyhow::Result<Vec<u8>> {
+    use provenance::bundle;
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    if bundle::is_bundle(&bytes) {
+        return bundle::bundle_to_envelope(&bytes)
+            .with_context(|| format!("Sigstore bundle {}", path.display()));
+    }
+    Ok(bytes)
+}
+
+/// The runner keys in `paths`: SPKI PEM files of ed25519 or ECDSA P-256 keys (trusted
+/// at any time) or key ring exports (each key within its validity window).
 pub fn trusted_keys(paths: &[PathBuf]) -> anyhow::Result<Vec<provenance::keyring::TrustedKey>> {
     use provenance::keyring::{PublicKeyRing, TrustedKey};
     let mut trusted = Vec::new();

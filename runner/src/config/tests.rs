@@ -21,6 +21,28 @@ fn rejects_unknown_keys_and_bad_values() {
 }
 
 #[test]
+fn key_type_is_ed25519_by_default_or_ecdsa_p256_and_nothing_else() {
+    assert_eq!(Config::default().key_type, KeyType::Ed25519);
+    let cfg: Config = toml::from_str("key_type = \"ecdsa-p256\"\n").unwrap();
+    assert_eq!(cfg.key_type, KeyType::EcdsaP256);
+    let cfg: Config = toml::from_str("key_type = \"ed25519\"\n").unwrap();
+    assert_eq!(cfg.key_type, KeyType::Ed25519);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("kiln.toml");
+    for bad in ["\"rsa\"", "\"ECDSA-P256\"", "\"\"", "1"] {
+        std::fs::write(&path, format!("key_type = {bad}\n")).unwrap();
+        let err = Config::load(Some(&path)).unwrap_err().to_string();
+        assert!(err.contains("key_type"), "{bad}: {err}");
+    }
+    std::fs::write(&path, "key_type = \"rsa\"\n").unwrap();
+    let err = Config::load(Some(&path)).unwrap_err().to_string();
+    assert!(
+        err.contains("key_type: unknown key type \"rsa\"") && err.contains("ecdsa-p256"),
+        "{err}"
+    );
+}
+
+#[test]
 fn listeners_are_unix_sockets_or_tls_with_every_file() {
     let cfg = Config::default();
     assert_eq!(

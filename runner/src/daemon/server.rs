@@ -230,11 +230,23 @@ fn open_state(config: &Config, creation: Creation) -> anyhow::Result<State> {
     fs::set_permissions(state, fs::Permissions::from_mode(0o711))?;
     let keys_dir = state.join("keys");
     // The ring refuses key files another user owns or could read, naming the file.
-    let (key, origin) = Signer::open(&keys_dir)
+    let (key, origin) = Signer::open_with(&keys_dir, config.key_type)
         .with_context(|| format!("opening the signing key ring in {}", keys_dir.display()))?;
-    let keyid = key.current().context("the signing key")?.key.keyid();
+    let current = key.current().context("the signing key")?.key;
+    let keyid = current.keyid();
+    if current.key_type() != config.key_type {
+        // key_type only chooses new keys: an existing ring keeps signing as it is.
+        tracing::warn!(
+            %keyid,
+            current_type = %current.key_type(),
+            key_type = %config.key_type,
+            "the ring's current key is not of the configured key_type; `kiln keys rotate --config` makes one that is"
+        );
+    }
     match origin {
-        RingOrigin::Created => tracing::info!(%keyid, "created a key ring"),
+        RingOrigin::Created => {
+            tracing::info!(%keyid, key_type = %config.key_type, "created a key ring")
+        }
         RingOrigin::Migrated => {
             tracing::info!(%keyid, "moved keys/runner.pem into a key ring, keeping its key id")
         }
@@ -583,7 +595,7 @@ fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
 /// checkpoint at once (which also records a key rotation made while it was stopped).
 fn open_audit(config: &Config) -> anyhow::Result<Arc<AuditLog>> {
     let keys_dir = config.state_dir.join("keys");
-    let (signer, _) = Signer::open(&keys_dir).with_context(|| {
+    let (signer, _) = Signer::open_with(&keys_dir, config.key_type).with_context(|| {
         format!(
             "opening the key ring in {} for the audit log",
             keys_dir.display()

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 
 use provenance::keyring::{fmt_time, KeyRing, PublicKeyRing, KEYRING_FILE};
-use provenance::keys::SigningKey;
+use provenance::keys::{KeyType, SigningKey};
 use provenance::ProvenanceError;
 use time::OffsetDateTime;
 
@@ -33,8 +33,12 @@ pub enum RingOrigin {
 /// Opens the ring in `dir`. Without `keyring.json`: imports a legacy
 /// `runner.pem` (then deletes it: the ring holds the key now, and a rotation
 /// must leave no copy of the retired private key), or else creates a fresh
-/// ring when `create`, or fails.
-pub fn open_ring(dir: &Path, create: bool) -> Result<(KeyRing, RingOrigin), ProvenanceError> {
+/// ring with a key of `key_type` when `create`, or fails.
+pub fn open_ring(
+    dir: &Path,
+    create: bool,
+    key_type: KeyType,
+) -> Result<(KeyRing, RingOrigin), ProvenanceError> {
     let legacy = dir.join(LEGACY_KEY_FILE);
     if exists(&dir.join(KEYRING_FILE)) {
         let ring = KeyRing::open(dir)?;
@@ -53,7 +57,7 @@ pub fn open_ring(dir: &Path, create: bool) -> Result<(KeyRing, RingOrigin), Prov
             dir.display()
         )));
     }
-    let (ring, created) = KeyRing::generate(dir)?;
+    let (ring, created) = KeyRing::generate_of(dir, key_type)?;
     let origin = if created {
         RingOrigin::Created
     } else {
@@ -128,9 +132,15 @@ pub struct Signer {
 }
 
 impl Signer {
-    /// Opens (creating or migrating, see [`open_ring`]) the ring in `dir`.
+    /// Opens (creating with an ed25519 key or migrating, see [`open_ring`])
+    /// the ring in `dir`.
     pub fn open(dir: &Path) -> Result<(Self, RingOrigin), ProvenanceError> {
-        let (ring, origin) = open_ring(dir, true)?;
+        Self::open_with(dir, KeyType::Ed25519)
+    }
+
+    /// [`Signer::open`], a new ring's first key being of `key_type`.
+    pub fn open_with(dir: &Path, key_type: KeyType) -> Result<(Self, RingOrigin), ProvenanceError> {
+        let (ring, origin) = open_ring(dir, true, key_type)?;
         let bytes = read_ring_file(dir)?;
         let loaded = Loaded::from_ring(&ring, bytes)?;
         Ok((
@@ -238,6 +248,25 @@ mod tests {
     }
 
     #[test]
+    fn a_p256_ring_signs_and_picks_up_a_rotation_to_ed25519() {
+        let (_d, dir) = keys_dir();
+        let (signer, origin) = Signer::open_with(&dir, KeyType::EcdsaP256).unwrap();
+        assert_eq!(origin, RingOrigin::Created);
+        let first = signer.current().unwrap().key;
+        assert_eq!(first.key_type(), KeyType::EcdsaP256);
+        // An existing ring is kept as it is, whatever type is asked.
+        let (again, origin) = Signer::open_with(&dir, KeyType::Ed25519).unwrap();
+        assert_eq!(origin, RingOrigin::Existing);
+        assert_eq!(again.current().unwrap().key.keyid(), first.keyid());
+        let mut ring = KeyRing::open(&dir).unwrap();
+        ring.rotate_to(KeyType::Ed25519).unwrap();
+        let (second, public) = signer.current_and_ring().unwrap();
+        assert_eq!(second.key.key_type(), KeyType::Ed25519);
+        let types: Vec<KeyType> = public.keys.iter().map(|k| k.key.key_type()).collect();
+        assert_eq!(types, [KeyType::EcdsaP256, KeyType::Ed25519]);
+    }
+
+    #[test]
     fn a_changed_ring_that_cannot_be_opened_is_not_signed_around() {
         let (_d, dir) = keys_dir();
         let (signer, _) = Signer::open(&dir).unwrap();
@@ -262,7 +291,7 @@ mod tests {
         assert_eq!(origin, RingOrigin::Migrated);
         assert_eq!(signer.current().unwrap().key.keyid(), legacy.keyid());
         assert!(!dir.join(LEGACY_KEY_FILE).exists());
-        let (_, origin) = open_ring(&dir, false).unwrap();
+        let (_, origin) = open_ring(&dir, false, KeyType::Ed25519).unwrap();
         assert_eq!(origin, RingOrigin::Existing);
     }
 
@@ -282,7 +311,7 @@ mod tests {
     #[test]
     fn without_create_a_missing_ring_is_an_error() {
         let (_d, dir) = keys_dir();
-        assert!(open_ring(&dir, false).is_err());
+        assert!(open_ring(&dir, false, KeyType::Ed25519).is_err());
         assert!(!dir.exists());
     }
 }

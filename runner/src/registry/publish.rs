@@ -85,8 +85,8 @@ pub async fn publish_job(
     let mut referrers = Vec::new();
     let mut cosign_layers = Vec::new();
     for attestation in &attestations {
-        let keyid = signing_keyid(&attestation.envelope)?;
-        let bundle = provenance::bundle::envelope_to_bundle(&attestation.envelope, &keyid)
+        let bundle = provenance::bundle::envelope_keyid(&attestation.envelope)
+            .and_then(|keyid| provenance::bundle::envelope_to_bundle(&attestation.envelope, &keyid))
             .map_err(|e| RunnerError::Internal(format!("a Sigstore bundle: {e}")))?;
         let bundle_hex = session.push_bytes(&bundle).await?;
         let mut notes = BTreeMap::new();
@@ -213,16 +213,6 @@ fn attestations_of(cas: &ContentStore, job: &Job) -> Result<Vec<Attestation>> {
         });
     }
     Ok(attestations)
-}
-
-/// The key id of an envelope's (first) signature: the bundle's hint.
-fn signing_keyid(envelope: &[u8]) -> Result<String> {
-    let value: Value = serde_json::from_slice(envelope)
-        .map_err(|e| RunnerError::Internal(format!("a stored envelope is not JSON: {e}")))?;
-    value["signatures"][0]["keyid"]
-        .as_str()
-        .map(str::to_string)
-        .ok_or_else(|| RunnerError::Internal("a stored envelope names no key".into()))
 }
 
 /// The in-toto Statement's predicateType (links, which are not Statements, have none).

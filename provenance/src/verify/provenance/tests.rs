@@ -1,7 +1,7 @@
 #![allow(clippy::unwrap_used)]
 use super::*;
 use crate::hash::sha256_bytes;
-use crate::keys::SigningKey;
+use crate::keys::{KeyType, SigningKey};
 use crate::slsa::{ProvenanceInput, ResourceDescriptor};
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
@@ -47,7 +47,11 @@ fn policy() -> Policy {
 }
 
 fn setup() -> (SigningKey, Vec<TrustedKey>, Vec<u8>, Vec<Artifact>) {
-    let key = SigningKey::generate();
+    setup_of(KeyType::Ed25519)
+}
+
+fn setup_of(key_type: KeyType) -> (SigningKey, Vec<TrustedKey>, Vec<u8>, Vec<Artifact>) {
+    let key = SigningKey::generate_of(key_type);
     let env = input().sign(&key).unwrap();
     let trusted = vec![TrustedKey::unbounded(key.public_key())];
     let arts = vec![Artifact::from_bytes("hello", b"hello")];
@@ -60,6 +64,18 @@ fn passes_and_serializes() {
     let v = verify_provenance(&env, &keys, &arts, &policy());
     assert!(v.passed, "{v:?}");
     assert_eq!(v.signed_by, vec![key.keyid()]);
+    // A P-256 runner key, alone or in a ring beside an ed25519 one.
+    let (p256, p256_keys, p256_env, _) = setup_of(KeyType::EcdsaP256);
+    let v = verify_provenance(&p256_env, &p256_keys, &arts, &policy());
+    assert!(v.passed, "{v:?}");
+    assert_eq!(v.signed_by, vec![p256.keyid()]);
+    let both: Vec<TrustedKey> = keys.iter().chain(&p256_keys).cloned().collect();
+    for envelope in [&env, &p256_env] {
+        assert!(verify_provenance(envelope, &both, &arts, &policy()).passed);
+    }
+    // Each key vouches only for its own signature.
+    assert!(!verify_provenance(&p256_env, &keys, &arts, &policy()).passed);
+    assert!(!verify_provenance(&env, &p256_keys, &arts, &policy()).passed);
     assert_eq!(v.artifacts[0].subject.as_deref(), Some("out/hello"));
     let j = v.to_json();
     assert_eq!(j["passed"], true);
@@ -69,7 +85,13 @@ fn passes_and_serializes() {
 
 #[test]
 fn tampering_fails() {
-    let (_key, keys, env, arts) = setup();
+    for key_type in KeyType::ALL {
+        tampering_fails_with(key_type);
+    }
+}
+
+fn tampering_fails_with(key_type: KeyType) {
+    let (_key, keys, env, arts) = setup_of(key_type);
     // Artifact not a subject.
     let v = verify_provenance(
         &env,
@@ -97,7 +119,9 @@ fn tampering_fails() {
     let v = verify_provenance(&serde_json::to_vec(&e).unwrap(), &keys, &arts, &policy());
     assert!(!v.passed && v.reasons[0].starts_with("signature"), "{v:?}");
     // Another key.
-    let other = vec![TrustedKey::unbounded(SigningKey::generate().public_key())];
+    let other = vec![TrustedKey::unbounded(
+        SigningKey::generate_of(key_type).public_key(),
+    )];
     assert!(!verify_provenance(&env, &other, &arts, &policy()).passed);
     // Garbage and no artifacts.
     assert!(!verify_provenance(b"{", &keys, &arts, &policy()).passed);

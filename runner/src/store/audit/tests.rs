@@ -68,6 +68,43 @@ fn lines(log: &[u8]) -> Vec<Vec<u8>> {
 }
 
 #[test]
+fn checkpoints_of_a_p256_key_verify_and_a_forged_one_does_not() {
+    let fixture = Fixture::new();
+    let keys = fixture.dir.path().join("keys");
+    let (signer, _) = Signer::open_with(&keys, provenance::KeyType::EcdsaP256).unwrap();
+    let log = AuditLog::open(fixture.dir.path(), signer, 2, Duration::from_secs(3600)).unwrap();
+    for i in 0..4 {
+        log.append(record(i)).unwrap();
+    }
+    log.checkpoint().unwrap();
+    assert_eq!(
+        fixture.keys()[0].key.key_type(),
+        provenance::KeyType::EcdsaP256
+    );
+    let verified = fixture.verify(&fixture.log()).unwrap();
+    assert!(verified.checkpoints >= 2, "{verified:?}");
+    // The first checkpoint's signature with one byte changed inside its DER.
+    let mut lines = lines(&fixture.log());
+    let first = lines
+        .iter()
+        .position(|l| {
+            serde_json::from_slice::<serde_json::Value>(l).unwrap()["checkpoint"].is_object()
+        })
+        .unwrap();
+    let mut entry: serde_json::Value = serde_json::from_slice(&lines[first]).unwrap();
+    let mut sig = hex::decode(entry["checkpoint"]["signature"].as_str().unwrap()).unwrap();
+    let mid = sig.len() / 2;
+    sig[mid] ^= 1;
+    entry["checkpoint"]["signature"] = hex::encode(sig).into();
+    lines[first] = [serde_json::to_vec(&entry).unwrap(), b"\n".to_vec()].concat();
+    let problem = fixture.verify(&lines.concat()).unwrap_err();
+    assert!(
+        problem.message.contains("bad checkpoint signature"),
+        "{problem:?}"
+    );
+}
+
+#[test]
 fn a_written_log_verifies_with_its_checkpoints() {
     let fixture = written();
     let verified = fixture.verify(&fixture.log()).unwrap();
