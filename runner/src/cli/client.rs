@@ -691,5 +691,8 @@ pub fn summary(job: &Job) -> String {
     if !job.message.is_empty() {
         out.push_str(&format!(": {}", printable(&job.message)));
     }
+    if !job.published.is_empty() {
+        out.push_str(&format!("\n  published {}", printable(&job.published)));
+    }
     out
 }
