@@ -244,7 +244,7 @@ fn rotation_while_the_daemon_runs_switches_keys_and_the_ring_verifies_both_build
     // Provenance likewise.
     let prov_before = only_file(&before, ".provenance.json");
     let prov_after = only_file(&after, ".provenance.json");
-    let (statement, signers) = open_envelope(&read_json(&prov_before));
+    let (_, signers) = open_envelope(&read_json(&prov_before));
     assert_eq!(signers, vec![old.clone()]);
     let (_, signers) = open_envelope(&read_json(&prov_after));
     assert_eq!(signers, vec![new.clone()]);
@@ -265,17 +265,7 @@ fn rotation_while_the_daemon_runs_switches_keys_and_the_ring_verifies_both_build
     assert!(ring["keys"][0]["not_after"].is_string(), "{ring}");
     assert!(ring["keys"][1]["not_after"].is_null(), "{ring}");
 
-    let policy = daemon.path("policy.toml");
-    std::fs::write(
-        &policy,
-        format!(
-            "allowed_builder_ids = [{:?}]\nallow_unpinned_images = true\nrequired_steps = [\"run\"]\n",
-            statement["predicate"]["runDetails"]["builder"]["id"]
-                .as_str()
-                .unwrap()
-        ),
-    )
-    .unwrap();
+    let policy = provenance_policy(&daemon, &before);
     let verify = |envelope: &Path, key: &Path, artifact: &Path| {
         daemon.kiln(&[
             "verify",

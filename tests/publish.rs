@@ -36,6 +36,16 @@ fn daemon_publishing_to(registry: &Registry, key_type: &str) -> (Daemon, tempfil
     (daemon, config)
 }
 
+/// The registry and a daemon publishing to it, for `test`; None when the test skips.
+fn setup(test: &str, key_type: &str) -> Option<(Registry, Daemon, tempfile::NamedTempFile)> {
+    if !require_root(test) {
+        return None;
+    }
+    let registry = Registry::start(test)?;
+    let (daemon, config) = daemon_publishing_to(&registry, key_type);
+    Some((registry, daemon, config))
+}
+
 /// A two-step job with two outputs, one of them executable; answers its id once it is done.
 fn build(daemon: &Daemon, publish: Option<&str>) -> String {
     let publish = publish
@@ -154,13 +164,9 @@ fn artifact_hex(reference: &str) -> String {
 #[test]
 fn a_pushed_job_verifies_by_digest_and_downloads_for_a_second_client() {
     let test = "a_pushed_job_verifies_by_digest_and_downloads_for_a_second_client";
-    if !require_root(test) {
-        return;
-    }
-    let Some(registry) = Registry::start(test) else {
+    let Some((registry, daemon, _config)) = setup(test, "ed25519") else {
         return;
     };
-    let (daemon, _config) = daemon_publishing_to(&registry, "ed25519");
     let id = build(&daemon, None);
     let job = status(&daemon, &id);
     assert_eq!(job["state"], "succeeded", "{job}");
@@ -311,14 +317,10 @@ const OTHER_PUB: &str = "-----BEGIN PUBLIC KEY-----\nMCowBQYDK2VwAyEAGb9ECWmEzf6
 #[test]
 fn tampered_layers_and_attestations_in_the_registry_fail_verification() {
     let test = "tampered_layers_and_attestations_in_the_registry_fail_verification";
-    if !require_root(test) {
-        return;
-    }
-    let Some(registry) = Registry::start(test) else {
+    // Signed with a P-256 key: the verdict does not depend on the key type.
+    let Some((registry, daemon, _config)) = setup(test, "ecdsa-p256") else {
         return;
     };
-    // Signed with a P-256 key: the verdict does not depend on the key type.
-    let (daemon, _config) = daemon_publishing_to(&registry, "ecdsa-p256");
     let key = daemon.kiln(&["keys", "public", "--format", "securesystemslib"]);
     let key: Value = serde_json::from_slice(&key.stdout).unwrap();
     assert_eq!(key["keytype"], "ecdsa", "{key}");
@@ -448,13 +450,9 @@ fn tampered_layers_and_attestations_in_the_registry_fail_verification() {
 fn publishing_is_only_where_the_configuration_allows_and_a_job_file_publishes_on_success() {
     let test =
         "publishing_is_only_where_the_configuration_allows_and_a_job_file_publishes_on_success";
-    if !require_root(test) {
-        return;
-    }
-    let Some(registry) = Registry::start(test) else {
+    let Some((registry, daemon, _config)) = setup(test, "ed25519") else {
         return;
     };
-    let (daemon, _config) = daemon_publishing_to(&registry, "ed25519");
     let id = build(&daemon, None);
     for (repository, words) in [
         (format!("{}/elsewhere/app", registry.addr), "does not list"),
@@ -533,5 +531,83 @@ fn publishing_is_only_where_the_configuration_allows_and_a_job_file_publishes_on
     assert!(
         job["message"].as_str().unwrap().contains("publishing to"),
         "{job}"
+    );
+}
+
+/// `kiln:s3cret`, as docker-registry's htpasswd holds it (bcrypt at its lowest cost: the
+/// registry checks it on every request).
+const HTPASSWD: &str = "kiln:$2b$04$BPyEXh419hajnKxY7pL1aemw39UpkG.Yz.AXRSBOANlfh6DPPjbl6\n";
+
+#[test]
+fn credentials_come_from_the_daemon_s_auth_file_and_the_deployer_s_docker_config() {
+    let test = "credentials_come_from_the_daemon_s_auth_file_and_the_deployer_s_docker_config";
+    if !require_root(test) {
+        return;
+    }
+    let Some(registry) = Registry::start_with_users(test, Some(HTPASSWD)) else {
+        return;
+    };
+    let docker_config = tempfile::tempdir().unwrap();
+    let auth = docker_config.path().join("config.json");
+    std::fs::write(
+        &auth,
+        json!({"auths": {registry.addr.clone(): {"auth": "a2lsbjpzM2NyZXQ="}}}).to_string(),
+    )
+    .unwrap();
+    let publish = format!(
+        "[publish]\nrepositories = [\"{}/builds/*\"]\ntimeout_seconds = 60\n",
+        registry.addr
+    );
+    // Without credentials the registry refuses the daemon, and the job says so.
+    let anonymous = config_file(&publish);
+    let mut daemon = Daemon::start_with(&["--config", anonymous.path().to_str().unwrap()]);
+    let id = build(&daemon, None);
+    let repository = format!("{}/builds/private", registry.addr);
+    let out = daemon.kiln(&["push", &id, &repository]);
+    assert!(!out.status.success());
+    assert!(
+        describe(&out).contains("401") || describe(&out).to_lowercase().contains("unauthorized"),
+        "{}",
+        describe(&out)
+    );
+
+    let with_auth = config_file(&format!(
+        "{publish}auth_file = {:?}\n",
+        auth.display().to_string()
+    ));
+    daemon.stop();
+    daemon.spawn(&["--config", with_auth.path().to_str().unwrap()]);
+    let out = daemon.kiln(&["push", &id, &repository]);
+    assert!(out.status.success(), "{}\n{}", describe(&out), daemon.log());
+    let reference = text(&out.stdout).trim().to_string();
+    let (runner_pub, policy) = trust(&daemon);
+    // The deployer without credentials is refused; with its docker config it verifies.
+    let out = verify_image(&reference, &runner_pub, &policy);
+    assert!(!out.status.success(), "{}", describe(&out));
+    let out = deployer(&[
+        "verify",
+        "--image",
+        &reference,
+        "--key",
+        runner_pub.to_str().unwrap(),
+        "--policy",
+        policy.to_str().unwrap(),
+        "--registry-auth",
+        auth.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", describe(&out));
+    // The daemon's credentials file is its own: a client never sees its path.
+    std::fs::write(&auth, "not json").unwrap();
+    let out = daemon.kiln(&["push", &id, &repository]);
+    assert!(!out.status.success());
+    assert!(
+        describe(&out).contains("[publish] auth_file"),
+        "{}",
+        describe(&out)
+    );
+    assert!(
+        !describe(&out).contains(&auth.display().to_string()),
+        "{}",
+        describe(&out)
     );
 }

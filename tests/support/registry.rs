@@ -89,6 +89,12 @@ impl Drop for Registry {
 impl Registry {
     /// None (and says so) outside CI when docker-registry is not installed.
     pub fn start(test: &str) -> Option<Registry> {
+        Self::start_with_users(test, None)
+    }
+
+    /// As [`Registry::start`]; with `htpasswd` (lines `USER:BCRYPT-HASH`), every request
+    /// must carry one of those users' credentials (HTTP Basic).
+    pub fn start_with_users(test: &str, htpasswd: Option<&str>) -> Option<Registry> {
         if !Path::new(REGISTRY_BIN).is_file() {
             assert!(!in_ci(), "{test}: CI=true but {REGISTRY_BIN} is missing");
             eprintln!("SKIPPED: {test} needs {REGISTRY_BIN} (apt-get install docker-registry)");
@@ -103,14 +109,19 @@ impl Registry {
             .port();
         let addr = format!("127.0.0.1:{port}");
         let config = dir.path().join("config.yml");
-        std::fs::write(
-            &config,
-            format!(
-                "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\n",
-                dir.path().join("storage").display()
-            ),
-        )
-        .unwrap();
+        let mut yaml = format!(
+            "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\n",
+            dir.path().join("storage").display()
+        );
+        if let Some(users) = htpasswd {
+            let file = dir.path().join("htpasswd");
+            std::fs::write(&file, users).unwrap();
+            yaml.push_str(&format!(
+                "auth:\n  htpasswd:\n    realm: kiln-test\n    path: {}\n",
+                file.display()
+            ));
+        }
+        std::fs::write(&config, yaml).unwrap();
         let log = std::fs::File::create(dir.path().join("registry.log")).unwrap();
         let mut child = Command::new(REGISTRY_BIN)
             .arg("serve")
@@ -129,7 +140,7 @@ impl Registry {
                 );
             }
             if TcpStream::connect(&addr).is_ok()
-                && http(&addr, "GET", "/v2/", &[], b"").status == 200
+                && matches!(http(&addr, "GET", "/v2/", &[], b"").status, 200 | 401)
             {
                 break;
             }
