@@ -244,7 +244,7 @@ fn rotation_while_the_daemon_runs_switches_keys_and_the_ring_verifies_both_build
     // Provenance likewise.
     let prov_before = only_file(&before, ".provenance.json");
     let prov_after = only_file(&after, ".provenance.json");
-    let (_, signers) = open_envelope(&read_json(&prov_before));
+    let (statement, signers) = open_envelope(&read_json(&prov_before));
     assert_eq!(signers, vec![old.clone()]);
     let (_, signers) = open_envelope(&read_json(&prov_after));
     assert_eq!(signers, vec![new.clone()]);

@@ -7,6 +7,7 @@
 //! last; a tag never names an artifact whose attestations are not there yet.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use agent_proto::v1::{Job, JobState};
 use base64::Engine;
@@ -57,10 +58,9 @@ pub async fn publish_job(
         let (cas, job) = (cas.clone(), job.clone());
         crate::engine::end::off_runtime(move || attestations_of(&cas, &job)).await?
     };
-    let session = Session::open(target.clone(), auth, Operation::Push).await?;
+    let session = Arc::new(Session::open(target.clone(), auth, Operation::Push).await?);
 
     let mut uploaded_bytes = 0;
-    session.push_bytes(artifact::EMPTY_JSON).await?;
     let mut sent = std::collections::HashSet::new();
     for output in &outputs {
         if sent.insert(output.sha256.clone()) && !session.has_blob(&output.sha256).await? {
@@ -73,6 +73,19 @@ pub async fn publish_job(
     annotations.insert(artifact::CREATED.to_string(), rfc3339(job.finished_unix_ms));
     let manifest = artifact::artifact_manifest(&outputs, &annotations);
     let digest_hex = hex::encode(Sha256::digest(&manifest));
+    let subject = artifact::descriptor_json(oci::OCI_MANIFEST, &digest_hex, manifest.len() as u64);
+    let documents = AttestationDocuments::of(&attestations, &subject)?;
+
+    // The small blobs at once, then the artifact, then its referrers at once.
+    let mut blobs = vec![
+        artifact::EMPTY_JSON.to_vec(),
+        documents.cosign_config.clone(),
+    ];
+    blobs.extend(documents.blobs.iter().cloned());
+    all_at_once(&session, blobs, |session, blob| async move {
+        session.push_bytes(&blob).await.map(drop)
+    })
+    .await?;
     session
         .push_manifest(
             &manifest,
@@ -80,71 +93,27 @@ pub async fn publish_job(
             &format!("sha256:{digest_hex}"),
         )
         .await?;
-    let subject = artifact::descriptor_json(oci::OCI_MANIFEST, &digest_hex, manifest.len() as u64);
-
-    let mut referrers = Vec::new();
-    let mut cosign_layers = Vec::new();
-    for attestation in &attestations {
-        let bundle = provenance::bundle::envelope_keyid(&attestation.envelope)
-            .and_then(|keyid| provenance::bundle::envelope_to_bundle(&attestation.envelope, &keyid))
-            .map_err(|e| RunnerError::Internal(format!("a Sigstore bundle: {e}")))?;
-        let bundle_hex = session.push_bytes(&bundle).await?;
-        let mut notes = BTreeMap::new();
-        notes.insert(
-            artifact::ATTESTATION_KIND.to_string(),
-            attestation.kind.as_str().to_string(),
-        );
-        notes.insert(
-            artifact::ATTESTATION_NAME.to_string(),
-            attestation.name.clone(),
-        );
-        let predicate_type = predicate_type(&attestation.envelope);
-        if let Some(predicate_type) = &predicate_type {
-            notes.insert(artifact::PREDICATE_TYPE.to_string(), predicate_type.clone());
-        }
-        let layer = artifact::descriptor_json(
-            artifact::BUNDLE_MEDIA_TYPE,
-            &bundle_hex,
-            bundle.len() as u64,
-        );
-        let referrer = artifact::referrer_manifest(
-            artifact::BUNDLE_MEDIA_TYPE,
-            layer,
-            subject.clone(),
-            &notes,
-        );
-        let referrer_hex = hex::encode(Sha256::digest(&referrer));
-        session
-            .push_manifest(
-                &referrer,
-                oci::OCI_MANIFEST,
-                &format!("sha256:{referrer_hex}"),
-            )
-            .await?;
-        let mut entry =
-            artifact::descriptor_json(oci::OCI_MANIFEST, &referrer_hex, referrer.len() as u64);
-        entry["artifactType"] = json!(artifact::BUNDLE_MEDIA_TYPE);
-        entry["annotations"] = json!(notes);
-        referrers.push(entry);
-
-        let envelope_hex = session.push_bytes(&attestation.envelope).await?;
-        let mut layer = artifact::descriptor_json(
-            artifact::DSSE_MEDIA_TYPE,
-            &envelope_hex,
-            attestation.envelope.len() as u64,
-        );
-        let mut cosign_notes = notes.clone();
-        cosign_notes.remove(artifact::PREDICATE_TYPE);
-        if let Some(predicate_type) = predicate_type {
-            cosign_notes.insert(artifact::COSIGN_PREDICATE_TYPE.to_string(), predicate_type);
-        }
-        layer["annotations"] = json!(cosign_notes);
-        cosign_layers.push((layer, envelope_hex));
-    }
+    all_at_once(
+        &session,
+        documents.referrers.clone(),
+        |session, referrer| async move {
+            let reference = format!("sha256:{}", hex::encode(Sha256::digest(&referrer)));
+            session
+                .push_manifest(&referrer, oci::OCI_MANIFEST, &reference)
+                .await
+        },
+    )
+    .await?;
     if session.fetch_referrers_index(&digest_hex).await?.is_none() {
-        update_referrers_tag(&session, &digest_hex, referrers).await?;
+        update_referrers_tag(&session, &digest_hex, documents.index_entries).await?;
     }
-    push_cosign_attestations(&session, &digest_hex, cosign_layers).await?;
+    session
+        .push_manifest(
+            &documents.cosign_manifest,
+            oci::OCI_MANIFEST,
+            &artifact::cosign_tag(&digest_hex),
+        )
+        .await?;
     if let Some(tag) = tag {
         session
             .push_manifest(&manifest, oci::OCI_MANIFEST, tag)
@@ -156,6 +125,136 @@ pub async fn publish_job(
         attestations: attestations.len(),
         uploaded_bytes,
     })
+}
+
+/// How many uploads of small documents run at once.
+const UPLOADS_AT_ONCE: usize = 8;
+
+/// Runs `upload` for every item, [`UPLOADS_AT_ONCE`] at a time; the first error wins.
+async fn all_at_once<T, F, Fut>(session: &Arc<Session>, items: Vec<T>, upload: F) -> Result<()>
+where
+    T: Send + 'static,
+    F: Fn(Arc<Session>, T) -> Fut,
+    Fut: std::future::Future<Output = Result<()>> + Send + 'static,
+{
+    let mut running = tokio::task::JoinSet::new();
+    for item in items {
+        if running.len() >= UPLOADS_AT_ONCE {
+            joined(running.join_next().await)?;
+        }
+        running.spawn(upload(session.clone(), item));
+    }
+    while let Some(done) = running.join_next().await {
+        joined(Some(done))?;
+    }
+    Ok(())
+}
+
+fn joined(done: Option<std::result::Result<Result<()>, tokio::task::JoinError>>) -> Result<()> {
+    match done {
+        Some(Ok(result)) => result,
+        Some(Err(e)) => Err(RunnerError::Internal(format!("an upload: {e}"))),
+        None => Ok(()),
+    }
+}
+
+/// Everything the attestations become in the registry, made before anything is sent.
+struct AttestationDocuments {
+    /// Each attestation's bundle and envelope.
+    blobs: Vec<Vec<u8>>,
+    /// One referrer manifest per attestation (about the artifact).
+    referrers: Vec<Vec<u8>>,
+    /// The referrers' entries for the referrers tag schema's index.
+    index_entries: Vec<Value>,
+    cosign_config: Vec<u8>,
+    cosign_manifest: Vec<u8>,
+}
+
+impl AttestationDocuments {
+    fn of(attestations: &[Attestation], subject: &Value) -> Result<Self> {
+        let mut documents = AttestationDocuments {
+            blobs: Vec::new(),
+            referrers: Vec::new(),
+            index_entries: Vec::new(),
+            cosign_config: Vec::new(),
+            cosign_manifest: Vec::new(),
+        };
+        let mut cosign_layers = Vec::new();
+        let mut diff_ids = Vec::new();
+        for attestation in attestations {
+            let bundle = provenance::bundle::envelope_keyid(&attestation.envelope)
+                .and_then(|keyid| {
+                    provenance::bundle::envelope_to_bundle(&attestation.envelope, &keyid)
+                })
+                .map_err(|e| RunnerError::Internal(format!("a Sigstore bundle: {e}")))?;
+            let mut notes = BTreeMap::new();
+            notes.insert(
+                artifact::ATTESTATION_KIND.to_string(),
+                attestation.kind.as_str().to_string(),
+            );
+            notes.insert(
+                artifact::ATTESTATION_NAME.to_string(),
+                attestation.name.clone(),
+            );
+            let predicate_type = predicate_type(&attestation.envelope);
+            if let Some(predicate_type) = &predicate_type {
+                notes.insert(artifact::PREDICATE_TYPE.to_string(), predicate_type.clone());
+            }
+            let bundle_hex = hex::encode(Sha256::digest(&bundle));
+            let layer = artifact::descriptor_json(
+                artifact::BUNDLE_MEDIA_TYPE,
+                &bundle_hex,
+                bundle.len() as u64,
+            );
+            let referrer = artifact::referrer_manifest(
+                artifact::BUNDLE_MEDIA_TYPE,
+                layer,
+                subject.clone(),
+                &notes,
+            );
+            let referrer_hex = hex::encode(Sha256::digest(&referrer));
+            let mut entry =
+                artifact::descriptor_json(oci::OCI_MANIFEST, &referrer_hex, referrer.len() as u64);
+            entry["artifactType"] = json!(artifact::BUNDLE_MEDIA_TYPE);
+            entry["annotations"] = json!(notes);
+            documents.index_entries.push(entry);
+            documents.referrers.push(referrer);
+
+            let envelope_hex = hex::encode(Sha256::digest(&attestation.envelope));
+            let mut layer = artifact::descriptor_json(
+                artifact::DSSE_MEDIA_TYPE,
+                &envelope_hex,
+                attestation.envelope.len() as u64,
+            );
+            let mut cosign_notes = notes;
+            cosign_notes.remove(artifact::PREDICATE_TYPE);
+            if let Some(predicate_type) = predicate_type {
+                cosign_notes.insert(artifact::COSIGN_PREDICATE_TYPE.to_string(), predicate_type);
+            }
+            layer["annotations"] = json!(cosign_notes);
+            cosign_layers.push(layer);
+            diff_ids.push(format!("sha256:{envelope_hex}"));
+            documents.blobs.push(bundle);
+            documents.blobs.push(attestation.envelope.clone());
+        }
+        // cosign's `.att` manifest: the envelopes as layers, under a minimal image config
+        // listing them, as cosign writes it.
+        documents.cosign_config = serde_json::to_vec(&json!({
+            "architecture": "",
+            "os": "",
+            "config": {},
+            "rootfs": {"type": "layers", "diff_ids": diff_ids},
+        }))
+        .map_err(|e| RunnerError::Internal(format!("a config: {e}")))?;
+        let config_hex = hex::encode(Sha256::digest(&documents.cosign_config));
+        let config = artifact::descriptor_json(
+            oci::OCI_IMAGE_CONFIG,
+            &config_hex,
+            documents.cosign_config.len() as u64,
+        );
+        documents.cosign_manifest = artifact::cosign_manifest(config, cosign_layers);
+        Ok(documents)
+    }
 }
 
 /// The outputs of a job that may be published: it succeeded, has outputs and provenance.
@@ -290,35 +389,6 @@ async fn update_referrers_tag(
     }
     let index = artifact::index(&entries);
     session.push_manifest(&index, oci::OCI_INDEX, &tag).await
-}
-
-/// cosign's `sha256-<hex>.att`: one manifest holding the DSSE envelopes as layers.
-async fn push_cosign_attestations(
-    session: &Session,
-    subject_hex: &str,
-    layers: Vec<(Value, String)>,
-) -> Result<()> {
-    let diff_ids: Vec<String> = layers
-        .iter()
-        .map(|(_, hex)| format!("sha256:{hex}"))
-        .collect();
-    let config = serde_json::to_vec(&json!({
-        "architecture": "",
-        "os": "",
-        "config": {},
-        "rootfs": {"type": "layers", "diff_ids": diff_ids},
-    }))
-    .map_err(|e| RunnerError::Internal(format!("a config: {e}")))?;
-    let config_hex = session.push_bytes(&config).await?;
-    let config = artifact::descriptor_json(oci::OCI_IMAGE_CONFIG, &config_hex, config.len() as u64);
-    let manifest = artifact::cosign_manifest(config, layers.into_iter().map(|(l, _)| l).collect());
-    session
-        .push_manifest(
-            &manifest,
-            oci::OCI_MANIFEST,
-            &artifact::cosign_tag(subject_hex),
-        )
-        .await
 }
 
 fn rfc3339(unix_ms: i64) -> String {

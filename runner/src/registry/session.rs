@@ -84,6 +84,29 @@ impl Session {
             .user_agent(concat!("kiln/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|e| RunnerError::Internal(format!("an HTTP client: {e}")))?;
+        // A registry that asks for no authentication is spoken to without any: oci-client
+        // would otherwise ask it again before every request (nothing to cache).
+        let version_url = format!(
+            "{}://{}/v2/",
+            if target.plain_http { "http" } else { "https" },
+            target.endpoint
+        );
+        let open =
+            http.get(&version_url).send().await.map_err(|e| {
+                RunnerError::Unavailable(format!("registry {}: {e}", target.registry))
+            })?;
+        if open.status().is_success()
+            && !open
+                .headers()
+                .contains_key(reqwest::header::WWW_AUTHENTICATE)
+        {
+            return Ok(Session {
+                target,
+                client,
+                http,
+                authorization: None,
+            });
+        }
         let any = target.oci_reference(&target.reference);
         let token = client
             .auth(
