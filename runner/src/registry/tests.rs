@@ -104,3 +104,29 @@ fn credentials_come_from_the_registry_s_auths_entry() {
         "{err}"
     );
 }
+
+#[test]
+fn a_push_names_a_repository_and_perhaps_a_tag_but_no_digest() {
+    let (t, tag) = Target::parse_push("localhost:5000/team/app", &[]).unwrap();
+    assert_eq!(
+        (t.registry.as_str(), t.repository.as_str()),
+        ("localhost:5000", "team/app")
+    );
+    assert_eq!(tag, None);
+    assert!(t.plain_http);
+    let (t, tag) = Target::parse_push("registry.example/app:v1.2", &[]).unwrap();
+    assert_eq!(t.repository_name(), "registry.example/app");
+    assert_eq!(tag.as_deref(), Some("v1.2"));
+    assert!(!t.plain_http);
+    for bad in [
+        "app",
+        "registry.example/app@sha256:00",
+        "registry.example/app:",
+        "registry.example/app:-x",
+        "registry.example/app:sha256-abc",
+        "registry.example/App",
+        "ftp://registry.example/app",
+    ] {
+        assert!(Target::parse_push(bad, &[]).is_err(), "{bad}");
+    }
+}
