@@ -44,7 +44,13 @@ impl ImageVerdict {
         } else {
             lines.push(format!("FAIL: {}", self.reasons.join("; ")));
         }
-        lines.join("\n")
+        // Output paths and reasons quote what the registry chose: no raw control
+        // characters for the terminal.
+        lines
+            .iter()
+            .map(|line| crate::cli::printable(line))
+            .collect::<Vec<_>>()
+            .join("\n")
     }
 
     pub fn to_json(&self) -> Value {
