@@ -366,3 +366,149 @@ fn a_registry_s_output_paths_and_errors_reach_the_terminal_tamed() {
         "the client read {sent} bytes of an error answer"
     );
 }
+
+const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+const BUNDLE: &str = "application/vnd.dev.sigstore.bundle.v0.3+json";
+
+fn empty_config() -> Value {
+    json!({
+        "mediaType": "application/vnd.oci.empty.v1+json",
+        "digest": "sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a",
+        "size": 2
+    })
+}
+
+#[test]
+fn a_symlink_planted_in_out_while_verifying_is_not_followed() {
+    // A genuine artifact with a genuine provenance; while the client checks the layer, a
+    // symlink appears in --out (planted here by the registry's handler, as a local
+    // attacker racing the client could): the download must not write through it.
+    let key = provenance::SigningKey::generate();
+    let layer = b"#!/bin/sh\necho genuine\n".to_vec();
+    let layer_hex = sha256(&layer);
+    let now = time::OffsetDateTime::now_utc();
+    let envelope = provenance::slsa::ProvenanceInput {
+        subjects: vec![provenance::slsa::ResourceDescriptor::sha256(
+            "bin/tool",
+            layer_hex.clone(),
+        )],
+        build_type: provenance::slsa::KILN_BUILD_TYPE.into(),
+        external_parameters: json!({"name": "demo", "image": "busybox",
+            "steps": [{"name": "make", "argv": ["make"], "allow_net": []}]}),
+        internal_parameters: Default::default(),
+        network_destinations: vec![],
+        resolved_dependencies: vec![provenance::slsa::ResourceDescriptor::image(
+            "busybox", None,
+        )],
+        builder_id: "kiln://buildhost".into(),
+        builder_version: Default::default(),
+        invocation_id: "job-1".into(),
+        started_on: now,
+        finished_on: now,
+        byproducts: vec![],
+    }
+    .sign(&key)
+    .unwrap();
+    let bundle = provenance::bundle::envelope_to_bundle(&envelope, &key.keyid()).unwrap();
+    let manifest = serde_json::to_vec(&json!({
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "artifactType": "application/vnd.kiln.artifact.v1",
+        "config": empty_config(),
+        "layers": [{
+            "mediaType": "application/vnd.kiln.output.v1",
+            "digest": format!("sha256:{layer_hex}"),
+            "size": layer.len(),
+            "annotations": {"org.opencontainers.image.title": "bin/tool"}
+        }]
+    }))
+    .unwrap();
+    let hex = sha256(&manifest);
+    let referrer = serde_json::to_vec(&json!({
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "artifactType": BUNDLE,
+        "config": empty_config(),
+        "layers": [{"mediaType": BUNDLE, "digest": format!("sha256:{}", sha256(&bundle)),
+                    "size": bundle.len()}],
+        "subject": {"mediaType": OCI_MANIFEST, "digest": format!("sha256:{hex}"),
+                    "size": manifest.len()},
+        "annotations": {"dev.kiln.attestation": "provenance",
+                        "dev.kiln.attestation.name": "job-1"}
+    }))
+    .unwrap();
+    let index = serde_json::to_vec(&json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": [{"mediaType": OCI_MANIFEST, "artifactType": BUNDLE,
+                       "digest": format!("sha256:{}", sha256(&referrer)),
+                       "size": referrer.len()}]
+    }))
+    .unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let victim = dir.path().join("victim");
+    std::fs::create_dir(&out).unwrap();
+    std::fs::create_dir(&victim).unwrap();
+    let (plant_out, plant_victim) = (out.clone(), victim.clone());
+    let mut documents = std::collections::HashMap::new();
+    documents.insert(format!("/v2/app/manifests/sha256:{hex}"), manifest.clone());
+    documents.insert(format!("/v2/app/referrers/sha256:{hex}"), index);
+    documents.insert(
+        format!("/v2/app/manifests/sha256:{}", sha256(&referrer)),
+        referrer,
+    );
+    documents.insert(format!("/v2/app/blobs/sha256:{}", sha256(&bundle)), bundle);
+    let layer_path = format!("/v2/app/blobs/sha256:{layer_hex}");
+    let registry = FakeRegistry::start(move |request| {
+        if request.path == "/v2/" {
+            return reply(200, &[], Body::Bytes(vec![]));
+        }
+        if request.path == layer_path {
+            let _ = std::os::unix::fs::symlink(&plant_victim, plant_out.join("bin"));
+            return reply(200, &[], Body::Bytes(layer.clone()));
+        }
+        match documents.get(&request.path) {
+            Some(body) => {
+                let media_type = if request.path.contains("/referrers/") {
+                    "application/vnd.oci.image.index.v1+json"
+                } else {
+                    OCI_MANIFEST
+                };
+                reply(200, &[("Content-Type", media_type)], Body::Bytes(body.clone()))
+            }
+            None => reply(404, &[], Body::Bytes(vec![])),
+        }
+    });
+    let key_file = dir.path().join("runner.pub");
+    std::fs::write(&key_file, key.public_key().to_spki_pem()).unwrap();
+    let policy = dir.path().join("policy.toml");
+    std::fs::write(
+        &policy,
+        "allowed_builder_ids = [\"kiln://buildhost\"]\nallow_unpinned_images = true\n",
+    )
+    .unwrap();
+    let out_arg = out.to_str().unwrap().to_string();
+    let out = deployer(&[
+        "pull-artifact",
+        &format!("{}/app@sha256:{hex}", registry.addr),
+        "--out",
+        &out_arg,
+        "--key",
+        key_file.to_str().unwrap(),
+        "--policy",
+        policy.to_str().unwrap(),
+    ]);
+    assert!(
+        text(&out.stdout).contains("PASS"),
+        "the genuine artifact did not verify: {}",
+        describe(&out)
+    );
+    assert!(
+        std::fs::read_dir(&victim).unwrap().next().is_none(),
+        "pull-artifact wrote through a symlink in --out: {}",
+        describe(&out)
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+}

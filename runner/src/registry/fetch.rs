@@ -212,23 +212,56 @@ pub async fn check_layers(session: &Session, outputs: &[OutputLayer]) -> Result<
 }
 
 /// Downloads every output into `dir` (which the caller created empty), each checked
-/// against its digest, with its executable bit.
+/// against its digest, with its executable bit. Nothing already in `dir` is followed or
+/// overwritten: a directory on the way that is a symlink or a file, or a file that
+/// exists, is an error (someone else wrote into `dir` meanwhile).
 pub async fn download(session: &Session, outputs: &[OutputLayer], dir: &Path) -> Result<()> {
     use std::os::unix::fs::PermissionsExt;
     for output in outputs {
-        let dest = dir.join(&output.path);
-        if let Some(parent) = dest.parent() {
-            std::fs::create_dir_all(parent).map_err(RunnerError::io_path("creating", parent))?;
+        let mut parent = dir.to_path_buf();
+        let mut components: Vec<&str> = output.path.split('/').collect();
+        let name = components.pop().unwrap_or_default();
+        for component in components {
+            parent.push(component);
+            match std::fs::symlink_metadata(&parent) {
+                Ok(meta) if meta.is_dir() => {}
+                Ok(_) => return Err(appeared(output)),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => std::fs::create_dir(&parent)
+                    .map_err(RunnerError::io_path("creating", &parent))?,
+                Err(e) => return Err(RunnerError::io_path("reading", &parent)(e)),
+            }
         }
+        let dest = parent.join(name);
+        let mode = if output.executable { 0o755 } else { 0o644 };
+        let mut file = tokio::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&dest)
+            .await
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::AlreadyExists => appeared(output),
+                _ => RunnerError::io_path("creating", &dest)(e),
+            })?;
         session
-            .fetch_blob(&layer_descriptor(output)?, &dest)
+            .fetch_blob_into(&layer_descriptor(output)?, &mut file)
             .await
             .map_err(|e| layer_error(output, e))?;
-        let mode = if output.executable { 0o755 } else { 0o644 };
-        std::fs::set_permissions(&dest, std::fs::Permissions::from_mode(mode))
+        file.sync_all()
+            .await
+            .map_err(RunnerError::io_path("syncing", &dest))?;
+        file.set_permissions(std::fs::Permissions::from_mode(mode))
+            .await
             .map_err(RunnerError::io_path("setting the mode of", &dest))?;
     }
     Ok(())
+}
+
+fn appeared(output: &OutputLayer) -> RunnerError {
+    RunnerError::FailedPrecondition(format!(
+        "output {:?}: something else appeared on its path in the output directory",
+        output.path
+    ))
 }
 
 fn layer_error(output: &OutputLayer, err: RunnerError) -> RunnerError {
