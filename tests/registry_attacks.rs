@@ -512,3 +512,110 @@ fn a_symlink_planted_in_out_while_verifying_is_not_followed() {
     );
     assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
 }
+
+#[test]
+fn many_large_attestations_are_not_all_read() {
+    // A referrers index listing many distinct, well-formed bundles of nearly the largest
+    // size a document may have: the client stops at a total, it does not hold them all.
+    const COUNT: usize = 40;
+    let artifact_layer = b"x".to_vec();
+    let manifest = serde_json::to_vec(&json!({
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "artifactType": "application/vnd.kiln.artifact.v1",
+        "config": empty_config(),
+        "layers": [{
+            "mediaType": "application/vnd.kiln.output.v1",
+            "digest": format!("sha256:{}", sha256(&artifact_layer)),
+            "size": 1,
+            "annotations": {"org.opencontainers.image.title": "x"}
+        }]
+    }))
+    .unwrap();
+    let hex = sha256(&manifest);
+    let mut documents = std::collections::HashMap::new();
+    let mut entries = Vec::new();
+    for i in 0..COUNT {
+        let payload = format!("{i:08}").repeat(360_000);
+        let envelope = serde_json::to_vec(&json!({
+            "payloadType": "application/vnd.in-toto+json",
+            "payload": payload,
+            "signatures": [{"keyid": "k", "sig": "AA=="}]
+        }))
+        .unwrap();
+        let bundle = provenance::bundle::envelope_to_bundle(&envelope, "k").unwrap();
+        let referrer = serde_json::to_vec(&json!({
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "artifactType": BUNDLE,
+            "config": empty_config(),
+            "layers": [{"mediaType": BUNDLE, "digest": format!("sha256:{}", sha256(&bundle)),
+                        "size": bundle.len()}],
+            "subject": {"mediaType": OCI_MANIFEST, "digest": format!("sha256:{hex}"),
+                        "size": manifest.len()},
+            "annotations": {"dev.kiln.attestation": "link",
+                            "dev.kiln.attestation.name": format!("step{i}")}
+        }))
+        .unwrap();
+        entries.push(json!({"mediaType": OCI_MANIFEST, "artifactType": BUNDLE,
+            "digest": format!("sha256:{}", sha256(&referrer)), "size": referrer.len()}));
+        documents.insert(
+            format!("/v2/app/manifests/sha256:{}", sha256(&referrer)),
+            referrer,
+        );
+        documents.insert(format!("/v2/app/blobs/sha256:{}", sha256(&bundle)), bundle);
+    }
+    let index = serde_json::to_vec(&json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": entries
+    }))
+    .unwrap();
+    documents.insert(format!("/v2/app/referrers/sha256:{hex}"), index);
+    documents.insert(format!("/v2/app/manifests/sha256:{hex}"), manifest);
+    documents.insert(
+        format!("/v2/app/blobs/sha256:{}", sha256(&artifact_layer)),
+        artifact_layer,
+    );
+    let registry = FakeRegistry::start(move |request| {
+        if request.path == "/v2/" {
+            return reply(200, &[], Body::Bytes(vec![]));
+        }
+        match documents.get(&request.path) {
+            Some(body) => reply(
+                200,
+                &[("Content-Type", OCI_MANIFEST)],
+                Body::Bytes(body.clone()),
+            ),
+            None => reply(404, &[], Body::Bytes(vec![])),
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("runner.pub");
+    std::fs::write(
+        &key,
+        provenance::SigningKey::generate().public_key().to_spki_pem(),
+    )
+    .unwrap();
+    let policy = dir.path().join("policy.toml");
+    std::fs::write(
+        &policy,
+        "allowed_builder_ids = [\"kiln://buildhost\"]\nallow_unpinned_images = true\n",
+    )
+    .unwrap();
+    let out = deployer(&[
+        "verify",
+        "--image",
+        &format!("{}/app@sha256:{hex}", registry.addr),
+        "--key",
+        key.to_str().unwrap(),
+        "--policy",
+        policy.to_str().unwrap(),
+    ]);
+    assert_ne!(out.status.code(), Some(0), "{}", describe(&out));
+    let sent = registry.sent.load(Ordering::SeqCst);
+    assert!(
+        sent < 100 << 20,
+        "the client read {sent} bytes of attestations"
+    );
+}

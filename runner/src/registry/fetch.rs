@@ -14,6 +14,34 @@ use super::artifact::{self, AttestationKind, OutputLayer};
 use super::{check_bytes, parse_document, Session, MAX_DOCUMENT_BYTES};
 use crate::error::{Result, RunnerError};
 
+/// The most attestation bytes (bundles, envelopes) read for one artifact: each is at
+/// most [`MAX_DOCUMENT_BYTES`], and a registry listing a thousand of them must not have
+/// the client read and hold gigabytes.
+pub const MAX_ATTESTATION_BYTES: u64 = 64 << 20;
+
+fn over_budget() -> RunnerError {
+    RunnerError::FailedPrecondition(format!(
+        "the artifact's attestations are larger than the {MAX_ATTESTATION_BYTES} bytes read \
+         for one artifact"
+    ))
+}
+
+/// A blob of at most what is left of `budget`, which it then uses up.
+async fn read_attestation_blob(
+    session: &Session,
+    layer: &Descriptor,
+    budget: &mut u64,
+) -> Result<Vec<u8>> {
+    if layer.size() > *budget {
+        return Err(over_budget());
+    }
+    let bytes = session
+        .read_blob(layer, MAX_DOCUMENT_BYTES.min(*budget))
+        .await?;
+    *budget -= bytes.len() as u64;
+    Ok(bytes)
+}
+
 /// One attestation found for the artifact.
 #[derive(Debug, Clone)]
 pub struct FetchedAttestation {
@@ -50,13 +78,14 @@ pub async fn fetch_artifact(session: &Session, digest_hex: &str) -> Result<Fetch
         )));
     }
     let mut attestations = Vec::new();
+    let mut budget = MAX_ATTESTATION_BYTES;
     for descriptor in referrers(session, digest_hex).await? {
-        if let Some(found) = read_referrer(session, &descriptor, digest_hex).await? {
+        if let Some(found) = read_referrer(session, &descriptor, digest_hex, &mut budget).await? {
             attestations.push(found);
         }
     }
     if attestations.is_empty() {
-        attestations = cosign_attestations(session, digest_hex).await?;
+        attestations = cosign_attestations(session, digest_hex, &mut budget).await?;
     }
     Ok(FetchedArtifact {
         digest_hex: digest_hex.to_string(),
@@ -107,8 +136,14 @@ async fn read_referrer(
     session: &Session,
     descriptor: &Descriptor,
     subject_hex: &str,
+    budget: &mut u64,
 ) -> Result<Option<FetchedAttestation>> {
+    // Referrer manifests count too: each read is at most a document, and there are many.
+    if descriptor.size() > *budget {
+        return Err(over_budget());
+    }
     let bytes = session.fetch_described(descriptor).await?;
+    *budget -= bytes.len() as u64;
     let manifest: ImageManifest = parse_document("a referrer manifest", &bytes)?;
     let digest = descriptor.digest().to_string();
     let bad = |why: &str| RunnerError::FailedPrecondition(format!("referrer {digest} {why}"));
@@ -132,7 +167,7 @@ async fn read_referrer(
     if layer.media_type().to_string() != artifact::BUNDLE_MEDIA_TYPE {
         return Err(bad("does not hold a Sigstore bundle"));
     }
-    let bundle = session.read_blob(layer, MAX_DOCUMENT_BYTES).await?;
+    let bundle = read_attestation_blob(session, layer, budget).await?;
     let envelope = provenance::bundle::bundle_to_envelope(&bundle)
         .map_err(|e| bad(&format!("holds no usable bundle: {e}")))?;
     Ok(Some(FetchedAttestation {
@@ -150,6 +185,7 @@ async fn read_referrer(
 async fn cosign_attestations(
     session: &Session,
     subject_hex: &str,
+    budget: &mut u64,
 ) -> Result<Vec<FetchedAttestation>> {
     let tag = artifact::cosign_tag(subject_hex);
     let Some((bytes, _)) = session.fetch_optional_document(&tag).await? else {
@@ -180,7 +216,7 @@ async fn cosign_attestations(
                 .get(artifact::ATTESTATION_NAME)
                 .cloned()
                 .unwrap_or_default(),
-            envelope: session.read_blob(layer, MAX_DOCUMENT_BYTES).await?,
+            envelope: read_attestation_blob(session, layer, budget).await?,
             source: format!("cosign {tag}"),
         });
     }
