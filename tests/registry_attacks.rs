@@ -214,7 +214,11 @@ fn an_endless_token_answer_is_not_read_whole_by_the_daemon() {
                 "Bearer realm=\"{}\",service=\"fake\"",
                 realm_of.get().unwrap()
             );
-            reply(401, &[("WWW-Authenticate", &challenge)], Body::Bytes(vec![]))
+            reply(
+                401,
+                &[("WWW-Authenticate", &challenge)],
+                Body::Bytes(vec![]),
+            )
         }
         p if p.starts_with("/token") => reply(
             200,
@@ -223,7 +227,9 @@ fn an_endless_token_answer_is_not_read_whole_by_the_daemon() {
         ),
         _ => reply(404, &[], Body::Bytes(vec![])),
     });
-    realm.set(format!("http://{}/token", registry.addr)).unwrap();
+    realm
+        .set(format!("http://{}/token", registry.addr))
+        .unwrap();
     let (daemon, _config, id) = daemon_with_job(&registry.addr);
     let out = push(&daemon, &id, &registry.addr);
     assert_tame(&out);
@@ -240,15 +246,18 @@ fn an_endless_error_answer_is_not_read_whole_nor_passed_on() {
     if !require_root(test) {
         return;
     }
-    let registry = FakeRegistry::start(|request| match (request.method.as_str(), request.path.as_str()) {
-        ("GET", "/v2/") => reply(200, &[], Body::Bytes(vec![])),
-        ("HEAD", _) => reply(404, &[], Body::Bytes(vec![])),
-        _ => reply(
-            400,
-            &[("Content-Type", "text/plain")],
-            Body::Endless(b"\x1b]0;owned\x07 no "),
-        ),
-    });
+    let registry =
+        FakeRegistry::start(
+            |request| match (request.method.as_str(), request.path.as_str()) {
+                ("GET", "/v2/") => reply(200, &[], Body::Bytes(vec![])),
+                ("HEAD", _) => reply(404, &[], Body::Bytes(vec![])),
+                _ => reply(
+                    400,
+                    &[("Content-Type", "text/plain")],
+                    Body::Endless(b"\x1b]0;owned\x07 no "),
+                ),
+            },
+        );
     let (daemon, _config, id) = daemon_with_job(&registry.addr);
     let out = push(&daemon, &id, &registry.addr);
     assert_tame(&out);
@@ -397,9 +406,7 @@ fn a_symlink_planted_in_out_while_verifying_is_not_followed() {
             "steps": [{"name": "make", "argv": ["make"], "allow_net": []}]}),
         internal_parameters: Default::default(),
         network_destinations: vec![],
-        resolved_dependencies: vec![provenance::slsa::ResourceDescriptor::image(
-            "busybox", None,
-        )],
+        resolved_dependencies: vec![provenance::slsa::ResourceDescriptor::image("busybox", None)],
         builder_id: "kiln://buildhost".into(),
         builder_version: Default::default(),
         invocation_id: "job-1".into(),
@@ -476,7 +483,11 @@ fn a_symlink_planted_in_out_while_verifying_is_not_followed() {
                 } else {
                     OCI_MANIFEST
                 };
-                reply(200, &[("Content-Type", media_type)], Body::Bytes(body.clone()))
+                reply(
+                    200,
+                    &[("Content-Type", media_type)],
+                    Body::Bytes(body.clone()),
+                )
             }
             None => reply(404, &[], Body::Bytes(vec![])),
         }
@@ -594,7 +605,9 @@ fn many_large_attestations_are_not_all_read() {
     let key = dir.path().join("runner.pub");
     std::fs::write(
         &key,
-        provenance::SigningKey::generate().public_key().to_spki_pem(),
+        provenance::SigningKey::generate()
+            .public_key()
+            .to_spki_pem(),
     )
     .unwrap();
     let policy = dir.path().join("policy.toml");

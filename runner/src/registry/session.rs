@@ -22,6 +22,10 @@ use crate::images::oci;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 /// A registry that stops sending for this long fails the transfer.
 const READ_TIMEOUT: Duration = Duration::from_secs(120);
+/// A document or token answer (a few MiB at most) that has not come whole by then
+/// fails: a registry trickling a byte before each read timeout would hold a client
+/// for days.
+const DOCUMENT_TIMEOUT: Duration = Duration::from_secs(300);
 /// The largest token answer read (real ones are a few KiB).
 const MAX_TOKEN_BYTES: u64 = 64 << 10;
 /// What is read of an error answer, and what of it a message quotes.
@@ -61,7 +65,10 @@ fn http_client(redirects: reqwest::redirect::Policy) -> Result<reqwest::Client> 
 }
 
 /// Up to `max` bytes of an answer; None if it holds more (the rest is not read).
-async fn read_bounded(response: &mut reqwest::Response, max: u64) -> reqwest::Result<Option<Vec<u8>>> {
+async fn read_bounded(
+    response: &mut reqwest::Response,
+    max: u64,
+) -> reqwest::Result<Option<Vec<u8>>> {
     if response.content_length().is_some_and(|n| n > max) {
         return Ok(None);
     }
@@ -189,9 +196,8 @@ impl Session {
         let Some((realm, service)) = challenge else {
             return Ok(basic);
         };
-        let mut realm = Url::parse(&realm).map_err(|_| {
-            self.refused("a token", "its token service is not a URL".into())
-        })?;
+        let mut realm = Url::parse(&realm)
+            .map_err(|_| self.refused("a token", "its token service is not a URL".into()))?;
         // Credentials and tokens travel in the clear only where the registry itself does.
         if !(realm.scheme() == "https" || (realm.scheme() == "http" && self.target.plain_http)) {
             return Err(self.refused(
@@ -210,7 +216,7 @@ impl Session {
         if let Some(service) = &service {
             realm.query_pairs_mut().append_pair("service", service);
         }
-        let mut request = self.http.get(realm);
+        let mut request = self.http.get(realm).timeout(DOCUMENT_TIMEOUT);
         if let Some(basic) = &basic {
             request = request.header(AUTHORIZATION, basic);
         }
@@ -225,7 +231,10 @@ impl Session {
             .await
             .map_err(self.unavailable("its token service"))?
             .ok_or_else(|| {
-                self.refused("a token", format!("its answer is larger than {MAX_TOKEN_BYTES} bytes"))
+                self.refused(
+                    "a token",
+                    format!("its answer is larger than {MAX_TOKEN_BYTES} bytes"),
+                )
             })?;
         #[derive(Deserialize)]
         struct TokenAnswer {
@@ -301,6 +310,7 @@ impl Session {
         let request = self
             .http
             .get(url)
+            .timeout(DOCUMENT_TIMEOUT)
             .header(reqwest::header::ACCEPT, MANIFEST_TYPES.join(", "));
         let failed = |e: reqwest::Error| {
             RunnerError::Unavailable(format!("registry {registry}: manifest {what}: {e}"))
@@ -492,10 +502,7 @@ impl Session {
             .and_then(|v| self.base.join(v).ok())
             .ok_or_else(|| self.refused(&what, "it named no upload location".into()))?;
         if location.origin() != self.base.origin() {
-            return Err(self.refused(
-                &what,
-                "it named an upload location on another host".into(),
-            ));
+            return Err(self.refused(&what, "it named an upload location on another host".into()));
         }
         drop(response);
         location

@@ -233,7 +233,10 @@ mod tests {
         )
         .unwrap();
         let (tool, config) = (hex_of("aa"), hex_of("bb"));
-        let signed = provenance(&key, &[("bin/tool", tool.clone()), ("etc/config", config.clone())]);
+        let signed = provenance(
+            &key,
+            &[("bin/tool", tool.clone()), ("etc/config", config.clone())],
+        );
         let honest = artifact(
             &[("bin/tool", tool.clone()), ("etc/config", config.clone())],
             &signed,
@@ -242,10 +245,17 @@ mod tests {
         assert!(verdict.passed, "{:?}", verdict.reasons);
         // The same genuine outputs and provenance, their paths swapped by the registry's
         // manifest: the config would be deployed as the tool.
-        let swapped = artifact(&[("bin/tool", config.clone()), ("etc/config", tool.clone())], &signed);
+        let swapped = artifact(
+            &[("bin/tool", config.clone()), ("etc/config", tool.clone())],
+            &signed,
+        );
         let verdict = judge("r/a@sha256:dd", &swapped, &keys, &policy);
         assert!(!verdict.passed, "a renamed output passed");
-        assert!(verdict.reasons.join(";").contains("bin/tool"), "{:?}", verdict.reasons);
+        assert!(
+            verdict.reasons.join(";").contains("bin/tool"),
+            "{:?}",
+            verdict.reasons
+        );
         // One content under two paths, both named by the provenance, is fine.
         let twice = provenance(&key, &[("a", tool.clone()), ("b", tool.clone())]);
         let verdict = judge(
