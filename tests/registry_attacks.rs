@@ -30,6 +30,7 @@ fn sha256(bytes: &[u8]) -> String {
 struct Request {
     method: String,
     path: String,
+    authorization: Option<String>,
 }
 
 enum Body {
@@ -101,6 +102,7 @@ fn serve_one(
     let method = parts.next().unwrap_or_default().to_string();
     let path = parts.next().unwrap_or_default().to_string();
     let mut length = 0u64;
+    let mut authorization = None;
     loop {
         let mut header = String::new();
         if reader.read_line(&mut header).unwrap_or(0) == 0 {
@@ -114,11 +116,18 @@ fn serve_one(
             if name.eq_ignore_ascii_case("content-length") {
                 length = value.trim().parse().unwrap_or(0);
             }
+            if name.eq_ignore_ascii_case("authorization") {
+                authorization = Some(value.trim().to_string());
+            }
         }
     }
     let _ = std::io::copy(&mut (&mut reader).take(length), &mut std::io::sink());
     requests.fetch_add(1, Ordering::SeqCst);
-    let answer = handler(&Request { method, path });
+    let answer = handler(&Request {
+        method,
+        path,
+        authorization,
+    });
     let mut head = format!("HTTP/1.1 {} X\r\nConnection: close\r\n", answer.status);
     for (name, value) in &answer.headers {
         head.push_str(&format!("{name}: {value}\r\n"));
@@ -630,5 +639,95 @@ fn many_large_attestations_are_not_all_read() {
     assert!(
         sent < 100 << 20,
         "the client read {sent} bytes of attestations"
+    );
+}
+
+#[test]
+fn a_token_service_s_token_is_what_the_client_then_presents() {
+    // The distribution API's token flow, as the client now speaks it itself: the token
+    // answered for the repository's pull scope is presented on every later request.
+    let manifest = serde_json::to_vec(&json!({
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "artifactType": "application/vnd.kiln.artifact.v1",
+        "config": empty_config(),
+        "layers": [{
+            "mediaType": "application/vnd.kiln.output.v1",
+            "digest": format!("sha256:{}", sha256(b"x")),
+            "size": 1,
+            "annotations": {"org.opencontainers.image.title": "x"}
+        }]
+    }))
+    .unwrap();
+    let hex = sha256(&manifest);
+    let realm = Arc::new(std::sync::OnceLock::<String>::new());
+    let realm_of = realm.clone();
+    let manifest_path = format!("/v2/team/app/manifests/sha256:{hex}");
+    let registry = FakeRegistry::start(move |request| {
+        if request.path.starts_with("/token?") {
+            return if request
+                .path
+                .contains("scope=repository%3Ateam%2Fapp%3Apull")
+                && request.path.contains("service=fake")
+            {
+                reply(200, &[], Body::Bytes(br#"{"token": "t0k3n"}"#.to_vec()))
+            } else {
+                reply(400, &[], Body::Bytes(vec![]))
+            };
+        }
+        if request.authorization.as_deref() != Some("Bearer t0k3n") {
+            let challenge = format!(
+                "Bearer realm=\"{}\",service=\"fake\"",
+                realm_of.get().unwrap()
+            );
+            return reply(
+                401,
+                &[("WWW-Authenticate", &challenge)],
+                Body::Bytes(vec![]),
+            );
+        }
+        match request.path.as_str() {
+            p if p == manifest_path => reply(
+                200,
+                &[("Content-Type", OCI_MANIFEST)],
+                Body::Bytes(manifest.clone()),
+            ),
+            p if p.contains("/blobs/") => reply(200, &[], Body::Bytes(b"x".to_vec())),
+            _ => reply(404, &[], Body::Bytes(vec![])),
+        }
+    });
+    realm
+        .set(format!("http://{}/token", registry.addr))
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("runner.pub");
+    std::fs::write(
+        &key,
+        provenance::SigningKey::generate()
+            .public_key()
+            .to_spki_pem(),
+    )
+    .unwrap();
+    let policy = dir.path().join("policy.toml");
+    std::fs::write(
+        &policy,
+        "allowed_builder_ids = [\"kiln://buildhost\"]\nallow_unpinned_images = true\n",
+    )
+    .unwrap();
+    let out = deployer(&[
+        "verify",
+        "--image",
+        &format!("{}/team/app@sha256:{hex}", registry.addr),
+        "--key",
+        key.to_str().unwrap(),
+        "--policy",
+        policy.to_str().unwrap(),
+    ]);
+    // Read with the token: the verdict is reached (and fails for want of a provenance).
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    assert!(
+        text(&out.stdout).contains("no SLSA provenance"),
+        "{}",
+        describe(&out)
     );
 }

@@ -225,7 +225,12 @@ impl Session {
             .await
             .map_err(self.unavailable("its token service"))?;
         if !response.status().is_success() {
-            return Err(self.refused("a token", refusal(response).await));
+            // The status only: the token service is any URL the registry names, and its
+            // body is not for a client of the daemon to read.
+            return Err(self.refused(
+                "a token",
+                format!("its token service answered {}", response.status()),
+            ));
         }
         let bytes = read_bounded(&mut response, MAX_TOKEN_BYTES)
             .await
