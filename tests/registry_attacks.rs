@@ -168,6 +168,12 @@ fn daemon_with_job(registry: &str) -> (Daemon, tempfile::NamedTempFile, String) 
         "[publish]\nrepositories = [\"{registry}/builds/*\"]\ntimeout_seconds = 120\n"
     ));
     let daemon = Daemon::start_with(&["--config", config.path().to_str().unwrap()]);
+    let id = succeeded_job(&daemon);
+    (daemon, config, id)
+}
+
+/// A job of `daemon`'s that succeeded, with one output.
+fn succeeded_job(daemon: &Daemon) -> String {
     std::fs::write(
         daemon.path("job.toml"),
         "[[steps]]\nname = \"make\"\nrun = [\"/bin/sh\", \"-c\", \"echo hi > out.txt\"]\n\
@@ -186,7 +192,7 @@ fn daemon_with_job(registry: &str) -> (Daemon, tempfile::NamedTempFile, String) 
             _ => panic!("the job did not succeed: {job}"),
         }
     }
-    (daemon, config, id)
+    id
 }
 
 fn push(daemon: &Daemon, id: &str, registry: &str) -> Output {
@@ -729,5 +735,79 @@ fn a_token_service_s_token_is_what_the_client_then_presents() {
         text(&out.stdout).contains("no SLSA provenance"),
         "{}",
         describe(&out)
+    );
+}
+
+/// A registry that takes any push, and the Authorization headers it was sent.
+fn accepting_registry() -> (FakeRegistry, Arc<std::sync::Mutex<Vec<Option<String>>>>) {
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let record = seen.clone();
+    let registry = FakeRegistry::start(move |request| {
+        record.lock().unwrap().push(request.authorization.clone());
+        match request.method.as_str() {
+            "GET" if request.path == "/v2/" => reply(200, &[], Body::Bytes(vec![])),
+            "POST" => reply(202, &[("Location", "/upload/1")], Body::Bytes(vec![])),
+            "PUT" => reply(201, &[], Body::Bytes(vec![])),
+            _ => reply(404, &[], Body::Bytes(vec![])),
+        }
+    });
+    (registry, seen)
+}
+
+#[test]
+fn the_daemon_presents_only_the_credentials_its_configuration_names() {
+    let test = "the_daemon_presents_only_the_credentials_its_configuration_names";
+    if !require_root(test) {
+        return;
+    }
+    let (registry, seen) = accepting_registry();
+    let docker = tempfile::tempdir().unwrap();
+    let basic = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, "kiln:s3cret");
+    std::fs::write(
+        docker.path().join("config.json"),
+        format!(
+            r#"{{"auths": {{"{}": {{"auth": "{basic}"}}}}}}"#,
+            registry.addr
+        ),
+    )
+    .unwrap();
+    // The daemon's own DOCKER_CONFIG names credentials for the registry; its configuration
+    // names no auth_file: none is presented.
+    let config = config_file(&format!(
+        "[publish]\nrepositories = [\"{}/builds/*\"]\n",
+        registry.addr
+    ));
+    let docker_env = format!("DOCKER_CONFIG={}", docker.path().display());
+    let daemon = Daemon::start_wrapped(
+        &["/usr/bin/env", &docker_env],
+        &["--config", config.path().to_str().unwrap()],
+    );
+    let id = succeeded_job(&daemon);
+    let out = daemon.kiln(&["push", &id, &format!("{}/builds/app", registry.addr)]);
+    assert!(out.status.success(), "{}\n{}", describe(&out), daemon.log());
+    let presented = std::mem::take(&mut *seen.lock().unwrap());
+    assert!(!presented.is_empty());
+    assert!(
+        presented.iter().all(Option::is_none),
+        "the daemon presented credentials of its environment: {presented:?}"
+    );
+    drop(daemon);
+    // Named as [publish] auth_file, they are.
+    let config = config_file(&format!(
+        "[publish]\nrepositories = [\"{}/builds/*\"]\nauth_file = \"{}\"\n",
+        registry.addr,
+        docker.path().join("config.json").display()
+    ));
+    let daemon = Daemon::start_with(&["--config", config.path().to_str().unwrap()]);
+    let id = succeeded_job(&daemon);
+    let out = daemon.kiln(&["push", &id, &format!("{}/builds/app", registry.addr)]);
+    assert!(out.status.success(), "{}\n{}", describe(&out), daemon.log());
+    let presented = std::mem::take(&mut *seen.lock().unwrap());
+    assert!(
+        presented
+            .iter()
+            .skip(1)
+            .all(|a| a.as_deref() == Some(&format!("Basic {basic}"))),
+        "{presented:?}"
     );
 }
