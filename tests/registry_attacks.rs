@@ -811,3 +811,73 @@ fn the_daemon_presents_only_the_credentials_its_configuration_names() {
         "{presented:?}"
     );
 }
+
+#[test]
+fn what_a_blob_redirect_leads_to_is_not_quoted_to_the_client() {
+    // A registry redirects a blob to another host (as to a CDN, or to a service inside
+    // the deployer's network); that host's error body is not the registry's to show.
+    let internal = FakeRegistry::start(|_| {
+        reply(
+            500,
+            &[("Content-Type", "text/plain")],
+            Body::Bytes(b"SECRET-INTERNAL-ANSWER".to_vec()),
+        )
+    });
+    let manifest = serde_json::to_vec(&json!({
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "artifactType": "application/vnd.kiln.artifact.v1",
+        "config": empty_config(),
+        "layers": [{
+            "mediaType": "application/vnd.kiln.output.v1",
+            "digest": format!("sha256:{}", sha256(b"x")),
+            "size": 1,
+            "annotations": {"org.opencontainers.image.title": "x"}
+        }]
+    }))
+    .unwrap();
+    let hex = sha256(&manifest);
+    let manifest_path = format!("/v2/app/manifests/sha256:{hex}");
+    let elsewhere = format!("http://{}/metadata", internal.addr);
+    let registry = FakeRegistry::start(move |request| match request.path.as_str() {
+        "/v2/" => reply(200, &[], Body::Bytes(vec![])),
+        p if p == manifest_path => reply(
+            200,
+            &[("Content-Type", OCI_MANIFEST)],
+            Body::Bytes(manifest.clone()),
+        ),
+        p if p.contains("/blobs/") => reply(307, &[("Location", &elsewhere)], Body::Bytes(vec![])),
+        _ => reply(404, &[], Body::Bytes(vec![])),
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("runner.pub");
+    std::fs::write(
+        &key,
+        provenance::SigningKey::generate()
+            .public_key()
+            .to_spki_pem(),
+    )
+    .unwrap();
+    let policy = dir.path().join("policy.toml");
+    std::fs::write(
+        &policy,
+        "allowed_builder_ids = [\"kiln://buildhost\"]\nallow_unpinned_images = true\n",
+    )
+    .unwrap();
+    let out = deployer(&[
+        "verify",
+        "--image",
+        &format!("{}/app@sha256:{hex}", registry.addr),
+        "--key",
+        key.to_str().unwrap(),
+        "--policy",
+        policy.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    assert_eq!(internal.requests.load(Ordering::SeqCst), 1);
+    assert!(
+        !describe(&out).contains("SECRET-INTERNAL"),
+        "{}",
+        describe(&out)
+    );
+}

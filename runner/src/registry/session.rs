@@ -140,7 +140,17 @@ impl Session {
         })?;
         // Registries answer documents themselves; a redirect could lead anywhere.
         let http = http_client(reqwest::redirect::Policy::none())?;
-        let blob_http = http_client(reqwest::redirect::Policy::limited(BLOB_REDIRECTS))?;
+        let plain_http = target.plain_http;
+        let blob_http = http_client(reqwest::redirect::Policy::custom(move |attempt| {
+            if attempt.previous().len() >= BLOB_REDIRECTS {
+                attempt.error("too many redirects")
+            } else if attempt.url().scheme() != "https" && !plain_http {
+                // An HTTPS registry's blobs come over HTTPS, as Docker fetches them.
+                attempt.error("a redirect from HTTPS to another scheme")
+            } else {
+                attempt.follow()
+            }
+        }))?;
         let mut session = Session {
             target,
             base,
@@ -431,7 +441,13 @@ impl Session {
             .await
             .map_err(self.unavailable(&what))?;
         if !response.status().is_success() {
-            return Err(self.refused(&what, refusal(response).await));
+            // A redirect may have led anywhere: another host's body is not quoted.
+            let why = if response.url().origin() == self.base.origin() {
+                refusal(response).await
+            } else {
+                format!("{} from the host it redirected to", response.status())
+            };
+            return Err(self.refused(&what, why));
         }
         let oversized = || {
             RunnerError::FailedPrecondition(format!(
