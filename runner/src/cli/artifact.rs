@@ -78,7 +78,7 @@ pub async fn pull_artifact(
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     if let Err(err) = download(&session, &fetched.outputs, out).await {
         remove_contents(out);
-        println!("FAIL: {}", err.client_message());
+        println!("FAIL: {}", crate::cli::printable(&err.client_message()));
         return Ok(1);
     }
     println!(

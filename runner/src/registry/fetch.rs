@@ -14,6 +14,34 @@ use super::artifact::{self, AttestationKind, OutputLayer};
 use super::{check_bytes, parse_document, Session, MAX_DOCUMENT_BYTES};
 use crate::error::{Result, RunnerError};
 
+/// The most attestation bytes (bundles, envelopes) read for one artifact: each is at
+/// most [`MAX_DOCUMENT_BYTES`], and a registry listing a thousand of them must not have
+/// the client read and hold gigabytes.
+pub const MAX_ATTESTATION_BYTES: u64 = 64 << 20;
+
+fn over_budget() -> RunnerError {
+    RunnerError::FailedPrecondition(format!(
+        "the artifact's attestations are larger than the {MAX_ATTESTATION_BYTES} bytes read \
+         for one artifact"
+    ))
+}
+
+/// A blob of at most what is left of `budget`, which it then uses up.
+async fn read_attestation_blob(
+    session: &Session,
+    layer: &Descriptor,
+    budget: &mut u64,
+) -> Result<Vec<u8>> {
+    if layer.size() > *budget {
+        return Err(over_budget());
+    }
+    let bytes = session
+        .read_blob(layer, MAX_DOCUMENT_BYTES.min(*budget))
+        .await?;
+    *budget -= bytes.len() as u64;
+    Ok(bytes)
+}
+
 /// One attestation found for the artifact.
 #[derive(Debug, Clone)]
 pub struct FetchedAttestation {
@@ -50,13 +78,14 @@ pub async fn fetch_artifact(session: &Session, digest_hex: &str) -> Result<Fetch
         )));
     }
     let mut attestations = Vec::new();
+    let mut budget = MAX_ATTESTATION_BYTES;
     for descriptor in referrers(session, digest_hex).await? {
-        if let Some(found) = read_referrer(session, &descriptor, digest_hex).await? {
+        if let Some(found) = read_referrer(session, &descriptor, digest_hex, &mut budget).await? {
             attestations.push(found);
         }
     }
     if attestations.is_empty() {
-        attestations = cosign_attestations(session, digest_hex).await?;
+        attestations = cosign_attestations(session, digest_hex, &mut budget).await?;
     }
     Ok(FetchedArtifact {
         digest_hex: digest_hex.to_string(),
@@ -107,8 +136,14 @@ async fn read_referrer(
     session: &Session,
     descriptor: &Descriptor,
     subject_hex: &str,
+    budget: &mut u64,
 ) -> Result<Option<FetchedAttestation>> {
+    // Referrer manifests count too: each read is at most a document, and there are many.
+    if descriptor.size() > *budget {
+        return Err(over_budget());
+    }
     let bytes = session.fetch_described(descriptor).await?;
+    *budget -= bytes.len() as u64;
     let manifest: ImageManifest = parse_document("a referrer manifest", &bytes)?;
     let digest = descriptor.digest().to_string();
     let bad = |why: &str| RunnerError::FailedPrecondition(format!("referrer {digest} {why}"));
@@ -132,7 +167,7 @@ async fn read_referrer(
     if layer.media_type().to_string() != artifact::BUNDLE_MEDIA_TYPE {
         return Err(bad("does not hold a Sigstore bundle"));
     }
-    let bundle = session.read_blob(layer, MAX_DOCUMENT_BYTES).await?;
+    let bundle = read_attestation_blob(session, layer, budget).await?;
     let envelope = provenance::bundle::bundle_to_envelope(&bundle)
         .map_err(|e| bad(&format!("holds no usable bundle: {e}")))?;
     Ok(Some(FetchedAttestation {
@@ -150,6 +185,7 @@ async fn read_referrer(
 async fn cosign_attestations(
     session: &Session,
     subject_hex: &str,
+    budget: &mut u64,
 ) -> Result<Vec<FetchedAttestation>> {
     let tag = artifact::cosign_tag(subject_hex);
     let Some((bytes, _)) = session.fetch_optional_document(&tag).await? else {
@@ -180,7 +216,7 @@ async fn cosign_attestations(
                 .get(artifact::ATTESTATION_NAME)
                 .cloned()
                 .unwrap_or_default(),
-            envelope: session.read_blob(layer, MAX_DOCUMENT_BYTES).await?,
+            envelope: read_attestation_blob(session, layer, budget).await?,
             source: format!("cosign {tag}"),
         });
     }
@@ -212,23 +248,56 @@ pub async fn check_layers(session: &Session, outputs: &[OutputLayer]) -> Result<
 }
 
 /// Downloads every output into `dir` (which the caller created empty), each checked
-/// against its digest, with its executable bit.
+/// against its digest, with its executable bit. Nothing already in `dir` is followed or
+/// overwritten: a directory on the way that is a symlink or a file, or a file that
+/// exists, is an error (someone else wrote into `dir` meanwhile).
 pub async fn download(session: &Session, outputs: &[OutputLayer], dir: &Path) -> Result<()> {
     use std::os::unix::fs::PermissionsExt;
     for output in outputs {
-        let dest = dir.join(&output.path);
-        if let Some(parent) = dest.parent() {
-            std::fs::create_dir_all(parent).map_err(RunnerError::io_path("creating", parent))?;
+        let mut parent = dir.to_path_buf();
+        let mut components: Vec<&str> = output.path.split('/').collect();
+        let name = components.pop().unwrap_or_default();
+        for component in components {
+            parent.push(component);
+            match std::fs::symlink_metadata(&parent) {
+                Ok(meta) if meta.is_dir() => {}
+                Ok(_) => return Err(appeared(output)),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => std::fs::create_dir(&parent)
+                    .map_err(RunnerError::io_path("creating", &parent))?,
+                Err(e) => return Err(RunnerError::io_path("reading", &parent)(e)),
+            }
         }
+        let dest = parent.join(name);
+        let mode = if output.executable { 0o755 } else { 0o644 };
+        let mut file = tokio::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&dest)
+            .await
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::AlreadyExists => appeared(output),
+                _ => RunnerError::io_path("creating", &dest)(e),
+            })?;
         session
-            .fetch_blob(&layer_descriptor(output)?, &dest)
+            .fetch_blob_into(&layer_descriptor(output)?, &mut file)
             .await
             .map_err(|e| layer_error(output, e))?;
-        let mode = if output.executable { 0o755 } else { 0o644 };
-        std::fs::set_permissions(&dest, std::fs::Permissions::from_mode(mode))
+        file.sync_all()
+            .await
+            .map_err(RunnerError::io_path("syncing", &dest))?;
+        file.set_permissions(std::fs::Permissions::from_mode(mode))
+            .await
             .map_err(RunnerError::io_path("setting the mode of", &dest))?;
     }
     Ok(())
+}
+
+fn appeared(output: &OutputLayer) -> RunnerError {
+    RunnerError::FailedPrecondition(format!(
+        "output {:?}: something else appeared on its path in the output directory",
+        output.path
+    ))
 }
 
 fn layer_error(output: &OutputLayer, err: RunnerError) -> RunnerError {

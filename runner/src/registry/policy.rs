@@ -117,6 +117,47 @@ mod tests {
     }
 
     #[test]
+    fn a_repository_spelled_otherwise_does_not_slip_past_a_pattern() {
+        let p = RepositoryPatterns::parse(&["127.0.0.1:5000/team/*", "[::1]:5000/team/*"]).unwrap();
+        // Spellings that must not parse, or that parse to a repository no pattern names.
+        for attempt in [
+            "127.0.0.1:5000/Team/app",
+            "127.0.0.1:5000/team%2fapp",
+            "127.0.0.1:5000/team/%2e%2e/other",
+            "127.0.0.1:5000/team/../other",
+            "127.0.0.1:5000/team/./app",
+            "127.0.0.1:5000/team/app/",
+            "127.0.0.1:5000//team/app",
+            "127.0.0.1:5000/team//app",
+            "user@127.0.0.1:5000/team/app",
+            "127.0.0.1:5000@evil.example/team/app",
+            "127.0.0.1:5000/team/app:sha256-abc",
+            "127.0.0.1:5000/team/app:sha256-abc.att",
+            "127.0.0.1:5000/team/app ",
+            "127.0.0.1:5000/team/app\n",
+            "127.0.0.1/team/app",
+            "127.0.0.1:443/team/app",
+            "127.0.0.1:05000/team/app",
+            "localhost:5000/team/app",
+            "evil.example/127.0.0.1:5000/team/app",
+            // IPv6 literals: the reference grammar has none, so none is published to.
+            "[::1]:5000/team/app",
+            "[::1]:5001/team/app",
+            "HTTP://127.0.0.1:5000/team/app",
+            "ftp://127.0.0.1:5000/team/app",
+        ] {
+            let allowed = Target::parse_push(attempt, &[]).is_ok_and(|(t, _)| p.allows(&t));
+            assert!(!allowed, "{attempt}");
+        }
+        for allowed in [
+            "127.0.0.1:5000/team/app",
+            "http://127.0.0.1:5000/team/app:v1",
+        ] {
+            assert!(p.allows(&target(allowed)), "{allowed}");
+        }
+    }
+
+    #[test]
     fn malformed_patterns_are_refused_at_load() {
         for bad in [
             "team/*",

@@ -118,21 +118,6 @@ impl Target {
         Ok((target, tag))
     }
 
-    pub fn oci_reference(&self, reference: &str) -> Reference {
-        match reference.strip_prefix("sha256:") {
-            Some(_) => Reference::with_digest(
-                self.registry.clone(),
-                self.repository.clone(),
-                reference.to_string(),
-            ),
-            None => Reference::with_tag(
-                self.registry.clone(),
-                self.repository.clone(),
-                reference.to_string(),
-            ),
-        }
-    }
-
     pub fn manifest_url(&self, reference: &str) -> String {
         format!(
             "{}://{}/v2/{}/manifests/{reference}",
