@@ -11,7 +11,7 @@ use clap::Parser;
 use provenance::keys::KeyType;
 use runner::cli::args::{
     AuditCommand, Cli, Command, KeyFormat, KeyRingArgs, KeysCommand, LayoutCommand, RunArgs,
-    StoreCommand,
+    StoreCommand, VerifyArgs,
 };
 use runner::cli::client::LinkFormat;
 use runner::cli::client::{Client, EXIT_KILN_ERROR};
@@ -130,6 +130,44 @@ fn target(cli: &Cli) -> anyhow::Result<client::Target> {
     })
 }
 
+/// `kiln verify` in the mode its arguments choose.
+async fn verify_command(args: VerifyArgs) -> anyhow::Result<i32> {
+    match (args.provenance, args.policy, args.layout, args.links) {
+        (None, Some(policy), _, _) if args.image.is_some() => {
+            let trust = artifact::Trust {
+                keys: &args.keys,
+                policy: &policy,
+            };
+            let reference = args.image.unwrap_or_default();
+            artifact::verify_image(&reference, &trust, &args.registry.options(), args.json).await
+        }
+        (Some(envelope), Some(policy), _, _) => {
+            verify::run_provenance(&envelope, &args.keys, &policy, &args.files, args.json)
+        }
+        (None, _, Some(layout), Some(links)) => verify::run(
+            &layout,
+            &args.layout_keys,
+            &links,
+            args.artifacts.as_deref(),
+        ),
+        _ => anyhow::bail!(
+            "kiln verify needs --layout, --layout-key and --links, --provenance, --key and \
+             --policy, or --image, --key and --policy"
+        ),
+    }
+}
+
+async fn keys_command(
+    target: anyhow::Result<client::Target>,
+    command: KeysCommand,
+) -> anyhow::Result<i32> {
+    match command {
+        KeysCommand::Public { format } => keys_public(&target?, format).await,
+        KeysCommand::Generate(args) => keys_generate(&args),
+        KeysCommand::Rotate(args) => keys_rotate(&args),
+    }
+}
+
 async fn run(cli: Cli) -> anyhow::Result<i32> {
     let target = target(&cli);
     let socket_flag = cli.socket;
@@ -187,51 +225,12 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             let client = Client::connect_to(&target?).await?;
             listing::whoami_command(&client, json).await
         }
-        Command::Keys {
-            command: KeysCommand::Public { format },
-        } => keys_public(&target?, format).await,
-        Command::Keys {
-            command: KeysCommand::Generate(args),
-        } => keys_generate(&args),
-        Command::Keys {
-            command: KeysCommand::Rotate(args),
-        } => keys_rotate(&args),
+        Command::Keys { command } => keys_command(target, command).await,
         Command::Layout {
             command: LayoutCommand::Init(args),
         } => runner::cli::layout::init(target, &args).await,
-        Command::Verify {
-            layout,
-            layout_keys,
-            links,
-            artifacts,
-            provenance,
-            image,
-            registry,
-            keys,
-            policy,
-            json,
-            files,
-        } => match (provenance, policy, layout, links) {
-            (None, Some(policy), _, _) if image.is_some() => {
-                let trust = artifact::Trust {
-                    keys: &keys,
-                    policy: &policy,
-                };
-                let reference = image.unwrap_or_default();
-                artifact::verify_image(&reference, &trust, &registry.options(), json).await
-            }
-            (Some(envelope), Some(policy), _, _) => {
-                verify::run_provenance(&envelope, &keys, &policy, &files, json)
-            }
-            (None, _, Some(layout), Some(links)) => {
-                verify::run(&layout, &layout_keys, &links, artifacts.as_deref())
-            }
-            _ => anyhow::bail!("kiln verify needs --layout, --layout-key and --links, or --provenance, --key and --policy"),
-        },
-        Command::Push {
-            job_id,
-            repository,
-        } => {
+        Command::Verify(args) => verify_command(args).await,
+        Command::Push { job_id, repository } => {
             let client = Client::connect_to(&target?).await?;
             artifact::push(&client, &job_id, &repository).await
         }
@@ -258,7 +257,9 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             state_dir,
             command: StoreCommand::Verify,
         } => store_verify(&state_dir),
-        Command::Image { state_dir, command } => runner::cli::image::command(&state_dir, command).await,
+        Command::Image { state_dir, command } => {
+            runner::cli::image::command(&state_dir, command).await
+        }
         Command::Demo { keep } => demo::run(keep).await,
     }
 }

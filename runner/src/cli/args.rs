@@ -111,42 +111,7 @@ pub enum Command {
     /// Layout mode: --layout, --layout-key, --links [--artifacts].
     /// Provenance mode: --provenance ENVELOPE --key KEY... --policy POLICY [--json] FILE...
     /// Registry mode: --image REGISTRY/REPO@sha256:DIGEST --key KEY... --policy POLICY [--json]
-    Verify {
-        /// An in-toto layout (metablock).
-        #[arg(long, required_unless_present_any = ["provenance", "image"], requires_all = ["layout_keys", "links"])]
-        layout: Option<PathBuf>,
-        /// PEM public key(s) of the layout owner (ed25519 or ECDSA P-256); repeatable.
-        #[arg(long = "layout-key")]
-        layout_keys: Vec<PathBuf>,
-        /// Directory holding the links.
-        #[arg(long)]
-        links: Option<PathBuf>,
-        /// Directory of artifacts to check against the final step's products.
-        #[arg(long)]
-        artifacts: Option<PathBuf>,
-        /// A job's SLSA provenance (DSSE envelope, or the Sigstore bundle holding it) to
-        /// check instead of a layout.
-        #[arg(long, conflicts_with_all = ["layout", "image"], requires_all = ["keys", "policy"])]
-        provenance: Option<PathBuf>,
-        /// An artifact in an OCI registry (REGISTRY/REPO@sha256:DIGEST): its attached
-        /// provenance is checked against every layer, and each layer against its digest.
-        #[arg(long, conflicts_with = "layout", requires_all = ["keys", "policy"])]
-        image: Option<String>,
-        #[command(flatten)]
-        registry: RegistryArgs,
-        /// Runner public key(s): SPKI PEM (ed25519 or ECDSA P-256), or a key ring export
-        /// (JSON, with validity windows).
-        #[arg(long = "key")]
-        keys: Vec<PathBuf>,
-        /// Verification policy (TOML; see README).
-        #[arg(long)]
-        policy: Option<PathBuf>,
-        /// Print the verdict as JSON.
-        #[arg(long)]
-        json: bool,
-        /// Artifact files whose SHA-256 must be subjects of the provenance.
-        files: Vec<PathBuf>,
-    },
+    Verify(VerifyArgs),
     /// Have the daemon publish a succeeded job to an OCI registry: its outputs as one
     /// artifact, its provenance, links and SBOM attached as Sigstore bundles. Prints
     /// REGISTRY/REPO@sha256:DIGEST.
@@ -200,6 +165,45 @@ pub enum Command {
         #[arg(long)]
         keep: bool,
     },
+}
+
+/// `kiln verify`'s arguments: one of three modes (layout, provenance, registry).
+#[derive(clap::Args)]
+pub struct VerifyArgs {
+    /// An in-toto layout (metablock).
+    #[arg(long, required_unless_present_any = ["provenance", "image"], requires_all = ["layout_keys", "links"])]
+    pub layout: Option<PathBuf>,
+    /// PEM public key(s) of the layout owner (ed25519 or ECDSA P-256); repeatable.
+    #[arg(long = "layout-key")]
+    pub layout_keys: Vec<PathBuf>,
+    /// Directory holding the links.
+    #[arg(long)]
+    pub links: Option<PathBuf>,
+    /// Directory of artifacts to check against the final step's products.
+    #[arg(long)]
+    pub artifacts: Option<PathBuf>,
+    /// A job's SLSA provenance (DSSE envelope, or the Sigstore bundle holding it) to
+    /// check instead of a layout.
+    #[arg(long, conflicts_with_all = ["layout", "image"], requires_all = ["keys", "policy"])]
+    pub provenance: Option<PathBuf>,
+    /// An artifact in an OCI registry (REGISTRY/REPO@sha256:DIGEST): its attached
+    /// provenance is checked against every layer, and each layer against its digest.
+    #[arg(long, conflicts_with = "layout", requires_all = ["keys", "policy"])]
+    pub image: Option<String>,
+    #[command(flatten)]
+    pub registry: RegistryArgs,
+    /// Runner public key(s): SPKI PEM (ed25519 or ECDSA P-256), or a key ring export
+    /// (JSON, with validity windows).
+    #[arg(long = "key")]
+    pub keys: Vec<PathBuf>,
+    /// Verification policy (TOML; see README).
+    #[arg(long)]
+    pub policy: Option<PathBuf>,
+    /// Print the verdict as JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// Artifact files whose SHA-256 must be subjects of the provenance.
+    pub files: Vec<PathBuf>,
 }
 
 /// How the client reaches a registry.

@@ -97,9 +97,23 @@ impl Runner {
         job.state = state as i32;
         job.message = message;
         job.finished_unix_ms = now_ms();
+        self.finish_job(id, job, &plan, image_used).await
+    }
+
+    /// The end of a job that ran: its SBOM and provenance, its publishing if the spec
+    /// asks for it, and its final record committed.
+    async fn finish_job(
+        self: Arc<Self>,
+        id: &str,
+        job: Job,
+        plan: &Arc<ValidatedJob>,
+        image_used: Option<(ResourceDescriptor, Option<ImageSbom>)>,
+    ) -> Result<()> {
+        let state = JobState::try_from(job.state).unwrap_or(JobState::Error);
         let mut job = {
             let (runner, plan) = (self.clone(), plan.clone());
             off_runtime(move || {
+                let mut job = job;
                 let (image, sbom) = match image_used {
                     Some((image, sbom)) => (Some(image), sbom),
                     None => (None, None),
