@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 pub const KILN: &str = env!("CARGO_BIN_EXE_kiln");
 
+pub mod buildgrid;
 pub mod registry;
 
 pub fn in_ci() -> bool {

@@ -1,0 +1,217 @@
+//! The fleet's peers, real: BuildGrid (the engine Kiln workers run under) on a PostgreSQL
+//! cluster of the test's own, and Debian's Bazel as its client. These tests hold the
+//! fixture to what the worker tests rely on: the services answer, an ActionResult's
+//! auxiliary metadata (where a worker's signed statement travels) comes back intact from
+//! the action cache, Bazel builds a genrule offline, and Bazel reuses a result through
+//! BuildGrid.
+
+mod support;
+
+use bazel_remote_apis::build::bazel::remote::execution::v2::{
+    action_cache_client::ActionCacheClient, batch_update_blobs_request,
+    content_addressable_storage_client::ContentAddressableStorageClient, digest_function,
+    ActionResult, BatchUpdateBlobsRequest, Digest, ExecutedActionMetadata, FindMissingBlobsRequest,
+    GetActionResultRequest, OutputFile, UpdateActionResultRequest,
+};
+use bazel_remote_apis::google::bytestream::{byte_stream_client::ByteStreamClient, ReadRequest};
+use bazel_remote_apis::google::protobuf::Any;
+use sha2::{Digest as _, Sha256};
+use support::buildgrid::{Bazel, BuildGrid};
+use support::{describe, require_root, text};
+
+fn digest_of(data: &[u8]) -> Digest {
+    Digest {
+        hash: hex::encode(Sha256::digest(data)),
+        size_bytes: data.len() as i64,
+    }
+}
+
+#[tokio::test]
+async fn buildgrid_serves_cas_bytestream_and_action_cache() {
+    let Some(grid) = BuildGrid::start("buildgrid_serves_cas_bytestream_and_action_cache") else {
+        return;
+    };
+    let execution = grid.capabilities.execution_capabilities.clone().unwrap();
+    assert!(execution.exec_enabled, "{:?}", grid.capabilities);
+    assert_eq!(
+        execution.digest_function,
+        digest_function::Value::Sha256 as i32
+    );
+    let cache = grid.capabilities.cache_capabilities.clone().unwrap();
+    assert!(
+        cache
+            .action_cache_update_capabilities
+            .unwrap()
+            .update_enabled,
+        "workers must be able to store results"
+    );
+
+    let channel = grid.channel().await;
+    let mut cas = ContentAddressableStorageClient::new(channel.clone());
+    let blob = b"an input file of some action\n".to_vec();
+    let stored = digest_of(&blob);
+    let absent = digest_of(b"never uploaded");
+    let answer = cas
+        .batch_update_blobs(BatchUpdateBlobsRequest {
+            instance_name: grid.instance.clone(),
+            requests: vec![batch_update_blobs_request::Request {
+                digest: Some(stored.clone()),
+                data: blob.clone(),
+                compressor: 0,
+            }],
+            digest_function: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(answer.responses.len(), 1);
+    assert_eq!(
+        answer.responses[0].status.clone().unwrap_or_default().code,
+        0
+    );
+
+    let missing = cas
+        .find_missing_blobs(FindMissingBlobsRequest {
+            instance_name: grid.instance.clone(),
+            blob_digests: vec![stored.clone(), absent.clone()],
+            digest_function: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .missing_blob_digests;
+    assert_eq!(missing, vec![absent]);
+
+    let mut bytestream = ByteStreamClient::new(channel.clone());
+    let mut stream = bytestream
+        .read(ReadRequest {
+            resource_name: format!("blobs/{}/{}", stored.hash, stored.size_bytes),
+            read_offset: 0,
+            read_limit: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut read = Vec::new();
+    while let Some(chunk) = stream.message().await.unwrap() {
+        read.extend_from_slice(&chunk.data);
+    }
+    assert_eq!(read, blob);
+
+    // What a worker will store: a result whose execution metadata carries a signed
+    // statement as an Any. The engine must hand it back byte for byte.
+    let action = digest_of(b"an Action message");
+    let statement = Any {
+        type_url: "type.googleapis.com/kiln.v1.SignedLink".to_string(),
+        value: b"\x0a\x05bytes of a DSSE envelope".to_vec(),
+    };
+    let result = ActionResult {
+        output_files: vec![OutputFile {
+            path: "out/hello.txt".to_string(),
+            digest: Some(stored.clone()),
+            ..Default::default()
+        }],
+        exit_code: 0,
+        execution_metadata: Some(ExecutedActionMetadata {
+            worker: "kiln-worker-test".to_string(),
+            auxiliary_metadata: vec![statement.clone()],
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let mut action_cache = ActionCacheClient::new(channel);
+    action_cache
+        .update_action_result(UpdateActionResultRequest {
+            instance_name: grid.instance.clone(),
+            action_digest: Some(action.clone()),
+            action_result: Some(result.clone()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let cached = action_cache
+        .get_action_result(GetActionResultRequest {
+            instance_name: grid.instance.clone(),
+            action_digest: Some(action),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let metadata = cached.execution_metadata.clone().unwrap();
+    assert_eq!(metadata.auxiliary_metadata, vec![statement]);
+    assert_eq!(cached.output_files, result.output_files);
+
+    let unknown = action_cache
+        .get_action_result(GetActionResultRequest {
+            instance_name: grid.instance.clone(),
+            action_digest: Some(digest_of(b"an action nobody ran")),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(unknown.code(), tonic::Code::NotFound, "{unknown:?}");
+}
+
+const GENRULE: &str = r#"genrule(
+    name = "hello",
+    outs = ["hello.txt"],
+    cmd = "echo hello from a genrule > $@",
+)
+"#;
+
+#[test]
+fn bazel_builds_a_genrule_locally_offline() {
+    let test = "bazel_builds_a_genrule_locally_offline";
+    if !require_root(test) {
+        return;
+    }
+    let Some(bazel) = Bazel::new(test) else {
+        return;
+    };
+    bazel.write("BUILD", GENRULE);
+    let output = bazel.build_without_network(&["//:hello"]);
+    assert!(output.status.success(), "{}", describe(&output));
+    // Run on this machine (Bazel's own sandbox), not taken from any cache.
+    assert!(
+        text(&output.stderr).contains("1 linux-sandbox"),
+        "{}",
+        describe(&output)
+    );
+    assert_eq!(bazel.output("hello.txt"), b"hello from a genrule\n");
+}
+
+#[test]
+fn bazel_reuses_a_result_through_buildgrid() {
+    let test = "bazel_reuses_a_result_through_buildgrid";
+    let Some(bazel) = Bazel::new(test) else {
+        return;
+    };
+    let Some(grid) = BuildGrid::start(test) else {
+        return;
+    };
+    bazel.write("BUILD", GENRULE);
+    let remote_cache = format!("--remote_cache={}", grid.url);
+
+    let first = bazel.build(&[&remote_cache, "//:hello"]);
+    assert!(first.status.success(), "{}", describe(&first));
+    let first_stderr = text(&first.stderr);
+    assert!(
+        !first_stderr.contains("remote cache hit"),
+        "an empty cache cannot hit:\n{first_stderr}"
+    );
+    let built = bazel.output("hello.txt");
+    assert_eq!(built, b"hello from a genrule\n");
+
+    // A second build that shares no local state: the action's result comes from BuildGrid.
+    let elsewhere = tempfile::tempdir().unwrap();
+    let second = bazel.build_in(elsewhere.path(), &[&remote_cache, "//:hello"]);
+    assert!(second.status.success(), "{}", describe(&second));
+    let second_stderr = text(&second.stderr);
+    assert!(
+        second_stderr.contains("1 remote cache hit"),
+        "the second build did not use BuildGrid's action cache:\n{second_stderr}\nBuildGrid:\n{}",
+        grid.log()
+    );
+    assert_eq!(bazel.output("hello.txt"), built);
+}
