@@ -4,6 +4,7 @@
 //! auxiliary metadata (where a worker's signed statement travels) comes back intact from
 //! the action cache, Bazel builds a genrule offline, and Bazel reuses a result through
 //! BuildGrid.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod support;
 
@@ -22,7 +23,7 @@ use support::{describe, require_root, text};
 fn digest_of(data: &[u8]) -> Digest {
     Digest {
         hash: hex::encode(Sha256::digest(data)),
-        size_bytes: data.len() as i64,
+        size_bytes: i64::try_from(data.len()).unwrap(),
     }
 }
 
@@ -214,4 +215,44 @@ fn bazel_reuses_a_result_through_buildgrid() {
         grid.log()
     );
     assert_eq!(bazel.output("hello.txt"), built);
+}
+
+/// BuildGrid's Python, from the venv `bgd` runs in (it has BuildGrid's protos).
+fn buildgrid_python() -> std::path::PathBuf {
+    let bgd = std::path::PathBuf::from(std::env::var_os("KILN_BGD").unwrap());
+    bgd.parent().unwrap().join("python")
+}
+
+#[test]
+fn a_bot_takes_a_lease_and_its_result_reaches_the_client_intact() {
+    let test = "a_bot_takes_a_lease_and_its_result_reaches_the_client_intact";
+    let Some(grid) = BuildGrid::start(test) else {
+        return;
+    };
+    let output = std::process::Command::new(buildgrid_python())
+        .arg(support::repo_root().join("tests/py/buildgrid_bot.py"))
+        .arg(&grid.addr)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}\nBuildGrid:\n{}",
+        describe(&output),
+        grid.log()
+    );
+    let seen: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    // BuildGrid hands a new lease out already ACTIVE (the API has it PENDING until the
+    // bot accepts it): a worker must take both as new.
+    assert_eq!(seen["lease_state"], "ACTIVE", "{seen}");
+    assert_eq!(seen["leases"], 1, "{seen}");
+    assert_eq!(
+        seen["payload_type"], "type.googleapis.com/build.bazel.remote.execution.v2.Action",
+        "{seen}"
+    );
+    assert_eq!(seen["execute_exit_code"], 0, "{seen}");
+    assert_eq!(
+        seen["execute_metadata"], seen["expected_metadata"],
+        "{seen}"
+    );
+    assert_eq!(seen["cached_metadata"], seen["expected_metadata"], "{seen}");
 }

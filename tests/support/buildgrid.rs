@@ -187,9 +187,13 @@ impl Postgres {
 impl Drop for Postgres {
     fn drop(&mut self) {
         // SIGINT: PostgreSQL's fast shutdown, which ends its backends too.
-        let _ = signal::kill(Pid::from_raw(self.child.id() as i32), Signal::SIGINT);
+        let _ = signal::kill(pid_of(&self.child), Signal::SIGINT);
         let _ = self.child.wait();
     }
+}
+
+fn pid_of(child: &Child) -> Pid {
+    Pid::from_raw(i32::try_from(child.id()).expect("pid fits pid_t"))
 }
 
 fn rand_bytes() -> [u8; 16] {
@@ -337,7 +341,7 @@ impl BuildGrid {
 
 impl Drop for BuildGrid {
     fn drop(&mut self) {
-        let group = Pid::from_raw(self.child.id() as i32);
+        let group = pid_of(&self.child);
         let _ = signal::killpg(group, Signal::SIGKILL);
         let _ = self.child.wait();
     }
