@@ -404,7 +404,7 @@ fn empty_config() -> Value {
 
 #[test]
 fn a_symlink_planted_in_out_while_verifying_is_not_followed() {
-    // A genuine artifact with a genuine provenance; while the client checks the layer, a
+    // A genuine artifact with a genuine provenance; while the client verifies it, a
     // symlink appears in --out (planted here by the registry's handler, as a local
     // attacker racing the client could): the download must not write through it.
     let key = provenance::SigningKey::generate();
@@ -481,14 +481,18 @@ fn a_symlink_planted_in_out_while_verifying_is_not_followed() {
         format!("/v2/app/manifests/sha256:{}", sha256(&referrer)),
         referrer,
     );
-    documents.insert(format!("/v2/app/blobs/sha256:{}", sha256(&bundle)), bundle);
+    let bundle_path = format!("/v2/app/blobs/sha256:{}", sha256(&bundle));
     let layer_path = format!("/v2/app/blobs/sha256:{layer_hex}");
     let registry = FakeRegistry::start(move |request| {
         if request.path == "/v2/" {
             return reply(200, &[], Body::Bytes(vec![]));
         }
-        if request.path == layer_path {
+        if request.path == bundle_path {
+            // While the client verifies the attestations, before it downloads.
             let _ = std::os::unix::fs::symlink(&plant_victim, plant_out.join("bin"));
+            return reply(200, &[], Body::Bytes(bundle.clone()));
+        }
+        if request.path == layer_path {
             return reply(200, &[], Body::Bytes(layer.clone()));
         }
         match documents.get(&request.path) {

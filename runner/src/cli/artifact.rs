@@ -46,7 +46,7 @@ pub async fn verify_image(
     options: &RegistryOptions,
     json: bool,
 ) -> anyhow::Result<i32> {
-    let (_, _, verdict) = fetch_and_judge(reference, trust, options).await?;
+    let (_, _, verdict) = fetch_and_judge(reference, trust, options, Layers::Checked).await?;
     print_verdict(&verdict, json)?;
     Ok(if verdict.passed { 0 } else { 1 })
 }
@@ -70,17 +70,22 @@ pub async fn pull_artifact(
             out.display()
         );
     }
-    let (session, fetched, verdict) = fetch_and_judge(reference, trust, options).await?;
-    print_verdict(&verdict, false)?;
+    // The layers' bytes are checked as they are downloaded, not read a first time before.
+    let (session, fetched, mut verdict) =
+        fetch_and_judge(reference, trust, options, Layers::Unread).await?;
     if !verdict.passed {
+        print_verdict(&verdict, false)?;
         return Ok(1);
     }
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     if let Err(err) = download(&session, &fetched.outputs, out).await {
         remove_contents(out);
-        println!("FAIL: {}", crate::cli::printable(&err.client_message()));
+        verdict.passed = false;
+        verdict.reasons.push(err.client_message());
+        print_verdict(&verdict, false)?;
         return Ok(1);
     }
+    print_verdict(&verdict, false)?;
     println!(
         "{} output(s) written to {}",
         fetched.outputs.len(),
@@ -91,10 +96,19 @@ pub async fn pull_artifact(
 
 /// Fetches the artifact by digest with its attestations, checks every layer's bytes, and
 /// judges it.
+/// Whether [`fetch_and_judge`] reads every layer to check its bytes.
+#[derive(PartialEq, Eq)]
+enum Layers {
+    Checked,
+    /// The caller checks them as it downloads them.
+    Unread,
+}
+
 async fn fetch_and_judge(
     reference: &str,
     trust: &Trust<'_>,
     options: &RegistryOptions,
+    layers: Layers,
 ) -> anyhow::Result<(Session, FetchedArtifact, ImageVerdict)> {
     let target = Target::parse(reference, &options.insecure_registries)?;
     if !target.pinned {
@@ -116,9 +130,11 @@ async fn fetch_and_judge(
     let session = Session::open(target, auth, Operation::Pull).await?;
     let fetched = fetch_artifact(&session, &digest_hex).await?;
     let mut verdict = judge(&pinned, &fetched, &keys, &policy);
-    if let Err(err) = check_layers(&session, &fetched.outputs).await {
-        verdict.passed = false;
-        verdict.reasons.push(err.client_message());
+    if layers == Layers::Checked {
+        if let Err(err) = check_layers(&session, &fetched.outputs).await {
+            verdict.passed = false;
+            verdict.reasons.push(err.client_message());
+        }
     }
     Ok((session, fetched, verdict))
 }
