@@ -187,9 +187,18 @@ pub struct PublishConfig {
     pub repositories: crate::registry::policy::RepositoryPatterns,
     /// A docker-style config.json with the daemon's registry credentials.
     pub auth_file: Option<PathBuf>,
-    /// A publish that has not finished by then fails (and fails its job).
+    /// A publish that has not finished by then fails (and fails its job); the time spent
+    /// waiting for a turn counts.
     #[serde(default = "default_publish_timeout")]
     pub timeout_seconds: u64,
+    /// Publishes under way at once, over every client: each holds connections to a
+    /// registry and streams from the content store; more wait their turn.
+    #[serde(default = "default_publish_concurrency")]
+    pub max_concurrent: u32,
+}
+
+fn default_publish_concurrency() -> u32 {
+    4
 }
 
 fn default_publish_timeout() -> u64 {
@@ -202,6 +211,7 @@ impl Default for PublishConfig {
             repositories: Default::default(),
             auth_file: None,
             timeout_seconds: default_publish_timeout(),
+            max_concurrent: default_publish_concurrency(),
         }
     }
 }
@@ -314,6 +324,12 @@ impl Config {
         }
         if self.default_timeout_seconds == 0 {
             return bad("default_timeout_seconds", "must be positive");
+        }
+        if self.publish.max_concurrent == 0 || self.publish.max_concurrent > 64 {
+            return bad("publish.max_concurrent", "must be 1 to 64");
+        }
+        if self.publish.timeout_seconds == 0 {
+            return bad("publish.timeout_seconds", "must be positive");
         }
         if self.default_timeout_seconds > self.max_timeout_seconds {
             return bad(

@@ -280,3 +280,22 @@ fn the_network_ceiling_of_a_caller_is_its_tenants_else_its_uids_else_the_global(
     assert!(ceiling(1002).covers(&a) && !ceiling(1002).covers(&b));
     assert!(ceiling(1003).covers(&c));
 }
+
+#[test]
+fn publishing_settings_are_checked() {
+    for (text, field) in [
+        ("[publish]\nmax_concurrent = 0\n", "publish.max_concurrent"),
+        (
+            "[publish]\ntimeout_seconds = 0\n",
+            "publish.timeout_seconds",
+        ),
+    ] {
+        let config: Config = toml::from_str(text).unwrap();
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains(field), "{text}: {err}");
+    }
+    let config: Config =
+        toml::from_str("[publish]\nrepositories = [\"r.example/team/*\"]\n").unwrap();
+    assert!(config.validate().is_ok());
+    assert!(toml::from_str::<Config>("[publish]\nrepositories = [\"team/*\"]\n").is_err());
+}

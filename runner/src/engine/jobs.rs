@@ -108,6 +108,8 @@ pub struct Runner {
     pub(super) work_dir: PathBuf,
     /// The host id range of each job slot, leased host-wide.
     pub(super) id_ranges: IdRanges,
+    /// Publishes under way at once ([publish] max_concurrent); more wait their turn.
+    pub(super) publishing: Arc<Semaphore>,
 }
 
 impl Runner {
@@ -128,6 +130,7 @@ impl Runner {
         reset_work_dir(&work_dir, executor.as_ref())?;
         let slots = (0..config.max_concurrent_jobs).rev().collect();
         let permits = Arc::new(Semaphore::new(config.max_concurrent_jobs as usize));
+        let publishing = Arc::new(Semaphore::new(config.publish.max_concurrent.max(1) as usize));
         let runner = Arc::new(Self {
             config,
             db,
@@ -145,6 +148,7 @@ impl Runner {
             shutdown: watch::channel(false).0,
             work_dir,
             id_ranges,
+            publishing,
         });
         runner.recover()?;
         Ok(runner)

@@ -50,7 +50,15 @@ impl Runner {
         };
         let limit = Duration::from_secs(self.config.publish.timeout_seconds);
         let registry = target.registry.clone();
-        tokio::time::timeout(limit, publish_job(&self.cas, job, target, tag, auth))
+        let publish = async {
+            let _turn = self
+                .publishing
+                .acquire()
+                .await
+                .map_err(|_| RunnerError::Unavailable("the daemon is stopping".into()))?;
+            publish_job(&self.cas, job, target, tag, auth).await
+        };
+        tokio::time::timeout(limit, publish)
             .await
             .map_err(|_| {
                 RunnerError::Unavailable(format!(
