@@ -6,6 +6,7 @@
 //! Pure library: no sandbox, no gRPC, no async runtime.
 #![forbid(unsafe_code)]
 
+pub mod action;
 pub mod bundle;
 pub mod cjson;
 pub mod dsse;

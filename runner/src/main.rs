@@ -15,7 +15,7 @@ use runner::cli::args::{
 };
 use runner::cli::client::LinkFormat;
 use runner::cli::client::{Client, EXIT_KILN_ERROR};
-use runner::cli::{artifact, client, demo, jobfile, listing, verify};
+use runner::cli::{action_cache, artifact, client, demo, jobfile, listing, verify};
 use runner::config::Config;
 use runner::daemon::server;
 use runner::engine::signer;
@@ -132,6 +132,14 @@ fn target(cli: &Cli) -> anyhow::Result<client::Target> {
 
 /// `kiln verify` in the mode its arguments choose.
 async fn verify_command(args: VerifyArgs) -> anyhow::Result<i32> {
+    if let Some(url) = &args.action_cache {
+        let actions: Vec<String> = args
+            .files
+            .iter()
+            .map(|f| f.to_string_lossy().into_owned())
+            .collect();
+        return action_cache::run(url, &args.instance, &args.keys, &actions, args.json).await;
+    }
     match (args.provenance, args.policy, args.layout, args.links) {
         (None, Some(policy), _, _) if args.image.is_some() => {
             let trust = artifact::Trust {

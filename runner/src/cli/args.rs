@@ -111,6 +111,7 @@ pub enum Command {
     /// Layout mode: --layout, --layout-key, --links [--artifacts].
     /// Provenance mode: --provenance ENVELOPE --key KEY... --policy POLICY [--json] FILE...
     /// Registry mode: --image REGISTRY/REPO@sha256:DIGEST --key KEY... --policy POLICY [--json]
+    /// Action cache mode: --action-cache URL --key KEY... [--instance NAME] [--json] ACTION_DIGEST...
     Verify(VerifyArgs),
     /// Have the daemon publish a succeeded job to an OCI registry: its outputs as one
     /// artifact, its provenance, links and SBOM attached as Sigstore bundles. Prints
@@ -171,7 +172,7 @@ pub enum Command {
 #[derive(clap::Args)]
 pub struct VerifyArgs {
     /// An in-toto layout (metablock).
-    #[arg(long, required_unless_present_any = ["provenance", "image"], requires_all = ["layout_keys", "links"])]
+    #[arg(long, required_unless_present_any = ["provenance", "image", "action_cache"], requires_all = ["layout_keys", "links"])]
     pub layout: Option<PathBuf>,
     /// PEM public key(s) of the layout owner (ed25519 or ECDSA P-256); repeatable.
     #[arg(long = "layout-key")]
@@ -202,7 +203,16 @@ pub struct VerifyArgs {
     /// Print the verdict as JSON.
     #[arg(long)]
     pub json: bool,
-    /// Artifact files whose SHA-256 must be subjects of the provenance.
+    /// A remote execution engine's action cache (grpc://HOST:PORT or grpcs://HOST:PORT):
+    /// the results of the actions named as FILE... (HEX/SIZE action digests), each
+    /// checked against the statement its Kiln worker signed.
+    #[arg(long, conflicts_with_all = ["layout", "image", "provenance"], requires = "keys")]
+    pub action_cache: Option<String>,
+    /// The engine's instance name (with --action-cache).
+    #[arg(long, default_value = "", requires = "action_cache")]
+    pub instance: String,
+    /// Artifact files whose SHA-256 must be subjects of the provenance (with
+    /// --action-cache: action digests, HEX/SIZE).
     pub files: Vec<PathBuf>,
 }
 

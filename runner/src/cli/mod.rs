@@ -1,6 +1,7 @@
 //! The `kiln` command line's client side: its arguments, the daemon client, job files,
 //! `kiln layout init`, `kiln verify`, `kiln demo`, `kiln jobs` and `kiln whoami`, `kiln audit`.
 
+pub mod action_cache;
 pub mod args;
 pub mod artifact;
 pub mod audit;
