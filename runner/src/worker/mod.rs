@@ -10,6 +10,8 @@ pub mod outputs;
 
 #[cfg(test)]
 mod fake_cas;
+#[cfg(test)]
+mod tests;
 
 /// Bounds on one action's inputs and outputs.
 #[derive(Clone, Debug)]
