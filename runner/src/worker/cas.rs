@@ -552,7 +552,9 @@ impl CasClient {
         Ok(())
     }
 
-    /// Uploads one blob with ByteStream Write in chunks.
+    /// Uploads one blob with ByteStream Write, read and re-hashed chunk by chunk as it is
+    /// sent (a file changed since it was hashed is not committed under the old digest: the
+    /// stream ends without `finish_write`).
     pub async fn stream_write(&self, digest: &Digest, source: UploadSource) -> Result<()> {
         let resource_name = format!(
             "{}uploads/{}/blobs/{}/{}",
@@ -561,30 +563,37 @@ impl CasClient {
             digest.hash,
             digest.size
         );
-        let chunks = chunk_source(digest, source)?;
-        let total = chunks.len();
-        let mut offset = 0i64;
-        let mut requests = Vec::with_capacity(total);
-        for (index, data) in chunks.into_iter().enumerate() {
-            let len = i64::try_from(data.len()).unwrap_or(i64::MAX);
-            requests.push(bytestream::WriteRequest {
-                // Only the first request must name the resource.
-                resource_name: if index == 0 {
-                    resource_name.clone()
-                } else {
-                    String::new()
-                },
-                write_offset: offset,
-                finish_write: index + 1 == total,
-                data,
-            });
-            offset = offset.saturating_add(len);
-        }
-        let response = self
+        let reader: Box<dyn Read + Send> = match source {
+            UploadSource::Bytes(bytes) => Box::new(std::io::Cursor::new(bytes)),
+            UploadSource::File(mut file) => {
+                file.seek(SeekFrom::Start(0))
+                    .map_err(RunnerError::io("rewinding an output"))?;
+                Box::new(file)
+            }
+        };
+        let failure = std::sync::Arc::new(std::sync::Mutex::new(None));
+        let chunks = WriteChunks {
+            reader,
+            resource_name: Some(resource_name),
+            expected: digest.clone(),
+            offset: 0,
+            hasher: Sha256::new(),
+            done: false,
+            failure: failure.clone(),
+        };
+        let answer = self
             .bytestream
             .clone()
-            .write(tokio_stream::iter(requests))
-            .await
+            .write(tokio_stream::iter(chunks))
+            .await;
+        let failure = failure
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        if let Some(failure) = failure {
+            return Err(failure);
+        }
+        let response = answer
             .map_err(|s| status_error("ByteStream Write", s))?
             .into_inner();
         if u64::try_from(response.committed_size).ok() != Some(digest.size) {
@@ -594,6 +603,78 @@ impl CasClient {
             )));
         }
         Ok(())
+    }
+}
+
+/// The requests of one ByteStream Write, read from their source as they are sent.
+struct WriteChunks {
+    reader: Box<dyn Read + Send>,
+    resource_name: Option<String>,
+    expected: Digest,
+    offset: u64,
+    hasher: Sha256,
+    done: bool,
+    failure: std::sync::Arc<std::sync::Mutex<Option<RunnerError>>>,
+}
+
+impl WriteChunks {
+    fn fail(&mut self, error: RunnerError) -> Option<bytestream::WriteRequest> {
+        self.done = true;
+        *self
+            .failure
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(error);
+        None
+    }
+
+    fn changed(&self) -> RunnerError {
+        RunnerError::FailedPrecondition(format!(
+            "an output changed while it was uploaded ({})",
+            self.expected
+        ))
+    }
+}
+
+impl Iterator for WriteChunks {
+    type Item = bytestream::WriteRequest;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.done {
+            return None;
+        }
+        let remaining = self.expected.size - self.offset;
+        let want =
+            usize::try_from(remaining.min(WRITE_CHUNK_BYTES as u64)).unwrap_or(WRITE_CHUNK_BYTES);
+        let mut data = vec![0u8; want];
+        let mut filled = 0;
+        while filled < want {
+            match self.reader.read(&mut data[filled..]) {
+                Ok(0) => return self.fail(self.changed()),
+                Ok(n) => filled += n,
+                Err(e) => return self.fail(RunnerError::io("reading an output")(e)),
+            }
+        }
+        self.hasher.update(&data);
+        let write_offset = i64::try_from(self.offset).unwrap_or(i64::MAX);
+        self.offset += want as u64;
+        let finish_write = self.offset == self.expected.size;
+        if finish_write {
+            // Nothing may follow the declared size, and the whole must hash to the digest.
+            let mut probe = [0u8; 1];
+            let grown = !matches!(self.reader.read(&mut probe), Ok(0));
+            let hash = hex::encode(std::mem::take(&mut self.hasher).finalize());
+            if grown || hash != self.expected.hash {
+                return self.fail(self.changed());
+            }
+            self.done = true;
+        }
+        Some(bytestream::WriteRequest {
+            // Only the first request names the resource.
+            resource_name: self.resource_name.take().unwrap_or_default(),
+            write_offset,
+            finish_write,
+            data,
+        })
     }
 }
 
@@ -611,20 +692,4 @@ fn read_exact_size(file: &mut std::fs::File, digest: &Digest) -> Result<Vec<u8>>
         ))
     })?;
     Ok(data)
-}
-
-/// Splits a source into write chunks. A file is read in chunks and re-hashed, so that an
-/// output changed after it was hashed is not uploaded under the old digest.
-fn chunk_source(digest: &Digest, source: UploadSource) -> Result<Vec<Vec<u8>>> {
-    let data = match source {
-        UploadSource::Bytes(bytes) => {
-            verify_blob(digest, &bytes)?;
-            bytes
-        }
-        UploadSource::File(mut file) => read_exact_size(&mut file, digest)?,
-    };
-    if data.is_empty() {
-        return Ok(vec![Vec::new()]);
-    }
-    Ok(data.chunks(WRITE_CHUNK_BYTES).map(<[u8]>::to_vec).collect())
 }

@@ -127,6 +127,7 @@ pub async fn fetch_input_tree(
     let mut directories: HashMap<Digest, reapi::Directory> = HashMap::new();
     let mut frontier = vec![root.clone()];
     let mut depth = 0usize;
+    let mut tree_bytes = 0u64;
     while !frontier.is_empty() {
         if depth > limits.max_depth {
             return Err(RunnerError::invalid(
@@ -144,6 +145,15 @@ pub async fn fetch_input_tree(
                     ),
                 ));
             }
+        }
+        tree_bytes = frontier
+            .iter()
+            .fold(tree_bytes, |total, d| total.saturating_add(d.size()));
+        if tree_bytes > limits.max_tree_bytes {
+            return Err(RunnerError::ResourceExhausted(format!(
+                "the input root's Directory messages exceed {} bytes",
+                limits.max_tree_bytes
+            )));
         }
         let fetched = cas.read_blobs(&frontier).await?;
         let mut next = Vec::new();
@@ -412,20 +422,67 @@ impl InputTree {
         )
         .map_err(|e| RunnerError::io_path("opening", workspace)(e.into()))?;
 
-        // Small blobs are fetched in batches up front; large ones are streamed into their
-        // file when it is written.
-        let mut small = Vec::new();
+        // Small blobs are fetched batch by batch in the order the files are written, so
+        // that at most one batch is held in memory; large ones are streamed into their file.
+        let mut order = Vec::new();
         collect_files(&self.root, &mut |digest| {
-            if digest.size() <= cas.max_batch_bytes() / 2 {
-                small.push(digest.clone());
+            if is_small(cas, digest) {
+                order.push(digest.clone());
             }
         });
-        let blobs = cas.read_blobs(&small).await?;
-        write_directory(&root, &self.root, cas, &blobs, writable).await
+        let mut feeder = BlobFeeder {
+            order,
+            cursor: 0,
+            batch: HashMap::new(),
+        };
+        write_directory(&root, &self.root, cas, &mut feeder, writable).await
+    }
+}
+
+fn is_small(cas: &CasClient, digest: &Digest) -> bool {
+    !digest.is_empty_blob() && digest.size() <= cas.max_batch_bytes() / 2
+}
+
+/// The small blobs of the input root in the order their files are written, fetched one
+/// batch at a time.
+struct BlobFeeder {
+    order: Vec<Digest>,
+    cursor: usize,
+    batch: HashMap<Digest, Vec<u8>>,
+}
+
+impl BlobFeeder {
+    async fn get(&mut self, cas: &CasClient, digest: &Digest) -> Result<&[u8]> {
+        if !self.batch.contains_key(digest) {
+            // The files are written in the order they were listed: the next batch starts
+            // at this digest.
+            while self.order.get(self.cursor).is_some_and(|d| d != digest) {
+                self.cursor += 1;
+            }
+            let mut wanted = Vec::new();
+            let mut bytes = 0u64;
+            while let Some(next) = self.order.get(self.cursor) {
+                if !wanted.is_empty() && bytes + next.size() > cas.max_batch_bytes() / 2 {
+                    break;
+                }
+                bytes += next.size();
+                wanted.push(next.clone());
+                self.cursor += 1;
+            }
+            if wanted.is_empty() {
+                wanted.push(digest.clone());
+            }
+            self.batch = cas.read_blobs(&wanted).await?;
+        }
+        self.batch
+            .get(digest)
+            .map(Vec::as_slice)
+            .ok_or_else(|| RunnerError::Internal(format!("blob {digest} was not fetched")))
     }
 }
 
 fn collect_files(entries: &BTreeMap<String, Node>, found: &mut impl FnMut(&Digest)) {
+    // The same order as `write_directory`.
     for node in entries.values() {
         match node {
             Node::Directory(children) => collect_files(children, found),
@@ -439,7 +496,7 @@ fn write_directory<'a>(
     dir: &'a OwnedFd,
     entries: &'a BTreeMap<String, Node>,
     cas: &'a CasClient,
-    blobs: &'a HashMap<Digest, Vec<u8>>,
+    feeder: &'a mut BlobFeeder,
     writable: bool,
 ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<()>> + Send + 'a>> {
     Box::pin(async move {
@@ -458,7 +515,7 @@ fn write_directory<'a>(
                         Mode::empty(),
                     )
                     .map_err(failed)?;
-                    write_directory(&child, children, cas, blobs, writable).await?;
+                    write_directory(&child, children, cas, feeder, writable).await?;
                 }
                 Node::Symlink(target) => {
                     nix::unistd::symlinkat(target.as_str(), dir, name.as_str()).map_err(failed)?;
@@ -476,11 +533,12 @@ fn write_directory<'a>(
                     )
                     .map_err(failed)?;
                     let mut file = std::fs::File::from(fd);
-                    match blobs.get(digest) {
-                        Some(data) => file
-                            .write_all(data)
-                            .map_err(RunnerError::io(format!("writing input {name:?}")))?,
-                        None => cas.stream_read(digest, &mut file).await?,
+                    if is_small(cas, digest) {
+                        let data = feeder.get(cas, digest).await?;
+                        file.write_all(data)
+                            .map_err(RunnerError::io(format!("writing input {name:?}")))?;
+                    } else {
+                        cas.stream_read(digest, &mut file).await?;
                     }
                     let mode = match (*executable, writable) {
                         (true, true) => 0o755,
@@ -608,4 +666,80 @@ pub fn validate_command_paths(
         working_directory,
         outputs,
     })
+}
+
+/// An action fetched from the CAS and validated: its Command, its input root (not yet
+/// written) and the Command's paths.
+#[derive(Debug)]
+pub struct FetchedAction {
+    pub action_digest: Digest,
+    pub action: reapi::Action,
+    pub command_digest: Digest,
+    pub command: reapi::Command,
+    pub input_root: InputTree,
+    pub paths: CommandPaths,
+}
+
+/// Fetches the Action `action_digest`, its Command and its input root, and validates them
+/// all (digests, the Command's arguments and environment, the input root, the working
+/// directory and output paths). Nothing is written: [`InputTree::materialize`] does that.
+pub async fn fetch_action(
+    cas: &CasClient,
+    action_digest: &Digest,
+    limits: &ActionLimits,
+) -> Result<FetchedAction> {
+    let action: reapi::Action = cas
+        .read_message(action_digest, limits.max_message_bytes, "action")
+        .await?;
+    let command_digest = Digest::from_field(action.command_digest.as_ref(), "command_digest")?;
+    let input_root_digest =
+        Digest::from_field(action.input_root_digest.as_ref(), "input_root_digest")?;
+    let command: reapi::Command = cas
+        .read_message(&command_digest, limits.max_message_bytes, "command")
+        .await?;
+    validate_command_text(&command)?;
+    let input_root = fetch_input_tree(cas, &input_root_digest, limits).await?;
+    let paths = validate_command_paths(&command, &input_root, limits)?;
+    Ok(FetchedAction {
+        action_digest: action_digest.clone(),
+        action,
+        command_digest,
+        command,
+        input_root,
+        paths,
+    })
+}
+
+/// What execve needs of a Command: arguments (at least one) and an environment without
+/// NUL, variable names without `=`, each name once.
+pub fn validate_command_text(command: &reapi::Command) -> Result<()> {
+    if command.arguments.is_empty() || command.arguments[0].is_empty() {
+        return Err(RunnerError::invalid("command", "no program to run"));
+    }
+    if command.arguments.iter().any(|a| a.contains('\0')) {
+        return Err(RunnerError::invalid("command", "an argument with NUL"));
+    }
+    let mut names = HashSet::new();
+    for variable in &command.environment_variables {
+        let name = &variable.name;
+        if name.is_empty() || name.contains('=') || name.contains('\0') {
+            return Err(RunnerError::invalid(
+                "command",
+                format!("a bad environment variable name {name:?}"),
+            ));
+        }
+        if variable.value.contains('\0') {
+            return Err(RunnerError::invalid(
+                "command",
+                format!("environment variable {name} has NUL"),
+            ));
+        }
+        if !names.insert(name.as_str()) {
+            return Err(RunnerError::invalid(
+                "command",
+                format!("environment variable {name} is set twice"),
+            ));
+        }
+    }
+    Ok(())
 }

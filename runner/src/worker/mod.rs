@@ -24,6 +24,9 @@ pub struct ActionLimits {
     pub max_input_bytes: u64,
     /// The largest Action, Command or Directory message.
     pub max_message_bytes: u64,
+    /// Total bytes of the input root's distinct Directory messages (all held while the
+    /// tree is validated).
+    pub max_tree_bytes: u64,
     /// Bytes of a path below the workspace (PATH_MAX is 4096).
     pub max_path_bytes: usize,
     /// Files, directories and symlinks collected as outputs.
@@ -41,6 +44,7 @@ impl Default for ActionLimits {
             max_input_entries: 1_000_000,
             max_input_bytes: 16 * 1024 * 1024 * 1024,
             max_message_bytes: 4 * 1024 * 1024,
+            max_tree_bytes: 256 * 1024 * 1024,
             max_path_bytes: 4000,
             max_output_entries: 100_000,
             max_output_bytes: 4 * 1024 * 1024 * 1024,

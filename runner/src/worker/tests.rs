@@ -666,3 +666,181 @@ async fn outputs_are_collected_with_their_executable_bit_and_bounded() {
         "{result:?}"
     );
 }
+
+#[tokio::test]
+async fn many_small_files_are_fetched_batch_by_batch() {
+    // A batch of 4 KiB holds about two of these files: the writer fetches many batches.
+    let fake = Fake::start(4096).await;
+    let content = |i: usize| vec![u8::try_from(i % 7).unwrap(); 1000];
+    let mut subdirs = Vec::new();
+    for d in 0..4 {
+        let files = (0..8)
+            .map(|i| file(&fake, &format!("f{i}"), &content(i + d), i % 2 == 0))
+            .collect();
+        subdirs.push(dir_node(
+            &fake,
+            &format!("d{d}"),
+            &directory(files, vec![], vec![]),
+        ));
+    }
+    let root = directory(
+        vec![file(&fake, "top", &content(3), false)],
+        subdirs,
+        vec![],
+    );
+    let workspace = tempfile::tempdir().unwrap();
+    let digest = fake.put_message(&root);
+    materialize_input_root(
+        &fake.client,
+        &digest,
+        workspace.path(),
+        &ActionLimits::default(),
+    )
+    .await
+    .unwrap();
+    for d in 0..4 {
+        for i in 0..8 {
+            let path = workspace.path().join(format!("d{d}/f{i}"));
+            assert_eq!(std::fs::read(path).unwrap(), content(i + d));
+        }
+    }
+    assert_eq!(
+        std::fs::read(workspace.path().join("top")).unwrap(),
+        content(3)
+    );
+}
+
+#[tokio::test]
+async fn the_directory_messages_are_bounded_in_total() {
+    let fake = Fake::start(0).await;
+    let sub = directory(vec![file(&fake, "f", b"x", false)], vec![], vec![]);
+    let root = directory(vec![], vec![dir_node(&fake, "a", &sub)], vec![]);
+    let digest = fake.put_message(&root);
+    let limits = ActionLimits {
+        max_tree_bytes: 100,
+        ..ActionLimits::default()
+    };
+    let result = fetch_input_tree(&fake.client, &digest, &limits).await;
+    assert!(
+        matches!(result, Err(RunnerError::ResourceExhausted(_))),
+        "{result:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_large_output_is_streamed_and_a_changed_one_is_not_committed() {
+    let fake = Fake::start(4096).await;
+    let tree = empty_tree(&fake).await;
+    let workspace = tempfile::tempdir().unwrap();
+    let large: Vec<u8> = (0..3 * 1024 * 1024).map(|i| (i % 241) as u8).collect();
+    std::fs::write(workspace.path().join("big"), &large).unwrap();
+    let limits = ActionLimits::default();
+    let command = reapi::Command {
+        output_paths: vec!["big".into()],
+        ..Default::default()
+    };
+    let paths = validate_command_paths(&command, &tree, &limits).unwrap();
+    let collected = collect_outputs(workspace.path(), &paths, &limits).unwrap();
+    let result = upload_outputs(&fake.client, collected, 0, Vec::new(), Vec::new(), &limits)
+        .await
+        .unwrap();
+    let digest = Digest::from_field(result.output_files[0].digest.as_ref(), "output").unwrap();
+    assert_eq!(fake.get(&digest).unwrap(), large);
+
+    // Changed after it was hashed: refused, and nothing is stored under the old digest.
+    let changed: Vec<u8> = large.iter().map(|b| b.wrapping_add(1)).collect();
+    let other = tempfile::tempdir().unwrap();
+    std::fs::write(other.path().join("big"), &changed).unwrap();
+    let collected = collect_outputs(other.path(), &paths, &limits).unwrap();
+    let hashed =
+        Digest::from_field(collected.result.output_files[0].digest.as_ref(), "output").unwrap();
+    std::fs::write(other.path().join("big"), &large).unwrap();
+    let result = upload_outputs(&fake.client, collected, 0, Vec::new(), Vec::new(), &limits).await;
+    assert!(
+        matches!(result, Err(RunnerError::FailedPrecondition(_))),
+        "{result:?}"
+    );
+    assert!(fake.get(&hashed).is_none());
+}
+
+#[tokio::test]
+async fn an_action_is_fetched_and_its_command_checked() {
+    use super::inputs::fetch_action;
+    let fake = Fake::start(0).await;
+    let sub = directory(vec![file(&fake, "in", b"input", false)], vec![], vec![]);
+    let root = fake.put_message(&directory(
+        vec![],
+        vec![dir_node(&fake, "src", &sub)],
+        vec![],
+    ));
+    let env = |name: &str, value: &str| reapi::command::EnvironmentVariable {
+        name: name.into(),
+        value: value.into(),
+    };
+    let good = reapi::Command {
+        arguments: vec!["/bin/sh".into(), "-c".into(), "cp in out".into()],
+        environment_variables: vec![env("PATH", "/bin")],
+        output_paths: vec!["out".into()],
+        working_directory: "src".into(),
+        ..Default::default()
+    };
+    let action = |command: &reapi::Command| reapi::Action {
+        command_digest: Some(fake.put_message(command).to_proto()),
+        input_root_digest: Some(root.to_proto()),
+        ..Default::default()
+    };
+    let digest = fake.put_message(&action(&good));
+    let fetched = fetch_action(&fake.client, &digest, &ActionLimits::default())
+        .await
+        .unwrap();
+    assert_eq!(fetched.paths.outputs[0].components, vec!["src", "out"]);
+    assert!(fetched.input_root.is_directory(&["src".to_string()]));
+
+    let bad_commands = [
+        reapi::Command {
+            arguments: vec![],
+            ..good.clone()
+        },
+        reapi::Command {
+            arguments: vec!["a\0b".into()],
+            ..good.clone()
+        },
+        reapi::Command {
+            environment_variables: vec![env("A=B", "x")],
+            ..good.clone()
+        },
+        reapi::Command {
+            environment_variables: vec![env("A", "x"), env("A", "y")],
+            ..good.clone()
+        },
+        reapi::Command {
+            working_directory: "../src".into(),
+            ..good.clone()
+        },
+        reapi::Command {
+            output_paths: vec!["../../out".into()],
+            ..good.clone()
+        },
+    ];
+    for command in bad_commands {
+        let digest = fake.put_message(&action(&command));
+        let result = fetch_action(&fake.client, &digest, &ActionLimits::default()).await;
+        assert!(
+            matches!(result, Err(RunnerError::InvalidArgument { .. })),
+            "{command:?}: {result:?}"
+        );
+    }
+    let broken = reapi::Action {
+        command_digest: Some(reapi::Digest {
+            hash: "../etc".into(),
+            size_bytes: 3,
+        }),
+        input_root_digest: Some(root.to_proto()),
+        ..Default::default()
+    };
+    let digest = fake.put_message(&broken);
+    assert_invalid(
+        fetch_action(&fake.client, &digest, &ActionLimits::default()).await,
+        "hexadecimal",
+    );
+}
