@@ -171,12 +171,73 @@ pub fn verify_blob(digest: &Digest, data: &[u8]) -> Result<()> {
     hasher.finish()
 }
 
-/// A blob to upload: in memory, or a local file (an output) read from its open descriptor.
+/// A blob to upload: in memory, an open local file, or a file of a workspace opened when it
+/// is uploaded. A file's content is re-hashed as it is sent.
 #[derive(Debug)]
 pub enum UploadSource {
     Bytes(Vec<u8>),
     File(std::fs::File),
+    Workspace(WorkspaceFile),
 }
+
+/// A regular file below a directory descriptor, opened only when it is uploaded (so that a
+/// large output holds no descriptor until then), one component at a time with `O_NOFOLLOW`.
+#[derive(Debug)]
+pub struct WorkspaceFile {
+    pub root: std::sync::Arc<std::os::fd::OwnedFd>,
+    pub components: Vec<String>,
+}
+
+impl WorkspaceFile {
+    pub fn open(&self) -> Result<std::fs::File> {
+        use nix::fcntl::OFlag;
+        use nix::sys::stat::Mode;
+        let failed = |e: nix::errno::Errno| {
+            RunnerError::FailedPrecondition(format!(
+                "an output changed while it was uploaded ({}): {e}",
+                self.components.join("/")
+            ))
+        };
+        let (name, parents) = self
+            .components
+            .split_last()
+            .ok_or_else(|| RunnerError::Internal("an output file without a name".into()))?;
+        let mut dir: Option<std::os::fd::OwnedFd> = None;
+        for component in parents {
+            let next = match &dir {
+                Some(fd) => {
+                    nix::fcntl::openat(fd, component.as_str(), DIRECTORY_FLAGS, Mode::empty())
+                }
+                None => nix::fcntl::openat(
+                    &*self.root,
+                    component.as_str(),
+                    DIRECTORY_FLAGS,
+                    Mode::empty(),
+                ),
+            }
+            .map_err(failed)?;
+            dir = Some(next);
+        }
+        let flags = OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC;
+        let fd = match &dir {
+            Some(fd) => nix::fcntl::openat(fd, name.as_str(), flags, Mode::empty()),
+            None => nix::fcntl::openat(&*self.root, name.as_str(), flags, Mode::empty()),
+        }
+        .map_err(failed)?;
+        let stat = nix::sys::stat::fstat(&fd).map_err(failed)?;
+        let kind =
+            nix::sys::stat::SFlag::from_bits_truncate(stat.st_mode) & nix::sys::stat::SFlag::S_IFMT;
+        if kind != nix::sys::stat::SFlag::S_IFREG {
+            return Err(failed(nix::errno::Errno::EINVAL));
+        }
+        Ok(std::fs::File::from(fd))
+    }
+}
+
+const DIRECTORY_FLAGS: nix::fcntl::OFlag = nix::fcntl::OFlag::O_RDONLY
+    .union(nix::fcntl::OFlag::O_DIRECTORY)
+    .union(nix::fcntl::OFlag::O_NOFOLLOW)
+    .union(nix::fcntl::OFlag::O_CLOEXEC);
 
 /// The content-addressable storage of one instance of a scheduler.
 #[derive(Clone, Debug)]
@@ -499,6 +560,7 @@ impl CasClient {
             let data = match source {
                 UploadSource::Bytes(bytes) => bytes,
                 UploadSource::File(mut file) => read_exact_size(&mut file, &digest)?,
+                UploadSource::Workspace(source) => read_exact_size(&mut source.open()?, &digest)?,
             };
             let cost = digest.size + BATCH_ENTRY_OVERHEAD;
             if batch_bytes + cost > self.max_batch_bytes {
@@ -570,6 +632,7 @@ impl CasClient {
                     .map_err(RunnerError::io("rewinding an output"))?;
                 Box::new(file)
             }
+            UploadSource::Workspace(source) => Box::new(source.open()?),
         };
         let failure = std::sync::Arc::new(std::sync::Mutex::new(None));
         let chunks = WriteChunks {

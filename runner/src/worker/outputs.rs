@@ -7,6 +7,7 @@ use std::collections::HashSet;
 use std::io::Read;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::Path;
+use std::sync::Arc;
 
 use bazel_remote_apis::build::bazel::remote::execution::v2 as reapi;
 use nix::errno::Errno;
@@ -15,13 +16,13 @@ use nix::sys::stat::{Mode, SFlag};
 use prost::Message;
 use sha2::{Digest as _, Sha256};
 
-use super::cas::{CasClient, Digest, UploadSource};
+use super::cas::{CasClient, Digest, UploadSource, WorkspaceFile};
 use super::inputs::{CommandPaths, OutputKind};
 use super::ActionLimits;
 use crate::error::{Result, RunnerError};
 
-/// Files up to this size are kept in memory until uploaded; larger ones keep their open
-/// descriptor (and are re-hashed when uploaded).
+/// Files up to this size are kept in memory until uploaded; larger ones are opened again
+/// (without following symlinks) and re-hashed when uploaded.
 const IN_MEMORY_BYTES: u64 = 1024 * 1024;
 
 /// Outputs found in the workspace: the ActionResult's output fields, and the blobs it refers
@@ -36,6 +37,7 @@ pub struct CollectedOutputs {
 
 struct Collector<'a> {
     limits: &'a ActionLimits,
+    root: Arc<OwnedFd>,
     out: CollectedOutputs,
 }
 
@@ -56,7 +58,13 @@ impl Collector<'_> {
     }
 
     /// Hashes a regular file opened (without following) below `dir`.
-    fn file(&mut self, dir: &impl AsFd, name: &str, path: &str) -> Result<(Digest, bool)> {
+    fn file(
+        &mut self,
+        dir: &impl AsFd,
+        name: &str,
+        path: &str,
+        components: Vec<String>,
+    ) -> Result<(Digest, bool)> {
         let fd = nix::fcntl::openat(
             dir,
             name,
@@ -97,7 +105,10 @@ impl Collector<'_> {
         let source = if size <= IN_MEMORY_BYTES {
             UploadSource::Bytes(kept)
         } else {
-            UploadSource::File(file)
+            UploadSource::Workspace(WorkspaceFile {
+                root: self.root.clone(),
+                components,
+            })
         };
         if !digest.is_empty_blob() {
             self.out.blobs.push((digest.clone(), source));
@@ -118,6 +129,7 @@ impl Collector<'_> {
         &mut self,
         fd: OwnedFd,
         path: &str,
+        components: &[String],
         depth: usize,
         children: &mut Vec<reapi::Directory>,
         seen: &mut HashSet<Digest>,
@@ -150,7 +162,8 @@ impl Collector<'_> {
                 .map_err(|e| output_error(&child_path, e))?;
             let kind = SFlag::from_bits_truncate(stat.st_mode) & SFlag::S_IFMT;
             if kind == SFlag::S_IFREG {
-                let (digest, is_executable) = self.file(&fd, &name, &child_path)?;
+                let (digest, is_executable) =
+                    self.file(&fd, &name, &child_path, child_components(components, &name))?;
                 directory.files.push(reapi::FileNode {
                     name,
                     digest: Some(digest.to_proto()),
@@ -167,7 +180,14 @@ impl Collector<'_> {
             } else if kind == SFlag::S_IFDIR {
                 let child_fd =
                     open_directory(&fd, &name).map_err(|e| output_error(&child_path, e))?;
-                let child = self.directory(child_fd, &child_path, depth + 1, children, seen)?;
+                let child = self.directory(
+                    child_fd,
+                    &child_path,
+                    &child_components(components, &name),
+                    depth + 1,
+                    children,
+                    seen,
+                )?;
                 let (digest, _) = Digest::of_message(&child);
                 if seen.insert(digest.clone()) {
                     children.push(child);
@@ -185,6 +205,12 @@ impl Collector<'_> {
         }
         Ok(directory)
     }
+}
+
+fn child_components(parent: &[String], name: &str) -> Vec<String> {
+    let mut components = parent.to_vec();
+    components.push(name.to_string());
+    components
 }
 
 fn open_directory(dir: &impl AsFd, name: &str) -> nix::Result<OwnedFd> {
@@ -213,6 +239,7 @@ pub fn collect_outputs(
     .map_err(|e| RunnerError::io_path("opening", workspace)(e.into()))?;
     let mut collector = Collector {
         limits,
+        root: Arc::new(root),
         out: CollectedOutputs::default(),
     };
     for request in &paths.outputs {
@@ -221,7 +248,8 @@ pub fn collect_outputs(
             return Err(output_error(path, "names the workspace itself"));
         };
         // Walk to the parent one component at a time, never through a symlink.
-        let mut dir = root
+        let mut dir = collector
+            .root
             .try_clone()
             .map_err(RunnerError::io("duplicating a descriptor"))?;
         let mut missing = false;
@@ -269,7 +297,8 @@ pub fn collect_outputs(
                     "is a file, but declared an output directory",
                 ));
             }
-            let (digest, is_executable) = collector.file(&dir, name, path)?;
+            let (digest, is_executable) =
+                collector.file(&dir, name, path, request.components.clone())?;
             collector.out.result.output_files.push(reapi::OutputFile {
                 path: path.to_string(),
                 digest: Some(digest.to_proto()),
@@ -290,6 +319,7 @@ pub fn collect_outputs(
             let root_directory = collector.directory(
                 fd,
                 path,
+                &request.components,
                 request.components.len(),
                 &mut children,
                 &mut seen,

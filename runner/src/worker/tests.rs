@@ -761,6 +761,18 @@ async fn a_large_output_is_streamed_and_a_changed_one_is_not_committed() {
         "{result:?}"
     );
     assert!(fake.get(&hashed).is_none());
+
+    // Replaced by a symlink to a host file after it was hashed: not followed at upload.
+    let fresh: Vec<u8> = large.iter().map(|b| b.wrapping_add(2)).collect();
+    std::fs::write(other.path().join("big"), &fresh).unwrap();
+    let collected = collect_outputs(other.path(), &paths, &limits).unwrap();
+    std::fs::remove_file(other.path().join("big")).unwrap();
+    std::os::unix::fs::symlink("/etc/passwd", other.path().join("big")).unwrap();
+    let result = upload_outputs(&fake.client, collected, 0, Vec::new(), Vec::new(), &limits).await;
+    assert!(
+        matches!(result, Err(RunnerError::FailedPrecondition(_))),
+        "{result:?}"
+    );
 }
 
 #[tokio::test]
