@@ -25,3 +25,7 @@ pub mod remoteworkers {
 
 /// The Remote Execution API v2, ByteStream, longrunning and google.rpc types.
 pub use bazel_remote_apis;
+
+/// `google.protobuf.FieldMask` of `UpdateBotSessionRequest.update_mask` (the one well-known
+/// type the Remote Workers API uses that `bazel-remote-apis` does not generate).
+pub use prost_types;

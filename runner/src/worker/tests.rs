@@ -856,3 +856,27 @@ async fn an_action_is_fetched_and_its_command_checked() {
         "hexadecimal",
     );
 }
+
+#[test]
+fn remote_workers_types_share_the_reapi_crate_types() {
+    use agent_proto::remoteworkers::v1test2 as rwapi;
+    // A lease's payload is the Action digest in a `google.protobuf.Any` of the crate.
+    let action = Digest::of(b"action").to_proto();
+    let lease = rwapi::Lease {
+        id: "lease-1".into(),
+        payload: Some(bazel_remote_apis::google::protobuf::Any {
+            type_url: "type.googleapis.com/build.bazel.remote.execution.v2.Digest".into(),
+            value: action.encode_to_vec(),
+        }),
+        state: rwapi::LeaseState::Active as i32,
+        status: Some(bazel_remote_apis::google::rpc::Status::default()),
+        ..Default::default()
+    };
+    let decoded = rwapi::Lease::decode(lease.encode_to_vec().as_slice()).unwrap();
+    let payload = decoded.payload.unwrap();
+    assert_eq!(
+        reapi::Digest::decode(payload.value.as_slice()).unwrap(),
+        action
+    );
+    let _client: Option<rwapi::bots_client::BotsClient<tonic::transport::Channel>> = None;
+}
