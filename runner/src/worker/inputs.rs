@@ -16,6 +16,9 @@ use super::cas::{CasClient, Digest};
 use super::ActionLimits;
 use crate::error::{Result, RunnerError};
 
+/// Path components looked up while checking all the symlinks of one input root.
+const SYMLINK_RESOLUTION_STEPS: u64 = 50_000_000;
+
 /// One entry of a validated input root.
 #[derive(Clone, Debug)]
 enum Node {
@@ -328,6 +331,9 @@ impl InputTree {
     /// exist is resolved lexically.
     fn check_symlinks(&self, limits: &ActionLimits) -> Result<()> {
         let mut stack: Vec<(Vec<String>, &BTreeMap<String, Node>)> = vec![(Vec::new(), &self.root)];
+        // The resolution of all the symlinks together is bounded, so that many long chains
+        // cannot keep the worker busy.
+        let mut budget = SYMLINK_RESOLUTION_STEPS;
         while let Some((dir, entries)) = stack.pop() {
             for (name, node) in entries {
                 match node {
@@ -337,7 +343,7 @@ impl InputTree {
                         stack.push((path, children));
                     }
                     Node::Symlink(target) => {
-                        self.resolve_inside(&dir, target, limits)
+                        self.resolve_inside(&dir, target, limits, &mut budget)
                             .map_err(|reason| {
                                 RunnerError::invalid(
                                     "input symlink",
@@ -357,6 +363,7 @@ impl InputTree {
         link_dir: &[String],
         target: &str,
         limits: &ActionLimits,
+        budget: &mut u64,
     ) -> Result<(), String> {
         let mut current: Vec<String> = link_dir.to_vec();
         let mut pending: std::collections::VecDeque<String> =
@@ -365,6 +372,9 @@ impl InputTree {
         // Once a component does not exist, the rest is resolved lexically.
         let mut dangling = false;
         while let Some(component) = pending.pop_front() {
+            *budget = budget
+                .checked_sub(1 + current.len() as u64)
+                .ok_or("the input root's symlinks take too long to resolve")?;
             match component.as_str() {
                 "" | "." => continue,
                 ".." => {
@@ -390,8 +400,8 @@ impl InputTree {
                         return Err("resolves through an absolute symlink".into());
                     }
                     current.pop();
-                    for (index, part) in next.split('/').enumerate() {
-                        pending.insert(index, part.to_string());
+                    for part in next.rsplit('/') {
+                        pending.push_front(part.to_string());
                     }
                 }
                 // A file with more components after it cannot be resolved (ENOTDIR).

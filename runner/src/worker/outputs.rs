@@ -151,6 +151,13 @@ impl Collector<'_> {
                 .map_err(|_| output_error(path, "a name that is not UTF-8"))?;
             if name != "." && name != ".." {
                 names.push(name.to_string());
+                // Bounded while listing, before each entry is counted.
+                if self.out.entries + names.len() as u64 > self.limits.max_output_entries {
+                    return Err(RunnerError::ResourceExhausted(format!(
+                        "{path}: the outputs have more than {} entries",
+                        self.limits.max_output_entries
+                    )));
+                }
             }
         }
         names.sort();

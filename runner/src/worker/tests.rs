@@ -880,3 +880,40 @@ fn remote_workers_types_share_the_reapi_crate_types() {
     );
     let _client: Option<rwapi::bots_client::BotsClient<tonic::transport::Channel>> = None;
 }
+
+#[tokio::test]
+async fn an_output_directory_is_bounded_in_entries_and_depth() {
+    let fake = Fake::start(0).await;
+    let tree = empty_tree(&fake).await;
+    let workspace = tempfile::tempdir().unwrap();
+    let wide = workspace.path().join("wide");
+    std::fs::create_dir(&wide).unwrap();
+    for i in 0..50 {
+        std::fs::write(wide.join(format!("f{i}")), b"x").unwrap();
+    }
+    let mut deep = workspace.path().join("deep");
+    for _ in 0..10 {
+        deep = deep.join("d");
+    }
+    std::fs::create_dir_all(&deep).unwrap();
+    let limits = ActionLimits {
+        max_output_entries: 20,
+        max_depth: 8,
+        ..ActionLimits::default()
+    };
+    let command = |path: &str| reapi::Command {
+        output_paths: vec![path.into()],
+        ..Default::default()
+    };
+    let paths = validate_command_paths(&command("wide"), &tree, &limits).unwrap();
+    let result = collect_outputs(workspace.path(), &paths, &limits);
+    assert!(
+        matches!(result, Err(RunnerError::ResourceExhausted(_))),
+        "{result:?}"
+    );
+    let paths = validate_command_paths(&command("deep"), &tree, &limits).unwrap();
+    assert_invalid(
+        collect_outputs(workspace.path(), &paths, &limits),
+        "deeper than",
+    );
+}
