@@ -18,3 +18,4 @@ pub mod spec;
 pub mod store;
 pub mod tenants;
 pub mod units;
+pub mod worker;
