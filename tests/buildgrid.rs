@@ -256,3 +256,153 @@ fn a_bot_takes_a_lease_and_its_result_reaches_the_client_intact() {
     );
     assert_eq!(seen["cached_metadata"], seen["expected_metadata"], "{seen}");
 }
+
+/// `kiln verify --action-cache` against BuildGrid's action cache: a result with its
+/// worker's statement passes; a result changed in the cache, a statement replayed onto
+/// another action, a result with no statement and a key that is not the worker's fail.
+#[tokio::test]
+async fn action_results_verify_against_their_worker_s_signed_statement() {
+    use prost::Message as _;
+    use provenance::action::{ActionDigest, ActionStatementInput};
+    let test = "action_results_verify_against_their_worker_s_signed_statement";
+    let Some(grid) = BuildGrid::start(test) else {
+        return;
+    };
+    let channel = grid.channel().await;
+    let mut cas = ContentAddressableStorageClient::new(channel.clone());
+    let output = b"hello from a remote action\n".to_vec();
+    let other = b"what an attacker put in the cache\n".to_vec();
+    for blob in [&output, &other] {
+        cas.batch_update_blobs(BatchUpdateBlobsRequest {
+            instance_name: grid.instance.clone(),
+            requests: vec![batch_update_blobs_request::Request {
+                digest: Some(digest_of(blob)),
+                data: blob.clone(),
+                compressor: 0,
+            }],
+            digest_function: 0,
+        })
+        .await
+        .unwrap();
+    }
+    let key = provenance::SigningKey::generate();
+    let dir = tempfile::tempdir().unwrap();
+    let public = dir.path().join("worker.pub");
+    std::fs::write(&public, key.public_key().to_spki_pem()).unwrap();
+    let stranger = dir.path().join("stranger.pub");
+    std::fs::write(
+        &stranger,
+        provenance::SigningKey::generate()
+            .public_key()
+            .to_spki_pem(),
+    )
+    .unwrap();
+
+    let action = digest_of(b"the Action message of a genrule");
+    let now = time::OffsetDateTime::now_utc();
+    let envelope = ActionStatementInput {
+        action: ActionDigest {
+            sha256: action.hash.clone(),
+            size_bytes: action.size_bytes,
+        },
+        input_root: ActionDigest {
+            sha256: "ab".repeat(32),
+            size_bytes: 0,
+        },
+        command: vec!["/bin/sh".into(), "-c".into(), "echo hello > out.txt".into()],
+        environment: Default::default(),
+        working_directory: String::new(),
+        exit_code: 0,
+        output_files: vec![("out.txt".into(), digest_of(&output).hash)],
+        output_directories: vec![],
+        sandbox_profile: "cd".repeat(32),
+        network: serde_json::json!([]),
+        worker: "kiln-worker-test/bot-0".into(),
+        started_on: now,
+        finished_on: now,
+    }
+    .sign(&key)
+    .unwrap();
+    let signed = Any {
+        type_url: "type.googleapis.com/kiln.v1.SignedLink".into(),
+        value: agent_proto::v1::SignedLink {
+            dsse_envelope: envelope,
+        }
+        .encode_to_vec(),
+    };
+    let result = |blob: &[u8], statement: Option<&Any>| ActionResult {
+        output_files: vec![OutputFile {
+            path: "out.txt".into(),
+            digest: Some(digest_of(blob)),
+            ..Default::default()
+        }],
+        exit_code: 0,
+        execution_metadata: Some(ExecutedActionMetadata {
+            worker: "kiln-worker-test".into(),
+            auxiliary_metadata: statement.into_iter().cloned().collect(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let action_cache = ActionCacheClient::new(channel);
+    let store = |digest: Digest, result: ActionResult| {
+        let instance_name = grid.instance.clone();
+        let mut client = action_cache.clone();
+        async move {
+            client
+                .update_action_result(UpdateActionResultRequest {
+                    instance_name,
+                    action_digest: Some(digest),
+                    action_result: Some(result),
+                    ..Default::default()
+                })
+                .await
+                .unwrap();
+        }
+    };
+    let replayed = digest_of(b"another action");
+    let bare = digest_of(b"an action run by no Kiln worker");
+    store(action.clone(), result(&output, Some(&signed))).await;
+    store(replayed.clone(), result(&output, Some(&signed))).await;
+    store(bare.clone(), result(&output, None)).await;
+
+    let verify = |key: &std::path::Path, action: &Digest| {
+        std::process::Command::new(support::KILN)
+            .args(["verify", "--action-cache", &grid.url, "--key"])
+            .arg(key)
+            .arg(format!("{}/{}", action.hash, action.size_bytes))
+            .output()
+            .unwrap()
+    };
+    let out = verify(&public, &action);
+    assert!(out.status.success(), "{}", describe(&out));
+    assert!(
+        text(&out.stdout).contains("PASS, run by kiln-worker-test/bot-0"),
+        "{}",
+        describe(&out)
+    );
+    let out = verify(&stranger, &action);
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    let out = verify(&public, &replayed);
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    assert!(
+        text(&out.stdout).contains("is about action"),
+        "{}",
+        describe(&out)
+    );
+    let out = verify(&public, &bare);
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    assert!(
+        text(&out.stdout).contains("unattested"),
+        "{}",
+        describe(&out)
+    );
+    let out = verify(&public, &digest_of(b"never run"));
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+
+    // The cache entry changed: the output is another blob, the statement the same.
+    store(action.clone(), result(&other, Some(&signed))).await;
+    let out = verify(&public, &action);
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    assert!(text(&out.stdout).contains("out.txt"), "{}", describe(&out));
+}
