@@ -4,6 +4,17 @@
 
 use std::os::unix::fs::PermissionsExt;
 
+/// The result is the error `kind` of RunnerError.
+macro_rules! assert_err {
+    ($result:expr, $kind:ident) => {
+        assert!(
+            matches!($result, Err(RunnerError::$kind(_))),
+            "{:?}",
+            $result
+        )
+    };
+}
+
 use bazel_remote_apis::build::bazel::remote::execution::v2 as reapi;
 use prost::Message;
 
@@ -184,10 +195,7 @@ async fn a_huge_declared_size_is_refused_before_any_read() {
     })
     .unwrap();
     let result = fake.client.read_blob(&huge, 1 << 20).await;
-    assert!(
-        matches!(result, Err(RunnerError::ResourceExhausted(_))),
-        "{result:?}"
-    );
+    assert_err!(result, ResourceExhausted);
     // As a Directory of an input root, too.
     let root = directory(
         vec![],
@@ -357,10 +365,7 @@ async fn a_directory_that_does_not_match_its_digest_is_refused() {
         vec![],
     );
     let result = fetch(&fake, &root).await;
-    assert!(
-        matches!(result, Err(RunnerError::DigestMismatch(_))),
-        "{result:?}"
-    );
+    assert_err!(result, DigestMismatch);
 }
 
 #[tokio::test]
@@ -387,10 +392,7 @@ async fn deep_nesting_and_too_many_entries_are_refused() {
         ..ActionLimits::default()
     };
     let result = fetch_input_tree(&fake.client, &digest, &limits).await;
-    assert!(
-        matches!(result, Err(RunnerError::ResourceExhausted(_))),
-        "{result:?}"
-    );
+    assert_err!(result, ResourceExhausted);
 }
 
 #[tokio::test]
@@ -454,10 +456,7 @@ async fn the_input_root_is_written_with_its_modes_and_links() {
         &ActionLimits::default(),
     )
     .await;
-    assert!(
-        matches!(result, Err(RunnerError::DigestMismatch(_))),
-        "{result:?}"
-    );
+    assert_err!(result, DigestMismatch);
 
     // A workspace that is not empty is refused.
     let result =
@@ -661,10 +660,7 @@ async fn outputs_are_collected_with_their_executable_bit_and_bounded() {
         ..ActionLimits::default()
     };
     let result = collect_outputs(workspace.path(), &paths, &small);
-    assert!(
-        matches!(result, Err(RunnerError::ResourceExhausted(_))),
-        "{result:?}"
-    );
+    assert_err!(result, ResourceExhausted);
 }
 
 #[tokio::test]
@@ -721,10 +717,7 @@ async fn the_directory_messages_are_bounded_in_total() {
         ..ActionLimits::default()
     };
     let result = fetch_input_tree(&fake.client, &digest, &limits).await;
-    assert!(
-        matches!(result, Err(RunnerError::ResourceExhausted(_))),
-        "{result:?}"
-    );
+    assert_err!(result, ResourceExhausted);
 }
 
 #[tokio::test]
@@ -756,10 +749,7 @@ async fn a_large_output_is_streamed_and_a_changed_one_is_not_committed() {
         Digest::from_field(collected.result.output_files[0].digest.as_ref(), "output").unwrap();
     std::fs::write(other.path().join("big"), &large).unwrap();
     let result = upload_outputs(&fake.client, collected, 0, Vec::new(), Vec::new(), &limits).await;
-    assert!(
-        matches!(result, Err(RunnerError::FailedPrecondition(_))),
-        "{result:?}"
-    );
+    assert_err!(result, FailedPrecondition);
     assert!(fake.get(&hashed).is_none());
 
     // Replaced by a symlink to a host file after it was hashed: not followed at upload.
@@ -769,10 +759,7 @@ async fn a_large_output_is_streamed_and_a_changed_one_is_not_committed() {
     std::fs::remove_file(other.path().join("big")).unwrap();
     std::os::unix::fs::symlink("/etc/passwd", other.path().join("big")).unwrap();
     let result = upload_outputs(&fake.client, collected, 0, Vec::new(), Vec::new(), &limits).await;
-    assert!(
-        matches!(result, Err(RunnerError::FailedPrecondition(_))),
-        "{result:?}"
-    );
+    assert_err!(result, FailedPrecondition);
 }
 
 #[tokio::test]
@@ -907,10 +894,7 @@ async fn an_output_directory_is_bounded_in_entries_and_depth() {
     };
     let paths = validate_command_paths(&command("wide"), &tree, &limits).unwrap();
     let result = collect_outputs(workspace.path(), &paths, &limits);
-    assert!(
-        matches!(result, Err(RunnerError::ResourceExhausted(_))),
-        "{result:?}"
-    );
+    assert_err!(result, ResourceExhausted);
     let paths = validate_command_paths(&command("deep"), &tree, &limits).unwrap();
     assert_invalid(
         collect_outputs(workspace.path(), &paths, &limits),
