@@ -4,6 +4,16 @@
 
 use std::os::unix::fs::PermissionsExt;
 
+use bazel_remote_apis::build::bazel::remote::execution::v2 as reapi;
+use prost::Message;
+
+use super::cas::{Digest, UploadSource};
+use super::fake_cas::Fake;
+use super::inputs::{fetch_input_tree, materialize_input_root, validate_command_paths, InputTree};
+use super::outputs::{collect_outputs, upload_outputs};
+use super::ActionLimits;
+use crate::error::RunnerError;
+
 /// The result is the error `kind` of RunnerError.
 macro_rules! assert_err {
     ($result:expr, $kind:ident) => {
@@ -14,16 +24,6 @@ macro_rules! assert_err {
         )
     };
 }
-
-use bazel_remote_apis::build::bazel::remote::execution::v2 as reapi;
-use prost::Message;
-
-use super::cas::{Digest, UploadSource};
-use super::fake_cas::Fake;
-use super::inputs::{fetch_input_tree, materialize_input_root, validate_command_paths, InputTree};
-use super::outputs::{collect_outputs, upload_outputs};
-use super::ActionLimits;
-use crate::error::RunnerError;
 
 fn file(fake: &Fake, name: &str, content: &[u8], executable: bool) -> reapi::FileNode {
     reapi::FileNode {
