@@ -23,7 +23,7 @@ pub(crate) fn make_enclosure(dir: &Path, owner: u32) -> Result<()> {
 
 /// Empties the directory of workspaces at start-up: what is there belongs to jobs a crash
 /// interrupted (failed by the recovery), and may still have its quota mounted.
-pub(super) fn reset_work_dir(work_dir: &Path, executor: &dyn Executor) -> Result<()> {
+pub(crate) fn reset_work_dir(work_dir: &Path, executor: &dyn Executor) -> Result<()> {
     if work_dir.exists() {
         if let Ok(entries) = fs::read_dir(work_dir) {
             for entry in entries.flatten() {

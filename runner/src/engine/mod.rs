@@ -4,7 +4,7 @@
 
 pub mod attest;
 pub mod bus;
-mod enclosure;
+pub(crate) mod enclosure;
 pub(crate) mod end;
 pub mod executor;
 pub mod fairqueue;

@@ -7,6 +7,7 @@
 pub mod cas;
 pub mod inputs;
 pub mod outputs;
+pub mod run;
 
 #[cfg(test)]
 mod fake_cas;
