@@ -52,10 +52,12 @@ fn worker() -> Worker {
     .unwrap();
     let secret_path = state.path().join("secret");
     std::fs::write(&secret_path, SECRET).unwrap();
-    let mut config = Config::default();
-    config.state_dir = state.path().to_path_buf();
-    config.max_concurrent_jobs = 1;
-    config.max_timeout_seconds = 2;
+    let config = Config {
+        state_dir: state.path().to_path_buf(),
+        max_concurrent_jobs: 1,
+        max_timeout_seconds: 2,
+        ..Default::default()
+    };
     let host = sandbox::Sandbox::probe_with_waivers(&config.waive).unwrap();
     let sandbox = sandbox::Sandbox::new(PathBuf::from(env!("CARGO_BIN_EXE_kiln")));
     let id_ranges = IdRanges::lease(

@@ -196,11 +196,18 @@ impl ActionRunner {
                 "this worker runs actions in the input root only: a non-empty working_directory is not supported".into(),
             ));
         }
+        let plan = self.plan(&fetched.action);
+        if fetched.input_root.file_bytes() > plan.limits.disk_bytes {
+            return Err(RunnerError::FailedPrecondition(format!(
+                "the input root's files ({}) do not fit in the workspace quota of {}",
+                crate::units::format_size(fetched.input_root.file_bytes()),
+                crate::units::format_size(plan.limits.disk_bytes)
+            )));
+        }
         let slot = self.take_slot()?;
         let host_uid_base = self.id_ranges.base(slot.slot).ok_or_else(|| {
             RunnerError::Internal(format!("slot {} has no host id range", slot.slot))
         })?;
-        let plan = self.plan(&fetched.action);
         // Named at random: the mount table is world-readable.
         let enclosure = self
             .work_dir
