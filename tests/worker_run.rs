@@ -1,8 +1,8 @@
 //! A remote action run as a Kiln step, against BuildGrid's CAS: the real sandbox (the
 //! daemon's executor), the input root written into the workspace, the outputs uploaded
 //! and the signed statement attached. Attacks: an action that reads the host's files, an
-//! input symlink out of the workspace, an action past its timeout; the runner stays
-//! usable after each.
+//! input symlink out of the workspace, an output below an input symlink, an action
+//! past its timeout; the runner stays usable after each.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod support;
@@ -314,30 +314,42 @@ async fn a_remote_action_runs_as_a_sandboxed_step_and_is_attested() {
         .await;
     assert!(cancelled.is_err(), "{cancelled:?}");
 
-    // A working directory is refused clearly (the sandbox starts steps in /workspace).
+    // The command runs in its working directory; its outputs are relative to it.
     let command = reapi::Command {
-        arguments: vec!["true".into()],
+        arguments: vec!["sh".into(), "-c".into(), "pwd > o; cat input >> o".into()],
         working_directory: "sub".into(),
+        output_paths: vec!["o".into()],
         ..Default::default()
     };
     let sub = reapi::Directory {
+        files: vec![reapi::FileNode {
+            name: "input".into(),
+            digest: Some(put(&cas, b"from-input\n".to_vec()).await.to_proto()),
+            is_executable: false,
+            node_properties: None,
+        }],
+        ..Default::default()
+    };
+    let root = reapi::Directory {
         directories: vec![reapi::DirectoryNode {
             name: "sub".into(),
-            digest: Some(put(&cas, empty.encode_to_vec()).await.to_proto()),
+            digest: Some(put(&cas, sub.encode_to_vec()).await.to_proto()),
         }],
         ..Default::default()
     };
     let with_cwd = reapi::Action {
         command_digest: Some(put(&cas, command.encode_to_vec()).await.to_proto()),
-        input_root_digest: Some(put(&cas, sub.encode_to_vec()).await.to_proto()),
+        input_root_digest: Some(put(&cas, root.encode_to_vec()).await.to_proto()),
         ..Default::default()
     };
     let with_cwd = put(&cas, with_cwd.encode_to_vec()).await;
-    let refused = run(&worker, &cas, &with_cwd).await;
-    assert!(
-        matches!(&refused, Err(RunnerError::FailedPrecondition(m)) if m.contains("working_directory")),
-        "{refused:?}"
-    );
+    let executed = run(&worker, &cas, &with_cwd).await.unwrap();
+    let [o] = executed.result.output_files.as_slice() else {
+        panic!("{:?}", executed.result);
+    };
+    assert_eq!(o.path, "o");
+    assert_eq!(blob(&cas, &o.digest).await, b"/workspace/sub\nfrom-input\n");
+    assert_attested(&worker, &with_cwd, &executed);
 
     // After all of that, the worker runs the next action as the first.
     let executed = run(&worker, &cas, &hello).await.unwrap();

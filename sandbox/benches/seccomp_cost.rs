@@ -162,6 +162,7 @@ fn in_sandbox(exe: &std::path::Path, mode: &str, base: u32) -> (f64, u64) {
         env: vec![("PATH".into(), "/usr/bin".into())],
         root,
         workspace: ws.path().to_path_buf(),
+        working_directory: Vec::new(),
         host_uid_base: base,
         id_range: 65536,
         step_uid: 1000,

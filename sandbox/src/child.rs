@@ -376,6 +376,48 @@ fn enter_workspace(plan: &Plan) -> Result<(), Failure> {
             ),
         ));
     }
+    enter_working_directory(&plan.spec.working_directory)
+}
+
+/// Moves the cwd down to the step's working directory, one name at a time below the
+/// workspace, refusing a symlink (`O_NOFOLLOW`) and anything on another filesystem.
+fn enter_working_directory(names: &[String]) -> Result<(), Failure> {
+    if names.is_empty() {
+        return Ok(());
+    }
+    let mut dir = openat(
+        nix::fcntl::AT_FDCWD,
+        ".",
+        OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .layer("workspace", "opening the workspace")?;
+    let device = fstat(dir.as_fd())
+        .layer("workspace", "stat the workspace")?
+        .st_dev;
+    for name in names {
+        dir = openat(
+            dir.as_fd(),
+            name.as_str(),
+            OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )
+        .layer(
+            "workspace",
+            "entering the working directory (it must be a directory, not a symlink)",
+        )?;
+        if fstat(dir.as_fd())
+            .layer("workspace", "stat the working directory")?
+            .st_dev
+            != device
+        {
+            return Err(fail(
+                "workspace",
+                "the working directory is not on the workspace's filesystem",
+            ));
+        }
+    }
+    nix::unistd::fchdir(dir.as_fd()).layer("workspace", "entering the working directory")?;
     Ok(())
 }
 

@@ -182,6 +182,7 @@ mod tests {
             env: vec![],
             root: vec![],
             workspace: "/w".into(),
+            working_directory: Vec::new(),
             host_uid_base: 100_000,
             id_range: 65536,
             step_uid: 1000,

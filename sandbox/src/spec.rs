@@ -18,6 +18,10 @@ pub struct StepSpec {
     pub root: Vec<RootEntry>,
     /// Host directory, bound read-write at /workspace, the cwd.
     pub workspace: PathBuf,
+    /// A directory below /workspace to start in instead, as names one level each (none:
+    /// /workspace). Entered component by component without following a symlink.
+    #[serde(default)]
+    pub working_directory: Vec<String>,
     /// First host uid (and gid) of this sandbox's id range.
     pub host_uid_base: u32,
     /// Size of the range, e.g. 65536.
@@ -202,6 +206,13 @@ pub fn validate(spec: &StepSpec) -> Result<(), SandboxError> {
 
 /// argv and the environment: what execve receives.
 fn validate_command(spec: &StepSpec) -> Result<(), SandboxError> {
+    for name in &spec.working_directory {
+        if name.is_empty() || name == "." || name == ".." || name.contains(['/', '\0']) {
+            return Err(invalid(format!(
+                "working_directory: {name:?} is not a single directory name"
+            )));
+        }
+    }
     if spec.argv.is_empty() || spec.argv[0].is_empty() {
         return Err(invalid("argv must not be empty"));
     }

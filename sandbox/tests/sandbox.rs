@@ -447,6 +447,7 @@ fn fixture_no_chown() -> StepSpec {
         env: vec![],
         root: vec![],
         workspace: "/nonexistent".into(),
+        working_directory: Vec::new(),
         host_uid_base: 400_000,
         id_range: 65536,
         step_uid: 1000,
@@ -812,5 +813,41 @@ fn a_standby_supervisor_runs_a_step_given_later_and_exits_when_dropped_unused() 
             "standby supervisor {pid} still running"
         );
         std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_working_directory_is_entered_below_the_workspace_never_through_a_symlink() {
+    if !is_root("a_working_directory_is_entered_below_the_workspace_never_through_a_symlink") {
+        return;
+    }
+    let mut f = fixture(993_000, "pwd; cat here");
+    let ws = f.spec.workspace.clone();
+    std::fs::create_dir_all(ws.join("a/b")).unwrap();
+    std::fs::write(ws.join("a/b/here"), "inside\n").unwrap();
+    f.spec.working_directory = vec!["a".into(), "b".into()];
+    let r = run(&f.spec);
+    exited(&r, 0);
+    assert_eq!(r.stdout, "/workspace/a/b\ninside\n");
+
+    // A symlink on the way, to a directory inside or outside the workspace, is not
+    // followed: the sandbox is not set up.
+    std::os::unix::fs::symlink("a", ws.join("inside")).unwrap();
+    std::os::unix::fs::symlink("/etc", ws.join("outside")).unwrap();
+    for link in ["inside", "outside"] {
+        f.spec.working_directory = vec![link.into(), "b".into()];
+        let r = run(&f.spec);
+        assert!(
+            matches!(&r.outcome.status, StepStatus::SetupFailed { layer, .. } if layer == "workspace"),
+            "{link}: {:?}",
+            r.outcome
+        );
+        assert_eq!(r.stdout, "", "{link}");
+    }
+
+    // `..`, `.`, `/` or an empty name is refused before anything starts.
+    for bad in ["..", ".", "a/b", ""] {
+        f.spec.working_directory = vec!["a".into(), bad.into()];
+        assert!(sandbox().spawn(&f.spec).is_err(), "{bad:?} was accepted");
     }
 }

@@ -39,13 +39,14 @@ impl ProfileDigests {
     }
 }
 
-/// Everything of the spec the profile may depend on: the spec without argv, environment
-/// and the workspace's host path, which `sandbox::profile` leaves out (tested below).
+/// Everything of the spec the profile may depend on: the spec without argv, environment,
+/// the workspace's host path and the working directory below it, which `sandbox::profile` leaves out (tested below).
 fn memo_key(spec: &StepSpec) -> Result<Vec<u8>> {
     let mut isolation = spec.clone();
     isolation.argv.clear();
     isolation.env.clear();
     isolation.workspace = PathBuf::new();
+    isolation.working_directory.clear();
     serde_json::to_vec(&isolation)
         .map_err(|e| RunnerError::Internal(format!("encoding the step spec: {e}")))
 }
@@ -73,6 +74,7 @@ mod tests {
             env: vec![("A".into(), "1".into())],
             root: vec![],
             workspace: "/w/1".into(),
+            working_directory: Vec::new(),
             host_uid_base: 300_000,
             id_range: 65536,
             step_uid: 1000,

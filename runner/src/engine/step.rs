@@ -157,6 +157,7 @@ impl Runner {
             env,
             root: image.root.clone(),
             workspace: workspace.to_path_buf(),
+            working_directory: Vec::new(),
             host_uid_base,
             id_range: self.config.id_range,
             step_uid: BUILD_UID,

@@ -182,20 +182,16 @@ impl ActionRunner {
     /// Runs `fetched` (validated by `fetch_action`) in a fresh workspace with its inputs
     /// from `cas`, uploads its outputs there and answers its result. `cancel` resolving
     /// stops the action (its every process killed) and answers a cancelled error. An
-    /// action that cannot run (a working directory, inputs over the quota, a sandbox
-    /// that cannot be set up) is an error; the runner stays usable either way.
+    /// action that cannot run (inputs over the quota, an output below an input symlink,
+    /// a sandbox that cannot be set up) is an error; the runner stays usable either way.
+    /// The command starts in its working directory (validated by `fetch_action` as a
+    /// directory of the input root), which the sandbox enters without following links.
     pub async fn run(
         &self,
         fetched: &FetchedAction,
         cas: &CasClient,
         cancel: impl Future<Output = ()> + Send,
     ) -> Result<ExecutedAction> {
-        if !fetched.paths.working_directory.is_empty() {
-            // The sandbox starts every step in /workspace.
-            return Err(RunnerError::FailedPrecondition(
-                "this worker runs actions in the input root only: a non-empty working_directory is not supported".into(),
-            ));
-        }
         let plan = self.plan(&fetched.action);
         if fetched.input_root.file_bytes() > plan.limits.disk_bytes {
             return Err(RunnerError::FailedPrecondition(format!(
@@ -343,6 +339,7 @@ impl ActionRunner {
             env: action_env(&fetched.command, &self.image),
             root: self.image.root.clone(),
             workspace: workspace.to_path_buf(),
+            working_directory: fetched.paths.working_directory.clone(),
             host_uid_base,
             id_range: self.config.id_range,
             step_uid: BUILD_UID,

@@ -79,6 +79,7 @@ pub fn fixture(base: u32, script: &str) -> Fixture {
             },
         ],
         workspace: ws.path().to_path_buf(),
+        working_directory: Vec::new(),
         host_uid_base: base,
         id_range: 65536,
         step_uid: STEP_UID,
