@@ -586,3 +586,14 @@ fn create_output_parents(workspace: &Path, parents: &[String], output: &str) -> 
     }
     Ok(())
 }
+
+/// The bot loop spawns each action's run as a task: the runner is shared and its run is
+/// `Send` (checked at compile time).
+#[cfg(test)]
+#[allow(dead_code)]
+fn runs_on_any_thread(runner: &ActionRunner, fetched: &FetchedAction, cas: &CasClient) {
+    fn shared<T: Send + Sync>(_: &T) {}
+    fn sendable<T: Send>(_: T) {}
+    shared(runner);
+    sendable(runner.run(fetched, cas, std::future::pending()));
+}
