@@ -218,6 +218,16 @@ async fn a_remote_action_runs_as_a_sandboxed_step_and_is_attested() {
         b"to-stderr\n"
     );
     assert_attested(&worker, &hello, &executed);
+    let metadata = executed.result.execution_metadata.as_ref().unwrap();
+    let seconds = |t: &Option<protobuf::Timestamp>| t.as_ref().unwrap().seconds;
+    assert!(
+        seconds(&metadata.worker_start_timestamp) > 0
+            && seconds(&metadata.execution_start_timestamp)
+                <= seconds(&metadata.execution_completed_timestamp)
+            && seconds(&metadata.execution_completed_timestamp)
+                <= seconds(&metadata.worker_completed_timestamp),
+        "{metadata:?}"
+    );
 
     // An action that reads the host's files, by absolute path and up from its workspace,
     // sees none of them.

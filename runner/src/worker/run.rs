@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use bazel_remote_apis::build::bazel::remote::execution::v2 as reapi;
-use bazel_remote_apis::google::protobuf::Any;
+use bazel_remote_apis::google::protobuf::{Any, Timestamp};
 use bazel_remote_apis::google::rpc;
 use nix::errno::Errno;
 use nix::fcntl::OFlag;
@@ -230,7 +230,9 @@ impl ActionRunner {
         }
         let spec = self.step_spec(fetched, &plan, &workspace, host_uid_base);
         let profile_digest = self.executor.profile_digest(&spec)?;
+        let inputs_written = OffsetDateTime::now_utc();
         let ran = self.run_sandbox(spec, cancel).await?;
+        let executed_on = OffsetDateTime::now_utc();
         let (exit_code, status) = self.verdict(&ran.outcome, &plan, &workspace)?;
         let collected = {
             let (workspace, paths, limits) = (
@@ -270,6 +272,15 @@ impl ActionRunner {
             .execution_metadata
             .get_or_insert_with(Default::default);
         metadata.worker = self.worker.clone();
+        // When each phase ended, for the engine's and the client's accounting.
+        metadata.worker_start_timestamp = Some(timestamp(started_on));
+        metadata.input_fetch_start_timestamp = Some(timestamp(started_on));
+        metadata.input_fetch_completed_timestamp = Some(timestamp(inputs_written));
+        metadata.execution_start_timestamp = Some(timestamp(inputs_written));
+        metadata.execution_completed_timestamp = Some(timestamp(executed_on));
+        metadata.output_upload_start_timestamp = Some(timestamp(executed_on));
+        metadata.output_upload_completed_timestamp = Some(timestamp(finished_on));
+        metadata.worker_completed_timestamp = Some(timestamp(finished_on));
         metadata.auxiliary_metadata.push(Any {
             type_url: SIGNED_LINK_TYPE_URL.into(),
             value: statement_bytes,
@@ -487,6 +498,14 @@ impl ActionRunner {
             started_on,
             finished_on,
         }
+    }
+}
+
+fn timestamp(at: OffsetDateTime) -> Timestamp {
+    Timestamp {
+        seconds: at.unix_timestamp(),
+        // At most 999,999,999.
+        nanos: i32::try_from(at.nanosecond()).unwrap_or(0),
     }
 }
 
