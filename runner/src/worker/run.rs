@@ -35,8 +35,9 @@ use crate::images::{ResolvedImage, BUILD_UID};
 use crate::limits::Effective;
 use crate::plan::StepPlan;
 
-/// The type URL of a signed statement in `auxiliary_metadata` (`kiln.v1.SignedLink`).
-pub const SIGNED_LINK_TYPE_URL: &str = "type.googleapis.com/kiln.v1.SignedLink";
+/// The type URL of a signed statement in `auxiliary_metadata` (`kiln.v1.SignedLink`), one
+/// constant for the worker that attaches it and `kiln verify --action-cache`.
+pub use crate::cli::action_cache::SIGNED_LINK_TYPE_URL;
 
 /// The workspace's name inside its enclosure (as a job's).
 const WORKSPACE_DIR: &str = "ws";
