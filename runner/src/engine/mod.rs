@@ -19,7 +19,7 @@ mod publish;
 mod run;
 mod scheduler;
 pub mod signer;
-mod step;
+pub(crate) mod step;
 pub mod watch;
 mod workspace;
 

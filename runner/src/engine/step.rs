@@ -30,29 +30,36 @@ type Tree = BTreeMap<String, String>;
 /// The egress proxy's port on a step's loopback (each step has its own namespace).
 const EGRESS_PROXY_PORT: u16 = 3128;
 
+/// A sandboxed command's environment: Kiln's defaults, then the image config's Env, then
+/// the command's own variables (a job step's, a remote action's).
+pub(crate) fn sandbox_env(
+    image: &ResolvedImage,
+    own: impl IntoIterator<Item = (String, String)>,
+) -> Vec<(String, String)> {
+    let mut env: BTreeMap<String, String> = [
+        ("PATH", "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin"),
+        ("HOME", "/workspace"),
+        ("TMPDIR", "/tmp"),
+        ("LANG", "C.UTF-8"),
+        ("USER", "build"),
+        ("LOGNAME", "build"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    for var in &image.env {
+        if let Some((k, v)) = var.split_once('=') {
+            env.insert(k.to_string(), v.to_string());
+        }
+    }
+    env.extend(own);
+    env.into_iter().collect()
+}
+
 impl Runner {
     /// Kiln's defaults, then the image config's Env, then the job's own.
     fn step_env(step: &agent_proto::v1::Step, image: &ResolvedImage) -> Vec<(String, String)> {
-        let mut env: BTreeMap<String, String> = [
-            ("PATH", "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin"),
-            ("HOME", "/workspace"),
-            ("TMPDIR", "/tmp"),
-            ("LANG", "C.UTF-8"),
-            ("USER", "build"),
-            ("LOGNAME", "build"),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-        for var in &image.env {
-            if let Some((k, v)) = var.split_once('=') {
-                env.insert(k.to_string(), v.to_string());
-            }
-        }
-        for (k, v) in &step.env {
-            env.insert(k.clone(), v.clone());
-        }
-        env.into_iter().collect()
+        sandbox_env(image, step.env.iter().map(|(k, v)| (k.clone(), v.clone())))
     }
 
     /// Runs one step in its own sandbox and signs its link. Answers the step's result

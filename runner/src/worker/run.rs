@@ -4,7 +4,6 @@
 //! network, then the outputs collected and uploaded and a statement of the action signed
 //! by the runner key and attached to the ActionResult.
 
-use std::collections::BTreeMap;
 use std::fs;
 use std::future::Future;
 use std::io::Read;
@@ -547,26 +546,13 @@ fn read_log(fd: OwnedFd, cap: u64) -> Vec<u8> {
 
 /// Kiln's defaults, then the image config's Env, then the Command's own variables.
 fn action_env(command: &reapi::Command, image: &ResolvedImage) -> Vec<(String, String)> {
-    let mut env: BTreeMap<String, String> = [
-        ("PATH", "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin"),
-        ("HOME", "/workspace"),
-        ("TMPDIR", "/tmp"),
-        ("LANG", "C.UTF-8"),
-        ("USER", "build"),
-        ("LOGNAME", "build"),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_string(), v.to_string()))
-    .collect();
-    for var in &image.env {
-        if let Some((k, v)) = var.split_once('=') {
-            env.insert(k.to_string(), v.to_string());
-        }
-    }
-    for variable in &command.environment_variables {
-        env.insert(variable.name.clone(), variable.value.clone());
-    }
-    env.into_iter().collect()
+    crate::engine::step::sandbox_env(
+        image,
+        command
+            .environment_variables
+            .iter()
+            .map(|v| (v.name.clone(), v.value.clone())),
+    )
 }
 
 /// Creates the directories `parents` below the workspace, one at a time below a
