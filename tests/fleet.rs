@@ -188,4 +188,160 @@ fn bazel_builds_remotely_on_two_kiln_workers_and_every_action_verifies() {
         }
     }
     assert_eq!(ran, 11, "{}", logs());
+
+    // What each action took on its worker (fetch, sandbox, upload, sign) against the
+    // same command run directly.
+    let seconds: Vec<f64> = workers
+        .iter()
+        .flat_map(|w| {
+            w.log()
+                .lines()
+                .filter(|line| line.contains("action done"))
+                .filter_map(|line| line.split("seconds=").nth(1))
+                .filter_map(|rest| rest.split_whitespace().next()?.parse().ok())
+                .collect::<Vec<f64>>()
+        })
+        .collect();
+    let direct = Instant::now();
+    let scratch = tempfile::tempdir().unwrap();
+    for i in 0..10 {
+        let status = Command::new("/bin/sh")
+            .arg("-c")
+            .arg(format!("echo part {i} > out && uname -s >> out"))
+            .current_dir(scratch.path())
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+    eprintln!(
+        "{test}: per action on a worker {:.3} s (mean of {}), the command run directly {:.4} s",
+        seconds.iter().sum::<f64>() / seconds.len().max(1) as f64,
+        seconds.len(),
+        direct.elapsed().as_secs_f64() / 10.0
+    );
+
+    // A cache entry changed after the fact: its output is another blob now, under the
+    // same signed statement. It no longer verifies.
+    let digest = workers[0].actions().into_iter().next().unwrap();
+    let key = workers[0].public_key(&keys.path().join("tamper.pub"));
+    tamper(&grid, &digest);
+    let out = verify(&grid, &key, &digest);
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+
+    // SIGTERM: each bot closes its session and the worker exits cleanly.
+    for mut worker in workers {
+        let status = worker.stop();
+        assert!(status.success(), "{status}:\n{}", worker.log());
+        assert_eq!(
+            worker.log().matches("bot session closed").count(),
+            2,
+            "{}",
+            worker.log()
+        );
+    }
+}
+
+/// Points the first output file of `digest`'s cached result at another blob.
+fn tamper(grid: &BuildGrid, digest: &str) {
+    use bazel_remote_apis::build::bazel::remote::execution::v2 as reapi;
+    let (hash, size) = digest.split_once('/').unwrap();
+    let action_digest = reapi::Digest {
+        hash: hash.to_string(),
+        size_bytes: size.parse().unwrap(),
+    };
+    let forged = b"what an attacker put in the cache\n".to_vec();
+    let forged_digest = reapi::Digest {
+        hash: hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&forged)),
+        size_bytes: forged.len() as i64,
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let channel = grid.channel().await;
+        reapi::content_addressable_storage_client::ContentAddressableStorageClient::new(
+            channel.clone(),
+        )
+        .batch_update_blobs(reapi::BatchUpdateBlobsRequest {
+            instance_name: grid.instance.clone(),
+            requests: vec![reapi::batch_update_blobs_request::Request {
+                digest: Some(forged_digest.clone()),
+                data: forged,
+                compressor: 0,
+            }],
+            digest_function: 0,
+        })
+        .await
+        .unwrap();
+        let mut cache = reapi::action_cache_client::ActionCacheClient::new(channel);
+        let mut result = cache
+            .get_action_result(reapi::GetActionResultRequest {
+                instance_name: grid.instance.clone(),
+                action_digest: Some(action_digest.clone()),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        result.output_files[0].digest = Some(forged_digest);
+        cache
+            .update_action_result(reapi::UpdateActionResultRequest {
+                instance_name: grid.instance.clone(),
+                action_digest: Some(action_digest),
+                action_result: Some(result),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    });
+}
+
+/// A worker killed while it runs an action: BuildGrid takes the lease back when the
+/// worker's session goes silent, another worker runs it, and the build succeeds.
+#[test]
+fn a_worker_killed_mid_action_does_not_fail_the_build() {
+    let test = "a_worker_killed_mid_action_does_not_fail_the_build";
+    if !require_root(test) {
+        return;
+    }
+    let Some(bazel) = Bazel::new(test) else {
+        return;
+    };
+    let Some(grid) = BuildGrid::start(test) else {
+        return;
+    };
+    let mut doomed = Worker::start(&grid, 1);
+    bazel.write(
+        "BUILD",
+        "genrule(name = \"slow\", outs = [\"slow.txt\"], cmd = \"sleep 8 && echo survived > $@\")\n",
+    );
+    let executor = format!("--remote_executor={}", grid.url);
+    let build = std::thread::scope(|scope| {
+        let build = scope.spawn(|| bazel.build(&[&executor, "--spawn_strategy=remote", "//:slow"]));
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while doomed.actions().is_empty() {
+            assert!(
+                Instant::now() < deadline,
+                "no action came:\n{}",
+                doomed.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        doomed.child.kill().unwrap();
+        doomed.child.wait().unwrap();
+        let survivor = Worker::start(&grid, 1);
+        let output = build.join().unwrap();
+        (output, survivor.log())
+    });
+    let (output, survivor_log) = build;
+    assert!(
+        output.status.success(),
+        "{}\nkilled worker:\n{}\nsurvivor:\n{survivor_log}\nBuildGrid:\n{}",
+        describe(&output),
+        doomed.log(),
+        grid.log()
+    );
+    assert!(survivor_log.contains("running an action"), "{survivor_log}");
+    assert_eq!(bazel.output("slow.txt"), b"survived\n");
 }
