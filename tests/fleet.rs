@@ -82,7 +82,7 @@ impl Worker {
 
     fn stop(&mut self) -> std::process::ExitStatus {
         nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::unistd::Pid::from_raw(i32::try_from(self.child.id()).unwrap()),
             nix::sys::signal::Signal::SIGTERM,
         )
         .unwrap();
@@ -252,7 +252,7 @@ fn tamper(grid: &BuildGrid, digest: &str) {
     let forged = b"what an attacker put in the cache\n".to_vec();
     let forged_digest = reapi::Digest {
         hash: hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&forged)),
-        size_bytes: forged.len() as i64,
+        size_bytes: i64::try_from(forged.len()).unwrap(),
     };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -344,4 +344,113 @@ fn a_worker_killed_mid_action_does_not_fail_the_build() {
     );
     assert!(survivor_log.contains("running an action"), "{survivor_log}");
     assert_eq!(bazel.output("slow.txt"), b"survived\n");
+}
+
+/// An action that a client forged (an input root with a `..` entry) fails with
+/// INVALID_ARGUMENT reported through BuildGrid, and the same worker then runs a good one.
+#[test]
+fn a_bad_action_fails_with_its_status_and_the_worker_stays_up() {
+    use bazel_remote_apis::build::bazel::remote::execution::v2 as reapi;
+    use prost::Message as _;
+    let test = "a_bad_action_fails_with_its_status_and_the_worker_stays_up";
+    if !require_root(test) {
+        return;
+    }
+    let Some(grid) = BuildGrid::start(test) else {
+        return;
+    };
+    let worker = Worker::start(&grid, 1);
+    let digest_of = |data: &[u8]| reapi::Digest {
+        hash: hex::encode(<sha2::Sha256 as sha2::Digest>::digest(data)),
+        size_bytes: i64::try_from(data.len()).unwrap(),
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let execute = |root: reapi::Directory, argv: &[&str]| {
+        let command = reapi::Command {
+            arguments: argv.iter().map(|a| a.to_string()).collect(),
+            ..Default::default()
+        }
+        .encode_to_vec();
+        let root = root.encode_to_vec();
+        let action = reapi::Action {
+            command_digest: Some(digest_of(&command)),
+            input_root_digest: Some(digest_of(&root)),
+            ..Default::default()
+        }
+        .encode_to_vec();
+        runtime.block_on(async {
+            let channel = grid.channel().await;
+            reapi::content_addressable_storage_client::ContentAddressableStorageClient::new(
+                channel.clone(),
+            )
+            .batch_update_blobs(reapi::BatchUpdateBlobsRequest {
+                instance_name: grid.instance.clone(),
+                requests: [&command, &root, &action, &b"x".to_vec()]
+                    .into_iter()
+                    .map(|blob| reapi::batch_update_blobs_request::Request {
+                        digest: Some(digest_of(blob)),
+                        data: blob.clone(),
+                        compressor: 0,
+                    })
+                    .collect(),
+                digest_function: 0,
+            })
+            .await
+            .unwrap();
+            let mut stream = reapi::execution_client::ExecutionClient::new(channel)
+                .execute(reapi::ExecuteRequest {
+                    instance_name: grid.instance.clone(),
+                    action_digest: Some(digest_of(&action)),
+                    skip_cache_lookup: true,
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            let mut last = None;
+            while let Some(operation) = stream.message().await.unwrap() {
+                last = Some(operation);
+            }
+            let operation = last.unwrap();
+            assert!(operation.done, "{operation:?}");
+            match operation.result.unwrap() {
+                bazel_remote_apis::google::longrunning::operation::Result::Response(any) => {
+                    reapi::ExecuteResponse::decode(any.value.as_slice()).unwrap()
+                }
+                other => panic!("{other:?}"),
+            }
+        })
+    };
+    let escaping = reapi::Directory {
+        files: vec![reapi::FileNode {
+            name: "..".into(),
+            digest: Some(digest_of(b"x")),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let response = execute(escaping, &["/bin/true"]);
+    let status = response.status.unwrap_or_default();
+    assert_eq!(
+        status.code,
+        tonic::Code::InvalidArgument as i32,
+        "{status:?}\n{}",
+        worker.log()
+    );
+    let response = execute(
+        reapi::Directory::default(),
+        &["/bin/sh", "-c", "echo still up"],
+    );
+    assert_eq!(
+        response.status.unwrap_or_default().code,
+        0,
+        "{}",
+        worker.log()
+    );
+    let result = response.result.unwrap();
+    assert_eq!(result.exit_code, 0, "{}", worker.log());
+    assert_eq!(worker.actions().len(), 2, "{}", worker.log());
 }
