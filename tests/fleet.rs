@@ -454,3 +454,110 @@ fn a_bad_action_fails_with_its_status_and_the_worker_stays_up() {
     assert_eq!(result.exit_code, 0, "{}", worker.log());
     assert_eq!(worker.actions().len(), 2, "{}", worker.log());
 }
+
+/// A client cancels a running action (BuildGrid then drops the lease from the bot's
+/// session): the worker stops it, and its one slot runs the next action.
+#[test]
+fn a_cancelled_operation_stops_its_action_on_the_worker() {
+    use bazel_remote_apis::build::bazel::remote::execution::v2 as reapi;
+    use bazel_remote_apis::google::longrunning;
+    use prost::Message as _;
+    let test = "a_cancelled_operation_stops_its_action_on_the_worker";
+    if !require_root(test) {
+        return;
+    }
+    let Some(grid) = BuildGrid::start(test) else {
+        return;
+    };
+    let worker = Worker::start(&grid, 1);
+    let digest_of = |data: &[u8]| reapi::Digest {
+        hash: hex::encode(<sha2::Sha256 as sha2::Digest>::digest(data)),
+        size_bytes: i64::try_from(data.len()).unwrap(),
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let channel = runtime.block_on(grid.channel());
+    // Uploads an action running `script` and starts it; answers the operation stream.
+    let start = |script: &str| {
+        let command = reapi::Command {
+            arguments: vec!["/bin/sh".into(), "-c".into(), script.into()],
+            ..Default::default()
+        }
+        .encode_to_vec();
+        let root = reapi::Directory::default().encode_to_vec();
+        let action = reapi::Action {
+            command_digest: Some(digest_of(&command)),
+            input_root_digest: Some(digest_of(&root)),
+            ..Default::default()
+        }
+        .encode_to_vec();
+        let channel = channel.clone();
+        let instance = grid.instance.clone();
+        runtime.block_on(async move {
+            reapi::content_addressable_storage_client::ContentAddressableStorageClient::new(
+                channel.clone(),
+            )
+            .batch_update_blobs(reapi::BatchUpdateBlobsRequest {
+                instance_name: instance.clone(),
+                requests: [&command, &root, &action]
+                    .into_iter()
+                    .map(|blob| reapi::batch_update_blobs_request::Request {
+                        digest: Some(digest_of(blob)),
+                        data: blob.clone(),
+                        compressor: 0,
+                    })
+                    .collect(),
+                digest_function: 0,
+            })
+            .await
+            .unwrap();
+            reapi::execution_client::ExecutionClient::new(channel)
+                .execute(reapi::ExecuteRequest {
+                    instance_name: instance,
+                    action_digest: Some(digest_of(&action)),
+                    skip_cache_lookup: true,
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner()
+        })
+    };
+    let mut slow = start("sleep 3600");
+    let name = runtime.block_on(slow.message()).unwrap().unwrap().name;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while worker.actions().is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "no action came:\n{}",
+            worker.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    runtime
+        .block_on(
+            longrunning::operations_client::OperationsClient::new(channel.clone())
+                .cancel_operation(longrunning::CancelOperationRequest { name }),
+        )
+        .unwrap();
+    drop(slow);
+    // The one slot is free again: the next action runs and completes.
+    let mut next = start("echo after the cancel");
+    let done = runtime.block_on(async {
+        let mut last = None;
+        while let Some(operation) = next.message().await.unwrap() {
+            last = Some(operation);
+        }
+        last.unwrap()
+    });
+    assert!(done.done, "{done:?}\n{}", worker.log());
+    let log = worker.log();
+    assert!(
+        log.contains("the engine dropped a running lease"),
+        "{log}\nBuildGrid:\n{}",
+        grid.log()
+    );
+    assert_eq!(worker.actions().len(), 2, "{log}");
+}

@@ -55,6 +55,9 @@ struct Finished {
 struct Running {
     cancel: Option<oneshot::Sender<()>>,
     lease: Lease,
+    /// The engine dropped the lease (its way of cancelling, or it gave the lease to
+    /// another bot): the action is stopped and its end not reported.
+    abandoned: bool,
 }
 
 fn unavailable(what: &str, status: tonic::Status) -> RunnerError {
@@ -172,7 +175,7 @@ impl Bot {
             }
             let closing = stopping && running.is_empty();
             let mut leases: Vec<Lease> = completed.values().cloned().collect();
-            leases.extend(running.values().map(|run| {
+            leases.extend(running.values().filter(|run| !run.abandoned).map(|run| {
                 let mut lease = run.lease.clone();
                 // Never PENDING back: BuildGrid closes a session that reports one.
                 lease.state = LeaseState::Active as i32;
@@ -210,6 +213,16 @@ impl Bot {
                 tracing::info!(bot = %self.bot_id, "bot session closed");
                 return Ok(());
             }
+            // BuildGrid cancels a lease by leaving it out of the session.
+            for (id, run) in running.iter_mut() {
+                if !run.abandoned && !answer.leases.iter().any(|l| &l.id == id) {
+                    tracing::info!(bot = %self.bot_id, lease = %id, "the engine dropped a running lease; stopping its action");
+                    run.abandoned = true;
+                    if let Some(cancel) = run.cancel.take() {
+                        let _ = cancel.send(());
+                    }
+                }
+            }
             for lease in &answer.leases {
                 let state = LeaseState::try_from(lease.state).unwrap_or(LeaseState::Unspecified);
                 match state {
@@ -221,8 +234,10 @@ impl Bot {
                             }
                         }
                     }
+                    // One action per bot: a lease given to a busy bot waits (the engine
+                    // lists it again) until the bot is free.
                     LeaseState::Pending | LeaseState::Active
-                        if !stopping && !taken.contains(&lease.id) =>
+                        if !stopping && !taken.contains(&lease.id) && running.is_empty() =>
                     {
                         taken.insert(lease.id.clone());
                         let (cancel_tx, cancel_rx) = oneshot::channel();
@@ -231,6 +246,7 @@ impl Bot {
                             Running {
                                 cancel: Some(cancel_tx),
                                 lease: lease.clone(),
+                                abandoned: false,
                             },
                         );
                         self.start(lease, cancel_rx, done_tx.clone());
@@ -255,6 +271,9 @@ impl Bot {
         let Some(run) = running.remove(&finished.lease_id) else {
             return;
         };
+        if run.abandoned {
+            return;
+        }
         let mut lease = run.lease;
         lease.state = LeaseState::Completed as i32;
         lease.status = Some(finished.status);
