@@ -161,6 +161,30 @@ pub struct Config {
     pub images: ImagesConfig,
     /// `[publish]`: where job outputs may be pushed, and with which credentials.
     pub publish: PublishConfig,
+    /// `[worker]`: how `kiln worker` runs remote actions.
+    pub worker: WorkerConfig,
+}
+
+/// The `[worker]` table.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkerConfig {
+    /// The image a remote action runs in (an installed image's name or digest; `host`:
+    /// the host's own system, read-only).
+    #[serde(default = "default_worker_image")]
+    pub image: String,
+}
+
+fn default_worker_image() -> String {
+    "host".into()
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        WorkerConfig {
+            image: default_worker_image(),
+        }
+    }
 }
 
 /// The `[images]` table.
@@ -293,6 +317,7 @@ impl Default for Config {
             tenants: Tenants::default(),
             images: ImagesConfig::default(),
             publish: PublishConfig::default(),
+            worker: WorkerConfig::default(),
         }
     }
 }

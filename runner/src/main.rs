@@ -45,7 +45,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     // The daemon logs what it does; the client stays quiet unless asked (KILN_LOG).
     let default_filter = match cli.command {
-        Command::Serve { .. } => "warn,runner=info,kiln=info",
+        Command::Serve { .. } | Command::Worker(_) => "warn,runner=info,kiln=info",
         _ => "warn",
     };
     let logs = tracing_subscriber::fmt()
@@ -70,7 +70,9 @@ fn main() -> ExitCode {
     // The demo also stops its own daemon with a blocking wait, while its client
     // connection must still be closed by a runtime task: it keeps worker threads.
     let mut builder = match cli.command {
-        Command::Serve { .. } | Command::Demo { .. } => tokio::runtime::Builder::new_multi_thread(),
+        Command::Serve { .. } | Command::Demo { .. } | Command::Worker(_) => {
+            tokio::runtime::Builder::new_multi_thread()
+        }
         _ => tokio::runtime::Builder::new_current_thread(),
     };
     let runtime = match builder.enable_all().build() {
@@ -269,6 +271,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             runner::cli::image::command(&state_dir, command).await
         }
         Command::Demo { keep } => demo::run(keep).await,
+        Command::Worker(args) => runner::cli::worker::run(args).await.map(|()| 0),
     }
 }
 

@@ -52,16 +52,16 @@ pub fn parse_action_digest(text: &str) -> anyhow::Result<Digest> {
 
 /// A channel to the engine: `grpc://HOST:PORT` (plain) or `grpcs://HOST:PORT` (TLS,
 /// checked against the host's CA certificates).
-async fn connect(url: &str) -> anyhow::Result<Channel> {
+pub async fn connect(url: &str) -> anyhow::Result<Channel> {
     if let Some(rest) = url.strip_prefix("grpc://") {
         return Channel::from_shared(format!("http://{rest}"))
-            .with_context(|| format!("--action-cache {url:?}"))?
+            .with_context(|| format!("{url:?}"))?
             .connect()
             .await
             .with_context(|| format!("connecting to {url}"));
     }
     let Some(rest) = url.strip_prefix("grpcs://") else {
-        bail!("--action-cache {url:?}: expected grpc://HOST:PORT or grpcs://HOST:PORT");
+        bail!("{url:?}: expected grpc://HOST:PORT or grpcs://HOST:PORT");
     };
     let bundle = std::fs::read(SYSTEM_CA_BUNDLE)
         .with_context(|| format!("reading the host's CA certificates {SYSTEM_CA_BUNDLE}"))?;

@@ -166,6 +166,29 @@ pub enum Command {
         #[arg(long)]
         keep: bool,
     },
+    /// Run remote actions for a scheduler (the Remote Workers API, e.g. BuildGrid), each
+    /// in the sandbox, each result signed. Runs as root, without `kiln serve`.
+    Worker(WorkerArgs),
+}
+
+/// `kiln worker`'s arguments.
+#[derive(clap::Args)]
+pub struct WorkerArgs {
+    /// The scheduler: grpc://HOST:PORT or grpcs://HOST:PORT.
+    #[arg(long)]
+    pub scheduler: String,
+    /// The scheduler's instance name.
+    #[arg(long, default_value = "")]
+    pub instance: String,
+    /// Bots (actions run at once); default: the config's max_concurrent_jobs.
+    #[arg(long)]
+    pub bots: Option<u32>,
+    /// State directory (keys, images, workspaces; overrides the config).
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
+    /// TOML configuration file (see README).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
 }
 
 /// `kiln verify`'s arguments: one of three modes (layout, provenance, registry).

@@ -1,5 +1,5 @@
 //! The `kiln` command line's client side: its arguments, the daemon client, job files,
-//! `kiln layout init`, `kiln verify`, `kiln demo`, `kiln jobs` and `kiln whoami`, `kiln audit`.
+//! `kiln layout init`, `kiln verify`, `kiln demo`, `kiln worker`, `kiln jobs` and `kiln whoami`, `kiln audit`.
 
 pub mod action_cache;
 pub mod args;
@@ -13,6 +13,7 @@ pub mod jobfile;
 pub mod layout;
 pub mod listing;
 pub mod verify;
+pub mod worker;
 
 /// `text` with its control characters and bidirectional overrides escaped (`\n`,
 /// `\u{1b}`, `\u{202e}`): a name a client chose must not start a line of its own, move

@@ -151,7 +151,7 @@ fn audit_reloads(audit: Arc<AuditLog>) -> tls::OnReload {
 
 /// Checks the host can set up every sandbox layer (failing closed unless the config
 /// waives a layer), tunes what only speeds steps up, and makes the sandbox launcher.
-fn check_host(config: &Config) -> anyhow::Result<(HostSupport, Sandbox)> {
+pub(crate) fn check_host(config: &Config) -> anyhow::Result<(HostSupport, Sandbox)> {
     // Fail closed: a host that cannot set up every sandbox layer runs no job, unless the
     // config explicitly waives that layer. This also compiles the seccomp policy, once.
     let host =
@@ -268,7 +268,7 @@ fn open_state(config: &Config, creation: Creation) -> anyhow::Result<State> {
     })
 }
 
-fn lease_id_ranges(config: &Config) -> anyhow::Result<IdRanges> {
+pub(crate) fn lease_id_ranges(config: &Config) -> anyhow::Result<IdRanges> {
     // Host ids no other Kiln daemon on this host uses while this one runs.
     let id_ranges = IdRanges::lease(
         Path::new(idranges::LOCK_DIR),
@@ -579,7 +579,7 @@ async fn watch_database(db: Database, health: tonic_health::server::HealthReport
 }
 
 /// Resolves at SIGTERM or SIGINT; the handlers are installed when this is called.
-fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
+pub(crate) fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).context("watching SIGTERM")?;
     let mut interrupt = signal(SignalKind::interrupt()).context("watching SIGINT")?;

@@ -4,6 +4,7 @@
 //! ([`outputs`]). An action is untrusted input: every digest, name, path and symlink it
 //! holds is validated, and nothing outside the workspace is ever written, read or followed.
 
+pub mod bots;
 pub mod cas;
 pub mod inputs;
 pub mod outputs;

@@ -1,0 +1,334 @@
+//! The bot side of the Remote Workers API (`google.devtools.remoteworkers.v1test2`): one
+//! bot session per slot of the worker. Each bot creates its session, then heartbeats with
+//! UpdateBotSession (about every second, and at once when an action ends); each new lease
+//! (BuildGrid hands them out ACTIVE, the API PENDING: both are new) runs exactly once, and
+//! is reported ACTIVE while it runs, then COMPLETED with its ActionResult and status. A
+//! lease the engine cancels has its action stopped. An action that cannot run reports its
+//! error status; the bot carries on.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use agent_proto::remoteworkers::v1test2::{
+    bots_client::BotsClient, worker, BotSession, BotStatus, CreateBotSessionRequest, Device, Lease,
+    LeaseState, UpdateBotSessionRequest, Worker,
+};
+use bazel_remote_apis::build::bazel::remote::execution::v2 as reapi;
+use bazel_remote_apis::google::protobuf::Any;
+use bazel_remote_apis::google::rpc;
+use prost::Message;
+use tokio::sync::{mpsc, oneshot, watch};
+use tonic::transport::Channel;
+
+use super::cas::{CasClient, Digest};
+use super::inputs::fetch_action;
+use super::run::ActionRunner;
+use crate::error::{Result, RunnerError};
+
+const ACTION_TYPE_URL: &str = "type.googleapis.com/build.bazel.remote.execution.v2.Action";
+const DIGEST_TYPE_URL: &str = "type.googleapis.com/build.bazel.remote.execution.v2.Digest";
+const ACTION_RESULT_TYPE_URL: &str =
+    "type.googleapis.com/build.bazel.remote.execution.v2.ActionResult";
+
+/// How often a bot reports to the engine when nothing happens.
+pub const HEARTBEAT: Duration = Duration::from_secs(1);
+
+/// One bot: its id (unique per worker and slot), what it offers the engine, and where.
+pub struct Bot {
+    pub bot_id: String,
+    pub instance: String,
+    /// Worker properties the engine matches actions against (OSFamily, ISA, ...).
+    pub properties: Vec<(String, String)>,
+    pub runner: Arc<ActionRunner>,
+    pub cas: CasClient,
+    pub channel: Channel,
+}
+
+/// What a running lease's task answers.
+struct Finished {
+    lease_id: String,
+    result: Option<reapi::ActionResult>,
+    status: rpc::Status,
+}
+
+struct Running {
+    cancel: Option<oneshot::Sender<()>>,
+    lease: Lease,
+    /// The engine dropped the lease (its way of cancelling, or it gave the lease to
+    /// another bot): the action is stopped and its end not reported.
+    abandoned: bool,
+}
+
+fn unavailable(what: &str, status: tonic::Status) -> RunnerError {
+    RunnerError::Unavailable(format!(
+        "{what}: {} ({:?})",
+        status.message(),
+        status.code()
+    ))
+}
+
+/// The google.rpc.Status a failed action reports.
+fn error_status(err: RunnerError) -> rpc::Status {
+    let status = tonic::Status::from(err);
+    rpc::Status {
+        code: status.code() as i32,
+        message: status.message().to_string(),
+        details: Vec::new(),
+    }
+}
+
+/// The action a lease names: its payload is the Action itself (BuildGrid) or its Digest.
+/// An Action payload is hashed as sent: the engine forwards the bytes it stored.
+fn action_digest_of(lease: &Lease) -> Result<Digest> {
+    let payload = lease
+        .payload
+        .as_ref()
+        .ok_or_else(|| RunnerError::invalid("lease", "no payload"))?;
+    match payload.type_url.as_str() {
+        ACTION_TYPE_URL => Ok(Digest::of(&payload.value)),
+        DIGEST_TYPE_URL => {
+            let digest = reapi::Digest::decode(payload.value.as_slice())
+                .map_err(|e| RunnerError::invalid("lease payload", e.to_string()))?;
+            Digest::from_proto(&digest)
+        }
+        other => Err(RunnerError::invalid(
+            "lease payload",
+            format!("unexpected type {:?}", crate::cli::printable(other)),
+        )),
+    }
+}
+
+impl Bot {
+    fn worker(&self) -> Worker {
+        Worker {
+            devices: vec![Device {
+                handle: self.bot_id.clone(),
+                properties: Vec::new(),
+            }],
+            properties: self
+                .properties
+                .iter()
+                .map(|(key, value)| worker::Property {
+                    key: key.clone(),
+                    value: value.clone(),
+                })
+                .collect(),
+            configs: Vec::new(),
+        }
+    }
+
+    /// Runs the bot until `stop` turns true: then no new lease starts, running actions
+    /// finish (or are cancelled when `cancel_running` turns true) and are reported, and
+    /// the session is closed (BOT_TERMINATING).
+    pub async fn run(
+        self,
+        mut stop: watch::Receiver<bool>,
+        mut cancel_running: watch::Receiver<bool>,
+    ) -> Result<()> {
+        let mut bots = BotsClient::new(self.channel.clone());
+        let mut session = bots
+            .create_bot_session(CreateBotSessionRequest {
+                parent: self.instance.clone(),
+                bot_session: Some(BotSession {
+                    bot_id: self.bot_id.clone(),
+                    status: BotStatus::Ok as i32,
+                    worker: Some(self.worker()),
+                    ..Default::default()
+                }),
+            })
+            .await
+            .map_err(|s| unavailable("CreateBotSession", s))?
+            .into_inner();
+        tracing::info!(bot = %self.bot_id, session = %session.name, "bot session created");
+        let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Finished>();
+        let mut running: BTreeMap<String, Running> = BTreeMap::new();
+        // Completed leases not yet acknowledged (the engine still lists them).
+        let mut completed: BTreeMap<String, Lease> = BTreeMap::new();
+        // Every lease this bot ever took: none runs twice.
+        let mut taken: HashSet<String> = HashSet::new();
+        let mut stopping = false;
+        let mut cancelling = false;
+        let mut heartbeat = tokio::time::interval(HEARTBEAT);
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            // Wait for the next beat, an action's end or the stop.
+            tokio::select! {
+                _ = heartbeat.tick() => {}
+                Some(finished) = done_rx.recv() => self.finish(finished, &mut running, &mut completed),
+                changed = stop.changed(), if !stopping => {
+                    stopping = changed.is_err() || *stop.borrow();
+                }
+                changed = cancel_running.changed(), if !cancelling => {
+                    cancelling = changed.is_err() || *cancel_running.borrow();
+                    if cancelling {
+                        for run in running.values_mut() {
+                            if let Some(cancel) = run.cancel.take() {
+                                let _ = cancel.send(());
+                            }
+                        }
+                    }
+                }
+            }
+            while let Ok(finished) = done_rx.try_recv() {
+                self.finish(finished, &mut running, &mut completed);
+            }
+            let closing = stopping && running.is_empty();
+            let mut leases: Vec<Lease> = completed.values().cloned().collect();
+            leases.extend(running.values().filter(|run| !run.abandoned).map(|run| {
+                let mut lease = run.lease.clone();
+                // Never PENDING back: BuildGrid closes a session that reports one.
+                lease.state = LeaseState::Active as i32;
+                lease
+            }));
+            session.leases = leases;
+            session.status = if closing {
+                BotStatus::BotTerminating
+            } else {
+                BotStatus::Ok
+            } as i32;
+            let reported: Vec<String> = completed.keys().cloned().collect();
+            let answer = bots
+                .update_bot_session(UpdateBotSessionRequest {
+                    name: session.name.clone(),
+                    bot_session: Some(session.clone()),
+                    update_mask: None,
+                })
+                .await;
+            let answer = match answer {
+                Ok(answer) => answer.into_inner(),
+                Err(status) => {
+                    tracing::warn!(bot = %self.bot_id, error = %status.message(), code = ?status.code(), "UpdateBotSession failed; retrying");
+                    if closing {
+                        return Err(unavailable("UpdateBotSession", status));
+                    }
+                    continue;
+                }
+            };
+            // Reported complete: the engine has them.
+            for id in reported {
+                completed.remove(&id);
+            }
+            if closing {
+                tracing::info!(bot = %self.bot_id, "bot session closed");
+                return Ok(());
+            }
+            // BuildGrid cancels a lease by leaving it out of the session.
+            for (id, run) in running.iter_mut() {
+                if !run.abandoned && !answer.leases.iter().any(|l| &l.id == id) {
+                    tracing::info!(bot = %self.bot_id, lease = %id, "the engine dropped a running lease; stopping its action");
+                    run.abandoned = true;
+                    if let Some(cancel) = run.cancel.take() {
+                        let _ = cancel.send(());
+                    }
+                }
+            }
+            for lease in &answer.leases {
+                let state = LeaseState::try_from(lease.state).unwrap_or(LeaseState::Unspecified);
+                match state {
+                    LeaseState::Cancelled => {
+                        if let Some(run) = running.get_mut(&lease.id) {
+                            tracing::info!(bot = %self.bot_id, lease = %lease.id, "lease cancelled by the engine");
+                            if let Some(cancel) = run.cancel.take() {
+                                let _ = cancel.send(());
+                            }
+                        }
+                    }
+                    // One action per bot: a lease given to a busy bot waits (the engine
+                    // lists it again) until the bot is free.
+                    LeaseState::Pending | LeaseState::Active
+                        if !stopping && !taken.contains(&lease.id) && running.is_empty() =>
+                    {
+                        taken.insert(lease.id.clone());
+                        let (cancel_tx, cancel_rx) = oneshot::channel();
+                        running.insert(
+                            lease.id.clone(),
+                            Running {
+                                cancel: Some(cancel_tx),
+                                lease: lease.clone(),
+                                abandoned: false,
+                            },
+                        );
+                        self.start(lease, cancel_rx, done_tx.clone());
+                    }
+                    _ => {}
+                }
+            }
+            let session_leases = answer.leases;
+            session = BotSession {
+                leases: session_leases,
+                ..answer
+            };
+        }
+    }
+
+    fn finish(
+        &self,
+        finished: Finished,
+        running: &mut BTreeMap<String, Running>,
+        completed: &mut BTreeMap<String, Lease>,
+    ) {
+        let Some(run) = running.remove(&finished.lease_id) else {
+            return;
+        };
+        if run.abandoned {
+            return;
+        }
+        let mut lease = run.lease;
+        lease.state = LeaseState::Completed as i32;
+        lease.status = Some(finished.status);
+        lease.result = finished.result.map(|result| Any {
+            type_url: ACTION_RESULT_TYPE_URL.into(),
+            value: result.encode_to_vec(),
+        });
+        completed.insert(finished.lease_id, lease);
+    }
+
+    /// Runs one lease's action on a task of its own.
+    fn start(
+        &self,
+        lease: &Lease,
+        cancel: oneshot::Receiver<()>,
+        done: mpsc::UnboundedSender<Finished>,
+    ) {
+        let (runner, cas, bot, lease) = (
+            self.runner.clone(),
+            self.cas.clone(),
+            self.bot_id.clone(),
+            lease.clone(),
+        );
+        tokio::spawn(async move {
+            let began = std::time::Instant::now();
+            let outcome = async {
+                let digest = action_digest_of(&lease)?;
+                tracing::info!(%bot, lease = %lease.id, action = %digest, "running an action");
+                let fetched = fetch_action(&cas, &digest, runner.limits()).await?;
+                let cancelled = async {
+                    // A dropped sender (the bot gone) stops the action too.
+                    let _ = cancel.await;
+                };
+                runner.run(&fetched, &cas, cancelled).await
+            }
+            .await;
+            let finished = match outcome {
+                Ok(executed) => {
+                    tracing::info!(%bot, lease = %lease.id, exit_code = executed.result.exit_code, seconds = began.elapsed().as_secs_f64(), "action done");
+                    Finished {
+                        lease_id: lease.id.clone(),
+                        result: Some(executed.result),
+                        status: executed.status,
+                    }
+                }
+                Err(err) => {
+                    tracing::warn!(%bot, lease = %lease.id, error = %err, "action failed");
+                    Finished {
+                        lease_id: lease.id.clone(),
+                        result: None,
+                        status: error_status(err),
+                    }
+                }
+            };
+            let _ = done.send(finished);
+        });
+    }
+}

@@ -1,0 +1,563 @@
+//! A fleet, real peers only: BuildGrid (on its own PostgreSQL cluster) schedules Bazel's
+//! actions onto two `kiln worker` processes; each action runs in the sandbox, and its
+//! result in BuildGrid's action cache carries the statement its worker signed, which
+//! `kiln verify --action-cache` checks against that worker's public key.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use support::buildgrid::{Bazel, BuildGrid};
+use support::{describe, require_root, text, KILN};
+
+/// A `kiln worker` process with a state directory of its own, stopped (SIGTERM) on drop.
+struct Worker {
+    child: Child,
+    state: tempfile::TempDir,
+    log: PathBuf,
+}
+
+impl Worker {
+    fn start(grid: &BuildGrid, bots: u32) -> Worker {
+        let state = tempfile::Builder::new()
+            .prefix("kiln-fleet-worker-")
+            .tempdir()
+            .unwrap();
+        let log = state.path().join("worker.log");
+        let file = std::fs::File::create(&log).unwrap();
+        let child = Command::new(KILN)
+            .args(["worker", "--scheduler", &grid.url, "--bots"])
+            .arg(bots.to_string())
+            .arg("--state-dir")
+            .arg(state.path().join("state"))
+            .env("KILN_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().unwrap())
+            .stderr(file)
+            .spawn()
+            .unwrap();
+        let worker = Worker { child, state, log };
+        // Started once its bots have sessions.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while worker.log().matches("bot session created").count() < bots as usize {
+            assert!(
+                Instant::now() < deadline,
+                "worker did not start:\n{}",
+                worker.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        worker
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The worker's current public key (SPKI PEM), read from its key ring.
+    fn public_key(&self, into: &Path) -> PathBuf {
+        let (ring, _) = runner::engine::signer::Signer::open_with(
+            &self.state.path().join("state/keys"),
+            provenance::keys::KeyType::Ed25519,
+        )
+        .unwrap();
+        let pem = ring.current().unwrap().key.public_key().to_spki_pem();
+        std::fs::write(into, pem).unwrap();
+        into.to_path_buf()
+    }
+
+    /// The action digests (HEX/SIZE) this worker ran.
+    fn actions(&self) -> Vec<String> {
+        self.log()
+            .lines()
+            .filter(|line| line.contains("running an action"))
+            .filter_map(|line| line.split("action=").nth(1))
+            .filter_map(|rest| rest.split_whitespace().next())
+            .map(|digest| digest.to_string())
+            .collect()
+    }
+
+    fn stop(&mut self) -> std::process::ExitStatus {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(i32::try_from(self.child.id()).unwrap()),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
+        self.child.wait().unwrap()
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.stop();
+        }
+    }
+}
+
+/// Ten genrules (each its own action) and one that concatenates them.
+fn genrules() -> String {
+    let mut build = String::new();
+    for i in 0..10 {
+        build.push_str(&format!(
+            "genrule(name = \"part{i}\", outs = [\"part{i}.txt\"], cmd = \"echo part {i} > $@ && uname -s >> $@\")\n"
+        ));
+    }
+    build.push_str("genrule(name = \"all\", srcs = [");
+    for i in 0..10 {
+        build.push_str(&format!("\":part{i}\", "));
+    }
+    build.push_str("], outs = [\"all.txt\"], cmd = \"cat $(SRCS) > $@\")\n");
+    build
+}
+
+fn verify(grid: &BuildGrid, key: &Path, digest: &str) -> std::process::Output {
+    Command::new(KILN)
+        .args(["verify", "--action-cache", &grid.url, "--key"])
+        .arg(key)
+        .arg(digest)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn bazel_builds_remotely_on_two_kiln_workers_and_every_action_verifies() {
+    let test = "bazel_builds_remotely_on_two_kiln_workers_and_every_action_verifies";
+    if !require_root(test) {
+        return;
+    }
+    let Some(bazel) = Bazel::new(test) else {
+        return;
+    };
+    let Some(grid) = BuildGrid::start(test) else {
+        return;
+    };
+    let workers = [Worker::start(&grid, 2), Worker::start(&grid, 2)];
+    bazel.write("BUILD", &genrules());
+
+    // The same build locally (Bazel's own sandbox), for the outputs to compare with.
+    let local_root = tempfile::tempdir().unwrap();
+    let local = bazel.build_in(local_root.path(), &["//:all"]);
+    assert!(local.status.success(), "{}", describe(&local));
+    let local_all = bazel.output("all.txt");
+
+    let executor = format!("--remote_executor={}", grid.url);
+    let began = Instant::now();
+    let remote = bazel.build(&[&executor, "--spawn_strategy=remote", "//:all"]);
+    let took = began.elapsed();
+    let logs = || {
+        format!(
+            "worker 1:\n{}\nworker 2:\n{}\nBuildGrid:\n{}",
+            workers[0].log(),
+            workers[1].log(),
+            grid.log()
+        )
+    };
+    assert!(remote.status.success(), "{}\n{}", describe(&remote), logs());
+    let stderr = text(&remote.stderr);
+    assert!(
+        stderr.contains("11 remote"),
+        "Bazel did not run the actions remotely:\n{stderr}\n{}",
+        logs()
+    );
+    assert_eq!(bazel.output("all.txt"), local_all);
+    for i in 0..10 {
+        assert_eq!(
+            bazel.output(&format!("part{i}.txt")),
+            format!("part {i}\nLinux\n").as_bytes()
+        );
+    }
+    eprintln!("{test}: 11 remote actions on 2 workers in {took:.2?}");
+
+    // Every action ran once, on one of the workers, and verifies with its key only.
+    let keys = tempfile::tempdir().unwrap();
+    let mut ran = 0;
+    for (n, worker) in workers.iter().enumerate() {
+        let key = worker.public_key(&keys.path().join(format!("worker{n}.pub")));
+        let other = workers[1 - n].public_key(&keys.path().join(format!("other{n}.pub")));
+        for digest in worker.actions() {
+            ran += 1;
+            let out = verify(&grid, &key, &digest);
+            assert!(out.status.success(), "{digest}: {}", describe(&out));
+            assert!(text(&out.stdout).contains("PASS"), "{}", describe(&out));
+            let out = verify(&grid, &other, &digest);
+            assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+        }
+    }
+    assert_eq!(ran, 11, "{}", logs());
+
+    // What each action took on its worker (fetch, sandbox, upload, sign) against the
+    // same command run directly.
+    let seconds: Vec<f64> = workers
+        .iter()
+        .flat_map(|w| {
+            w.log()
+                .lines()
+                .filter(|line| line.contains("action done"))
+                .filter_map(|line| line.split("seconds=").nth(1))
+                .filter_map(|rest| rest.split_whitespace().next()?.parse().ok())
+                .collect::<Vec<f64>>()
+        })
+        .collect();
+    let direct = Instant::now();
+    let scratch = tempfile::tempdir().unwrap();
+    for i in 0..10 {
+        let status = Command::new("/bin/sh")
+            .arg("-c")
+            .arg(format!("echo part {i} > out && uname -s >> out"))
+            .current_dir(scratch.path())
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+    eprintln!(
+        "{test}: per action on a worker {:.3} s (mean of {}), the command run directly {:.4} s",
+        seconds.iter().sum::<f64>() / seconds.len().max(1) as f64,
+        seconds.len(),
+        direct.elapsed().as_secs_f64() / 10.0
+    );
+
+    // A cache entry changed after the fact: its output is another blob now, under the
+    // same signed statement. It no longer verifies.
+    let digest = workers[0].actions().into_iter().next().unwrap();
+    let key = workers[0].public_key(&keys.path().join("tamper.pub"));
+    tamper(&grid, &digest);
+    let out = verify(&grid, &key, &digest);
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+
+    // SIGTERM: each bot closes its session and the worker exits cleanly.
+    for mut worker in workers {
+        let status = worker.stop();
+        assert!(status.success(), "{status}:\n{}", worker.log());
+        assert_eq!(
+            worker.log().matches("bot session closed").count(),
+            2,
+            "{}",
+            worker.log()
+        );
+    }
+}
+
+/// Points the first output file of `digest`'s cached result at another blob.
+fn tamper(grid: &BuildGrid, digest: &str) {
+    use bazel_remote_apis::build::bazel::remote::execution::v2 as reapi;
+    let (hash, size) = digest.split_once('/').unwrap();
+    let action_digest = reapi::Digest {
+        hash: hash.to_string(),
+        size_bytes: size.parse().unwrap(),
+    };
+    let forged = b"what an attacker put in the cache\n".to_vec();
+    let forged_digest = reapi::Digest {
+        hash: hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&forged)),
+        size_bytes: i64::try_from(forged.len()).unwrap(),
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let channel = grid.channel().await;
+        reapi::content_addressable_storage_client::ContentAddressableStorageClient::new(
+            channel.clone(),
+        )
+        .batch_update_blobs(reapi::BatchUpdateBlobsRequest {
+            instance_name: grid.instance.clone(),
+            requests: vec![reapi::batch_update_blobs_request::Request {
+                digest: Some(forged_digest.clone()),
+                data: forged,
+                compressor: 0,
+            }],
+            digest_function: 0,
+        })
+        .await
+        .unwrap();
+        let mut cache = reapi::action_cache_client::ActionCacheClient::new(channel);
+        let mut result = cache
+            .get_action_result(reapi::GetActionResultRequest {
+                instance_name: grid.instance.clone(),
+                action_digest: Some(action_digest.clone()),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        result.output_files[0].digest = Some(forged_digest);
+        cache
+            .update_action_result(reapi::UpdateActionResultRequest {
+                instance_name: grid.instance.clone(),
+                action_digest: Some(action_digest),
+                action_result: Some(result),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    });
+}
+
+/// A worker killed while it runs an action: BuildGrid takes the lease back when the
+/// worker's session goes silent, another worker runs it, and the build succeeds.
+#[test]
+fn a_worker_killed_mid_action_does_not_fail_the_build() {
+    let test = "a_worker_killed_mid_action_does_not_fail_the_build";
+    if !require_root(test) {
+        return;
+    }
+    let Some(bazel) = Bazel::new(test) else {
+        return;
+    };
+    let Some(grid) = BuildGrid::start(test) else {
+        return;
+    };
+    let mut doomed = Worker::start(&grid, 1);
+    bazel.write(
+        "BUILD",
+        "genrule(name = \"slow\", outs = [\"slow.txt\"], cmd = \"sleep 8 && echo survived > $@\")\n",
+    );
+    let executor = format!("--remote_executor={}", grid.url);
+    let build = std::thread::scope(|scope| {
+        let build = scope.spawn(|| bazel.build(&[&executor, "--spawn_strategy=remote", "//:slow"]));
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while doomed.actions().is_empty() {
+            assert!(
+                Instant::now() < deadline,
+                "no action came:\n{}",
+                doomed.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        doomed.child.kill().unwrap();
+        doomed.child.wait().unwrap();
+        let survivor = Worker::start(&grid, 1);
+        let output = build.join().unwrap();
+        (output, survivor.log())
+    });
+    let (output, survivor_log) = build;
+    assert!(
+        output.status.success(),
+        "{}\nkilled worker:\n{}\nsurvivor:\n{survivor_log}\nBuildGrid:\n{}",
+        describe(&output),
+        doomed.log(),
+        grid.log()
+    );
+    assert!(survivor_log.contains("running an action"), "{survivor_log}");
+    assert_eq!(bazel.output("slow.txt"), b"survived\n");
+}
+
+/// An action that a client forged (an input root with a `..` entry) fails with
+/// INVALID_ARGUMENT reported through BuildGrid, and the same worker then runs a good one.
+#[test]
+fn a_bad_action_fails_with_its_status_and_the_worker_stays_up() {
+    use bazel_remote_apis::build::bazel::remote::execution::v2 as reapi;
+    use prost::Message as _;
+    let test = "a_bad_action_fails_with_its_status_and_the_worker_stays_up";
+    if !require_root(test) {
+        return;
+    }
+    let Some(grid) = BuildGrid::start(test) else {
+        return;
+    };
+    let worker = Worker::start(&grid, 1);
+    let digest_of = |data: &[u8]| reapi::Digest {
+        hash: hex::encode(<sha2::Sha256 as sha2::Digest>::digest(data)),
+        size_bytes: i64::try_from(data.len()).unwrap(),
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let execute = |root: reapi::Directory, argv: &[&str]| {
+        let command = reapi::Command {
+            arguments: argv.iter().map(|a| a.to_string()).collect(),
+            ..Default::default()
+        }
+        .encode_to_vec();
+        let root = root.encode_to_vec();
+        let action = reapi::Action {
+            command_digest: Some(digest_of(&command)),
+            input_root_digest: Some(digest_of(&root)),
+            ..Default::default()
+        }
+        .encode_to_vec();
+        runtime.block_on(async {
+            let channel = grid.channel().await;
+            reapi::content_addressable_storage_client::ContentAddressableStorageClient::new(
+                channel.clone(),
+            )
+            .batch_update_blobs(reapi::BatchUpdateBlobsRequest {
+                instance_name: grid.instance.clone(),
+                requests: [&command, &root, &action, &b"x".to_vec()]
+                    .into_iter()
+                    .map(|blob| reapi::batch_update_blobs_request::Request {
+                        digest: Some(digest_of(blob)),
+                        data: blob.clone(),
+                        compressor: 0,
+                    })
+                    .collect(),
+                digest_function: 0,
+            })
+            .await
+            .unwrap();
+            let mut stream = reapi::execution_client::ExecutionClient::new(channel)
+                .execute(reapi::ExecuteRequest {
+                    instance_name: grid.instance.clone(),
+                    action_digest: Some(digest_of(&action)),
+                    skip_cache_lookup: true,
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            let mut last = None;
+            while let Some(operation) = stream.message().await.unwrap() {
+                last = Some(operation);
+            }
+            let operation = last.unwrap();
+            assert!(operation.done, "{operation:?}");
+            match operation.result.unwrap() {
+                bazel_remote_apis::google::longrunning::operation::Result::Response(any) => {
+                    reapi::ExecuteResponse::decode(any.value.as_slice()).unwrap()
+                }
+                other => panic!("{other:?}"),
+            }
+        })
+    };
+    let escaping = reapi::Directory {
+        files: vec![reapi::FileNode {
+            name: "..".into(),
+            digest: Some(digest_of(b"x")),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let response = execute(escaping, &["/bin/true"]);
+    let status = response.status.unwrap_or_default();
+    assert_eq!(
+        status.code,
+        tonic::Code::InvalidArgument as i32,
+        "{status:?}\n{}",
+        worker.log()
+    );
+    let response = execute(
+        reapi::Directory::default(),
+        &["/bin/sh", "-c", "echo still up"],
+    );
+    assert_eq!(
+        response.status.unwrap_or_default().code,
+        0,
+        "{}",
+        worker.log()
+    );
+    let result = response.result.unwrap();
+    assert_eq!(result.exit_code, 0, "{}", worker.log());
+    assert_eq!(worker.actions().len(), 2, "{}", worker.log());
+}
+
+/// A client cancels a running action (BuildGrid then drops the lease from the bot's
+/// session): the worker stops it, and its one slot runs the next action.
+#[test]
+fn a_cancelled_operation_stops_its_action_on_the_worker() {
+    use bazel_remote_apis::build::bazel::remote::execution::v2 as reapi;
+    use bazel_remote_apis::google::longrunning;
+    use prost::Message as _;
+    let test = "a_cancelled_operation_stops_its_action_on_the_worker";
+    if !require_root(test) {
+        return;
+    }
+    let Some(grid) = BuildGrid::start(test) else {
+        return;
+    };
+    let worker = Worker::start(&grid, 1);
+    let digest_of = |data: &[u8]| reapi::Digest {
+        hash: hex::encode(<sha2::Sha256 as sha2::Digest>::digest(data)),
+        size_bytes: i64::try_from(data.len()).unwrap(),
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let channel = runtime.block_on(grid.channel());
+    // Uploads an action running `script` and starts it; answers the operation stream.
+    let start = |script: &str| {
+        let command = reapi::Command {
+            arguments: vec!["/bin/sh".into(), "-c".into(), script.into()],
+            ..Default::default()
+        }
+        .encode_to_vec();
+        let root = reapi::Directory::default().encode_to_vec();
+        let action = reapi::Action {
+            command_digest: Some(digest_of(&command)),
+            input_root_digest: Some(digest_of(&root)),
+            ..Default::default()
+        }
+        .encode_to_vec();
+        let channel = channel.clone();
+        let instance = grid.instance.clone();
+        runtime.block_on(async move {
+            reapi::content_addressable_storage_client::ContentAddressableStorageClient::new(
+                channel.clone(),
+            )
+            .batch_update_blobs(reapi::BatchUpdateBlobsRequest {
+                instance_name: instance.clone(),
+                requests: [&command, &root, &action]
+                    .into_iter()
+                    .map(|blob| reapi::batch_update_blobs_request::Request {
+                        digest: Some(digest_of(blob)),
+                        data: blob.clone(),
+                        compressor: 0,
+                    })
+                    .collect(),
+                digest_function: 0,
+            })
+            .await
+            .unwrap();
+            reapi::execution_client::ExecutionClient::new(channel)
+                .execute(reapi::ExecuteRequest {
+                    instance_name: instance,
+                    action_digest: Some(digest_of(&action)),
+                    skip_cache_lookup: true,
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner()
+        })
+    };
+    let mut slow = start("sleep 3600");
+    let name = runtime.block_on(slow.message()).unwrap().unwrap().name;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while worker.actions().is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "no action came:\n{}",
+            worker.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    runtime
+        .block_on(
+            longrunning::operations_client::OperationsClient::new(channel.clone())
+                .cancel_operation(longrunning::CancelOperationRequest { name }),
+        )
+        .unwrap();
+    drop(slow);
+    // The one slot is free again: the next action runs and completes.
+    let mut next = start("echo after the cancel");
+    let done = runtime.block_on(async {
+        let mut last = None;
+        while let Some(operation) = next.message().await.unwrap() {
+            last = Some(operation);
+        }
+        last.unwrap()
+    });
+    assert!(done.done, "{done:?}\n{}", worker.log());
+    let log = worker.log();
+    assert!(
+        log.contains("the engine dropped a running lease"),
+        "{log}\nBuildGrid:\n{}",
+        grid.log()
+    );
+    assert_eq!(worker.actions().len(), 2, "{log}");
+}
