@@ -34,6 +34,9 @@ const ACTION_RESULT_TYPE_URL: &str =
 /// How often a bot reports to the engine when nothing happens.
 pub const HEARTBEAT: Duration = Duration::from_secs(1);
 
+/// The longest a session call may take.
+const RPC_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// One bot: its id (unique per worker and slot), what it offers the engine, and where.
 pub struct Bot {
     pub bot_id: String,
@@ -127,20 +130,7 @@ impl Bot {
         mut cancel_running: watch::Receiver<bool>,
     ) -> Result<()> {
         let mut bots = BotsClient::new(self.channel.clone());
-        let mut session = bots
-            .create_bot_session(CreateBotSessionRequest {
-                parent: self.instance.clone(),
-                bot_session: Some(BotSession {
-                    bot_id: self.bot_id.clone(),
-                    status: BotStatus::Ok as i32,
-                    worker: Some(self.worker()),
-                    ..Default::default()
-                }),
-            })
-            .await
-            .map_err(|s| unavailable("CreateBotSession", s))?
-            .into_inner();
-        tracing::info!(bot = %self.bot_id, session = %session.name, "bot session created");
+        let mut session = self.create_session(&mut bots).await?;
         let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Finished>();
         let mut running: BTreeMap<String, Running> = BTreeMap::new();
         // Completed leases not yet acknowledged (the engine still lists them).
@@ -188,19 +178,45 @@ impl Bot {
                 BotStatus::Ok
             } as i32;
             let reported: Vec<String> = completed.keys().cloned().collect();
-            let answer = bots
-                .update_bot_session(UpdateBotSessionRequest {
-                    name: session.name.clone(),
-                    bot_session: Some(session.clone()),
-                    update_mask: None,
-                })
-                .await;
+            let mut request = tonic::Request::new(UpdateBotSessionRequest {
+                name: session.name.clone(),
+                bot_session: Some(session.clone()),
+                update_mask: None,
+            });
+            // The engine may hold an idle bot's call (a long poll); one that never
+            // answers must not stall the bot's heartbeats or its stop.
+            request.set_timeout(RPC_TIMEOUT);
+            let answer = bots.update_bot_session(request).await;
             let answer = match answer {
                 Ok(answer) => answer.into_inner(),
                 Err(status) => {
-                    tracing::warn!(bot = %self.bot_id, error = %status.message(), code = ?status.code(), "UpdateBotSession failed; retrying");
+                    tracing::warn!(bot = %self.bot_id, error = %status.message(), code = ?status.code(), "UpdateBotSession failed");
                     if closing {
                         return Err(unavailable("UpdateBotSession", status));
+                    }
+                    // BuildGrid answers DATA_LOSS for a session it closed (the bot was
+                    // silent too long) and INVALID_ARGUMENT for one it does not know: its
+                    // leases went back to the queue, so their actions stop, unreported,
+                    // and the bot starts over with a new session.
+                    if matches!(
+                        status.code(),
+                        tonic::Code::DataLoss
+                            | tonic::Code::InvalidArgument
+                            | tonic::Code::NotFound
+                    ) {
+                        for run in running.values_mut() {
+                            run.abandoned = true;
+                            if let Some(cancel) = run.cancel.take() {
+                                let _ = cancel.send(());
+                            }
+                        }
+                        completed.clear();
+                        match self.create_session(&mut bots).await {
+                            Ok(new) => session = new,
+                            Err(err) => {
+                                tracing::warn!(bot = %self.bot_id, error = %err, "could not create a new bot session; retrying")
+                            }
+                        }
                     }
                     continue;
                 }
@@ -260,6 +276,26 @@ impl Bot {
                 ..answer
             };
         }
+    }
+
+    async fn create_session(&self, bots: &mut BotsClient<Channel>) -> Result<BotSession> {
+        let mut request = tonic::Request::new(CreateBotSessionRequest {
+            parent: self.instance.clone(),
+            bot_session: Some(BotSession {
+                bot_id: self.bot_id.clone(),
+                status: BotStatus::Ok as i32,
+                worker: Some(self.worker()),
+                ..Default::default()
+            }),
+        });
+        request.set_timeout(RPC_TIMEOUT);
+        let session = bots
+            .create_bot_session(request)
+            .await
+            .map_err(|s| unavailable("CreateBotSession", s))?
+            .into_inner();
+        tracing::info!(bot = %self.bot_id, session = %session.name, "bot session created");
+        Ok(session)
     }
 
     fn finish(
