@@ -16,16 +16,8 @@ use bazel_remote_apis::build::bazel::remote::execution::v2::{
 };
 use bazel_remote_apis::google::bytestream::{byte_stream_client::ByteStreamClient, ReadRequest};
 use bazel_remote_apis::google::protobuf::Any;
-use sha2::{Digest as _, Sha256};
-use support::buildgrid::{Bazel, BuildGrid};
+use support::buildgrid::{digest_of, Bazel, BuildGrid};
 use support::{describe, require_root, text};
-
-fn digest_of(data: &[u8]) -> Digest {
-    Digest {
-        hash: hex::encode(Sha256::digest(data)),
-        size_bytes: i64::try_from(data.len()).unwrap(),
-    }
-}
 
 #[tokio::test]
 async fn buildgrid_serves_cas_bytestream_and_action_cache() {

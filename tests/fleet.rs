@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use support::buildgrid::{Bazel, BuildGrid};
+use support::buildgrid::{digest_of, Bazel, BuildGrid};
 use support::{describe, require_root, text, KILN};
 
 /// A `kiln worker` process with a state directory of its own, stopped (SIGTERM) on drop.
@@ -360,10 +360,6 @@ fn a_bad_action_fails_with_its_status_and_the_worker_stays_up() {
         return;
     };
     let worker = Worker::start(&grid, 1);
-    let digest_of = |data: &[u8]| reapi::Digest {
-        hash: hex::encode(<sha2::Sha256 as sha2::Digest>::digest(data)),
-        size_bytes: i64::try_from(data.len()).unwrap(),
-    };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -470,10 +466,6 @@ fn a_cancelled_operation_stops_its_action_on_the_worker() {
         return;
     };
     let worker = Worker::start(&grid, 1);
-    let digest_of = |data: &[u8]| reapi::Digest {
-        hash: hex::encode(<sha2::Sha256 as sha2::Digest>::digest(data)),
-        size_bytes: i64::try_from(data.len()).unwrap(),
-    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -320,6 +320,35 @@ fn deployer(args: &[&str]) -> Output {
         .unwrap()
 }
 
+/// `kiln verify --image REFERENCE` trusting a key that signed nothing here, under a
+/// policy any Kiln provenance would meet: what the client does before any verdict.
+fn verify_with_a_stranger_s_key(reference: &str) -> Output {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("runner.pub");
+    std::fs::write(
+        &key,
+        provenance::SigningKey::generate()
+            .public_key()
+            .to_spki_pem(),
+    )
+    .unwrap();
+    let policy = dir.path().join("policy.toml");
+    std::fs::write(
+        &policy,
+        "allowed_builder_ids = [\"kiln://buildhost\"]\nallow_unpinned_images = true\n",
+    )
+    .unwrap();
+    deployer(&[
+        "verify",
+        "--image",
+        reference,
+        "--key",
+        key.to_str().unwrap(),
+        "--policy",
+        policy.to_str().unwrap(),
+    ])
+}
+
 #[test]
 fn a_registry_s_output_paths_and_errors_reach_the_terminal_tamed() {
     // An artifact whose layer title holds terminal escapes, whose blob answers an endless
@@ -359,29 +388,8 @@ fn a_registry_s_output_paths_and_errors_reach_the_terminal_tamed() {
         ),
         _ => reply(404, &[], Body::Bytes(vec![])),
     });
-    let dir = tempfile::tempdir().unwrap();
-    let key = dir.path().join("runner.pub");
-    std::fs::write(
-        &key,
-        "-----BEGIN PUBLIC KEY-----\nMCowBQYDK2VwAyEAGb9ECWmEzf6FQbrBZ9w7lshQhqowtrbLDFw4rXAxZuE=\n-----END PUBLIC KEY-----\n",
-    )
-    .unwrap();
-    let policy = dir.path().join("policy.toml");
-    std::fs::write(
-        &policy,
-        "allowed_builder_ids = [\"https://builder.example\"]\nallow_unpinned_images = true\n",
-    )
-    .unwrap();
     let reference = format!("{}/app@sha256:{hex}", registry.addr);
-    let out = deployer(&[
-        "verify",
-        "--image",
-        &reference,
-        "--key",
-        key.to_str().unwrap(),
-        "--policy",
-        policy.to_str().unwrap(),
-    ]);
+    let out = verify_with_a_stranger_s_key(&reference);
     assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
     assert_tame(&out);
     let sent = registry.sent.load(Ordering::SeqCst);
@@ -620,30 +628,7 @@ fn many_large_attestations_are_not_all_read() {
             None => reply(404, &[], Body::Bytes(vec![])),
         }
     });
-    let dir = tempfile::tempdir().unwrap();
-    let key = dir.path().join("runner.pub");
-    std::fs::write(
-        &key,
-        provenance::SigningKey::generate()
-            .public_key()
-            .to_spki_pem(),
-    )
-    .unwrap();
-    let policy = dir.path().join("policy.toml");
-    std::fs::write(
-        &policy,
-        "allowed_builder_ids = [\"kiln://buildhost\"]\nallow_unpinned_images = true\n",
-    )
-    .unwrap();
-    let out = deployer(&[
-        "verify",
-        "--image",
-        &format!("{}/app@sha256:{hex}", registry.addr),
-        "--key",
-        key.to_str().unwrap(),
-        "--policy",
-        policy.to_str().unwrap(),
-    ]);
+    let out = verify_with_a_stranger_s_key(&format!("{}/app@sha256:{hex}", registry.addr));
     assert_ne!(out.status.code(), Some(0), "{}", describe(&out));
     let sent = registry.sent.load(Ordering::SeqCst);
     assert!(
@@ -709,30 +694,7 @@ fn a_token_service_s_token_is_what_the_client_then_presents() {
     realm
         .set(format!("http://{}/token", registry.addr))
         .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let key = dir.path().join("runner.pub");
-    std::fs::write(
-        &key,
-        provenance::SigningKey::generate()
-            .public_key()
-            .to_spki_pem(),
-    )
-    .unwrap();
-    let policy = dir.path().join("policy.toml");
-    std::fs::write(
-        &policy,
-        "allowed_builder_ids = [\"kiln://buildhost\"]\nallow_unpinned_images = true\n",
-    )
-    .unwrap();
-    let out = deployer(&[
-        "verify",
-        "--image",
-        &format!("{}/team/app@sha256:{hex}", registry.addr),
-        "--key",
-        key.to_str().unwrap(),
-        "--policy",
-        policy.to_str().unwrap(),
-    ]);
+    let out = verify_with_a_stranger_s_key(&format!("{}/team/app@sha256:{hex}", registry.addr));
     // Read with the token: the verdict is reached (and fails for want of a provenance).
     assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
     assert!(
@@ -853,30 +815,7 @@ fn what_a_blob_redirect_leads_to_is_not_quoted_to_the_client() {
         p if p.contains("/blobs/") => reply(307, &[("Location", &elsewhere)], Body::Bytes(vec![])),
         _ => reply(404, &[], Body::Bytes(vec![])),
     });
-    let dir = tempfile::tempdir().unwrap();
-    let key = dir.path().join("runner.pub");
-    std::fs::write(
-        &key,
-        provenance::SigningKey::generate()
-            .public_key()
-            .to_spki_pem(),
-    )
-    .unwrap();
-    let policy = dir.path().join("policy.toml");
-    std::fs::write(
-        &policy,
-        "allowed_builder_ids = [\"kiln://buildhost\"]\nallow_unpinned_images = true\n",
-    )
-    .unwrap();
-    let out = deployer(&[
-        "verify",
-        "--image",
-        &format!("{}/app@sha256:{hex}", registry.addr),
-        "--key",
-        key.to_str().unwrap(),
-        "--policy",
-        policy.to_str().unwrap(),
-    ]);
+    let out = verify_with_a_stranger_s_key(&format!("{}/app@sha256:{hex}", registry.addr));
     assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
     assert_eq!(internal.requests.load(Ordering::SeqCst), 1);
     assert!(

@@ -540,3 +540,12 @@ impl Bazel {
         std::fs::read(self.workspace.join("bazel-bin").join(relative)).unwrap()
     }
 }
+
+/// The REAPI digest of `data`.
+pub fn digest_of(data: &[u8]) -> bazel_remote_apis::build::bazel::remote::execution::v2::Digest {
+    use sha2::Digest as _;
+    bazel_remote_apis::build::bazel::remote::execution::v2::Digest {
+        hash: hex::encode(sha2::Sha256::digest(data)),
+        size_bytes: i64::try_from(data.len()).unwrap(),
+    }
+}
