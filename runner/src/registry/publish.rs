@@ -30,11 +30,8 @@ const UPLOAD_QUEUE: usize = 4;
 pub struct Published {
     /// `REGISTRY/REPO@sha256:HEX`: the artifact.
     pub reference: String,
-    pub digest_hex: String,
     /// Attestations attached as referrers.
     pub attestations: usize,
-    /// Output bytes uploaded (blobs the registry already held are not sent again).
-    pub uploaded_bytes: u64,
 }
 
 /// One of the job's signed statements, as its referrer describes it.
@@ -60,12 +57,10 @@ pub async fn publish_job(
     };
     let session = Arc::new(Session::open(target.clone(), auth, Operation::Push).await?);
 
-    let mut uploaded_bytes = 0;
     let mut sent = std::collections::HashSet::new();
     for output in &outputs {
         if sent.insert(output.sha256.clone()) && !session.has_blob(&output.sha256).await? {
             upload_from_store(&session, cas, output).await?;
-            uploaded_bytes += output.size;
         }
     }
     let mut annotations = BTreeMap::new();
@@ -121,9 +116,7 @@ pub async fn publish_job(
     }
     Ok(Published {
         reference: format!("{}@sha256:{digest_hex}", target.repository_name()),
-        digest_hex,
         attestations: attestations.len(),
-        uploaded_bytes,
     })
 }
 
