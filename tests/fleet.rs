@@ -22,17 +22,26 @@ struct Worker {
 
 impl Worker {
     fn start(grid: &BuildGrid, bots: u32) -> Worker {
+        Worker::start_with(grid, bots, "")
+    }
+
+    /// A worker with `config` (TOML) as its configuration file.
+    fn start_with(grid: &BuildGrid, bots: u32, config: &str) -> Worker {
         let state = tempfile::Builder::new()
             .prefix("kiln-fleet-worker-")
             .tempdir()
             .unwrap();
         let log = state.path().join("worker.log");
         let file = std::fs::File::create(&log).unwrap();
+        let config_path = state.path().join("kiln.toml");
+        std::fs::write(&config_path, config).unwrap();
         let child = Command::new(KILN)
             .args(["worker", "--scheduler", &grid.url, "--bots"])
             .arg(bots.to_string())
             .arg("--state-dir")
             .arg(state.path().join("state"))
+            .arg("--config")
+            .arg(&config_path)
             .env("KILN_LOG", "info")
             .stdin(Stdio::null())
             .stdout(file.try_clone().unwrap())
@@ -40,17 +49,21 @@ impl Worker {
             .spawn()
             .unwrap();
         let worker = Worker { child, state, log };
-        // Started once its bots have sessions.
+        worker.wait_for_sessions(bots);
+        worker
+    }
+
+    /// Started once its bots have sessions.
+    fn wait_for_sessions(&self, bots: u32) {
         let deadline = Instant::now() + Duration::from_secs(60);
-        while worker.log().matches("bot session created").count() < bots as usize {
+        while self.log().matches("bot session created").count() < bots as usize {
             assert!(
                 Instant::now() < deadline,
                 "worker did not start:\n{}",
-                worker.log()
+                self.log()
             );
             std::thread::sleep(Duration::from_millis(100));
         }
-        worker
     }
 
     fn log(&self) -> String {
@@ -552,4 +565,177 @@ fn a_cancelled_operation_stops_its_action_on_the_worker() {
         grid.log()
     );
     assert_eq!(worker.actions().len(), 2, "{log}");
+}
+
+/// Uploads an action running `script` (no inputs) and starts it, skipping the cache; answers
+/// the operation stream.
+fn submit(
+    grid: &BuildGrid,
+    runtime: &tokio::runtime::Runtime,
+    script: &str,
+) -> tonic::Streaming<bazel_remote_apis::google::longrunning::Operation> {
+    use bazel_remote_apis::build::bazel::remote::execution::v2 as reapi;
+    use prost::Message as _;
+    let command = reapi::Command {
+        arguments: vec!["/bin/sh".into(), "-c".into(), script.into()],
+        ..Default::default()
+    }
+    .encode_to_vec();
+    let root = reapi::Directory::default().encode_to_vec();
+    let action = reapi::Action {
+        command_digest: Some(digest_of(&command)),
+        input_root_digest: Some(digest_of(&root)),
+        ..Default::default()
+    }
+    .encode_to_vec();
+    runtime.block_on(async {
+        let channel = grid.channel().await;
+        reapi::content_addressable_storage_client::ContentAddressableStorageClient::new(
+            channel.clone(),
+        )
+        .batch_update_blobs(reapi::BatchUpdateBlobsRequest {
+            instance_name: grid.instance.clone(),
+            requests: [&command, &root, &action]
+                .into_iter()
+                .map(|blob| reapi::batch_update_blobs_request::Request {
+                    digest: Some(digest_of(blob)),
+                    data: blob.clone(),
+                    compressor: 0,
+                })
+                .collect(),
+            digest_function: 0,
+        })
+        .await
+        .unwrap();
+        reapi::execution_client::ExecutionClient::new(channel)
+            .execute(reapi::ExecuteRequest {
+                instance_name: grid.instance.clone(),
+                action_digest: Some(digest_of(&action)),
+                skip_cache_lookup: true,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+    })
+}
+
+/// The ExecuteResponse an operation stream ends with, waiting at most two minutes.
+fn response_of(
+    runtime: &tokio::runtime::Runtime,
+    mut stream: tonic::Streaming<bazel_remote_apis::google::longrunning::Operation>,
+    logs: &dyn Fn() -> String,
+) -> bazel_remote_apis::build::bazel::remote::execution::v2::ExecuteResponse {
+    use bazel_remote_apis::google::longrunning::operation;
+    use prost::Message as _;
+    let last = runtime.block_on(async {
+        tokio::time::timeout(Duration::from_secs(120), async {
+            let mut last = None;
+            while let Some(operation) = stream.message().await.unwrap() {
+                last = Some(operation);
+            }
+            last
+        })
+        .await
+    });
+    match last {
+        Ok(Some(done)) if done.done => match done.result {
+            Some(operation::Result::Response(any)) => {
+                bazel_remote_apis::build::bazel::remote::execution::v2::ExecuteResponse::decode(
+                    any.value.as_slice(),
+                )
+                .unwrap()
+            }
+            other => panic!("{other:?}\n{}", logs()),
+        },
+        other => panic!("the action did not finish ({other:?}):\n{}", logs()),
+    }
+}
+
+/// A worker stopped (SIGSTOP) past its keepalive loses its session: BuildGrid reaps it.
+/// An action queued meanwhile runs on it once it resumes with a new session (BuildGrid
+/// hands it over in the answer to CreateBotSession).
+#[test]
+fn a_worker_whose_session_lapsed_takes_actions_again() {
+    use nix::sys::signal::{kill, Signal};
+    let test = "a_worker_whose_session_lapsed_takes_actions_again";
+    if !require_root(test) {
+        return;
+    }
+    let Some(grid) = BuildGrid::start(test) else {
+        return;
+    };
+    let worker = Worker::start(&grid, 1);
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(worker.child.id()).unwrap());
+    kill(pid, Signal::SIGSTOP).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !grid.log().contains("BotSession has expired") {
+        if Instant::now() > deadline {
+            let _ = kill(pid, Signal::SIGCONT);
+            panic!("BuildGrid did not reap the session:\n{}", grid.log());
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let queued = submit(&grid, &runtime, "echo after the lapse");
+    kill(pid, Signal::SIGCONT).unwrap();
+    let response = response_of(&runtime, queued, &|| {
+        format!("{}\nBuildGrid:\n{}", worker.log(), grid.log())
+    });
+    assert_eq!(response.status.unwrap_or_default().code, 0);
+    assert_eq!(response.result.unwrap().exit_code, 0);
+    assert_eq!(
+        worker.log().matches("bot session created").count(),
+        2,
+        "{}",
+        worker.log()
+    );
+    assert_eq!(worker.actions().len(), 1, "{}", worker.log());
+}
+
+/// An action still running when its worker's shutdown grace ends is stopped and handed
+/// back: BuildGrid runs it again on another worker, and the client sees it succeed.
+#[test]
+fn an_action_outliving_the_shutdown_grace_runs_on_another_worker() {
+    let test = "an_action_outliving_the_shutdown_grace_runs_on_another_worker";
+    if !require_root(test) {
+        return;
+    }
+    let Some(grid) = BuildGrid::start(test) else {
+        return;
+    };
+    let mut first = Worker::start_with(&grid, 1, "shutdown_grace_seconds = 1\n");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let running = submit(&grid, &runtime, "sleep 5; echo done");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while first.actions().is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "no action came:\n{}",
+            first.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Stopped a second into the action: its grace ends before the action does.
+    let status = first.stop();
+    assert!(status.success(), "{status}\n{}", first.log());
+    assert!(first.log().contains("handing it back"), "{}", first.log());
+    let second = Worker::start(&grid, 1);
+    let response = response_of(&runtime, running, &|| {
+        format!(
+            "{}\n{}\nBuildGrid:\n{}",
+            first.log(),
+            second.log(),
+            grid.log()
+        )
+    });
+    assert_eq!(response.status.unwrap_or_default().code, 0);
+    assert_eq!(response.result.unwrap().exit_code, 0);
+    assert_eq!(second.actions(), first.actions(), "{}", second.log());
 }

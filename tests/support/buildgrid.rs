@@ -271,7 +271,11 @@ impl BuildGrid {
         let mut child = Command::new(&bgd)
             .arg("server")
             .arg("start")
+            // INFO: sessions created, expired and closed, leases retried.
+            .arg("-vv")
             .arg(&config)
+            // Its log as it happens, not when a buffer fills.
+            .env("PYTHONUNBUFFERED", "1")
             .process_group(0)
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())

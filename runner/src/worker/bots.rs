@@ -4,7 +4,8 @@
 //! (BuildGrid hands them out ACTIVE, the API PENDING: both are new) runs exactly once, and
 //! is reported ACTIVE while it runs, then COMPLETED with its ActionResult and status. A
 //! lease the engine cancels has its action stopped. An action that cannot run reports its
-//! error status; the bot carries on.
+//! error status; the bot carries on. One still running when the worker's shutdown grace
+//! ends is stopped and reported UNAVAILABLE, which the engine retries on another bot.
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
@@ -61,6 +62,9 @@ struct Running {
     /// The engine dropped the lease (its way of cancelling, or it gave the lease to
     /// another bot): the action is stopped and its end not reported.
     abandoned: bool,
+    /// The worker stopped the action (its shutdown grace ran out): reported UNAVAILABLE,
+    /// which the engine retries on another bot.
+    handed_back: bool,
 }
 
 fn unavailable(what: &str, status: tonic::Status) -> RunnerError {
@@ -77,6 +81,16 @@ fn error_status(err: RunnerError) -> rpc::Status {
     rpc::Status {
         code: status.code() as i32,
         message: status.message().to_string(),
+        details: Vec::new(),
+    }
+}
+
+/// What a lease the worker gives back reports: UNAVAILABLE, which BuildGrid retries on
+/// another bot (up to its attempt limit).
+fn handed_back_status() -> rpc::Status {
+    rpc::Status {
+        code: tonic::Code::Unavailable as i32,
+        message: "the worker stopped before running the action to its end; the engine may run it on another worker".into(),
         details: Vec::new(),
     }
 }
@@ -141,94 +155,108 @@ impl Bot {
         let mut cancelling = false;
         let mut heartbeat = tokio::time::interval(HEARTBEAT);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // CreateBotSession may answer with leases already (BuildGrid assigns while it
+        // holds the call): they are taken like an update's, or the engine, which bumped
+        // the session's version with them, would never list them again.
+        let mut fresh: Option<BotSession> = Some(session.clone());
         loop {
-            // Wait for the next beat, an action's end or the stop.
-            tokio::select! {
-                _ = heartbeat.tick() => {}
-                Some(finished) = done_rx.recv() => self.finish(finished, &mut running, &mut completed),
-                changed = stop.changed(), if !stopping => {
-                    stopping = changed.is_err() || *stop.borrow();
-                }
-                changed = cancel_running.changed(), if !cancelling => {
-                    cancelling = changed.is_err() || *cancel_running.borrow();
-                    if cancelling {
-                        for run in running.values_mut() {
-                            if let Some(cancel) = run.cancel.take() {
-                                let _ = cancel.send(());
-                            }
-                        }
-                    }
-                }
-            }
-            while let Ok(finished) = done_rx.try_recv() {
-                self.finish(finished, &mut running, &mut completed);
-            }
-            let closing = stopping && running.is_empty();
-            let mut leases: Vec<Lease> = completed.values().cloned().collect();
-            leases.extend(running.values().filter(|run| !run.abandoned).map(|run| {
-                let mut lease = run.lease.clone();
-                // Never PENDING back: BuildGrid closes a session that reports one.
-                lease.state = LeaseState::Active as i32;
-                lease
-            }));
-            session.leases = leases;
-            session.status = if closing {
-                BotStatus::BotTerminating
+            let answer = if let Some(created) = fresh.take() {
+                created
             } else {
-                BotStatus::Ok
-            } as i32;
-            let reported: Vec<String> = completed.keys().cloned().collect();
-            let mut request = tonic::Request::new(UpdateBotSessionRequest {
-                name: session.name.clone(),
-                bot_session: Some(session.clone()),
-                update_mask: None,
-            });
-            // The engine may hold an idle bot's call (a long poll); one that never
-            // answers must not stall the bot's heartbeats or its stop.
-            request.set_timeout(RPC_TIMEOUT);
-            let answer = bots.update_bot_session(request).await;
-            let answer = match answer {
-                Ok(answer) => answer.into_inner(),
-                Err(status) => {
-                    tracing::warn!(bot = %self.bot_id, error = %status.message(), code = ?status.code(), "UpdateBotSession failed");
-                    if closing {
-                        return Err(unavailable("UpdateBotSession", status));
+                // Wait for the next beat, an action's end or the stop.
+                tokio::select! {
+                    _ = heartbeat.tick() => {}
+                    Some(finished) = done_rx.recv() => self.finish(finished, &mut running, &mut completed),
+                    changed = stop.changed(), if !stopping => {
+                        stopping = changed.is_err() || *stop.borrow();
                     }
-                    // BuildGrid answers DATA_LOSS for a session it closed (the bot was
-                    // silent too long) and INVALID_ARGUMENT for one it does not know: its
-                    // leases went back to the queue, so their actions stop, unreported,
-                    // and the bot starts over with a new session.
-                    if matches!(
-                        status.code(),
-                        tonic::Code::DataLoss
-                            | tonic::Code::InvalidArgument
-                            | tonic::Code::NotFound
-                    ) {
-                        for run in running.values_mut() {
-                            run.abandoned = true;
-                            if let Some(cancel) = run.cancel.take() {
-                                let _ = cancel.send(());
-                            }
-                        }
-                        completed.clear();
-                        match self.create_session(&mut bots).await {
-                            Ok(new) => session = new,
-                            Err(err) => {
-                                tracing::warn!(bot = %self.bot_id, error = %err, "could not create a new bot session; retrying")
+                    changed = cancel_running.changed(), if !cancelling => {
+                        cancelling = changed.is_err() || *cancel_running.borrow();
+                        if cancelling {
+                            for run in running.values_mut() {
+                                if let Some(cancel) = run.cancel.take() {
+                                    tracing::info!(bot = %self.bot_id, lease = %run.lease.id, "the shutdown grace ran out; stopping the action and handing it back");
+                                    run.handed_back = true;
+                                    let _ = cancel.send(());
+                                }
                             }
                         }
                     }
-                    continue;
                 }
+                while let Ok(finished) = done_rx.try_recv() {
+                    self.finish(finished, &mut running, &mut completed);
+                }
+                let closing = stopping && running.is_empty();
+                let mut leases: Vec<Lease> = completed.values().cloned().collect();
+                leases.extend(running.values().filter(|run| !run.abandoned).map(|run| {
+                    let mut lease = run.lease.clone();
+                    // Never PENDING back: BuildGrid closes a session that reports one.
+                    lease.state = LeaseState::Active as i32;
+                    lease
+                }));
+                session.leases = leases;
+                session.status = if closing {
+                    BotStatus::BotTerminating
+                } else {
+                    BotStatus::Ok
+                } as i32;
+                let reported: Vec<String> = completed.keys().cloned().collect();
+                let mut request = tonic::Request::new(UpdateBotSessionRequest {
+                    name: session.name.clone(),
+                    bot_session: Some(session.clone()),
+                    update_mask: None,
+                });
+                // The engine may hold an idle bot's call (a long poll); one that never
+                // answers must not stall the bot's heartbeats or its stop.
+                request.set_timeout(RPC_TIMEOUT);
+                let answer = bots.update_bot_session(request).await;
+                let answer = match answer {
+                    Ok(answer) => answer.into_inner(),
+                    Err(status) => {
+                        tracing::warn!(bot = %self.bot_id, error = %status.message(), code = ?status.code(), "UpdateBotSession failed");
+                        if closing {
+                            return Err(unavailable("UpdateBotSession", status));
+                        }
+                        // BuildGrid answers DATA_LOSS for a session it closed (the bot was
+                        // silent too long) and INVALID_ARGUMENT for one it does not know: its
+                        // leases went back to the queue, so their actions stop, unreported,
+                        // and the bot starts over with a new session.
+                        if matches!(
+                            status.code(),
+                            tonic::Code::DataLoss
+                                | tonic::Code::InvalidArgument
+                                | tonic::Code::NotFound
+                        ) {
+                            for run in running.values_mut() {
+                                run.abandoned = true;
+                                if let Some(cancel) = run.cancel.take() {
+                                    let _ = cancel.send(());
+                                }
+                            }
+                            completed.clear();
+                            match self.create_session(&mut bots).await {
+                                Ok(new) => {
+                                    fresh = Some(new.clone());
+                                    session = new;
+                                }
+                                Err(err) => {
+                                    tracing::warn!(bot = %self.bot_id, error = %err, "could not create a new bot session; retrying")
+                                }
+                            }
+                        }
+                        continue;
+                    }
+                };
+                // Reported complete: the engine has them.
+                for id in reported {
+                    completed.remove(&id);
+                }
+                if closing {
+                    tracing::info!(bot = %self.bot_id, "bot session closed");
+                    return Ok(());
+                }
+                answer
             };
-            // Reported complete: the engine has them.
-            for id in reported {
-                completed.remove(&id);
-            }
-            if closing {
-                tracing::info!(bot = %self.bot_id, "bot session closed");
-                return Ok(());
-            }
             // BuildGrid cancels a lease by leaving it out of the session.
             for (id, run) in running.iter_mut() {
                 if !run.abandoned && !answer.leases.iter().any(|l| &l.id == id) {
@@ -263,9 +291,25 @@ impl Bot {
                                 cancel: Some(cancel_tx),
                                 lease: lease.clone(),
                                 abandoned: false,
+                                handed_back: false,
                             },
                         );
                         self.start(lease, cancel_rx, done_tx.clone());
+                    }
+                    // Offered while stopping: handed back at once (UNAVAILABLE, which the
+                    // engine retries elsewhere), not left assigned to a closing session.
+                    LeaseState::Pending | LeaseState::Active
+                        if stopping
+                            && !taken.contains(&lease.id)
+                            && !running.contains_key(&lease.id) =>
+                    {
+                        taken.insert(lease.id.clone());
+                        tracing::info!(bot = %self.bot_id, lease = %lease.id, "offered a lease while stopping; handing it back");
+                        let mut lease = lease.clone();
+                        lease.state = LeaseState::Completed as i32;
+                        lease.status = Some(handed_back_status());
+                        lease.result = None;
+                        completed.insert(lease.id.clone(), lease);
                     }
                     _ => {}
                 }
@@ -312,8 +356,15 @@ impl Bot {
         }
         let mut lease = run.lease;
         lease.state = LeaseState::Completed as i32;
-        lease.status = Some(finished.status);
-        lease.result = finished.result.map(|result| Any {
+        // An action stopped for the shutdown is not the action's failure: UNAVAILABLE,
+        // which the engine retries elsewhere. One that finished first keeps its result.
+        let (status, result) = if run.handed_back && finished.result.is_none() {
+            (handed_back_status(), None)
+        } else {
+            (finished.status, finished.result)
+        };
+        lease.status = Some(status);
+        lease.result = result.map(|result| Any {
             type_url: ACTION_RESULT_TYPE_URL.into(),
             value: result.encode_to_vec(),
         });
