@@ -308,6 +308,7 @@ async fn action_results_verify_against_their_worker_s_signed_statement() {
         output_files: vec![("out.txt".into(), digest_of(&output).hash)],
         output_directories: vec![],
         sandbox_profile: "cd".repeat(32),
+        image: serde_json::json!({"name": "host", "pinned": false}),
         network: serde_json::json!([]),
         worker: "kiln-worker-test/bot-0".into(),
         started_on: now,

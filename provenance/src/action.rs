@@ -6,8 +6,8 @@
 //! SHA-256, each output directory by its path with a trailing `/` and the SHA-256 of its
 //! REAPI `Tree`. Its predicate (`predicateType` [`ACTION_PREDICATE_TYPE`]) names the
 //! action digest (so a statement cannot be moved onto another action's result), the
-//! command, environment and working directory, the input root digest, the sandbox
-//! profile digest, the exit code, the network attempts and when it ran.
+//! command, environment and working directory, the input root digest, the image it ran
+//! in, the sandbox profile digest, the exit code, the network attempts and when it ran.
 
 use std::collections::BTreeMap;
 
@@ -46,6 +46,9 @@ pub struct ActionStatementInput {
     pub output_directories: Vec<(String, String)>,
     /// The digest of the sandbox profile the action ran under.
     pub sandbox_profile: String,
+    /// The image the action ran in: its name, its digest (none for the host's own
+    /// system) and where it came from.
+    pub image: Value,
     /// Every connection attempt of the action (as a step's link records them).
     pub network: Value,
     /// The worker (bot) that ran it.
@@ -77,6 +80,7 @@ impl ActionStatementInput {
                 "workingDirectory": self.working_directory,
                 "exitCode": self.exit_code,
                 "sandboxProfile": self.sandbox_profile,
+                "image": self.image,
                 "network": self.network,
                 "worker": self.worker,
                 "startedOn": fmt_time(self.started_on),
@@ -275,6 +279,7 @@ mod tests {
             output_files: vec![("out/a".into(), "cc".repeat(32))],
             output_directories: vec![("out/d".into(), "dd".repeat(32))],
             sandbox_profile: "ee".repeat(32),
+            image: json!({"name": "gcc", "digest": {"sha256": "ff".repeat(32)}}),
             network: json!([]),
             worker: "bot-1".into(),
             started_on: now,

@@ -173,6 +173,11 @@ pub struct WorkerConfig {
     /// the host's own system, read-only).
     #[serde(default = "default_worker_image")]
     pub image: String,
+    /// The images an action may ask for with its `container-image` platform property,
+    /// each pinned by digest (`docker://REPO@sha256:HEX`, `NAME@sha256:HEX` or
+    /// `sha256:HEX`) and installed; each is advertised to the engine as written here.
+    #[serde(default)]
+    pub images: Vec<String>,
 }
 
 fn default_worker_image() -> String {
@@ -183,6 +188,7 @@ impl Default for WorkerConfig {
     fn default() -> Self {
         WorkerConfig {
             image: default_worker_image(),
+            images: Vec::new(),
         }
     }
 }
@@ -387,6 +393,14 @@ impl Config {
         }
         if !self.state_dir.is_absolute() {
             return bad("state_dir", "must be an absolute path");
+        }
+        for entry in &self.worker.images {
+            crate::worker::image::ContainerImage::parse(entry).map_err(|e| {
+                RunnerError::invalid(
+                    "worker.images",
+                    format!("entry {:?}: {e}", crate::cli::printable(entry)),
+                )
+            })?;
         }
         self.validate_waivers()?;
         self.validate_listeners()?;

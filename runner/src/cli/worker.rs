@@ -18,6 +18,7 @@ use crate::engine::signer::Signer;
 use crate::images::Images;
 use crate::worker::bots::Bot;
 use crate::worker::cas::{validate_instance_name, CasClient};
+use crate::worker::image::{resolve_offered, CONTAINER_IMAGE};
 use crate::worker::run::{ActionIsolation, ActionRunner};
 
 /// The ISA name BuildGrid and Bazel's platforms use for this host.
@@ -60,6 +61,19 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
     let image = images
         .resolve(&config.worker.image)
         .with_context(|| format!("the worker's image {:?}", config.worker.image))?;
+    // Each tree is hashed and checked against its record now, as the default image's.
+    let offered = resolve_offered(&images, &config.worker.images)?;
+    // What the engine matches actions against: an action that names one of these
+    // images goes to a worker that offers it (when the engine matches on the key).
+    let mut properties = vec![
+        ("OSFamily".to_string(), "linux".to_string()),
+        ("ISA".to_string(), isa().to_string()),
+    ];
+    properties.extend(
+        offered
+            .iter()
+            .map(|o| (CONTAINER_IMAGE.to_string(), o.entry.clone())),
+    );
     let id_ranges = lease_id_ranges(&config)?;
     let hostname = nix::unistd::gethostname()
         .ok()
@@ -68,17 +82,20 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
     // The key id tells apart two workers on one host, and names who signs.
     let worker_name = format!("{hostname}/{}", keyid.chars().take(16).collect::<String>());
     let bots = config.max_concurrent_jobs;
-    let runner = Arc::new(ActionRunner::new(
-        config.clone(),
-        ActionIsolation {
-            executor: Arc::new(SandboxExecutor::new(sandbox, host, bots)),
-            id_ranges,
-        },
-        key,
-        image,
-        state.join("actions"),
-        worker_name.clone(),
-    )?);
+    let runner = Arc::new(
+        ActionRunner::new(
+            config.clone(),
+            ActionIsolation {
+                executor: Arc::new(SandboxExecutor::new(sandbox, host, bots)),
+                id_ranges,
+            },
+            key,
+            image,
+            state.join("actions"),
+            worker_name.clone(),
+        )?
+        .with_offered_images(offered),
+    );
     let shutdown = shutdown_signal()?;
     let channel = crate::cli::action_cache::connect(&args.scheduler).await?;
     let cas = CasClient::connect(channel.clone(), &args.instance).await?;
@@ -90,10 +107,7 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
         let bot = Bot {
             bot_id: format!("{worker_name}/bot-{slot}"),
             instance: args.instance.clone(),
-            properties: vec![
-                ("OSFamily".into(), "linux".into()),
-                ("ISA".into(), isa().into()),
-            ],
+            properties: properties.clone(),
             runner: runner.clone(),
             cas: cas.clone(),
             channel: channel.clone(),

@@ -299,3 +299,22 @@ fn publishing_settings_are_checked() {
     assert!(config.validate().is_ok());
     assert!(toml::from_str::<Config>("[publish]\nrepositories = [\"team/*\"]\n").is_err());
 }
+
+#[test]
+fn worker_images_must_each_be_pinned_by_digest() {
+    let hex = "ab".repeat(32);
+    let cfg: Config = toml::from_str(&format!(
+        "[worker]\nimage = \"host\"\nimages = [\"docker://gcr.io/team/gcc@sha256:{hex}\", \"gcc@sha256:{hex}\", \"sha256:{hex}\"]\n"
+    ))
+    .unwrap();
+    cfg.validate().unwrap();
+    assert!(Config::default().worker.images.is_empty());
+    for bad in ["gcc", "docker://gcr.io/team/gcc:12", "host", "sha256:12"] {
+        let cfg: Config = toml::from_str(&format!("[worker]\nimages = [{bad:?}]\n")).unwrap();
+        let err = cfg.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("worker.images") && err.contains(bad),
+            "{bad}: {err}"
+        );
+    }
+}

@@ -12,8 +12,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use agent_proto::remoteworkers::v1test2::{
-    bots_client::BotsClient, worker, BotSession, BotStatus, CreateBotSessionRequest, Device, Lease,
-    LeaseState, UpdateBotSessionRequest, Worker,
+    bots_client::BotsClient, device, worker, BotSession, BotStatus, CreateBotSessionRequest,
+    Device, Lease, LeaseState, UpdateBotSessionRequest, Worker,
 };
 use bazel_remote_apis::build::bazel::remote::execution::v2 as reapi;
 use bazel_remote_apis::google::protobuf::Any;
@@ -117,11 +117,20 @@ fn action_digest_of(lease: &Lease) -> Result<Digest> {
 }
 
 impl Bot {
+    /// What the bot offers, on the worker and on its primary device (the one running
+    /// the bot): BuildGrid matches actions against the primary device's properties only.
     fn worker(&self) -> Worker {
         Worker {
             devices: vec![Device {
                 handle: self.bot_id.clone(),
-                properties: Vec::new(),
+                properties: self
+                    .properties
+                    .iter()
+                    .map(|(key, value)| device::Property {
+                        key: key.clone(),
+                        value: value.clone(),
+                    })
+                    .collect(),
             }],
             properties: self
                 .properties

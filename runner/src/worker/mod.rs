@@ -6,6 +6,7 @@
 
 pub mod bots;
 pub mod cas;
+pub mod image;
 pub mod inputs;
 pub mod outputs;
 pub mod run;

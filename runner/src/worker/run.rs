@@ -22,6 +22,7 @@ use sandbox::{StepOutcome, StepSpec, StepStatus};
 use time::OffsetDateTime;
 
 use super::cas::{CasClient, Digest, UploadSource};
+use super::image::{requested_image, select_image, OfferedImage};
 use super::inputs::FetchedAction;
 use super::outputs::{collect_outputs, message_blob, upload_outputs};
 use super::ActionLimits;
@@ -42,7 +43,8 @@ pub use crate::cli::action_cache::SIGNED_LINK_TYPE_URL;
 const WORKSPACE_DIR: &str = "ws";
 
 /// What runs remote actions on this host: the engine's executor, the host id ranges of
-/// its slots (one action per slot at a time), the signing key and the default image.
+/// its slots (one action per slot at a time), the signing key, the default image and the
+/// images an action may ask for.
 pub struct ActionRunner {
     config: Config,
     executor: Arc<dyn Executor>,
@@ -51,6 +53,8 @@ pub struct ActionRunner {
     work_dir: PathBuf,
     key: Signer,
     image: ResolvedImage,
+    /// `[worker] images`: what an action's `container-image` may name.
+    offered: Vec<OfferedImage>,
     limits: ActionLimits,
     /// The worker's name, as results and statements record it.
     worker: String,
@@ -139,6 +143,7 @@ impl ActionRunner {
             work_dir,
             key,
             image,
+            offered: Vec::new(),
             limits: ActionLimits::default(),
             worker,
         })
@@ -147,6 +152,12 @@ impl ActionRunner {
     /// Bounds on the actions' inputs and outputs other than the defaults.
     pub fn with_limits(mut self, limits: ActionLimits) -> Self {
         self.limits = limits;
+        self
+    }
+
+    /// The images (resolved, verified) an action may name with `container-image`.
+    pub fn with_offered_images(mut self, offered: Vec<OfferedImage>) -> Self {
+        self.offered = offered;
         self
     }
 
@@ -193,6 +204,10 @@ impl ActionRunner {
         cancel: impl Future<Output = ()> + Send,
     ) -> Result<ExecutedAction> {
         let plan = self.plan(&fetched.action);
+        // Before anything is set up: the image the sandbox gets and the statement names
+        // is this one value.
+        let requested = requested_image(&fetched.action, &fetched.command)?;
+        let image = select_image(requested.as_ref(), &self.offered, &self.image)?;
         if fetched.input_root.file_bytes() > plan.limits.disk_bytes {
             return Err(RunnerError::FailedPrecondition(format!(
                 "the input root's files ({}) do not fit in the workspace quota of {}",
@@ -228,7 +243,7 @@ impl ActionRunner {
             written = self.write_inputs(fetched, cas, &workspace, step_owner, &plan) => written?,
             () = &mut cancel => return Err(cancelled()),
         }
-        let spec = self.step_spec(fetched, &plan, &workspace, host_uid_base);
+        let spec = self.step_spec(fetched, image, &plan, &workspace, host_uid_base);
         let profile_digest = self.executor.profile_digest(&spec)?;
         let inputs_written = OffsetDateTime::now_utc();
         let ran = self.run_sandbox(spec, cancel).await?;
@@ -257,7 +272,14 @@ impl ActionRunner {
         drop(guard);
         drop(slot);
         let finished_on = OffsetDateTime::now_utc();
-        let statement = self.statement(fetched, &result, &profile_digest, started_on, finished_on);
+        let statement = self.statement(
+            fetched,
+            image,
+            &result,
+            &profile_digest,
+            started_on,
+            finished_on,
+        );
         let envelope = statement.sign(&self.key.current()?.key)?;
         let link = agent_proto::v1::SignedLink {
             dsse_envelope: envelope,
@@ -341,14 +363,15 @@ impl ActionRunner {
     fn step_spec(
         &self,
         fetched: &FetchedAction,
+        image: &ResolvedImage,
         plan: &StepPlan,
         workspace: &Path,
         host_uid_base: u32,
     ) -> StepSpec {
         StepSpec {
             argv: fetched.command.arguments.clone(),
-            env: action_env(&fetched.command, &self.image),
-            root: self.image.root.clone(),
+            env: action_env(&fetched.command, image),
+            root: image.root.clone(),
             workspace: workspace.to_path_buf(),
             working_directory: fetched.paths.working_directory.clone(),
             host_uid_base,
@@ -458,6 +481,7 @@ impl ActionRunner {
     fn statement(
         &self,
         fetched: &FetchedAction,
+        image: &ResolvedImage,
         result: &reapi::ActionResult,
         profile_digest: &str,
         started_on: OffsetDateTime,
@@ -492,6 +516,7 @@ impl ActionRunner {
                 .map(|d| (d.path.clone(), hash(&d.tree_digest)))
                 .collect(),
             sandbox_profile: profile_digest.to_string(),
+            image: image.describe(),
             // The action had no network: no attempt could be made.
             network: serde_json::json!([]),
             worker: self.worker.clone(),
