@@ -275,14 +275,21 @@ fn bazel_builds_remotely_on_two_kiln_workers_and_every_action_verifies() {
     write_c_sources(&bazel);
     bazel.write("BUILD", &format!("{}{GCC_RULES}", genrules()));
     let local_root = tempfile::tempdir().unwrap();
-    let local = bazel.build_in(local_root.path(), &GCC_TARGETS);
+    // Bazel's execution logs: every spawn with the outputs it produced.
+    let local_exec_log = grpc_logs.path().join("gcc-local.json");
+    let exec_log_flag = format!("--execution_log_json_file={}", local_exec_log.display());
+    let mut args = vec![exec_log_flag.as_str()];
+    args.extend(GCC_TARGETS);
+    let local = bazel.build_in(local_root.path(), &args);
     assert!(local.status.success(), "{}", describe(&local));
     let local_outputs: Vec<Vec<u8>> = GCC_OUTPUTS.iter().map(|o| bazel.output(o)).collect();
     let gcc_log = grpc_logs.path().join("gcc.log");
+    let gcc_exec_log = grpc_logs.path().join("gcc.json");
     let mut args = vec![
         executor.clone(),
         "--spawn_strategy=remote".to_string(),
         format!("--experimental_remote_grpc_log={}", gcc_log.display()),
+        format!("--execution_log_json_file={}", gcc_exec_log.display()),
     ];
     args.extend(GCC_TARGETS.iter().map(|t| t.to_string()));
     let remote = bazel.build(&args.iter().map(String::as_str).collect::<Vec<_>>());
@@ -326,13 +333,47 @@ fn bazel_builds_remotely_on_two_kiln_workers_and_every_action_verifies() {
         logs()
     );
 
-    // Every one verifies with the key of the worker that ran it, and only with that.
+    // The workers' public keys.
     let keys = tempfile::tempdir().unwrap();
     let worker_keys: Vec<PathBuf> = workers
         .iter()
         .enumerate()
         .map(|(n, w)| w.public_key(&keys.path().join(format!("worker{n}.pub"))))
         .collect();
+
+    // Every output of the gcc build is an output of a verified action; so is every output
+    // of the local build, which has the same bytes; the genrules' actions vouch for none.
+    let verify_outputs = |grpc_log: &Path, exec_log: &Path| {
+        let mut command = Command::new(KILN);
+        command
+            .arg("verify")
+            .arg("--bazel-grpc-log")
+            .arg(grpc_log)
+            .arg("--bazel-exec-log")
+            .arg(exec_log);
+        for key in &worker_keys {
+            command.arg("--key").arg(key);
+        }
+        command.output().unwrap()
+    };
+    for exec_log in [&gcc_exec_log, &local_exec_log] {
+        let out = verify_outputs(&gcc_log, exec_log);
+        assert!(out.status.success(), "{}", describe(&out));
+        assert!(
+            text(&out.stdout).ends_with("PASS (5 actions, 5 outputs)\n"),
+            "{}",
+            describe(&out)
+        );
+    }
+    let out = verify_outputs(&genrule_log, &local_exec_log);
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    assert!(
+        text(&out.stdout).contains("the spawn's runner: linux-sandbox"),
+        "{}",
+        describe(&out)
+    );
+
+    // Every one verifies with the key of the worker that ran it, and only with that.
     for digest in &by_bazel {
         let n = workers
             .iter()

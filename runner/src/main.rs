@@ -152,6 +152,7 @@ async fn verify_command(args: VerifyArgs) -> anyhow::Result<i32> {
             keys: &args.keys,
             actions: &actions,
             grpc_logs: &args.bazel_grpc_logs,
+            exec_logs: &args.bazel_exec_logs,
             json: args.json,
         })
         .await;

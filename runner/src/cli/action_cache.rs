@@ -5,6 +5,7 @@
 //! signature, the statement about this very action, every output of the result a subject
 //! of it. A result without a statement is unattested, and fails.
 
+use std::collections::HashSet;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -17,6 +18,7 @@ use prost::Message;
 use provenance::action::{verify_action_statement, ActionOutcome, ActionVerdict};
 use serde_json::json;
 
+use crate::cli::bazel_exec_log::SpawnOutputRecord;
 use crate::cli::bazel_grpc_log::Source;
 use tonic::transport::Channel;
 
@@ -92,6 +94,9 @@ pub struct Check<'a> {
     pub actions: &'a [String],
     /// Bazel's logs of its remote calls: every action in them is checked.
     pub grpc_logs: &'a [PathBuf],
+    /// Bazel's execution logs (JSON): every output of every spawn in them must be an
+    /// output of a verified action, with the same digest.
+    pub exec_logs: &'a [PathBuf],
     pub json: bool,
 }
 
@@ -137,7 +142,7 @@ pub async fn run(check: Check<'_>) -> anyhow::Result<i32> {
     if trusted.is_empty() {
         bail!("no worker keys to trust: give --key");
     }
-    let mut seen = std::collections::HashSet::new();
+    let mut seen = HashSet::new();
     let mut candidates = Vec::new();
     match check.results {
         Results::ActionCache { url, instance } => {
@@ -213,7 +218,17 @@ pub async fn run(check: Check<'_>) -> anyhow::Result<i32> {
             (candidate, verdict)
         })
         .collect();
-    let passed = verdicts.iter().all(|(_, v)| v.passed);
+    let mut spawn_outputs = Vec::new();
+    for path in check.exec_logs {
+        let file = std::fs::File::open(path)
+            .with_context(|| format!("opening Bazel's execution log {}", path.display()))?;
+        spawn_outputs.extend(
+            crate::cli::bazel_exec_log::spawn_outputs(file)
+                .with_context(|| format!("Bazel's execution log {}", path.display()))?,
+        );
+    }
+    let unattested = unattested_outputs(&spawn_outputs, &verdicts);
+    let passed = verdicts.iter().all(|(_, v)| v.passed) && unattested.is_empty();
     if check.json {
         let list: Vec<_> = verdicts
             .iter()
@@ -225,10 +240,22 @@ pub async fn run(check: Check<'_>) -> anyhow::Result<i32> {
                 })
             })
             .collect();
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&json!({"passed": passed, "actions": list}))?
-        );
+        let mut answer = json!({"passed": passed, "actions": list});
+        if !check.exec_logs.is_empty() {
+            let unattested: Vec<_> = unattested
+                .iter()
+                .map(|(output, why)| {
+                    json!({
+                        "path": output.path,
+                        "spawn": output.spawn,
+                        "runner": output.runner,
+                        "reason": why,
+                    })
+                })
+                .collect();
+            answer["outputs"] = json!({"checked": spawn_outputs.len(), "unattested": unattested});
+        }
+        println!("{}", serde_json::to_string_pretty(&answer)?);
     } else {
         for (candidate, verdict) in &verdicts {
             let digest = &candidate.digest;
@@ -251,14 +278,74 @@ pub async fn run(check: Check<'_>) -> anyhow::Result<i32> {
                 );
             }
         }
+        for (output, why) in &unattested {
+            println!(
+                "output {} of {:?}: FAIL: {}",
+                crate::cli::printable(&output.path),
+                crate::cli::printable(&output.spawn),
+                crate::cli::printable(why)
+            );
+        }
+        let plural = |n: usize| if n == 1 { "" } else { "s" };
+        let outputs = if check.exec_logs.is_empty() {
+            String::new()
+        } else {
+            let n = spawn_outputs.len();
+            format!(", {n} output{}", plural(n))
+        };
         println!(
-            "{} ({} action{})",
+            "{} ({} action{}{outputs})",
             if passed { "PASS" } else { "FAIL" },
             verdicts.len(),
-            if verdicts.len() == 1 { "" } else { "s" }
+            plural(verdicts.len())
         );
     }
     Ok(if passed { 0 } else { 1 })
+}
+
+/// The spawn outputs no verified action vouches for, each with why: a verified result
+/// must have it as an output file, at the same path with the same digest.
+fn unattested_outputs(
+    outputs: &[SpawnOutputRecord],
+    verdicts: &[(Candidate, ActionVerdict)],
+) -> Vec<(SpawnOutputRecord, String)> {
+    let mut files = HashSet::new();
+    let mut directories = Vec::new();
+    for (candidate, verdict) in verdicts {
+        let (true, Ok(result)) = (verdict.passed, &candidate.result) else {
+            continue;
+        };
+        for file in &result.output_files {
+            if let Some(digest) = &file.digest {
+                files.insert((file.path.as_str(), digest.hash.as_str()));
+            }
+        }
+        for directory in &result.output_directories {
+            directories.push(format!("{}/", directory.path.trim_end_matches('/')));
+        }
+    }
+    outputs
+        .iter()
+        .filter_map(|output| {
+            let why = match &output.sha256 {
+                Some(hash) if files.contains(&(output.path.as_str(), hash.as_str())) => {
+                    return None
+                }
+                None => "Bazel recorded no digest of it".to_string(),
+                Some(_) if directories.iter().any(|d| output.path.starts_with(d)) => {
+                    "it lies in an output directory of a verified action, whose files are \
+                     not checked one by one"
+                        .to_string()
+                }
+                Some(hash) => format!(
+                    "no verified action has it as an output with sha256 {hash} (the spawn's \
+                     runner: {})",
+                    output.runner
+                ),
+            };
+            Some((output.clone(), why))
+        })
+        .collect()
 }
 
 /// One result against the statements attached to it: exactly one must be there.
@@ -372,20 +459,66 @@ mod tests {
 
     /// `kiln verify --bazel-grpc-log LOG --key KEY`'s exit code (offline).
     async fn verify_log(log: &[u8], key: &SigningKey) -> i32 {
+        verify_build(log, None, key).await
+    }
+
+    /// As [`verify_log`], with `--bazel-exec-log EXEC_LOG`.
+    async fn verify_build(log: &[u8], exec_log: Option<&str>, key: &SigningKey) -> i32 {
         let dir = tempfile::tempdir().unwrap();
         let log_path = dir.path().join("grpc.log");
         std::fs::write(&log_path, log).unwrap();
         let key_path = dir.path().join("worker.pub");
         std::fs::write(&key_path, key.public_key().to_spki_pem()).unwrap();
+        let exec_logs: Vec<PathBuf> = exec_log
+            .map(|text| {
+                let path = dir.path().join("exec.json");
+                std::fs::write(&path, text).unwrap();
+                path
+            })
+            .into_iter()
+            .collect();
         run(Check {
             results: Results::AsBazelReceived,
             keys: &[key_path],
             actions: &[],
             grpc_logs: &[log_path],
+            exec_logs: &exec_logs,
             json: false,
         })
         .await
         .unwrap()
+    }
+
+    #[tokio::test]
+    async fn every_output_in_the_execution_log_must_come_from_a_verified_action() {
+        let key = SigningKey::generate();
+        let a = Digest {
+            hash: "aa".repeat(32),
+            size_bytes: 140,
+        };
+        let log = fixtures::executed(&a, signed_result(&key, &a));
+        let spawn = |path: &str, hash: &str, runner: &str| {
+            format!(
+                r#"{{"progressMessage": "Executing genrule //:x", "runner": "{runner}",
+                   "actualOutputs": [{{"path": "{path}", "digest": {{"hash": "{hash}"}}}}]}}"#
+            )
+        };
+        let covered = spawn("out", &"cc".repeat(32), "remote");
+        assert_eq!(verify_build(&log, Some(&covered), &key).await, 0);
+        // A spawn Bazel ran locally: nothing vouches for its output.
+        let local = spawn("other", &"dd".repeat(32), "linux-sandbox");
+        assert_eq!(
+            verify_build(&log, Some(&format!("{covered}{local}")), &key).await,
+            1
+        );
+        // The same path with other bytes than the verified action's.
+        let changed = spawn("out", &"cd".repeat(32), "remote");
+        assert_eq!(verify_build(&log, Some(&changed), &key).await, 1);
+        // Covered only by a result that does not verify.
+        assert_eq!(
+            verify_build(&log, Some(&covered), &SigningKey::generate()).await,
+            1
+        );
     }
 
     #[tokio::test]
@@ -449,6 +582,7 @@ mod tests {
             keys: std::slice::from_ref(&key),
             actions: &[],
             grpc_logs: std::slice::from_ref(&log),
+            exec_logs: &[],
             json: false,
         };
         let err = run(check).await.unwrap_err();

@@ -112,7 +112,7 @@ pub enum Command {
     /// Provenance mode: --provenance ENVELOPE --key KEY... --policy POLICY [--json] FILE...
     /// Registry mode: --image REGISTRY/REPO@sha256:DIGEST --key KEY... --policy POLICY [--json]
     /// Action cache mode: --action-cache URL --key KEY... [--instance NAME] [--json] ACTION_DIGEST...
-    /// Bazel build mode: --bazel-grpc-log FILE... --key KEY... [--action-cache URL] [--json]
+    /// Bazel build mode: --bazel-grpc-log FILE... [--bazel-exec-log FILE...] --key KEY... [--action-cache URL] [--json]
     Verify(VerifyArgs),
     /// Have the daemon publish a succeeded job to an OCI registry: its outputs as one
     /// artifact, its provenance, links and SBOM attached as Sigstore bundles. Prints
@@ -238,6 +238,15 @@ pub struct VerifyArgs {
     /// an action Bazel got no result for fails. Repeatable.
     #[arg(long = "bazel-grpc-log", value_name = "FILE", conflicts_with_all = ["layout", "image", "provenance"], requires = "keys")]
     pub bazel_grpc_logs: Vec<PathBuf>,
+    /// Bazel's execution log of the same build (`--execution_log_json_file=FILE`): every
+    /// output of every spawn in it, wherever it ran, must be an output of a verified
+    /// action with the same digest. Repeatable.
+    #[arg(
+        long = "bazel-exec-log",
+        value_name = "FILE",
+        requires = "bazel_grpc_logs"
+    )]
+    pub bazel_exec_logs: Vec<PathBuf>,
     /// The engine's instance name (with --action-cache).
     #[arg(long, default_value = "", requires = "action_cache")]
     pub instance: String,
