@@ -152,6 +152,14 @@ fn write_c_sources(bazel: &Bazel) {
 /// The actions (HEX/SIZE) Bazel's log of its remote calls says it had executed, each
 /// with the result Bazel received.
 fn executed_by_bazel(grpc_log: &Path) -> Vec<String> {
+    received_by_bazel(grpc_log, runner::cli::bazel_grpc_log::Source::Executed)
+}
+
+/// The actions in Bazel's log, each of whose results came from `source`.
+fn received_by_bazel(
+    grpc_log: &Path,
+    expected: runner::cli::bazel_grpc_log::Source,
+) -> Vec<String> {
     let actions =
         runner::cli::bazel_grpc_log::remote_actions(std::fs::File::open(grpc_log).unwrap())
             .unwrap();
@@ -162,7 +170,7 @@ fn executed_by_bazel(grpc_log: &Path) -> Vec<String> {
             let source = action.received.as_ref().map(|(source, _)| *source);
             assert_eq!(
                 source,
-                Some(runner::cli::bazel_grpc_log::Source::Executed),
+                Some(expected),
                 "{digest}: {:?}",
                 action.missing_because
             );
@@ -415,6 +423,47 @@ fn bazel_builds_remotely_on_two_kiln_workers_and_every_action_verifies() {
         let out = verify_build(&both[..1], cache);
         assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
     }
+
+    // The gcc build again from a fresh output tree: Bazel takes every result from the
+    // remote cache, and those are the results the workers signed.
+    let cached_root = tempfile::tempdir().unwrap();
+    let hits_log = grpc_logs.path().join("hits.log");
+    let mut args = vec![
+        executor.clone(),
+        "--spawn_strategy=remote".to_string(),
+        format!("--experimental_remote_grpc_log={}", hits_log.display()),
+    ];
+    args.extend(GCC_TARGETS.iter().map(|t| t.to_string()));
+    let cached = bazel.build_in(
+        cached_root.path(),
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    assert!(cached.status.success(), "{}", describe(&cached));
+    assert!(
+        text(&cached.stderr).contains("5 remote cache hit"),
+        "{}",
+        describe(&cached)
+    );
+    let hits = received_by_bazel(&hits_log, runner::cli::bazel_grpc_log::Source::CacheHit);
+    assert_eq!(hits.len(), 5);
+    assert!(hits.iter().all(|digest| by_bazel.contains(digest)));
+    let out = Command::new(KILN)
+        .arg("verify")
+        .arg("--bazel-grpc-log")
+        .arg(&hits_log)
+        .args(["--key", &both[0].display().to_string()])
+        .args(["--key", &both[1].display().to_string()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", describe(&out));
+    assert_eq!(
+        text(&out.stdout)
+            .matches("(Bazel took it from the remote cache)")
+            .count(),
+        5,
+        "{}",
+        describe(&out)
+    );
 
     // A cache entry changed after the fact: its output is another blob now, under the
     // same signed statement. It no longer verifies.
