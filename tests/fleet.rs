@@ -155,7 +155,8 @@ fn executed_by_bazel(grpc_log: &Path) -> Vec<String> {
     received_by_bazel(grpc_log, runner::cli::bazel_grpc_log::Source::Executed)
 }
 
-/// The actions in Bazel's log, each of whose results came from `source`.
+/// The actions (HEX/SIZE) in Bazel's log of its remote calls, each of whose results
+/// Bazel received as `expected` says (executed, or a cache hit).
 fn received_by_bazel(
     grpc_log: &Path,
     expected: runner::cli::bazel_grpc_log::Source,

@@ -4,6 +4,12 @@
 //! (`execution_metadata.auxiliary_metadata`, a `kiln.v1.SignedLink`): a trusted key's
 //! signature, the statement about this very action, every output of the result a subject
 //! of it. A result without a statement is unattested, and fails.
+//!
+//! `kiln verify --bazel-grpc-log FILE... [--bazel-exec-log FILE...] --key KEYS
+//! [--action-cache URL]`: the same check of every action a Bazel build had executed
+//! remotely or took from the remote cache, named by Bazel's log of its remote calls, in
+//! the result Bazel received (or the one the cache holds now); and every output of the
+//! build's execution log an output of a verified action.
 
 use std::collections::HashSet;
 use std::path::PathBuf;
@@ -17,10 +23,10 @@ use bazel_remote_apis::build::bazel::remote::execution::v2::{
 use prost::Message;
 use provenance::action::{verify_action_statement, ActionOutcome, ActionVerdict};
 use serde_json::json;
+use tonic::transport::Channel;
 
 use crate::cli::bazel_exec_log::SpawnOutputRecord;
 use crate::cli::bazel_grpc_log::Source;
-use tonic::transport::Channel;
 
 /// The type URL of the statement in `auxiliary_metadata`.
 pub const SIGNED_LINK_TYPE_URL: &str = "type.googleapis.com/kiln.v1.SignedLink";
@@ -280,7 +286,7 @@ pub async fn run(check: Check<'_>) -> anyhow::Result<i32> {
         }
         for (output, why) in &unattested {
             println!(
-                "output {} of {:?}: FAIL: {}",
+                "output {} ({}): FAIL: {}",
                 crate::cli::printable(&output.path),
                 crate::cli::printable(&output.spawn),
                 crate::cli::printable(why)
