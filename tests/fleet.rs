@@ -1,7 +1,8 @@
 //! A fleet, real peers only: BuildGrid (on its own PostgreSQL cluster) schedules Bazel's
-//! actions onto two `kiln worker` processes; each action runs in the sandbox, and its
-//! result in BuildGrid's action cache carries the statement its worker signed, which
-//! `kiln verify --action-cache` checks against that worker's public key.
+//! actions (genrules, and gcc compiling and linking a C program) onto two `kiln worker`
+//! processes; each action runs in the sandbox, and its result carries the statement its
+//! worker signed, which `kiln verify --action-cache` checks against that worker's public
+//! key, and `kiln verify --bazel-grpc-log` for every action Bazel's own log names.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod support;
@@ -127,6 +128,71 @@ fn genrules() -> String {
     build
 }
 
+/// A C program compiled and linked in one gcc action, and another compiled in two
+/// actions and linked in a third; a fourth action runs the latter.
+const GCC_RULES: &str = r#"
+genrule(name = "hello", srcs = ["hello.c"], outs = ["hello"], cmd = "gcc -O2 -o $@ $(location hello.c)")
+genrule(name = "main_o", srcs = ["main.c", "greet.h"], outs = ["main.o"], cmd = "gcc -O2 -c -o $@ $(location main.c)")
+genrule(name = "greet_o", srcs = ["greet.c", "greet.h"], outs = ["greet.o"], cmd = "gcc -O2 -c -o $@ $(location greet.c)")
+genrule(name = "greeter", srcs = [":main_o", ":greet_o"], outs = ["greeter"], cmd = "gcc -o $@ $(SRCS)")
+genrule(name = "greeting", srcs = [":greeter"], outs = ["greeting.txt"], cmd = "./$(location :greeter) kiln > $@")
+"#;
+const GCC_TARGETS: [&str; 5] = [
+    "//:hello",
+    "//:main_o",
+    "//:greet_o",
+    "//:greeter",
+    "//:greeting",
+];
+const GCC_OUTPUTS: [&str; 5] = ["hello", "main.o", "greet.o", "greeter", "greeting.txt"];
+
+fn write_c_sources(bazel: &Bazel) {
+    bazel.write(
+        "hello.c",
+        "#include <stdio.h>\nint main(void) { puts(\"hello from kiln\"); return 0; }\n",
+    );
+    bazel.write("greet.h", "void greet(const char *name);\n");
+    bazel.write(
+        "greet.c",
+        "#include <stdio.h>\n#include \"greet.h\"\nvoid greet(const char *name) { printf(\"hello, %s\\n\", name); }\n",
+    );
+    bazel.write(
+        "main.c",
+        "#include \"greet.h\"\nint main(int argc, char **argv) { greet(argc > 1 ? argv[1] : \"world\"); return 0; }\n",
+    );
+}
+
+/// The actions (HEX/SIZE) Bazel's log of its remote calls says it had executed, each
+/// with the result Bazel received.
+fn executed_by_bazel(grpc_log: &Path) -> Vec<String> {
+    received_by_bazel(grpc_log, runner::cli::bazel_grpc_log::Source::Executed)
+}
+
+/// The actions (HEX/SIZE) in Bazel's log of its remote calls, each of whose results
+/// Bazel received as `expected` says (executed, or a cache hit).
+fn received_by_bazel(
+    grpc_log: &Path,
+    expected: runner::cli::bazel_grpc_log::Source,
+) -> Vec<String> {
+    let actions =
+        runner::cli::bazel_grpc_log::remote_actions(std::fs::File::open(grpc_log).unwrap())
+            .unwrap();
+    actions
+        .iter()
+        .map(|action| {
+            let digest = format!("{}/{}", action.digest.hash, action.digest.size_bytes);
+            let source = action.received.as_ref().map(|(source, _)| *source);
+            assert_eq!(
+                source,
+                Some(expected),
+                "{digest}: {:?}",
+                action.missing_because
+            );
+            digest
+        })
+        .collect()
+}
+
 fn verify(grid: &BuildGrid, key: &Path, digest: &str) -> std::process::Output {
     Command::new(KILN)
         .args(["verify", "--action-cache", &grid.url, "--key"])
@@ -158,8 +224,16 @@ fn bazel_builds_remotely_on_two_kiln_workers_and_every_action_verifies() {
     let local_all = bazel.output("all.txt");
 
     let executor = format!("--remote_executor={}", grid.url);
+    // Bazel's own record of its remote calls: which actions it had executed.
+    let grpc_logs = tempfile::tempdir().unwrap();
+    let genrule_log = grpc_logs.path().join("genrules.log");
     let began = Instant::now();
-    let remote = bazel.build(&[&executor, "--spawn_strategy=remote", "//:all"]);
+    let remote = bazel.build(&[
+        &executor,
+        "--spawn_strategy=remote",
+        &format!("--experimental_remote_grpc_log={}", genrule_log.display()),
+        "//:all",
+    ]);
     let took = began.elapsed();
     let logs = || {
         format!(
@@ -185,25 +259,8 @@ fn bazel_builds_remotely_on_two_kiln_workers_and_every_action_verifies() {
     }
     eprintln!("{test}: 11 remote actions on 2 workers in {took:.2?}");
 
-    // Every action ran once, on one of the workers, and verifies with its key only.
-    let keys = tempfile::tempdir().unwrap();
-    let mut ran = 0;
-    for (n, worker) in workers.iter().enumerate() {
-        let key = worker.public_key(&keys.path().join(format!("worker{n}.pub")));
-        let other = workers[1 - n].public_key(&keys.path().join(format!("other{n}.pub")));
-        for digest in worker.actions() {
-            ran += 1;
-            let out = verify(&grid, &key, &digest);
-            assert!(out.status.success(), "{digest}: {}", describe(&out));
-            assert!(text(&out.stdout).contains("PASS"), "{}", describe(&out));
-            let out = verify(&grid, &other, &digest);
-            assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
-        }
-    }
-    assert_eq!(ran, 11, "{}", logs());
-
     // What each action took on its worker (fetch, sandbox, upload, sign) against the
-    // same command run directly.
+    // same command run directly (the genrules' 11 actions).
     let seconds: Vec<f64> = workers
         .iter()
         .flat_map(|w| {
@@ -233,6 +290,195 @@ fn bazel_builds_remotely_on_two_kiln_workers_and_every_action_verifies() {
         direct.elapsed().as_secs_f64() / 10.0
     );
 
+    // A C program, compiled and linked by gcc on the workers. The default image `host`
+    // is the host's system, read-only: the workers run the very gcc, binutils and libc
+    // that Bazel's local build runs, and gcc without -g writes neither paths, times nor
+    // random names into its output, so the outputs are the same bytes.
+    write_c_sources(&bazel);
+    bazel.write("BUILD", &format!("{}{GCC_RULES}", genrules()));
+    let local_root = tempfile::tempdir().unwrap();
+    // Bazel's execution logs: every spawn with the outputs it produced.
+    let local_exec_log = grpc_logs.path().join("gcc-local.json");
+    let exec_log_flag = format!("--execution_log_json_file={}", local_exec_log.display());
+    let mut args = vec![exec_log_flag.as_str()];
+    args.extend(GCC_TARGETS);
+    let local = bazel.build_in(local_root.path(), &args);
+    assert!(local.status.success(), "{}", describe(&local));
+    let local_outputs: Vec<Vec<u8>> = GCC_OUTPUTS.iter().map(|o| bazel.output(o)).collect();
+    let gcc_log = grpc_logs.path().join("gcc.log");
+    let gcc_exec_log = grpc_logs.path().join("gcc.json");
+    let mut args = vec![
+        executor.clone(),
+        "--spawn_strategy=remote".to_string(),
+        format!("--experimental_remote_grpc_log={}", gcc_log.display()),
+        format!("--execution_log_json_file={}", gcc_exec_log.display()),
+    ];
+    args.extend(GCC_TARGETS.iter().map(|t| t.to_string()));
+    let remote = bazel.build(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(remote.status.success(), "{}\n{}", describe(&remote), logs());
+    let stderr = text(&remote.stderr);
+    assert!(
+        stderr.contains("5 remote"),
+        "Bazel did not run the gcc actions remotely:\n{stderr}\n{}",
+        logs()
+    );
+    for (output, local) in GCC_OUTPUTS.iter().zip(&local_outputs) {
+        assert!(
+            bazel.output(output) == *local,
+            "{output} built remotely differs from the local build"
+        );
+    }
+    let hello = Command::new(bazel.workspace.join("bazel-bin/hello"))
+        .output()
+        .unwrap();
+    assert!(hello.status.success(), "{}", describe(&hello));
+    assert_eq!(hello.stdout, b"hello from kiln\n");
+    // What the remotely linked program printed when a worker ran it.
+    assert_eq!(bazel.output("greeting.txt"), b"hello, kiln\n");
+
+    // The actions Bazel had executed remotely, from Bazel's own log, are the ones the
+    // workers ran.
+    let by_bazel: Vec<String> = [&genrule_log, &gcc_log]
+        .into_iter()
+        .flat_map(|log| executed_by_bazel(log))
+        .collect();
+    let by_workers: std::collections::BTreeSet<String> =
+        workers.iter().flat_map(Worker::actions).collect();
+    assert_eq!(by_bazel.len(), 16, "{by_bazel:?}\n{}", logs());
+    assert_eq!(
+        by_bazel
+            .iter()
+            .cloned()
+            .collect::<std::collections::BTreeSet<_>>(),
+        by_workers,
+        "{}",
+        logs()
+    );
+
+    // The workers' public keys.
+    let keys = tempfile::tempdir().unwrap();
+    let worker_keys: Vec<PathBuf> = workers
+        .iter()
+        .enumerate()
+        .map(|(n, w)| w.public_key(&keys.path().join(format!("worker{n}.pub"))))
+        .collect();
+
+    // Every output of the gcc build is an output of a verified action; so is every output
+    // of the local build, which has the same bytes; the genrules' actions vouch for none.
+    let verify_outputs = |grpc_log: &Path, exec_log: &Path| {
+        let mut command = Command::new(KILN);
+        command
+            .arg("verify")
+            .arg("--bazel-grpc-log")
+            .arg(grpc_log)
+            .arg("--bazel-exec-log")
+            .arg(exec_log);
+        for key in &worker_keys {
+            command.arg("--key").arg(key);
+        }
+        command.output().unwrap()
+    };
+    for exec_log in [&gcc_exec_log, &local_exec_log] {
+        let out = verify_outputs(&gcc_log, exec_log);
+        assert!(out.status.success(), "{}", describe(&out));
+        assert!(
+            text(&out.stdout).ends_with("PASS (5 actions, 5 outputs)\n"),
+            "{}",
+            describe(&out)
+        );
+    }
+    let out = verify_outputs(&genrule_log, &local_exec_log);
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    assert!(
+        text(&out.stdout).contains("the spawn's runner: linux-sandbox"),
+        "{}",
+        describe(&out)
+    );
+
+    // Every one verifies with the key of the worker that ran it, and only with that.
+    for digest in &by_bazel {
+        let n = workers
+            .iter()
+            .position(|w| w.actions().contains(digest))
+            .unwrap();
+        let out = verify(&grid, &worker_keys[n], digest);
+        assert!(out.status.success(), "{digest}: {}", describe(&out));
+        assert!(text(&out.stdout).contains("PASS"), "{}", describe(&out));
+        let out = verify(&grid, &worker_keys[1 - n], digest);
+        assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    }
+
+    // The whole build at once: every action in Bazel's logs, as Bazel received its
+    // result, then as the action cache holds it.
+    let verify_build = |keys: &[&PathBuf], cache: Option<&str>| {
+        let mut command = Command::new(KILN);
+        command.arg("verify");
+        if let Some(url) = cache {
+            command.args(["--action-cache", url]);
+        }
+        for log in [&genrule_log, &gcc_log] {
+            command.arg("--bazel-grpc-log").arg(log);
+        }
+        for key in keys {
+            command.arg("--key").arg(key);
+        }
+        command.output().unwrap()
+    };
+    let both = [&worker_keys[0], &worker_keys[1]];
+    for cache in [None, Some(grid.url.as_str())] {
+        let out = verify_build(&both, cache);
+        assert!(out.status.success(), "{}", describe(&out));
+        assert!(
+            text(&out.stdout).ends_with("PASS (16 actions)\n"),
+            "{}",
+            describe(&out)
+        );
+        // One worker's key vouches for its own actions only.
+        let out = verify_build(&both[..1], cache);
+        assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    }
+
+    // The gcc build again from a fresh output tree: Bazel takes every result from the
+    // remote cache, and those are the results the workers signed.
+    let cached_root = tempfile::tempdir().unwrap();
+    let hits_log = grpc_logs.path().join("hits.log");
+    let mut args = vec![
+        executor.clone(),
+        "--spawn_strategy=remote".to_string(),
+        format!("--experimental_remote_grpc_log={}", hits_log.display()),
+    ];
+    args.extend(GCC_TARGETS.iter().map(|t| t.to_string()));
+    let cached = bazel.build_in(
+        cached_root.path(),
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    assert!(cached.status.success(), "{}", describe(&cached));
+    assert!(
+        text(&cached.stderr).contains("5 remote cache hit"),
+        "{}",
+        describe(&cached)
+    );
+    let hits = received_by_bazel(&hits_log, runner::cli::bazel_grpc_log::Source::CacheHit);
+    assert_eq!(hits.len(), 5);
+    assert!(hits.iter().all(|digest| by_bazel.contains(digest)));
+    let out = Command::new(KILN)
+        .arg("verify")
+        .arg("--bazel-grpc-log")
+        .arg(&hits_log)
+        .args(["--key", &both[0].display().to_string()])
+        .args(["--key", &both[1].display().to_string()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", describe(&out));
+    assert_eq!(
+        text(&out.stdout)
+            .matches("(Bazel took it from the remote cache)")
+            .count(),
+        5,
+        "{}",
+        describe(&out)
+    );
+
     // A cache entry changed after the fact: its output is another blob now, under the
     // same signed statement. It no longer verifies.
     let digest = workers[0].actions().into_iter().next().unwrap();
@@ -240,6 +486,16 @@ fn bazel_builds_remotely_on_two_kiln_workers_and_every_action_verifies() {
     tamper(&grid, &digest);
     let out = verify(&grid, &key, &digest);
     assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    // The build as the cache holds it now fails; as Bazel received it, it still passes.
+    let out = verify_build(&both, Some(grid.url.as_str()));
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    assert!(
+        text(&out.stdout).contains(&format!("action {digest}: FAIL")),
+        "{}",
+        describe(&out)
+    );
+    let out = verify_build(&both, None);
+    assert!(out.status.success(), "{}", describe(&out));
 
     // SIGTERM: each bot closes its session and the worker exits cleanly.
     for mut worker in workers {
@@ -330,8 +586,18 @@ fn a_worker_killed_mid_action_does_not_fail_the_build() {
         "genrule(name = \"slow\", outs = [\"slow.txt\"], cmd = \"sleep 8 && echo survived > $@\")\n",
     );
     let executor = format!("--remote_executor={}", grid.url);
+    let scratch = tempfile::tempdir().unwrap();
+    let grpc_log = scratch.path().join("grpc.log");
+    let grpc_log_flag = format!("--experimental_remote_grpc_log={}", grpc_log.display());
     let build = std::thread::scope(|scope| {
-        let build = scope.spawn(|| bazel.build(&[&executor, "--spawn_strategy=remote", "//:slow"]));
+        let build = scope.spawn(|| {
+            bazel.build(&[
+                &executor,
+                "--spawn_strategy=remote",
+                &grpc_log_flag,
+                "//:slow",
+            ])
+        });
         let deadline = Instant::now() + Duration::from_secs(120);
         while doomed.actions().is_empty() {
             assert!(
@@ -345,9 +611,10 @@ fn a_worker_killed_mid_action_does_not_fail_the_build() {
         doomed.child.wait().unwrap();
         let survivor = Worker::start(&grid, 1);
         let output = build.join().unwrap();
-        (output, survivor.log())
+        let key = survivor.public_key(&scratch.path().join("survivor.pub"));
+        (output, survivor.log(), key)
     });
-    let (output, survivor_log) = build;
+    let (output, survivor_log, survivor_key) = build;
     assert!(
         output.status.success(),
         "{}\nkilled worker:\n{}\nsurvivor:\n{survivor_log}\nBuildGrid:\n{}",
@@ -357,6 +624,21 @@ fn a_worker_killed_mid_action_does_not_fail_the_build() {
     );
     assert!(survivor_log.contains("running an action"), "{survivor_log}");
     assert_eq!(bazel.output("slow.txt"), b"survived\n");
+    // The result Bazel took is the one the survivor signed.
+    let out = Command::new(KILN)
+        .arg("verify")
+        .arg("--bazel-grpc-log")
+        .arg(&grpc_log)
+        .arg("--key")
+        .arg(&survivor_key)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", describe(&out));
+    assert!(
+        text(&out.stdout).ends_with("PASS (1 action)\n"),
+        "{}",
+        describe(&out)
+    );
 }
 
 /// An action that a client forged (an input root with a `..` entry) fails with

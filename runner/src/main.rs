@@ -134,13 +134,28 @@ fn target(cli: &Cli) -> anyhow::Result<client::Target> {
 
 /// `kiln verify` in the mode its arguments choose.
 async fn verify_command(args: VerifyArgs) -> anyhow::Result<i32> {
-    if let Some(url) = &args.action_cache {
+    if args.action_cache.is_some() || !args.bazel_grpc_logs.is_empty() {
         let actions: Vec<String> = args
             .files
             .iter()
             .map(|f| f.to_string_lossy().into_owned())
             .collect();
-        return action_cache::run(url, &args.instance, &args.keys, &actions, args.json).await;
+        let results = match &args.action_cache {
+            Some(url) => action_cache::Results::ActionCache {
+                url,
+                instance: &args.instance,
+            },
+            None => action_cache::Results::AsBazelReceived,
+        };
+        return action_cache::run(action_cache::Check {
+            results,
+            keys: &args.keys,
+            actions: &actions,
+            grpc_logs: &args.bazel_grpc_logs,
+            exec_logs: &args.bazel_exec_logs,
+            json: args.json,
+        })
+        .await;
     }
     match (args.provenance, args.policy, args.layout, args.links) {
         (None, Some(policy), _, _) if args.image.is_some() => {

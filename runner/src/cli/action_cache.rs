@@ -4,7 +4,14 @@
 //! (`execution_metadata.auxiliary_metadata`, a `kiln.v1.SignedLink`): a trusted key's
 //! signature, the statement about this very action, every output of the result a subject
 //! of it. A result without a statement is unattested, and fails.
+//!
+//! `kiln verify --bazel-grpc-log FILE... [--bazel-exec-log FILE...] --key KEYS
+//! [--action-cache URL]`: the same check of every action a Bazel build had executed
+//! remotely or took from the remote cache, named by Bazel's log of its remote calls, in
+//! the result Bazel received (or the one the cache holds now); and every output of the
+//! build's execution log an output of a verified action.
 
+use std::collections::HashSet;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -17,6 +24,9 @@ use prost::Message;
 use provenance::action::{verify_action_statement, ActionOutcome, ActionVerdict};
 use serde_json::json;
 use tonic::transport::Channel;
+
+use crate::cli::bazel_exec_log::SpawnOutputRecord;
+use crate::cli::bazel_grpc_log::Source;
 
 /// The type URL of the statement in `auxiliary_metadata`.
 pub const SIGNED_LINK_TYPE_URL: &str = "type.googleapis.com/kiln.v1.SignedLink";
@@ -74,72 +84,198 @@ pub async fn connect(url: &str) -> anyhow::Result<Channel> {
     crate::cli::connect::channel_over_tls(&format!("https://{rest}"), Arc::new(tls)).await
 }
 
+/// Where the results to judge come from.
+pub enum Results<'a> {
+    /// The engine's action cache, as it holds them now.
+    ActionCache { url: &'a str, instance: &'a str },
+    /// As Bazel received them, recorded in its log of remote calls.
+    AsBazelReceived,
+}
+
+/// What `kiln verify --action-cache`/`--bazel-grpc-log` checks.
+pub struct Check<'a> {
+    pub results: Results<'a>,
+    pub keys: &'a [PathBuf],
+    /// Action digests named on the command line (HEX/SIZE).
+    pub actions: &'a [String],
+    /// Bazel's logs of its remote calls: every action in them is checked.
+    pub grpc_logs: &'a [PathBuf],
+    /// Bazel's execution logs (JSON): every output of every spawn in them must be an
+    /// output of a verified action, with the same digest.
+    pub exec_logs: &'a [PathBuf],
+    pub json: bool,
+}
+
+/// One action to judge: its result, or why there is none.
+struct Candidate {
+    digest: Digest,
+    /// "action-cache", or a [`Source`]'s name: where the judged result came from.
+    source: &'static str,
+    result: Result<ActionResult, String>,
+}
+
 /// Each action's verdict, printed; exit code 0 only when every one passed.
-pub async fn run(
-    url: &str,
-    instance: &str,
-    keys: &[PathBuf],
-    actions: &[String],
-    json_out: bool,
-) -> anyhow::Result<i32> {
-    if actions.is_empty() {
-        bail!("name at least one action digest (HEX/SIZE)");
-    }
-    if actions.len() > MAX_ACTIONS {
+pub async fn run(check: Check<'_>) -> anyhow::Result<i32> {
+    if check.actions.len() > MAX_ACTIONS {
         bail!("at most {MAX_ACTIONS} actions at once");
     }
-    let digests = actions
+    let mut named = check
+        .actions
         .iter()
         .map(|a| parse_action_digest(a))
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let trusted = crate::cli::verify::trusted_keys(keys)?;
+    let mut logged = Vec::new();
+    for path in check.grpc_logs {
+        let file = std::fs::File::open(path)
+            .with_context(|| format!("opening Bazel's gRPC log {}", path.display()))?;
+        let actions = crate::cli::bazel_grpc_log::remote_actions(file)
+            .with_context(|| format!("Bazel's gRPC log {}", path.display()))?;
+        if actions.is_empty() {
+            bail!(
+                "Bazel's gRPC log {} records no remote action (was the build remote?)",
+                path.display()
+            );
+        }
+        logged.extend(actions);
+    }
+    if named.is_empty() && logged.is_empty() {
+        bail!("name at least one action digest (HEX/SIZE) or --bazel-grpc-log");
+    }
+    if named.len() + logged.len() > MAX_ACTIONS {
+        bail!("at most {MAX_ACTIONS} actions at once");
+    }
+    let trusted = crate::cli::verify::trusted_keys(check.keys)?;
     if trusted.is_empty() {
         bail!("no worker keys to trust: give --key");
     }
-    let mut client =
-        ActionCacheClient::new(connect(url).await?).max_decoding_message_size(MAX_RESULT_BYTES);
-    let mut verdicts = Vec::new();
-    for digest in digests {
-        let request = GetActionResultRequest {
-            instance_name: instance.to_string(),
-            action_digest: Some(digest.clone()),
-            inline_stdout: false,
-            inline_stderr: false,
-            ..Default::default()
-        };
-        let verdict = match client.get_action_result(request).await {
-            Ok(result) => judge(&digest, &result.into_inner(), &trusted),
-            Err(status) => ActionVerdict {
-                passed: false,
-                reasons: vec![format!(
-                    "the action cache has no result for it: {}",
-                    crate::cli::printable(status.message())
-                )],
-                signed_by: Vec::new(),
-                worker: None,
-                finished_on: None,
-            },
-        };
-        verdicts.push((digest, verdict));
+    let mut seen = HashSet::new();
+    let mut candidates = Vec::new();
+    match check.results {
+        Results::ActionCache { url, instance } => {
+            named.extend(logged.into_iter().map(|a| a.digest));
+            named.retain(|d| seen.insert((d.hash.clone(), d.size_bytes)));
+            let mut client = ActionCacheClient::new(connect(url).await?)
+                .max_decoding_message_size(MAX_RESULT_BYTES);
+            for digest in named {
+                let request = GetActionResultRequest {
+                    instance_name: instance.to_string(),
+                    action_digest: Some(digest.clone()),
+                    inline_stdout: false,
+                    inline_stderr: false,
+                    ..Default::default()
+                };
+                let result = client
+                    .get_action_result(request)
+                    .await
+                    .map(|r| r.into_inner())
+                    .map_err(|status| {
+                        format!(
+                            "the action cache has no result for it: {}",
+                            crate::cli::printable(status.message())
+                        )
+                    });
+                candidates.push(Candidate {
+                    digest,
+                    source: "action-cache",
+                    result,
+                });
+            }
+        }
+        Results::AsBazelReceived => {
+            if !named.is_empty() {
+                bail!("action digests on the command line need --action-cache to fetch them from");
+            }
+            // An action in two logs (two builds) is judged for each result received.
+            for action in logged {
+                let (source, result) = match action.received {
+                    Some((source, result)) => (source.name(), Ok(result)),
+                    None => (
+                        Source::Executed.name(),
+                        Err(format!(
+                            "Bazel received no result for it: {}",
+                            action
+                                .missing_because
+                                .as_deref()
+                                .unwrap_or("no call answered one")
+                        )),
+                    ),
+                };
+                candidates.push(Candidate {
+                    digest: action.digest,
+                    source,
+                    result,
+                });
+            }
+        }
     }
-    let passed = verdicts.iter().all(|(_, v)| v.passed);
-    if json_out {
+    let verdicts: Vec<_> = candidates
+        .into_iter()
+        .map(|candidate| {
+            let verdict = match &candidate.result {
+                Ok(result) => judge(&candidate.digest, result, &trusted),
+                Err(why) => ActionVerdict {
+                    passed: false,
+                    reasons: vec![why.clone()],
+                    signed_by: Vec::new(),
+                    worker: None,
+                    finished_on: None,
+                },
+            };
+            (candidate, verdict)
+        })
+        .collect();
+    let mut spawn_outputs = Vec::new();
+    for path in check.exec_logs {
+        let file = std::fs::File::open(path)
+            .with_context(|| format!("opening Bazel's execution log {}", path.display()))?;
+        spawn_outputs.extend(
+            crate::cli::bazel_exec_log::spawn_outputs(file)
+                .with_context(|| format!("Bazel's execution log {}", path.display()))?,
+        );
+    }
+    let unattested = unattested_outputs(&spawn_outputs, &verdicts);
+    let passed = verdicts.iter().all(|(_, v)| v.passed) && unattested.is_empty();
+    if check.json {
         let list: Vec<_> = verdicts
             .iter()
-            .map(|(d, v)| json!({"action": format!("{}/{}", d.hash, d.size_bytes), "verdict": v}))
+            .map(|(c, v)| {
+                json!({
+                    "action": format!("{}/{}", c.digest.hash, c.digest.size_bytes),
+                    "source": c.source,
+                    "verdict": v,
+                })
+            })
             .collect();
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&json!({"passed": passed, "actions": list}))?
-        );
+        let mut answer = json!({"passed": passed, "actions": list});
+        if !check.exec_logs.is_empty() {
+            let unattested: Vec<_> = unattested
+                .iter()
+                .map(|(output, why)| {
+                    json!({
+                        "path": output.path,
+                        "spawn": output.spawn,
+                        "runner": output.runner,
+                        "reason": why,
+                    })
+                })
+                .collect();
+            answer["outputs"] = json!({"checked": spawn_outputs.len(), "unattested": unattested});
+        }
+        println!("{}", serde_json::to_string_pretty(&answer)?);
     } else {
-        for (digest, verdict) in &verdicts {
+        for (candidate, verdict) in &verdicts {
+            let digest = &candidate.digest;
             let head = format!("action {}/{}", digest.hash, digest.size_bytes);
             if verdict.passed {
                 println!(
-                    "{head}: PASS, run by {} and signed by {}",
+                    "{head}: PASS, run by {} and signed by {}{}",
                     crate::cli::printable(verdict.worker.as_deref().unwrap_or("?")),
-                    verdict.signed_by.join(", ")
+                    verdict.signed_by.join(", "),
+                    if candidate.source == Source::CacheHit.name() {
+                        " (Bazel took it from the remote cache)"
+                    } else {
+                        ""
+                    }
                 );
             } else {
                 println!(
@@ -148,9 +284,74 @@ pub async fn run(
                 );
             }
         }
-        println!("{}", if passed { "PASS" } else { "FAIL" });
+        for (output, why) in &unattested {
+            println!(
+                "output {} ({}): FAIL: {}",
+                crate::cli::printable(&output.path),
+                crate::cli::printable(&output.spawn),
+                crate::cli::printable(why)
+            );
+        }
+        let plural = |n: usize| if n == 1 { "" } else { "s" };
+        let outputs = if check.exec_logs.is_empty() {
+            String::new()
+        } else {
+            let n = spawn_outputs.len();
+            format!(", {n} output{}", plural(n))
+        };
+        println!(
+            "{} ({} action{}{outputs})",
+            if passed { "PASS" } else { "FAIL" },
+            verdicts.len(),
+            plural(verdicts.len())
+        );
     }
     Ok(if passed { 0 } else { 1 })
+}
+
+/// The spawn outputs no verified action vouches for, each with why: a verified result
+/// must have it as an output file, at the same path with the same digest.
+fn unattested_outputs(
+    outputs: &[SpawnOutputRecord],
+    verdicts: &[(Candidate, ActionVerdict)],
+) -> Vec<(SpawnOutputRecord, String)> {
+    let mut files = HashSet::new();
+    let mut directories = Vec::new();
+    for (candidate, verdict) in verdicts {
+        let (true, Ok(result)) = (verdict.passed, &candidate.result) else {
+            continue;
+        };
+        for file in &result.output_files {
+            if let Some(digest) = &file.digest {
+                files.insert((file.path.as_str(), digest.hash.as_str()));
+            }
+        }
+        for directory in &result.output_directories {
+            directories.push(format!("{}/", directory.path.trim_end_matches('/')));
+        }
+    }
+    outputs
+        .iter()
+        .filter_map(|output| {
+            let why = match &output.sha256 {
+                Some(hash) if files.contains(&(output.path.as_str(), hash.as_str())) => {
+                    return None
+                }
+                None => "Bazel recorded no digest of it".to_string(),
+                Some(_) if directories.iter().any(|d| output.path.starts_with(d)) => {
+                    "it lies in an output directory of a verified action, whose files are \
+                     not checked one by one"
+                        .to_string()
+                }
+                Some(hash) => format!(
+                    "no verified action has it as an output with sha256 {hash} (the spawn's \
+                     runner: {})",
+                    output.runner
+                ),
+            };
+            Some((output.clone(), why))
+        })
+        .collect()
 }
 
 /// One result against the statements attached to it: exactly one must be there.
@@ -204,6 +405,195 @@ fn judge(
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    use crate::cli::bazel_grpc_log::fixtures;
+    use bazel_remote_apis::build::bazel::remote::execution::v2::{
+        ExecutedActionMetadata, OutputFile,
+    };
+    use provenance::action::{ActionDigest, ActionStatementInput};
+    use provenance::keys::SigningKey;
+
+    /// An action's result with one output, and the statement `key` signed about it.
+    fn signed_result(key: &SigningKey, action: &Digest) -> ActionResult {
+        let output = "cc".repeat(32);
+        let now = time::OffsetDateTime::now_utc();
+        let envelope = ActionStatementInput {
+            action: ActionDigest {
+                sha256: action.hash.clone(),
+                size_bytes: action.size_bytes,
+            },
+            input_root: ActionDigest {
+                sha256: "bb".repeat(32),
+                size_bytes: 80,
+            },
+            command: vec!["/bin/true".into()],
+            environment: Default::default(),
+            working_directory: String::new(),
+            exit_code: 0,
+            output_files: vec![("out".into(), output.clone())],
+            output_directories: Vec::new(),
+            sandbox_profile: "ee".repeat(32),
+            network: json!([]),
+            worker: "bot-1".into(),
+            started_on: now,
+            finished_on: now,
+        }
+        .sign(key)
+        .unwrap();
+        ActionResult {
+            output_files: vec![OutputFile {
+                path: "out".into(),
+                digest: Some(Digest {
+                    hash: output,
+                    size_bytes: 3,
+                }),
+                ..Default::default()
+            }],
+            execution_metadata: Some(ExecutedActionMetadata {
+                auxiliary_metadata: vec![bazel_remote_apis::google::protobuf::Any {
+                    type_url: SIGNED_LINK_TYPE_URL.into(),
+                    value: agent_proto::v1::SignedLink {
+                        dsse_envelope: envelope,
+                    }
+                    .encode_to_vec(),
+                }],
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    /// `kiln verify --bazel-grpc-log LOG --key KEY`'s exit code (offline).
+    async fn verify_log(log: &[u8], key: &SigningKey) -> i32 {
+        verify_build(log, None, key).await
+    }
+
+    /// As [`verify_log`], with `--bazel-exec-log EXEC_LOG`.
+    async fn verify_build(log: &[u8], exec_log: Option<&str>, key: &SigningKey) -> i32 {
+        let dir = tempfile::tempdir().unwrap();
+        let log_path = dir.path().join("grpc.log");
+        std::fs::write(&log_path, log).unwrap();
+        let key_path = dir.path().join("worker.pub");
+        std::fs::write(&key_path, key.public_key().to_spki_pem()).unwrap();
+        let exec_logs: Vec<PathBuf> = exec_log
+            .map(|text| {
+                let path = dir.path().join("exec.json");
+                std::fs::write(&path, text).unwrap();
+                path
+            })
+            .into_iter()
+            .collect();
+        run(Check {
+            results: Results::AsBazelReceived,
+            keys: &[key_path],
+            actions: &[],
+            grpc_logs: &[log_path],
+            exec_logs: &exec_logs,
+            json: false,
+        })
+        .await
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn every_output_in_the_execution_log_must_come_from_a_verified_action() {
+        let key = SigningKey::generate();
+        let a = Digest {
+            hash: "aa".repeat(32),
+            size_bytes: 140,
+        };
+        let log = fixtures::executed(&a, signed_result(&key, &a));
+        let spawn = |path: &str, hash: &str, runner: &str| {
+            format!(
+                r#"{{"progressMessage": "Executing genrule //:x", "runner": "{runner}",
+                   "actualOutputs": [{{"path": "{path}", "digest": {{"hash": "{hash}"}}}}]}}"#
+            )
+        };
+        let covered = spawn("out", &"cc".repeat(32), "remote");
+        assert_eq!(verify_build(&log, Some(&covered), &key).await, 0);
+        // A spawn Bazel ran locally: nothing vouches for its output.
+        let local = spawn("other", &"dd".repeat(32), "linux-sandbox");
+        assert_eq!(
+            verify_build(&log, Some(&format!("{covered}{local}")), &key).await,
+            1
+        );
+        // The same path with other bytes than the verified action's.
+        let changed = spawn("out", &"cd".repeat(32), "remote");
+        assert_eq!(verify_build(&log, Some(&changed), &key).await, 1);
+        // Covered only by a result that does not verify.
+        assert_eq!(
+            verify_build(&log, Some(&covered), &SigningKey::generate()).await,
+            1
+        );
+    }
+
+    #[tokio::test]
+    async fn a_bazel_log_passes_only_when_every_result_bazel_received_is_signed() {
+        let key = SigningKey::generate();
+        let (a, b) = (
+            Digest {
+                hash: "aa".repeat(32),
+                size_bytes: 140,
+            },
+            Digest {
+                hash: "ab".repeat(32),
+                size_bytes: 141,
+            },
+        );
+        let good = [
+            fixtures::executed(&a, signed_result(&key, &a)),
+            fixtures::executed(&b, signed_result(&key, &b)),
+        ]
+        .concat();
+        assert_eq!(verify_log(&good, &key).await, 0);
+        // Another worker's key.
+        assert_eq!(verify_log(&good, &SigningKey::generate()).await, 1);
+
+        // Bazel received an output the statement does not name.
+        let mut forged = signed_result(&key, &b);
+        forged.output_files[0].digest = Some(Digest {
+            hash: "cd".repeat(32),
+            size_bytes: 3,
+        });
+        let log = [
+            fixtures::executed(&a, signed_result(&key, &a)),
+            fixtures::executed(&b, forged),
+        ]
+        .concat();
+        assert_eq!(verify_log(&log, &key).await, 1);
+        // A statement about another action, replayed.
+        let log = fixtures::executed(&b, signed_result(&key, &a));
+        assert_eq!(verify_log(&log, &key).await, 1);
+        // No statement at all.
+        let log = fixtures::executed(&a, ActionResult::default());
+        assert_eq!(verify_log(&log, &key).await, 1);
+        // Looked up, missed, and never executed remotely: Bazel ran it elsewhere.
+        let log = [
+            fixtures::executed(&a, signed_result(&key, &a)),
+            fixtures::missed(&b),
+        ]
+        .concat();
+        assert_eq!(verify_log(&log, &key).await, 1);
+    }
+
+    #[tokio::test]
+    async fn a_log_without_remote_actions_is_an_error_not_a_pass() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("empty.log");
+        std::fs::write(&log, b"").unwrap();
+        let key = dir.path().join("worker.pub");
+        std::fs::write(&key, SigningKey::generate().public_key().to_spki_pem()).unwrap();
+        let check = Check {
+            results: Results::AsBazelReceived,
+            keys: std::slice::from_ref(&key),
+            actions: &[],
+            grpc_logs: std::slice::from_ref(&log),
+            exec_logs: &[],
+            json: false,
+        };
+        let err = run(check).await.unwrap_err();
+        assert!(format!("{err:#}").contains("no remote action"), "{err:#}");
+    }
 
     #[test]
     fn action_digests_are_hex_and_size() {

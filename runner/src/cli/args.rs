@@ -112,6 +112,7 @@ pub enum Command {
     /// Provenance mode: --provenance ENVELOPE --key KEY... --policy POLICY [--json] FILE...
     /// Registry mode: --image REGISTRY/REPO@sha256:DIGEST --key KEY... --policy POLICY [--json]
     /// Action cache mode: --action-cache URL --key KEY... [--instance NAME] [--json] ACTION_DIGEST...
+    /// Bazel build mode: --bazel-grpc-log FILE... [--bazel-exec-log FILE...] --key KEY... [--action-cache URL] [--json]
     Verify(VerifyArgs),
     /// Have the daemon publish a succeeded job to an OCI registry: its outputs as one
     /// artifact, its provenance, links and SBOM attached as Sigstore bundles. Prints
@@ -195,7 +196,7 @@ pub struct WorkerArgs {
 #[derive(clap::Args)]
 pub struct VerifyArgs {
     /// An in-toto layout (metablock).
-    #[arg(long, required_unless_present_any = ["provenance", "image", "action_cache"], requires_all = ["layout_keys", "links"])]
+    #[arg(long, required_unless_present_any = ["provenance", "image", "action_cache", "bazel_grpc_logs"], requires_all = ["layout_keys", "links"])]
     pub layout: Option<PathBuf>,
     /// PEM public key(s) of the layout owner (ed25519 or ECDSA P-256); repeatable.
     #[arg(long = "layout-key")]
@@ -231,6 +232,21 @@ pub struct VerifyArgs {
     /// checked against the statement its Kiln worker signed.
     #[arg(long, conflicts_with_all = ["layout", "image", "provenance"], requires = "keys")]
     pub action_cache: Option<String>,
+    /// Bazel's log of its remote calls (`--experimental_remote_grpc_log=FILE`): every
+    /// action the build executed remotely or took from the remote cache is checked, in
+    /// the result Bazel received (or, with --action-cache, the one the cache holds now);
+    /// an action Bazel got no result for fails. Repeatable.
+    #[arg(long = "bazel-grpc-log", value_name = "FILE", conflicts_with_all = ["layout", "image", "provenance"], requires = "keys")]
+    pub bazel_grpc_logs: Vec<PathBuf>,
+    /// Bazel's execution log of the same build (`--execution_log_json_file=FILE`): every
+    /// output of every spawn in it, wherever it ran, must be an output of a verified
+    /// action with the same digest. Repeatable.
+    #[arg(
+        long = "bazel-exec-log",
+        value_name = "FILE",
+        requires = "bazel_grpc_logs"
+    )]
+    pub bazel_exec_logs: Vec<PathBuf>,
     /// The engine's instance name (with --action-cache).
     #[arg(long, default_value = "", requires = "action_cache")]
     pub instance: String,

@@ -5,6 +5,8 @@ pub mod action_cache;
 pub mod args;
 pub mod artifact;
 pub mod audit;
+pub mod bazel_exec_log;
+pub mod bazel_grpc_log;
 pub mod client;
 pub mod connect;
 pub mod demo;
