@@ -920,3 +920,142 @@ fn keys_generate_takes_the_key_type_from_the_config_or_the_flag() {
         1
     );
 }
+
+/// The key id of the one link `kiln run` wrote into `links` (then removed).
+fn link_signer(links: &Path) -> String {
+    let path = only_file(links, ".link");
+    let link = read_json(&path);
+    std::fs::remove_dir_all(links).unwrap();
+    link["signatures"][0]["keyid"].as_str().unwrap().to_string()
+}
+
+#[test]
+fn a_ring_from_a_kubernetes_secret_signs_and_follows_the_secrets_updates() {
+    let test = "a_ring_from_a_kubernetes_secret_signs_and_follows_the_secrets_updates";
+    if !require_root(test) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    // The operator's ring, made away from the cluster.
+    let made = tmp.path().join("pool-a");
+    let generate = Command::new(KILN)
+        .args(["keys", "generate", "--state-dir"])
+        .arg(&made)
+        .output()
+        .unwrap();
+    assert!(generate.status.success(), "{}", describe(&generate));
+    let first = current_keyid_on_disk(&made);
+    // The Secret volume as the kubelet makes it: a tmpfs of mode 1777 that it writes
+    // through its own view, which the container sees mounted read-only.
+    let kubelet_view = tmp.path().join("kubelet-view");
+    let pod_view = tmp.path().join("etc-kiln-keys");
+    std::fs::create_dir(&kubelet_view).unwrap();
+    std::fs::create_dir(&pod_view).unwrap();
+    nix::mount::mount(
+        Some("tmpfs"),
+        &kubelet_view,
+        Some("tmpfs"),
+        nix::mount::MsFlags::empty(),
+        Some("size=1m,mode=1777"),
+    )
+    .unwrap();
+    let _kubelet_mount = unmount_on_drop(kubelet_view.clone());
+    kubelet_update_secret(&kubelet_view, &made.join("keys"), 0o400, 1);
+    let bind = |flags| {
+        nix::mount::mount(
+            Some(&kubelet_view),
+            &pod_view,
+            None::<&str>,
+            flags,
+            None::<&str>,
+        )
+        .unwrap()
+    };
+    bind(nix::mount::MsFlags::MS_BIND);
+    let _pod_mount = unmount_on_drop(pod_view.clone());
+    bind(
+        nix::mount::MsFlags::MS_BIND
+            | nix::mount::MsFlags::MS_REMOUNT
+            | nix::mount::MsFlags::MS_RDONLY,
+    );
+    assert_eq!(
+        mode(&pod_view),
+        0o777,
+        "the volume's own mode, as a pod sees it"
+    );
+
+    let config = config_file(&format!("keys_dir = {:?}\n", pod_view.to_str().unwrap()));
+    let config_path = config.path().to_str().unwrap();
+    let daemon = Daemon::start_with(&["--config", config_path]);
+    assert_eq!(daemon_keyid(&daemon), first);
+    let out = run_hello(&daemon, &[]);
+    assert!(out.status.success(), "{}\n{}", describe(&out), daemon.log());
+    assert_eq!(link_signer(&daemon.path("links")), first);
+
+    // Rotation: `kiln keys rotate` on the operator's copy, then the Secret updated; the
+    // running daemon signs with the new key from the next signature on.
+    let rotate = Command::new(KILN)
+        .args(["keys", "rotate", "--state-dir"])
+        .arg(&made)
+        .output()
+        .unwrap();
+    assert!(rotate.status.success(), "{}", describe(&rotate));
+    let second = current_keyid_on_disk(&made);
+    assert_ne!(second, first);
+    kubelet_update_secret(&kubelet_view, &made.join("keys"), 0o400, 2);
+    assert_eq!(daemon_keyid(&daemon), second);
+    let out = run_hello(&daemon, &[]);
+    assert!(out.status.success(), "{}\n{}", describe(&out), daemon.log());
+    assert_eq!(link_signer(&daemon.path("links")), second);
+    // Kiln made no ring of its own, and `kiln keys` does not touch the mounted one.
+    assert!(!daemon.state.join("keys").exists());
+    let refused = Command::new(KILN)
+        .args(["keys", "rotate", "--config", config_path])
+        .output()
+        .unwrap();
+    assert!(!refused.status.success(), "{}", describe(&refused));
+    assert!(
+        text(&refused.stderr).contains("read-only"),
+        "{}",
+        describe(&refused)
+    );
+    assert_eq!(current_keyid_on_disk(&made), second);
+    drop(daemon);
+
+    // A Secret update that lets the pod's group read the key (an fsGroup): the daemon
+    // does not start on it, and the message names the file.
+    kubelet_update_secret(&kubelet_view, &made.join("keys"), 0o440, 3);
+    let out = Command::new(KILN)
+        .arg("--socket")
+        .arg(tmp.path().join("kiln.sock"))
+        .args(["serve", "--state-dir"])
+        .arg(tmp.path().join("state"))
+        .args(["--config", config_path])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = text(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!("{second}.pem")) && stderr.contains("0440"),
+        "{stderr}"
+    );
+    // No ring at all: an error naming the directory, never a fresh key.
+    let empty = tmp.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    let config = config_file(&format!("keys_dir = {:?}\n", empty.to_str().unwrap()));
+    let out = Command::new(KILN)
+        .arg("--socket")
+        .arg(tmp.path().join("kiln.sock"))
+        .args(["serve", "--state-dir"])
+        .arg(tmp.path().join("state"))
+        .args(["--config", config.path().to_str().unwrap()])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = text(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains(empty.to_str().unwrap()), "{stderr}");
+    assert_eq!(std::fs::read_dir(&empty).unwrap().count(), 0);
+    assert!(!tmp.path().join("state/keys").exists());
+}
