@@ -190,6 +190,12 @@ pub(crate) fn check_host(config: &Config) -> anyhow::Result<(HostSupport, Sandbo
              hidepid=invisible, and pass secrets in a step's environment, never its argv"
         );
     }
+    if let Some(leaf) = &host.cgroup.moved_to {
+        tracing::info!(
+            leaf = %leaf.display(),
+            "at the root of a cgroup namespace (a container): moved its processes into a leaf, so that steps' cgroups get controllers"
+        );
+    }
     let stale = host.cgroup.remove_stale();
     if stale > 0 {
         tracing::info!(
