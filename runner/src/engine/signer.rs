@@ -201,7 +201,11 @@ impl Signer {
             // with it only causes one more reopen on the next call. A read-only
             // ring gives the bytes it was opened from.
             let (ring, bytes) = if self.read_only {
-                KeyRing::open_read_only(&self.dir)?
+                // The kubelet removes a Secret's previous version right after swapping
+                // `..data`: an open that straddled that is made again, once, with every
+                // check.
+                KeyRing::open_read_only(&self.dir)
+                    .or_else(|_| KeyRing::open_read_only(&self.dir))?
             } else {
                 (KeyRing::open(&self.dir)?, bytes)
             };
