@@ -93,4 +93,18 @@ fn the_workers_configuration_is_one_kiln_accepts() {
     // Read from the file, not defaults: actions get no network.
     assert!(config.network_ceiling.is_empty());
     assert!(!config.cgroup_favordynmods);
+    // The key ring is the Secret's volume, mounted read-only where keys_dir points, with
+    // files only root may read (no fsGroup: it would make them group-readable).
+    assert_eq!(
+        config.keys_dir.as_deref(),
+        Some(Path::new("/etc/kiln/keys"))
+    );
+    let daemonset = std::fs::read_to_string(dir.join("daemonset.yaml")).unwrap();
+    for expected in [
+        "- name: signing-keys\n              mountPath: /etc/kiln/keys\n              readOnly: true\n",
+        "secretName: kiln-worker-keys\n            defaultMode: 0400\n",
+    ] {
+        assert!(daemonset.contains(expected), "daemonset.yaml lacks {expected:?}");
+    }
+    assert!(!daemonset.contains("fsGroup:"));
 }

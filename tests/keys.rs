@@ -920,3 +920,288 @@ fn keys_generate_takes_the_key_type_from_the_config_or_the_flag() {
         1
     );
 }
+
+/// The key id of the one link `kiln run` wrote into `links` (then removed).
+fn link_signer(links: &Path) -> String {
+    let path = only_file(links, ".link");
+    let link = read_json(&path);
+    std::fs::remove_dir_all(links).unwrap();
+    link["signatures"][0]["keyid"].as_str().unwrap().to_string()
+}
+
+/// A Secret volume as the kubelet makes one: a tmpfs of mode 1777 that the kubelet
+/// writes through its own view, and that the container sees mounted read-only.
+struct SecretVolume {
+    kubelet_view: PathBuf,
+    pod_view: PathBuf,
+    /// The read-only view first, then the tmpfs.
+    _mounts: [Unmount; 2],
+}
+
+impl SecretVolume {
+    /// The volume in `parent`, holding the files of `ring`.
+    fn new(parent: &Path, ring: &Path) -> SecretVolume {
+        let kubelet_view = parent.join("kubelet-view");
+        let pod_view = parent.join("etc-kiln-keys");
+        std::fs::create_dir(&kubelet_view).unwrap();
+        std::fs::create_dir(&pod_view).unwrap();
+        nix::mount::mount(
+            Some("tmpfs"),
+            &kubelet_view,
+            Some("tmpfs"),
+            nix::mount::MsFlags::empty(),
+            Some("size=1m,mode=1777"),
+        )
+        .unwrap();
+        let tmpfs = unmount_on_drop(kubelet_view.clone());
+        kubelet_update_secret(&kubelet_view, ring, 0o400, 1);
+        use nix::mount::MsFlags;
+        for flags in [
+            MsFlags::MS_BIND,
+            MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
+        ] {
+            nix::mount::mount(
+                Some(&kubelet_view),
+                &pod_view,
+                None::<&str>,
+                flags,
+                None::<&str>,
+            )
+            .unwrap();
+        }
+        let view = unmount_on_drop(pod_view.clone());
+        SecretVolume {
+            kubelet_view,
+            pod_view,
+            _mounts: [view, tmpfs],
+        }
+    }
+
+    /// The Secret updated to the files of `ring`, each of `mode`.
+    fn update(&self, ring: &Path, mode: u32, serial: u32) {
+        kubelet_update_secret(&self.kubelet_view, ring, mode, serial);
+    }
+}
+
+#[test]
+fn a_ring_from_a_kubernetes_secret_signs_and_follows_the_secrets_updates() {
+    let test = "a_ring_from_a_kubernetes_secret_signs_and_follows_the_secrets_updates";
+    if !require_root(test) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    // The operator's ring, made away from the cluster.
+    let made = tmp.path().join("pool-a");
+    let generate = Command::new(KILN)
+        .args(["keys", "generate", "--state-dir"])
+        .arg(&made)
+        .output()
+        .unwrap();
+    assert!(generate.status.success(), "{}", describe(&generate));
+    let first = current_keyid_on_disk(&made);
+    let secret = SecretVolume::new(tmp.path(), &made.join("keys"));
+    let pod_view = secret.pod_view.clone();
+    assert_eq!(
+        mode(&pod_view),
+        0o777,
+        "the volume's own mode, as a pod sees it"
+    );
+
+    let config = config_file(&format!("keys_dir = {:?}\n", pod_view.to_str().unwrap()));
+    let config_path = config.path().to_str().unwrap();
+    let daemon = Daemon::start_with(&["--config", config_path]);
+    assert_eq!(daemon_keyid(&daemon), first);
+    let out = run_hello(&daemon, &[]);
+    assert!(out.status.success(), "{}\n{}", describe(&out), daemon.log());
+    assert_eq!(link_signer(&daemon.path("links")), first);
+
+    // Rotation: `kiln keys rotate` on the operator's copy, then the Secret updated; the
+    // running daemon signs with the new key from the next signature on.
+    let rotate = Command::new(KILN)
+        .args(["keys", "rotate", "--state-dir"])
+        .arg(&made)
+        .output()
+        .unwrap();
+    assert!(rotate.status.success(), "{}", describe(&rotate));
+    let second = current_keyid_on_disk(&made);
+    assert_ne!(second, first);
+    secret.update(&made.join("keys"), 0o400, 2);
+    assert_eq!(daemon_keyid(&daemon), second);
+    let out = run_hello(&daemon, &[]);
+    assert!(out.status.success(), "{}\n{}", describe(&out), daemon.log());
+    assert_eq!(link_signer(&daemon.path("links")), second);
+    // Kiln made no ring of its own, and `kiln keys` does not touch the mounted one.
+    assert!(!daemon.state.join("keys").exists());
+    let refused = Command::new(KILN)
+        .args(["keys", "rotate", "--config", config_path])
+        .output()
+        .unwrap();
+    assert!(!refused.status.success(), "{}", describe(&refused));
+    assert!(
+        text(&refused.stderr).contains("read-only"),
+        "{}",
+        describe(&refused)
+    );
+    assert_eq!(current_keyid_on_disk(&made), second);
+    drop(daemon);
+
+    // A Secret update that lets the pod's group read the key (an fsGroup): the daemon
+    // does not start on it, and the message names the file.
+    secret.update(&made.join("keys"), 0o440, 3);
+    let out = Command::new(KILN)
+        .arg("--socket")
+        .arg(tmp.path().join("kiln.sock"))
+        .args(["serve", "--state-dir"])
+        .arg(tmp.path().join("state"))
+        .args(["--config", config_path])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = text(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!("{second}.pem")) && stderr.contains("0440"),
+        "{stderr}"
+    );
+    // No ring at all: an error naming the directory, never a fresh key.
+    let empty = tmp.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    let config = config_file(&format!("keys_dir = {:?}\n", empty.to_str().unwrap()));
+    let out = Command::new(KILN)
+        .arg("--socket")
+        .arg(tmp.path().join("kiln.sock"))
+        .args(["serve", "--state-dir"])
+        .arg(tmp.path().join("state"))
+        .args(["--config", config.path().to_str().unwrap()])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = text(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains(empty.to_str().unwrap()), "{stderr}");
+    assert_eq!(std::fs::read_dir(&empty).unwrap().count(), 0);
+    assert!(!tmp.path().join("state/keys").exists());
+}
+
+/// The action digests (HEX/SIZE) a worker's log says it ran.
+fn actions_in(log: &str) -> Vec<String> {
+    log.lines()
+        .filter(|line| line.contains("running an action"))
+        .filter_map(|line| line.split("action=").nth(1))
+        .filter_map(|rest| rest.split_whitespace().next())
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn a_worker_signs_with_the_secrets_ring_through_buildgrid_and_follows_its_update() {
+    use support::buildgrid::{Bazel, BuildGrid};
+    let test = "a_worker_signs_with_the_secrets_ring_through_buildgrid_and_follows_its_update";
+    if !require_root(test) {
+        return;
+    }
+    let Some(bazel) = Bazel::new(test) else {
+        return;
+    };
+    let Some(grid) = BuildGrid::start(test) else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let made = tmp.path().join("pool-a");
+    let keys = |verb: &str| {
+        let out = Command::new(KILN)
+            .args(["keys", verb, "--state-dir"])
+            .arg(&made)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", describe(&out));
+    };
+    keys("generate");
+    let first_ring = tmp.path().join("first-ring.json");
+    std::fs::copy(made.join("keys/keyring.json"), &first_ring).unwrap();
+    let secret = SecretVolume::new(tmp.path(), &made.join("keys"));
+    let config = config_file(&format!(
+        "keys_dir = {:?}\ncgroup_favordynmods = false\n",
+        secret.pod_view.to_str().unwrap()
+    ));
+    let state = tmp.path().join("state");
+    let log_path = tmp.path().join("worker.log");
+    let log_file = std::fs::File::create(&log_path).unwrap();
+    let mut worker = Command::new(KILN)
+        .args([
+            "worker",
+            "--scheduler",
+            &grid.url,
+            "--bots",
+            "1",
+            "--state-dir",
+        ])
+        .arg(&state)
+        .args(["--config", config.path().to_str().unwrap()])
+        .env("KILN_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(log_file.try_clone().unwrap())
+        .stderr(log_file)
+        .spawn()
+        .unwrap();
+    let log = || std::fs::read_to_string(&log_path).unwrap_or_default();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !log().contains("bot session created") {
+        if let Some(status) = worker.try_wait().unwrap() {
+            panic!("worker exited ({status}):\n{}", log());
+        }
+        assert!(
+            Instant::now() < deadline,
+            "worker did not start:\n{}",
+            log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let executor = format!("--remote_executor={}", grid.url);
+    let build = |target: &str| {
+        let out = bazel.build(&[&executor, "--spawn_strategy=remote", target]);
+        assert!(out.status.success(), "{}\n{}", describe(&out), log());
+    };
+    let verify = |ring: &Path, digest: &str| {
+        Command::new(KILN)
+            .args(["verify", "--action-cache", &grid.url, "--key"])
+            .arg(ring)
+            .arg(digest)
+            .output()
+            .unwrap()
+    };
+    bazel.write(
+        "BUILD",
+        "genrule(name = \"before\", outs = [\"before.txt\"], cmd = \"echo before > $@\")\n\
+         genrule(name = \"after\", outs = [\"after.txt\"], cmd = \"echo after > $@\")\n",
+    );
+    build("//:before");
+    let ran = actions_in(&log());
+    assert_eq!(ran.len(), 1, "{}", log());
+    let out = verify(&first_ring, &ran[0]);
+    assert!(out.status.success(), "{}", describe(&out));
+
+    // The operator rotates its copy and updates the Secret; the running worker signs the
+    // next action with the new key.
+    keys("rotate");
+    secret.update(&made.join("keys"), 0o400, 2);
+    build("//:after");
+    let ran = actions_in(&log());
+    assert_eq!(ran.len(), 2, "{}", log());
+    let out = verify(&made.join("keys/keyring.json"), &ran[1]);
+    assert!(out.status.success(), "{}", describe(&out));
+    // Not by the retired key: the ring from before the rotation does not vouch for it.
+    let out = verify(&first_ring, &ran[1]);
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    assert!(
+        !state.join("keys").exists(),
+        "the worker made a ring of its own"
+    );
+
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(worker.id()).unwrap()),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    assert!(worker.wait().unwrap().success(), "{}", log());
+}

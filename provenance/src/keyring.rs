@@ -36,6 +36,9 @@ use crate::keyfile::{check_dir, read_owned_file, sync_dir, write_atomic};
 use crate::keys::{KeyType, PublicKey, SigningKey};
 use crate::ProvenanceError;
 
+mod mounted;
+use mounted::{MountedDir, Secrecy};
+
 /// The public part of the ring inside the key directory.
 pub const KEYRING_FILE: &str = "keyring.json";
 const KEYRING_TYPE: &str = "kiln/keyring";
@@ -259,6 +262,8 @@ pub struct KeyRing {
     dir: PathBuf,
     public: PublicKeyRing,
     signing: SigningKey,
+    /// Opened with [`KeyRing::open_read_only`]: never written.
+    read_only: bool,
 }
 
 impl KeyRing {
@@ -291,7 +296,53 @@ impl KeyRing {
             dir: dir.to_path_buf(),
             public,
             signing,
+            read_only: false,
         })
+    }
+
+    /// Opens a ring mounted read-only from elsewhere, such as a Kubernetes Secret volume
+    /// (see [`mounted`] for the links it follows and the checks); returns it with the
+    /// bytes of `keyring.json` it was read from. Such a ring is never created, migrated
+    /// or rotated: a missing one is an error naming the directory.
+    pub fn open_read_only(dir: &Path) -> Result<(Self, Vec<u8>), ProvenanceError> {
+        let mounted = MountedDir::open(dir)?;
+        let ring = mounted.read(&[], KEYRING_FILE, Secrecy::Public)?;
+        let ring_path = dir.join(KEYRING_FILE);
+        let public = PublicKeyRing::from_json_bytes(&ring.bytes)
+            .map_err(|e| ProvenanceError::Key(format!("{}: {e}", ring_path.display())))?;
+        let key_name = format!("{}.pem", public.current);
+        // Beside the keyring.json actually read: one version of the Secret.
+        let key = mounted.read(&ring.dir, &key_name, Secrecy::Private)?;
+        let key_path = dir.join(&key_name);
+        let pem = String::from_utf8(key.bytes)
+            .map_err(|_| ProvenanceError::Key(format!("{}: not PEM text", key_path.display())))?;
+        let signing = SigningKey::from_pkcs8_pem(&pem)
+            .map_err(|e| ProvenanceError::Key(format!("{}: {e}", key_path.display())))?;
+        if signing.keyid() != public.current {
+            return Err(ProvenanceError::Key(format!(
+                "{}: holds key {}, not the ring's current key {}",
+                key_path.display(),
+                signing.keyid(),
+                public.current
+            )));
+        }
+        Ok((
+            KeyRing {
+                dir: dir.to_path_buf(),
+                public,
+                signing,
+                read_only: true,
+            },
+            ring.bytes,
+        ))
+    }
+
+    /// The bytes of a read-only ring's `keyring.json`, read with the checks of
+    /// [`KeyRing::open_read_only`] (to notice an update without reading the key).
+    pub fn read_only_ring_file(dir: &Path) -> Result<Vec<u8>, ProvenanceError> {
+        Ok(MountedDir::open(dir)?
+            .read(&[], KEYRING_FILE, Secrecy::Public)?
+            .bytes)
     }
 
     /// Open the ring at `dir`, creating it (directory 0700, a fresh ed25519
@@ -357,6 +408,7 @@ impl KeyRing {
                 dir: dir.to_path_buf(),
                 public,
                 signing: key,
+                read_only: false,
             },
             true,
         ))
@@ -385,6 +437,12 @@ impl KeyRing {
         key_type: KeyType,
         now: OffsetDateTime,
     ) -> Result<(), ProvenanceError> {
+        if self.read_only {
+            return Err(ProvenanceError::Key(format!(
+                "{}: a read-only key ring is never rotated here: rotate the copy it is made from",
+                self.dir.display()
+            )));
+        }
         let old_id = self.public.current.clone();
         let new = SigningKey::generate_of(key_type);
         let new_id = new.keyid();

@@ -33,6 +33,11 @@ pub struct Config {
     pub listen: Vec<Listen>,
     /// Content store, job database, images, workspaces and the signing key.
     pub state_dir: PathBuf,
+    /// A read-only signing key ring in this directory instead of `<state_dir>/keys`,
+    /// such as a Kubernetes Secret volume: never created, migrated or rotated by Kiln
+    /// (a missing ring is an error), its symlinks followed only inside it, its files
+    /// root's (see `provenance::keyring::KeyRing::open_read_only`).
+    pub keys_dir: Option<PathBuf>,
     /// Jobs that run at the same time; more are queued.
     pub max_concurrent_jobs: u32,
     /// Step timeout when the job gives none.
@@ -271,6 +276,7 @@ impl Default for Config {
             socket: PathBuf::from(DEFAULT_SOCKET),
             listen: Vec::new(),
             state_dir: PathBuf::from(DEFAULT_STATE_DIR),
+            keys_dir: None,
             max_concurrent_jobs: 2,
             default_timeout_seconds: 600,
             max_timeout_seconds: 6 * 3600,
@@ -348,6 +354,14 @@ impl Config {
         Ok(config)
     }
 
+    /// The directory of the signing key ring: `keys_dir` (read-only) or `<state_dir>/keys`.
+    pub fn signing_keys_dir(&self) -> PathBuf {
+        match &self.keys_dir {
+            Some(dir) => dir.clone(),
+            None => self.state_dir.join("keys"),
+        }
+    }
+
     pub fn validate(&self) -> Result<()> {
         let bad = |field: &str, reason: &str| Err(RunnerError::invalid(field, reason));
         if self.max_concurrent_jobs == 0 || self.max_concurrent_jobs > 256 {
@@ -401,6 +415,9 @@ impl Config {
                     format!("entry {:?}: {e}", crate::cli::printable(entry)),
                 )
             })?;
+        }
+        if self.keys_dir.as_ref().is_some_and(|d| !d.is_absolute()) {
+            return bad("keys_dir", "must be an absolute path");
         }
         self.validate_waivers()?;
         self.validate_listeners()?;

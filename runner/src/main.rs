@@ -487,6 +487,14 @@ fn key_ring_settings(args: &KeyRingArgs) -> anyhow::Result<(PathBuf, KeyType)> {
         }
         None => Config::default(),
     };
+    if let (None, Some(dir)) = (&args.state_dir, &config.keys_dir) {
+        anyhow::bail!(
+            "the configuration's keys_dir {} is a read-only key ring, which Kiln never creates \
+             or rotates: make and rotate the ring elsewhere (`kiln keys generate --state-dir DIR`) \
+             and update what is mounted there",
+            dir.display()
+        );
+    }
     Ok((
         args.state_dir.clone().unwrap_or(config.state_dir),
         args.key_type.unwrap_or(config.key_type),

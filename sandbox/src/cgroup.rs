@@ -10,6 +10,13 @@
 //! there the parent is `kiln/` at the root of the unified hierarchy (like Docker's cgroupfs
 //! driver).
 //!
+//! In a container with a cgroup namespace of its own (a Kubernetes pod), the root of the
+//! unified hierarchy as the daemon sees it is the container's cgroup, which is not the
+//! real root and holds the daemon itself: there the rule applies to `kiln/`'s parent too,
+//! so the daemon first moves the processes of that root into the leaf `kiln-daemon/` (as
+//! Docker-in-Docker's entrypoint does), once, when it probes the host. On a host nothing
+//! moves.
+//!
 //! The supervisor (host root, single-threaded) creates the step cgroup, sets the limits,
 //! writes its own pid into it just before the clone (so the cgroup namespace is rooted there
 //! and pid 1 is born inside), and moves itself back out right after the clone, before pid 1
@@ -31,6 +38,10 @@ const V1_CONTROLLERS: [&str; 4] = ["memory", "pids", "cpu", "cpuacct"];
 const V2_CONTROLLERS: [&str; 3] = ["memory", "pids", "cpu"];
 /// Name of the parent cgroup of every step.
 const PARENT: &str = "kiln";
+/// The leaf the daemon's processes move to out of the root of a cgroup namespace.
+pub const DAEMON_LEAF: &str = "kiln-daemon";
+/// Rounds of moving a namespace root's processes (those forked meanwhile come next round).
+const MOVE_ROUNDS: usize = 16;
 
 /// Which cgroup interface the host offers, as reported by [`crate::Sandbox::probe`].
 #[derive(Debug, Clone, Default, Serialize)]
@@ -41,6 +52,9 @@ pub struct CgroupSupport {
     pub controllers: Vec<String>,
     /// The parent cgroup directories steps are created in (one per v1 hierarchy).
     pub parents: Vec<PathBuf>,
+    /// The leaf the daemon moved its processes to, out of the root of its cgroup
+    /// namespace (a container's); none on a host.
+    pub moved_to: Option<PathBuf>,
 }
 
 impl CgroupSupport {
@@ -308,9 +322,10 @@ fn prepare_parents(layout: &Layout) -> Result<(), (String, String)> {
         }
         if layout.mode == Mode::V2 {
             let root = parent.parent().unwrap_or(parent);
-            let enable = V2_CONTROLLERS
+            let enable = layout
+                .controllers
                 .iter()
-                .map(|c| format!("+{c}"))
+                .map(|(c, _, _)| format!("+{c}"))
                 .collect::<Vec<_>>()
                 .join(" ");
             write(c, root, "cgroup.subtree_control", &enable)?;
@@ -322,6 +337,71 @@ fn prepare_parents(layout: &Layout) -> Result<(), (String, String)> {
         done.push(parent);
     }
     Ok(())
+}
+
+/// In v2, when the daemon's cgroup is the root of the hierarchy as it sees it and that
+/// root is not the real one (which alone may hold processes and enable controllers for its
+/// children: it has no `cgroup.type`), that is, in a container with a cgroup namespace of
+/// its own: moves every process of that root (the daemon first; the container's init, and
+/// anything else of the container, too) into the leaf [`DAEMON_LEAF`], so that the root
+/// may enable controllers for `kiln/`. Returns the leaf when it moved them.
+fn leave_namespace_root(layout: &Layout) -> Result<Option<PathBuf>, (String, String)> {
+    if layout.mode != Mode::V2 {
+        return Ok(None);
+    }
+    let Some((_, parent, own)) = layout.controllers.first() else {
+        return Ok(None);
+    };
+    let root = parent.parent().unwrap_or(parent);
+    if own != root || !root.join("cgroup.type").exists() {
+        return Ok(None);
+    }
+    let leaf = root.join(DAEMON_LEAF);
+    mkdir("cgroup", &leaf)?;
+    move_processes(root, &leaf)?;
+    Ok(Some(leaf))
+}
+
+/// Moves every process of cgroup `from` into `to` (each with all its threads).
+fn move_processes(from: &Path, to: &Path) -> Result<(), (String, String)> {
+    let failed = |why: String| {
+        (
+            "cgroup".to_string(),
+            format!(
+                "the daemon is at the root of its cgroup namespace ({}), whose processes must                  move to {} before it can enable controllers for the steps' cgroups: {why}",
+                from.display(),
+                to.display()
+            ),
+        )
+    };
+    let move_one = |pid: &str| match fs::write(to.join("cgroup.procs"), pid) {
+        Ok(()) => Ok(()),
+        // Exited meanwhile.
+        Err(e) if e.raw_os_error() == Some(libc::ESRCH) => Ok(()),
+        Err(e) => Err(failed(format!("moving process {pid}: {e}"))),
+    };
+    move_one(&std::process::id().to_string())?;
+    for _ in 0..MOVE_ROUNDS {
+        let procs = fs::read_to_string(from.join("cgroup.procs"))
+            .map_err(|e| failed(format!("reading its cgroup.procs: {e}")))?;
+        let pids: Vec<&str> = procs.split_whitespace().collect();
+        if pids.is_empty() {
+            return Ok(());
+        }
+        // 0: a process of another pid namespace, which cannot be named here.
+        if pids.iter().all(|p| *p == "0") {
+            return Err(failed(format!(
+                "{} of them are outside this pid namespace",
+                pids.len()
+            )));
+        }
+        for pid in pids.into_iter().filter(|p| *p != "0") {
+            move_one(pid)?;
+        }
+    }
+    Err(failed(format!(
+        "processes were still forked into it after {MOVE_ROUNDS} rounds"
+    )))
 }
 
 /// What [`favor_dynamic_migrations`] found.
@@ -396,8 +476,17 @@ fn favordynmods_remount(m: &MountEntry) -> Option<(nix::mount::MsFlags, String)>
 
 /// Checks the limits can really be set: creates a throw-away step cgroup, sets every limit,
 /// removes it.
+///
+/// In a container whose cgroup namespace's root holds the daemon, first moves the daemon
+/// out of it (see [`leave_namespace_root`]); every supervisor it starts later is born in
+/// the leaf.
 pub(crate) fn probe() -> Result<CgroupSupport, (String, String)> {
     let layout = detect()?;
+    let moved_to = leave_namespace_root(&layout)?;
+    let layout = match moved_to {
+        Some(_) => detect()?,
+        None => layout,
+    };
     let limits = Limits::default();
     let step = StepCgroup::create_in(&layout, &unique_name("probe"), &limits)?;
     drop(step);
@@ -419,6 +508,7 @@ pub(crate) fn probe() -> Result<CgroupSupport, (String, String)> {
             .map(|(c, _, _)| c.to_string())
             .collect(),
         parents,
+        moved_to,
     })
 }
 

@@ -753,3 +753,47 @@ impl ApiClient {
         panic!("watch ended without the job finishing");
     }
 }
+
+/// Unmounts `path` when the returned guard is dropped.
+pub fn unmount_on_drop(path: PathBuf) -> Unmount {
+    Unmount(path)
+}
+
+/// Updates the Secret volume `volume` (the kubelet's own, read-write view) with the
+/// files of `source`, as the kubelet's atomic writer does: the files (mode `mode`) in a
+/// new timestamped directory of mode 0755, a link `..data_tmp` to it renamed over
+/// `..data`, a visible link `NAME -> ..data/NAME` for each new name, the visible links
+/// of names no longer there removed, then the previous timestamped directory.
+pub fn kubelet_update_secret(volume: &Path, source: &Path, mode: u32, serial: u32) {
+    use std::os::unix::fs::{symlink, PermissionsExt};
+    let data = volume.join("..data");
+    let old = std::fs::read_link(&data).ok();
+    let ts_name = format!("..2026_11_27_23_00_00.{serial:010}");
+    let ts = volume.join(&ts_name);
+    std::fs::create_dir(&ts).unwrap();
+    std::fs::set_permissions(&ts, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mut names = Vec::new();
+    for entry in std::fs::read_dir(source).unwrap().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        std::fs::copy(entry.path(), ts.join(&name)).unwrap();
+        std::fs::set_permissions(ts.join(&name), std::fs::Permissions::from_mode(mode)).unwrap();
+        names.push(name);
+    }
+    symlink(&ts_name, volume.join("..data_tmp")).unwrap();
+    std::fs::rename(volume.join("..data_tmp"), &data).unwrap();
+    for name in &names {
+        let visible = volume.join(name);
+        if std::fs::symlink_metadata(&visible).is_err() {
+            symlink(Path::new("..data").join(name), &visible).unwrap();
+        }
+    }
+    for entry in std::fs::read_dir(volume).unwrap().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !name.starts_with("..") && !names.contains(&name) {
+            std::fs::remove_file(entry.path()).unwrap();
+        }
+    }
+    if let Some(old) = old {
+        std::fs::remove_dir_all(volume.join(old)).unwrap();
+    }
+}

@@ -53,8 +53,8 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
     fs::create_dir_all(state).with_context(|| format!("creating {}", state.display()))?;
     // Traversable but not listable: sandbox bind sources (images, workspaces) live below.
     fs::set_permissions(state, fs::Permissions::from_mode(0o711))?;
-    let keys_dir = state.join("keys");
-    let (key, _) = Signer::open_with(&keys_dir, config.key_type)
+    let keys_dir = config.signing_keys_dir();
+    let (key, _) = Signer::open_configured(&config)
         .with_context(|| format!("opening the signing key ring in {}", keys_dir.display()))?;
     let keyid = key.current().context("the signing key")?.key.keyid();
     let images = Images::open(state).context("preparing images")?;

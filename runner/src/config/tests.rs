@@ -318,3 +318,16 @@ fn worker_images_must_each_be_pinned_by_digest() {
         );
     }
 }
+
+#[test]
+fn keys_dir_is_an_absolute_directory_or_the_state_dirs_keys() {
+    let default = Config::default();
+    assert_eq!(default.keys_dir, None);
+    assert_eq!(default.signing_keys_dir(), default.state_dir.join("keys"));
+    let cfg: Config = toml::from_str("keys_dir = \"/etc/kiln/keys\"\n").unwrap();
+    cfg.validate().unwrap();
+    assert_eq!(cfg.signing_keys_dir(), PathBuf::from("/etc/kiln/keys"));
+    let relative: Config = toml::from_str("keys_dir = \"keys\"\n").unwrap();
+    let err = relative.validate().unwrap_err().to_string();
+    assert!(err.contains("keys_dir"), "{err}");
+}

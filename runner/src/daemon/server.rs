@@ -190,6 +190,12 @@ pub(crate) fn check_host(config: &Config) -> anyhow::Result<(HostSupport, Sandbo
              hidepid=invisible, and pass secrets in a step's environment, never its argv"
         );
     }
+    if let Some(leaf) = &host.cgroup.moved_to {
+        tracing::info!(
+            leaf = %leaf.display(),
+            "at the root of a cgroup namespace (a container): moved its processes into a leaf, so that steps' cgroups get controllers"
+        );
+    }
     let stale = host.cgroup.remove_stale();
     if stale > 0 {
         tracing::info!(
@@ -228,9 +234,9 @@ fn open_state(config: &Config, creation: Creation) -> anyhow::Result<State> {
     fs::create_dir_all(state).with_context(|| format!("creating {}", state.display()))?;
     // Traversable but not listable: sandbox bind sources (images, workspaces) live below.
     fs::set_permissions(state, fs::Permissions::from_mode(0o711))?;
-    let keys_dir = state.join("keys");
+    let keys_dir = config.signing_keys_dir();
     // The ring refuses key files another user owns or could read, naming the file.
-    let (key, origin) = Signer::open_with(&keys_dir, config.key_type)
+    let (key, origin) = Signer::open_configured(config)
         .with_context(|| format!("opening the signing key ring in {}", keys_dir.display()))?;
     let current = key.current().context("the signing key")?.key;
     let keyid = current.keyid();
@@ -594,8 +600,8 @@ pub(crate) fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Outpu
 /// Opens the audit log and records the configuration the daemon starts with, signed by a
 /// checkpoint at once (which also records a key rotation made while it was stopped).
 fn open_audit(config: &Config) -> anyhow::Result<Arc<AuditLog>> {
-    let keys_dir = config.state_dir.join("keys");
-    let (signer, _) = Signer::open_with(&keys_dir, config.key_type).with_context(|| {
+    let keys_dir = config.signing_keys_dir();
+    let (signer, _) = Signer::open_configured(config).with_context(|| {
         format!(
             "opening the key ring in {} for the audit log",
             keys_dir.display()

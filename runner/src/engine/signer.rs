@@ -7,6 +7,11 @@
 //! comparison, not mtime or inode, so neither a coarse timestamp nor a reused
 //! inode can hide a rotation. A ring that changed but cannot be opened fails
 //! the signature: the old key may be retired, so it is never used as a fallback.
+//!
+//! A ring the configuration names with `keys_dir` (a Kubernetes Secret volume, say) is
+//! read-only: never created, migrated or rotated here, read through the links of the
+//! kubelet's layout only (see `provenance::keyring::KeyRing::open_read_only`), and an
+//! update of the Secret, which swaps its `..data` link, is picked up the same way.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -16,6 +21,8 @@ use provenance::keyring::{fmt_time, KeyRing, PublicKeyRing, KEYRING_FILE};
 use provenance::keys::{KeyType, SigningKey};
 use provenance::ProvenanceError;
 use time::OffsetDateTime;
+
+use crate::config::Config;
 
 /// The single key file of Kiln before key rings; imported once, then removed.
 pub const LEGACY_KEY_FILE: &str = "runner.pem";
@@ -128,6 +135,7 @@ impl Loaded {
 /// when `keyring.json` changed.
 pub struct Signer {
     dir: PathBuf,
+    read_only: bool,
     loaded: Mutex<Loaded>,
 }
 
@@ -146,10 +154,32 @@ impl Signer {
         Ok((
             Signer {
                 dir: dir.to_path_buf(),
+                read_only: false,
                 loaded: Mutex::new(loaded),
             },
             origin,
         ))
+    }
+
+    /// Opens the read-only ring in `dir` (`keys_dir`): a missing one is an error naming
+    /// it, never a fresh key.
+    pub fn open_read_only(dir: &Path) -> Result<Self, ProvenanceError> {
+        let (ring, bytes) = KeyRing::open_read_only(dir)?;
+        let loaded = Loaded::from_ring(&ring, bytes)?;
+        Ok(Signer {
+            dir: dir.to_path_buf(),
+            read_only: true,
+            loaded: Mutex::new(loaded),
+        })
+    }
+
+    /// The ring the configuration signs with: `keys_dir`, read-only, when it names one,
+    /// else `<state_dir>/keys` (created with a key of `key_type`, or migrated, as needed).
+    pub fn open_configured(config: &Config) -> Result<(Self, RingOrigin), ProvenanceError> {
+        match &config.keys_dir {
+            Some(dir) => Ok((Self::open_read_only(dir)?, RingOrigin::Existing)),
+            None => Self::open_with(&config.signing_keys_dir(), config.key_type),
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, Loaded> {
@@ -160,12 +190,25 @@ impl Signer {
 
     /// Reopens the ring if `keyring.json` changed since it was loaded.
     fn refreshed(&self) -> Result<MutexGuard<'_, Loaded>, ProvenanceError> {
-        let bytes = read_ring_file(&self.dir)?;
+        let bytes = if self.read_only {
+            KeyRing::read_only_ring_file(&self.dir)?
+        } else {
+            read_ring_file(&self.dir)?
+        };
         let mut loaded = self.lock();
         if bytes != loaded.ring_bytes {
             // Compared with the bytes read before the open: a rotation racing
-            // with it only causes one more reopen on the next call.
-            let ring = KeyRing::open(&self.dir)?;
+            // with it only causes one more reopen on the next call. A read-only
+            // ring gives the bytes it was opened from.
+            let (ring, bytes) = if self.read_only {
+                // The kubelet removes a Secret's previous version right after swapping
+                // `..data`: an open that straddled that is made again, once, with every
+                // check.
+                KeyRing::open_read_only(&self.dir)
+                    .or_else(|_| KeyRing::open_read_only(&self.dir))?
+            } else {
+                (KeyRing::open(&self.dir)?, bytes)
+            };
             let fresh = Loaded::from_ring(&ring, bytes)?;
             if fresh.public.current != loaded.public.current {
                 tracing::info!(
@@ -306,6 +349,98 @@ mod tests {
         let err = Signer::open(&dir).err().unwrap().to_string();
         assert!(err.contains(&path.display().to_string()), "{err}");
         assert!(!dir.join(KEYRING_FILE).exists());
+    }
+
+    /// Updates `volume` as the kubelet's atomic writer updates a Secret volume: the
+    /// files of `ring` (mode 0400) in a new timestamped directory, `..data` swapped to it
+    /// by a rename, visible links `NAME -> ..data/NAME` added and stale ones removed,
+    /// then the old directory removed.
+    fn kubelet_update(volume: &Path, ring: &Path, serial: u32) {
+        use std::os::unix::fs::symlink;
+        let data = volume.join("..data");
+        let old = fs::read_link(&data).ok();
+        let ts_name = format!("..2026_11_27_23_00_00.{serial:010}");
+        let ts = volume.join(&ts_name);
+        fs::create_dir(&ts).unwrap();
+        fs::set_permissions(&ts, fs::Permissions::from_mode(0o755)).unwrap();
+        let mut names = Vec::new();
+        for entry in fs::read_dir(ring).unwrap().flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            fs::copy(entry.path(), ts.join(&name)).unwrap();
+            fs::set_permissions(ts.join(&name), fs::Permissions::from_mode(0o400)).unwrap();
+            names.push(name);
+        }
+        symlink(&ts_name, volume.join("..data_tmp")).unwrap();
+        fs::rename(volume.join("..data_tmp"), &data).unwrap();
+        for name in &names {
+            let visible = volume.join(name);
+            if fs::symlink_metadata(&visible).is_err() {
+                symlink(Path::new("..data").join(name), &visible).unwrap();
+            }
+        }
+        for entry in fs::read_dir(volume).unwrap().flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if !name.starts_with("..") && !names.contains(&name) {
+                fs::remove_file(entry.path()).unwrap();
+            }
+        }
+        if let Some(old) = old {
+            fs::remove_dir_all(volume.join(old)).unwrap();
+        }
+    }
+
+    #[test]
+    fn a_secret_update_swapping_data_is_picked_up_and_a_bad_one_never_signed_around() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("not root: a read-only ring must be root's, not exercised");
+            return;
+        }
+        let (d, made) = keys_dir();
+        let (mut ring, _) = KeyRing::generate(&made).unwrap();
+        let first = ring.public().current.clone();
+        let volume = d.path().join("secret");
+        fs::create_dir(&volume).unwrap();
+        fs::set_permissions(&volume, fs::Permissions::from_mode(0o755)).unwrap();
+        kubelet_update(&volume, &made, 1);
+        let config = Config {
+            keys_dir: Some(volume.clone()),
+            ..Config::default()
+        };
+        let (signer, origin) = Signer::open_configured(&config).unwrap();
+        assert_eq!(origin, RingOrigin::Existing);
+        assert_eq!(signer.current().unwrap().key.keyid(), first);
+        // `kiln keys rotate` on the operator's copy, then the Secret updated.
+        ring.rotate().unwrap();
+        let second = ring.public().current.clone();
+        kubelet_update(&volume, &made, 2);
+        assert_eq!(signer.current().unwrap().key.keyid(), second);
+        let (_, public) = signer.current_and_ring().unwrap();
+        assert_eq!(public.keys.len(), 2);
+        // An update whose key others may read: no signature, and never the old key.
+        ring.rotate().unwrap();
+        let third = ring.public().current.clone();
+        kubelet_update(&volume, &made, 3);
+        let key = volume.join("..data").join(format!("{third}.pem"));
+        fs::set_permissions(&key, fs::Permissions::from_mode(0o440)).unwrap();
+        let err = signer.current().err().unwrap().to_string();
+        assert!(
+            err.contains(&format!("{third}.pem")) && err.contains("0440"),
+            "{err}"
+        );
+        fs::set_permissions(&key, fs::Permissions::from_mode(0o400)).unwrap();
+        assert_eq!(signer.current().unwrap().key.keyid(), third);
+    }
+
+    #[test]
+    fn a_missing_read_only_ring_is_an_error_and_no_key_is_made() {
+        let (_d, dir) = keys_dir();
+        let config = Config {
+            keys_dir: Some(dir.clone()),
+            ..Config::default()
+        };
+        let err = Signer::open_configured(&config).err().unwrap().to_string();
+        assert!(err.contains(&dir.display().to_string()), "{err}");
+        assert!(!dir.exists());
     }
 
     #[test]
