@@ -433,6 +433,7 @@ mod tests {
             output_files: vec![("out".into(), output.clone())],
             output_directories: Vec::new(),
             sandbox_profile: "ee".repeat(32),
+            image: json!({"name": "host"}),
             network: json!([]),
             worker: "bot-1".into(),
             started_on: now,

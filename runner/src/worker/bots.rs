@@ -257,6 +257,11 @@ impl Bot {
                     }
                 };
                 // Reported complete: the engine has them.
+                // An idle bot that just reported asks for work at once (BuildGrid holds
+                // that call until it has some), not a heartbeat later.
+                if !reported.is_empty() && running.is_empty() {
+                    heartbeat.reset_immediately();
+                }
                 for id in reported {
                     completed.remove(&id);
                 }
