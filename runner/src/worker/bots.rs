@@ -24,7 +24,7 @@ use tonic::transport::Channel;
 
 use super::cas::{CasClient, Digest};
 use super::inputs::fetch_action;
-use super::run::ActionRunner;
+use super::run::{cancelled, ActionRunner};
 use crate::error::{Result, RunnerError};
 
 const ACTION_TYPE_URL: &str = "type.googleapis.com/build.bazel.remote.execution.v2.Action";
@@ -403,7 +403,13 @@ impl Bot {
             let outcome = async {
                 let digest = action_digest_of(&lease)?;
                 tracing::info!(%bot, lease = %lease.id, action = %digest, "running an action");
-                let fetched = fetch_action(&cas, &digest, runner.limits()).await?;
+                let mut cancel = cancel;
+                // The engine's CAS may hold a read forever: a cancel ends the fetch (it has
+                // nothing to undo), or the bot's slot and the worker's shutdown wait on it.
+                let fetched = tokio::select! {
+                    fetched = fetch_action(&cas, &digest, runner.limits()) => fetched?,
+                    _ = &mut cancel => return Err(cancelled()),
+                };
                 let cancelled = async {
                     // A dropped sender (the bot gone) stops the action too.
                     let _ = cancel.await;
@@ -431,5 +437,147 @@ impl Bot {
             };
             let _ = done.send(finished);
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    use crate::config::Config;
+    use crate::engine::executor::fake::{FakeExecutor, Script};
+    use crate::engine::idranges::IdRanges;
+    use crate::engine::signer::Signer;
+    use crate::images::ResolvedImage;
+    use crate::worker::fake_cas::{stall_on, Fake};
+    use crate::worker::run::ActionIsolation;
+
+    /// A bot whose actions run by `executor`, its CAS the fake's; no engine behind it
+    /// (these tests hand the bot its leases themselves).
+    fn bot(state: &std::path::Path, fake: &Fake, executor: FakeExecutor) -> Bot {
+        let config = Config {
+            state_dir: state.to_path_buf(),
+            max_concurrent_jobs: 1,
+            ..Config::default()
+        };
+        let id_ranges =
+            IdRanges::lease(&state.join("locks"), config.uid_base, config.id_range, 1).unwrap();
+        let (key, _) = Signer::open(&state.join("keys")).unwrap();
+        let image = ResolvedImage {
+            name: "host".into(),
+            named: true,
+            digest: None,
+            tree_digest: None,
+            imported: None,
+            env: Vec::new(),
+            root: Vec::new(),
+            ca_certificates: None,
+        };
+        let runner = ActionRunner::new(
+            config,
+            ActionIsolation {
+                executor: Arc::new(executor),
+                id_ranges,
+            },
+            key,
+            image,
+            state.join("actions"),
+            "test-worker".into(),
+        )
+        .unwrap();
+        Bot {
+            bot_id: "test-worker/bot-0".into(),
+            instance: "main".into(),
+            properties: Vec::new(),
+            runner: Arc::new(runner),
+            cas: fake.client.clone(),
+            channel: tonic::transport::Endpoint::from_static("http://127.0.0.1:9").connect_lazy(),
+        }
+    }
+
+    /// A lease for an action whose command writes `out`.
+    fn lease(fake: &Fake) -> Lease {
+        let command = reapi::Command {
+            arguments: vec!["/bin/true".into()],
+            output_paths: vec!["out".into()],
+            ..Default::default()
+        };
+        let action = reapi::Action {
+            command_digest: Some(fake.put_message(&command).to_proto()),
+            input_root_digest: Some(fake.put_message(&reapi::Directory::default()).to_proto()),
+            ..Default::default()
+        };
+        let digest = fake.put_message(&action);
+        Lease {
+            id: "lease-1".into(),
+            payload: Some(Any {
+                type_url: DIGEST_TYPE_URL.into(),
+                value: digest.to_proto().encode_to_vec(),
+            }),
+            state: LeaseState::Active as i32,
+            ..Default::default()
+        }
+    }
+
+    /// What the lease's task reports once cancelled. The bound only turns a task that
+    /// never ends (the bot's slot held for good, the worker's shutdown hung) into a
+    /// failure instead of a hung test.
+    async fn finished_after_cancel(
+        bot: &Bot,
+        fake: &Fake,
+        lease: &Lease,
+        cancel_when_stalled: bool,
+    ) -> Finished {
+        let (cancel_tx, cancel_rx) = oneshot::channel();
+        let (done_tx, mut done_rx) = mpsc::unbounded_channel();
+        bot.start(lease, cancel_rx, done_tx);
+        if cancel_when_stalled {
+            fake.stalled().await;
+        }
+        cancel_tx.send(()).unwrap();
+        tokio::time::timeout(Duration::from_secs(120), done_rx.recv())
+            .await
+            .expect("a cancelled lease's action never ended")
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_lease_cancelled_while_its_inputs_never_arrive_ends() {
+        let state = tempfile::tempdir().unwrap();
+        let fake = Fake::start(1 << 20).await;
+        let lease = lease(&fake);
+        let bot = bot(
+            state.path(),
+            &fake,
+            FakeExecutor::new(|_| Ok(Script::exits(0))),
+        );
+        // The engine's CAS holds the fetch of the Action: the engine then drops the
+        // lease (or the shutdown grace ends).
+        fake.stall();
+        let finished = finished_after_cancel(&bot, &fake, &lease, true).await;
+        assert_eq!(finished.lease_id, "lease-1");
+        assert_eq!(finished.status.code, tonic::Code::Unavailable as i32);
+        assert!(finished.result.is_none());
+    }
+
+    #[tokio::test]
+    async fn a_lease_cancelled_while_its_outputs_never_upload_ends() {
+        let state = tempfile::tempdir().unwrap();
+        let fake = Fake::start(1 << 20).await;
+        let lease = lease(&fake);
+        // The CAS stops answering once the action runs: its outputs' upload holds.
+        let switch = fake.stall_switch();
+        let bot = bot(
+            state.path(),
+            &fake,
+            FakeExecutor::new(move |_| {
+                stall_on(&switch);
+                Ok(Script::exits(0).writing("out", b"output"))
+            }),
+        );
+        let finished = finished_after_cancel(&bot, &fake, &lease, true).await;
+        assert_eq!(finished.status.code, tonic::Code::Unavailable as i32);
+        assert!(finished.result.is_none());
     }
 }
