@@ -8,7 +8,7 @@
 //! `kiln verify --bazel-grpc-log FILE... [--bazel-exec-log FILE...] --key KEYS
 //! [--action-cache URL]`: the same check of every action a Bazel build had executed
 //! remotely or took from the remote cache, named by Bazel's log of its remote calls, in
-//! the result Bazel received (or the one the cache holds now); and every output of the
+//! every result Bazel received (or the one the cache holds now); and every output of the
 //! build's execution log an output of a verified action.
 
 use std::collections::HashSet;
@@ -185,8 +185,16 @@ pub async fn run(check: Check<'_>) -> anyhow::Result<i32> {
             if !named.is_empty() {
                 bail!("action digests on the command line need --action-cache to fetch them from");
             }
-            // An action in two logs (two builds) is judged for each result received.
+            // Every result Bazel received is judged: for an action in two logs (two
+            // builds), or called about twice in one, each result it took.
             for action in logged {
+                for (source, result) in action.earlier {
+                    candidates.push(Candidate {
+                        digest: action.digest.clone(),
+                        source: source.name(),
+                        result: Ok(result),
+                    });
+                }
                 let (source, result) = match action.received {
                     Some((source, result)) => (source.name(), Ok(result)),
                     None => (
@@ -567,6 +575,22 @@ mod tests {
         assert_eq!(verify_log(&log, &key).await, 1);
         // No statement at all.
         let log = fixtures::executed(&a, ActionResult::default());
+        assert_eq!(verify_log(&log, &key).await, 1);
+        // Bazel received a result no worker signed, and later in the same build a signed
+        // one for the same action: the unsigned one fails the build all the same.
+        let mut unsigned = signed_result(&key, &a);
+        unsigned.execution_metadata = None;
+        let log = [
+            fixtures::executed(&a, unsigned.clone()),
+            fixtures::hit(&a, signed_result(&key, &a)),
+        ]
+        .concat();
+        assert_eq!(verify_log(&log, &key).await, 1);
+        let log = [
+            fixtures::hit(&a, signed_result(&key, &a)),
+            fixtures::executed(&a, unsigned),
+        ]
+        .concat();
         assert_eq!(verify_log(&log, &key).await, 1);
         // Looked up, missed, and never executed remotely: Bazel ran it elsewhere.
         let log = [

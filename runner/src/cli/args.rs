@@ -234,7 +234,7 @@ pub struct VerifyArgs {
     pub action_cache: Option<String>,
     /// Bazel's log of its remote calls (`--experimental_remote_grpc_log=FILE`): every
     /// action the build executed remotely or took from the remote cache is checked, in
-    /// the result Bazel received (or, with --action-cache, the one the cache holds now);
+    /// every result Bazel received (or, with --action-cache, the one the cache holds now);
     /// an action Bazel got no result for fails. Repeatable.
     #[arg(long = "bazel-grpc-log", value_name = "FILE", conflicts_with_all = ["layout", "image", "provenance"], requires = "keys")]
     pub bazel_grpc_logs: Vec<PathBuf>,

@@ -1,6 +1,6 @@
 //! Bazel's log of its remote calls (`--experimental_remote_grpc_log=FILE`, named
 //! `--remote_grpc_log` in later Bazel releases): which actions a build had executed
-//! remotely or took from the remote cache, and the result it received for each.
+//! remotely or took from the remote cache, and the results it received for each.
 //!
 //! The file is a sequence of `remote_logging.LogEntry` messages, each preceded by its
 //! length as a varint (Java's `writeDelimitedTo`). The messages below are the parts of
@@ -97,6 +97,9 @@ pub struct RemoteAction {
     /// The result Bazel received last for it, and how; None when no call answered one
     /// (the action failed remotely, or Bazel looked it up, missed, and ran it elsewhere).
     pub received: Option<(Source, ActionResult)>,
+    /// The results Bazel received for it before the last, oldest first: each was taken
+    /// into the build as well, so each is judged too.
+    pub earlier: Vec<(Source, ActionResult)>,
     /// Why there is no result, when there is none.
     pub missing_because: Option<String>,
 }
@@ -138,6 +141,7 @@ pub fn remote_actions(reader: impl Read) -> Result<Vec<RemoteAction>, GrpcLogErr
                 actions.push(RemoteAction {
                     digest: digest.clone(),
                     received: None,
+                    earlier: Vec::new(),
                     missing_because: None,
                 });
                 actions.len() - 1
@@ -170,10 +174,7 @@ pub fn remote_actions(reader: impl Read) -> Result<Vec<RemoteAction>, GrpcLogErr
             let code = entry.status.as_ref().map_or(0, |s| s.code);
             let action = &mut actions[at];
             match (code, lookup.response) {
-                (0, Some(result)) => {
-                    action.received = Some((Source::CacheHit, result));
-                    action.missing_because = None;
-                }
+                (0, Some(result)) => action.receive(Source::CacheHit, result),
                 (NOT_FOUND, _) if action.received.is_none() => {
                     action.missing_because = Some(
                         "not in the remote cache, and no remote execution of it answered: \
@@ -186,6 +187,16 @@ pub fn remote_actions(reader: impl Read) -> Result<Vec<RemoteAction>, GrpcLogErr
         }
     }
     Ok(actions)
+}
+
+impl RemoteAction {
+    /// Records a result Bazel received; one received before is kept, to be judged too.
+    fn receive(&mut self, source: Source, result: ActionResult) {
+        if let Some(before) = self.received.replace((source, result)) {
+            self.earlier.push(before);
+        }
+        self.missing_because = None;
+    }
 }
 
 /// Records the result an Execute or WaitExecution stream ended with, or why it has none.
@@ -203,8 +214,7 @@ fn settle(action: &mut RemoteAction, responses: &[Operation], status: Option<&St
             status,
             ..
         }) if status.as_ref().is_none_or(|s| s.code == 0) => {
-            action.received = Some((Source::Executed, result));
-            action.missing_because = None;
+            action.receive(Source::Executed, result);
         }
         Some(response) if action.received.is_none() => {
             let status = response.status.unwrap_or_default();
@@ -294,6 +304,25 @@ pub(crate) mod fixtures {
             }),
         };
         entry.encode_length_delimited_to_vec()
+    }
+
+    /// A GetActionResult call for `action` that found `result`.
+    pub fn hit(action: &Digest, result: ActionResult) -> Vec<u8> {
+        LogEntry {
+            status: None,
+            method_name: "build.bazel.remote.execution.v2.ActionCache/GetActionResult".to_string(),
+            details: Some(RpcCallDetails {
+                get_action_result: Some(GetActionResultDetails {
+                    request: Some(GetActionResultRequest {
+                        action_digest: Some(action.clone()),
+                        ..Default::default()
+                    }),
+                    response: Some(result),
+                }),
+                ..Default::default()
+            }),
+        }
+        .encode_length_delimited_to_vec()
     }
 
     /// A GetActionResult call for `action` that missed.

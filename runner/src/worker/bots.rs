@@ -1,8 +1,9 @@
 //! The bot side of the Remote Workers API (`google.devtools.remoteworkers.v1test2`): one
 //! bot session per slot of the worker. Each bot creates its session, then heartbeats with
 //! UpdateBotSession (about every second, and at once when an action ends); each new lease
-//! (BuildGrid hands them out ACTIVE, the API PENDING: both are new) runs exactly once, and
-//! is reported ACTIVE while it runs, then COMPLETED with its ActionResult and status. A
+//! (BuildGrid hands them out ACTIVE, the API PENDING: both are new) runs once (once more
+//! only if the engine dropped it, which stopped it, and then offers it anew), and is
+//! reported ACTIVE while it runs, then COMPLETED with its ActionResult and status. A
 //! lease the engine cancels has its action stopped. An action that cannot run reports its
 //! error status; the bot carries on. One still running when the worker's shutdown grace
 //! ends is stopped and reported UNAVAILABLE, which the engine retries on another bot.
@@ -24,7 +25,7 @@ use tonic::transport::Channel;
 
 use super::cas::{CasClient, Digest};
 use super::inputs::fetch_action;
-use super::run::ActionRunner;
+use super::run::{cancelled, ActionRunner};
 use crate::error::{Result, RunnerError};
 
 const ACTION_TYPE_URL: &str = "type.googleapis.com/build.bazel.remote.execution.v2.Action";
@@ -158,7 +159,8 @@ impl Bot {
         let mut running: BTreeMap<String, Running> = BTreeMap::new();
         // Completed leases not yet acknowledged (the engine still lists them).
         let mut completed: BTreeMap<String, Lease> = BTreeMap::new();
-        // Every lease this bot ever took: none runs twice.
+        // Every lease this bot took and did not give up: none runs twice (an engine lists
+        // a lease again while it runs and until its completion is acknowledged).
         let mut taken: HashSet<String> = HashSet::new();
         let mut stopping = false;
         let mut cancelling = false;
@@ -175,7 +177,7 @@ impl Bot {
                 // Wait for the next beat, an action's end or the stop.
                 tokio::select! {
                     _ = heartbeat.tick() => {}
-                    Some(finished) = done_rx.recv() => self.finish(finished, &mut running, &mut completed),
+                    Some(finished) = done_rx.recv() => self.finish(finished, &mut running, &mut completed, &mut taken),
                     changed = stop.changed(), if !stopping => {
                         stopping = changed.is_err() || *stop.borrow();
                     }
@@ -193,7 +195,7 @@ impl Bot {
                     }
                 }
                 while let Ok(finished) = done_rx.try_recv() {
-                    self.finish(finished, &mut running, &mut completed);
+                    self.finish(finished, &mut running, &mut completed, &mut taken);
                 }
                 let closing = stopping && running.is_empty();
                 let mut leases: Vec<Lease> = completed.values().cloned().collect();
@@ -361,11 +363,16 @@ impl Bot {
         finished: Finished,
         running: &mut BTreeMap<String, Running>,
         completed: &mut BTreeMap<String, Lease>,
+        taken: &mut HashSet<String>,
     ) {
         let Some(run) = running.remove(&finished.lease_id) else {
             return;
         };
         if run.abandoned {
+            // Stopped and never reported: BuildGrid retries a job under the same lease id,
+            // and may offer it to this bot again, which must then run it (else the job
+            // sits assigned to an idle bot for good).
+            taken.remove(&finished.lease_id);
             return;
         }
         let mut lease = run.lease;
@@ -403,7 +410,13 @@ impl Bot {
             let outcome = async {
                 let digest = action_digest_of(&lease)?;
                 tracing::info!(%bot, lease = %lease.id, action = %digest, "running an action");
-                let fetched = fetch_action(&cas, &digest, runner.limits()).await?;
+                let mut cancel = cancel;
+                // The engine's CAS may hold a read forever: a cancel ends the fetch (it has
+                // nothing to undo), or the bot's slot and the worker's shutdown wait on it.
+                let fetched = tokio::select! {
+                    fetched = fetch_action(&cas, &digest, runner.limits()) => fetched?,
+                    _ = &mut cancel => return Err(cancelled()),
+                };
                 let cancelled = async {
                     // A dropped sender (the bot gone) stops the action too.
                     let _ = cancel.await;
@@ -431,5 +444,266 @@ impl Bot {
             };
             let _ = done.send(finished);
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    use crate::config::Config;
+    use crate::engine::executor::fake::{FakeExecutor, Script};
+    use crate::engine::idranges::IdRanges;
+    use crate::engine::signer::Signer;
+    use crate::images::ResolvedImage;
+    use crate::worker::fake_cas::{stall_on, Fake};
+    use crate::worker::run::ActionIsolation;
+
+    /// A bot whose actions run by `executor`, its CAS the fake's; no engine behind it
+    /// (these tests hand the bot its leases themselves).
+    fn bot(state: &std::path::Path, fake: &Fake, executor: FakeExecutor) -> Bot {
+        let config = Config {
+            state_dir: state.to_path_buf(),
+            max_concurrent_jobs: 1,
+            ..Config::default()
+        };
+        let id_ranges =
+            IdRanges::lease(&state.join("locks"), config.uid_base, config.id_range, 1).unwrap();
+        let (key, _) = Signer::open(&state.join("keys")).unwrap();
+        let image = ResolvedImage {
+            name: "host".into(),
+            named: true,
+            digest: None,
+            tree_digest: None,
+            imported: None,
+            env: Vec::new(),
+            root: Vec::new(),
+            ca_certificates: None,
+        };
+        let runner = ActionRunner::new(
+            config,
+            ActionIsolation {
+                executor: Arc::new(executor),
+                id_ranges,
+            },
+            key,
+            image,
+            state.join("actions"),
+            "test-worker".into(),
+        )
+        .unwrap();
+        Bot {
+            bot_id: "test-worker/bot-0".into(),
+            instance: "main".into(),
+            properties: Vec::new(),
+            runner: Arc::new(runner),
+            cas: fake.client.clone(),
+            channel: tonic::transport::Endpoint::from_static("http://127.0.0.1:9").connect_lazy(),
+        }
+    }
+
+    /// A lease for an action whose command writes `out`.
+    fn lease(fake: &Fake) -> Lease {
+        let command = reapi::Command {
+            arguments: vec!["/bin/true".into()],
+            output_paths: vec!["out".into()],
+            ..Default::default()
+        };
+        let action = reapi::Action {
+            command_digest: Some(fake.put_message(&command).to_proto()),
+            input_root_digest: Some(fake.put_message(&reapi::Directory::default()).to_proto()),
+            ..Default::default()
+        };
+        let digest = fake.put_message(&action);
+        Lease {
+            id: "lease-1".into(),
+            payload: Some(Any {
+                type_url: DIGEST_TYPE_URL.into(),
+                value: digest.to_proto().encode_to_vec(),
+            }),
+            state: LeaseState::Active as i32,
+            ..Default::default()
+        }
+    }
+
+    /// What the lease's task reports once cancelled. The bound only turns a task that
+    /// never ends (the bot's slot held for good, the worker's shutdown hung) into a
+    /// failure instead of a hung test.
+    async fn finished_after_cancel(
+        bot: &Bot,
+        fake: &Fake,
+        lease: &Lease,
+        cancel_when_stalled: bool,
+    ) -> Finished {
+        let (cancel_tx, cancel_rx) = oneshot::channel();
+        let (done_tx, mut done_rx) = mpsc::unbounded_channel();
+        bot.start(lease, cancel_rx, done_tx);
+        if cancel_when_stalled {
+            fake.stalled().await;
+        }
+        cancel_tx.send(()).unwrap();
+        tokio::time::timeout(Duration::from_secs(120), done_rx.recv())
+            .await
+            .expect("a cancelled lease's action never ended")
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_lease_cancelled_while_its_inputs_never_arrive_ends() {
+        let state = tempfile::tempdir().unwrap();
+        let fake = Fake::start(1 << 20).await;
+        let lease = lease(&fake);
+        let bot = bot(
+            state.path(),
+            &fake,
+            FakeExecutor::new(|_| Ok(Script::exits(0))),
+        );
+        // The engine's CAS holds the fetch of the Action: the engine then drops the
+        // lease (or the shutdown grace ends).
+        fake.stall();
+        let finished = finished_after_cancel(&bot, &fake, &lease, true).await;
+        assert_eq!(finished.lease_id, "lease-1");
+        assert_eq!(finished.status.code, tonic::Code::Unavailable as i32);
+        assert!(finished.result.is_none());
+    }
+
+    #[tokio::test]
+    async fn a_lease_cancelled_while_its_outputs_never_upload_ends() {
+        let state = tempfile::tempdir().unwrap();
+        let fake = Fake::start(1 << 20).await;
+        let lease = lease(&fake);
+        // The CAS stops answering once the action runs: its outputs' upload holds.
+        let switch = fake.stall_switch();
+        let bot = bot(
+            state.path(),
+            &fake,
+            FakeExecutor::new(move |_| {
+                stall_on(&switch);
+                Ok(Script::exits(0).writing("out", b"output"))
+            }),
+        );
+        let finished = finished_after_cancel(&bot, &fake, &lease, true).await;
+        assert_eq!(finished.status.code, tonic::Code::Unavailable as i32);
+        assert!(finished.result.is_none());
+    }
+
+    /// An engine that hands out `lease` while `offering` is on, and tells the test every
+    /// lease a bot reports.
+    #[derive(Clone)]
+    struct Engine {
+        lease: Lease,
+        offering: Arc<std::sync::atomic::AtomicBool>,
+        reported: mpsc::UnboundedSender<Lease>,
+        /// Told each time the engine answers without the lease.
+        withheld: Arc<tokio::sync::Notify>,
+    }
+
+    #[tonic::async_trait]
+    impl agent_proto::remoteworkers::v1test2::bots_server::Bots for Engine {
+        async fn create_bot_session(
+            &self,
+            request: tonic::Request<CreateBotSessionRequest>,
+        ) -> std::result::Result<tonic::Response<BotSession>, tonic::Status> {
+            let mut session = request.into_inner().bot_session.unwrap_or_default();
+            session.name = "main/session-1".into();
+            session.leases = self.offered();
+            Ok(tonic::Response::new(session))
+        }
+
+        async fn update_bot_session(
+            &self,
+            request: tonic::Request<UpdateBotSessionRequest>,
+        ) -> std::result::Result<tonic::Response<BotSession>, tonic::Status> {
+            let mut session = request.into_inner().bot_session.unwrap_or_default();
+            for lease in &session.leases {
+                let _ = self.reported.send(lease.clone());
+            }
+            session.leases = self.offered();
+            Ok(tonic::Response::new(session))
+        }
+    }
+
+    impl Engine {
+        fn offered(&self) -> Vec<Lease> {
+            if self.offering.load(std::sync::atomic::Ordering::SeqCst) {
+                vec![self.lease.clone()]
+            } else {
+                self.withheld.notify_one();
+                Vec::new()
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_lease_the_engine_dropped_and_offers_again_runs_again() {
+        let state = tempfile::tempdir().unwrap();
+        let fake = Fake::start(1 << 20).await;
+        let lease = lease(&fake);
+        // The first run holds until stopped; a later one writes its output and ends.
+        let runs = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = runs.clone();
+        let executor = FakeExecutor::new(move |_| {
+            Ok(
+                if counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
+                    Script::holds()
+                } else {
+                    Script::exits(0).writing("out", b"output")
+                },
+            )
+        });
+        let offering = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let (reported_tx, mut reported) = mpsc::unbounded_channel();
+        let withheld = Arc::new(tokio::sync::Notify::new());
+        let engine = Engine {
+            lease: lease.clone(),
+            offering: offering.clone(),
+            reported: reported_tx,
+            withheld: withheld.clone(),
+        };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(
+                    agent_proto::remoteworkers::v1test2::bots_server::BotsServer::new(engine),
+                )
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        let mut bot = bot(state.path(), &fake, executor);
+        bot.channel = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
+            .unwrap()
+            .connect_lazy();
+        let (_stop_tx, stop) = watch::channel(false);
+        let (_cancel_tx, cancel) = watch::channel(false);
+        tokio::spawn(bot.run(stop, cancel));
+        // The bot runs the lease and says so; then the engine drops it (BuildGrid does
+        // when the bot's session lapsed and the job went back to the queue) ...
+        loop {
+            let seen = reported.recv().await.unwrap();
+            if seen.id == lease.id && seen.state == LeaseState::Active as i32 {
+                break;
+            }
+        }
+        offering.store(false, std::sync::atomic::Ordering::SeqCst);
+        withheld.notified().await;
+        // ... and, the job retried under the same name, hands it to this bot again: it
+        // must run and be reported, or the job sits on an idle bot for good. The bound
+        // only turns that into a failure instead of a hung test.
+        while reported.try_recv().is_ok() {}
+        offering.store(true, std::sync::atomic::Ordering::SeqCst);
+        let completed = tokio::time::timeout(Duration::from_secs(120), async {
+            loop {
+                let seen = reported.recv().await.unwrap();
+                if seen.id == lease.id && seen.state == LeaseState::Completed as i32 {
+                    return seen;
+                }
+            }
+        })
+        .await
+        .expect("the lease offered again never ran");
+        assert_eq!(completed.status.map(|s| s.code), Some(0));
+        assert!(completed.result.is_some());
+        assert_eq!(runs.load(std::sync::atomic::Ordering::SeqCst), 2);
     }
 }

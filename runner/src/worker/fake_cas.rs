@@ -26,6 +26,28 @@ struct FakeCas {
     /// What the server answers for a hash: normally the blob, or a lie.
     blobs: Blobs,
     max_batch: i64,
+    stall: Stall,
+}
+
+/// A CAS that stops answering: each call holds forever, after telling the test.
+#[derive(Clone, Default)]
+struct Stall {
+    on: Arc<std::sync::atomic::AtomicBool>,
+    arrived: Arc<tokio::sync::Notify>,
+}
+
+/// Turns a [`Fake::stall_switch`] on.
+pub fn stall_on(switch: &std::sync::atomic::AtomicBool) {
+    switch.store(true, std::sync::atomic::Ordering::SeqCst);
+}
+
+impl Stall {
+    async fn hold_if_on(&self) {
+        if self.on.load(std::sync::atomic::Ordering::SeqCst) {
+            self.arrived.notify_one();
+            std::future::pending::<()>().await;
+        }
+    }
 }
 
 fn lock(blobs: &Blobs) -> std::sync::MutexGuard<'_, HashMap<String, Vec<u8>>> {
@@ -57,6 +79,7 @@ impl ContentAddressableStorage for FakeCas {
         &self,
         request: Request<reapi::FindMissingBlobsRequest>,
     ) -> Result<Response<reapi::FindMissingBlobsResponse>, Status> {
+        self.stall.hold_if_on().await;
         let blobs = lock(&self.blobs);
         let missing = request
             .into_inner()
@@ -73,6 +96,7 @@ impl ContentAddressableStorage for FakeCas {
         &self,
         request: Request<reapi::BatchUpdateBlobsRequest>,
     ) -> Result<Response<reapi::BatchUpdateBlobsResponse>, Status> {
+        self.stall.hold_if_on().await;
         let mut blobs = lock(&self.blobs);
         let mut responses = Vec::new();
         for entry in request.into_inner().requests {
@@ -96,6 +120,7 @@ impl ContentAddressableStorage for FakeCas {
         &self,
         request: Request<reapi::BatchReadBlobsRequest>,
     ) -> Result<Response<reapi::BatchReadBlobsResponse>, Status> {
+        self.stall.hold_if_on().await;
         let blobs = lock(&self.blobs);
         let responses = request
             .into_inner()
@@ -165,6 +190,7 @@ impl ByteStream for FakeCas {
         &self,
         request: Request<bytestream::ReadRequest>,
     ) -> Result<Response<Self::ReadStream>, Status> {
+        self.stall.hold_if_on().await;
         let name = request.into_inner().resource_name;
         let hash = name
             .split('/')
@@ -188,6 +214,7 @@ impl ByteStream for FakeCas {
         &self,
         request: Request<tonic::Streaming<bytestream::WriteRequest>>,
     ) -> Result<Response<bytestream::WriteResponse>, Status> {
+        self.stall.hold_if_on().await;
         let mut stream = request.into_inner();
         let mut name = String::new();
         let mut data = Vec::new();
@@ -227,6 +254,7 @@ impl ByteStream for FakeCas {
 /// A running fake CAS and a client of it.
 pub(crate) struct Fake {
     blobs: Blobs,
+    stall: Stall,
     pub client: CasClient,
     _server: tokio::task::JoinHandle<()>,
 }
@@ -235,9 +263,11 @@ impl Fake {
     /// Starts a server on loopback; `max_batch` is what GetCapabilities states (0: none).
     pub async fn start(max_batch: i64) -> Fake {
         let blobs = Blobs::default();
+        let stall = Stall::default();
         let service = FakeCas {
             blobs: blobs.clone(),
             max_batch,
+            stall: stall.clone(),
         };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap();
@@ -258,6 +288,7 @@ impl Fake {
         let client = CasClient::connect(channel, "main").await.unwrap();
         Fake {
             blobs,
+            stall,
             client,
             _server: server,
         }
@@ -273,6 +304,21 @@ impl Fake {
     /// Stores a message under its own digest.
     pub fn put_message(&self, message: &impl prost::Message) -> Digest {
         self.put(&message.encode_to_vec())
+    }
+
+    /// From now on every call holds without an answer (an engine that stopped serving).
+    pub fn stall(&self) {
+        stall_on(&self.stall.on);
+    }
+
+    /// A switch that does what [`Fake::stall`] does, for code that runs elsewhere.
+    pub fn stall_switch(&self) -> Arc<std::sync::atomic::AtomicBool> {
+        self.stall.on.clone()
+    }
+
+    /// Waits until a call is held by [`Fake::stall`].
+    pub async fn stalled(&self) {
+        self.stall.arrived.notified().await;
     }
 
     /// Makes the server answer `data` when asked for `digest` (a lie).

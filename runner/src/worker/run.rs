@@ -246,9 +246,14 @@ impl ActionRunner {
         let spec = self.step_spec(fetched, image, &plan, &workspace, host_uid_base);
         let profile_digest = self.executor.profile_digest(&spec)?;
         let inputs_written = OffsetDateTime::now_utc();
-        let ran = self.run_sandbox(spec, cancel).await?;
+        let ran = self.run_sandbox(spec, cancel.as_mut()).await?;
         let executed_on = OffsetDateTime::now_utc();
         let (exit_code, status) = self.verdict(&ran.outcome, &plan, &workspace)?;
+        // Stopped, if only as it ended on its own: nothing of it is reported (and the
+        // cancel, spent, is not waited on again below).
+        if ran.cancelled {
+            return Err(cancelled());
+        }
         let collected = {
             let (workspace, paths, limits) = (
                 workspace.clone(),
@@ -259,15 +264,18 @@ impl ActionRunner {
                 .await
                 .map_err(|e| RunnerError::Internal(format!("collecting outputs: {e}")))??
         };
-        let mut result = upload_outputs(
-            cas,
-            collected,
-            exit_code,
-            ran.stdout,
-            ran.stderr,
-            &self.limits,
-        )
-        .await?;
+        // The engine's CAS may hold an upload forever: a cancel still ends the action.
+        let mut result = tokio::select! {
+            uploaded = upload_outputs(
+                cas,
+                collected,
+                exit_code,
+                ran.stdout,
+                ran.stderr,
+                &self.limits,
+            ) => uploaded?,
+            () = &mut cancel => return Err(cancelled()),
+        };
         // Every output is read (or held) by now: the workspace may go.
         drop(guard);
         drop(slot);
@@ -285,11 +293,13 @@ impl ActionRunner {
             dsse_envelope: envelope,
         };
         let (statement_digest, statement_bytes) = message_blob(&link);
-        cas.upload_missing(vec![(
-            statement_digest.clone(),
-            UploadSource::Bytes(statement_bytes.clone()),
-        )])
-        .await?;
+        tokio::select! {
+            uploaded = cas.upload_missing(vec![(
+                statement_digest.clone(),
+                UploadSource::Bytes(statement_bytes.clone()),
+            )]) => uploaded?,
+            () = &mut cancel => return Err(cancelled()),
+        }
         let metadata = result
             .execution_metadata
             .get_or_insert_with(Default::default);
@@ -408,9 +418,11 @@ impl ActionRunner {
             })
             .collect();
         let mut wait = tokio::task::spawn_blocking(move || running.wait());
+        let mut cancelled = false;
         let outcome = tokio::select! {
             outcome = &mut wait => outcome,
             () = &mut cancel => {
+                cancelled = true;
                 canceller();
                 wait.await
             }
@@ -431,6 +443,7 @@ impl ActionRunner {
             outcome,
             stdout,
             stderr,
+            cancelled,
         })
     }
 
@@ -534,7 +547,7 @@ fn timestamp(at: OffsetDateTime) -> Timestamp {
     }
 }
 
-fn cancelled() -> RunnerError {
+pub(crate) fn cancelled() -> RunnerError {
     RunnerError::Unavailable("the action was cancelled".into())
 }
 
@@ -543,6 +556,8 @@ struct Ran {
     outcome: StepOutcome,
     stdout: Vec<u8>,
     stderr: Vec<u8>,
+    /// The cancel came while it ran (its future is spent).
+    cancelled: bool,
 }
 
 /// Reads a pipe to its end, keeping at most `cap` bytes: past it the pipe is still

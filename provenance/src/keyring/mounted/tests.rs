@@ -320,3 +320,31 @@ fn a_swapped_data_link_gives_the_new_ring_and_its_key() {
         Err(ProvenanceError::Key(_))
     ));
 }
+
+#[test]
+fn a_directory_or_a_fifo_where_a_file_is_expected_is_refused_without_hanging() {
+    if !is_root() {
+        eprintln!("not root: not exercised");
+        return;
+    }
+    let f = fixture();
+    let ts = ts_dir(&f.volume);
+    let key = ts.join(format!("{}.pem", current(&f.made)));
+    // The key's name a directory (of root's, mode 0700: it passes the directory checks).
+    fs::remove_file(&key).unwrap();
+    fs::create_dir(&key).unwrap();
+    chmod(&key, 0o700);
+    let e = refused(&f.volume);
+    assert!(e.contains("not a regular file"), "{e}");
+    fs::remove_dir(&key).unwrap();
+    // A fifo: its open must not wait for a writer.
+    nix::unistd::mkfifo(&key, nix::sys::stat::Mode::from_bits_truncate(0o400)).unwrap();
+    let e = refused(&f.volume);
+    assert!(e.contains("not a regular file"), "{e}");
+    // The visible name a link to the timestamped directory itself.
+    let visible = f.volume.join(KEYRING_FILE);
+    fs::remove_file(&visible).unwrap();
+    symlink("..data", &visible).unwrap();
+    let e = refused(&f.volume);
+    assert!(e.contains("not a regular file"), "{e}");
+}
