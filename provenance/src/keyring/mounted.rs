@@ -69,7 +69,8 @@ fn dir_flags() -> OFlag {
     OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC
 }
 
-/// A directory of the ring: root's, and writable by nobody else unless mounted read-only.
+/// A directory of the ring: root's, and writable by nobody else unless sticky and mounted
+/// read-only.
 fn check_dir(fd: &OwnedFd, path: &Path) -> Result<(), ProvenanceError> {
     let stat = fstat(fd.as_fd()).map_err(|e| ProvenanceError::io(path, e.into()))?;
     if stat.st_uid != 0 {
@@ -82,6 +83,14 @@ fn check_dir(fd: &OwnedFd, path: &Path) -> Result<(), ProvenanceError> {
         ));
     }
     let mode = stat.st_mode & 0o7777;
+    // A directory others may write is only admitted as the kubelet's volume: sticky (so
+    // nobody else can rename or remove root's entries) and mounted read-only.
+    if mode & 0o022 != 0 && mode & 0o1000 == 0 {
+        return Err(key_err(
+            path,
+            format!("directory mode {mode:04o} lets others write it without the sticky bit"),
+        ));
+    }
     if mode & 0o022 != 0 {
         let vfs = fstatvfs(fd.as_fd()).map_err(|e| ProvenanceError::io(path, e.into()))?;
         if !vfs.flags().contains(FsFlags::ST_RDONLY) {

@@ -19,8 +19,10 @@ use bazel_remote_apis::google::longrunning::{operation, Operation};
 use bazel_remote_apis::google::rpc::Status;
 use prost::Message;
 
-/// The largest log entry read (an entry holds one call's request and responses).
-const MAX_ENTRY_BYTES: u64 = 64 << 20;
+/// The largest log entry read (an entry holds one call's request and responses). Decoded,
+/// an entry of tiny repeated messages takes many times its size: kept well below what
+/// a verifier's memory holds.
+const MAX_ENTRY_BYTES: u64 = 16 << 20;
 /// The type URL of an ExecuteResponse in an Operation's response.
 const EXECUTE_RESPONSE_TYPE_URL: &str =
     "type.googleapis.com/build.bazel.remote.execution.v2.ExecuteResponse";

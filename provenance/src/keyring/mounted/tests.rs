@@ -279,6 +279,10 @@ fn a_directory_others_can_write_is_refused_unless_mounted_read_only() {
     chmod(&f.volume, 0o1777);
     let e = refused(&f.volume);
     assert!(e.contains("1777") && e.contains("read-only"), "{e}");
+    // Without the sticky bit others could replace root's entries, read-only or not.
+    chmod(&f.volume, 0o777);
+    let e = refused(&f.volume);
+    assert!(e.contains("0777") && e.contains("sticky"), "{e}");
     chmod(&f.volume, 0o755);
     let ts = ts_dir(&f.volume);
     chmod(&ts, 0o775);
