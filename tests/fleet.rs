@@ -672,48 +672,8 @@ fn a_bad_action_fails_with_its_status_and_the_worker_stays_up() {
             ..Default::default()
         }
         .encode_to_vec();
-        runtime.block_on(async {
-            let channel = grid.channel().await;
-            reapi::content_addressable_storage_client::ContentAddressableStorageClient::new(
-                channel.clone(),
-            )
-            .batch_update_blobs(reapi::BatchUpdateBlobsRequest {
-                instance_name: grid.instance.clone(),
-                requests: [&command, &root, &action, &b"x".to_vec()]
-                    .into_iter()
-                    .map(|blob| reapi::batch_update_blobs_request::Request {
-                        digest: Some(digest_of(blob)),
-                        data: blob.clone(),
-                        compressor: 0,
-                    })
-                    .collect(),
-                digest_function: 0,
-            })
-            .await
-            .unwrap();
-            let mut stream = reapi::execution_client::ExecutionClient::new(channel)
-                .execute(reapi::ExecuteRequest {
-                    instance_name: grid.instance.clone(),
-                    action_digest: Some(digest_of(&action)),
-                    skip_cache_lookup: true,
-                    ..Default::default()
-                })
-                .await
-                .unwrap()
-                .into_inner();
-            let mut last = None;
-            while let Some(operation) = stream.message().await.unwrap() {
-                last = Some(operation);
-            }
-            let operation = last.unwrap();
-            assert!(operation.done, "{operation:?}");
-            match operation.result.unwrap() {
-                bazel_remote_apis::google::longrunning::operation::Result::Response(any) => {
-                    reapi::ExecuteResponse::decode(any.value.as_slice()).unwrap()
-                }
-                other => panic!("{other:?}"),
-            }
-        })
+        let stream = runtime.block_on(grid.execute(&action, &[&command, &root, b"x"]));
+        response_of(&runtime, stream, &|| worker.log())
     };
     let escaping = reapi::Directory {
         files: vec![reapi::FileNode {
@@ -750,9 +710,7 @@ fn a_bad_action_fails_with_its_status_and_the_worker_stays_up() {
 /// session): the worker stops it, and its one slot runs the next action.
 #[test]
 fn a_cancelled_operation_stops_its_action_on_the_worker() {
-    use bazel_remote_apis::build::bazel::remote::execution::v2 as reapi;
     use bazel_remote_apis::google::longrunning;
-    use prost::Message as _;
     let test = "a_cancelled_operation_stops_its_action_on_the_worker";
     if !require_root(test) {
         return;
@@ -766,52 +724,7 @@ fn a_cancelled_operation_stops_its_action_on_the_worker() {
         .build()
         .unwrap();
     let channel = runtime.block_on(grid.channel());
-    // Uploads an action running `script` and starts it; answers the operation stream.
-    let start = |script: &str| {
-        let command = reapi::Command {
-            arguments: vec!["/bin/sh".into(), "-c".into(), script.into()],
-            ..Default::default()
-        }
-        .encode_to_vec();
-        let root = reapi::Directory::default().encode_to_vec();
-        let action = reapi::Action {
-            command_digest: Some(digest_of(&command)),
-            input_root_digest: Some(digest_of(&root)),
-            ..Default::default()
-        }
-        .encode_to_vec();
-        let channel = channel.clone();
-        let instance = grid.instance.clone();
-        runtime.block_on(async move {
-            reapi::content_addressable_storage_client::ContentAddressableStorageClient::new(
-                channel.clone(),
-            )
-            .batch_update_blobs(reapi::BatchUpdateBlobsRequest {
-                instance_name: instance.clone(),
-                requests: [&command, &root, &action]
-                    .into_iter()
-                    .map(|blob| reapi::batch_update_blobs_request::Request {
-                        digest: Some(digest_of(blob)),
-                        data: blob.clone(),
-                        compressor: 0,
-                    })
-                    .collect(),
-                digest_function: 0,
-            })
-            .await
-            .unwrap();
-            reapi::execution_client::ExecutionClient::new(channel)
-                .execute(reapi::ExecuteRequest {
-                    instance_name: instance,
-                    action_digest: Some(digest_of(&action)),
-                    skip_cache_lookup: true,
-                    ..Default::default()
-                })
-                .await
-                .unwrap()
-                .into_inner()
-        })
-    };
+    let start = |script: &str| submit(&grid, &runtime, script);
     let mut slow = start("sleep 3600");
     let name = runtime.block_on(slow.message()).unwrap().unwrap().name;
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -870,36 +783,7 @@ fn submit(
         ..Default::default()
     }
     .encode_to_vec();
-    runtime.block_on(async {
-        let channel = grid.channel().await;
-        reapi::content_addressable_storage_client::ContentAddressableStorageClient::new(
-            channel.clone(),
-        )
-        .batch_update_blobs(reapi::BatchUpdateBlobsRequest {
-            instance_name: grid.instance.clone(),
-            requests: [&command, &root, &action]
-                .into_iter()
-                .map(|blob| reapi::batch_update_blobs_request::Request {
-                    digest: Some(digest_of(blob)),
-                    data: blob.clone(),
-                    compressor: 0,
-                })
-                .collect(),
-            digest_function: 0,
-        })
-        .await
-        .unwrap();
-        reapi::execution_client::ExecutionClient::new(channel)
-            .execute(reapi::ExecuteRequest {
-                instance_name: grid.instance.clone(),
-                action_digest: Some(digest_of(&action)),
-                skip_cache_lookup: true,
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner()
-    })
+    runtime.block_on(grid.execute(&action, &[&command, &root]))
 }
 
 /// The ExecuteResponse an operation stream ends with, waiting at most two minutes.

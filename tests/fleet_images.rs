@@ -282,37 +282,9 @@ impl Client<'_> {
         }
         .encode_to_vec();
         let digest = digest_of(&action);
-        let instance = self.grid.instance.clone();
-        let stream = self.runtime.block_on(async {
-            let channel = self.grid.channel().await;
-            reapi::content_addressable_storage_client::ContentAddressableStorageClient::new(
-                channel.clone(),
-            )
-            .batch_update_blobs(reapi::BatchUpdateBlobsRequest {
-                instance_name: instance.clone(),
-                requests: [&command, &root, &action]
-                    .into_iter()
-                    .map(|blob| reapi::batch_update_blobs_request::Request {
-                        digest: Some(digest_of(blob)),
-                        data: blob.clone(),
-                        compressor: 0,
-                    })
-                    .collect(),
-                digest_function: 0,
-            })
-            .await
-            .unwrap();
-            reapi::execution_client::ExecutionClient::new(channel)
-                .execute(reapi::ExecuteRequest {
-                    instance_name: instance,
-                    action_digest: Some(digest.clone()),
-                    skip_cache_lookup: true,
-                    ..Default::default()
-                })
-                .await
-                .unwrap()
-                .into_inner()
-        });
+        let stream = self
+            .runtime
+            .block_on(self.grid.execute(&action, &[&command, &root]));
         (format!("{}/{}", digest.hash, digest.size_bytes), stream)
     }
 

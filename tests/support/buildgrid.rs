@@ -328,6 +328,46 @@ impl BuildGrid {
             .unwrap()
     }
 
+    /// Uploads `blobs` (the action's Command, input root and files) and `action` to the
+    /// CAS, then starts the action, skipping the cache: answers the operation stream.
+    pub async fn execute(
+        &self,
+        action: &[u8],
+        blobs: &[&[u8]],
+    ) -> tonic::Streaming<bazel_remote_apis::google::longrunning::Operation> {
+        use bazel_remote_apis::build::bazel::remote::execution::v2 as reapi;
+        let channel = self.channel().await;
+        reapi::content_addressable_storage_client::ContentAddressableStorageClient::new(
+            channel.clone(),
+        )
+        .batch_update_blobs(reapi::BatchUpdateBlobsRequest {
+            instance_name: self.instance.clone(),
+            requests: blobs
+                .iter()
+                .copied()
+                .chain([action])
+                .map(|blob| reapi::batch_update_blobs_request::Request {
+                    digest: Some(digest_of(blob)),
+                    data: blob.to_vec(),
+                    compressor: 0,
+                })
+                .collect(),
+            digest_function: 0,
+        })
+        .await
+        .unwrap();
+        reapi::execution_client::ExecutionClient::new(channel)
+            .execute(reapi::ExecuteRequest {
+                instance_name: self.instance.clone(),
+                action_digest: Some(digest_of(action)),
+                skip_cache_lookup: true,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+    }
+
     /// BuildGrid's log so far.
     pub fn log(&self) -> String {
         read_log(&self.dir.path().join("bgd/bgd.log"))
