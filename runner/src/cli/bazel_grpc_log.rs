@@ -308,10 +308,13 @@ pub(crate) mod fixtures {
         entry.encode_length_delimited_to_vec()
     }
 
-    /// A GetActionResult call for `action` that found `result`.
-    pub fn hit(action: &Digest, result: ActionResult) -> Vec<u8> {
+    /// A GetActionResult call for `action` that found `found`, or missed.
+    pub(super) fn lookup(action: &Digest, found: Option<ActionResult>) -> LogEntry {
         LogEntry {
-            status: None,
+            status: Some(Status {
+                code: if found.is_some() { 0 } else { NOT_FOUND },
+                ..Default::default()
+            }),
             method_name: "build.bazel.remote.execution.v2.ActionCache/GetActionResult".to_string(),
             details: Some(RpcCallDetails {
                 get_action_result: Some(GetActionResultDetails {
@@ -319,40 +322,28 @@ pub(crate) mod fixtures {
                         action_digest: Some(action.clone()),
                         ..Default::default()
                     }),
-                    response: Some(result),
+                    response: found,
                 }),
                 ..Default::default()
             }),
         }
-        .encode_length_delimited_to_vec()
+    }
+
+    /// A GetActionResult call for `action` that found `result`.
+    pub fn hit(action: &Digest, result: ActionResult) -> Vec<u8> {
+        lookup(action, Some(result)).encode_length_delimited_to_vec()
     }
 
     /// A GetActionResult call for `action` that missed.
     pub fn missed(action: &Digest) -> Vec<u8> {
-        LogEntry {
-            status: Some(Status {
-                code: NOT_FOUND,
-                ..Default::default()
-            }),
-            method_name: "build.bazel.remote.execution.v2.ActionCache/GetActionResult".to_string(),
-            details: Some(RpcCallDetails {
-                get_action_result: Some(GetActionResultDetails {
-                    request: Some(GetActionResultRequest {
-                        action_digest: Some(action.clone()),
-                        ..Default::default()
-                    }),
-                    response: None,
-                }),
-                ..Default::default()
-            }),
-        }
-        .encode_length_delimited_to_vec()
+        lookup(action, None).encode_length_delimited_to_vec()
     }
 }
 
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
+    use super::fixtures::lookup;
     use super::*;
     use bazel_remote_apis::build::bazel::remote::execution::v2::OutputFile;
     use bazel_remote_apis::google::protobuf::Any;
@@ -408,26 +399,6 @@ mod tests {
                         ..Default::default()
                     }),
                     responses,
-                }),
-                ..Default::default()
-            }),
-        }
-    }
-
-    fn lookup(action: &Digest, found: Option<ActionResult>) -> LogEntry {
-        LogEntry {
-            status: Some(Status {
-                code: if found.is_some() { 0 } else { NOT_FOUND },
-                ..Default::default()
-            }),
-            method_name: "build.bazel.remote.execution.v2.ActionCache/GetActionResult".to_string(),
-            details: Some(RpcCallDetails {
-                get_action_result: Some(GetActionResultDetails {
-                    request: Some(GetActionResultRequest {
-                        action_digest: Some(action.clone()),
-                        ..Default::default()
-                    }),
-                    response: found,
                 }),
                 ..Default::default()
             }),
