@@ -641,8 +641,9 @@ fn a_worker_killed_mid_action_does_not_fail_the_build() {
     );
 }
 
-/// An action that a client forged (an input root with a `..` entry) fails with
-/// INVALID_ARGUMENT reported through BuildGrid, and the same worker then runs a good one.
+/// Actions a client forged (bad input root names, clashes, a symlink, an output path or a
+/// working directory out of the workspace) each fail with INVALID_ARGUMENT reported
+/// through BuildGrid, and the same worker then runs a good one.
 #[test]
 fn a_bad_action_fails_with_its_status_and_the_worker_stays_up() {
     use bazel_remote_apis::build::bazel::remote::execution::v2 as reapi;
@@ -659,12 +660,9 @@ fn a_bad_action_fails_with_its_status_and_the_worker_stays_up() {
         .enable_all()
         .build()
         .unwrap();
-    let execute = |root: reapi::Directory, argv: &[&str]| {
-        let command = reapi::Command {
-            arguments: argv.iter().map(|a| a.to_string()).collect(),
-            ..Default::default()
-        }
-        .encode_to_vec();
+    let empty_dir = reapi::Directory::default().encode_to_vec();
+    let execute = |root: reapi::Directory, command: reapi::Command| {
+        let command = command.encode_to_vec();
         let root = root.encode_to_vec();
         let action = reapi::Action {
             command_digest: Some(digest_of(&command)),
@@ -672,28 +670,89 @@ fn a_bad_action_fails_with_its_status_and_the_worker_stays_up() {
             ..Default::default()
         }
         .encode_to_vec();
-        let stream = runtime.block_on(grid.execute(&action, &[&command, &root, b"x"]));
+        let stream = runtime.block_on(grid.execute(&action, &[&command, &root, b"x", &empty_dir]));
         response_of(&runtime, stream, &|| worker.log())
     };
-    let escaping = reapi::Directory {
-        files: vec![reapi::FileNode {
-            name: "..".into(),
-            digest: Some(digest_of(b"x")),
-            ..Default::default()
-        }],
+    let argv = |argv: &[&str]| reapi::Command {
+        arguments: argv.iter().map(|a| a.to_string()).collect(),
         ..Default::default()
     };
-    let response = execute(escaping, &["/bin/true"]);
-    let status = response.status.unwrap_or_default();
-    assert_eq!(
-        status.code,
-        tonic::Code::InvalidArgument as i32,
-        "{status:?}\n{}",
-        worker.log()
-    );
+    let file = |name: &str| reapi::FileNode {
+        name: name.into(),
+        digest: Some(digest_of(b"x")),
+        ..Default::default()
+    };
+    let files = |names: &[&str]| reapi::Directory {
+        files: names.iter().map(|name| file(name)).collect(),
+        ..Default::default()
+    };
+    // What a client may send through the engine that must not reach the sandbox.
+    let attacks: Vec<(&str, reapi::Directory, reapi::Command)> = vec![
+        ("a file named ..", files(&[".."]), argv(&["/bin/true"])),
+        ("a name with a slash", files(&["a/b"]), argv(&["/bin/true"])),
+        ("an empty name", files(&[""]), argv(&["/bin/true"])),
+        ("a name twice", files(&["x", "x"]), argv(&["/bin/true"])),
+        (
+            "a file and a directory of one name",
+            reapi::Directory {
+                files: vec![file("x")],
+                directories: vec![reapi::DirectoryNode {
+                    name: "x".into(),
+                    digest: Some(digest_of(&empty_dir)),
+                }],
+                ..Default::default()
+            },
+            argv(&["/bin/true"]),
+        ),
+        (
+            "a symlink out of the workspace",
+            reapi::Directory {
+                symlinks: vec![reapi::SymlinkNode {
+                    name: "s".into(),
+                    target: "../../etc/passwd".into(),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            },
+            argv(&["/bin/true"]),
+        ),
+        (
+            "an output path out of the workspace",
+            reapi::Directory::default(),
+            reapi::Command {
+                output_paths: vec!["../escape".into()],
+                ..argv(&["/bin/true"])
+            },
+        ),
+        (
+            "a working directory out of the workspace",
+            reapi::Directory::default(),
+            reapi::Command {
+                working_directory: "../".into(),
+                ..argv(&["/bin/true"])
+            },
+        ),
+    ];
+    let attempted = attacks.len();
+    for (what, root, command) in attacks {
+        let response = execute(root, command);
+        let status = response.status.unwrap_or_default();
+        assert_eq!(
+            status.code,
+            tonic::Code::InvalidArgument as i32,
+            "{what}: {status:?}\n{}",
+            worker.log()
+        );
+        assert!(
+            response
+                .result
+                .is_none_or(|r| r.exit_code == 0 && r.output_files.is_empty()),
+            "{what}"
+        );
+    }
     let response = execute(
         reapi::Directory::default(),
-        &["/bin/sh", "-c", "echo still up"],
+        argv(&["/bin/sh", "-c", "echo still up"]),
     );
     assert_eq!(
         response.status.unwrap_or_default().code,
@@ -703,7 +762,7 @@ fn a_bad_action_fails_with_its_status_and_the_worker_stays_up() {
     );
     let result = response.result.unwrap();
     assert_eq!(result.exit_code, 0, "{}", worker.log());
-    assert_eq!(worker.actions().len(), 2, "{}", worker.log());
+    assert_eq!(worker.actions().len(), attempted + 1, "{}", worker.log());
 }
 
 /// A client cancels a running action (BuildGrid then drops the lease from the bot's
