@@ -7,7 +7,11 @@
 //! Also the in-daemon step start: from the daemon scheduling the step to the step's execve
 //! (`start_latency_us` of the daemon's "step finished" log lines).
 //!
-//! Needs root and bwrap. Prints medians and the ratio.
+//! Then the throughput a shared runner's users see: tiny jobs per second with 2 clients
+//! submitting at once (each running `kiln run -- /bin/true` in a loop) against 2 loops of
+//! the bwrap command, and the p99 of the in-daemon step start under that load.
+//!
+//! Needs root and bwrap. Prints medians, the p99 and the ratios.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::process::{Command, Stdio};
@@ -19,6 +23,29 @@ use common::Daemon;
 fn median(mut samples: Vec<Duration>) -> Duration {
     samples.sort();
     samples[samples.len() / 2]
+}
+
+fn percentile(mut samples: Vec<Duration>, pct: usize) -> Duration {
+    samples.sort();
+    let rank = (samples.len() * pct).div_ceil(100).max(1);
+    samples[rank - 1]
+}
+
+/// Runs `per_client` commands in each of `clients` threads at once; answers commands
+/// per second over the whole run.
+fn throughput(clients: usize, per_client: usize, command: impl Fn() -> Command + Sync) -> f64 {
+    let start = Instant::now();
+    std::thread::scope(|scope| {
+        for _ in 0..clients {
+            scope.spawn(|| {
+                for _ in 0..per_client {
+                    let status = command().stdout(Stdio::null()).status().unwrap();
+                    assert!(status.success(), "run failed: {status}");
+                }
+            });
+        }
+    });
+    (clients * per_client) as f64 / start.elapsed().as_secs_f64()
 }
 
 fn time_runs(runs: usize, mut command: impl FnMut() -> Command) -> Duration {
@@ -60,8 +87,7 @@ fn main() {
     }
     let daemon = Daemon::start();
 
-    let true_alone = time_runs(runs, || Command::new("/bin/true"));
-    let bwrap = time_runs(runs, || {
+    let bwrap_command = || {
         let mut c = Command::new("bwrap");
         c.args([
             "--unshare-all",
@@ -86,16 +112,35 @@ fn main() {
             "/bin/true",
         ]);
         c
-    });
-    let kiln = time_runs(runs, || daemon.kiln(&["run", "--", "/bin/true"]));
-    let log = daemon.stop();
-    let in_daemon = start_latencies(&log);
+    };
+    let kiln_command = || daemon.kiln(&["run", "--", "/bin/true"]);
+    let true_alone = time_runs(runs, || Command::new("/bin/true"));
+    let bwrap = time_runs(runs, bwrap_command);
+    let kiln = time_runs(runs, kiln_command);
+    let sequential_log = std::fs::read_to_string(&daemon.log).unwrap_or_default();
+    let in_daemon = start_latencies(&sequential_log);
     assert!(
         in_daemon.len() > runs,
         "expected a start latency per kiln run in the daemon log, found {}",
         in_daemon.len()
     );
+    let sequential_starts = in_daemon.len();
     let in_daemon = median(in_daemon);
+
+    const CLIENTS: usize = 2;
+    let bwrap_rate = throughput(CLIENTS, runs, bwrap_command);
+    let kiln_rate = throughput(CLIENTS, runs, kiln_command);
+    let log = daemon.stop();
+    let under_load: Vec<Duration> = start_latencies(&log)
+        .into_iter()
+        .skip(sequential_starts)
+        .collect();
+    assert_eq!(
+        under_load.len(),
+        CLIENTS * runs,
+        "expected a start latency per concurrent kiln run in the daemon log"
+    );
+    let (load_median, load_p99) = (median(under_load.clone()), percentile(under_load, 99));
 
     println!("medians of {runs} runs each, same run:");
     println!("  /bin/true                  {:8.2} ms", ms(true_alone));
@@ -108,5 +153,17 @@ fn main() {
     println!(
         "  ratio kiln / bwrap         {:8.2}x   (target: at most 2x)",
         kiln.as_secs_f64() / bwrap.as_secs_f64()
+    );
+    println!("throughput, {CLIENTS} clients at once, {runs} runs each:");
+    println!("  bwrap loops                {bwrap_rate:8.1} runs/s");
+    println!("  kiln run                   {kiln_rate:8.1} jobs/s");
+    println!(
+        "  ratio bwrap / kiln         {:8.2}x",
+        bwrap_rate / kiln_rate
+    );
+    println!(
+        "  in the daemon under load: step start median {:.2} ms, p99 {:.2} ms",
+        ms(load_median),
+        ms(load_p99)
     );
 }

@@ -105,6 +105,9 @@ enum Mode {
     V2,
 }
 
+/// The cgroup layout a step's cgroup is created in ([`StepCgroup::locate`]).
+pub(crate) struct Placement(Layout);
+
 /// Where each controller lives on this host.
 #[derive(Debug, Clone)]
 struct Layout {
@@ -528,9 +531,14 @@ fn to_failure((controller, message): (String, String)) -> Failure {
 
 impl StepCgroup {
     /// Creates the step cgroup with every limit set; the error names the controller.
-    pub(crate) fn create(limits: &Limits) -> Result<Self, Failure> {
-        let layout = detect().map_err(to_failure)?;
-        Self::create_in(&layout, &unique_name("step"), limits).map_err(to_failure)
+    /// Where the step's cgroup goes, read before the spec arrives (a standby supervisor
+    /// does it while it waits).
+    pub(crate) fn locate() -> Result<Placement, Failure> {
+        detect().map(Placement).map_err(to_failure)
+    }
+
+    pub(crate) fn create(placement: &Placement, limits: &Limits) -> Result<Self, Failure> {
+        Self::create_in(&placement.0, &unique_name("step"), limits).map_err(to_failure)
     }
 
     fn create_in(layout: &Layout, name: &str, limits: &Limits) -> Result<Self, (String, String)> {

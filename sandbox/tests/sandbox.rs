@@ -125,6 +125,44 @@ fn only_loopback_and_no_host_tcp() {
 }
 
 #[test]
+fn each_step_has_its_own_network_namespace_made_ahead_by_its_standby() {
+    if !is_root("each_step_has_its_own_network_namespace_made_ahead_by_its_standby") {
+        return;
+    }
+    let sb = sandbox();
+    // Both standbys made their namespaces while waiting; neither may be the other's or
+    // the caller's.
+    let (first, second) = (sb.standby().unwrap(), sb.standby().unwrap());
+    let script =
+        "readlink /proc/self/ns/net; tail -n +3 /proc/self/net/dev | cut -d: -f1 | tr -d ' '";
+    let mut namespaces = Vec::new();
+    for (waiting, base) in [(first, 251_000), (second, 252_000)] {
+        let f = fixture(base, script);
+        let mut step = waiting.start(&f.spec).unwrap();
+        let out = drain(step.take_stdout());
+        let _err = drain(step.take_stderr());
+        assert_eq!(step.wait().unwrap().status, StepStatus::Exited { code: 0 });
+        let out = out.join().unwrap();
+        let mut lines = out.lines();
+        namespaces.push(lines.next().unwrap_or_default().to_string());
+        assert_eq!(lines.collect::<Vec<_>>(), vec!["lo"], "{out}");
+    }
+    let ours = std::fs::read_link("/proc/self/ns/net").unwrap();
+    for ns in &namespaces {
+        assert!(ns.starts_with("net:["), "{namespaces:?}");
+        assert_ne!(
+            Path::new(ns),
+            ours,
+            "a step ran in the caller's network namespace"
+        );
+    }
+    assert_ne!(
+        namespaces[0], namespaces[1],
+        "two steps shared a network namespace"
+    );
+}
+
+#[test]
 fn cannot_mount_or_unshare() {
     if !is_root("cannot_mount_or_unshare") {
         return;

@@ -130,8 +130,10 @@ impl Runner {
             let runner = self.clone();
             blocking(move || {
                 let signed = crate::engine::attest::sign_link(&link, &runner.key)?;
-                let metablock = runner.cas.put_bytes(&signed.metablock)?;
-                let dsse = runner.cas.put_bytes(&signed.dsse)?;
+                let stored = runner.cas.put_all(&[&signed.metablock, &signed.dsse])?;
+                let [metablock, dsse] = <[String; 2]>::try_from(stored).map_err(|_| {
+                    RunnerError::Internal("the content store answered no digest pair".into())
+                })?;
                 Ok((link, signed, (metablock, dsse)))
             })
             .await?

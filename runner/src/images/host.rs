@@ -69,6 +69,16 @@ impl Images {
         make_world_readable(&etc)
     }
 
+    /// What the steps' /etc/ssl/certs holds, hashed as they see it (once per daemon).
+    pub(super) fn host_ca_certificates(&self) -> Option<String> {
+        self.host_ca_certificates
+            .get_or_init(|| {
+                let certs = self.host_etc().join("ssl/certs");
+                certs.is_dir().then(|| tree_digest(&certs).ok()).flatten()
+            })
+            .clone()
+    }
+
     pub(super) fn host_image(&self) -> ResolvedImage {
         let mut root = vec![RootEntry::Bind {
             source: "/usr".into(),
@@ -96,15 +106,8 @@ impl Images {
             source: self.host_etc(),
             target: "/etc".into(),
         });
-        // What the steps' /etc/ssl/certs holds, hashed as they see it.
-        let certs = self.host_etc().join("ssl/certs");
-        let ca_certificates = if certs.is_dir() {
-            tree_digest(&certs).ok()
-        } else {
-            None
-        };
         ResolvedImage {
-            ca_certificates,
+            ca_certificates: self.host_ca_certificates(),
             name: HOST_IMAGE.into(),
             named: true,
             digest: None,

@@ -25,6 +25,7 @@ pub mod unpack;
 
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
 
 use provenance::slsa::ResourceDescriptor;
 use sandbox::RootEntry;
@@ -158,6 +159,10 @@ impl ImageRecord {
 #[derive(Debug, Clone)]
 pub struct Images {
     dir: PathBuf,
+    /// The digest of the host image's CA certificates, taken once after the daemon wrote
+    /// them: they are the daemon's own root-only copy, bound read-only into steps, so a
+    /// per-job re-hash (7 ms of CPU) would only re-read what it wrote.
+    host_ca_certificates: Arc<OnceLock<Option<String>>>,
 }
 
 /// Digest of a file tree: SHA-256 of the canonical JSON of its path -> sha256 map.
@@ -196,6 +201,7 @@ impl Images {
     pub fn open(state_dir: &Path) -> Result<Self> {
         let images = Self::attach(state_dir)?;
         images.write_host_etc()?;
+        images.host_ca_certificates();
         Ok(images)
     }
 
@@ -204,7 +210,10 @@ impl Images {
     pub fn attach(state_dir: &Path) -> Result<Self> {
         let dir = state_dir.join("images");
         fs::create_dir_all(&dir).map_err(RunnerError::io_path("creating", &dir))?;
-        Ok(Self { dir })
+        Ok(Self {
+            dir,
+            host_ca_certificates: Arc::default(),
+        })
     }
 
     fn oci_dir(&self) -> PathBuf {

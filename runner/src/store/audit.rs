@@ -57,6 +57,13 @@ const MAX_FIELD: usize = 512;
 /// longest line the bounds above allow.
 const TAIL_READ: u64 = 1 << 20;
 
+/// Whether an append waits for the disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Sync {
+    Now,
+    Deferred,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Decision {
@@ -237,8 +244,20 @@ impl AuditLog {
     /// Appends `record`, durably, and a checkpoint when one is due. Answers its seq. A
     /// write that fails leaves the log as it was and answers RESOURCE_EXHAUSTED.
     pub fn append(&self, record: Record) -> Result<u64> {
+        self.append_with(record, Sync::Now)
+    }
+
+    /// Appends `record` without waiting for the disk: it becomes durable with the next
+    /// synced entry (every audited call's own, a job's end, a checkpoint), which syncs
+    /// every line before it. For what the engine records on the way to a synced entry:
+    /// a job's acceptance (its Submit's entry follows before the answer) and its start.
+    pub fn append_deferred(&self, record: Record) -> Result<u64> {
+        self.append_with(record, Sync::Deferred)
+    }
+
+    fn append_with(&self, record: Record, sync: Sync) -> Result<u64> {
         let mut inner = self.lock();
-        let (seq, _) = self.write_entry(&mut inner, record, None, now())?;
+        let (seq, _) = self.write_entry(&mut inner, record, None, now(), sync)?;
         if inner.since_checkpoint >= self.checkpoint_entries
             || inner.last_checkpoint.elapsed() >= self.checkpoint_interval
         {
@@ -294,6 +313,7 @@ impl AuditLog {
                 ),
                 None,
                 now(),
+                Sync::Now,
             )?;
         }
         let time = now();
@@ -310,6 +330,7 @@ impl AuditLog {
             Record::daemon(CHECKPOINT_ACTION, CHECKPOINT_OBJECT, ""),
             Some(checkpoint),
             time,
+            Sync::Now,
         )?;
         self.write_head(&line)?;
         inner.since_checkpoint = 0;
@@ -325,13 +346,15 @@ impl AuditLog {
         Ok(())
     }
 
-    /// Appends one entry and syncs it; answers its seq and line (without newline).
+    /// Appends one entry and syncs it (unless deferred); answers its seq and line
+    /// (without newline).
     fn write_entry(
         &self,
         inner: &mut Inner,
         record: Record,
         checkpoint: Option<Checkpoint>,
         time: String,
+        sync: Sync,
     ) -> Result<(u64, Vec<u8>)> {
         let entry = Entry {
             seq: inner.next_seq,
@@ -349,10 +372,10 @@ impl AuditLog {
         let mut line = serde_json::to_vec(&entry)
             .map_err(|e| RunnerError::Internal(format!("encoding an audit entry: {e}")))?;
         line.push(b'\n');
-        let written = inner
-            .file
-            .write_all(&line)
-            .and_then(|()| inner.file.sync_data());
+        let written = inner.file.write_all(&line).and_then(|()| match sync {
+            Sync::Now => inner.file.sync_data(),
+            Sync::Deferred => Ok(()),
+        });
         if let Err(err) = written {
             // Nothing half-written may stay: the next entry chains onto the last whole one.
             let _ = inner.file.set_len(inner.len);
@@ -400,8 +423,11 @@ impl AuditLog {
     }
 }
 
-/// Job state changes, as the engine commits them (from its blocking code: the entry is
-/// durable before the change is announced to anyone else).
+/// Job state changes, as the engine commits them (from its blocking code, before the
+/// change is announced to anyone else), durable no later than the job's record: a job's
+/// start is committed without waiting for the disk, and so is its entry, which the job's
+/// end makes durable; its acceptance entry is made durable by the Submit call's own entry,
+/// before the answer.
 impl crate::engine::bus::Observer for AuditLog {
     fn observe(&self, event: &crate::engine::bus::EngineEvent) {
         let crate::engine::bus::EngineEvent::JobStateChanged {
@@ -437,7 +463,14 @@ impl crate::engine::bus::Observer for AuditLog {
                 format!("{change}: {reason}")
             },
         };
-        if let Err(err) = self.append(record) {
+        // Accepting is followed by the Submit call's synced entry before its answer, and
+        // a start by the job's end; every other change is synced now.
+        let appended = if from.is_none() || *to == agent_proto::v1::JobState::Running {
+            self.append_deferred(record)
+        } else {
+            self.append(record)
+        };
+        if let Err(err) = appended {
             tracing::error!(job = %job_id, error = %err, "JOB STATE CHANGE NOT AUDITED");
         }
     }

@@ -228,14 +228,21 @@ impl Database {
     /// restart either way, since its state says running.
     pub fn update_progress(&self, job: &Job) -> Result<()> {
         let mut conn = self.lock()?;
-        conn.pragma_update(None, "synchronous", "NORMAL")?;
-        let changed = write_record(&mut conn, job, None);
-        // Back to FULL before anything else can commit on this connection.
-        conn.pragma_update(None, "synchronous", "FULL")?;
-        if !changed? {
+        if !unsynced(&mut conn, |conn| write_record(conn, job, None))? {
             return Err(RunnerError::NotFound(format!("job {}", job.job_id)));
         }
         Ok(())
+    }
+
+    /// Claims a queued job for running: the compare-and-set of [`Self::update_job_if_state`],
+    /// committed without waiting for the disk like [`Self::update_progress`]. A power loss
+    /// before the job's next durable change leaves it queued, so it runs again after the
+    /// restart; a process crash loses nothing.
+    pub fn claim_queued(&self, job: &Job) -> Result<bool> {
+        let mut conn = self.lock()?;
+        unsynced(&mut conn, |conn| {
+            write_record(conn, job, Some(JobState::Queued))
+        })
     }
 
     /// Writes the record only if the stored state is still `expected`; the
@@ -529,6 +536,19 @@ fn job_blobs(job: &Job) -> impl Iterator<Item = &str> {
 
 /// Writes a job's record (only while its state is `expected`, if given) and grants its
 /// owner the blobs it names, in one transaction. False if no record was written.
+/// Runs `write` with synchronous=NORMAL: its commit reaches the WAL, not the disk; the
+/// next synchronous=FULL commit syncs it with its own.
+fn unsynced<T>(
+    conn: &mut Connection,
+    write: impl FnOnce(&mut Connection) -> Result<T>,
+) -> Result<T> {
+    conn.pragma_update(None, "synchronous", "NORMAL")?;
+    let written = write(conn);
+    // Back to FULL before anything else can commit on this connection.
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    written
+}
+
 fn write_record(conn: &mut Connection, job: &Job, expected: Option<JobState>) -> Result<bool> {
     let tx = conn.transaction()?;
     let changed = match expected {

@@ -428,3 +428,58 @@ fn tail_answers_the_last_lines_however_long() {
     assert_eq!(tail(dir.path(), 9).unwrap(), lines);
     assert!(tail(dir.path(), 0).unwrap().is_empty());
 }
+
+#[test]
+fn deferred_entries_chain_like_any_other_and_a_reopened_log_continues_after_them() {
+    let fixture = Fixture::new();
+    {
+        let log = fixture.open(1000);
+        log.append_deferred(record(0)).unwrap();
+        log.append_deferred(record(1)).unwrap();
+        // The synced entry makes the deferred ones before it durable with it.
+        log.append(record(2)).unwrap();
+        log.append_deferred(record(3)).unwrap();
+        log.checkpoint().unwrap();
+    }
+    let verified = fixture.verify(&fixture.log()).unwrap();
+    // Four records and the checkpoint, all chained and signed.
+    assert_eq!(verified.entries, 5, "{verified:?}");
+    assert_eq!(verified.unsigned_tail, 0, "{verified:?}");
+    let log = fixture.open(1000);
+    assert_eq!(log.append(record(4)).unwrap(), 5);
+}
+
+#[test]
+fn a_jobs_start_is_deferred_and_its_end_synced_in_order() {
+    use crate::engine::bus::{EngineEvent, Observer};
+    use agent_proto::v1::JobState;
+    let fixture = Fixture::new();
+    let log = fixture.open(1000);
+    let change = |from: Option<JobState>, to: JobState| EngineEvent::JobStateChanged {
+        job_id: "j".into(),
+        owner: "uid:1000".into(),
+        tenant: None,
+        from,
+        to,
+        reason: String::new(),
+    };
+    log.observe(&change(None, JobState::Queued));
+    log.observe(&change(Some(JobState::Queued), JobState::Running));
+    log.observe(&change(Some(JobState::Running), JobState::Succeeded));
+    log.checkpoint().unwrap();
+    let text = String::from_utf8(fixture.log()).unwrap();
+    let reasons: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("\"job.state\""))
+        .filter_map(|l| l.split("\"reason\":\"").nth(1)?.split('"').next())
+        .collect();
+    assert_eq!(
+        reasons,
+        [
+            "owner uid:1000: accepted, queued",
+            "owner uid:1000: queued -> running",
+            "owner uid:1000: running -> succeeded"
+        ]
+    );
+    fixture.verify(&fixture.log()).unwrap();
+}
