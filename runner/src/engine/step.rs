@@ -239,10 +239,9 @@ impl Runner {
         }
         let mut logs = Vec::new();
         for reader in readers {
-            let log = tokio::task::spawn_blocking(move || reader.join())
+            let log = reader
                 .await
-                .map_err(|e| RunnerError::Internal(format!("log reader: {e}")))?
-                .map_err(|_| RunnerError::Internal("log reader panicked".into()))?;
+                .map_err(|e| RunnerError::Internal(format!("log reader: {e}")))?;
             logs.push(log);
         }
         if let Ok(mut c) = handle.canceller.lock() {
@@ -262,7 +261,7 @@ impl Runner {
         running: &mut Box<dyn Execution>,
         id: &str,
         step_name: &str,
-    ) -> Vec<std::thread::JoinHandle<CapturedLog>> {
+    ) -> Vec<tokio::task::JoinHandle<CapturedLog>> {
         [
             (running.take_stdout(), OutputStream::Stdout),
             (running.take_stderr(), OutputStream::Stderr),
@@ -273,7 +272,9 @@ impl Runner {
             let runner = self.clone();
             let id = id.to_string();
             let step_name = step_name.to_string();
-            std::thread::spawn(move || runner.pump_log(fd, &id, &step_name, stream))
+            // On the runtime's blocking pool: its threads outlive a step, so a step's
+            // start does not wait for two thread spawns.
+            tokio::task::spawn_blocking(move || runner.pump_log(fd, &id, &step_name, stream))
         })
         .collect()
     }
