@@ -329,22 +329,29 @@ fn main() {
                 peer.push(t.elapsed());
             }
         }
+        let cached = median(cached).as_secs_f64();
+        let warm_wall = median_f64(warm.iter().map(|s| s.wall).collect());
+        let cold_wall =
+            (!cold.is_empty()).then(|| median_f64(cold.iter().map(|s| s.wall).collect()));
         table.push((label, "warm", bytes, used, warm));
         if !cold.is_empty() {
             table.push((label, "cold", bytes, used, cold));
         }
-        let cached = median(cached);
         let st = hasher.last_stats();
         println!(
-            "TreeHasher re-hash, unchanged   {:8.2} ms  (hits {}, misses {})",
-            cached.as_secs_f64() * 1e3,
+            "TreeHasher re-hash, unchanged   {:8.2} ms  (hits {}, misses {}) = {:.1}% of warm{}",
+            cached * 1e3,
             st.hits,
             st.misses,
+            100.0 * cached / warm_wall,
+            cold_wall
+                .map(|c| format!(", {:.1}% of cold", 100.0 * cached / c))
+                .unwrap_or_default()
         );
         if have_sha256sum {
             let t = median(peer);
             println!(
-                "sha256sum{}  {:6.2} GB/s  {:8.1} ms",
+                "sha256sum{}  {:6.2} GB/s  {:8.1} ms  (hash_tree warm is {:.2}x faster)",
                 if label == "tree" {
                     format!(" (xargs -P {threads})")
                 } else {
@@ -352,6 +359,7 @@ fn main() {
                 },
                 gbps(bytes, t),
                 t.as_secs_f64() * 1e3,
+                t.as_secs_f64() / warm_wall,
             );
         }
     }
