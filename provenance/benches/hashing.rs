@@ -1,16 +1,29 @@
 //! Tree hashing benchmark (plain timing, medians; `harness = false`).
 //!
-//!     cargo bench -p provenance --bench hashing -- [--files N] [--big-mib N] [--runs N] [--dir PATH]
+//!     cargo bench -p provenance --bench hashing -- [--files N] [--big-mib N]
+//!         [--runs N] [--big-runs N] [--dir PATH] [--no-sha256sum]
 //!
 //! Builds, in a temporary directory (under --dir, default the system temp
 //! dir), a tree of N files (default 10,000) of 4-64 KiB random bytes and one
 //! file of --big-mib MiB (default 1024), then measures in the same run:
-//! - the single-thread sha2 ceiling (hashing an in-memory buffer);
-//! - `hash_tree` cold (page cache dropped, when running as root) and warm;
+//! - two single-thread sha2 ceilings, sampled before every measured run, best
+//!   sample kept: "in cache" hashes a 256 KiB buffer over and over (the speed
+//!   of sha2 itself), "from memory" one 64 MiB buffer (bytes coming from RAM,
+//!   as a file's do from the page cache);
+//! - `hash_tree` cold (page cache dropped before each run, when running as
+//!   root) and warm, --runs times (default 30) for the tree and --big-runs
+//!   times (default 10) for the big file;
 //! - `TreeHasher` re-hashing the unchanged tree (cache warm);
 //! - `sha256sum` (the tree through `xargs -P <cores>`; the big file alone).
 //!
-//! Throughput is in GB/s (10^9 bytes per second).
+//! Each hash_tree figure is the median of its runs, in GB/s (10^9 bytes per
+//! second), and as a share of the ceiling two ways:
+//! - per thread: bytes / (wall time x threads used) against the ceiling by
+//!   wall time (the tree uses every hashing thread, the big file one);
+//! - per CPU-second: bytes / CPU time of the process (every thread, kernel
+//!   time included) against the ceiling per CPU-second of its thread. On a
+//!   machine shared with other work this one does not count the time the
+//!   threads waited for a core.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::fs;
@@ -19,6 +32,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use nix::time::{clock_gettime, ClockId};
 use provenance::hash::{hash_tree, TreeHasher};
 use sha2::{Digest, Sha256};
 
@@ -26,15 +40,19 @@ struct Args {
     files: usize,
     big_mib: usize,
     runs: usize,
+    big_runs: usize,
     dir: Option<PathBuf>,
+    peer: bool,
 }
 
 fn args() -> Args {
     let mut a = Args {
         files: 10_000,
         big_mib: 1024,
-        runs: 5,
+        runs: 30,
+        big_runs: 10,
         dir: None,
+        peer: true,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -45,6 +63,8 @@ fn args() -> Args {
             "--files" => a.files = num(&mut it),
             "--big-mib" => a.big_mib = num(&mut it),
             "--runs" => a.runs = num(&mut it).max(1),
+            "--big-runs" => a.big_runs = num(&mut it).max(1),
+            "--no-sha256sum" => a.peer = false,
             "--dir" => a.dir = it.next().map(PathBuf::from),
             // cargo bench passes --bench; ignore anything else.
             _ => {}
@@ -96,17 +116,6 @@ fn drop_caches() -> bool {
     fs::write("/proc/sys/vm/drop_caches", b"3").is_ok()
 }
 
-fn time<F: FnMut()>(runs: usize, mut before: impl FnMut(), mut f: F) -> Duration {
-    let mut v = Vec::with_capacity(runs);
-    for _ in 0..runs {
-        before();
-        let t = Instant::now();
-        f();
-        v.push(t.elapsed());
-    }
-    median(v)
-}
-
 fn make_tree(root: &Path, files: usize) -> u64 {
     let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
     let mut total = 0u64;
@@ -148,6 +157,91 @@ fn sha256sum_tree(root: &Path, threads: usize) {
     assert!(st.success());
 }
 
+/// One measured run: wall time and CPU time of the whole process.
+#[derive(Clone, Copy)]
+struct Sample {
+    wall: f64,
+    cpu: f64,
+}
+
+fn median_f64(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Median of bytes / (wall x threads) over the runs: throughput per thread,
+/// counting the time a thread waited for a core.
+fn per_thread(bytes: u64, threads: usize, samples: &[Sample]) -> f64 {
+    median_f64(
+        samples
+            .iter()
+            .map(|s| bytes as f64 / (s.wall * threads as f64))
+            .collect(),
+    )
+}
+
+/// Median of bytes / CPU seconds over the runs: throughput per CPU-second,
+/// not counting the time a thread waited for a core another process held.
+fn per_cpu(bytes: u64, samples: &[Sample]) -> f64 {
+    median_f64(samples.iter().map(|s| bytes as f64 / s.cpu).collect())
+}
+
+/// A single-thread sha2 ceiling in bytes per second: one thread hashing
+/// memory (no I/O, no copies), sampled before every measured run so that
+/// load on a shared machine skews both alike. It is a maximum, so the best
+/// sample is kept, by wall time and by the thread's CPU time.
+#[derive(Default)]
+struct Ceiling {
+    wall: f64,
+    cpu: f64,
+}
+
+/// The two ceilings: `cache` hashes a 256 KiB buffer over and over (data in
+/// the core's cache: the speed of sha2 itself, the strict one); `memory`
+/// hashes one 64 MiB buffer (data from RAM, as a file in the page cache).
+#[derive(Default)]
+struct Ceilings {
+    cache: Ceiling,
+    memory: Ceiling,
+}
+
+const CACHE_BUF: usize = 256 << 10;
+
+fn ceiling_sample(mem: &[u8], best: &mut Ceilings) {
+    let sample = |best: &mut Ceiling, f: &dyn Fn()| {
+        let c = thread_cpu_seconds();
+        let t = Instant::now();
+        f();
+        let wall = t.elapsed().as_secs_f64();
+        let cpu = thread_cpu_seconds() - c;
+        let b = mem.len() as f64;
+        best.wall = best.wall.max(b / wall);
+        best.cpu = best.cpu.max(b / cpu);
+    };
+    sample(&mut best.memory, &|| {
+        std::hint::black_box(Sha256::digest(std::hint::black_box(mem)));
+    });
+    sample(&mut best.cache, &|| {
+        let mut h = Sha256::new();
+        for _ in 0..mem.len() / CACHE_BUF {
+            h.update(std::hint::black_box(&mem[..CACHE_BUF]));
+        }
+        std::hint::black_box(h.finalize());
+    });
+}
+
+fn measure(before: impl FnOnce(), f: impl FnOnce()) -> Sample {
+    before();
+    let c = process_cpu_seconds();
+    let t = Instant::now();
+    f();
+    let wall = t.elapsed().as_secs_f64();
+    Sample {
+        wall,
+        cpu: process_cpu_seconds() - c,
+    }
+}
+
 fn main() {
     let a = args();
     let threads = std::thread::available_parallelism()
@@ -161,14 +255,15 @@ fn main() {
     let bigdir = base.path().join("big");
     fs::create_dir_all(&tree).unwrap();
     fs::create_dir_all(&bigdir).unwrap();
-    let have_sha256sum = Command::new("sha256sum").arg("--version").output().is_ok();
+    let have_sha256sum = a.peer && Command::new("sha256sum").arg("--version").output().is_ok();
     let root = is_root();
 
     println!(
-        "tree: {} files of 4-64 KiB; big: {} MiB; {} runs (medians); {} hashing threads; dir {}",
+        "tree: {} files of 4-64 KiB, {} runs; big: {} MiB, {} runs; medians; {} hashing threads; dir {}",
         a.files,
-        a.big_mib,
         a.runs,
+        a.big_mib,
+        a.big_runs,
         threads,
         base.path().display()
     );
@@ -178,49 +273,43 @@ fn main() {
     std::thread::sleep(Duration::from_millis(50));
 
     println!("load average at start: {}", loadavg());
-    // Ceiling: one thread, in-memory buffer (no I/O, no copies). Sampled in
-    // every round next to the other measurements, so a busy machine skews
-    // the ratios less.
     let mut mem = vec![0u8; 64 << 20];
     Rng(7).fill(&mut mem);
+    let mut ceiling = Ceilings::default();
+    ceiling_sample(&mem, &mut ceiling);
 
-    for (label, dir, bytes, peer_threads) in [
-        ("tree", tree.as_path(), tree_bytes, threads),
-        ("big file", bigdir.as_path(), big_bytes, 1),
+    let mut table = Vec::new();
+    for (label, dir, bytes, used, runs) in [
+        ("tree", tree.as_path(), tree_bytes, threads, a.runs),
+        ("big file", bigdir.as_path(), big_bytes, 1, a.big_runs),
     ] {
         println!("-- {label}: {:.1} MB", bytes as f64 / 1e6);
         // Cold: page cache dropped before each run (root only).
-        let cold = if root {
-            let t = time(
-                a.runs.min(3),
-                || assert!(drop_caches()),
+        let mut cold = Vec::new();
+        if root {
+            for _ in 0..runs {
+                ceiling_sample(&mem, &mut ceiling);
+                cold.push(measure(
+                    || assert!(drop_caches()),
+                    || {
+                        hash_tree(dir).unwrap();
+                    },
+                ));
+            }
+        } else {
+            println!("hash_tree cold: not root, cannot drop the page cache (warm figures only)");
+        }
+        let mut hasher = TreeHasher::new();
+        hasher.hash_tree(dir).unwrap();
+        let (mut warm, mut cached, mut peer) = (vec![], vec![], vec![]);
+        for _ in 0..runs {
+            ceiling_sample(&mem, &mut ceiling);
+            warm.push(measure(
+                || {},
                 || {
                     hash_tree(dir).unwrap();
                 },
-            );
-            println!(
-                "hash_tree cold (page cache dropped)  {:6.2} GB/s  {:8.1} ms",
-                gbps(bytes, t),
-                t.as_secs_f64() * 1e3
-            );
-            Some(t)
-        } else {
-            println!("hash_tree cold: not root, cannot drop the page cache (warm figures only)");
-            None
-        };
-        let mut hasher = TreeHasher::new();
-        hasher.hash_tree(dir).unwrap();
-        let (mut ceil, mut warm, mut cached, mut peer) = (vec![], vec![], vec![], vec![]);
-        let mut warm_cpu = 0.0;
-        for _ in 0..a.runs {
-            let t = Instant::now();
-            std::hint::black_box(Sha256::digest(&mem));
-            ceil.push(t.elapsed());
-            let c = cpu_seconds();
-            let t = Instant::now();
-            hash_tree(dir).unwrap();
-            warm.push(t.elapsed());
-            warm_cpu += cpu_seconds() - c;
+            ));
             let t = Instant::now();
             hasher.hash_tree(dir).unwrap();
             cached.push(t.elapsed());
@@ -239,71 +328,105 @@ fn main() {
                 peer.push(t.elapsed());
             }
         }
-        // The ceiling is a maximum: take the least-disturbed sample.
-        let ceiling = gbps(mem.len() as u64, *ceil.iter().min().unwrap());
-        let warm = median(warm);
-        let cached = median(cached);
-        let used = peer_threads.min(threads);
-        println!(
-            "sha2 ceiling (1 thread, in memory, best of {})  {ceiling:6.2} GB/s",
-            a.runs
-        );
-        println!(
-            "hash_tree warm page cache            {:6.2} GB/s  {:8.1} ms  = {:.0}% of ceiling x {used} thread(s)",
-            gbps(bytes, warm),
-            warm.as_secs_f64() * 1e3,
-            100.0 * gbps(bytes, warm) / (ceiling * used as f64),
-        );
-        // CPU time, unlike wall time, does not count time the threads
-        // waited for a core another process held.
-        let per_cpu = (bytes * a.runs as u64) as f64 / warm_cpu / 1e9;
-        println!(
-            "hash_tree per CPU-second              {per_cpu:6.2} GB/s  = {:.0}% of the 1-thread ceiling (per-core efficiency)",
-            100.0 * per_cpu / ceiling
-        );
+        let cached = median(cached).as_secs_f64();
+        let warm_wall = median_f64(warm.iter().map(|s| s.wall).collect());
+        let cold_wall =
+            (!cold.is_empty()).then(|| median_f64(cold.iter().map(|s| s.wall).collect()));
+        table.push((label, "warm", bytes, used, warm));
+        if !cold.is_empty() {
+            table.push((label, "cold", bytes, used, cold));
+        }
         let st = hasher.last_stats();
         println!(
-            "TreeHasher re-hash, unchanged        {:8.2} ms  (hits {}, misses {}) = {:.1}% of warm{}",
-            cached.as_secs_f64() * 1e3,
+            "TreeHasher re-hash, unchanged   {:8.2} ms  (hits {}, misses {}) = {:.1}% of warm{}",
+            cached * 1e3,
             st.hits,
             st.misses,
-            100.0 * cached.as_secs_f64() / warm.as_secs_f64(),
-            cold.map(|c| format!(", {:.1}% of cold", 100.0 * cached.as_secs_f64() / c.as_secs_f64()))
+            100.0 * cached / warm_wall,
+            cold_wall
+                .map(|c| format!(", {:.1}% of cold", 100.0 * cached / c))
                 .unwrap_or_default()
         );
         if have_sha256sum {
             let t = median(peer);
             println!(
-                "sha256sum{}  {:6.2} GB/s  {:8.1} ms  (hash_tree is {:.2}x faster)",
+                "sha256sum{}  {:6.2} GB/s  {:8.1} ms  (hash_tree warm is {:.2}x faster)",
                 if label == "tree" {
-                    format!(" (xargs -P {threads})       ")
+                    format!(" (xargs -P {threads})")
                 } else {
-                    "                           ".into()
+                    String::new()
                 },
                 gbps(bytes, t),
                 t.as_secs_f64() * 1e3,
-                t.as_secs_f64() / warm.as_secs_f64()
+                t.as_secs_f64() / warm_wall,
             );
-        } else {
-            println!("sha256sum: not installed");
         }
+    }
+    let (cache, memory) = (&ceiling.cache, &ceiling.memory);
+    println!(
+        "sha2 ceiling, 1 thread, best sample: in cache {:.2} GB/s by wall time, {:.2} GB/s per CPU-second;",
+        cache.wall / 1e9,
+        cache.cpu / 1e9
+    );
+    println!(
+        "                                     from memory {:.2} GB/s by wall time, {:.2} GB/s per CPU-second",
+        memory.wall / 1e9,
+        memory.cpu / 1e9
+    );
+    println!(
+        "per thread: bytes / (wall x threads), against the ceiling by wall time; per CPU-s: bytes / CPU time of the process"
+    );
+    println!(
+        "{:<14} {:>4} {:>9} {:>6} | {:>18} | {:>18} | {:>19}",
+        "", "", "", "", "per thread", "per CPU-second", "vs memory ceiling"
+    );
+    println!(
+        "{:<14} {:>4} {:>9} {:>6} | {:>7} {:>10} | {:>7} {:>10} | {:>9} {:>9}",
+        "page cache",
+        "runs",
+        "median ms",
+        "GB/s",
+        "GB/s",
+        "% ceiling",
+        "GB/s",
+        "% ceiling",
+        "thread",
+        "CPU-s"
+    );
+    for (label, cache_state, bytes, used, samples) in &table {
+        let wall = median_f64(samples.iter().map(|s| s.wall).collect());
+        let thread = per_thread(*bytes, *used, samples);
+        let cpu = per_cpu(*bytes, samples);
+        println!(
+            "{:<14} {:>4} {:>9.1} {:>6.2} | {:>7.2} {:>9.1}% | {:>7.2} {:>9.1}% | {:>8.1}% {:>8.1}%",
+            format!("{label} {cache_state}"),
+            samples.len(),
+            wall * 1e3,
+            *bytes as f64 / wall / 1e9,
+            thread / 1e9,
+            100.0 * thread / cache.wall,
+            cpu / 1e9,
+            100.0 * cpu / cache.cpu,
+            100.0 * thread / memory.wall,
+            100.0 * cpu / memory.cpu,
+        );
     }
     println!("load average at end: {}", loadavg());
 }
 
-/// User + system CPU time of this process (all threads, including exited
-/// ones), from /proc/self/stat, in seconds (USER_HZ = 100 ticks).
-fn cpu_seconds() -> f64 {
-    let stat = fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    // Fields after the parenthesised command name; utime, stime are 14, 15.
-    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let f: Vec<u64> = rest
-        .split_whitespace()
-        .skip(11)
-        .take(2)
-        .filter_map(|x| x.parse().ok())
-        .collect();
-    f.iter().sum::<u64>() as f64 / 100.0
+/// CPU time of this process, all threads, in seconds.
+fn process_cpu_seconds() -> f64 {
+    cpu_clock(ClockId::CLOCK_PROCESS_CPUTIME_ID)
+}
+
+/// CPU time of the calling thread, in seconds.
+fn thread_cpu_seconds() -> f64 {
+    cpu_clock(ClockId::CLOCK_THREAD_CPUTIME_ID)
+}
+
+fn cpu_clock(id: ClockId) -> f64 {
+    let t = clock_gettime(id).unwrap();
+    t.tv_sec() as f64 + t.tv_nsec() as f64 / 1e9
 }
 
 fn loadavg() -> String {

@@ -1,20 +1,20 @@
 //! SHA-256 of files and whole trees, as recorded in link materials/products.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fs::{self, File, OpenOptions};
 use std::io::Read;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
+use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use sha2::{Digest, Sha256};
 
 use nix::sys::stat::FileStat;
 
-use crate::walk::{self, Entry, Flow, Kind, WalkError, WalkOptions};
+use crate::walk::{self, Entry, FileRef, Flow, Kind, WalkError, WalkOptions};
 use crate::ProvenanceError;
 
 /// Read buffer per hashing thread: large enough to amortise syscalls,
@@ -24,6 +24,20 @@ const BUF_SIZE: usize = 256 * 1024;
 /// Upper bound on hashing threads; hashing is I/O and memory-bandwidth bound
 /// beyond a handful of cores.
 const MAX_THREADS: usize = 8;
+
+/// A batch of files for a hashing thread closes at this many bytes (by the
+/// sizes the walk saw): hand-overs then cost a few wake-ups per megabyte,
+/// not one per file, and the threads still finish within a millisecond or
+/// so of each other.
+const BATCH_BYTES: u64 = 1 << 20;
+
+/// ... or at this many files ...
+const BATCH_FILES: usize = 64;
+
+/// ... or when it holds this many descriptors (directories its files are
+/// named in, files already open), so that queued work holds few
+/// descriptors whatever the shape of the tree.
+const BATCH_FDS: usize = 4;
 
 pub fn sha256_bytes(data: &[u8]) -> String {
     hex::encode(Sha256::digest(data))
@@ -209,22 +223,176 @@ struct CachePolicy<'a> {
     cacheable: &'a (dyn Fn(u64) -> bool + Sync),
 }
 
-/// A regular file the walk opened, for a hashing thread.
-struct Job {
-    rel: String,
-    file: File,
-    key: FileKey,
+/// A regular file for a hashing thread.
+enum Job {
+    /// A file the walk saw, opened by the hashing thread relative to its
+    /// directory (checked to be the inode the walk saw).
+    Walked { file: FileRef, key: FileKey },
+    /// A file already open: in in-toto mode, a symlink's target.
+    Opened {
+        rel: String,
+        file: File,
+        key: FileKey,
+    },
+}
+
+/// Files handed to a hashing thread in one go.
+#[derive(Default)]
+struct Batch {
+    jobs: Vec<Job>,
+    bytes: u64,
+    /// Descriptors the jobs hold (counted high: a directory seen again
+    /// after another one counts twice).
+    fds: usize,
+}
+
+impl Batch {
+    fn push(&mut self, job: Job, size: u64) {
+        let new_fd = match (&job, self.jobs.last()) {
+            (Job::Walked { file, .. }, Some(Job::Walked { file: last, .. })) => {
+                !file.same_dir(last)
+            }
+            _ => true,
+        };
+        self.fds += usize::from(new_fd);
+        self.bytes = self.bytes.saturating_add(size);
+        self.jobs.push(job);
+    }
+
+    fn is_full(&self) -> bool {
+        self.bytes >= BATCH_BYTES || self.jobs.len() >= BATCH_FILES || self.fds >= BATCH_FDS
+    }
+}
+
+/// Batches from the walk to the hashing threads. The walk waits while
+/// `cap` batches are queued, so queued work (and the descriptors it holds)
+/// stays bounded. Each side is woken only when it waits, the walk only once
+/// half the queue has drained.
+struct Queue {
+    state: Mutex<QueueState>,
+    /// Hashing threads wait here for a batch.
+    work: Condvar,
+    /// The walk waits here for room.
+    room: Condvar,
+    cap: usize,
+}
+
+struct QueueState {
+    batches: VecDeque<Batch>,
+    /// The walk is over: no batch will come.
+    closed: bool,
+    /// Hashing threads waiting on `work`.
+    idle: usize,
+    walk_waiting: bool,
+    /// Hashing threads still running.
+    workers: usize,
+}
+
+impl Queue {
+    fn new(workers: usize) -> Self {
+        Queue {
+            state: Mutex::new(QueueState {
+                batches: VecDeque::new(),
+                closed: false,
+                idle: 0,
+                walk_waiting: false,
+                workers,
+            }),
+            work: Condvar::new(),
+            room: Condvar::new(),
+            cap: workers * 2,
+        }
+    }
+
+    /// Nothing is left inconsistent by a panic under the lock (each
+    /// critical section is a few field updates), so a poisoned lock is
+    /// used as it is.
+    fn lock(&self) -> MutexGuard<'_, QueueState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Queues a batch, waiting for room; false when no hashing thread is
+    /// left to take it.
+    fn push(&self, batch: Batch) -> bool {
+        let mut st = self.lock();
+        while st.batches.len() >= self.cap && st.workers > 0 {
+            st.walk_waiting = true;
+            st = self.room.wait(st).unwrap_or_else(PoisonError::into_inner);
+        }
+        st.walk_waiting = false;
+        if st.workers == 0 {
+            return false;
+        }
+        st.batches.push_back(batch);
+        if st.idle > 0 {
+            self.work.notify_one();
+        }
+        true
+    }
+
+    /// The next batch, waiting for one; `None` once the walk is over and
+    /// every batch taken.
+    fn pop(&self) -> Option<Batch> {
+        let mut st = self.lock();
+        loop {
+            if let Some(batch) = st.batches.pop_front() {
+                if st.walk_waiting && st.batches.len() <= self.cap / 2 {
+                    st.walk_waiting = false;
+                    self.room.notify_one();
+                }
+                return Some(batch);
+            }
+            if st.closed {
+                return None;
+            }
+            st.idle += 1;
+            st = self.work.wait(st).unwrap_or_else(PoisonError::into_inner);
+            st.idle -= 1;
+        }
+    }
+
+    fn close(&self) {
+        self.lock().closed = true;
+        self.work.notify_all();
+    }
+
+    fn worker_gone(&self) {
+        self.lock().workers -= 1;
+        self.room.notify_one();
+    }
+}
+
+/// Closes the queue when the walk ends, however it ends (a panic too), so
+/// that no hashing thread waits forever.
+struct CloseOnDrop<'a>(&'a Queue);
+
+impl Drop for CloseOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.close();
+    }
+}
+
+/// Counts a hashing thread out when it ends, however it ends, so that the
+/// walk never waits for room no thread will make.
+struct WorkerGuard<'a>(&'a Queue);
+
+impl Drop for WorkerGuard<'_> {
+    fn drop(&mut self) {
+        self.0.worker_gone();
+    }
 }
 
 /// What a hashing thread found: the digest, and the key to cache it under.
 type Done = (String, [u8; 32], Option<FileKey>);
 
 /// Walk `root` with [`crate::walk`] and hash its regular files on up to
-/// `MAX_THREADS` threads. The walk opens each file (relative to its
-/// directory's descriptor) and hands it over through a bounded channel, so
-/// open files and buffers stay bounded whatever the tree; what grows with the
-/// tree is only the map of results. The first error stops the walk and every
-/// thread.
+/// `MAX_THREADS` threads. The walk hands files over in batches of about a
+/// megabyte ([`Batch`]) through a bounded queue; each hashing thread opens
+/// a file relative to the directory the walk read it in, reads it into its
+/// own buffer (one read for a file smaller than the buffer) and hashes it.
+/// Open files and buffers stay bounded whatever the tree; what grows with
+/// the tree is only the map of results. The first error stops the walk and
+/// every thread.
 fn hash_tree_with(
     root: &Path,
     mode: Mode<'_>,
@@ -235,8 +403,7 @@ fn hash_tree_with(
         .map(|n| n.get())
         .unwrap_or(1)
         .clamp(1, MAX_THREADS);
-    let (sender, receiver) = std::sync::mpsc::sync_channel::<Job>(threads * 2);
-    let receiver = Mutex::new(receiver);
+    let queue = Queue::new(threads);
     let stop = AtomicBool::new(false);
     let first_error: Mutex<Option<ProvenanceError>> = Mutex::new(None);
     let fail = |e: ProvenanceError| {
@@ -252,33 +419,44 @@ fn hash_tree_with(
         let workers: Vec<_> = (0..threads)
             .map(|_| {
                 s.spawn(|| {
+                    let _guard = WorkerGuard(&queue);
                     let mut buf = vec![0u8; BUF_SIZE];
                     let mut local = Vec::new();
-                    loop {
-                        let next = match receiver.lock() {
-                            Ok(r) => r.recv(),
-                            Err(_) => break,
-                        };
-                        let Ok(mut job) = next else { break };
-                        if stop.load(Ordering::Relaxed) {
-                            continue; // drain: the tree fails anyway
-                        }
-                        match hash_job(&mut job, &mut buf, policy) {
-                            Ok(d) => local.push(d),
-                            Err(e) => fail(e),
+                    while let Some(batch) = queue.pop() {
+                        for job in batch.jobs {
+                            if stop.load(Ordering::Relaxed) {
+                                break; // drain: the tree fails anyway
+                            }
+                            match hash_job(job, &mut buf, policy) {
+                                Ok(d) => local.push(d),
+                                Err(e) => fail(e),
+                            }
                         }
                     }
                     local
                 })
             })
             .collect();
-        let walked = crate::walk::walk(root, options, |entry: &Entry<'_>| {
-            if stop.load(Ordering::Relaxed) {
-                return Err(ProvenanceError::Format("hashing stopped".into()));
-            }
-            visit(entry, root, mode, policy, &sender, &mut tree, &mut hits)
-        });
-        drop(sender);
+        let walked = {
+            let _close = CloseOnDrop(&queue);
+            let mut batch = Batch::default();
+            crate::walk::walk(root, options, |entry: &Entry<'_>| {
+                if stop.load(Ordering::Relaxed) {
+                    return Err(ProvenanceError::Format("hashing stopped".into()));
+                }
+                let flow = visit(entry, root, mode, policy, &mut batch, &mut tree, &mut hits)?;
+                if batch.is_full() && !queue.push(std::mem::take(&mut batch)) {
+                    return Err(ProvenanceError::Format("hashing threads stopped".into()));
+                }
+                Ok(flow)
+            })
+            .and_then(|_| {
+                if !batch.jobs.is_empty() && !queue.push(batch) {
+                    return Err(ProvenanceError::Format("hashing threads stopped".into()));
+                }
+                Ok(())
+            })
+        };
         if let Err(e) = walked {
             fail(e);
         }
@@ -321,7 +499,7 @@ fn visit(
     root: &Path,
     mode: Mode<'_>,
     policy: Option<&CachePolicy<'_>>,
-    sender: &std::sync::mpsc::SyncSender<Job>,
+    batch: &mut Batch,
     tree: &mut BTreeMap<String, String>,
     hits: &mut Vec<(String, FileKey, [u8; 32])>,
 ) -> Result<Flow, ProvenanceError> {
@@ -333,11 +511,6 @@ fn visit(
             return Ok(Flow::Skip);
         }
     }
-    let queue = |job: Job| {
-        sender
-            .send(job)
-            .map_err(|_| ProvenanceError::Format("hashing threads stopped".into()))
-    };
     match entry.kind() {
         Kind::Dir => {}
         Kind::Symlink => match mode {
@@ -348,11 +521,12 @@ fn visit(
             Mode::InToto { root: canonical } => {
                 let target = resolve_inside(&root.join(rel), canonical)?;
                 let (file, meta) = open_regular(&target)?;
-                queue(Job {
+                let job = Job::Opened {
                     rel: rel.to_string(),
                     file,
                     key: FileKey::of(&meta),
-                })?;
+                };
+                batch.push(job, meta.len());
             }
         },
         Kind::File => {
@@ -361,42 +535,48 @@ fn visit(
                 hits.push((rel.to_string(), key, *digest));
                 return Ok(Flow::Continue);
             }
-            queue(Job {
-                rel: rel.to_string(),
-                file: entry.open_file()?,
+            let job = Job::Walked {
+                file: entry.file_ref(),
                 key,
-            })?;
+            };
+            batch.push(job, key.size);
         }
     }
     Ok(Flow::Continue)
 }
 
-/// Hash one opened file; with a cache policy, say whether its digest may be
-/// cached: only when it provably did not change while it was read.
+/// Open (if the walk did not) and hash one file; with a cache policy, say
+/// whether its digest may be cached: only when it provably did not change
+/// while it was read.
 fn hash_job(
-    job: &mut Job,
+    job: Job,
     buf: &mut [u8],
     policy: Option<&CachePolicy<'_>>,
 ) -> Result<Done, ProvenanceError> {
+    let (rel, mut file, size, key) = match job {
+        Job::Walked { file: seen, key } => {
+            let (file, st) = seen.open()?;
+            let size = u64::try_from(st.st_size).unwrap_or(0);
+            (seen.into_path(), file, size, key)
+        }
+        Job::Opened { rel, file, key } => (rel, file, key.size, key),
+    };
     let read_error = |rel: &str, e: std::io::Error| -> ProvenanceError {
         WalkError::new(rel, walk::Problem::Read(e)).into()
     };
-    let digest = hash_open_file(&mut job.file, job.key.size, Path::new(&job.rel), buf).map_err(
-        |e| match e {
-            ProvenanceError::Io { source, .. } => read_error(&job.rel, source),
-            other => other,
-        },
-    )?;
+    let digest = hash_open_file(&mut file, size, Path::new(&rel), buf).map_err(|e| match e {
+        ProvenanceError::Io { source, .. } => read_error(&rel, source),
+        other => other,
+    })?;
     let keep = match policy {
         None => None,
         Some(p) => {
-            let after = job.file.metadata().map_err(|e| read_error(&job.rel, e))?;
-            let key = job.key;
+            let after = file.metadata().map_err(|e| read_error(&rel, e))?;
             (key == FileKey::of(&after) && key.ctime_ns <= p.cutoff && (p.cacheable)(key.dev))
                 .then_some(key)
         }
     };
-    Ok((std::mem::take(&mut job.rel), digest, keep))
+    Ok((rel, digest, keep))
 }
 
 /// The regular file a symlink resolves to, which must be inside `root`

@@ -22,6 +22,7 @@ use std::ffi::{CStr, CString, OsString};
 use std::fs::File;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::Path;
+use std::sync::Arc;
 
 use nix::dir::Dir;
 use nix::errno::Errno;
@@ -73,7 +74,7 @@ pub enum Flow {
 pub struct Entry<'a> {
     path: &'a str,
     name: &'a CStr,
-    parent: BorrowedFd<'a>,
+    parent: &'a Arc<OwnedFd>,
     kind: Kind,
     stat: &'a FileStat,
 }
@@ -107,29 +108,36 @@ impl Entry<'_> {
     /// blocking on a fifo swapped in since the entry was read; the file must
     /// still be the inode the walk saw.
     pub fn open_file(&self) -> Result<File, WalkError> {
-        let flags = OFlag::O_RDONLY
-            | OFlag::O_NOFOLLOW
-            | OFlag::O_NONBLOCK
-            | OFlag::O_NOCTTY
-            | OFlag::O_CLOEXEC;
-        let fd = openat(self.parent, self.name, flags, Mode::empty())
-            .map_err(|e| WalkError::at(self.path, Problem::Io(e)))?;
-        let st = fstat(&fd).map_err(|e| WalkError::at(self.path, Problem::Io(e)))?;
-        if file_kind(&st) != Ok(Kind::File) || identity(&st) != identity(self.stat) {
-            return Err(WalkError::at(self.path, Problem::Changed));
+        open_seen(
+            self.parent.as_fd(),
+            self.name,
+            self.path,
+            identity(self.stat),
+        )
+        .map(|(f, _)| f)
+    }
+
+    /// The entry as a regular file to open later, on any thread: see
+    /// [`FileRef`].
+    pub fn file_ref(&self) -> FileRef {
+        FileRef {
+            dir: Arc::clone(self.parent),
+            name: self.name.to_owned(),
+            path: self.path.to_string(),
+            identity: identity(self.stat),
         }
-        Ok(File::from(fd))
     }
 
     /// The target of a symlink, as bytes (never resolved).
     pub fn read_link(&self) -> Result<OsString, WalkError> {
-        readlinkat(self.parent, self.name).map_err(|e| WalkError::at(self.path, Problem::Io(e)))
+        readlinkat(self.parent.as_fd(), self.name)
+            .map_err(|e| WalkError::at(self.path, Problem::Io(e)))
     }
 
     /// Changes the entry's owner and group, never following a symlink.
     pub fn chown(&self, uid: u32, gid: u32) -> Result<(), WalkError> {
         fchownat(
-            self.parent,
+            self.parent.as_fd(),
             self.name,
             Some(Uid::from_raw(uid)),
             Some(Gid::from_raw(gid)),
@@ -137,6 +145,65 @@ impl Entry<'_> {
         )
         .map_err(|e| WalkError::at(self.path, Problem::Io(e)))
     }
+}
+
+/// A regular file the walk saw, to be opened after the walk has moved on,
+/// possibly on another thread. It holds its directory open, so the name is
+/// resolved in the directory the walk read (never through a path, whatever
+/// was renamed above it since), and [`FileRef::open`] makes the same checks
+/// as [`Entry::open_file`]: no symlink followed, no fifo blocking, and the
+/// file must still be the inode the walk saw.
+#[derive(Debug)]
+pub struct FileRef {
+    dir: Arc<OwnedFd>,
+    name: CString,
+    path: String,
+    identity: (u64, u64),
+}
+
+impl FileRef {
+    /// Path relative to the root, as [`Entry::path`].
+    pub fn path(&self) -> &str {
+        &self.path
+    }
+
+    pub fn into_path(self) -> String {
+        self.path
+    }
+
+    /// True when both files are named in the same open directory.
+    pub fn same_dir(&self, other: &FileRef) -> bool {
+        Arc::ptr_eq(&self.dir, &other.dir)
+    }
+
+    /// Opens the file for reading; also returns its `fstat`, taken on the
+    /// open descriptor.
+    pub fn open(&self) -> Result<(File, FileStat), WalkError> {
+        open_seen(self.dir.as_fd(), &self.name, &self.path, self.identity)
+    }
+}
+
+/// Opens `name` in `dir` for reading, never following a symlink and never
+/// blocking on a fifo; the file must be a regular file with the identity
+/// (device, inode) the walk saw.
+fn open_seen(
+    dir: BorrowedFd<'_>,
+    name: &CStr,
+    path: &str,
+    seen: (u64, u64),
+) -> Result<(File, FileStat), WalkError> {
+    let flags = OFlag::O_RDONLY
+        | OFlag::O_NOFOLLOW
+        | OFlag::O_NONBLOCK
+        | OFlag::O_NOCTTY
+        | OFlag::O_CLOEXEC;
+    let fd =
+        openat(dir, name, flags, Mode::empty()).map_err(|e| WalkError::at(path, Problem::Io(e)))?;
+    let st = fstat(&fd).map_err(|e| WalkError::at(path, Problem::Io(e)))?;
+    if file_kind(&st) != Ok(Kind::File) || identity(&st) != seen {
+        return Err(WalkError::at(path, Problem::Changed));
+    }
+    Ok((File::from(fd), st))
 }
 
 /// Why a tree cannot be walked or recorded, naming the entry relative to the root.
@@ -270,7 +337,9 @@ pub fn walk_fd<E: From<WalkError>>(
     if file_kind(&root_stat) != Ok(Kind::Dir) {
         return Err(WalkError::at("", Problem::NotADirectory).into());
     }
-    let mut current = root;
+    // Shared, so that a [`FileRef`] can keep the directory open after the
+    // walk has left it.
+    let mut current = Arc::new(root);
     let mut stack = vec![Frame {
         names: read_names(&current, "", &mut count, options)?,
         identity: identity(&root_stat),
@@ -287,7 +356,7 @@ pub fn walk_fd<E: From<WalkError>>(
                 if identity(&st) != parent.identity {
                     return Err(WalkError::at(&path, Problem::Changed).into());
                 }
-                current = up;
+                current = Arc::new(up);
                 path.truncate(done.restore_len);
             }
             continue;
@@ -326,7 +395,7 @@ pub fn walk_fd<E: From<WalkError>>(
         let flow = visit(&Entry {
             path: &path,
             name: &name,
-            parent: current.as_fd(),
+            parent: &current,
             kind,
             stat: &st,
         })?;
@@ -343,7 +412,7 @@ pub fn walk_fd<E: From<WalkError>>(
                 identity: identity(&st),
                 restore_len,
             });
-            current = child;
+            current = Arc::new(child);
         } else {
             path.truncate(restore_len);
         }
@@ -597,6 +666,51 @@ mod tests {
             matches!(e.problem, Problem::PathsTooLong { limit: 63 }),
             "{e}"
         );
+    }
+
+    #[test]
+    fn file_ref_opens_in_the_directory_walked_and_never_follows_a_symlink() {
+        let d = tempfile::tempdir().unwrap();
+        let r = d.path().join("ws");
+        fs::create_dir_all(r.join("sub")).unwrap();
+        fs::write(r.join("sub/f"), b"seen").unwrap();
+        fs::write(r.join("sub/g"), b"g").unwrap();
+        fs::create_dir(d.path().join("decoy")).unwrap();
+        fs::write(d.path().join("decoy/f"), b"decoy").unwrap();
+        fs::write(d.path().join("secret"), b"secret").unwrap();
+        let mut refs = Vec::new();
+        walk(&r, WalkOptions::default(), |e: &Entry<'_>| {
+            if e.kind() == Kind::File {
+                refs.push(e.file_ref());
+            }
+            Ok::<_, WalkError>(Flow::Continue)
+        })
+        .unwrap();
+        let [f, g] = &refs[..] else {
+            panic!("{refs:?}")
+        };
+        assert_eq!((f.path(), g.path()), ("sub/f", "sub/g"));
+        assert!(f.same_dir(g));
+        // The walk is over and its directory renamed, a symlink put in its
+        // place: the file is still read in the directory the walk saw.
+        fs::rename(r.join("sub"), r.join("moved")).unwrap();
+        symlink(d.path().join("decoy"), r.join("sub")).unwrap();
+        let (mut file, st) = f.open().unwrap();
+        let mut content = String::new();
+        std::io::Read::read_to_string(&mut file, &mut content).unwrap();
+        assert_eq!(content, "seen");
+        assert_eq!(st.st_size, 4);
+        // The name now a symlink (to a file outside): refused, not followed.
+        fs::remove_file(r.join("moved/g")).unwrap();
+        symlink("../../secret", r.join("moved/g")).unwrap();
+        let e = g.open().unwrap_err();
+        assert!(matches!(e.problem, Problem::Io(Errno::ELOOP)), "{e}");
+        assert_eq!(e.path, "sub/g");
+        // A fifo in its place: refused without blocking.
+        fs::remove_file(r.join("moved/g")).unwrap();
+        nix::unistd::mkfifo(&r.join("moved/g"), Mode::from_bits_truncate(0o644)).unwrap();
+        let e = g.open().unwrap_err();
+        assert!(matches!(e.problem, Problem::Changed), "{e}");
     }
 
     #[test]

@@ -329,3 +329,187 @@ fn real_filesystem_gate_caches_on_ext4_like_tmp() {
     h.hash_tree(d.path()).unwrap();
     assert_eq!(h.last_stats().hits, usize::from(cacheable));
 }
+
+/// The format read plainly: every regular file by its content, every
+/// symlink by its target path (never followed), directories recursively,
+/// empty directories not recorded.
+fn plain_reading(root: &Path) -> BTreeMap<String, String> {
+    fn read_dir(root: &Path, dir: &Path, out: &mut BTreeMap<String, String>) {
+        for entry in fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            let rel = path
+                .strip_prefix(root)
+                .unwrap()
+                .to_str()
+                .unwrap()
+                .to_string();
+            let ft = fs::symlink_metadata(&path).unwrap().file_type();
+            if ft.is_symlink() {
+                let target = fs::read_link(&path).unwrap();
+                out.insert(rel, sha256_bytes(target.as_os_str().as_bytes()));
+            } else if ft.is_dir() {
+                read_dir(root, &path, out);
+            } else {
+                out.insert(rel, sha256_bytes(&fs::read(&path).unwrap()));
+            }
+        }
+    }
+    let mut out = BTreeMap::new();
+    read_dir(root, root, &mut out);
+    out
+}
+
+#[test]
+fn mixed_tree_hashes_like_a_plain_reading() {
+    let d = tempfile::tempdir().unwrap();
+    let r = d.path().join("ws");
+    fs::create_dir(&r).unwrap();
+    let bytes = |n: usize, seed: usize| -> Vec<u8> {
+        (0..n)
+            .map(|i| u8::try_from((i * 131 + seed) % 251).unwrap())
+            .collect()
+    };
+    // Sizes around the read buffer and the batch size.
+    let batch_bytes = usize::try_from(BATCH_BYTES).unwrap();
+    for (i, size) in [
+        0,
+        1,
+        4095,
+        4096,
+        65_536,
+        BUF_SIZE - 1,
+        BUF_SIZE,
+        BUF_SIZE + 1,
+        3 * BUF_SIZE + 5,
+        batch_bytes - 1,
+        batch_bytes + 1,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        fs::write(r.join(format!("size-{size}")), bytes(size, i)).unwrap();
+    }
+    // More files in one directory than a batch holds.
+    fs::create_dir(r.join("many")).unwrap();
+    for i in 0..BATCH_FILES * 3 + 1 {
+        fs::write(r.join(format!("many/{i:04}")), bytes(i * 7, i)).unwrap();
+    }
+    // A file in each of a chain of directories: batches close on descriptors.
+    let mut deep = r.join("deep");
+    for i in 0..BATCH_FDS * 5 {
+        fs::create_dir_all(&deep).unwrap();
+        fs::write(deep.join("f"), bytes(100 + i, i)).unwrap();
+        deep = deep.join("d");
+    }
+    fs::create_dir(r.join("empty-dir")).unwrap();
+    fs::write(r.join("ü ñ name.txt"), b"unicode").unwrap();
+    fs::create_dir(d.path().join("outside")).unwrap();
+    fs::write(d.path().join("outside/secret"), b"secret").unwrap();
+    symlink("size-1", r.join("link-to-file")).unwrap();
+    symlink("many", r.join("link-to-dir")).unwrap();
+    symlink("../outside", r.join("link-out")).unwrap();
+    symlink("/nonexistent", r.join("many/dangling")).unwrap();
+
+    let plain = plain_reading(&r);
+    assert!(!plain
+        .keys()
+        .any(|k| k.contains("secret") || k.starts_with("link-to-dir/")));
+    let t = hash_tree(&r).unwrap();
+    assert_eq!(t, plain);
+    assert_eq!(t["link-out"], sha256_bytes(b"../outside"));
+    // The cached hasher agrees, from an empty cache and from a full one.
+    age(&r);
+    let mut h = cached_hasher();
+    assert_eq!(h.hash_tree(&r).unwrap(), plain);
+    assert_eq!(h.hash_tree(&r).unwrap(), plain);
+    assert_eq!(h.last_stats().misses, 0);
+}
+
+/// The walk's view of `rel` under `root`, to hand to a hashing thread.
+fn walked_job(root: &Path, rel: &str) -> Job {
+    let mut job = None;
+    walk::walk(root, WalkOptions::default(), |e: &Entry<'_>| {
+        if e.path() == rel {
+            job = Some(Job::Walked {
+                file: e.file_ref(),
+                key: FileKey::from_stat(e.stat()),
+            });
+        }
+        Ok::<_, WalkError>(Flow::Continue)
+    })
+    .unwrap();
+    job.unwrap()
+}
+
+#[test]
+fn file_swapped_after_the_walk_saw_it_fails_cleanly() {
+    for swap in ["fifo", "directory", "symlink", "other file", "removed"] {
+        let d = tempfile::tempdir().unwrap();
+        fs::create_dir(d.path().join("sub")).unwrap();
+        let f = d.path().join("sub/f");
+        fs::write(&f, b"seen").unwrap();
+        fs::write(d.path().join("secret"), b"secret").unwrap();
+        let job = walked_job(d.path(), "sub/f");
+        // The old inode stays linked, so its number cannot be reused.
+        fs::hard_link(&f, d.path().join("keep")).unwrap();
+        fs::remove_file(&f).unwrap();
+        match swap {
+            "fifo" => {
+                nix::unistd::mkfifo(&f, nix::sys::stat::Mode::from_bits_truncate(0o644)).unwrap()
+            }
+            "directory" => fs::create_dir(&f).unwrap(),
+            "symlink" => symlink("../secret", &f).unwrap(),
+            "other file" => fs::write(&f, b"other").unwrap(),
+            _ => {}
+        }
+        // A fifo would block a blocking open or read: this returns.
+        let mut buf = vec![0u8; BUF_SIZE];
+        let e = hash_job(job, &mut buf, None).unwrap_err();
+        let ProvenanceError::Walk(w) = &e else {
+            panic!("{swap}: {e}");
+        };
+        assert_eq!(w.path, "sub/f", "{swap}");
+        match swap {
+            "symlink" => assert!(
+                matches!(w.problem, walk::Problem::Io(nix::errno::Errno::ELOOP)),
+                "{e}"
+            ),
+            "removed" => assert!(
+                matches!(w.problem, walk::Problem::Io(nix::errno::Errno::ENOENT)),
+                "{e}"
+            ),
+            _ => assert!(matches!(w.problem, walk::Problem::Changed), "{swap}: {e}"),
+        }
+    }
+}
+
+#[test]
+fn hashing_a_wide_tree_holds_few_descriptors() {
+    let d = tempfile::tempdir().unwrap();
+    // One file per directory: a batch that held a descriptor per file's
+    // directory for every queued file would hold thousands.
+    for i in 0..3000 {
+        let sub = d.path().join(format!("d{i:04}"));
+        fs::create_dir(&sub).unwrap();
+        fs::write(sub.join("f"), format!("{i}")).unwrap();
+    }
+    let done = AtomicBool::new(false);
+    let most = std::thread::scope(|s| {
+        let watcher = s.spawn(|| {
+            let mut most = 0;
+            while !done.load(Ordering::Relaxed) {
+                most = most.max(fs::read_dir("/proc/self/fd").unwrap().count());
+            }
+            most
+        });
+        let t = hash_tree(d.path()).unwrap();
+        done.store(true, Ordering::Relaxed);
+        assert_eq!(t.len(), 3000);
+        assert_eq!(t["d1234/f"], sha256_bytes(b"1234"));
+        watcher.join().unwrap()
+    });
+    // Queued and in-flight batches hold at most BATCH_FDS each, hashing
+    // threads one file each; other test threads open files too.
+    let bound = (3 * MAX_THREADS + 1) * BATCH_FDS + MAX_THREADS + 100;
+    assert!(most < bound, "{most} descriptors open while hashing");
+}
