@@ -415,28 +415,27 @@ fn hash_tree_with(
     let mut tree = BTreeMap::new();
     let mut hits: Vec<(String, FileKey, [u8; 32])> = Vec::new();
     let mut done: Vec<Done> = Vec::new();
+    let work = || {
+        let _guard = WorkerGuard(&queue);
+        let mut buf = vec![0u8; BUF_SIZE];
+        let mut local = Vec::new();
+        while let Some(batch) = queue.pop() {
+            for job in batch.jobs {
+                if stop.load(Ordering::Relaxed) {
+                    break; // drain: the tree fails anyway
+                }
+                match hash_job(job, &mut buf, policy) {
+                    Ok(d) => local.push(d),
+                    Err(e) => fail(e),
+                }
+            }
+        }
+        local
+    };
     std::thread::scope(|s| {
-        let workers: Vec<_> = (0..threads)
-            .map(|_| {
-                s.spawn(|| {
-                    let _guard = WorkerGuard(&queue);
-                    let mut buf = vec![0u8; BUF_SIZE];
-                    let mut local = Vec::new();
-                    while let Some(batch) = queue.pop() {
-                        for job in batch.jobs {
-                            if stop.load(Ordering::Relaxed) {
-                                break; // drain: the tree fails anyway
-                            }
-                            match hash_job(job, &mut buf, policy) {
-                                Ok(d) => local.push(d),
-                                Err(e) => fail(e),
-                            }
-                        }
-                    }
-                    local
-                })
-            })
-            .collect();
+        // Threads start with the first full batch: a tree that fits in one batch (an
+        // empty workspace, a step's few small files) is hashed here, without a spawn.
+        let mut workers = Vec::new();
         let walked = {
             let _close = CloseOnDrop(&queue);
             let mut batch = Batch::default();
@@ -445,13 +444,28 @@ fn hash_tree_with(
                     return Err(ProvenanceError::Format("hashing stopped".into()));
                 }
                 let flow = visit(entry, root, mode, policy, &mut batch, &mut tree, &mut hits)?;
-                if batch.is_full() && !queue.push(std::mem::take(&mut batch)) {
-                    return Err(ProvenanceError::Format("hashing threads stopped".into()));
+                if batch.is_full() {
+                    if workers.is_empty() {
+                        workers = (0..threads).map(|_| s.spawn(&work)).collect();
+                    }
+                    if !queue.push(std::mem::take(&mut batch)) {
+                        return Err(ProvenanceError::Format("hashing threads stopped".into()));
+                    }
                 }
                 Ok(flow)
             })
             .and_then(|_| {
-                if !batch.jobs.is_empty() && !queue.push(batch) {
+                if batch.jobs.is_empty() {
+                    return Ok(());
+                }
+                if workers.is_empty() {
+                    let mut buf = vec![0u8; BUF_SIZE];
+                    for job in batch.jobs {
+                        done.push(hash_job(job, &mut buf, policy)?);
+                    }
+                    return Ok(());
+                }
+                if !queue.push(batch) {
                     return Err(ProvenanceError::Format("hashing threads stopped".into()));
                 }
                 Ok(())
