@@ -166,7 +166,7 @@ async fn echoing_tunnel(p: &crate::egress::proxy::Proxy, port: u16) -> TcpStream
 
 /// Bytes that show where in a stream they are.
 fn pattern(len: usize) -> Vec<u8> {
-    (0..len).map(|i| (i % 251) as u8).collect()
+    (0u8..251).cycle().take(len).collect()
 }
 
 /// Writes `data` and then closes the write side, while the caller reads.
