@@ -2,6 +2,7 @@
 //! proxy serves or opens.
 
 use std::future::Future;
+use std::io::IoSlice;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -31,6 +32,11 @@ impl<T> Metered<T> {
             live,
             idle,
         }
+    }
+
+    /// The connection itself, for a relay that meters on its own (`splice`).
+    pub(super) fn into_inner(self) -> T {
+        self.inner
     }
 
     fn moved(&mut self) {
@@ -128,6 +134,48 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Metered<T> {
             Poll::Pending if this.idle_over(cx) => Poll::Ready(Err(idle())),
             other => other,
         }
+    }
+
+    /// Several buffers in one write: hyper then sends a body's chunks as they came
+    /// instead of copying each one into a buffer of its own.
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = &mut *self;
+        let total: usize = bufs.iter().map(|b| b.len()).sum();
+        let used = this.shared.total_bytes.load(Ordering::Relaxed);
+        let left = this.shared.limits.max_bytes.saturating_sub(used);
+        // Upstream, a write the budget may cut goes one buffer at a time through
+        // `poll_write`, which writes no more than the budget allows.
+        if this.live.is_some() && total as u64 > left {
+            let first = bufs
+                .iter()
+                .find(|b| !b.is_empty())
+                .map_or(&[][..], |b| &**b);
+            return Pin::new(this).poll_write(cx, first);
+        }
+        if this.shared.budget_spent() {
+            return Poll::Ready(Err(spent()));
+        }
+        match Pin::new(&mut this.inner).poll_write_vectored(cx, bufs) {
+            Poll::Ready(Ok(n)) => {
+                if n > 0 {
+                    this.moved();
+                    if !this.count(n, |l| &l.up) {
+                        return Poll::Ready(Err(spent()));
+                    }
+                }
+                Poll::Ready(Ok(n))
+            }
+            Poll::Pending if this.idle_over(cx) => Poll::Ready(Err(idle())),
+            other => other,
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {

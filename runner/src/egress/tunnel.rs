@@ -3,6 +3,7 @@
 //! first bytes pass: a TLS ClientHello naming the CONNECT's host, or, in a tunnel to
 //! a listed address, anything but a ClientHello naming a host.
 
+use std::io::Cursor;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -10,18 +11,21 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
+use hyper::upgrade::Upgraded;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncRead, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 
 use super::http::{answer, ProxyBody};
 use super::metered::Metered;
 use super::record::{attempt, denied, Live};
+use super::splice;
 use super::state::{connect, decide, literal_ip, Shared};
 use super::tls::{read_client_hello, Hello};
 
-/// Large reads: a bulk transfer moves in few syscalls.
+/// Large reads where splicing cannot apply: a bulk transfer moves in few syscalls.
 const RELAY_BUFFER: usize = 256 * 1024;
 
 /// Checks a CONNECT's authority and leaves the tunnel in `slot`; it runs once hyper
@@ -122,10 +126,23 @@ impl Tunnel {
             live.update(|a| a.reason = "the client left before the tunnel opened".into());
             return;
         };
-        let mut client = TokioIo::new(upgraded);
+        // The client's own socket, for splicing, with the bytes hyper read past the
+        // CONNECT; any other connection type is relayed the buffered way.
+        let mut client = match upgraded.downcast::<TokioIo<Metered<TcpStream>>>() {
+            Ok(parts) => Client::Socket {
+                early: Cursor::new(parts.read_buf),
+                socket: parts.io.into_inner(),
+            },
+            Err(upgraded) => Client::Other(TokioIo::new(upgraded)),
+        };
         let mut hello = Vec::new();
         let head_timeout = shared.limits.head_timeout;
-        let seen = first_bytes(&mut client, &mut hello, head_timeout).await;
+        let seen = match &mut client {
+            Client::Socket { early, socket } => {
+                first_bytes(&mut early.chain(socket), &mut hello, head_timeout).await
+            }
+            Client::Other(io) => first_bytes(io, &mut hello, head_timeout).await,
+        };
         if let Hello::Tls {
             sni: Some(name), ..
         } = &seen
@@ -167,16 +184,55 @@ impl Tunnel {
         if upstream.write_all(&hello).await.is_err() {
             return;
         }
-        // Ends on EOF both ways (each side's close passes on as a half-close), on an
-        // error, on idleness or on a spent byte budget (the metered sides fail).
-        let _ = tokio::io::copy_bidirectional_with_sizes(
-            &mut client,
-            &mut upstream,
-            RELAY_BUFFER,
-            RELAY_BUFFER,
-        )
-        .await;
+        match client {
+            Client::Socket { early, socket } => {
+                // What hyper read past the CONNECT and the hello did not take.
+                let rest = &early.get_ref()[early_position(&early)..];
+                if upstream.write_all(rest).await.is_err() {
+                    return;
+                }
+                let (client, upstream) = (socket.into_inner(), upstream.into_inner());
+                if splice::relay(&client, &upstream, shared, &live)
+                    .await
+                    .is_ok()
+                {
+                    return;
+                }
+                let mut client = Metered::new(client, shared.clone(), None);
+                let mut upstream = Metered::new(upstream, shared.clone(), Some(live));
+                buffered_relay(&mut client, &mut upstream).await;
+            }
+            Client::Other(mut client) => buffered_relay(&mut client, &mut upstream).await,
+        }
     }
+}
+
+/// The client side of an opened tunnel.
+enum Client {
+    /// Its socket (spliced once the hello passed), after the bytes hyper already read.
+    Socket {
+        early: Cursor<Bytes>,
+        socket: Metered<TcpStream>,
+    },
+    /// Anything else hyper handed over: relayed through buffers.
+    Other(TokioIo<Upgraded>),
+}
+
+fn early_position(early: &Cursor<Bytes>) -> usize {
+    usize::try_from(early.position())
+        .unwrap_or(usize::MAX)
+        .min(early.get_ref().len())
+}
+
+/// The relay where splicing cannot apply. Ends on EOF both ways (each side's close
+/// passes on as a half-close), on an error, on idleness or on a spent byte budget
+/// (the metered sides fail).
+async fn buffered_relay(
+    client: &mut (impl AsyncRead + AsyncWrite + Unpin),
+    upstream: &mut (impl AsyncRead + AsyncWrite + Unpin),
+) {
+    let _ = tokio::io::copy_bidirectional_with_sizes(client, upstream, RELAY_BUFFER, RELAY_BUFFER)
+        .await;
 }
 
 /// The client's first bytes, read into `hello` (to be forwarded) until they are a

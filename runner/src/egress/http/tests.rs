@@ -138,3 +138,28 @@ async fn every_request_on_a_connection_is_checked_and_recorded() {
     );
     assert!(report.attempts[..2].iter().all(|a| a.bytes_down > 0));
 }
+
+#[tokio::test]
+async fn the_byte_budget_cuts_a_forwarded_body_written_in_one_vectored_write() {
+    let (port, _) = origin().await;
+    let limits = ProxyLimits {
+        max_bytes: 1000,
+        ..ProxyLimits::default()
+    };
+    let p = proxy(&[&format!("127.0.0.1:{port}")], &[], limits).await;
+    // Head and body go upstream together (a vectored write) unless the budget is short.
+    let body = "x".repeat(16 * 1024);
+    let reply = exchange(
+        &p,
+        &format!(
+            "POST http://127.0.0.1:{port}/ HTTP/1.1\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        ),
+    )
+    .await;
+    assert!(!reply.contains(&body[..2000]), "{reply}");
+    let report = p.finish().await;
+    let a = &report.attempts[0];
+    assert!(a.bytes_up + a.bytes_down <= 1000, "{a:?}");
+    assert!(a.bytes_up > 0, "{a:?}");
+}

@@ -4,7 +4,12 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use crate::egress::proxy::ProxyLimits;
-use crate::egress::testing::{client_hello, origin, proxy, records, through_tunnel};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::egress::testing::{
+    client_hello, opened, origin, proxy, read_answer, records, through_tunnel,
+};
 
 #[tokio::test]
 async fn tunnels_allowed_connect() {
@@ -138,4 +143,146 @@ fn a_tunnel_to_a_name_opens_only_for_tls_naming_it_and_one_to_an_address_for_no_
         judge(tls(Some("origin.test"), false), address, true, timeout),
         "named the address 127.0.0.1",
     );
+}
+
+/// Opens a tunnel to the echoing origin at `port` and shows it relays (so the splice
+/// relay is running before the test goes on).
+async fn echoing_tunnel(p: &crate::egress::proxy::Proxy, port: u16) -> TcpStream {
+    let mut s = TcpStream::connect(p.local_addr()).await.unwrap();
+    s.write_all(format!("CONNECT 127.0.0.1:{port} HTTP/1.1\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let head = read_answer(&mut s).await;
+    assert!(opened(head.as_bytes()), "{head}");
+    s.write_all(b"ping").await.unwrap();
+    let mut back = [0u8; 4];
+    tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut back))
+        .await
+        .expect("no echo through the tunnel")
+        .unwrap();
+    assert_eq!(&back, b"ping");
+    s
+}
+
+/// Bytes that show where in a stream they are.
+fn pattern(len: usize) -> Vec<u8> {
+    (0u8..251).cycle().take(len).collect()
+}
+
+/// Writes `data` and then closes the write side, while the caller reads.
+fn send_then_close(mut write: tokio::net::tcp::OwnedWriteHalf, data: Vec<u8>) {
+    tokio::spawn(async move {
+        let _ = write.write_all(&data).await;
+        let _ = write.shutdown().await;
+    });
+}
+
+async fn read_until_closed(read: &mut tokio::net::tcp::OwnedReadHalf) -> Vec<u8> {
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(30), read.read_to_end(&mut got))
+        .await
+        .expect("the tunnel was not closed");
+    got
+}
+
+#[tokio::test]
+async fn a_spliced_tunnel_counts_exactly_the_bytes_it_relays() {
+    let (port, _) = origin().await;
+    let p = proxy(&[&format!("127.0.0.1:{port}")], &[], ProxyLimits::default()).await;
+    let s = echoing_tunnel(&p, port).await;
+    let (mut read, write) = s.into_split();
+    // Several pipefuls, and not a multiple of a page.
+    let sent = pattern((3 << 20) + 5);
+    send_then_close(write, sent.clone());
+    let got = read_until_closed(&mut read).await;
+    assert!(
+        got == sent,
+        "{} of {} bytes came back",
+        got.len(),
+        sent.len()
+    );
+    let report = p.finish().await;
+    let a = &report.attempts[0];
+    let relayed = 4 + sent.len() as u64;
+    assert_eq!((a.bytes_up, a.bytes_down), (relayed, relayed), "{a:?}");
+}
+
+#[tokio::test]
+async fn the_byte_budget_cuts_a_spliced_tunnel() {
+    let (port, _) = origin().await;
+    let limits = ProxyLimits {
+        max_bytes: 1 << 20,
+        ..ProxyLimits::default()
+    };
+    let p = proxy(&[&format!("127.0.0.1:{port}")], &[], limits).await;
+    let s = echoing_tunnel(&p, port).await;
+    let (mut read, write) = s.into_split();
+    send_then_close(write, pattern(8 << 20));
+    let got = read_until_closed(&mut read).await;
+    let report = p.finish().await;
+    let a = &report.attempts[0];
+    assert!(a.bytes_up + a.bytes_down <= 1 << 20, "{a:?}");
+    assert!(a.bytes_up > 4, "the relay did not run: {a:?}");
+    // The client gets no byte the budget did not pay for.
+    assert!(
+        got.len() as u64 + 4 <= a.bytes_down,
+        "{} bytes, {a:?}",
+        got.len()
+    );
+}
+
+#[tokio::test]
+async fn a_spliced_tunnel_passes_on_a_half_close_both_ways() {
+    let (port, accepted) = origin().await;
+    let p = proxy(&[&format!("127.0.0.1:{port}")], &[], ProxyLimits::default()).await;
+    let s = echoing_tunnel(&p, port).await;
+    let (mut read, write) = s.into_split();
+    // The origin echoes until it reads the end of the client's side, then closes
+    // its own: the client reads everything and then the end, only if the proxy
+    // passed the half-close up and the origin's close back down.
+    send_then_close(write, b"last words".to_vec());
+    let got = read_until_closed(&mut read).await;
+    assert_eq!(got, b"last words");
+    assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    let report = p.finish().await;
+    assert_eq!(report.attempts[0].bytes_up, 14);
+    assert_eq!(report.attempts[0].bytes_down, 14);
+}
+
+#[tokio::test]
+async fn a_spliced_tunnel_ends_when_the_step_ends() {
+    let (port, _) = origin().await;
+    let p = proxy(&[&format!("127.0.0.1:{port}")], &[], ProxyLimits::default()).await;
+    let s = echoing_tunnel(&p, port).await;
+    let (mut read, mut write) = s.into_split();
+    // Bytes keep flowing while the step ends.
+    tokio::spawn(async move {
+        let chunk = pattern(64 * 1024);
+        while write.write_all(&chunk).await.is_ok() {}
+    });
+    let mut some = vec![0u8; 256 * 1024];
+    read.read_exact(&mut some).await.unwrap();
+    let report = p.finish().await;
+    assert_eq!(report.attempts.len(), 1);
+    // Whatever was in flight, then the end: not a tunnel left running.
+    let mut rest = Vec::new();
+    let ended = tokio::time::timeout(Duration::from_secs(10), read.read_to_end(&mut rest)).await;
+    assert!(ended.is_ok(), "the tunnel outlived the step");
+}
+
+#[tokio::test]
+async fn an_idle_spliced_tunnel_is_closed() {
+    let (port, _) = origin().await;
+    let limits = ProxyLimits {
+        idle_timeout: Duration::from_millis(200),
+        ..ProxyLimits::default()
+    };
+    let p = proxy(&[&format!("127.0.0.1:{port}")], &[], limits).await;
+    let s = echoing_tunnel(&p, port).await;
+    let (mut read, _write) = s.into_split();
+    // The client's side stays open; only the idle timeout can end the tunnel.
+    let got = read_until_closed(&mut read).await;
+    assert!(got.is_empty(), "{got:?}");
+    let report = p.finish().await;
+    assert_eq!(report.attempts[0].bytes_up, 4);
 }
