@@ -382,6 +382,18 @@ impl Drop for WorkerGuard<'_> {
     }
 }
 
+/// Threads a tree is hashed on: the CPUs this process may use, at most `MAX_THREADS`.
+/// Asked once: std reads the cgroup's CPU quota files on every call.
+fn hashing_threads() -> usize {
+    static THREADS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *THREADS.get_or_init(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+            .clamp(1, MAX_THREADS)
+    })
+}
+
 /// What a hashing thread found: the digest, and the key to cache it under.
 type Done = (String, [u8; 32], Option<FileKey>);
 
@@ -399,10 +411,7 @@ fn hash_tree_with(
     options: WalkOptions,
     policy: Option<&CachePolicy<'_>>,
 ) -> Result<Hashed, ProvenanceError> {
-    let threads = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1)
-        .clamp(1, MAX_THREADS);
+    let threads = hashing_threads();
     let queue = Queue::new(threads);
     let stop = AtomicBool::new(false);
     let first_error: Mutex<Option<ProvenanceError>> = Mutex::new(None);
