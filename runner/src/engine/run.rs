@@ -79,7 +79,15 @@ impl Runner {
                 &mut image_used,
             )
             .await;
-        self.remove_workspace(id, &enclosure, &workspace);
+        // Off the job's end: its outputs are in the content store by now, so the
+        // workspace goes while the end is signed and committed (the slot is freed once
+        // both are done).
+        let removal = {
+            let (runner, id) = (self.clone(), id.to_string());
+            tokio::task::spawn_blocking(move || {
+                runner.remove_workspace(&id, &enclosure, &workspace)
+            })
+        };
         let (state, message) = match outcome {
             Ok(()) => (JobState::Succeeded, String::new()),
             Err(JobEnd::StepFailed(message)) => (JobState::Failed, message),
@@ -97,7 +105,11 @@ impl Runner {
         job.state = state as i32;
         job.message = message;
         job.finished_unix_ms = now_ms();
-        self.finish_job(id, job, &plan, image_used).await
+        let finished = self.finish_job(id, job, &plan, image_used).await;
+        if let Err(err) = removal.await {
+            tracing::warn!(job = %id, error = %err, "could not remove the workspace");
+        }
+        finished
     }
 
     /// The end of a job that ran: its SBOM and provenance, its publishing if the spec
