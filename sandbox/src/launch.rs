@@ -304,19 +304,21 @@ impl RunningStep {
     /// Blocks until the supervisor reports.
     pub fn wait(mut self) -> Result<StepOutcome, SandboxError> {
         let mut report = std::mem::take(&mut self.pending);
-        if let Some(mut status) = self.status.take() {
-            match status.read_to_end(&mut report) {
-                // A cancel written just as the supervisor closed the socket resets it; the
-                // kernel still hands over everything the supervisor wrote first.
-                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
-                other => {
-                    other?;
-                }
-            }
+        if let Some(status) = self.status.take() {
+            read_report(status, &mut report)?;
         }
         let Some(mut child) = self.child.take() else {
             return Err(SandboxError::Supervisor("already waited".to_string()));
         };
+        if let Some(line) = report.strip_suffix(b"\n") {
+            // The report is the supervisor's last act: the step's every process is gone
+            // and its cgroup removed by then. Its own exit (its memory, its network
+            // namespace) is not waited for; it is reaped later.
+            let outcome = serde_json::from_slice(line)
+                .map_err(|e| SandboxError::Supervisor(format!("unreadable outcome report: {e}")));
+            reap_later(child);
+            return outcome;
+        }
         let exit = child.wait()?;
         // The supervisor is gone; closing the control socket now cancels nothing.
         drop(self.control.lock().map(|mut g| g.take()));
@@ -329,6 +331,39 @@ impl RunningStep {
             SandboxError::Supervisor(format!("unreadable outcome report ({exit}): {e}"))
         })
     }
+}
+
+/// The longest outcome report read: its text fields are bounded far below this.
+const MAX_REPORT_BYTES: usize = 16 << 20;
+
+/// Reads the supervisor's outcome report up to its newline, or to EOF.
+fn read_report(mut status: UnixStream, report: &mut Vec<u8>) -> Result<(), SandboxError> {
+    let mut chunk = [0u8; 4096];
+    while !report.ends_with(b"\n") {
+        if report.len() > MAX_REPORT_BYTES {
+            return Err(SandboxError::Supervisor("outcome report too large".into()));
+        }
+        match status.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => report.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            // A cancel written just as the supervisor closed the socket resets it; the
+            // kernel still handed over everything the supervisor wrote first.
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
+/// Supervisors that reported and are exiting: reaped by the next call, so none stays a
+/// zombie for longer than the next step's end and no thread waits for them.
+static EXITING: Mutex<Vec<Child>> = Mutex::new(Vec::new());
+
+fn reap_later(child: Child) {
+    let mut exiting = EXITING.lock().unwrap_or_else(|p| p.into_inner());
+    exiting.retain_mut(|c| !matches!(c.try_wait(), Ok(Some(_))));
+    exiting.push(child);
 }
 
 impl Drop for RunningStep {

@@ -47,11 +47,26 @@ pub(crate) fn run() -> i32 {
     // Unread bytes (a cancel) would make closing the socket reset the connection, and the
     // daemon would read an error instead of the outcome: drain them first.
     drain_nonblocking(&control);
+    // The step's output pipes end here, not at this process's exit: the daemon has the
+    // whole log once it has the outcome, and does not wait for the exit.
+    release_output_pipes();
     let mut socket = std::fs::File::from(control);
     if socket.write_all(&report).is_err() {
         return 4;
     }
     0
+}
+
+/// Points stdout and stderr (the step's log pipes) at /dev/null, closing our ends.
+fn release_output_pipes() {
+    if let Ok(null) = nix::fcntl::open(
+        "/dev/null",
+        OFlag::O_WRONLY | OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::empty(),
+    ) {
+        let _ = nix::unistd::dup2_stdout(&null);
+        let _ = nix::unistd::dup2_stderr(&null);
+    }
 }
 
 fn setup_failed(f: Failure, duration_ms: u64) -> StepOutcome {
