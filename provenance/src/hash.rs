@@ -455,7 +455,7 @@ fn hash_tree_with(
                 let flow = visit(entry, root, mode, policy, &mut batch, &mut tree, &mut hits)?;
                 if batch.is_full() {
                     if workers.is_empty() {
-                        workers = (0..threads).map(|_| s.spawn(&work)).collect();
+                        workers = (0..threads).map(|_| s.spawn(work)).collect();
                     }
                     if !queue.push(std::mem::take(&mut batch)) {
                         return Err(ProvenanceError::Format("hashing threads stopped".into()));
