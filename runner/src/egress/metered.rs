@@ -64,6 +64,28 @@ impl<T> Metered<T> {
     fn idle_over(&mut self, cx: &mut Context<'_>) -> bool {
         self.idle.as_mut().poll(cx).is_ready()
     }
+
+    /// What a write toward the origin came to: bytes written are counted up (past the
+    /// budget, the write fails), nothing written for the idle timeout fails it.
+    fn wrote_up(
+        &mut self,
+        cx: &mut Context<'_>,
+        written: Poll<std::io::Result<usize>>,
+    ) -> Poll<std::io::Result<usize>> {
+        match written {
+            Poll::Ready(Ok(n)) => {
+                if n > 0 {
+                    self.moved();
+                    if !self.count(n, |l| &l.up) {
+                        return Poll::Ready(Err(spent()));
+                    }
+                }
+                Poll::Ready(Ok(n))
+            }
+            Poll::Pending if self.idle_over(cx) => Poll::Ready(Err(idle())),
+            other => other,
+        }
+    }
 }
 
 fn spent() -> std::io::Error {
@@ -121,19 +143,8 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Metered<T> {
             Some(_) => buf.len().min(usize::try_from(left).unwrap_or(usize::MAX)),
             None => buf.len(),
         };
-        match Pin::new(&mut this.inner).poll_write(cx, &buf[..len]) {
-            Poll::Ready(Ok(n)) => {
-                if n > 0 {
-                    this.moved();
-                    if !this.count(n, |l| &l.up) {
-                        return Poll::Ready(Err(spent()));
-                    }
-                }
-                Poll::Ready(Ok(n))
-            }
-            Poll::Pending if this.idle_over(cx) => Poll::Ready(Err(idle())),
-            other => other,
-        }
+        let written = Pin::new(&mut this.inner).poll_write(cx, &buf[..len]);
+        this.wrote_up(cx, written)
     }
 
     /// Several buffers in one write: hyper then sends a body's chunks as they came
@@ -159,19 +170,8 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Metered<T> {
         if this.shared.budget_spent() {
             return Poll::Ready(Err(spent()));
         }
-        match Pin::new(&mut this.inner).poll_write_vectored(cx, bufs) {
-            Poll::Ready(Ok(n)) => {
-                if n > 0 {
-                    this.moved();
-                    if !this.count(n, |l| &l.up) {
-                        return Poll::Ready(Err(spent()));
-                    }
-                }
-                Poll::Ready(Ok(n))
-            }
-            Poll::Pending if this.idle_over(cx) => Poll::Ready(Err(idle())),
-            other => other,
-        }
+        let written = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        this.wrote_up(cx, written)
     }
 
     fn is_write_vectored(&self) -> bool {
