@@ -362,7 +362,8 @@ static EXITING: Mutex<Vec<Child>> = Mutex::new(Vec::new());
 
 fn reap_later(child: Child) {
     let mut exiting = EXITING.lock().unwrap_or_else(|p| p.into_inner());
-    exiting.retain_mut(|c| !matches!(c.try_wait(), Ok(Some(_))));
+    // Kept only while still running: reaped, or not ours to wait for any more, it goes.
+    exiting.retain_mut(|c| matches!(c.try_wait(), Ok(None)));
     exiting.push(child);
 }
 

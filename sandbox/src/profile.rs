@@ -72,7 +72,7 @@ pub fn profile(spec: &StepSpec, host: &HostSupport) -> Value {
             spec.waived_layers.iter().any(|l| l == "landlock"),
         ),
         "network": {
-            "namespace": "new, made by the supervisor as host root: the step holds no capability in it; no interface but loopback, no route",
+            "namespace": "new, made ahead by the supervisor with a user namespace of its own (neither the host's nor the step's): the step holds no capability in it; no interface but loopback, no route",
             "loopback": if spec.egress_proxy_port.is_some() { "up" } else { "down" },
             "egress_proxy": spec.egress_proxy_port.map(|port| format!("127.0.0.1:{port}")),
             "tcp_connect_ports": spec.tcp_connect_ports,

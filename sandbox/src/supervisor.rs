@@ -351,13 +351,38 @@ fn supervise(control: &OwnedFd) -> StepOutcome {
 }
 
 /// Moves the (single-threaded) supervisor into a new network namespace, the step's: pid 1
-/// is cloned into it. Made by host root, it belongs to the host's user namespace, so the
-/// step, root only in its own, holds no capability in it (it cannot configure an interface,
-/// a route or a raw socket there); its loopback is brought up from here when the step has
-/// an egress proxy. The supervisor itself needs no network: it talks on inherited sockets.
+/// is cloned into it. The namespace belongs to a user namespace of its own, made with it
+/// by a holder child that only waits to be let go: not the host's (the kernel broadcasts
+/// the host's device events into namespaces the host's user namespace owns) and not the
+/// step's, so the step, root only in its own, holds no capability in it (no interface,
+/// route or raw socket). The supervisor, host root, may enter it and bring its loopback
+/// up when the step has an egress proxy. It needs no network itself: it talks on
+/// inherited sockets.
 fn make_network_namespace() -> Result<(), Failure> {
-    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
-        .layer("network", "unshare of a new network namespace for the step")
+    let (hold_r, hold_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC)
+        .layer("network", "pipe for the network namespace's holder")?;
+    let holder = sys::clone_with_namespaces(libc::CLONE_NEWUSER | libc::CLONE_NEWNET)
+        .layer("network", "clone of a new user and network namespace")?;
+    let pid = match holder {
+        Cloned::Child => {
+            // Until the supervisor closes its end: it has entered the namespace by then.
+            drop(hold_w);
+            let mut byte = [0u8; 1];
+            let _ = nix::unistd::read(hold_r.as_fd(), &mut byte);
+            sys::exit_now(0)
+        }
+        Cloned::Parent(pid) => pid,
+    };
+    drop(hold_r);
+    let entered = std::fs::File::open(format!("/proc/{pid}/ns/net"))
+        .layer("network", "opening the new network namespace")
+        .and_then(|ns| {
+            nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)
+                .layer("network", "entering the new network namespace")
+        });
+    drop(hold_w);
+    let reaped = reap(pid).layer("network", "reaping the network namespace's holder");
+    entered.and(reaped.map(drop))
 }
 
 /// The step sets RLIMIT_NOFILE itself, but inside its user namespace it cannot raise the

@@ -162,6 +162,29 @@ fn each_step_has_its_own_network_namespace_made_ahead_by_its_standby() {
     );
 }
 
+/// The host's device events (uevents) reach netlink sockets in network namespaces the
+/// host's user namespace owns; the step's namespace is not one of them, and the step may
+/// not open a netlink socket anyway.
+#[test]
+fn a_step_cannot_listen_for_the_hosts_device_events() {
+    if !is_root("a_step_cannot_listen_for_the_hosts_device_events") {
+        return;
+    }
+    python3("a_step_cannot_listen_for_the_hosts_device_events");
+    let probe = r#"
+import socket
+try:
+    s = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, 15)
+    s.bind((0, 1))
+    print("OPENED")
+except OSError as e:
+    print("refused", e.errno)
+"#;
+    let r = run_script(253_000, &format!("python3 -c '{probe}'"));
+    exited(&r, 0);
+    assert!(r.stdout.starts_with("refused"), "{}", r.stdout);
+}
+
 #[test]
 fn cannot_mount_or_unshare() {
     if !is_root("cannot_mount_or_unshare") {

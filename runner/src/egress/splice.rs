@@ -21,8 +21,9 @@ use super::record::Live;
 use super::state::Shared;
 
 /// Bytes a pipe holds: one splice in and one out move this much at most. The kernel
-/// keeps its default (64 KiB) if it refuses more.
-const PIPE_BYTES: i32 = 1 << 20;
+/// keeps its default (64 KiB) if it refuses more. No larger than the buffered relay's
+/// buffers were: a step's stalled tunnels pin this much kernel memory each way.
+const PIPE_BYTES: i32 = 256 << 10;
 
 /// A pipe between the two splices of one direction; `held` bytes are in it.
 struct Pipe {
@@ -83,6 +84,30 @@ impl Meter<'_> {
     fn left(&self) -> u64 {
         let used = self.shared.total_bytes.load(Ordering::Relaxed);
         self.shared.limits.max_bytes.saturating_sub(used)
+    }
+
+    /// Takes up to `want` bytes out of what the budget has left (0: it is spent).
+    fn reserve(&self, want: usize) -> usize {
+        let max = self.shared.limits.max_bytes;
+        let want = u64::try_from(want).unwrap_or(u64::MAX);
+        let mut taken = 0;
+        let _ =
+            self.shared
+                .total_bytes
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |used| {
+                    taken = max.saturating_sub(used).min(want);
+                    (taken > 0).then_some(used + taken)
+                });
+        usize::try_from(taken).unwrap_or(0)
+    }
+
+    /// Gives back reserved bytes that were not passed on.
+    fn refund(&self, n: usize) {
+        if n > 0 {
+            self.shared
+                .total_bytes
+                .fetch_sub(n as u64, Ordering::Relaxed);
+        }
     }
 
     /// Adds `n` bytes to the budget and to the attempt's counter; an error if that
@@ -184,33 +209,38 @@ async fn one_way(
         }
         pipe.held = n;
         while pipe.held > 0 {
-            // To the origin, never more than the budget allows.
+            to.writable().await?;
+            // To the origin, never more than the budget allows: the bytes are taken out of
+            // it before they are passed on, so no other connection can spend them
+            // meanwhile, and what was not written is given back.
             let give = match way {
-                Way::Up => {
-                    let left = usize::try_from(meter.left()).unwrap_or(usize::MAX);
-                    if left == 0 {
-                        return Err(spent());
-                    }
-                    pipe.held.min(left)
-                }
+                Way::Up => match meter.reserve(pipe.held) {
+                    0 => return Err(spent()),
+                    taken => taken,
+                },
                 Way::Down => pipe.held,
             };
-            to.writable().await?;
-            let written = match to.try_io(Interest::WRITABLE, || {
+            let spliced = to.try_io(Interest::WRITABLE, || {
                 Ok(splice(&pipe.read, None, to, None, give, flags)?)
-            }) {
-                Ok(written) => written,
+            });
+            let written = match &spliced {
+                Ok(written) => *written,
+                Err(_) => 0,
+            };
+            if way == Way::Up {
+                meter.refund(give - written);
+                meter.live.up.fetch_add(written as u64, Ordering::Relaxed);
+            }
+            match spliced {
+                Ok(_) => {}
                 Err(err) if err.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(err) => return Err(err),
-            };
+            }
             if written == 0 {
                 return Err(io::ErrorKind::WriteZero.into());
             }
             pipe.held -= written;
             meter.moved();
-            if way == Way::Up {
-                meter.count(written, &meter.live.up)?;
-            }
         }
     }
 }

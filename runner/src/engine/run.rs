@@ -39,7 +39,7 @@ impl Runner {
         let claimed = {
             let (runner, record) = (self.clone(), job.clone());
             off_runtime(move || {
-                let claimed = runner.db.claim_queued(&record)?;
+                let claimed = runner.db.update_job_if_state(&record, JobState::Queued)?;
                 if claimed {
                     runner.announce_state(&record, Some(JobState::Queued));
                 }

@@ -248,9 +248,9 @@ impl AuditLog {
     }
 
     /// Appends `record` without waiting for the disk: it becomes durable with the next
-    /// synced entry (every audited call's own, a job's end, a checkpoint), which syncs
-    /// every line before it. For what the engine records on the way to a synced entry:
-    /// a job's acceptance (its Submit's entry follows before the answer) and its start.
+    /// synced entry (every audited call's own, a checkpoint), which syncs every line
+    /// before it. For what the engine records on the way to a synced entry: a job's
+    /// acceptance, which its Submit call's entry follows before the answer.
     pub fn append_deferred(&self, record: Record) -> Result<u64> {
         self.append_with(record, Sync::Deferred)
     }
@@ -424,10 +424,8 @@ impl AuditLog {
 }
 
 /// Job state changes, as the engine commits them (from its blocking code, before the
-/// change is announced to anyone else), durable no later than the job's record: a job's
-/// start is committed without waiting for the disk, and so is its entry, which the job's
-/// end makes durable; its acceptance entry is made durable by the Submit call's own entry,
-/// before the answer.
+/// change is announced to anyone else), each synced, but for a job's acceptance: the
+/// Submit call's own entry, synced before its answer, makes that one durable.
 impl crate::engine::bus::Observer for AuditLog {
     fn observe(&self, event: &crate::engine::bus::EngineEvent) {
         let crate::engine::bus::EngineEvent::JobStateChanged {
@@ -463,9 +461,9 @@ impl crate::engine::bus::Observer for AuditLog {
                 format!("{change}: {reason}")
             },
         };
-        // Accepting is followed by the Submit call's synced entry before its answer, and
-        // a start by the job's end; every other change is synced now.
-        let appended = if from.is_none() || *to == agent_proto::v1::JobState::Running {
+        // Accepting is followed by the Submit call's synced entry before its answer;
+        // every other change is synced now.
+        let appended = if from.is_none() {
             self.append_deferred(record)
         } else {
             self.append(record)

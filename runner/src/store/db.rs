@@ -234,17 +234,6 @@ impl Database {
         Ok(())
     }
 
-    /// Claims a queued job for running: the compare-and-set of [`Self::update_job_if_state`],
-    /// committed without waiting for the disk like [`Self::update_progress`]. A power loss
-    /// before the job's next durable change leaves it queued, so it runs again after the
-    /// restart; a process crash loses nothing.
-    pub fn claim_queued(&self, job: &Job) -> Result<bool> {
-        let mut conn = self.lock()?;
-        unsynced(&mut conn, |conn| {
-            write_record(conn, job, Some(JobState::Queued))
-        })
-    }
-
     /// Writes the record only if the stored state is still `expected`; the
     /// compare-and-set keeps a cancel and the scheduler from both claiming a job.
     pub fn update_job_if_state(&self, job: &Job, expected: JobState) -> Result<bool> {

@@ -286,3 +286,95 @@ async fn an_idle_spliced_tunnel_is_closed() {
     let report = p.finish().await;
     assert_eq!(report.attempts[0].bytes_up, 4);
 }
+
+/// An origin that echoes the first 4 bytes of each connection and then reads slowly to
+/// the end, counting every byte it received or sent, and the connections still open.
+struct SlowSink {
+    port: u16,
+    moved: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    open: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+async fn slow_sink() -> SlowSink {
+    use std::sync::atomic::AtomicU64;
+    use std::sync::Arc;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (moved, open) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let (counter, connections) = (moved.clone(), open.clone());
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let (counter, connections) = (counter.clone(), connections.clone());
+            connections.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut ping = [0u8; 4];
+                if s.read_exact(&mut ping).await.is_ok() && s.write_all(&ping).await.is_ok() {
+                    counter.fetch_add(8, Ordering::SeqCst);
+                    // Not reading at first: every relay fills its buffers and waits.
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    let mut buf = vec![0u8; 64 << 10];
+                    while let Ok(n @ 1..) = s.read(&mut buf).await {
+                        counter.fetch_add(n as u64, Ordering::SeqCst);
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                    }
+                }
+                connections.fetch_sub(1, Ordering::SeqCst);
+            });
+        }
+    });
+    SlowSink { port, moved, open }
+}
+
+/// Several tunnels whose origin reads slowly, all waiting to write as the budget runs
+/// out: none may pass on bytes another one spent meanwhile.
+#[tokio::test]
+async fn tunnels_waiting_on_a_slow_origin_never_pass_more_than_the_budget_together() {
+    let sink = slow_sink().await;
+    let port = sink.port;
+    // More than the socket buffers of one connection hold, so the relays wait to write.
+    let max_bytes = 12 << 20;
+    let limits = ProxyLimits {
+        max_bytes,
+        ..ProxyLimits::default()
+    };
+    let p = proxy(&[&format!("127.0.0.1:{port}")], &[], limits).await;
+    // Every tunnel open before any sends: a spent budget refuses new ones.
+    let mut tunnels = Vec::new();
+    for _ in 0..4 {
+        tunnels.push(echoing_tunnel(&p, port).await);
+    }
+    let mut readers = Vec::new();
+    for s in tunnels {
+        let (read, write) = s.into_split();
+        send_then_close(write, pattern(16 << 20));
+        readers.push(read);
+    }
+    for read in &mut readers {
+        read_until_closed(read).await;
+    }
+    let report = p.finish().await;
+    // Everything the proxy passed on reaches the origin, which reads it to the end.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while sink.open.load(Ordering::SeqCst) > 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the origin's connections stay open"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let received = sink.moved.load(Ordering::SeqCst);
+    assert!(
+        received <= max_bytes,
+        "the origins got {received} bytes of a {max_bytes}-byte budget"
+    );
+    assert!(
+        received > max_bytes / 2,
+        "the relays did not run: {received}"
+    );
+    let counted: u64 = report
+        .attempts
+        .iter()
+        .map(|a| a.bytes_up + a.bytes_down)
+        .sum();
+    assert!(counted <= max_bytes, "{counted}");
+}

@@ -450,7 +450,7 @@ fn deferred_entries_chain_like_any_other_and_a_reopened_log_continues_after_them
 }
 
 #[test]
-fn a_jobs_start_is_deferred_and_its_end_synced_in_order() {
+fn a_jobs_acceptance_is_deferred_and_its_start_and_end_synced_in_order() {
     use crate::engine::bus::{EngineEvent, Observer};
     use agent_proto::v1::JobState;
     let fixture = Fixture::new();
