@@ -72,11 +72,24 @@ impl Images {
     /// What the steps' /etc/ssl/certs holds, hashed as they see it (once per daemon).
     pub(super) fn host_ca_certificates(&self) -> Option<String> {
         self.host_ca_certificates
-            .get_or_init(|| {
-                let certs = self.host_etc().join("ssl/certs");
-                certs.is_dir().then(|| tree_digest(&certs).ok()).flatten()
-            })
+            .get_or_init(|| self.hash_host_ca_certificates().ok().flatten())
             .clone()
+    }
+
+    /// Hashes the host image's CA certificates now, for every job of this daemon: one it
+    /// cannot hash fails the start rather than leaving every link without their digest.
+    pub(super) fn take_host_ca_certificates(&self) -> Result<()> {
+        let digest = self.hash_host_ca_certificates()?;
+        let _ = self.host_ca_certificates.set(digest);
+        Ok(())
+    }
+
+    fn hash_host_ca_certificates(&self) -> Result<Option<String>> {
+        let certs = self.host_etc().join("ssl/certs");
+        if !certs.is_dir() {
+            return Ok(None);
+        }
+        tree_digest(&certs).map(Some)
     }
 
     pub(super) fn host_image(&self) -> ResolvedImage {

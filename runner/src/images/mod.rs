@@ -201,7 +201,7 @@ impl Images {
     pub fn open(state_dir: &Path) -> Result<Self> {
         let images = Self::attach(state_dir)?;
         images.write_host_etc()?;
-        images.host_ca_certificates();
+        images.take_host_ca_certificates()?;
         Ok(images)
     }
 

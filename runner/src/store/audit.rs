@@ -59,7 +59,7 @@ const TAIL_READ: u64 = 1 << 20;
 
 /// Whether an append waits for the disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Sync {
+enum Durability {
     Now,
     Deferred,
 }
@@ -244,7 +244,7 @@ impl AuditLog {
     /// Appends `record`, durably, and a checkpoint when one is due. Answers its seq. A
     /// write that fails leaves the log as it was and answers RESOURCE_EXHAUSTED.
     pub fn append(&self, record: Record) -> Result<u64> {
-        self.append_with(record, Sync::Now)
+        self.append_with(record, Durability::Now)
     }
 
     /// Appends `record` without waiting for the disk: it becomes durable with the next
@@ -252,10 +252,10 @@ impl AuditLog {
     /// before it. For what the engine records on the way to a synced entry: a job's
     /// acceptance, which its Submit call's entry follows before the answer.
     pub fn append_deferred(&self, record: Record) -> Result<u64> {
-        self.append_with(record, Sync::Deferred)
+        self.append_with(record, Durability::Deferred)
     }
 
-    fn append_with(&self, record: Record, sync: Sync) -> Result<u64> {
+    fn append_with(&self, record: Record, sync: Durability) -> Result<u64> {
         let mut inner = self.lock();
         let (seq, _) = self.write_entry(&mut inner, record, None, now(), sync)?;
         if inner.since_checkpoint >= self.checkpoint_entries
@@ -313,7 +313,7 @@ impl AuditLog {
                 ),
                 None,
                 now(),
-                Sync::Now,
+                Durability::Now,
             )?;
         }
         let time = now();
@@ -330,7 +330,7 @@ impl AuditLog {
             Record::daemon(CHECKPOINT_ACTION, CHECKPOINT_OBJECT, ""),
             Some(checkpoint),
             time,
-            Sync::Now,
+            Durability::Now,
         )?;
         self.write_head(&line)?;
         inner.since_checkpoint = 0;
@@ -354,7 +354,7 @@ impl AuditLog {
         record: Record,
         checkpoint: Option<Checkpoint>,
         time: String,
-        sync: Sync,
+        sync: Durability,
     ) -> Result<(u64, Vec<u8>)> {
         let entry = Entry {
             seq: inner.next_seq,
@@ -373,8 +373,8 @@ impl AuditLog {
             .map_err(|e| RunnerError::Internal(format!("encoding an audit entry: {e}")))?;
         line.push(b'\n');
         let written = inner.file.write_all(&line).and_then(|()| match sync {
-            Sync::Now => inner.file.sync_data(),
-            Sync::Deferred => Ok(()),
+            Durability::Now => inner.file.sync_data(),
+            Durability::Deferred => Ok(()),
         });
         if let Err(err) = written {
             // Nothing half-written may stay: the next entry chains onto the last whole one.

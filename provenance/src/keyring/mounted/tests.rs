@@ -15,6 +15,20 @@ fn is_root() -> bool {
     effective_uid().unwrap() == 0
 }
 
+/// The fixture for a test that needs root (a read-only ring must be root's): without
+/// root it is skipped, saying so, outside CI; with CI=true that fails the test.
+fn root_fixture(test: &str) -> Option<Fixture> {
+    if is_root() {
+        return Some(fixture());
+    }
+    assert!(
+        std::env::var("CI").as_deref() != Ok("true"),
+        "{test} needs root (CI=true)"
+    );
+    eprintln!("SKIPPED {test}: needs root");
+    None
+}
+
 fn chmod(path: &Path, mode: u32) {
     fs::set_permissions(path, fs::Permissions::from_mode(mode)).unwrap();
 }
@@ -114,11 +128,10 @@ fn ts_dir(volume: &Path) -> PathBuf {
 
 #[test]
 fn a_secret_volume_is_read_through_its_links_and_never_written() {
-    if !is_root() {
-        eprintln!("not root: a read-only ring must be root's, not exercised");
+    let Some(f) = root_fixture("a_secret_volume_is_read_through_its_links_and_never_written")
+    else {
         return;
-    }
-    let f = fixture();
+    };
     let before = fs::read_dir(&f.volume).unwrap().count();
     let (mut ring, bytes) = KeyRing::open_read_only(&f.volume).unwrap();
     assert_eq!(ring.public().current, current(&f.made));
@@ -157,11 +170,9 @@ fn a_missing_ring_is_an_error_naming_the_directory_and_nothing_is_created() {
 
 #[test]
 fn a_link_to_a_file_outside_the_directory_is_refused() {
-    if !is_root() {
-        eprintln!("not root: not exercised");
+    let Some(f) = root_fixture("a_link_to_a_file_outside_the_directory_is_refused") else {
         return;
-    }
-    let f = fixture();
+    };
     // The ring's own files, planted outside, reached by an absolute and a relative link.
     for (name, bytes) in ring_files(&f.made) {
         fs::write(f.outside.join(&name), bytes).unwrap();
@@ -192,11 +203,9 @@ fn a_link_to_a_file_outside_the_directory_is_refused() {
 
 #[test]
 fn a_data_link_pointing_outside_is_refused() {
-    if !is_root() {
-        eprintln!("not root: not exercised");
+    let Some(f) = root_fixture("a_data_link_pointing_outside_is_refused") else {
         return;
-    }
-    let f = fixture();
+    };
     // A whole Secret's layout outside, as good as the real one.
     let copy = f.outside.join("..2026_01_01_00_00_00.1");
     fs::create_dir(&copy).unwrap();
@@ -224,11 +233,9 @@ fn a_data_link_pointing_outside_is_refused() {
 
 #[test]
 fn a_private_key_others_can_read_is_refused() {
-    if !is_root() {
-        eprintln!("not root: not exercised");
+    let Some(f) = root_fixture("a_private_key_others_can_read_is_refused") else {
         return;
-    }
-    let f = fixture();
+    };
     let key = ts_dir(&f.volume).join(format!("{}.pem", current(&f.made)));
     // What a pod with an fsGroup gets: group-readable.
     for mode in [0o440, 0o404, 0o600 | 0o004] {
@@ -252,11 +259,9 @@ fn a_private_key_others_can_read_is_refused() {
 
 #[test]
 fn files_or_directories_of_another_owner_are_refused() {
-    if !is_root() {
-        eprintln!("not root: not exercised");
+    let Some(f) = root_fixture("files_or_directories_of_another_owner_are_refused") else {
         return;
-    }
-    let f = fixture();
+    };
     let ts = ts_dir(&f.volume);
     let key = ts.join(format!("{}.pem", current(&f.made)));
     for path in [&key, &ts.join(KEYRING_FILE), &ts, &f.volume] {
@@ -270,11 +275,10 @@ fn files_or_directories_of_another_owner_are_refused() {
 
 #[test]
 fn a_directory_others_can_write_is_refused_unless_mounted_read_only() {
-    if !is_root() {
-        eprintln!("not root: not exercised");
+    let Some(f) = root_fixture("a_directory_others_can_write_is_refused_unless_mounted_read_only")
+    else {
         return;
-    }
-    let f = fixture();
+    };
     // The kubelet's tmpfs is 1777; read-write, anyone could swap `..data`.
     chmod(&f.volume, 0o1777);
     let e = refused(&f.volume);
@@ -298,11 +302,9 @@ fn a_directory_others_can_write_is_refused_unless_mounted_read_only() {
 
 #[test]
 fn a_swapped_data_link_gives_the_new_ring_and_its_key() {
-    if !is_root() {
-        eprintln!("not root: not exercised");
+    let Some(f) = root_fixture("a_swapped_data_link_gives_the_new_ring_and_its_key") else {
         return;
-    }
-    let f = fixture();
+    };
     let first = current(&f.made);
     let mut ring = KeyRing::open(&f.made).unwrap();
     ring.rotate().unwrap();
@@ -327,11 +329,11 @@ fn a_swapped_data_link_gives_the_new_ring_and_its_key() {
 
 #[test]
 fn a_directory_or_a_fifo_where_a_file_is_expected_is_refused_without_hanging() {
-    if !is_root() {
-        eprintln!("not root: not exercised");
+    let Some(f) =
+        root_fixture("a_directory_or_a_fifo_where_a_file_is_expected_is_refused_without_hanging")
+    else {
         return;
-    }
-    let f = fixture();
+    };
     let ts = ts_dir(&f.volume);
     let key = ts.join(format!("{}.pem", current(&f.made)));
     // The key's name a directory (of root's, mode 0700: it passes the directory checks).
